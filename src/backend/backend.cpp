@@ -1,0 +1,353 @@
+// Boundary checks shared by every backend, and the ops that are compositions
+// of other ops (linear and matmul backward are matmuls).
+#include "backend/backend.hpp"
+
+#include <cmath>
+
+namespace dsrsq {
+namespace {
+
+bool is_float(DType t) { return t == DType::f32 || t == DType::f64; }
+
+void check_float(const char* op, const char* arg, const TensorView& t) {
+  if (!is_float(t.dtype))
+    raise_input_error(detail::cat(op, ": argument '", arg, "' has dtype ", dtype_name(t.dtype), ", expected f32 or f64"));
+}
+
+void check_rank(const char* op, const char* arg, const TensorView& t, int rank) {
+  check_present(op, arg, t);
+  if (t.shape.rank != rank)
+    raise_input_error(detail::cat(op, ": argument '", arg, "' has shape ", t.shape.str(), ", expected ", rank, " dims"));
+}
+
+// Positions must lie in [0, 2^30) so they never overflow or alias.
+void check_positions(const char* op, const char* arg, const TensorView& pos) {
+  check_dtype(op, arg, pos, DType::i32);
+  const auto* p = pos.ptr<std::int32_t>();
+  for (std::int64_t i = 0; i < pos.numel(); ++i)
+    if (p[i] < 0 || p[i] >= (1 << 30))
+      raise_input_error(detail::cat(op, ": argument '", arg, "' holds position ", p[i], " at index ", i,
+                                    ", outside [0, 2^30)"));
+}
+
+void check_tokens(const char* op, const TensorView& tokens, std::int64_t vocab) {
+  check_dtype(op, "tokens", tokens, DType::i32);
+  const auto* p = tokens.ptr<std::int32_t>();
+  for (std::int64_t i = 0; i < tokens.numel(); ++i)
+    if (p[i] < 0 || p[i] >= vocab)
+      raise_input_error(detail::cat(op, ": token id ", p[i], " at index ", i, " outside the vocabulary [0, ", vocab, ")"));
+}
+
+struct MatDims {
+  std::int64_t batch, m, n, k;
+};
+
+MatDims matmul_dims(const char* op, const TensorView& a, const TensorView& b, const TensorView& c, bool ta, bool tb) {
+  check_float(op, "a", a);
+  check_same_dtype(op, "b", b, a);
+  check_same_dtype(op, "c", c, a);
+  const int r = a.shape.rank;
+  if (r != 2 && r != 3) raise_input_error(detail::cat(op, ": argument 'a' has shape ", a.shape.str(), ", expected 2 or 3 dims"));
+  check_rank(op, "b", b, r);
+  check_rank(op, "c", c, r);
+  const int o = r - 2;
+  const std::int64_t batch = r == 3 ? a.shape[0] : 1;
+  if (r == 3 && (b.shape[0] != batch || c.shape[0] != batch))
+    raise_input_error(detail::cat(op, ": batch dims differ: a ", a.shape.str(), ", b ", b.shape.str(), ", c ", c.shape.str()));
+  const std::int64_t m = ta ? a.shape[o + 1] : a.shape[o];
+  const std::int64_t k = ta ? a.shape[o] : a.shape[o + 1];
+  const std::int64_t kb = tb ? b.shape[o + 1] : b.shape[o];
+  const std::int64_t n = tb ? b.shape[o] : b.shape[o + 1];
+  if (k != kb)
+    raise_input_error(detail::cat(op, ": inner dims differ: op(a) is ", m, "x", k, " (a ", a.shape.str(),
+                                  ta ? " transposed" : "", "), op(b) is ", kb, "x", n, " (b ", b.shape.str(),
+                                  tb ? " transposed" : "", ")"));
+  if (c.shape[o] != m || c.shape[o + 1] != n)
+    raise_input_error(detail::cat(op, ": argument 'c' has shape ", c.shape.str(), ", expected ", m, "x", n,
+                                  " from a ", a.shape.str(), " and b ", b.shape.str()));
+  return {batch, m, n, k};
+}
+
+void check_attention(const char* op, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                     const TensorView& lse, const TensorView& q_pos, const TensorView& k_pos) {
+  check_rank(op, "q", q, 4);
+  check_float(op, "q", q);
+  check_rank(op, "k", k, 4);
+  check_same_dtype(op, "k", k, q);
+  const std::int64_t B = q.shape[0], T = q.shape[1], NH = q.shape[2], HS = q.shape[3], S = k.shape[1];
+  check_shape(op, "k", k, Shape{B, S, NH, HS});
+  check_shape(op, "v", v, Shape{B, S, NH, HS});
+  check_same_dtype(op, "v", v, q);
+  check_shape(op, "o", o, Shape{B, T, NH, HS});
+  check_same_dtype(op, "o", o, q);
+  check_shape(op, "lse", lse, Shape{B, NH, T});
+  check_same_dtype(op, "lse", lse, q);
+  check_shape(op, "q_pos", q_pos, Shape{B, T});
+  check_shape(op, "k_pos", k_pos, Shape{B, S});
+  check_positions(op, "q_pos", q_pos);
+  check_positions(op, "k_pos", k_pos);
+}
+
+}  // namespace
+
+void Backend::embedding_fwd(const EmbeddingArgs& a) {
+  const char* op = "embedding_fwd";
+  check_rank(op, "table", a.table, 2);
+  check_float(op, "table", a.table);
+  check_rank(op, "tokens", a.tokens, 1);
+  check_shape(op, "out", a.out, Shape{a.tokens.shape[0], a.table.shape[1]});
+  check_same_dtype(op, "out", a.out, a.table);
+  check_tokens(op, a.tokens, a.table.shape[0]);
+  embedding_fwd_impl(a);
+}
+
+void Backend::embedding_bwd(const EmbeddingGradArgs& a) {
+  const char* op = "embedding_bwd";
+  check_rank(op, "dtable", a.dtable, 2);
+  check_float(op, "dtable", a.dtable);
+  check_rank(op, "tokens", a.tokens, 1);
+  check_shape(op, "dout", a.dout, Shape{a.tokens.shape[0], a.dtable.shape[1]});
+  check_same_dtype(op, "dout", a.dout, a.dtable);
+  check_tokens(op, a.tokens, a.dtable.shape[0]);
+  embedding_bwd_impl(a);
+}
+
+static void check_rope(const char* op, const RopeArgs& a) {
+  check_rank(op, "x", a.x, 3);
+  check_float(op, "x", a.x);
+  if (a.x.shape[2] % 2 != 0)
+    raise_input_error(detail::cat(op, ": head size ", a.x.shape[2], " of x ", a.x.shape.str(), " must be even"));
+  check_shape(op, "pos", a.pos, Shape{a.x.shape[0]});
+  check_positions(op, "pos", a.pos);
+  if (!(a.theta > 0)) raise_input_error(detail::cat(op, ": theta must be > 0, got ", a.theta));
+}
+
+void Backend::rope_fwd(const RopeArgs& a) {
+  check_rope("rope_fwd", a);
+  rope_impl(a, false);
+}
+
+void Backend::rope_bwd(const RopeArgs& a) {
+  check_rope("rope_bwd", a);
+  rope_impl(a, true);
+}
+
+void Backend::layernorm_fwd(const LayerNormArgs& a) {
+  const char* op = "layernorm_fwd";
+  check_rank(op, "x", a.x, 2);
+  check_float(op, "x", a.x);
+  const std::int64_t N = a.x.shape[0], C = a.x.shape[1];
+  check_shape(op, "weight", a.weight, Shape{C});
+  check_shape(op, "bias", a.bias, Shape{C});
+  check_shape(op, "out", a.out, Shape{N, C});
+  check_shape(op, "mean", a.mean, Shape{N});
+  check_shape(op, "rstd", a.rstd, Shape{N});
+  for (auto* t : {&a.weight, &a.bias, &a.out, &a.mean, &a.rstd}) check_same_dtype(op, "weight/bias/out/mean/rstd", *t, a.x);
+  layernorm_fwd_impl(a);
+}
+
+void Backend::layernorm_bwd(const LayerNormGradArgs& a) {
+  const char* op = "layernorm_bwd";
+  check_rank(op, "x", a.x, 2);
+  check_float(op, "x", a.x);
+  const std::int64_t N = a.x.shape[0], C = a.x.shape[1];
+  check_shape(op, "dout", a.dout, Shape{N, C});
+  check_shape(op, "weight", a.weight, Shape{C});
+  check_shape(op, "mean", a.mean, Shape{N});
+  check_shape(op, "rstd", a.rstd, Shape{N});
+  check_shape(op, "dx", a.dx, Shape{N, C});
+  check_shape(op, "dweight", a.dweight, Shape{C});
+  check_shape(op, "dbias", a.dbias, Shape{C});
+  for (auto* t : {&a.dout, &a.weight, &a.mean, &a.rstd, &a.dx, &a.dweight, &a.dbias})
+    check_same_dtype(op, "dout/weight/mean/rstd/dx/dweight/dbias", *t, a.x);
+  layernorm_bwd_impl(a);
+}
+
+void Backend::linear_fwd(const LinearArgs& a) {
+  const char* op = "linear_fwd";
+  check_rank(op, "x", a.x, 2);
+  check_rank(op, "weight", a.weight, 2);
+  if (a.weight.shape[1] != a.x.shape[1])
+    raise_input_error(detail::cat(op, ": x ", a.x.shape.str(), " and weight ", a.weight.shape.str(),
+                                  " disagree on the input channels"));
+  check_shape(op, "out", a.out, Shape{a.x.shape[0], a.weight.shape[0]});
+  if (!a.bias.empty()) {
+    check_shape(op, "bias", a.bias, Shape{a.weight.shape[0]});
+    check_same_dtype(op, "bias", a.bias, a.x);
+  }
+  matmul_fwd(MatmulArgs{a.x, a.weight, a.out, a.bias, false, true, 1.0, 0.0});
+}
+
+void Backend::linear_bwd(const LinearGradArgs& a) {
+  const char* op = "linear_bwd";
+  check_rank(op, "x", a.x, 2);
+  check_rank(op, "weight", a.weight, 2);
+  const std::int64_t N = a.x.shape[0], C = a.x.shape[1], OC = a.weight.shape[0];
+  check_shape(op, "weight", a.weight, Shape{OC, C});
+  check_shape(op, "dout", a.dout, Shape{N, OC});
+  if (!a.dx.empty()) {
+    // dx(N,C) = dout(N,OC) @ weight(OC,C)
+    check_shape(op, "dx", a.dx, Shape{N, C});
+    matmul_fwd(MatmulArgs{a.dout, a.weight, a.dx, {}, false, false, 1.0, a.dx_accumulate ? 1.0 : 0.0});
+  }
+  if (!a.dweight.empty()) {
+    // dweight(OC,C) += dout^T(OC,N) @ x(N,C)
+    check_shape(op, "dweight", a.dweight, Shape{OC, C});
+    matmul_fwd(MatmulArgs{a.dout, a.x, a.dweight, {}, true, false, 1.0, 1.0});
+  }
+  if (!a.dbias.empty()) {
+    check_shape(op, "dbias", a.dbias, Shape{OC});
+    check_same_dtype(op, "dbias", a.dbias, a.dout);
+    bias_rows_sum_impl(a.dout, a.dbias);
+  }
+}
+
+void Backend::matmul_fwd(const MatmulArgs& a) {
+  const MatDims d = matmul_dims("matmul_fwd", a.a, a.b, a.c, a.trans_a, a.trans_b);
+  if (!a.bias.empty()) {
+    check_shape("matmul_fwd", "bias", a.bias, Shape{d.n});
+    check_same_dtype("matmul_fwd", "bias", a.bias, a.a);
+  }
+  matmul_fwd_impl(a);
+}
+
+void Backend::matmul_bwd(const MatmulGradArgs& g) {
+  const char* op = "matmul_bwd";
+  const MatDims d = matmul_dims(op, g.a, g.b, g.dc, g.trans_a, g.trans_b);
+  const double al = g.alpha;
+  if (!g.da.empty()) {
+    check_shape(op, "da", g.da, g.a.shape);
+    // see the derivation: d op(a) = alpha dc op(b)^T
+    if (!g.trans_a) matmul_fwd(MatmulArgs{g.dc, g.b, g.da, {}, false, !g.trans_b, al, 1.0});
+    else matmul_fwd(MatmulArgs{g.b, g.dc, g.da, {}, g.trans_b, true, al, 1.0});
+  }
+  if (!g.db.empty()) {
+    check_shape(op, "db", g.db, g.b.shape);
+    // d op(b) = alpha op(a)^T dc
+    if (!g.trans_b) matmul_fwd(MatmulArgs{g.a, g.dc, g.db, {}, !g.trans_a, false, al, 1.0});
+    else matmul_fwd(MatmulArgs{g.dc, g.a, g.db, {}, true, g.trans_a, al, 1.0});
+  }
+  if (!g.dbias.empty()) {
+    check_shape(op, "dbias", g.dbias, Shape{d.n});
+    bias_rows_sum_impl(g.dc.reshaped(Shape{d.batch * d.m, d.n}), g.dbias);
+  }
+}
+
+void Backend::gelu_fwd(const GeluArgs& a) {
+  check_float("gelu_fwd", "x", a.x);
+  check_shape("gelu_fwd", "out", a.out, a.x.shape);
+  check_same_dtype("gelu_fwd", "out", a.out, a.x);
+  gelu_fwd_impl(a);
+}
+
+void Backend::gelu_bwd(const GeluGradArgs& a) {
+  check_float("gelu_bwd", "x", a.x);
+  check_shape("gelu_bwd", "dout", a.dout, a.x.shape);
+  check_shape("gelu_bwd", "dx", a.dx, a.x.shape);
+  check_same_dtype("gelu_bwd", "dout", a.dout, a.x);
+  check_same_dtype("gelu_bwd", "dx", a.dx, a.x);
+  gelu_bwd_impl(a);
+}
+
+void Backend::attention_fwd(const AttentionArgs& a) {
+  check_attention("attention_fwd", a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
+  attention_fwd_impl(a);
+}
+
+void Backend::attention_bwd(const AttentionGradArgs& a) {
+  const char* op = "attention_bwd";
+  check_attention(op, a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
+  check_shape(op, "dout", a.dout, a.q.shape);
+  check_shape(op, "dq", a.dq, a.q.shape);
+  check_shape(op, "dk", a.dk, a.k.shape);
+  check_shape(op, "dv", a.dv, a.v.shape);
+  for (auto* t : {&a.dout, &a.dq, &a.dk, &a.dv}) check_same_dtype(op, "dout/dq/dk/dv", *t, a.q);
+  attention_bwd_impl(a);
+}
+
+static void check_ce(const char* op, const TensorView& logits, const TensorView& targets, const TensorView& mask) {
+  check_rank(op, "logits", logits, 2);
+  check_float(op, "logits", logits);
+  const std::int64_t N = logits.shape[0], V = logits.shape[1];
+  check_shape(op, "targets", targets, Shape{N});
+  check_shape(op, "mask", mask, Shape{N});
+  check_same_dtype(op, "mask", mask, logits);
+  check_dtype(op, "targets", targets, DType::i32);
+  const auto* t = targets.ptr<std::int32_t>();
+  for (std::int64_t i = 0; i < N; ++i) {
+    const double w = mask.dtype == DType::f32 ? mask.ptr<float>()[i] : mask.ptr<double>()[i];
+    if (w != 0 && (t[i] < 0 || t[i] >= V))
+      raise_input_error(detail::cat(op, ": target ", t[i], " at row ", i, " outside the vocabulary [0, ", V, ")"));
+  }
+}
+
+double Backend::cross_entropy_fwd(const CrossEntropyArgs& a) {
+  check_ce("cross_entropy_fwd", a.logits, a.targets, a.mask);
+  check_shape("cross_entropy_fwd", "losses", a.losses, Shape{a.logits.shape[0]});
+  check_same_dtype("cross_entropy_fwd", "losses", a.losses, a.logits);
+  return cross_entropy_fwd_impl(a);
+}
+
+void Backend::cross_entropy_bwd(const CrossEntropyGradArgs& a) {
+  check_ce("cross_entropy_bwd", a.logits, a.targets, a.mask);
+  check_shape("cross_entropy_bwd", "dlogits", a.dlogits, a.logits.shape);
+  check_same_dtype("cross_entropy_bwd", "dlogits", a.dlogits, a.logits);
+  cross_entropy_bwd_impl(a);
+}
+
+void Backend::adamw(const AdamWArgs& a) {
+  const char* op = "adamw";
+  check_dtype(op, "params", a.params, DType::f32);
+  for (auto* t : {&a.grads, &a.m, &a.v}) {
+    check_shape(op, "grads/m/v", *t, a.params.shape);
+    check_dtype(op, "grads/m/v", *t, DType::f32);
+  }
+  if (a.step < 1) raise_input_error(detail::cat(op, ": step must be >= 1, got ", a.step));
+  adamw_impl(a);
+}
+
+void Backend::axpy(const AxpyArgs& a) {
+  check_float("axpy", "x", a.x);
+  check_shape("axpy", "y", a.y, a.x.shape);
+  check_same_dtype("axpy", "y", a.y, a.x);
+  axpy_impl(a);
+}
+
+void Backend::fill(TensorView x, double value) {
+  check_present("fill", "x", x);
+  fill_impl(x, value);
+}
+
+void Backend::copy(TensorView src, TensorView dst) {
+  check_shape("copy", "dst", dst, src.shape);
+  check_same_dtype("copy", "dst", dst, src);
+  copy_impl(src, dst);
+}
+
+double Backend::sum_squares(TensorView x) {
+  check_float("sum_squares", "x", x);
+  return sum_squares_impl(x);
+}
+
+void Backend::scale(TensorView x, double s) {
+  check_float("scale", "x", x);
+  scale_impl(x, s);
+}
+
+OpCost linear_cost(std::int64_t n, std::int64_t c, std::int64_t oc, bool backward) {
+  const double f = 2.0 * static_cast<double>(n) * static_cast<double>(c) * static_cast<double>(oc);
+  return {backward ? 2 * f : f, 4.0 * static_cast<double>(n * c + c * oc + n * oc)};
+}
+
+OpCost attention_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64_t nh, std::int64_t hs, bool causal,
+                      bool backward) {
+  // Two matmuls (QK^T and PV) of 2*T*S*HS flops each per head; causal with the
+  // queries at the end of the keys sees S - T + (T+1)/2 keys on average.
+  // Backward = 2.5 x forward (flash-attention's convention: 5 matmuls, one recomputed).
+  const double keys = causal ? static_cast<double>(s) - static_cast<double>(t) + (static_cast<double>(t) + 1) / 2.0
+                             : static_cast<double>(s);
+  const double fwd = 4.0 * static_cast<double>(b * nh) * static_cast<double>(t) * keys * static_cast<double>(hs);
+  return {backward ? 2.5 * fwd : fwd, 4.0 * static_cast<double>(b * nh * (2 * t + 2 * s) * hs)};
+}
+
+}  // namespace dsrsq

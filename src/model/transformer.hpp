@@ -1,0 +1,120 @@
+#pragma once
+// Decoder-only transformer: token embedding, n_layers pre-LN blocks
+//   x1 = x + Wo Attn(RoPE(Wq LN1(x)), RoPE(Wk LN1(x)), Wv LN1(x))
+//   x2 = x1 + Wproj GELU(Wfc LN2(x1))
+// final LayerNorm and logits = LNf(x) @ wte^T (tied) or @ lm_head^T.
+// Positions are explicit (B, T) ids, so tokens selected out of a long context
+// keep their original positions. Parameters and gradients are each one flat
+// f32 buffer; the named views below point into them.
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "core/arena.hpp"
+#include "model/config.hpp"
+
+namespace dsrsq {
+
+struct Param {
+  std::string name;  // "h.0.attn.wq", "wte", ...
+  TensorView value, grad;
+  bool decay;  // weight decay applies (matrices and embeddings, not biases or norms)
+};
+
+// A (B, T) batch on the host. targets/mask may be empty (logits only).
+struct Batch {
+  TensorView tokens;   // i32 (B, T)
+  TensorView pos;      // i32 (B, T)
+  TensorView targets;  // i32 (B, T): next token to predict at each position
+  TensorView mask;     // f32 (B, T): loss weight (1 on answer tokens, 0 elsewhere)
+};
+
+// Key/value cache for incremental decoding: per layer k, v (B, capacity, NH, HS)
+// holding post-RoPE keys, and the positions of the cached tokens. Unused slots
+// carry kEmptyPos, which the causal mask hides, so a partly filled cache needs
+// no special attention path.
+struct KVCache {
+  static constexpr std::int32_t kEmptyPos = (1 << 30) - 1;
+  std::int64_t batch = 0, capacity = 0, len = 0;
+  std::vector<TensorView> k, v;  // per layer
+  TensorView pos;                // i32 (B, capacity)
+  std::size_t bytes() const;     // allocated bytes (k, v and positions)
+};
+
+class Transformer {
+ public:
+  Transformer(const ModelConfig& cfg, Backend& backend);
+  Transformer(const Transformer&) = delete;
+  Transformer& operator=(const Transformer&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() { return be_; }
+
+  // GPT-2 style init: N(0, 0.02) matrices, residual projections / sqrt(2 L),
+  // zero biases, unit LayerNorm weights. Deterministic given the seed.
+  void init_weights(std::uint64_t seed);
+
+  std::span<Param> params() { return params_; }
+  const Param& param(const std::string& name) const;
+  TensorView flat_params() { return flat_params_; }
+  TensorView flat_grads() { return flat_grads_; }
+  void zero_grad();
+
+  // Training forward over a batch; saves what backward needs. Returns the
+  // masked mean loss (sum of mask-weighted token losses * inv_norm; inv_norm
+  // <= 0 means 1 / sum(mask)). With no targets, computes logits only (returns 0).
+  double forward(const Batch& batch, double inv_norm = 0.0);
+  // Backward of the last forward: gradients += d(loss)/d(params) * dloss.
+  void backward(double dloss = 1.0);
+  // Logits of the last forward / decode call: (B*T, V).
+  TensorView logits() const { return logits_; }
+
+  // Incremental decoding. new_cache allocates a cache in `arena`. extend()
+  // runs the model on new tokens (B, Tn) at positions pos (B, Tn), appends
+  // their keys/values to the cache and attends to everything cached; logits()
+  // then holds (B*Tn, V).
+  KVCache new_cache(std::int64_t batch, std::int64_t capacity, Arena& arena) const;
+  void extend(KVCache& cache, TensorView tokens, TensorView pos);
+
+  // Memory figures (bytes): arena high-water marks.
+  std::size_t param_bytes() const { return param_arena_.peak_bytes(); }
+  std::size_t grad_bytes() const { return grad_arena_.peak_bytes(); }
+  std::size_t activation_peak_bytes() const { return act_arena_.peak_bytes(); }
+  Arena& activation_arena() { return act_arena_; }
+
+  // Training FLOPs of one forward+backward over (B, T) (cost functions only).
+  double train_flops(std::int64_t B, std::int64_t T) const;
+
+ private:
+  struct Layer {
+    TensorView ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, wfc, bfc, wproj, bproj;
+  };
+  struct LayerActs {
+    TensorView x_in, ln1, ln1_mean, ln1_rstd, q, k, v, att, lse, x_mid, ln2, ln2_mean, ln2_rstd, fc, fc_act;
+  };
+  void build_params();
+  void check_batch(const TensorView& tokens, const TensorView& pos) const;
+  // Runs all layers on (B, T). With a cache, keys/values are appended to it and
+  // attention reads the cache; otherwise attention is over the batch itself.
+  void run_forward(Arena& arena, std::int64_t B, std::int64_t T, TensorView tokens, TensorView pos, KVCache* cache);
+
+  ModelConfig cfg_;
+  Backend& be_;
+  Arena param_arena_, grad_arena_, act_arena_;
+  TensorView flat_params_, flat_grads_;
+  std::vector<Param> params_;
+  TensorView wte_, dwte_, lnf_w_, lnf_b_, dlnf_w_, dlnf_b_, head_, dhead_;
+  std::vector<Layer> layers_, dlayers_;
+
+  // Saved by the last training forward.
+  std::int64_t B_ = 0, T_ = 0;
+  std::vector<LayerActs> acts_;
+  TensorView tokens_, pos_, targets_, mask_, x_final_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_;
+  double inv_norm_ = 1.0;
+  bool have_targets_ = false;
+};
+
+}  // namespace dsrsq
