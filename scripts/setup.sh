@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs the Debian packages dsrsq needs (only those missing), then configures
+# and builds a Release tree. Idempotent. Sourced by ./run and ./test.
+#   BUILD_DIR   build folder (default: build)
+#   DSRSQ_CMAKE_ARGS  extra CMake arguments
+set -euo pipefail
+
+DSRSQ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="${BUILD_DIR:-$DSRSQ_ROOT/build}"
+
+DSRSQ_PACKAGES=(
+  g++ cmake make pkg-config git
+  openmpi-bin libopenmpi-dev
+  libhdf5-dev hdf5-tools
+  libboost-program-options-dev libboost-test-dev
+  libopenblas-openmp-dev
+  nlohmann-json3-dev libsentencepiece-dev sentencepiece
+  python3-torch python3-h5py python3-numpy python3-matplotlib python3-pytest python3-nltk
+)
+
+dsrsq_install_packages() {
+  local missing=()
+  for p in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+      missing+=("$p")
+    fi
+  done
+  if ((${#missing[@]})); then
+    echo "== installing ${#missing[@]} missing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+}
+
+dsrsq_build() {
+  echo "== configuring $BUILD_DIR"
+  cmake -S "$DSRSQ_ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release ${DSRSQ_CMAKE_ARGS:-}
+  echo "== building"
+  cmake --build "$BUILD_DIR" -j "$(nproc)"
+}
+
+# Environment that makes runs repeatable and fast on this class of machine.
+dsrsq_env() {
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+  # mpirun as root (containers, CI) and more ranks than cores in tests.
+  if [ "$(id -u)" -eq 0 ]; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  fi
+  export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
+}
+
+dsrsq_install_packages "${DSRSQ_PACKAGES[@]}"
+dsrsq_env
+dsrsq_build
