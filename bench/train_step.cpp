@@ -218,6 +218,19 @@ int main(int argc, char** argv) {
         losses.push_back(loss);
       }
     }
+    if (std::getenv("DSRSQ_PROFILE")) {
+      dsrsq::cpu_backend().set_profiling(true);
+      model.zero_grad();
+      model.forward(batch);
+      model.backward();
+      opt.step(3e-4);
+      dsrsq::cpu_backend().set_profiling(false);
+      double tot = 0;
+      for (const auto& e : dsrsq::cpu_backend().profile()) tot += e.seconds;
+      for (const auto& e : dsrsq::cpu_backend().profile())
+        std::printf("# profile %-18s %8.1f ms %5.1f%% %6lld calls\n", e.op, e.seconds * 1e3, 100 * e.seconds / tot,
+                    static_cast<long long>(e.calls));
+    }
     const double flops = model.train_flops(B, T);
     const double ours = median(times);
     // Correctness: finite loss and gradients, and the loss goes down on a fixed batch.

@@ -2,9 +2,41 @@
 // of other ops (linear and matmul backward are matmuls).
 #include "backend/backend.hpp"
 
+#include <chrono>
 #include <cmath>
+#include <cstring>
 
 namespace dsrsq {
+
+class OpTimer {
+ public:
+  OpTimer(Backend& b, const char* op) : b_(b), op_(op) {
+    if (b_.profiling_) t0_ = std::chrono::steady_clock::now();
+  }
+  ~OpTimer() {
+    if (!b_.profiling_) return;
+    b_.synchronize();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    for (auto& e : b_.prof_)
+      if (std::strcmp(e.op, op_) == 0) {
+        e.seconds += dt;
+        ++e.calls;
+        return;
+      }
+    b_.prof_.push_back(OpProfileEntry{op_, dt, 1});
+  }
+  OpTimer(const OpTimer&) = delete;
+  OpTimer& operator=(const OpTimer&) = delete;
+
+ private:
+  Backend& b_;
+  const char* op_;
+  std::chrono::steady_clock::time_point t0_{};
+};
+
+std::vector<OpProfileEntry> Backend::profile() const { return prof_; }
+void Backend::reset_profile() { prof_.clear(); }
+
 namespace {
 
 bool is_float(DType t) { return t == DType::f32 || t == DType::f64; }
@@ -98,6 +130,7 @@ void Backend::embedding_fwd(const EmbeddingArgs& a) {
   check_shape(op, "out", a.out, Shape{a.tokens.shape[0], a.table.shape[1]});
   check_same_dtype(op, "out", a.out, a.table);
   check_tokens(op, a.tokens, a.table.shape[0]);
+  OpTimer timer_(*this, "embedding_fwd");
   embedding_fwd_impl(a);
 }
 
@@ -109,6 +142,7 @@ void Backend::embedding_bwd(const EmbeddingGradArgs& a) {
   check_shape(op, "dout", a.dout, Shape{a.tokens.shape[0], a.dtable.shape[1]});
   check_same_dtype(op, "dout", a.dout, a.dtable);
   check_tokens(op, a.tokens, a.dtable.shape[0]);
+  OpTimer timer_(*this, "embedding_bwd");
   embedding_bwd_impl(a);
 }
 
@@ -124,11 +158,13 @@ static void check_rope(const char* op, const RopeArgs& a) {
 
 void Backend::rope_fwd(const RopeArgs& a) {
   check_rope("rope_fwd", a);
+  OpTimer timer_(*this, "rope_fwd");
   rope_impl(a, false);
 }
 
 void Backend::rope_bwd(const RopeArgs& a) {
   check_rope("rope_bwd", a);
+  OpTimer timer_(*this, "rope_bwd");
   rope_impl(a, true);
 }
 
@@ -143,6 +179,7 @@ void Backend::layernorm_fwd(const LayerNormArgs& a) {
   check_shape(op, "mean", a.mean, Shape{N});
   check_shape(op, "rstd", a.rstd, Shape{N});
   for (auto* t : {&a.weight, &a.bias, &a.out, &a.mean, &a.rstd}) check_same_dtype(op, "weight/bias/out/mean/rstd", *t, a.x);
+  OpTimer timer_(*this, "layernorm_fwd");
   layernorm_fwd_impl(a);
 }
 
@@ -160,6 +197,7 @@ void Backend::layernorm_bwd(const LayerNormGradArgs& a) {
   check_shape(op, "dbias", a.dbias, Shape{C});
   for (auto* t : {&a.dout, &a.weight, &a.mean, &a.rstd, &a.dx, &a.dweight, &a.dbias})
     check_same_dtype(op, "dout/weight/mean/rstd/dx/dweight/dbias", *t, a.x);
+  OpTimer timer_(*this, "layernorm_bwd");
   layernorm_bwd_impl(a);
 }
 
@@ -198,6 +236,7 @@ void Backend::linear_bwd(const LinearGradArgs& a) {
   if (!a.dbias.empty()) {
     check_shape(op, "dbias", a.dbias, Shape{OC});
     check_same_dtype(op, "dbias", a.dbias, a.dout);
+    OpTimer timer_(*this, "bias_grad");
     bias_rows_sum_impl(a.dout, a.dbias);
   }
 }
@@ -208,6 +247,7 @@ void Backend::matmul_fwd(const MatmulArgs& a) {
     check_shape("matmul_fwd", "bias", a.bias, Shape{d.n});
     check_same_dtype("matmul_fwd", "bias", a.bias, a.a);
   }
+  OpTimer timer_(*this, a.trans_a ? "matmul_dweight" : (a.beta != 0 ? "matmul_acc" : "matmul"));
   matmul_fwd_impl(a);
 }
 
@@ -237,6 +277,7 @@ void Backend::gelu_fwd(const GeluArgs& a) {
   check_float("gelu_fwd", "x", a.x);
   check_shape("gelu_fwd", "out", a.out, a.x.shape);
   check_same_dtype("gelu_fwd", "out", a.out, a.x);
+  OpTimer timer_(*this, "gelu_fwd");
   gelu_fwd_impl(a);
 }
 
@@ -246,11 +287,13 @@ void Backend::gelu_bwd(const GeluGradArgs& a) {
   check_shape("gelu_bwd", "dx", a.dx, a.x.shape);
   check_same_dtype("gelu_bwd", "dout", a.dout, a.x);
   check_same_dtype("gelu_bwd", "dx", a.dx, a.x);
+  OpTimer timer_(*this, "gelu_bwd");
   gelu_bwd_impl(a);
 }
 
 void Backend::attention_fwd(const AttentionArgs& a) {
   check_attention("attention_fwd", a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
+  OpTimer timer_(*this, "attention_fwd");
   attention_fwd_impl(a);
 }
 
@@ -262,6 +305,7 @@ void Backend::attention_bwd(const AttentionGradArgs& a) {
   check_shape(op, "dk", a.dk, a.k.shape);
   check_shape(op, "dv", a.dv, a.v.shape);
   for (auto* t : {&a.dout, &a.dq, &a.dk, &a.dv}) check_same_dtype(op, "dout/dq/dk/dv", *t, a.q);
+  OpTimer timer_(*this, "attention_bwd");
   attention_bwd_impl(a);
 }
 
@@ -285,6 +329,7 @@ double Backend::cross_entropy_fwd(const CrossEntropyArgs& a) {
   check_ce("cross_entropy_fwd", a.logits, a.targets, a.mask);
   check_shape("cross_entropy_fwd", "losses", a.losses, Shape{a.logits.shape[0]});
   check_same_dtype("cross_entropy_fwd", "losses", a.losses, a.logits);
+  OpTimer timer_(*this, "cross_entropy_fwd");
   return cross_entropy_fwd_impl(a);
 }
 
@@ -292,6 +337,7 @@ void Backend::cross_entropy_bwd(const CrossEntropyGradArgs& a) {
   check_ce("cross_entropy_bwd", a.logits, a.targets, a.mask);
   check_shape("cross_entropy_bwd", "dlogits", a.dlogits, a.logits.shape);
   check_same_dtype("cross_entropy_bwd", "dlogits", a.dlogits, a.logits);
+  OpTimer timer_(*this, "cross_entropy_bwd");
   cross_entropy_bwd_impl(a);
 }
 
@@ -303,6 +349,7 @@ void Backend::adamw(const AdamWArgs& a) {
     check_dtype(op, "grads/m/v", *t, DType::f32);
   }
   if (a.step < 1) raise_input_error(detail::cat(op, ": step must be >= 1, got ", a.step));
+  OpTimer timer_(*this, "adamw");
   adamw_impl(a);
 }
 
@@ -310,11 +357,13 @@ void Backend::axpy(const AxpyArgs& a) {
   check_float("axpy", "x", a.x);
   check_shape("axpy", "y", a.y, a.x.shape);
   check_same_dtype("axpy", "y", a.y, a.x);
+  OpTimer timer_(*this, "axpy");
   axpy_impl(a);
 }
 
 void Backend::fill(TensorView x, double value) {
   check_present("fill", "x", x);
+  OpTimer timer_(*this, "fill");
   fill_impl(x, value);
 }
 
@@ -326,6 +375,7 @@ void Backend::copy(TensorView src, TensorView dst) {
 
 double Backend::sum_squares(TensorView x) {
   check_float("sum_squares", "x", x);
+  OpTimer timer_(*this, "sum_squares");
   return sum_squares_impl(x);
 }
 

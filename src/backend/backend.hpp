@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string_view>
+#include <vector>
 
 #include "core/arena.hpp"
 #include "core/tensor.hpp"
@@ -152,9 +153,21 @@ struct AxpyArgs {  // y += alpha * x
   double alpha = 1.0;
 };
 
+// Optional per-op wall-time profile (off by default; DSRSQ_PROFILE=1 turns it
+// on for the programs that honour it). Times each op's implementation call.
+struct OpProfileEntry {
+  const char* op;
+  double seconds;
+  std::int64_t calls;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
+  void set_profiling(bool on) { profiling_ = on; }
+  bool profiling() const { return profiling_; }
+  std::vector<OpProfileEntry> profile() const;
+  void reset_profile();
   virtual std::string_view name() const = 0;
   virtual Device device() const = 0;
   virtual Allocator& allocator() = 0;
@@ -203,6 +216,11 @@ class Backend {
   virtual double sum_squares_impl(TensorView x) = 0;
   virtual void scale_impl(TensorView x, double s) = 0;
   virtual void bias_rows_sum_impl(TensorView dout2d, TensorView dbias) = 0;  // dbias(OC) += sum over rows
+
+ private:
+  friend class OpTimer;
+  bool profiling_ = false;
+  std::vector<OpProfileEntry> prof_;
 };
 
 // The process's CPU backend (OpenBLAS + OpenMP).

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "backend/cpu/cpu_math.hpp"
@@ -60,26 +62,76 @@ void embedding_bwd_t(const EmbeddingGradArgs& a) {
   }
 }
 
+// cos/sin tables per (theta, head size), grown on demand to the largest
+// position seen (up to kRopeTableMax positions; beyond that computed directly).
+// Angles in double, as the reference computes them.
+struct RopeTable {
+  double theta = 0;
+  std::int64_t hs = 0, npos = 0;
+  std::vector<double> cs, sn;  // (npos, hs/2)
+};
+constexpr std::int64_t kRopeTableMax = std::int64_t{1} << 20;
+
+const RopeTable& rope_table(double theta, std::int64_t hs, std::int64_t need) {
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<RopeTable>> tables;
+  std::lock_guard<std::mutex> lock(mu);
+  RopeTable* t = nullptr;
+  for (auto& p : tables)
+    if (p->theta == theta && p->hs == hs) t = p.get();
+  if (!t) {
+    tables.push_back(std::make_unique<RopeTable>());
+    t = tables.back().get();
+    t->theta = theta;
+    t->hs = hs;
+  }
+  if (t->npos < need) {
+    const std::int64_t half = hs / 2, n = std::max(need, std::min<std::int64_t>(2 * t->npos, kRopeTableMax));
+    t->cs.resize(static_cast<std::size_t>(n * half));
+    t->sn.resize(static_cast<std::size_t>(n * half));
+    for (std::int64_t i = 0; i < half; ++i) {
+      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(hs));
+      for (std::int64_t p = t->npos; p < n; ++p) {
+        const double ang = static_cast<double>(p) * inv_freq;
+        t->cs[static_cast<std::size_t>(p * half + i)] = std::cos(ang);
+        t->sn[static_cast<std::size_t>(p * half + i)] = std::sin(ang);
+      }
+    }
+    t->npos = n;
+  }
+  return *t;
+}
+
 template <class T>
 void rope_t(const RopeArgs& a, bool inverse) {
   T* x = a.x.ptr<T>();
   const auto* pos = a.pos.ptr<std::int32_t>();
   const std::int64_t N = a.x.shape[0], NH = a.x.shape[1], HS = a.x.shape[2], half = HS / 2;
-  const double sign = inverse ? -1.0 : 1.0;
+  const T sign = inverse ? T(-1) : T(1);
+  std::int64_t maxpos = 0;
+  for (std::int64_t n = 0; n < N; ++n) maxpos = std::max<std::int64_t>(maxpos, pos[n]);
+  const RopeTable* tab = maxpos < kRopeTableMax ? &rope_table(a.theta, HS, maxpos + 1) : nullptr;
 #pragma omp parallel if (N * NH * HS > 32768)
   {
     std::vector<T> cs(static_cast<std::size_t>(half)), sn(static_cast<std::size_t>(half));
 #pragma omp for schedule(static)
     for (std::int64_t n = 0; n < N; ++n) {
       for (std::int64_t i = 0; i < half; ++i) {
-        // angle in double: the reference computes it the same way
-        const double inv_freq = std::pow(a.theta, -2.0 * static_cast<double>(i) / static_cast<double>(HS));
-        const double ang = static_cast<double>(pos[n]) * inv_freq;
-        cs[static_cast<std::size_t>(i)] = static_cast<T>(std::cos(ang));
-        sn[static_cast<std::size_t>(i)] = static_cast<T>(sign * std::sin(ang));
+        double c, s_;
+        if (tab) {
+          c = tab->cs[static_cast<std::size_t>(pos[n] * half + i)];
+          s_ = tab->sn[static_cast<std::size_t>(pos[n] * half + i)];
+        } else {
+          const double ang = static_cast<double>(pos[n]) * std::pow(a.theta, -2.0 * static_cast<double>(i) / static_cast<double>(HS));
+          c = std::cos(ang);
+          s_ = std::sin(ang);
+        }
+        cs[static_cast<std::size_t>(i)] = static_cast<T>(c);
+        sn[static_cast<std::size_t>(i)] = sign * static_cast<T>(s_);
       }
       for (std::int64_t h = 0; h < NH; ++h) {
         T* r = x + (n * NH + h) * HS;
+#pragma omp simd
         for (std::int64_t i = 0; i < half; ++i) {
           const T x0 = r[i], x1 = r[i + half];
           const T c = cs[static_cast<std::size_t>(i)], s = sn[static_cast<std::size_t>(i)];

@@ -5,7 +5,7 @@
 // masked score of -inf contributes nothing).
 #include <cblas.h>
 
-#include <bit>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 
@@ -23,8 +23,11 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const doub
 }
 
 inline float exp_approx(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (vectorises; floor() does not here).
+  const float magic = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -34,7 +37,9 @@ inline float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
-  const float scaled = p * std::bit_cast<float>(bits);
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  const float scaled = p * two_n;
   return x < -87.0f ? 0.0f : scaled;
 }
 
