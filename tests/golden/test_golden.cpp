@@ -21,6 +21,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -71,6 +72,7 @@ double rel_scalar(double a, double b) { return std::fabs(a - b) / std::max(std::
 
 // Prints one line per tensor and the worst one; fails on any above tolerance.
 struct Report {
+  explicit Report(std::string t) : title(std::move(t)) {}
   std::string title;
   double worst = 0;
   std::string worst_name;
@@ -167,7 +169,7 @@ BOOST_AUTO_TEST_CASE(forward_backward_match_pytorch) {
   const double loss = m.forward(g.batch());
   m.backward();
 
-  Report fwd{"forward"};
+  Report fwd("forward");
   const auto logits_ref = g.read_like("logits", m.logits());
   fwd.add("logits", rel_error(m.logits().ptr<float>(), logits_ref.data(), m.logits().numel(), "logits"));
   const auto loss_ref = g.file.root().read<double>("loss");
@@ -176,7 +178,7 @@ BOOST_AUTO_TEST_CASE(forward_backward_match_pytorch) {
   fwd.add("loss", rel_scalar(loss, loss_ref[0]));
   fwd.finish();
 
-  Report bwd{"gradients"};
+  Report bwd("gradients");
   for (const auto& p : m.params()) {
     const auto ref = g.read_like("grad/" + p.name, p.grad);
     bwd.add(p.name, rel_error(p.grad.ptr<float>(), ref.data(), p.grad.numel(), "grad/" + p.name));
@@ -207,7 +209,7 @@ BOOST_AUTO_TEST_CASE(adamw_ten_steps_match_pytorch) {
                      "the fixture never clips: the clipping path would go untested");
 
   dsrsq::AdamW opt(m.params(), m.flat_params(), oc, m.backend());
-  Report rep{"adamw steps"};
+  Report rep("adamw steps");
   const auto batch = g.batch();
   for (std::int64_t s = 0; s < steps; ++s) {
     const auto i = static_cast<std::size_t>(s);
