@@ -1,0 +1,154 @@
+#define BOOST_TEST_MODULE data_readers
+#include <boost/test/unit_test.hpp>
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.hpp"
+#include "data/readers.hpp"
+
+namespace fs = std::filesystem;
+using namespace dsrsq::data;
+
+static const fs::path kFix = fs::path(DSRSQ_DATASETS_DIR) / "fixtures";
+
+static std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const dsrsq::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Writes `file` with its line `line` (1-based) replaced by broken JSON.
+static fs::path corrupt_copy(const fs::path& src, std::size_t line) {
+  const fs::path dst = fs::temp_directory_path() / ("dsrsq_corrupt_" + src.filename().string());
+  std::ifstream in(src);
+  std::ofstream out(dst);
+  std::string l;
+  for (std::size_t i = 1; std::getline(in, l); ++i) out << (i == line ? std::string("{\"broken\": ") : l) << "\n";
+  return dst;
+}
+
+static void check_errors(const std::string& name, const fs::path& file,
+                         std::vector<Example> (*reader)(const fs::path&, const ReadOptions&)) {
+  const auto bad = corrupt_copy(file, 2);
+  const std::string msg = error_of([&] { reader(bad, {}); });
+  BOOST_TEST_INFO(name << ": " << msg);
+  BOOST_TEST(msg.find(bad.string() + ":2:") != std::string::npos);
+  const std::string miss = error_of([&] { reader(kFix / "no_such_file.jsonl", {}); });
+  BOOST_TEST(miss.find("no_such_file.jsonl") != std::string::npos);
+  fs::remove(bad);
+}
+
+BOOST_AUTO_TEST_CASE(nq_fields) {
+  const auto f = kFix / "nq" / "nq-simplified.jsonl";
+  const auto v = read_nq(f);
+  BOOST_TEST_REQUIRE(v.size() == 4u);
+  BOOST_TEST(v[0].id == "9001");
+  BOOST_TEST(v[0].query == "how many years is the term of a united states senator");
+  BOOST_TEST(v[0].answers.at(0) == "six Years;");
+  BOOST_TEST(v[0].context.find("<P>") == std::string::npos);
+  BOOST_TEST(v[0].context.find("for six Years;") != std::string::npos);
+  BOOST_TEST(v[0].meta.at("long_answer").find("The Senate of the United States shall be composed") == 0u);
+  BOOST_TEST(v[3].answers.at(0) == "yes");  // yes/no answer, no short span
+  check_errors("nq", f, read_nq);
+}
+
+BOOST_AUTO_TEST_CASE(eli5_fields) {
+  const auto f = kFix / "eli5" / "eli5.jsonl";
+  const auto v = read_eli5(f);
+  BOOST_TEST_REQUIRE(v.size() == 3u);
+  BOOST_TEST(v[0].query == "How are senators chosen and how long do they serve?");
+  BOOST_TEST(v[1].context == "I keep hearing 'We the People'.");
+  // answers ordered by score: 9 before 2
+  BOOST_TEST(v[2].answers.at(0) == "The Congress, not the President.");
+  BOOST_TEST(v[2].answers.size() == 2u);
+  check_errors("eli5", f, read_eli5);
+}
+
+BOOST_AUTO_TEST_CASE(cnn_dm_story_and_csv) {
+  const auto stories = load_dataset("cnn_dm", kFix / "cnn_dm" / "stories");
+  BOOST_TEST_REQUIRE(stories.size() == 4u);
+  const auto csv = read_cnn_dm_csv(kFix / "cnn_dm" / "cnn_dm.csv");
+  BOOST_TEST_REQUIRE(csv.size() == 4u);
+  for (const auto& s : stories) {
+    auto it = std::find_if(csv.begin(), csv.end(), [&](const Example& c) { return c.id == s.id; });
+    BOOST_TEST_REQUIRE((it != csv.end()));
+    BOOST_TEST(it->context == s.context);  // same article through both forms
+    BOOST_TEST(it->answers.at(0) == s.answers.at(0));
+    BOOST_TEST(s.context.find("@highlight") == std::string::npos);
+    BOOST_TEST(s.query == "Summarize the article.");
+  }
+  const std::string miss = error_of([] { load_dataset("cnn_dm", kFix / "nope"); });
+  BOOST_TEST(miss.find("nope") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(csv_quotes_and_newlines) {
+  const auto rows = parse_csv("a,b,c\r\n1,\"x, \"\"quoted\"\"\ny\",\r\n\"\",2,\"3\"\n");
+  BOOST_TEST_REQUIRE(rows.size() == 3u);
+  BOOST_TEST(rows[1].size() == 3u);
+  BOOST_TEST(rows[1][1] == "x, \"quoted\"\ny");
+  BOOST_TEST(rows[1][2] == "");
+  BOOST_TEST(rows[2][0] == "");
+  BOOST_TEST(rows[2][2] == "3");
+  BOOST_TEST(error_of([] { parse_csv("a\n\"open\n", "t.csv"); }).find("t.csv:2") != std::string::npos);
+  BOOST_TEST(!error_of([] { parse_csv("a,b\"c\n"); }).empty());
+}
+
+BOOST_AUTO_TEST_CASE(s2orc_fields) {
+  const auto f = kFix / "s2orc" / "s2orc.jsonl";
+  const auto v = read_s2orc(f);
+  BOOST_TEST_REQUIRE(v.size() == 3u);
+  BOOST_TEST(v[0].id == "17870917");
+  BOOST_TEST(v[0].answers.at(0).find("We the People") == 0u);
+  BOOST_TEST(v[0].context.find("Article I, Section 1\nAll legislative Powers") != std::string::npos);
+  BOOST_TEST(v[0].meta.at("num_cite_spans") == "1");
+  BOOST_TEST(v[0].meta.at("num_bib_entries") == "1");
+  check_errors("s2orc", f, read_s2orc);
+}
+
+BOOST_AUTO_TEST_CASE(code_fields) {
+  const auto f = kFix / "github" / "the_stack.jsonl";
+  const auto v = read_github(f);
+  BOOST_TEST_REQUIRE(v.size() == 6u);  // 3 + 2 functions, 1 C file
+  BOOST_TEST(v[0].answers.at(0) == "count_words");
+  BOOST_TEST(v[0].query == "Return the number of whitespace-separated words in text.");
+  BOOST_TEST(v[0].context.find(v[0].query) == std::string::npos);  // docstring removed
+  BOOST_TEST(v[0].context.find("def longest_line") != std::string::npos);
+  BOOST_TEST(v[5].answers.at(0) == "C");
+  check_errors("github", f, read_github);
+
+  const auto g = kFix / "codesearchnet" / "python_test_0.jsonl";
+  const auto c = read_codesearchnet(g);
+  BOOST_TEST_REQUIRE(c.size() == 5u);
+  BOOST_TEST(c[1].answers.at(0) == "longest_line");
+  BOOST_TEST(c[1].query == "Return the longest line of text (the first one on ties).");
+  BOOST_TEST(c[1].context.find("def count_words") != std::string::npos);  // whole module
+  BOOST_TEST(c[1].context.find("\"\"\"") == std::string::npos);
+  BOOST_TEST(c[3].context.find("def count_words") == std::string::npos);  // other module
+  check_errors("codesearchnet", g, read_codesearchnet);
+}
+
+BOOST_AUTO_TEST_CASE(longbench_fields) {
+  const auto f = kFix / "longbench" / "longbench.jsonl";
+  const auto v = read_longbench(f);
+  BOOST_TEST_REQUIRE(v.size() == 3u);
+  BOOST_TEST(v[1].answers.at(0) == "the Senate");
+  BOOST_TEST(v[1].context.find("The Senate shall have the sole Power to try all Impeachments.") != std::string::npos);
+  BOOST_TEST(v[2].meta.at("all_classes").find("George Washington") != std::string::npos);
+  BOOST_TEST(v[0].meta.at("all_classes") == "null");
+  check_errors("longbench", f, read_longbench);
+}
+
+BOOST_AUTO_TEST_CASE(dispatcher) {
+  for (const auto& n : dataset_names()) {
+    const std::string dir = n == "nq" ? "nq" : n;
+    BOOST_TEST_INFO(n);
+    BOOST_TEST(!load_dataset(n, kFix / dir).empty());
+  }
+  BOOST_TEST(load_dataset("nq", kFix / "nq", {2}).size() == 2u);
+  const std::string msg = error_of([] { load_dataset("squad", kFix); });
+  BOOST_TEST(msg.find("squad") != std::string::npos);
+  BOOST_TEST(msg.find("longbench") != std::string::npos);
+}
