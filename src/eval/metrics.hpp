@@ -7,7 +7,8 @@
 // whole words "a", "an", "the" by a space, fold white space to single spaces.
 // Input is UTF-8. What is exact and what is approximated w.r.t. Python 3 str:
 //  - lower case: ASCII, Latin-1 Supplement (U+00C0..U+00DE except U+00D7),
-//    Greek U+0391..U+03A9 and Cyrillic U+0400..U+042F; other code points are
+//    Greek U+0391..U+03A9 (Σ always to σ, where Python writes a final ς) and
+//    Cyrillic U+0400..U+042F; other code points are
 //    kept as they are (Python lowers every cased script).
 //  - punctuation: exactly Python's string.punctuation (the 32 ASCII marks);
 //    non-ASCII punctuation such as U+2014 is kept, as in SQuAD.
