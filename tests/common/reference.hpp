@@ -12,6 +12,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/rng.hpp"
@@ -310,6 +311,111 @@ inline void adamw(Vec& p, const Vec& g, Vec& m, Vec& v, const AdamWRef& a) {
     const double p_old = p[i];
     p[i] = p_old - a.lr * (mh / (std::sqrt(vh) + a.eps) + a.wd * p_old);
   }
+}
+
+// ---- reference backward passes (used by the f32 op checks; the f64 backend's
+// own backward is checked against finite differences in tests/grad) -----------
+// LayerNorm: dx += rstd (dn - mean(dn) - norm mean(dn norm)), dn = dout w;
+// dweight += sum_n dout norm; dbias += sum_n dout.
+inline void layernorm_bwd(const Vec& dout, const Vec& x, const Vec& w, std::int64_t N, std::int64_t C, double eps,
+                          Vec& dx, Vec& dw, Vec& db) {
+  const Vec zero(static_cast<std::size_t>(C), 0.0);
+  const LayerNormOut f = layernorm(x, w, zero, N, C, eps);
+  for (std::int64_t n = 0; n < N; ++n) {
+    double mdn = 0, mdnn = 0;
+    const double m = f.mean[static_cast<std::size_t>(n)], rs = f.rstd[static_cast<std::size_t>(n)];
+    for (std::int64_t c = 0; c < C; ++c) {
+      const std::size_t i = static_cast<std::size_t>(n * C + c);
+      const double norm = (x[i] - m) * rs, dn = dout[i] * w[static_cast<std::size_t>(c)];
+      mdn += dn;
+      mdnn += dn * norm;
+    }
+    mdn /= static_cast<double>(C);
+    mdnn /= static_cast<double>(C);
+    for (std::int64_t c = 0; c < C; ++c) {
+      const std::size_t i = static_cast<std::size_t>(n * C + c);
+      const double norm = (x[i] - m) * rs, dn = dout[i] * w[static_cast<std::size_t>(c)];
+      dx[i] += rs * (dn - mdn - norm * mdnn);
+      dw[static_cast<std::size_t>(c)] += dout[i] * norm;
+      db[static_cast<std::size_t>(c)] += dout[i];
+    }
+  }
+}
+
+// d gelu / dx for the tanh approximation.
+inline double gelu_grad(double x) {
+  const double k = std::sqrt(2.0 / M_PI), a = 0.044715;
+  const double u = k * (x + a * x * x * x), t = std::tanh(u);
+  return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * a * x * x);
+}
+
+// dlogits[n] = dloss * inv_norm * mask[n] * (softmax(logits[n]) - onehot(t[n]))
+inline Vec cross_entropy_bwd(const Vec& logits, const IVec& targets, const Vec& mask, std::int64_t N, std::int64_t V,
+                             double inv_norm, double dloss) {
+  Vec d(logits.size(), 0.0);
+  for (std::int64_t n = 0; n < N; ++n) {
+    const double w = mask[static_cast<std::size_t>(n)];
+    if (w == 0) continue;
+    const double* row = logits.data() + n * V;
+    double mx = row[0];
+    for (std::int64_t j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+    double s = 0;
+    for (std::int64_t j = 0; j < V; ++j) s += std::exp(row[j] - mx);
+    for (std::int64_t j = 0; j < V; ++j)
+      d[static_cast<std::size_t>(n * V + j)] =
+          dloss * inv_norm * w * (std::exp(row[j] - mx) / s - (j == targets[static_cast<std::size_t>(n)] ? 1.0 : 0.0));
+  }
+  return d;
+}
+
+// Attention backward from the definition (P recomputed in double):
+// dV_j += sum_i P_ij dO_i; dP_ij = dO_i . V_j; D_i = sum_j P_ij dP_ij;
+// dS_ij = P_ij (dP_ij - D_i) scale; dQ_i += sum_j dS_ij K_j; dK_j += sum_i dS_ij Q_i.
+inline void attention_bwd(const Vec& dout, const Vec& q, const Vec& k, const Vec& v, const IVec& qpos,
+                          const IVec& kpos, std::int64_t B, std::int64_t T, std::int64_t S, std::int64_t NH,
+                          std::int64_t HS, bool causal, double scale, Vec& dq, Vec& dk, Vec& dv) {
+  if (scale <= 0) scale = 1.0 / std::sqrt(static_cast<double>(HS));
+  Vec p(static_cast<std::size_t>(S)), dp(static_cast<std::size_t>(S));
+  auto at = [&](std::int64_t b, std::int64_t t, std::int64_t len, std::int64_t h) {
+    return static_cast<std::size_t>(((b * len + t) * NH + h) * HS);
+  };
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < NH; ++h)
+      for (std::int64_t i = 0; i < T; ++i) {
+        double mx = -std::numeric_limits<double>::infinity();
+        for (std::int64_t j = 0; j < S; ++j) {
+          const bool vis = !causal || kpos[static_cast<std::size_t>(b * S + j)] <= qpos[static_cast<std::size_t>(b * T + i)];
+          double s = -std::numeric_limits<double>::infinity();
+          if (vis) {
+            s = 0;
+            for (std::int64_t c = 0; c < HS; ++c) s += q[at(b, i, T, h) + c] * k[at(b, j, S, h) + c];
+            s *= scale;
+          }
+          p[static_cast<std::size_t>(j)] = s;
+          mx = std::max(mx, s);
+        }
+        if (mx == -std::numeric_limits<double>::infinity()) continue;  // no visible key: no gradient
+        double sum = 0;
+        for (auto& x : p) sum += (x = std::exp(x - mx));
+        double D = 0;
+        for (std::int64_t j = 0; j < S; ++j) {
+          p[static_cast<std::size_t>(j)] /= sum;
+          double d = 0;
+          for (std::int64_t c = 0; c < HS; ++c) d += dout[at(b, i, T, h) + c] * v[at(b, j, S, h) + c];
+          dp[static_cast<std::size_t>(j)] = d;
+          D += p[static_cast<std::size_t>(j)] * d;
+        }
+        for (std::int64_t j = 0; j < S; ++j) {
+          const double pj = p[static_cast<std::size_t>(j)];
+          if (pj == 0) continue;
+          const double ds = pj * (dp[static_cast<std::size_t>(j)] - D) * scale;
+          for (std::int64_t c = 0; c < HS; ++c) {
+            dv[at(b, j, S, h) + c] += pj * dout[at(b, i, T, h) + c];
+            dq[at(b, i, T, h) + c] += ds * k[at(b, j, S, h) + c];
+            dk[at(b, j, S, h) + c] += ds * q[at(b, i, T, h) + c];
+          }
+        }
+      }
 }
 
 // ---- case names --------------------------------------------------------------

@@ -403,6 +403,8 @@ void CpuBackend::adamw_impl(const AdamWArgs& a) {
   float* v = a.v.ptr<float>();
   const std::int64_t n = a.params.numel();
   const float b1 = static_cast<float>(a.beta1), b2 = static_cast<float>(a.beta2);
+  // 1 - beta in double, then rounded: 1.0f - float(0.999) keeps only 4 digits.
+  const float omb1 = static_cast<float>(1.0 - a.beta1), omb2 = static_cast<float>(1.0 - a.beta2);
   const float bc1 = static_cast<float>(1.0 - std::pow(a.beta1, static_cast<double>(a.step)));
   const float bc2 = static_cast<float>(1.0 - std::pow(a.beta2, static_cast<double>(a.step)));
   const float lr = static_cast<float>(a.lr), wd = static_cast<float>(a.weight_decay), eps = static_cast<float>(a.eps);
@@ -410,8 +412,8 @@ void CpuBackend::adamw_impl(const AdamWArgs& a) {
 #pragma omp parallel for simd schedule(static) if (n > 32768)
   for (std::int64_t i = 0; i < n; ++i) {
     const float gi = g[i] * gs;
-    m[i] = b1 * m[i] + (1.0f - b1) * gi;
-    v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = b1 * m[i] + omb1 * gi;
+    v[i] = b2 * v[i] + omb2 * gi * gi;
     const float mh = m[i] / bc1, vh = v[i] / bc2;
     p[i] -= lr * (mh / (std::sqrt(vh) + eps) + wd * p[i]);
   }
