@@ -1,5 +1,6 @@
 #include "io/h5.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.hpp"
@@ -25,6 +26,7 @@ template <> hid_t type_of<std::int32_t>() { return H5T_NATIVE_INT32; }
 template <> hid_t type_of<std::int64_t>() { return H5T_NATIVE_INT64; }
 template <> hid_t type_of<std::uint8_t>() { return H5T_NATIVE_UINT8; }
 template <> hid_t type_of<std::uint16_t>() { return H5T_NATIVE_UINT16; }
+template <> hid_t type_of<std::uint64_t>() { return H5T_NATIVE_UINT64; }
 
 void silence_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
 
@@ -142,6 +144,7 @@ DSRSQ_H5_INSTANTIATE(std::int32_t)
 DSRSQ_H5_INSTANTIATE(std::int64_t)
 DSRSQ_H5_INSTANTIATE(std::uint8_t)
 DSRSQ_H5_INSTANTIATE(std::uint16_t)
+DSRSQ_H5_INSTANTIATE(std::uint64_t)
 #undef DSRSQ_H5_INSTANTIATE
 
 namespace {
@@ -152,6 +155,201 @@ Id string_type() {
   return t;
 }
 }  // namespace
+
+Dataset Group::dataset(const std::string& name) const {
+  if (!exists(name)) fail("missing dataset '" + name + "'");
+  return Dataset(checked(H5Dopen2(id(), name.c_str(), H5P_DEFAULT), *this, "cannot open dataset '" + name + "'"), file_,
+                 join(path_, name));
+}
+
+namespace {
+Id link_props() {
+  Id lcpl(H5Pcreate(H5P_LINK_CREATE));
+  H5Pset_create_intermediate_group(lcpl.get(), 1);
+  return lcpl;
+}
+}  // namespace
+
+template <class T>
+Dataset Group::create_extendible(const std::string& name, hsize_t chunk, bool fletcher32) const {
+  const hsize_t zero = 0, unlimited = H5S_UNLIMITED;
+  chunk = chunk ? chunk : 1;
+  Id space = checked(H5Screate_simple(1, &zero, &unlimited), *this, "dataspace for " + name);
+  Id dcpl(H5Pcreate(H5P_DATASET_CREATE));
+  if (H5Pset_chunk(dcpl.get(), 1, &chunk) < 0) fail("cannot set chunking for '" + name + "'");
+  if (fletcher32) H5Pset_fletcher32(dcpl.get());
+  Id lcpl = link_props();
+  return Dataset(checked(H5Dcreate2(id(), name.c_str(), type_of<T>(), space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT),
+                         *this, "cannot create dataset '" + name + "'"),
+                 file_, join(path_, name));
+}
+
+template <class T>
+Dataset Group::create_fixed(const std::string& name, const std::vector<hsize_t>& dims, T fill) const {
+  Id space = checked(dims.empty() ? H5Screate(H5S_SCALAR)
+                                  : H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+                     *this, "dataspace for " + name);
+  Id dcpl(H5Pcreate(H5P_DATASET_CREATE));
+  H5Pset_fill_value(dcpl.get(), type_of<T>(), &fill);
+  H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_ALLOC);
+  H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY);
+  Id lcpl = link_props();
+  return Dataset(checked(H5Dcreate2(id(), name.c_str(), type_of<T>(), space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT),
+                         *this, "cannot create dataset '" + name + "'"),
+                 file_, join(path_, name));
+}
+
+namespace {
+Id fixed_string_type(std::size_t size) {
+  Id t(H5Tcopy(H5T_C_S1));
+  H5Tset_size(t.get(), size ? size : 1);
+  H5Tset_strpad(t.get(), H5T_STR_NULLPAD);
+  H5Tset_cset(t.get(), H5T_CSET_UTF8);
+  return t;
+}
+}  // namespace
+
+Dataset Group::create_fixed_string(const std::string& name, std::size_t size, const std::string& value) const {
+  Id type = fixed_string_type(size);
+  Id space(H5Screate(H5S_SCALAR));
+  Id dcpl(H5Pcreate(H5P_DATASET_CREATE));
+  H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY);
+  Id lcpl = link_props();
+  Dataset ds(checked(H5Dcreate2(id(), name.c_str(), type.get(), space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT), *this,
+                     "cannot create dataset '" + name + "'"),
+             file_, join(path_, name));
+  ds.write_fixed_string(value);
+  return ds;
+}
+
+template <class T>
+void Group::write_checked(const std::string& name, const T* data, std::size_t n, hsize_t chunk) const {
+  const hsize_t dim = n;
+  chunk = std::max<hsize_t>(1, std::min<hsize_t>(chunk, std::max<hsize_t>(n, 1)));
+  Id space = checked(H5Screate_simple(1, &dim, nullptr), *this, "dataspace for " + name);
+  Id dcpl(H5Pcreate(H5P_DATASET_CREATE));
+  if (H5Pset_chunk(dcpl.get(), 1, &chunk) < 0) fail("cannot set chunking for '" + name + "'");
+  H5Pset_fletcher32(dcpl.get());
+  Id lcpl = link_props();
+  Id ds = checked(H5Dcreate2(id(), name.c_str(), type_of<T>(), space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT), *this,
+                  "cannot create dataset '" + name + "'");
+  if (n && H5Dwrite(ds.get(), type_of<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+    fail("cannot write dataset '" + name + "'");
+}
+
+#define DSRSQ_H5_INSTANTIATE2(T)                                                                                \
+  template Dataset Group::create_extendible<T>(const std::string&, hsize_t, bool) const;                      \
+  template Dataset Group::create_fixed<T>(const std::string&, const std::vector<hsize_t>&, T) const;          \
+  template void Group::write_checked<T>(const std::string&, const T*, std::size_t, hsize_t) const;            \
+  template void Dataset::append<T>(const T*, std::size_t) const;                                              \
+  template void Dataset::write_all<T>(const T*, std::size_t) const;                                           \
+  template std::vector<T> Dataset::read_all<T>() const;                                                       \
+  template std::vector<T> Dataset::read_range<T>(hsize_t, hsize_t) const;
+
+// ---- Dataset ----
+
+void Dataset::fail(const std::string& what) const {
+  raise_input_error(detail::cat("HDF5 file '", file_, "', dataset '", path_, "': ", what));
+}
+
+std::vector<hsize_t> Dataset::dims() const {
+  Id space(H5Dget_space(id()));
+  const int rank = space ? H5Sget_simple_extent_ndims(space.get()) : -1;
+  if (rank < 0) fail("unreadable dataspace");
+  std::vector<hsize_t> d(static_cast<std::size_t>(rank));
+  H5Sget_simple_extent_dims(space.get(), d.data(), nullptr);
+  return d;
+}
+
+hsize_t Dataset::size() const {
+  hsize_t n = 1;
+  for (auto x : dims()) n *= x;
+  return n;
+}
+
+void Dataset::resize(hsize_t n) const {
+  if (H5Dset_extent(id(), &n) < 0) fail(detail::cat("cannot resize to ", n, " elements"));
+}
+
+template <class T>
+void Dataset::append(const T* data, std::size_t n) const {
+  if (n == 0) return;
+  const auto d = dims();
+  if (d.size() != 1) fail("append needs a 1-D dataset");
+  const hsize_t start = d[0], count = n, total = d[0] + n;
+  if (H5Dset_extent(id(), &total) < 0) fail("cannot extend (not chunked / not extendible?)");
+  Id fspace(H5Dget_space(id()));
+  H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, &start, nullptr, &count, nullptr);
+  Id mspace(H5Screate_simple(1, &count, nullptr));
+  if (H5Dwrite(id(), type_of<T>(), mspace.get(), fspace.get(), H5P_DEFAULT, data) < 0) fail("cannot append rows");
+}
+
+template <class T>
+void Dataset::write_all(const T* data, std::size_t n) const {
+  if (size() != n) fail(detail::cat("holds ", size(), " elements, writing ", n));
+  if (H5Dwrite(id(), type_of<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) fail("cannot write");
+}
+
+template <class T>
+std::vector<T> Dataset::read_all() const {
+  std::vector<T> v(static_cast<std::size_t>(size()));
+  if (!v.empty() && H5Dread(id(), type_of<T>(), H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()) < 0)
+    fail("cannot read (truncated, corrupted or wrong type?)");
+  return v;
+}
+
+template <class T>
+std::vector<T> Dataset::read_range(hsize_t begin, hsize_t n) const {
+  const auto d = dims();
+  if (d.size() != 1 || begin + n > d[0]) fail(detail::cat("range [", begin, ", ", begin + n, ") out of bounds"));
+  std::vector<T> v(static_cast<std::size_t>(n));
+  if (n == 0) return v;
+  Id fspace(H5Dget_space(id()));
+  H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, &begin, nullptr, &n, nullptr);
+  Id mspace(H5Screate_simple(1, &n, nullptr));
+  if (H5Dread(id(), type_of<T>(), mspace.get(), fspace.get(), H5P_DEFAULT, v.data()) < 0)
+    fail("cannot read (truncated, corrupted or wrong type?)");
+  return v;
+}
+
+std::size_t Dataset::fixed_string_size() const {
+  Id t(H5Dget_type(id()));
+  if (!t || H5Tget_class(t.get()) != H5T_STRING || H5Tis_variable_str(t.get()) > 0) fail("not a fixed-length string");
+  return H5Tget_size(t.get());
+}
+
+void Dataset::write_fixed_string(const std::string& value) const {
+  const std::size_t n = fixed_string_size();
+  std::string buf(n, '\0');
+  std::copy_n(value.data(), std::min(n, value.size()), buf.data());
+  Id type = fixed_string_type(n);
+  if (H5Dwrite(id(), type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0) fail("cannot write string");
+}
+
+std::string Dataset::read_fixed_string() const {
+  const std::size_t n = fixed_string_size();
+  std::string buf(n, '\0');
+  Id type = fixed_string_type(n);
+  if (H5Dread(id(), type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0) fail("cannot read string");
+  buf.resize(std::strlen(buf.c_str()));
+  return buf;
+}
+
+void Dataset::flush() const {
+  if (H5Dflush(id()) < 0) fail("flush failed");
+}
+
+void Dataset::refresh() const {
+  if (H5Drefresh(id()) < 0) fail("refresh failed (file not opened for SWMR reading?)");
+}
+
+DSRSQ_H5_INSTANTIATE2(float)
+DSRSQ_H5_INSTANTIATE2(double)
+DSRSQ_H5_INSTANTIATE2(std::int32_t)
+DSRSQ_H5_INSTANTIATE2(std::int64_t)
+DSRSQ_H5_INSTANTIATE2(std::uint8_t)
+DSRSQ_H5_INSTANTIATE2(std::uint64_t)
+#undef DSRSQ_H5_INSTANTIATE2
 
 void Group::write_strings(const std::string& name, const std::vector<std::string>& v) const {
   std::vector<const char*> ptrs;
@@ -220,8 +418,12 @@ std::string Group::attr_string(const std::string& name) const {
   Id a = checked(H5Aopen(id(), name.c_str(), H5P_DEFAULT), *this, "cannot open attribute '" + name + "'");
   Id ftype(H5Aget_type(a.get()));
   if (H5Tget_class(ftype.get()) != H5T_STRING) fail("attribute '" + name + "' is not a string");
+  // The memory type takes the file type's character set: HDF5 does not
+  // convert between ASCII and UTF-8 strings.
+  const H5T_cset_t cset = H5Tget_cset(ftype.get());
   if (H5Tis_variable_str(ftype.get()) > 0) {
     Id mtype = string_type();
+    H5Tset_cset(mtype.get(), cset);
     char* p = nullptr;
     if (H5Aread(a.get(), mtype.get(), &p) < 0) fail("cannot read attribute '" + name + "'");
     std::string s = p ? p : "";
@@ -232,6 +434,7 @@ std::string Group::attr_string(const std::string& name) const {
   std::string s(n, '\0');
   Id mtype(H5Tcopy(H5T_C_S1));
   H5Tset_size(mtype.get(), n);
+  H5Tset_cset(mtype.get(), cset);
   if (H5Aread(a.get(), mtype.get(), s.data()) < 0) fail("cannot read attribute '" + name + "'");
   while (!s.empty() && s.back() == '\0') s.pop_back();
   return s;
@@ -291,9 +494,17 @@ File::File(const std::string& path, Mode mode, bool swmr) : path_(path) {
       id = H5Fopen(path.c_str(), H5F_ACC_RDONLY | (swmr ? H5F_ACC_SWMR_READ : 0), fapl.get());
       break;
     }
-    case Mode::read_write:
+    case Mode::read_write: {
+      if (swmr) {
+        // A SWMR writer that was killed leaves the superblock's "open for
+        // SWMR write" flags set; HDF5 1.10 then refuses every write open.
+        // The library's own h5clear uses this fapl property to clear them.
+        hbool_t clear = 1;
+        if (H5Pexist(fapl.get(), "clear_status_flags") > 0) H5Pset(fapl.get(), "clear_status_flags", &clear);
+      }
       id = H5Fopen(path.c_str(), H5F_ACC_RDWR, fapl.get());
       break;
+    }
     case Mode::create_exclusive:
       id = H5Fcreate(path.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get());
       break;
@@ -305,13 +516,24 @@ File::File(const std::string& path, Mode mode, bool swmr) : path_(path) {
     raise_input_error(detail::cat("HDF5 file '", path, "': cannot ",
                                   mode == Mode::read || mode == Mode::read_write ? "open" : "create",
                                   " (missing, truncated, not HDF5, or locked; on NFS/Lustre without locks set "
-                                  "HDF5_USE_FILE_LOCKING=FALSE)"));
+                                  "HDF5_USE_FILE_LOCKING=FALSE; a file whose SWMR writer was killed opens only "
+                                  "for SWMR reading, or after `h5clear -s`)"));
   id_ = Id(id);
   hid_t g = H5Gopen2(id, "/", H5P_DEFAULT);
   root_ = Group(Id(g), path, "/");
 }
 
-void File::flush() const { H5Fflush(id(), H5F_SCOPE_GLOBAL); }
+void File::flush() const {
+  if (H5Fflush(id(), H5F_SCOPE_GLOBAL) < 0) raise_input_error("HDF5 file '" + path_ + "': flush failed");
+}
+
+void File::close() {
+  root_ = Group();
+  if (id_) {
+    const hid_t id = id_.release();
+    if (H5Fclose(id) < 0) raise_input_error("HDF5 file '" + path_ + "': close failed (data may not be on disk)");
+  }
+}
 
 void File::start_swmr_write() const {
   if (H5Fstart_swmr_write(id()) < 0) raise_input_error("HDF5 file '" + path_ + "': cannot start SWMR write mode");

@@ -1,0 +1,82 @@
+#pragma once
+// KV-cache policies: what a method keeps from prefill into decoding, and how
+// decode-time attention reads it. The model calls attend() once per layer for
+// every extend() (prefill or one decode step), handing over the new tokens'
+// queries, keys and values BEFORE RoPE plus their original positions; the
+// policy applies RoPE the way it needs (original positions, or StreamingLLM's
+// positions inside the cache), stores what it keeps and writes the attention
+// output. So a policy fully owns its cache layout and its memory figure.
+//
+// Memory is reported from bytes the policy actually allocated (its arena),
+// never from counts of non-zero entries (DESIGN.md section 9):
+//   resident_after_prefill  KV bytes held when prefill ends
+//   peak_prefill            the most KV bytes held at any time during prefill
+//   read_per_step           KV bytes read by one decode step (mean over steps)
+//   total                   resident plus anything offloaded (none for GPU/CPU-resident policies)
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "core/arena.hpp"
+#include "model/config.hpp"
+
+namespace dsrsq {
+
+struct KVMemory {
+  std::size_t resident_after_prefill = 0;
+  std::size_t peak_prefill = 0;
+  std::size_t read_per_step = 0;
+  std::size_t total = 0;
+};
+
+// The budget a run asks for: a fraction of the full cache of this sequence
+// (prompt + generated tokens), or absolute bytes (bytes > 0 wins).
+struct KVBudget {
+  double fraction = 1.0;
+  std::size_t bytes = 0;
+  // Bytes of the full cache for a sequence of `tokens` tokens under `cfg` (f32 K and V).
+  static std::size_t full_bytes(const ModelConfig& cfg, std::int64_t tokens);
+  // Resolve to a byte count for a sequence of `tokens` tokens.
+  std::size_t resolve(const ModelConfig& cfg, std::int64_t tokens) const;
+};
+
+// What a policy learns when a new sequence starts.
+struct SequenceInfo {
+  std::int64_t batch = 1;
+  std::int64_t prompt_len = 0;      // N: context + query tokens
+  std::int64_t query_len = 0;       // the last query_len prompt tokens are the question
+  std::int64_t max_new_tokens = 0;  // T
+};
+
+class KVPolicy {
+ public:
+  virtual ~KVPolicy() = default;
+  virtual std::string name() const = 0;
+
+  // Drop all state and start a sequence (every example starts clean).
+  virtual void begin(const SequenceInfo& info, const KVBudget& budget) = 0;
+  // One layer, new tokens: q, k, v (B, Tn, NH, HS) pre-RoPE; pos i32 (B, Tn)
+  // original positions; out (B, Tn, NH, HS) written. q and k are the caller's
+  // scratch: a policy may overwrite them (e.g. rotate them in place).
+  virtual void attend(std::int64_t layer, TensorView q, TensorView k, TensorView v, TensorView pos,
+                      TensorView out) = 0;
+  // Called once after the prompt has been processed, before decoding.
+  virtual void end_prefill() {}
+
+  // Bytes for the whole batch (B sequences), from the policy's K/V arena.
+  virtual KVMemory memory() const = 0;
+  // Budget asked for and what the policy holds (bytes, after prefill), per
+  // sequence (one batch row), in the units of KVBudget::full_bytes.
+  virtual std::size_t budget_requested_bytes() const = 0;
+  virtual std::size_t budget_achieved_bytes() const = 0;
+  // Mean number of keys one query attended to during decoding (token efficiency numerator).
+  virtual double attended_tokens() const = 0;
+};
+
+// Registry: "full", "sliding_window" (sinks + recent window, StreamingLLM positions).
+std::unique_ptr<KVPolicy> make_kv_policy(const std::string& name, const ModelConfig& cfg, Backend& backend);
+std::vector<std::string> kv_policy_names();
+
+}  // namespace dsrsq

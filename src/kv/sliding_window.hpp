@@ -1,0 +1,94 @@
+#pragma once
+// "sliding_window": StreamingLLM (ALGORITHMS.md section 8): S attention sinks
+// (the first S tokens) plus a window of the W most recent tokens; the middle is
+// evicted. Plain sliding window is S = 0.
+//
+// Positions ("pos_shift"): the cache holds PRE-RoPE keys. For every query the
+// cached keys are rotated by their index inside the cache (sinks 0..S-1, then
+// the window from oldest to newest) and the query by its own cache index, so
+// the model never sees a position beyond S + W - 1, whatever the original
+// positions were. The original positions are kept only for inspection.
+//
+// Budget rule (begin()): K = max(1, floor(resolve(budget) / bytes_per_token)),
+// bytes_per_token = KVBudget::full_bytes(cfg, 1), capped at N + T (a larger
+// budget cannot be used). Sinks S = min(default_sinks, K - 1); if the window
+// W = K - S would not hold the question (query_len tokens), S shrinks to
+// max(0, K - query_len). If K < query_len the question cannot fit: S = 0,
+// W = K keeps the most recent K tokens and question_kept() is false.
+//
+// Prefill rule: no token, prompt or generated, ever attends to more than the
+// K kept tokens. While the cache has room (the first K tokens) a chunk of new
+// tokens is attended in one call, causally; while all kept tokens fit this is
+// the normal model (cache index = position for a sequence starting at 0). After
+// that, tokens are processed one at a time: before each token the oldest window
+// token is evicted (ring buffer, no copying), so every such token attends to
+// the S sinks, the W - 1 tokens before it and itself, exactly as in token-by-
+// token StreamingLLM. The question is in the window at the end of prefill when
+// K >= query_len. During decoding the window keeps sliding, so a long answer
+// can push the question out (StreamingLLM semantics; nothing is pinned).
+//
+// Bytes counted: the K/V arena (pre-RoPE K and V, f32, K tokens, every layer)
+// = B * K * bytes_per_token, allocated at begin() and constant afterwards.
+// Not counted: slot-index/position arrays (host i32) and the per-call scratch
+// holding the rotated keys of one layer (transient, like activations; see
+// scratch_peak_bytes()). memory() is for the whole batch; budget_* per sequence.
+#include <memory>
+#include <vector>
+
+#include "kv/kv_detail.hpp"
+#include "kv/kv_policy.hpp"
+
+namespace dsrsq {
+
+class SlidingWindowPolicy final : public KVPolicy {
+ public:
+  static constexpr std::int64_t kDefaultSinks = 4;
+  SlidingWindowPolicy(const ModelConfig& cfg, Backend& backend, std::int64_t default_sinks = kDefaultSinks);
+  std::string name() const override { return "sliding_window"; }
+  void begin(const SequenceInfo& info, const KVBudget& budget) override;
+  void attend(std::int64_t layer, TensorView q, TensorView k, TensorView v, TensorView pos, TensorView out) override;
+  void end_prefill() override;
+  KVMemory memory() const override;
+  std::size_t budget_requested_bytes() const override { return requested_; }
+  std::size_t budget_achieved_bytes() const override { return achieved_; }
+  double attended_tokens() const override { return stats_.attended(); }
+
+  // Inspection (tests, logs).
+  std::int64_t capacity() const { return cap_; }  // K = S + W
+  std::int64_t sinks() const { return sinks_; }
+  std::int64_t window() const { return cap_ - sinks_; }
+  bool question_kept() const { return question_kept_; }
+  std::int64_t cached_tokens(std::int64_t layer) const { return state_.at(static_cast<std::size_t>(layer)).len; }
+  // Original positions of the kept tokens of batch row b in `layer`, in cache
+  // order (sinks, then the window oldest first).
+  std::vector<std::int32_t> kept_positions(std::int64_t layer, std::int64_t b) const;
+  std::size_t kv_bytes_allocated() const { return kv_arena_ ? kv_arena_->used_bytes() : 0; }
+  std::size_t scratch_peak_bytes() const { return scratch_.peak_bytes(); }
+
+ private:
+  struct LayerState {
+    std::int64_t len = 0;   // filled slots (<= cap)
+    std::int64_t head = 0;  // once full: slot of the oldest window token
+    std::int64_t seen = 0;  // tokens processed
+  };
+  // Cache index of slot s in layer state st (-1 if the slot is empty).
+  std::int64_t logical(const LayerState& st, std::int64_t s) const;
+  void process(std::int64_t layer, std::int64_t t0, std::int64_t c, const TensorView& q, const TensorView& k,
+               const TensorView& v, const TensorView& pos, const TensorView& out);
+
+  ModelConfig cfg_;
+  Backend& be_;
+  std::int64_t default_sinks_;
+  SequenceInfo info_;
+  bool begun_ = false, decoding_ = false, question_kept_ = true;
+  std::int64_t cap_ = 0, sinks_ = 0;
+  std::unique_ptr<Arena> kv_arena_;
+  Arena scratch_;
+  std::vector<TensorView> k_, v_;                 // per layer (B, cap, NH, HS), pre-RoPE keys
+  std::vector<std::vector<std::int32_t>> orig_;  // per layer (B, cap) original positions
+  std::vector<LayerState> state_;
+  std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;
+  kvdetail::DecodeStats stats_;
+};
+
+}  // namespace dsrsq
