@@ -1,0 +1,79 @@
+#pragma once
+// Every option of the dsrsq program, settable on the command line or in an
+// .ini file (--config); the command line wins. Defaults are the debug-size
+// main job (configs/debug.ini spells them out).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dsrsq {
+
+struct Options {
+  // General
+  std::string command = "run";  // train | eval | run
+  std::vector<std::string> config_files;
+  std::string command_line;  // as typed (provenance)
+  bool dry_run = false;
+  bool overwrite = false;
+  bool debug = false;
+  std::string output_dir = "results";
+  std::string run_name;  // default: <model>_<dataset>
+  std::uint64_t seed = 1234;
+  std::string device = "cpu";
+  int threads = 0;  // 0: OMP_NUM_THREADS or all cores
+
+  // Model
+  std::string model = "standard";
+  std::int64_t d_model = 128, n_heads = 4, n_layers = 2, d_ff = 512;
+  std::int64_t max_pos = 0;  // 0: max_seq_len
+  std::string init_from;     // checkpoint to start from
+
+  // Data
+  std::string dataset = "needle";
+  std::string data_dir;
+  std::string datasets_dir = "datasets";  // committed fixtures and haystack text
+  std::string tokenizer = "byte";
+  std::string tokenizer_model;
+  std::vector<std::int64_t> context_sizes{160, 224, 288};  // training curriculum and test lengths (tokens)
+  std::int64_t max_seq_len = 384;
+  std::int64_t num_train = 6000, num_val = 64, num_test = 96;
+  std::vector<std::string> task_params;  // key=value pairs passed to the task generator
+
+  // Training
+  std::int64_t num_epochs = 0;  // > 0: train for epochs instead of steps
+  std::int64_t steps = 700;
+  std::int64_t batch_size = 16;
+  double learning_rate = 3e-3;
+  std::int64_t warmup = 50;
+  double weight_decay = 0.01;
+  double clip_norm = 1.0;
+  double curriculum = 0.5;  // fraction of steps over which longer contexts are phased in
+  std::int64_t checkpoint_every = 200;
+  std::int64_t keep_checkpoints = 2;
+  std::int64_t val_every = 100;
+  std::int64_t log_every = 25;
+
+  // Evaluation
+  std::vector<std::string> methods{"full", "sliding_window"};
+  std::string kv_budget = "0.5";  // fraction of the full cache, or bytes with a unit (e.g. 512KiB)
+  std::int64_t max_new_tokens = 12;
+  bool ablation = false;
+
+  // Parallel
+  int dp = 1, sp = 1;
+  double comm_timeout = 300.0;
+
+  // The resolved configuration as sorted "key = value" lines, and its hash
+  // (run identity: everything that changes results; not output paths or --overwrite).
+  std::string resolved_text() const;
+  std::string identity_hash() const;
+};
+
+// Parses argv and the --config files. Throws dsrsq::Error with one clear line
+// (naming the option, file and line) on bad input. Returns false when the
+// program should exit 0 right away (--help, --version printed).
+bool parse_options(int argc, const char* const* argv, Options& out);
+
+std::string version_text();
+
+}  // namespace dsrsq

@@ -1,0 +1,73 @@
+#include "pipeline/encode.hpp"
+
+#include <algorithm>
+
+#include "core/error.hpp"
+
+namespace dsrsq {
+
+Encoded encode_example(const data::Example& ex, const Tokenizer& tok, std::int64_t max_seq_len) {
+  DSRSQ_INPUT_CHECK(!ex.answers.empty(), "example '", ex.id, "' has no answer");
+  std::vector<std::int32_t> ctx = tok.encode(ex.context);
+  const std::vector<std::int32_t> query = tok.encode(ex.query);
+  const std::vector<std::int32_t> answer = tok.encode(ex.answers.front());
+  // BOS + ctx + SEP + query + ANS + answer + EOS
+  const std::int64_t fixed = 1 + 1 + static_cast<std::int64_t>(query.size()) + 1 + static_cast<std::int64_t>(answer.size()) + 1;
+  DSRSQ_INPUT_CHECK(fixed < max_seq_len, "example '", ex.id, "': query and answer alone take ", fixed,
+                    " tokens, more than max_seq_len=", max_seq_len);
+  Encoded e;
+  const std::int64_t room = max_seq_len - fixed;
+  if (static_cast<std::int64_t>(ctx.size()) > room) {
+    e.truncated = static_cast<std::int64_t>(ctx.size()) - room;
+    ctx.erase(ctx.begin(), ctx.begin() + e.truncated);
+  }
+  e.context_tokens = static_cast<std::int64_t>(ctx.size());
+  e.tokens.reserve(static_cast<std::size_t>(fixed) + ctx.size());
+  e.tokens.push_back(tok.bos_id());
+  e.tokens.insert(e.tokens.end(), ctx.begin(), ctx.end());
+  e.tokens.push_back(tok.sep_id());
+  e.tokens.insert(e.tokens.end(), query.begin(), query.end());
+  e.tokens.push_back(tok.ans_id());
+  e.prompt_len = static_cast<std::int64_t>(e.tokens.size());
+  e.query_len = static_cast<std::int64_t>(query.size()) + 2;
+  e.tokens.insert(e.tokens.end(), answer.begin(), answer.end());
+  e.tokens.push_back(tok.eos_id());
+  return e;
+}
+
+Batch HostBatch::view() {
+  const Shape s{B, T};
+  return Batch{TensorView(tokens.data(), s), TensorView(pos.data(), s), TensorView(targets.data(), s),
+               TensorView(mask.data(), s)};
+}
+
+HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id) {
+  HostBatch hb;
+  hb.B = static_cast<std::int64_t>(seqs.size());
+  for (const auto* s : seqs) hb.T = std::max<std::int64_t>(hb.T, static_cast<std::int64_t>(s->tokens.size()) - 1);
+  const std::size_t n = static_cast<std::size_t>(hb.B * hb.T);
+  hb.tokens.assign(n, pad_id);
+  hb.pos.assign(n, 0);
+  hb.targets.assign(n, pad_id);
+  hb.mask.assign(n, 0.0f);
+  for (std::int64_t b = 0; b < hb.B; ++b) {
+    const Encoded& e = *seqs[static_cast<std::size_t>(b)];
+    const std::int64_t L = static_cast<std::int64_t>(e.tokens.size()) - 1;  // inputs: all but the last token
+    for (std::int64_t t = 0; t < hb.T; ++t) {
+      const std::size_t i = static_cast<std::size_t>(b * hb.T + t);
+      hb.pos[i] = static_cast<std::int32_t>(t);
+      if (t < L) {
+        hb.tokens[i] = e.tokens[static_cast<std::size_t>(t)];
+        hb.targets[i] = e.tokens[static_cast<std::size_t>(t + 1)];
+        // Position t predicts token t+1: an answer token or EOS when t+1 >= prompt_len.
+        if (t + 1 >= e.prompt_len) {
+          hb.mask[i] = 1.0f;
+          ++hb.answer_tokens;
+        }
+      }
+    }
+  }
+  return hb;
+}
+
+}  // namespace dsrsq

@@ -1,0 +1,45 @@
+#pragma once
+// From examples to token sequences and (B, T) batches.
+//
+// Sequence layout (DESIGN.md section 3): [BOS] context [SEP] query [ANS] answer [EOS].
+// The prompt is everything up to and including [ANS]; training predicts the
+// answer tokens and [EOS] only (answer-only loss).
+// Truncation rule (one rule for every method, recorded in the results file):
+// when prompt + answer + EOS exceed max_seq_len, context tokens are dropped
+// from the LEFT (the oldest text), never the query or the answer.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/example.hpp"
+#include "data/tokenizer.hpp"
+#include "model/transformer.hpp"
+
+namespace dsrsq {
+
+inline constexpr const char* kTruncationRule = "left-truncate context: drop the oldest context tokens so prompt + answer + EOS fit max_seq_len";
+
+struct Encoded {
+  std::vector<std::int32_t> tokens;  // full sequence (prompt + answer + EOS)
+  std::int64_t prompt_len = 0;       // tokens up to and including [ANS]
+  std::int64_t query_len = 0;        // [SEP] query [ANS]
+  std::int64_t context_tokens = 0;   // context tokens kept
+  std::int64_t truncated = 0;        // context tokens dropped by the truncation rule
+};
+
+// answer_budget: tokens reserved for the answer and EOS (the first answer is encoded).
+Encoded encode_example(const data::Example& ex, const Tokenizer& tok, std::int64_t max_seq_len);
+
+// Host buffers of one training batch.
+struct HostBatch {
+  std::int64_t B = 0, T = 0;
+  std::vector<std::int32_t> tokens, pos, targets;
+  std::vector<float> mask;
+  std::int64_t answer_tokens = 0;  // rows with mask 1
+  Batch view();
+};
+
+// Right-pads the sequences to the longest one; padding has mask 0.
+HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id);
+
+}  // namespace dsrsq

@@ -1,0 +1,156 @@
+#include "pipeline/evaluator.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+
+#include "core/timer.hpp"
+#include "eval/metrics.hpp"
+
+namespace dsrsq {
+
+KVBudget parse_kv_budget(const std::string& s) {
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  DSRSQ_INPUT_CHECK(end != s.c_str() && v > 0, "option --kv_budget: '", s, "' is not a positive number or byte size");
+  const std::string unit = end;
+  KVBudget b;
+  if (unit.empty() && v <= 1.0) {
+    b.fraction = v;
+    return b;
+  }
+  double mult = 1;
+  if (unit == "KiB") mult = 1024.0;
+  else if (unit == "MiB") mult = 1024.0 * 1024;
+  else if (unit == "GiB") mult = 1024.0 * 1024 * 1024;
+  else DSRSQ_INPUT_CHECK(unit.empty() || unit == "B", "option --kv_budget: unknown unit '", unit, "'");
+  b.bytes = static_cast<std::size_t>(v * mult);
+  b.fraction = 0;
+  return b;
+}
+
+namespace {
+
+std::int32_t argmax_last_row(const TensorView& logits) {
+  const std::int64_t N = logits.shape[0], V = logits.shape[1];
+  const float* row = logits.ptr<float>() + (N - 1) * V;
+  return static_cast<std::int32_t>(std::max_element(row, row + V) - row);
+}
+
+// Forward FLOPs of the linear layers for n tokens (attention counted apart).
+double dense_flops(const ModelConfig& c, std::int64_t n) {
+  const double C = static_cast<double>(c.d_model), F = static_cast<double>(c.d_ff);
+  return static_cast<double>(n) * (static_cast<double>(c.n_layers) * (8 * C * C + 4 * C * F) + 2 * C * static_cast<double>(c.vocab));
+}
+
+}  // namespace
+
+MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
+                           const std::vector<data::Example>& test, const EvalConfig& cfg) {
+  MethodEval me;
+  me.method = policy.name();
+  eval::MetricAggregator agg;
+  const ModelConfig& mc = model.config();
+  Arena& act = model.activation_arena();
+  Timer wall;
+  double total_tokens = 0;
+  for (const auto& ex : test) {
+    ExampleEval r;
+    r.id = ex.id;
+    r.golds = ex.answers;
+    r.meta = ex.meta;
+    r.task = ex.meta.count("task") ? ex.meta.at("task") : "";
+    Encoded enc = encode_example(ex, tok, cfg.max_seq_len - cfg.max_new_tokens + static_cast<std::int64_t>(tok.encode(ex.answers.front()).size()) + 1);
+    std::vector<std::int32_t> prompt(enc.tokens.begin(), enc.tokens.begin() + enc.prompt_len);
+    r.prompt_tokens = enc.prompt_len;
+    r.context_tokens = enc.context_tokens;
+    r.truncated_tokens = enc.truncated;
+
+    SequenceInfo info;
+    info.batch = 1;
+    info.prompt_len = enc.prompt_len;
+    info.query_len = enc.query_len;
+    info.max_new_tokens = cfg.max_new_tokens;
+    policy.begin(info, cfg.budget);
+    act.reset_peak();
+    std::vector<std::int32_t> pos(static_cast<std::size_t>(enc.prompt_len));
+    for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+
+    Timer t;
+    model.extend(policy, TensorView(prompt.data(), Shape{1, enc.prompt_len}), TensorView(pos.data(), Shape{1, enc.prompt_len}));
+    policy.end_prefill();
+    std::int32_t next = argmax_last_row(model.logits());
+    r.ttft_s = t.seconds();
+    std::size_t peak_act = act.peak_bytes();
+    double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
+    double time_total = r.ttft_s;
+    r.flops = dense_flops(mc, enc.prompt_len) +
+              attention_cost(1, enc.prompt_len, enc.prompt_len, mc.n_heads, mc.head_size(), true, false).flops *
+                  static_cast<double>(mc.n_layers);
+
+    std::vector<std::int32_t> gen;
+    double itl_sum = 0;
+    std::int64_t p = enc.prompt_len;
+    while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
+      gen.push_back(next);
+      if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
+      std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
+      Timer ts;
+      act.reset_peak();
+      model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
+      next = argmax_last_row(model.logits());
+      const double dt = ts.seconds();
+      itl_sum += dt;
+      peak_act = std::max(peak_act, act.peak_bytes());
+      bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill) * dt;
+      time_total += dt;
+      r.flops += dense_flops(mc, 1) + 4.0 * static_cast<double>(mc.n_layers * mc.d_model) * policy.attended_tokens();
+    }
+    r.generated_tokens = static_cast<std::int64_t>(gen.size());
+    r.itl_s = gen.size() > 1 ? itl_sum / static_cast<double>(gen.size() - 1) : 0.0;
+    r.prediction = tok.decode(gen);
+    r.kv = policy.memory();
+    r.budget_requested = policy.budget_requested_bytes();
+    r.budget_achieved = policy.budget_achieved_bytes();
+    r.attended_tokens = policy.attended_tokens();
+    r.peak_bytes = peak_act + r.kv.peak_prefill;
+    r.avg_bytes = time_total > 0 ? bytes_time / time_total : 0.0;
+
+    const eval::ExampleScores sc = agg.add(r.prediction, r.golds);
+    r.f1 = sc.f1;
+    r.em = sc.em;
+    r.rouge_l = sc.rouge_l;
+    {
+      const std::vector<eval::Tokens> refs_tokens = [&] {
+        std::vector<eval::Tokens> v;
+        for (const auto& g : r.golds) v.push_back(eval::split_whitespace(g));
+        return v;
+      }();
+      const std::vector<std::vector<eval::Tokens>> refs{refs_tokens};
+      const std::vector<eval::Tokens> hyps{eval::split_whitespace(r.prediction)};
+      r.bleu = hyps[0].empty() ? 0.0 : eval::corpus_bleu(refs, hyps);
+    }
+    total_tokens += static_cast<double>(enc.prompt_len + r.generated_tokens);
+    me.examples.push_back(std::move(r));
+  }
+  me.wall_s = wall.seconds();
+  const eval::CorpusScores cs = agg.result();
+  me.f1 = cs.f1;
+  me.em = cs.em;
+  me.rouge_l = cs.rouge_l;
+  me.bleu = cs.bleu;
+  const double n = std::max<double>(1.0, static_cast<double>(me.examples.size()));
+  for (const auto& r : me.examples) {
+    me.peak_mem_bytes = std::max(me.peak_mem_bytes, static_cast<double>(r.peak_bytes));
+    me.avg_mem_bytes += r.avg_bytes / n;
+    me.latency_s += r.ttft_s / n;
+    me.itl_s += r.itl_s / n;
+    me.token_efficiency += (r.context_tokens > 0 ? r.attended_tokens / static_cast<double>(r.prompt_tokens) : 0.0) / n;
+    me.flops += r.flops;
+  }
+  me.peak_rss_bytes = static_cast<double>(peak_rss_bytes());
+  me.throughput_tok_s = me.wall_s > 0 ? total_tokens / me.wall_s : 0.0;
+  return me;
+}
+
+}  // namespace dsrsq

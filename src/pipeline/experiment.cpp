@@ -1,0 +1,254 @@
+#include "pipeline/experiment.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <sstream>
+
+#include "core/rng.hpp"
+#include "core/timer.hpp"
+#include "data/readers.hpp"
+#include "data/tasks.hpp"
+#include "data/tokenizer.hpp"
+#include "kv/kv_policy.hpp"
+#include "pipeline/evaluator.hpp"
+#include "pipeline/results_sink.hpp"
+#include "pipeline/trainer.hpp"
+
+namespace fs = std::filesystem;
+
+namespace dsrsq {
+namespace {
+
+data::TaskParams task_params(const Options& opt) {
+  data::TaskParams p;
+  p["datasets_dir"] = opt.datasets_dir;
+  for (const auto& kv : opt.task_params) {
+    const auto eq = kv.find('=');
+    p[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  return p;
+}
+
+// Examples of one split. Synthetic tasks: `n` examples spread over the context
+// sizes (and, for needle, over a depth grid); real datasets: read from --data_dir.
+std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, std::int64_t n, std::uint64_t seed,
+                                      bool grid) {
+  if (opt.dataset == "nq" || opt.dataset == "eli5" || opt.dataset == "cnn_dm" || opt.dataset == "github" ||
+      opt.dataset == "codesearchnet" || opt.dataset == "s2orc" || opt.dataset == "longbench") {
+    data::ReadOptions ro;
+    auto all = data::load_dataset(opt.dataset, opt.data_dir, ro);
+    Rng rng(seed);
+    std::vector<data::Example> out;
+    for (std::int64_t i = 0; i < n && !all.empty(); ++i) out.push_back(all[rng.below(all.size())]);
+    return out;
+  }
+  const data::TokenCounter count = [&tok](std::string_view s) { return tok.encode(s).size(); };
+  std::vector<data::Example> out;
+  const std::size_t nsizes = opt.context_sizes.size();
+  const std::vector<double> depths{0.1, 0.3, 0.5, 0.7, 0.9};
+  std::uint64_t sub = 0;
+  for (std::size_t si = 0; si < nsizes; ++si) {
+    const std::int64_t per_size = n / static_cast<std::int64_t>(nsizes) + (static_cast<std::int64_t>(si) < n % static_cast<std::int64_t>(nsizes) ? 1 : 0);
+    if (per_size == 0) continue;
+    data::TaskParams p = task_params(opt);
+    p["length"] = std::to_string(opt.context_sizes[si]);
+    if (opt.dataset == "needle" && grid && !p.count("depth")) {
+      for (std::size_t di = 0; di < depths.size(); ++di) {
+        const std::int64_t k = per_size / static_cast<std::int64_t>(depths.size()) + (static_cast<std::int64_t>(di) < per_size % static_cast<std::int64_t>(depths.size()) ? 1 : 0);
+        if (k == 0) continue;
+        p["n"] = std::to_string(k);
+        std::ostringstream d;
+        d << depths[di];
+        p["depth"] = d.str();
+        auto v = data::make_task(opt.dataset, p, seed * 1000 + sub++, count);
+        out.insert(out.end(), v.begin(), v.end());
+      }
+    } else {
+      if (opt.dataset == "needle" && !p.count("depth")) p["depth"] = "-1";
+      p["n"] = std::to_string(per_size);
+      auto v = data::make_task(opt.dataset, p, seed * 1000 + sub++, count);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+  }
+  return out;
+}
+
+void print_tables(const std::vector<MethodEval>& results, const std::string& budget) {
+  std::printf("\nTask performance (test split, KV budget %s)\n", budget.c_str());
+  std::printf("  %-16s %8s %8s %8s %8s %8s\n", "method", "F1", "EM", "ROUGE-L", "BLEU", "n");
+  for (const auto& r : results)
+    std::printf("  %-16s %8.4f %8.4f %8.4f %8.4f %8zu\n", r.method.c_str(), r.f1, r.em, r.rouge_l, r.bleu,
+                r.examples.size());
+  std::printf("\nEfficiency (means over examples; memory = activations + KV)\n");
+  std::printf("  %-16s %12s %12s %12s %12s %10s %10s %10s\n", "method", "peak_MB", "avg_MB", "KV_resident", "KV_read/step",
+              "tok/s", "TTFT_ms", "tok_eff");
+  for (const auto& r : results) {
+    double kv_res = 0, kv_read = 0;
+    for (const auto& e : r.examples) {
+      kv_res += static_cast<double>(e.kv.resident_after_prefill);
+      kv_read += static_cast<double>(e.kv.read_per_step);
+    }
+    const double n = std::max<double>(1.0, static_cast<double>(r.examples.size()));
+    std::printf("  %-16s %12.3f %12.3f %12.0f %12.0f %10.0f %10.2f %10.3f\n", r.method.c_str(), r.peak_mem_bytes / 1e6,
+                r.avg_mem_bytes / 1e6, kv_res / n, kv_read / n, r.throughput_tok_s, r.latency_s * 1e3,
+                r.token_efficiency);
+  }
+  std::printf("\n");
+}
+
+}  // namespace
+
+int run_experiment(const Options& opt, int rank, int world) {
+  DSRSQ_INPUT_CHECK(opt.dp * opt.sp == world, "options --dp ", opt.dp, " x --sp ", opt.sp, " = ", opt.dp * opt.sp,
+                    " does not equal the number of MPI ranks (", world, ")");
+  DSRSQ_INPUT_CHECK(world == 1, "data- and sequence-parallel runs land with the distribution issue; run with one rank");
+  if (opt.threads > 0) omp_set_num_threads(opt.threads);
+
+  auto tok = make_tokenizer(opt.tokenizer, opt.tokenizer_model);
+  ModelConfig mc;
+  mc.vocab = static_cast<std::int64_t>(tok->vocab_size());
+  mc.d_model = opt.d_model;
+  mc.n_heads = opt.n_heads;
+  mc.n_layers = opt.n_layers;
+  mc.d_ff = opt.d_ff;
+  mc.max_pos = opt.max_pos ? opt.max_pos : opt.max_seq_len;
+  mc.validate();
+  const KVBudget budget = parse_kv_budget(opt.kv_budget);
+
+  if (opt.dry_run) {
+    std::printf("# resolved configuration (hash %s)\n%s", opt.identity_hash().c_str(), opt.resolved_text().c_str());
+    const double P = static_cast<double>(mc.num_parameters()) * 4;
+    const double N = static_cast<double>(opt.batch_size * opt.max_seq_len);
+    const double act = N * 4.0 * static_cast<double>(mc.n_layers) * (10.0 * static_cast<double>(mc.d_model) + 2.0 * static_cast<double>(mc.d_ff)) +
+                       N * 4.0 * 2.0 * static_cast<double>(mc.vocab);
+    std::printf("# memory estimate per rank (bytes)\n");
+    std::printf("parameters        %14.0f\ngradients         %14.0f\noptimizer_state   %14.0f\nactivations       %14.0f\n", P, P,
+                2 * P, act);
+    for (const auto& m : opt.methods) {
+      const double full = static_cast<double>(KVBudget::full_bytes(mc, opt.max_seq_len));
+      const double b = m == "full" ? full : static_cast<double>(budget.resolve(mc, opt.max_seq_len));
+      std::printf("kv_cache[%s] %*s%14.0f   (at max_seq_len %lld)\n", m.c_str(), static_cast<int>(std::max<std::size_t>(1, 6 - std::min<std::size_t>(6, m.size()))), "", b,
+                  static_cast<long long>(opt.max_seq_len));
+    }
+    return 0;
+  }
+
+  ResultsSink sink(opt, mc, *tok, rank);
+  if (sink.skip()) return 0;
+
+  Timer total;
+  // ---- data ----
+  std::printf("dsrsq: dataset %s, tokenizer %s (vocab %lld), context sizes", opt.dataset.c_str(), tok->name().c_str(),
+              static_cast<long long>(mc.vocab));
+  for (auto c : opt.context_sizes) std::printf(" %lld", static_cast<long long>(c));
+  std::printf(", max_seq_len %lld\n", static_cast<long long>(opt.max_seq_len));
+  const auto test = make_split(opt, *tok, opt.num_test, opt.seed * 3 + 2, true);
+  std::vector<std::vector<Encoded>> pools;
+  std::vector<Encoded> val;
+  if (opt.command != "eval") {
+    const Options& o = opt;
+    for (std::size_t si = 0; si < o.context_sizes.size(); ++si) {
+      Options one = o;
+      one.context_sizes = {o.context_sizes[si]};
+      const auto ex = make_split(one, *tok, std::max<std::int64_t>(1, o.num_train / static_cast<std::int64_t>(o.context_sizes.size())),
+                                 o.seed * 3 + 0 + 7919 * si, false);
+      std::vector<Encoded> enc;
+      for (const auto& e : ex) enc.push_back(encode_example(e, *tok, o.max_seq_len));
+      pools.push_back(std::move(enc));
+    }
+    for (const auto& e : make_split(opt, *tok, opt.num_val, opt.seed * 3 + 1, false))
+      val.push_back(encode_example(e, *tok, opt.max_seq_len));
+  }
+  {
+    // Dataset identity: a hash over the test split (what every method is scored on).
+    std::string all;
+    for (const auto& e : test) {
+      all += e.id + '\x1f' + e.context + '\x1f' + e.query + '\x1f';
+      for (const auto& a : e.answers) all += a + '\x1e';
+    }
+    sink.open(fnv1a64_hex(all));
+  }
+  std::printf("dsrsq: %zu training pools, %zu validation, %zu test examples (%.1f s)\n", pools.size(), val.size(),
+              test.size(), total.seconds());
+
+  // ---- model ----
+  Transformer model(mc, cpu_backend());
+  model.init_weights(opt.seed);
+  AdamWConfig ac;
+  ac.lr = opt.learning_rate;
+  ac.weight_decay = opt.weight_decay;
+  ac.clip_norm = opt.clip_norm;
+  AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
+  std::int64_t start = sink.restore(model, adam);
+  if (!opt.init_from.empty() && start == 0) sink.init_from(opt.init_from, model);
+
+  if (opt.command != "eval") {
+    TrainConfig tc;
+    std::int64_t per_epoch = 0;
+    for (const auto& p : pools) per_epoch += static_cast<std::int64_t>(p.size());
+    per_epoch = (per_epoch + opt.batch_size - 1) / opt.batch_size;
+    tc.steps = opt.num_epochs > 0 ? opt.num_epochs * per_epoch : opt.steps;
+    tc.batch_size = opt.batch_size;
+    tc.warmup = opt.warmup;
+    tc.lr = opt.learning_rate;
+    tc.curriculum = opt.curriculum;
+    tc.val_every = opt.val_every;
+    tc.log_every = opt.log_every;
+    tc.seed = opt.seed;
+    tc.peak_gflops = measure_sgemm_peak();
+    std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm peak now %.0f GFLOP/s\n",
+                mc.str().c_str(), static_cast<long long>(mc.num_parameters()), static_cast<long long>(tc.steps),
+                static_cast<long long>(start), tc.peak_gflops);
+    Trainer trainer(model, adam, tc, pools, val, tok->pad_id());
+    TrainCallbacks cb;
+    cb.on_step = [&](const StepStats& s) { sink.train_step(s); };
+    cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
+    cb.checkpoint_every = opt.checkpoint_every;
+    cb.on_checkpoint = [&](std::int64_t step) { sink.checkpoint(step, model, adam); };
+    cb.should_stop = [&] { return sink.should_stop(); };
+    const std::int64_t done = trainer.run(start, cb);
+    if (done < tc.steps) {
+      std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
+                  static_cast<long long>(done), static_cast<long long>(tc.steps));
+      sink.interrupted(done);
+      return 3;
+    }
+  }
+
+  // ---- evaluation ----
+  if (opt.command != "train") {
+    EvalConfig ec;
+    ec.budget = budget;
+    ec.max_new_tokens = opt.max_new_tokens;
+    ec.max_seq_len = mc.max_pos;
+    std::vector<MethodEval> results;
+    for (const auto& m : opt.methods) {
+      sink.method_started(m);
+      try {
+        auto policy = make_kv_policy(m, mc, cpu_backend());
+        // The full cache is the reference: it runs at its own size, not the budget.
+        EvalConfig mcfg = ec;
+        if (m == "full") mcfg.budget = KVBudget{};
+        Timer t;
+        results.push_back(evaluate_method(model, *policy, *tok, test, mcfg));
+        std::printf("dsrsq: evaluated %-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n", m.c_str(), results.back().f1,
+                    results.back().em, results.back().examples.size(), t.seconds());
+        sink.method_done(results.back());
+      } catch (const std::exception& e) {
+        std::printf("dsrsq: method %s FAILED: %s\n", m.c_str(), e.what());
+        sink.method_failed(m, e.what());
+      }
+    }
+    print_tables(results, opt.kv_budget);
+  }
+  sink.finish();
+  std::printf("dsrsq: done in %.1f s; results in %s\n", total.seconds(), sink.path().c_str());
+  return 0;
+}
+
+}  // namespace dsrsq

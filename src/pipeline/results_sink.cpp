@@ -1,0 +1,350 @@
+#include "pipeline/results_sink.hpp"
+
+#include <cblas.h>
+#include <hdf5.h>
+#include <mpi.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "dsrsq/build_info.hpp"
+#include "io/checkpoint.hpp"
+#include "io/results.hpp"
+#include "io/run_dir.hpp"
+#include "pipeline/adaptation.hpp"
+
+extern char** environ;
+
+namespace fs = std::filesystem;
+
+namespace dsrsq {
+namespace {
+
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+results::Provenance provenance(const Options& opt, const ModelConfig& mc, const Tokenizer& tok,
+                               const std::string& dataset_hash) {
+  results::Provenance p;
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  char mpi[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0;
+  MPI_Get_library_version(mpi, &len);
+  std::string mpis(mpi, static_cast<std::size_t>(len));
+  if (auto nl = mpis.find('\n'); nl != std::string::npos) mpis.resize(nl);
+  unsigned maj = 0, min = 0, rel = 0;
+  H5get_libversion(&maj, &min, &rel);
+  p.strings = {{"git_sha", build::git_sha},
+               {"dsrsq_version", build::version},
+               {"build_type", build::build_type},
+               {"command_line", opt.command_line},
+               {"hostname", host},
+               {"start_time", utc_now()},
+               {"backend", "cpu"},
+               {"device", opt.device},
+               {"mpi_version", mpis},
+               {"hdf5_version", std::to_string(maj) + "." + std::to_string(min) + "." + std::to_string(rel)},
+               {"blas", std::string(build::blas) + ": " + openblas_get_config()},
+               {"cuda", build::cuda ? "built" : "not built"},
+               {"nccl", build::nccl ? "built" : "not built"},
+               {"compiler", build::cxx_compiler},
+               {"tokenizer", tok.name()},
+               {"tokenizer_hash", tok.hash()},
+               {"dataset", opt.dataset},
+               {"dataset_hash", dataset_hash},
+               {"metric_version", "squad-v1.1-f1-em; rouge-l-lcs-f1; nltk-corpus-bleu-4; v1"},
+               {"truncation_rule", kTruncationRule},
+               {"model_config", mc.str()},
+               {"config_hash", opt.identity_hash()}};
+  for (char** e = environ; *e; ++e) {
+    const std::string kv = *e;
+    for (const char* prefix : {"OMP_", "OPENBLAS_", "NCCL_", "SLURM_", "OMPI_COMM_WORLD_SIZE", "CUDA_VISIBLE"})
+      if (kv.rfind(prefix, 0) == 0) {
+        const auto eq = kv.find('=');
+        p.strings.emplace_back("env." + kv.substr(0, eq), kv.substr(eq + 1));
+      }
+  }
+  const char* job = std::getenv("SLURM_JOB_ID");
+  const char* task = std::getenv("SLURM_ARRAY_TASK_ID");
+  const char* restarts = std::getenv("SLURM_RESTART_COUNT");
+  p.strings.emplace_back("slurm_job_id", job ? job : "");
+  p.strings.emplace_back("slurm_array_task_id", task ? task : "");
+  p.integers = {{"seed", static_cast<std::int64_t>(opt.seed)},
+                {"slurm_restart_count", restarts ? std::atoll(restarts) : 0},
+                {"n_parameters", mc.num_parameters()}};
+  return p;
+}
+
+std::string meta_json(const std::map<std::string, std::string>& meta) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [k, v] : meta) j[k] = v;
+  return j.dump();
+}
+
+}  // namespace
+
+struct ResultsSink::Impl {
+  const Options& opt;
+  const ModelConfig& mc;
+  const Tokenizer& tok;
+  int rank;
+  io::RunDecision decision;
+  std::string run_path, h5_path;
+  std::unique_ptr<results::ResultsFile> file;
+  bool skip = false;
+  std::int64_t resume_step = 0;
+  std::optional<io::CheckpointState> pending;  // loaded by open(), applied by restore()
+  std::vector<results::TrainRecord> train_buf;
+
+  Impl(const Options& o, const ModelConfig& m, const Tokenizer& t, int r) : opt(o), mc(m), tok(t), rank(r) {}
+};
+
+ResultsSink::ResultsSink(const Options& opt, const ModelConfig& mc, const Tokenizer& tok, int rank)
+    : impl_(std::make_unique<Impl>(opt, mc, tok, rank)) {
+  Impl& I = *impl_;
+  I.decision = io::RunDirectory::prepare(opt.output_dir, opt.run_name, opt.identity_hash(), opt.resolved_text(),
+                                         opt.overwrite);
+  I.run_path = I.decision.path;
+  I.h5_path = (fs::path(I.run_path) / "run.h5").string();
+  std::printf("dsrsq: run directory %s: %s\n", I.run_path.c_str(), I.decision.message.c_str());
+  if (I.decision.action == io::RunAction::finished_skip) {
+    I.skip = true;
+    return;
+  }
+  if (I.decision.action == io::RunAction::overwrite_pending) {
+    const std::string old = io::RunDirectory::commit_overwrite(I.decision);
+    std::printf("dsrsq: the previous run was moved aside to %s\n", old.c_str());
+  }
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGUSR1, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+}
+
+ResultsSink::~ResultsSink() = default;
+
+bool ResultsSink::skip() const { return impl_->skip; }
+const std::string& ResultsSink::path() const { return impl_->h5_path; }
+
+void ResultsSink::open(const std::string& dataset_hash) {
+  Impl& I = *impl_;
+  const bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
+  if (resuming) {
+    if (auto ck = io::latest_checkpoint(I.run_path)) {
+      I.pending = io::load_checkpoint(*ck);
+      DSRSQ_INPUT_CHECK(I.pending->config_hash == impl_->opt.identity_hash(), "checkpoint '", *ck,
+                        "' belongs to another configuration (hash ", I.pending->config_hash, ")");
+      I.resume_step = I.pending->step;
+    }
+    I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step));
+    std::printf("dsrsq: resuming %s from step %lld\n", I.h5_path.c_str(), static_cast<long long>(I.resume_step));
+  } else {
+    results::RunLayout layout;
+    layout.methods = I.opt.methods;
+    if (I.opt.dataset == "fact_stream") layout.adaptation_methods = I.opt.methods;
+    layout.world_size = I.opt.dp * I.opt.sp;
+    layout.dp = I.opt.dp;
+    layout.sp = I.opt.sp;
+    results::ConfigRecord cfg;
+    cfg.resolved_text = I.opt.resolved_text();
+    std::istringstream in(cfg.resolved_text);
+    std::string line;
+    while (std::getline(in, line)) {
+      const auto eq = line.find(" = ");
+      if (eq != std::string::npos) cfg.options.emplace_back(line.substr(0, eq), line.substr(eq + 3));
+    }
+    if (fs::exists(I.h5_path)) fs::remove(I.h5_path);  // a fresh run directory: a stale file from a crash before any checkpoint
+    I.file = std::make_unique<results::ResultsFile>(
+        results::ResultsFile::create(I.h5_path, layout, provenance(I.opt, I.mc, I.tok, dataset_hash), cfg));
+  }
+  I.file->set_run_state("running");
+  I.file->set_status("train", I.opt.command == "eval" ? "done" : "running");
+}
+
+std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt) {
+  Impl& I = *impl_;
+  if (!I.pending) return 0;
+  const io::CheckpointState& ck = *I.pending;
+  DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(ck.params.size()) == model.flat_params().numel(),
+                    "checkpoint holds ", ck.params.size(), " parameters, the model has ", model.flat_params().numel());
+  std::memcpy(model.flat_params().data, ck.params.data(), ck.params.size() * sizeof(float));
+  if (!ck.adam_m.empty()) {
+    std::memcpy(opt.m().data, ck.adam_m.data(), ck.adam_m.size() * sizeof(float));
+    std::memcpy(opt.v().data, ck.adam_v.data(), ck.adam_v.size() * sizeof(float));
+  }
+  opt.set_steps(ck.adam_steps);
+  I.pending.reset();
+  return I.resume_step;
+}
+
+void ResultsSink::init_from(const std::string& checkpoint, Transformer& model) {
+  const io::CheckpointState ck = io::load_checkpoint(checkpoint);
+  DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(ck.params.size()) == model.flat_params().numel(), "option --init_from: '",
+                    checkpoint, "' holds ", ck.params.size(), " parameters, this model has ", model.flat_params().numel());
+  std::memcpy(model.flat_params().data, ck.params.data(), ck.params.size() * sizeof(float));
+  std::printf("dsrsq: initialised from %s (step %lld)\n", checkpoint.c_str(), static_cast<long long>(ck.step));
+}
+
+void ResultsSink::train_step(const StepStats& s) {
+  Impl& I = *impl_;
+  results::TrainRecord r;
+  r.step = s.step + 1;
+  r.epoch = s.epoch;
+  r.loss_total = s.loss;
+  r.loss_task = s.loss;
+  r.lr = s.lr;
+  r.grad_norm = s.grad_norm;
+  r.tokens_per_s = s.tokens_per_s;
+  r.step_time_s = s.step_time_s;
+  I.train_buf.push_back(r);
+  // Batch the appends: one flush per 10 steps keeps the overhead negligible.
+  if (I.train_buf.size() >= 10) {
+    I.file->append_train(I.train_buf);
+    I.train_buf.clear();
+  }
+}
+
+void ResultsSink::val(std::int64_t step, double loss) {
+  Impl& I = *impl_;
+  if (!I.train_buf.empty()) {
+    I.file->append_train(I.train_buf);
+    I.train_buf.clear();
+  }
+  I.file->append_val(results::ValRecord{step, loss});
+}
+
+void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt) {
+  Impl& I = *impl_;
+  if (!I.train_buf.empty()) {
+    I.file->append_train(I.train_buf);
+    I.train_buf.clear();
+  }
+  io::CheckpointState ck;
+  ck.config_hash = I.opt.identity_hash();
+  ck.model_config = {{"model", mc_string(model.config())}};
+  ck.step = step;
+  ck.data_cursor = {step};
+  const float* p = model.flat_params().ptr<float>();
+  ck.params.assign(p, p + model.flat_params().numel());
+  ck.adam_m.assign(opt.m().ptr<float>(), opt.m().ptr<float>() + opt.m().numel());
+  ck.adam_v.assign(opt.v().ptr<float>(), opt.v().ptr<float>() + opt.v().numel());
+  ck.adam_steps = opt.steps();
+  const std::string path = io::checkpoint_path(I.run_path, step);
+  io::save_checkpoint(path, ck);
+  io::prune_checkpoints(I.run_path, static_cast<int>(std::max<std::int64_t>(1, I.opt.keep_checkpoints)), 0);
+  I.file->flush();
+}
+
+std::string ResultsSink::mc_string(const ModelConfig& mc) { return mc.str(); }
+
+bool ResultsSink::should_stop() { return g_stop_signal != 0; }
+
+void ResultsSink::interrupted(std::int64_t step) {
+  Impl& I = *impl_;
+  I.file->set_status("train", "interrupted", "signal " + std::to_string(static_cast<int>(g_stop_signal)) +
+                                                 " at step " + std::to_string(step) + "; rerun to resume");
+  I.file->set_run_state("interrupted", utc_now());
+}
+
+void ResultsSink::method_started(const std::string& method) {
+  Impl& I = *impl_;
+  if (I.opt.command != "eval") I.file->set_status("train", "done");
+  I.file->set_status("eval/" + method, "running");
+}
+
+void ResultsSink::method_done(const MethodEval& r) {
+  Impl& I = *impl_;
+  std::vector<results::ExampleRecord> rows;
+  rows.reserve(r.examples.size());
+  for (const auto& e : r.examples) {
+    results::ExampleRecord x;
+    x.id = e.id;
+    x.task = e.task;
+    x.prediction = e.prediction;
+    x.golds = e.golds;
+    x.f1 = e.f1;
+    x.em = e.em;
+    x.rouge_l = e.rouge_l;
+    x.bleu = e.bleu;
+    x.context_tokens = e.context_tokens;
+    x.attended_tokens = static_cast<std::int64_t>(std::llround(e.attended_tokens));
+    x.ttft_s = e.ttft_s;
+    x.itl_s = e.itl_s;
+    x.kv_budget_requested_bytes = static_cast<std::int64_t>(e.budget_requested);
+    x.kv_budget_achieved_bytes = static_cast<std::int64_t>(e.budget_achieved);
+    x.kv_resident_bytes = static_cast<std::int64_t>(e.kv.resident_after_prefill);
+    x.kv_peak_prefill_bytes = static_cast<std::int64_t>(e.kv.peak_prefill);
+    x.kv_read_per_step_bytes = static_cast<std::int64_t>(e.kv.read_per_step);
+    x.kv_total_bytes = static_cast<std::int64_t>(e.kv.total);
+    x.meta = meta_json(e.meta);
+    rows.push_back(std::move(x));
+  }
+  const std::string g = "eval/" + r.method;
+  I.file->append_examples(g, rows);
+  results::EvalSummary s;
+  s.f1_mean = r.f1;
+  s.em_mean = r.em;
+  s.rouge_l_mean = r.rouge_l;
+  double bleu_mean = 0;
+  for (const auto& e : r.examples) bleu_mean += e.bleu;
+  s.bleu_mean = r.examples.empty() ? 0.0 : bleu_mean / static_cast<double>(r.examples.size());
+  s.corpus_bleu = r.bleu;
+  s.n_examples = static_cast<std::int64_t>(r.examples.size());
+  I.file->set_summary(g, s);
+  results::EfficiencyRecord eff;
+  eff.peak_mem_bytes = static_cast<std::int64_t>(r.peak_mem_bytes);
+  eff.avg_mem_bytes = static_cast<std::int64_t>(r.avg_mem_bytes);
+  eff.peak_rss_bytes = static_cast<std::int64_t>(r.peak_rss_bytes);
+  eff.throughput_tok_s = r.throughput_tok_s;
+  eff.latency_s = r.latency_s;
+  eff.itl_s = r.itl_s;
+  eff.token_efficiency = r.token_efficiency;
+  eff.flops = r.flops;
+  I.file->set_efficiency("efficiency/" + r.method, eff);
+  if (I.opt.dataset == "fact_stream") {
+    const AdaptationMetrics a = adaptation_metrics(r, 8);
+    results::AdaptationRecord ar;
+    ar.age_bin_edges = a.age_bin_edges;
+    ar.retention_by_age = a.retention_by_age;
+    ar.queries_per_bin = a.queries_per_bin;
+    ar.retention_auc = a.retention_auc;
+    ar.temporal_consistency = a.temporal_consistency;
+    ar.adaptation_speed = a.adaptation_speed;
+    ar.n_queries = a.n_queries;
+    I.file->set_adaptation(r.method, ar);
+    I.file->set_status("adaptation/" + r.method, "done");
+  }
+  I.file->set_status(g, "done");
+}
+
+void ResultsSink::method_failed(const std::string& method, const std::string& message) {
+  Impl& I = *impl_;
+  I.file->set_status("eval/" + method, "failed", message);
+  if (I.opt.dataset == "fact_stream") I.file->set_status("adaptation/" + method, "failed", message);
+}
+
+void ResultsSink::finish() {
+  Impl& I = *impl_;
+  if (!I.train_buf.empty()) {
+    I.file->append_train(I.train_buf);
+    I.train_buf.clear();
+  }
+  I.file->set_run_state("done", utc_now());
+  I.file->close();
+  io::RunDirectory::mark_finished(I.run_path);
+}
+
+}  // namespace dsrsq

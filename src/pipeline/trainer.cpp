@@ -1,0 +1,117 @@
+#include "pipeline/trainer.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include "core/rng.hpp"
+#include "core/timer.hpp"
+
+namespace dsrsq {
+
+Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
+                 const std::vector<Encoded>& val, std::int32_t pad_id)
+    : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id) {
+  DSRSQ_INPUT_CHECK(!pools_.empty(), "trainer: no training data");
+  for (const auto& p : pools_) DSRSQ_INPUT_CHECK(!p.empty(), "trainer: an empty training pool");
+}
+
+std::int64_t Trainer::steps_per_epoch() const {
+  std::int64_t n = 0;
+  for (const auto& p : pools_) n += static_cast<std::int64_t>(p.size());
+  return (n + cfg_.batch_size - 1) / cfg_.batch_size;
+}
+
+std::vector<const Encoded*> Trainer::batch_for_step(std::int64_t s) const {
+  Rng rng(cfg_.seed, 0x7A11 + static_cast<std::uint64_t>(s));
+  const std::int64_t np = static_cast<std::int64_t>(pools_.size());
+  std::int64_t unlocked = np - 1;
+  const double phase = cfg_.curriculum * static_cast<double>(cfg_.steps);
+  if (phase > 0) unlocked = std::min<std::int64_t>(np - 1, static_cast<std::int64_t>(static_cast<double>(s) / phase * static_cast<double>(np)));
+  const auto& pool = pools_[static_cast<std::size_t>(rng.below(static_cast<std::uint64_t>(unlocked + 1)))];
+  std::vector<const Encoded*> out;
+  out.reserve(static_cast<std::size_t>(cfg_.batch_size));
+  for (std::int64_t i = 0; i < cfg_.batch_size; ++i)
+    out.push_back(&pool[static_cast<std::size_t>(rng.below(pool.size()))]);
+  return out;
+}
+
+double Trainer::validation_loss() {
+  if (val_.empty()) return std::nan("");
+  double total = 0, count = 0;
+  for (std::size_t i = 0; i < val_.size(); i += static_cast<std::size_t>(cfg_.batch_size)) {
+    std::vector<const Encoded*> seqs;
+    for (std::size_t j = i; j < std::min(val_.size(), i + static_cast<std::size_t>(cfg_.batch_size)); ++j)
+      seqs.push_back(&val_[j]);
+    HostBatch hb = make_batch(seqs, pad_);
+    // inv_norm 1: the sum of answer-token losses; averaged over all of them below.
+    total += model_.forward(hb.view(), 1.0);
+    count += static_cast<double>(hb.answer_tokens);
+  }
+  return count > 0 ? total / count : std::nan("");
+}
+
+std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
+  Timer wall;
+  double ema_dt = 0;
+  std::int64_t s = start_step;
+  for (; s < cfg_.steps; ++s) {
+    if (cb.should_stop && cb.should_stop()) break;
+    Timer t;
+    const auto seqs = batch_for_step(s);
+    HostBatch hb = make_batch(seqs, pad_);
+    const double lr = lr_schedule(s, cfg_.steps, cfg_.warmup, cfg_.lr);
+    model_.zero_grad();
+    const double loss = model_.forward(hb.view());
+    model_.backward();
+    const double norm = opt_.step(lr);
+    const double dt = t.seconds();
+    ema_dt = ema_dt == 0 ? dt : 0.9 * ema_dt + 0.1 * dt;
+    StepStats st;
+    st.step = s;
+    st.epoch = s / std::max<std::int64_t>(1, steps_per_epoch());
+    st.loss = loss;
+    st.lr = lr;
+    st.grad_norm = norm;
+    st.step_time_s = dt;
+    st.tokens = hb.B * hb.T;
+    st.answer_tokens = hb.answer_tokens;
+    st.tokens_per_s = static_cast<double>(st.tokens) / dt;
+    st.gflops = model_.train_flops(hb.B, hb.T) / dt / 1e9;
+    if (cb.on_step) cb.on_step(st);
+    if ((s + 1) % cfg_.log_every == 0 || s + 1 == cfg_.steps) {
+      const double eta = ema_dt * static_cast<double>(cfg_.steps - s - 1);
+      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | norm %.3f | %6.1f ms | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
+                  static_cast<long long>(s + 1), static_cast<long long>(cfg_.steps), loss, lr, norm, dt * 1e3,
+                  st.tokens_per_s, st.gflops, cfg_.peak_gflops > 0 ? 100.0 * st.gflops / cfg_.peak_gflops : 0.0,
+                  cfg_.peak_gflops, eta);
+      std::fflush(stdout);
+    }
+    if (cfg_.val_every > 0 && ((s + 1) % cfg_.val_every == 0 || s + 1 == cfg_.steps) && !val_.empty()) {
+      const double vl = validation_loss();
+      std::printf("step %5lld/%lld | validation loss %.4f\n", static_cast<long long>(s + 1),
+                  static_cast<long long>(cfg_.steps), vl);
+      if (cb.on_val) cb.on_val(s + 1, vl);
+    }
+    if (cb.on_checkpoint && cb.checkpoint_every > 0 && (s + 1) % cb.checkpoint_every == 0 && s + 1 < cfg_.steps)
+      cb.on_checkpoint(s + 1);
+  }
+  if (cb.on_checkpoint) cb.on_checkpoint(s);
+  return s;
+}
+
+double measure_sgemm_peak() {
+  const int n = 1024;
+  std::vector<float> a(static_cast<std::size_t>(n) * n, 0.5f), b(a.size(), 0.25f), c(a.size());
+  double best = 0;
+  for (int r = 0; r < 3; ++r) {
+    Timer t;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    best = std::max(best, 2.0 * n * static_cast<double>(n) * n / t.seconds() / 1e9);
+  }
+  return best;
+}
+
+}  // namespace dsrsq

@@ -1,0 +1,72 @@
+#pragma once
+// Trainer: AdamW with warm-up + cosine decay, clipping, answer-only loss,
+// validation loss, a short-to-long context curriculum, progress lines.
+//
+// Determinism: the batch of step s is a pure function of (seed, s): pool p is
+// drawn among the pools unlocked at s (pool i unlocks at s = i/npools *
+// curriculum * steps), then batch_size examples are drawn from it, all with
+// Rng(seed, s). So a run resumed at step s sees exactly the batches the
+// uninterrupted run saw; with fixed threads the arithmetic is bitwise equal.
+// An epoch is as many sequences as the training set holds (--num_epochs sets
+// steps = epochs * ceil(train / batch)).
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "model/transformer.hpp"
+#include "pipeline/encode.hpp"
+#include "train/optimizer.hpp"
+
+namespace dsrsq {
+
+struct TrainConfig {
+  std::int64_t steps = 100, batch_size = 8, warmup = 10;
+  double lr = 1e-3, curriculum = 0.5;
+  std::int64_t val_every = 50, log_every = 10;
+  std::uint64_t seed = 0;
+  double peak_gflops = 0;  // sgemm peak measured at start (progress line)
+};
+
+struct StepStats {
+  std::int64_t step = 0, epoch = 0;
+  double loss = 0, lr = 0, grad_norm = 0, step_time_s = 0, tokens_per_s = 0, gflops = 0;
+  std::int64_t tokens = 0, answer_tokens = 0;
+};
+
+struct TrainCallbacks {
+  std::function<void(const StepStats&)> on_step;
+  std::function<void(std::int64_t step, double val_loss)> on_val;
+  // Called after step `step` completed when a checkpoint is due (and at the end).
+  std::function<void(std::int64_t step)> on_checkpoint;
+  std::int64_t checkpoint_every = 0;
+  // Polled at every step boundary; true stops training after a checkpoint.
+  std::function<bool()> should_stop;
+};
+
+class Trainer {
+ public:
+  // pools: training sequences grouped by context length, shortest first.
+  Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
+          const std::vector<Encoded>& val, std::int32_t pad_id);
+
+  // Runs steps [start_step, cfg.steps). Returns the last completed step + 1.
+  std::int64_t run(std::int64_t start_step, const TrainCallbacks& cb);
+  double validation_loss();
+  // The sequences of step s (exposed for tests).
+  std::vector<const Encoded*> batch_for_step(std::int64_t s) const;
+  std::int64_t steps_per_epoch() const;
+
+ private:
+  Transformer& model_;
+  AdamW& opt_;
+  TrainConfig cfg_;
+  const std::vector<std::vector<Encoded>>& pools_;
+  const std::vector<Encoded>& val_;
+  std::int32_t pad_;
+};
+
+// sgemm GFLOP/s of this machine now (square 1024 products, best of 3), for
+// the progress line's "of peak" figure.
+double measure_sgemm_peak();
+
+}  // namespace dsrsq
