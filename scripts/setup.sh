@@ -52,6 +52,25 @@ dsrsq_env() {
   export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
 }
 
+# A SentencePiece model trained from the committed public-domain text (SOTU
+# addresses, the Constitution, the Declaration): --tokenizer sentencepiece
+# --tokenizer_model "$BUILD_DIR/tokenizer/spm.model".
+dsrsq_tokenizer() {
+  local model="$BUILD_DIR/tokenizer/spm.model"
+  [ -f "$model" ] && return 0
+  echo "== training the SentencePiece tokenizer ($model)"
+  mkdir -p "$BUILD_DIR/tokenizer"
+  /usr/bin/python3 - "$DSRSQ_ROOT/datasets" "$BUILD_DIR/tokenizer/corpus.txt" <<'PY'
+import json, pathlib, sys
+root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+parts = [json.loads(p.read_text())["text"] for p in sorted((root / "sotu").glob("*.json"))]
+parts += [p.read_text() for p in sorted((root / "text").glob("*.txt"))]
+out.write_text("\n".join(parts))
+PY
+  "$DSRSQ_ROOT/scripts/train_tokenizer.sh" "$BUILD_DIR/tokenizer/corpus.txt" "$BUILD_DIR/tokenizer/spm" 2000 "$(nproc)" >/dev/null
+}
+
 dsrsq_install_packages "${DSRSQ_PACKAGES[@]}"
 dsrsq_env
 dsrsq_build
+dsrsq_tokenizer

@@ -68,10 +68,12 @@ po::options_description describe(Options& o) {
     ("weight_decay", po::value(&o.weight_decay)->default_value(o.weight_decay), "AdamW decoupled weight decay (matrices and embeddings)")
     ("clip_norm", po::value(&o.clip_norm)->default_value(o.clip_norm), "global gradient-norm clip (0: off)")
     ("curriculum", po::value(&o.curriculum)->default_value(o.curriculum), "fraction of steps over which longer contexts are phased in")
+    ("lm_weight", po::value(&o.lm_weight)->default_value(o.lm_weight), "weight of the language-modelling loss on context and query tokens (answer tokens weigh 1; 0: answer-only)")
     ("checkpoint_every", po::value(&o.checkpoint_every)->default_value(o.checkpoint_every), "checkpoint every N steps (and at the end)")
     ("keep_checkpoints", po::value(&o.keep_checkpoints)->default_value(o.keep_checkpoints), "rolling checkpoints kept")
     ("val_every", po::value(&o.val_every)->default_value(o.val_every), "validation loss every N steps")
-    ("log_every", po::value(&o.log_every)->default_value(o.log_every), "progress line every N steps");
+    ("log_every", po::value(&o.log_every)->default_value(o.log_every), "progress line every N steps")
+    ("stop_after", po::value(&o.stop_after)->default_value(o.stop_after), "checkpoint and stop (exit code 3) after this many steps; the same command resumes (0: off)");
   po::options_description eval("Evaluation");
   eval.add_options()
     ("methods", po::value(&o.methods)->multitoken(), "KV-cache methods to evaluate: full sliding_window")
@@ -191,6 +193,7 @@ void validate(const Options& o) {
   DSRSQ_INPUT_CHECK(o.num_epochs >= 0, "option --num_epochs: must be >= 0");
   DSRSQ_INPUT_CHECK(o.learning_rate > 0, "option --learning_rate: must be > 0, got ", o.learning_rate);
   DSRSQ_INPUT_CHECK(o.curriculum >= 0 && o.curriculum <= 1, "option --curriculum: must lie in [0, 1]");
+  DSRSQ_INPUT_CHECK(o.lm_weight >= 0 && o.lm_weight <= 1, "option --lm_weight: must lie in [0, 1]");
   DSRSQ_INPUT_CHECK(o.max_pos == 0 || o.max_pos >= o.max_seq_len, "option --max_pos: ", o.max_pos,
                     " is smaller than max_seq_len=", o.max_seq_len);
   DSRSQ_INPUT_CHECK(o.dp >= 1 && o.sp >= 1, "options --dp and --sp must be >= 1");
@@ -317,9 +320,11 @@ std::string Options::resolved_text() const {
   kv["clip_norm"] = num(clip_norm);
   kv["curriculum"] = num(curriculum);
   kv["checkpoint_every"] = std::to_string(checkpoint_every);
+  kv["lm_weight"] = num(lm_weight);
   kv["keep_checkpoints"] = std::to_string(keep_checkpoints);
   kv["val_every"] = std::to_string(val_every);
   kv["log_every"] = std::to_string(log_every);
+  kv["stop_after"] = std::to_string(stop_after);
   kv["methods"] = join(methods);
   kv["kv_budget"] = kv_budget;
   kv["max_new_tokens"] = std::to_string(max_new_tokens);
@@ -337,7 +342,7 @@ std::string Options::identity_hash() const {
   std::istringstream in(resolved_text());
   std::string line, kept;
   static const std::set<std::string> excluded{"log_every", "comm_timeout", "keep_checkpoints", "checkpoint_every",
-                                              "command"};
+                                              "command", "stop_after", "val_every"};
   while (std::getline(in, line)) {
     const std::string key = line.substr(0, line.find(' '));
     if (!excluded.count(key)) kept += line + "\n";

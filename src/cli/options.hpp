@@ -47,11 +47,13 @@ struct Options {
   std::int64_t warmup = 50;
   double weight_decay = 0.01;
   double clip_norm = 1.0;
-  double curriculum = 0.5;  // fraction of steps over which longer contexts are phased in
+  double curriculum = 0.5;
+  double lm_weight = 0.1;   // weight of the LM loss on context and query tokens  // fraction of steps over which longer contexts are phased in
   std::int64_t checkpoint_every = 200;
   std::int64_t keep_checkpoints = 2;
   std::int64_t val_every = 100;
   std::int64_t log_every = 25;
+  std::int64_t stop_after = 0;  // > 0: checkpoint and stop (exit 3) once this many steps are done; rerun resumes
 
   // Evaluation
   std::vector<std::string> methods{"full", "sliding_window"};

@@ -391,6 +391,7 @@ std::vector<Example> needle_task(Params& P, std::uint64_t seed, const TokenCount
   const auto needles = P.integer("needles", 1, 1, 1000);
   const auto values = P.integer("values", 1, 1, 100);
   const auto distractors = P.integer("distractors", 0, 0, 1000);
+  const auto ndigits = static_cast<int>(P.integer("digits", 7, 1, 18));
   const std::string source = P.str("source", "synthetic");
   DSRSQ_INPUT_CHECK(source == "synthetic" || source == "quiz", "task needle: source must be synthetic or quiz, not '",
                     source, "'");
@@ -427,8 +428,8 @@ std::vector<Example> needle_task(Params& P, std::uint64_t seed, const TokenCount
       std::set<std::string> vals_used;
       auto fresh_val = [&] {
         for (;;) {
-          std::string v = digits(rng, 7);
-          if (vals_used.insert(v).second) return v;
+          std::string v = digits(rng, ndigits);
+          if (vals_used.insert(v).second || ndigits < 3) return v;
         }
       };
       for (long long i = 0; i < needles; ++i)

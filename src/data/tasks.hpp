@@ -50,7 +50,7 @@ using TaskParams = std::map<std::string, std::string>;
 // tokens), datasets_dir (default: $DSRSQ_DATASETS or "datasets"), haystack
 // (file/dir, default <datasets_dir>/sotu plus text/).
 //  needle:     depth (0..1; -1 random; default 0.5), needles (1), values (1),
-//              distractors (0), source (synthetic|quiz)
+//              distractors (0), digits (7: length of the magic numbers), source (synthetic|quiz)
 //  kv_recall:  keys (16), gap (filler tokens between pairs, 0 = adjacent; used
 //              when length is 0)
 //  fact_stream: entities (6), events (24), queries (6 query points, 3 kinds each),

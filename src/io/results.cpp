@@ -641,9 +641,9 @@ void ResultsFile::set_adaptation(const std::string& method, const AdaptationReco
 
 void ResultsFile::set_status(const std::string& name, const std::string& state, const std::string& message) {
   DSRSQ_INPUT_CHECK(file_, "results: file is closed");
-  static const std::set<std::string> states = {"pending", "running", "done", "failed"};
-  DSRSQ_INPUT_CHECK(states.count(state), "results: status state must be pending|running|done|failed, got '", state,
-                    "'");
+  static const std::set<std::string> states = {"pending", "running", "done", "failed", "interrupted"};
+  DSRSQ_INPUT_CHECK(states.count(state), "results: status state must be pending|running|done|failed|interrupted, got '",
+                    state, "'");
   const auto slash = name.find('/');
   const std::string kind = name.substr(0, slash), item = slash == std::string::npos ? "" : name.substr(slash + 1);
   const bool known = name == "train" || (kind == "eval" && contains(layout_.methods, item)) ||
@@ -662,8 +662,8 @@ void ResultsFile::set_status(const std::string& name, const std::string& state, 
 
 void ResultsFile::set_run_state(const std::string& state, const std::string& end_time) {
   DSRSQ_INPUT_CHECK(file_, "results: file is closed");
-  DSRSQ_INPUT_CHECK(state == "running" || state == "done" || state == "failed",
-                    "results: run state must be running|done|failed, got '", state, "'");
+  DSRSQ_INPUT_CHECK(state == "running" || state == "done" || state == "failed" || state == "interrupted",
+                    "results: run state must be running|done|failed|interrupted, got '", state, "'");
   const auto g = file_->root().group("status");
   g.dataset("run_state").write_fixed_string(state);
   g.dataset("end_time").write_fixed_string(fit(end_time, kTimeChars));

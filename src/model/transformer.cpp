@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/rng.hpp"
+#include "kv/kv_policy.hpp"
 
 namespace dsrsq {
 
@@ -121,7 +122,7 @@ static TensorView copy_into(Arena& arena, const TensorView& src) {
 }
 
 void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, TensorView tokens, TensorView pos,
-                              KVCache* cache) {
+                              KVCache* cache, KVPolicy* policy) {
   const std::int64_t C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab, NH = cfg_.n_heads, HS = cfg_.head_size();
   const std::int64_t N = B * T;
   const DType f = DType::f32;
@@ -154,11 +155,14 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
     be_.linear_fwd(LinearArgs{A.ln1, p.wq, p.bq, A.q});
     be_.linear_fwd(LinearArgs{A.ln1, p.wk, p.bk, A.k});
     be_.linear_fwd(LinearArgs{A.ln1, p.wv, p.bv, A.v});
+    A.att = arena.allocate(Shape{N, C}, f);
+    const Shape qs{B, T, NH, HS};
+    if (policy) {
+      policy->attend(l, A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs), pos, A.att.reshaped(qs));
+    } else {
     be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     be_.rope_fwd(RopeArgs{A.k.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
-    A.att = arena.allocate(Shape{N, C}, f);
     A.lse = arena.allocate(Shape{B, NH, T}, f);
-    const Shape qs{B, T, NH, HS};
     if (cache) {
       const std::int64_t cap = cache->capacity;
       float* kc = cache->k[static_cast<std::size_t>(l)].ptr<float>();
@@ -174,6 +178,7 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
     } else {
       be_.attention_fwd(AttentionArgs{A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs), A.att.reshaped(qs), A.lse,
                                       pos, pos, true, 0.0});
+    }
     }
     A.x_mid = arena.allocate(Shape{N, C}, f);
     be_.linear_fwd(LinearArgs{A.att, p.wo, p.bo, A.x_mid});
@@ -303,6 +308,14 @@ void Transformer::extend(KVCache& cache, TensorView tokens, TensorView pos) {
   have_targets_ = false;
   B_ = 0;  // a decode call invalidates saved training activations
   run_forward(act_arena_, tokens.shape[0], tokens.shape[1], tokens, pos, &cache);
+}
+
+void Transformer::extend(KVPolicy& policy, TensorView tokens, TensorView pos) {
+  check_batch(tokens, pos);
+  act_arena_.reset();
+  have_targets_ = false;
+  B_ = 0;
+  run_forward(act_arena_, tokens.shape[0], tokens.shape[1], tokens, pos, nullptr, &policy);
 }
 
 double Transformer::train_flops(std::int64_t B, std::int64_t T) const {

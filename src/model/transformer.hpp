@@ -18,6 +18,8 @@
 
 namespace dsrsq {
 
+class KVPolicy;
+
 struct Param {
   std::string name;  // "h.0.attn.wq", "wte", ...
   TensorView value, grad;
@@ -71,6 +73,8 @@ class Transformer {
   void backward(double dloss = 1.0);
   // Logits of the last forward / decode call: (B*T, V).
   TensorView logits() const { return logits_; }
+  // Unweighted per-row losses (B*T) of the last training forward (0 where mask is 0).
+  TensorView row_losses() const { return losses_; }
 
   // Incremental decoding. new_cache allocates a cache in `arena`. extend()
   // runs the model on new tokens (B, Tn) at positions pos (B, Tn), appends
@@ -78,6 +82,9 @@ class Transformer {
   // then holds (B*Tn, V).
   KVCache new_cache(std::int64_t batch, std::int64_t capacity, Arena& arena) const;
   void extend(KVCache& cache, TensorView tokens, TensorView pos);
+  // The same through a KV-cache policy: the policy receives each layer's
+  // pre-RoPE q, k, v and computes the attention (src/kv/kv_policy.hpp).
+  void extend(KVPolicy& policy, TensorView tokens, TensorView pos);
 
   // Memory figures (bytes): arena high-water marks.
   std::size_t param_bytes() const { return param_arena_.peak_bytes(); }
@@ -99,7 +106,8 @@ class Transformer {
   void check_batch(const TensorView& tokens, const TensorView& pos) const;
   // Runs all layers on (B, T). With a cache, keys/values are appended to it and
   // attention reads the cache; otherwise attention is over the batch itself.
-  void run_forward(Arena& arena, std::int64_t B, std::int64_t T, TensorView tokens, TensorView pos, KVCache* cache);
+  void run_forward(Arena& arena, std::int64_t B, std::int64_t T, TensorView tokens, TensorView pos, KVCache* cache,
+                   KVPolicy* policy = nullptr);
 
   ModelConfig cfg_;
   Backend& be_;

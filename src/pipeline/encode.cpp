@@ -41,7 +41,7 @@ Batch HostBatch::view() {
                TensorView(mask.data(), s)};
 }
 
-HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id) {
+HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight) {
   HostBatch hb;
   hb.B = static_cast<std::int64_t>(seqs.size());
   for (const auto* s : seqs) hb.T = std::max<std::int64_t>(hb.T, static_cast<std::int64_t>(s->tokens.size()) - 1);
@@ -50,6 +50,7 @@ HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_i
   hb.pos.assign(n, 0);
   hb.targets.assign(n, pad_id);
   hb.mask.assign(n, 0.0f);
+  hb.is_answer.assign(n, 0);
   for (std::int64_t b = 0; b < hb.B; ++b) {
     const Encoded& e = *seqs[static_cast<std::size_t>(b)];
     const std::int64_t L = static_cast<std::int64_t>(e.tokens.size()) - 1;  // inputs: all but the last token
@@ -62,7 +63,10 @@ HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_i
         // Position t predicts token t+1: an answer token or EOS when t+1 >= prompt_len.
         if (t + 1 >= e.prompt_len) {
           hb.mask[i] = 1.0f;
+          hb.is_answer[i] = 1;
           ++hb.answer_tokens;
+        } else {
+          hb.mask[i] = lm_weight;
         }
       }
     }

@@ -35,11 +35,14 @@ struct HostBatch {
   std::int64_t B = 0, T = 0;
   std::vector<std::int32_t> tokens, pos, targets;
   std::vector<float> mask;
+  std::vector<std::uint8_t> is_answer;  // 1 where the target is an answer token or EOS
   std::int64_t answer_tokens = 0;  // rows with mask 1
   Batch view();
 };
 
-// Right-pads the sequences to the longest one; padding has mask 0.
-HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id);
+// Right-pads the sequences to the longest one; padding has mask 0. Answer and
+// EOS targets get weight 1; the other targets (context and query: a language-
+// modelling term that teaches the copying that retrieval needs) get lm_weight.
+HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight = 0.0f);
 
 }  // namespace dsrsq

@@ -89,8 +89,8 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
                   static_cast<double>(mc.n_layers);
 
     std::vector<std::int32_t> gen;
-    double itl_sum = 0;
-    std::int64_t p = enc.prompt_len;
+    double itl_sum = 0, full_keys_sum = 0;
+    std::int64_t p = enc.prompt_len, decode_steps = 0;
     while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
       gen.push_back(next);
       if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
@@ -101,6 +101,8 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
       next = argmax_last_row(model.logits());
       const double dt = ts.seconds();
       itl_sum += dt;
+      full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
+      ++decode_steps;
       peak_act = std::max(peak_act, act.peak_bytes());
       bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill) * dt;
       time_total += dt;
@@ -113,6 +115,7 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
     r.budget_requested = policy.budget_requested_bytes();
     r.budget_achieved = policy.budget_achieved_bytes();
     r.attended_tokens = policy.attended_tokens();
+    r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
     r.peak_bytes = peak_act + r.kv.peak_prefill;
     r.avg_bytes = time_total > 0 ? bytes_time / time_total : 0.0;
 
@@ -140,12 +143,18 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
   me.rouge_l = cs.rouge_l;
   me.bleu = cs.bleu;
   const double n = std::max<double>(1.0, static_cast<double>(me.examples.size()));
+  double eff_n = 0;
+  for (const auto& r : me.examples)
+    if (r.full_keys > 0) {
+      me.token_efficiency += r.attended_tokens / r.full_keys;
+      eff_n += 1;
+    }
+  me.token_efficiency = eff_n > 0 ? me.token_efficiency / eff_n : std::nan("");
   for (const auto& r : me.examples) {
     me.peak_mem_bytes = std::max(me.peak_mem_bytes, static_cast<double>(r.peak_bytes));
     me.avg_mem_bytes += r.avg_bytes / n;
     me.latency_s += r.ttft_s / n;
     me.itl_s += r.itl_s / n;
-    me.token_efficiency += (r.context_tokens > 0 ? r.attended_tokens / static_cast<double>(r.prompt_tokens) : 0.0) / n;
     me.flops += r.flops;
   }
   me.peak_rss_bytes = static_cast<double>(peak_rss_bytes());

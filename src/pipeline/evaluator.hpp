@@ -22,7 +22,8 @@ struct ExampleEval {
   std::vector<std::string> golds;
   double f1 = 0, em = 0, rouge_l = 0, bleu = 0;
   std::int64_t context_tokens = 0, prompt_tokens = 0, generated_tokens = 0, truncated_tokens = 0;
-  double attended_tokens = 0;  // keys one decode query attended to (mean)
+  double attended_tokens = 0;  // keys one decode query attended to (mean over decode steps)
+  double full_keys = 0;        // keys a full cache would hold at those steps (mean): token-efficiency denominator
   double ttft_s = 0, itl_s = 0;  // time to first token; mean inter-token latency
   std::size_t budget_requested = 0, budget_achieved = 0;
   KVMemory kv;

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include "core/rng.hpp"
@@ -14,6 +16,8 @@
 #include "data/readers.hpp"
 #include "data/tasks.hpp"
 #include "data/tokenizer.hpp"
+#include "io/checkpoint.hpp"
+#include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
 #include "pipeline/evaluator.hpp"
 #include "pipeline/results_sink.hpp"
@@ -138,8 +142,16 @@ int run_experiment(const Options& opt, int rank, int world) {
     return 0;
   }
 
-  ResultsSink sink(opt, mc, *tok, rank);
-  if (sink.skip()) return 0;
+  // Every input (data files, --init_from) is read and checked before the run
+  // directory is created or touched: a bad input leaves no trace. A finished
+  // run with this config is skipped without reading anything.
+  const std::string run_path = (fs::path(opt.output_dir) / opt.run_name).string();
+  const bool finished = io::RunDirectory::stored_hash(run_path) == opt.identity_hash() &&
+                        io::RunDirectory::is_finished(run_path);
+  if (finished) {
+    ResultsSink sink(opt, mc, *tok, rank);
+    if (sink.skip()) return 0;
+  }
 
   Timer total;
   // ---- data ----
@@ -164,6 +176,16 @@ int run_experiment(const Options& opt, int rank, int world) {
     for (const auto& e : make_split(opt, *tok, opt.num_val, opt.seed * 3 + 1, false))
       val.push_back(encode_example(e, *tok, opt.max_seq_len));
   }
+  std::optional<io::CheckpointState> init;
+  if (!opt.init_from.empty()) {
+    init = io::load_checkpoint(opt.init_from);
+    DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(init->params.size()) == mc.num_parameters(), "option --init_from: '",
+                      opt.init_from, "' holds ", init->params.size(), " parameters, this model has ",
+                      mc.num_parameters());
+  }
+
+  ResultsSink sink(opt, mc, *tok, rank);
+  if (sink.skip()) return 0;
   {
     // Dataset identity: a hash over the test split (what every method is scored on).
     std::string all;
@@ -185,7 +207,11 @@ int run_experiment(const Options& opt, int rank, int world) {
   ac.clip_norm = opt.clip_norm;
   AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
   std::int64_t start = sink.restore(model, adam);
-  if (!opt.init_from.empty() && start == 0) sink.init_from(opt.init_from, model);
+  if (init && start == 0) {
+    std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
+    std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
+  }
+  init.reset();
 
   if (opt.command != "eval") {
     TrainConfig tc;
@@ -197,6 +223,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     tc.warmup = opt.warmup;
     tc.lr = opt.learning_rate;
     tc.curriculum = opt.curriculum;
+    tc.lm_weight = opt.lm_weight;
     tc.val_every = opt.val_every;
     tc.log_every = opt.log_every;
     tc.seed = opt.seed;
@@ -206,11 +233,15 @@ int run_experiment(const Options& opt, int rank, int world) {
                 static_cast<long long>(start), tc.peak_gflops);
     Trainer trainer(model, adam, tc, pools, val, tok->pad_id());
     TrainCallbacks cb;
-    cb.on_step = [&](const StepStats& s) { sink.train_step(s); };
     cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
     cb.checkpoint_every = opt.checkpoint_every;
     cb.on_checkpoint = [&](std::int64_t step) { sink.checkpoint(step, model, adam); };
-    cb.should_stop = [&] { return sink.should_stop(); };
+    std::int64_t step_now = start;
+    cb.on_step = [&](const StepStats& s) {
+      step_now = s.step + 1;
+      sink.train_step(s);
+    };
+    cb.should_stop = [&] { return sink.should_stop() || (opt.stop_after > 0 && step_now >= opt.stop_after); };
     const std::int64_t done = trainer.run(start, cb);
     if (done < tc.steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",

@@ -204,7 +204,7 @@ void ResultsSink::train_step(const StepStats& s) {
   r.step = s.step + 1;
   r.epoch = s.epoch;
   r.loss_total = s.loss;
-  r.loss_task = s.loss;
+  r.loss_task = s.task_loss;
   r.lr = s.lr;
   r.grad_norm = s.grad_norm;
   r.tokens_per_s = s.tokens_per_s;
@@ -254,8 +254,9 @@ bool ResultsSink::should_stop() { return g_stop_signal != 0; }
 
 void ResultsSink::interrupted(std::int64_t step) {
   Impl& I = *impl_;
-  I.file->set_status("train", "interrupted", "signal " + std::to_string(static_cast<int>(g_stop_signal)) +
-                                                 " at step " + std::to_string(step) + "; rerun to resume");
+  const std::string why = g_stop_signal ? "signal " + std::to_string(static_cast<int>(g_stop_signal))
+                                         : "--stop_after " + std::to_string(I.opt.stop_after);
+  I.file->set_status("train", "interrupted", why + " at step " + std::to_string(step) + "; rerun to resume");
   I.file->set_run_state("interrupted", utc_now());
 }
 

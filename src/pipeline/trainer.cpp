@@ -61,7 +61,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     if (cb.should_stop && cb.should_stop()) break;
     Timer t;
     const auto seqs = batch_for_step(s);
-    HostBatch hb = make_batch(seqs, pad_);
+    HostBatch hb = make_batch(seqs, pad_, static_cast<float>(cfg_.lm_weight));
     const double lr = lr_schedule(s, cfg_.steps, cfg_.warmup, cfg_.lr);
     model_.zero_grad();
     const double loss = model_.forward(hb.view());
@@ -73,6 +73,13 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     st.step = s;
     st.epoch = s / std::max<std::int64_t>(1, steps_per_epoch());
     st.loss = loss;
+    {
+      const float* rl = model_.row_losses().ptr<float>();
+      double sum = 0;
+      for (std::size_t i = 0; i < hb.is_answer.size(); ++i)
+        if (hb.is_answer[i]) sum += rl[i];
+      st.task_loss = hb.answer_tokens ? sum / static_cast<double>(hb.answer_tokens) : 0.0;
+    }
     st.lr = lr;
     st.grad_norm = norm;
     st.step_time_s = dt;
@@ -83,8 +90,8 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     if (cb.on_step) cb.on_step(st);
     if ((s + 1) % cfg_.log_every == 0 || s + 1 == cfg_.steps) {
       const double eta = ema_dt * static_cast<double>(cfg_.steps - s - 1);
-      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | norm %.3f | %6.1f ms | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
-                  static_cast<long long>(s + 1), static_cast<long long>(cfg_.steps), loss, lr, norm, dt * 1e3,
+      std::printf("step %5lld/%lld | loss %.4f (answer %.4f) | lr %.2e | norm %.3f | %6.1f ms | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
+                  static_cast<long long>(s + 1), static_cast<long long>(cfg_.steps), loss, st.task_loss, lr, norm, dt * 1e3,
                   st.tokens_per_s, st.gflops, cfg_.peak_gflops > 0 ? 100.0 * st.gflops / cfg_.peak_gflops : 0.0,
                   cfg_.peak_gflops, eta);
       std::fflush(stdout);

@@ -22,14 +22,17 @@ namespace dsrsq {
 struct TrainConfig {
   std::int64_t steps = 100, batch_size = 8, warmup = 10;
   double lr = 1e-3, curriculum = 0.5;
+  double lm_weight = 0.0;  // weight of the context/query LM term (answer tokens weigh 1)
   std::int64_t val_every = 50, log_every = 10;
   std::uint64_t seed = 0;
   double peak_gflops = 0;  // sgemm peak measured at start (progress line)
 };
 
+// loss: the optimised objective (answer tokens weigh 1, context/query tokens
+// lm_weight); task_loss: mean loss over answer tokens only.
 struct StepStats {
   std::int64_t step = 0, epoch = 0;
-  double loss = 0, lr = 0, grad_norm = 0, step_time_s = 0, tokens_per_s = 0, gflops = 0;
+  double loss = 0, task_loss = 0, lr = 0, grad_norm = 0, step_time_s = 0, tokens_per_s = 0, gflops = 0;
   std::int64_t tokens = 0, answer_tokens = 0;
 };
 

@@ -1,0 +1,8 @@
+# Markers select one group of test_e2e.py per CTest entry (tests/e2e/CMakeLists.txt).
+GROUPS = ["bad_input", "tiny_run", "resume", "skip_overwrite", "determinism", "clean_state", "swmr", "sigterm",
+          "dry_run_version"]
+
+
+def pytest_configure(config):
+    for g in GROUPS:
+        config.addinivalue_line("markers", f"{g}: end-to-end test group {g}")

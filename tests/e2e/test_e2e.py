@@ -1,0 +1,570 @@
+"""End-to-end tests of the dsrsq program (run by CTest, see CMakeLists.txt here).
+
+Every test runs the real binary (DSRSQ_BIN) on configs/tiny.ini in fresh
+temporary output directories and reads run.h5 / checkpoints back with h5py,
+following the layout in results/README.md.
+"""
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+SRC = Path(os.environ.get("DSRSQ_SOURCE_DIR", Path(__file__).resolve().parents[2]))
+BIN = Path(os.environ.get("DSRSQ_BIN", SRC / "build-e2e" / "dsrsq"))
+TINY = SRC / "configs" / "tiny.ini"
+STEPS = 20          # configs/tiny.ini
+NUM_TEST = 6        # configs/tiny.ini
+METHODS = ["full", "sliding_window"]
+# A slower run for the live-read and signal tests: enough steps that /train
+# grows visibly (rows are flushed every 10 steps) while a reader watches.
+SLOW = ["--steps", "300", "--batch_size", "8", "--log_every", "50", "--val_every", "100", "--checkpoint_every", "100",
+        "--num_test", "2"]
+
+ENV = dict(os.environ)
+ENV.update({"DSRSQ_DATASETS": str(SRC / "datasets"), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE"})
+
+
+# ---------------------------------------------------------------- helpers
+
+def args(out, *extra, name="r", command=None):
+    a = [str(BIN)] + ([command] if command else []) + ["--config", str(TINY), "--output_dir", str(out),
+                                                       "--run_name", name]
+    return a + [str(x) for x in extra]
+
+
+def run(argv, cwd, timeout=180):
+    """Runs dsrsq from `cwd` (a temporary folder: nothing lands in the source tree)."""
+    return subprocess.run(argv, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    return r
+
+
+def sha256(p):
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def snapshot(d):
+    """Every path under d with its mtime and content hash; None when d is absent."""
+    d = Path(d)
+    if not d.exists():
+        return None
+    snap = {}
+    for p in sorted(d.rglob("*")):
+        st = p.lstat()
+        snap[str(p.relative_to(d))] = (st.st_mtime_ns, st.st_size, sha256(p) if p.is_file() else None)
+    return snap
+
+
+def rows(g, cols):
+    return min(g[c].shape[0] for c in cols)
+
+
+def strings(g, name, n):
+    end = g[name + "_end"][:n]
+    data = g[name + "_bytes"][: int(end[-1])] if n else np.zeros(0, np.uint8)
+    start = np.concatenate([[0], end[:-1]]).astype(np.int64)
+    return [bytes(data[s:e]).decode() for s, e in zip(start, end)]
+
+
+def fixed(ds):
+    return ds[()].rstrip(b"\0").decode()
+
+
+def h5open(p):
+    return h5py.File(p, "r", libver="latest", swmr=True)
+
+
+def eval_table(f, method):
+    """Per-example rows of /eval/<method> as a list of dicts."""
+    e = f["eval/" + method]
+    n = rows(e, ["f1", "em", "context_tokens", "id_end", "prediction_end", "gold_end", "meta_end"])
+    ids, preds, golds, meta = (strings(e, c, n) for c in ("id", "prediction", "gold", "meta"))
+    return [dict(id=ids[i], prediction=preds[i], golds=golds[i].split("\x1f") if golds[i] else [], meta=meta[i],
+                 context_tokens=int(e["context_tokens"][i]), f1=float(e["f1"][i]), em=float(e["em"][i]))
+            for i in range(n)]
+
+
+def train_table(f):
+    t = f["train"]
+    n = rows(t, ["step", "loss_total", "grad_norm", "lr"])
+    return {c: t[c][:n] for c in ("step", "loss_total", "loss_task", "grad_norm", "lr")}
+
+
+def status(f, what):
+    return fixed(f["status/" + what + "/state"])
+
+
+def example_key(x):
+    # Ids alone are not unique across configurations (needle-<seed>-<index>):
+    # the key includes what makes the example itself.
+    return (x["id"], x["context_tokens"], tuple(x["golds"]), x["meta"])
+
+
+def wait_for_rows(h5, proc, min_rows=1, timeout=60.0):
+    """Follows a live run.h5 with an SWMR reader until /train has >= min_rows rows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None
+        if h5.exists():
+            try:
+                with h5open(h5) as f:
+                    while time.monotonic() < deadline and proc.poll() is None:
+                        for c in ("step", "loss_total"):
+                            f["train/" + c].refresh()
+                        n = rows(f["train"], ["step", "loss_total"])
+                        if n >= min_rows:
+                            return n
+                        time.sleep(0.02)
+            except (OSError, KeyError):
+                pass  # not yet in SWMR mode / still being created
+        time.sleep(0.02)
+    return None
+
+
+def kill(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    """The tiny run, straight through: run A of the resume test, reference for the others."""
+    base = tmp_path_factory.mktemp("baseline")
+    out = base / "out"
+    r = ok(run(args(out), base))
+    return dict(out=out, dir=out / "r", h5=out / "r" / "run.h5", stdout=r.stdout, stderr=r.stderr,
+                argv=args(out))
+
+
+# ---------------------------------------------------------------- 1. bad input
+
+def expect_input_error(r, *words):
+    assert r.returncode != 0, f"expected failure, got exit 0\nstdout:\n{r.stdout[-2000:]}"
+    lines = [l for l in r.stderr.splitlines()]
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{r.stderr}"
+    for w in words:
+        assert str(w) in lines[0], f"'{w}' not in the error line: {lines[0]}"
+    return lines[0]
+
+
+def write(p, text):
+    p = Path(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+BAD_ARGS = {
+    "unknown_option": (["--no_such_option", "1"], ["no_such_option"]),
+    "wrong_type": (["--steps", "abc"], ["steps", "abc"]),
+    "unknown_model": (["--model", "no_such_model"], ["--model", "no_such_model"]),
+    "unknown_dataset": (["--dataset", "no_such_set"], ["--dataset", "no_such_set"]),
+    "unknown_method": (["--methods", "full", "no_such_method"], ["--methods", "no_such_method"]),
+    "nq_without_data_dir": (["--dataset", "nq"], ["--data_dir", "nq"]),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_option(tmp_path, case):
+    extra, words = BAD_ARGS[case]
+    out = tmp_path / "out"
+    expect_input_error(run(args(out, *extra), tmp_path), *words)
+    assert not out.exists()
+
+
+@pytest.mark.bad_input
+def test_missing_config_file(tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "no_such.ini"
+    r = run([str(BIN), "--config", str(missing), "--output_dir", str(out)], tmp_path)
+    expect_input_error(r, missing)
+    assert not out.exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("line,words", [
+    ("d_model 32", ["malformed"]),
+    ("no_such_key = 1", ["no_such_key"]),
+    ("[unclosed", ["section"]),
+])
+def test_bad_ini_line(tmp_path, line, words):
+    # The bad line is line 4; the message names file:line.
+    ini = write(tmp_path / "bad.ini", "# a comment\n[model]\nd_model = 32\n" + line + "\nsteps = 5\n")
+    out = tmp_path / "out"
+    r = run([str(BIN), "--config", str(TINY), "--config", str(ini), "--output_dir", str(out)], tmp_path)
+    expect_input_error(r, f"{ini}:4", *words)
+    assert not out.exists()
+
+
+@pytest.mark.bad_input
+def test_malformed_jsonl_line(tmp_path):
+    data = tmp_path / "nq"
+    shutil.copytree(SRC / "datasets" / "fixtures" / "nq", data)
+    f = data / "nq-simplified.jsonl"
+    lines = f.read_text().splitlines(keepends=True)
+    assert len(lines) >= 3
+    lines[2] = '{"document_text": "truncated record\n'
+    f.write_text("".join(lines))
+    out = tmp_path / "out"
+    r = run(args(out, "--dataset", "nq", "--data_dir", data), tmp_path)
+    expect_input_error(r, f"{f}:3")
+    assert snapshot(out) is None, f"output created: {snapshot(out)}"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "not_hdf5", "missing"])
+def test_bad_init_from(tmp_path, baseline, kind):
+    ck = tmp_path / f"{kind}.h5"
+    if kind == "truncated":
+        good = (baseline["dir"] / f"ckpt_{STEPS}.h5").read_bytes()
+        ck.write_bytes(good[: len(good) // 2])
+    elif kind == "foreign":
+        with h5py.File(ck, "w") as f:
+            f["buffers/params"] = np.zeros(10, np.float32)
+            f.attrs["format"] = "something-else"
+    elif kind == "not_hdf5":
+        ck.write_text("not a checkpoint\n")
+    out = tmp_path / "out"
+    for command in ("run", "eval"):
+        r = run(args(out, "--init_from", ck, command=command), tmp_path)
+        expect_input_error(r, ck)
+        assert snapshot(out) is None, f"{command}: output created: {snapshot(out)}"
+
+
+@pytest.mark.bad_input
+def test_init_from_other_model_shape(tmp_path, baseline):
+    out = tmp_path / "out"
+    ck = baseline["dir"] / f"ckpt_{STEPS}.h5"
+    r = run(args(out, "--init_from", ck, "--d_model", "48", command="eval"), tmp_path)
+    expect_input_error(r, ck, "parameters")
+    assert snapshot(out) is None, f"output created: {snapshot(out)}"
+
+
+@pytest.mark.bad_input
+def test_existing_dir_other_config(tmp_path, baseline):
+    out = tmp_path / "out"
+    shutil.copytree(baseline["dir"], out / "r")
+    before = snapshot(out)
+    r = run(args(out, "--seed", "7"), tmp_path)
+    expect_input_error(r, str(out / "r"), "--overwrite")
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- 2. the tiny run
+
+@pytest.mark.tiny_run
+def test_tiny_run(tmp_path, baseline):
+    d = baseline["dir"]
+    assert baseline["stderr"] == ""
+    assert (d / "finished").exists()
+    assert (d / f"ckpt_{STEPS}.h5").exists()
+    assert (d / "config.ini").read_text().count("\n") > 10
+    version = ok(run([str(BIN), "--version"], tmp_path)).stdout
+    with h5open(baseline["h5"]) as f:
+        a = f.attrs
+        assert a["format"] in (b"dsrsq-results", "dsrsq-results")
+        assert int(a["schema_version"]) == 1
+        for k in ("git_sha", "command_line", "dataset_hash", "tokenizer_hash", "hostname", "start_time",
+                  "hdf5_version", "config_hash"):
+            assert k in a and len(str(a[k])) > 0, k
+        sha = a["git_sha"] if isinstance(a["git_sha"], str) else a["git_sha"].decode()
+        assert f"git {sha}" in version
+        cmd = a["command_line"] if isinstance(a["command_line"], str) else a["command_line"].decode()
+        assert str(TINY) in cmd
+        chash = a["config_hash"] if isinstance(a["config_hash"], str) else a["config_hash"].decode()
+        assert (d / "config.hash").read_text().strip() == chash
+        for g in ("config", "status", "train", "val", "eval/full", "eval/sliding_window", "efficiency/full",
+                  "efficiency/sliding_window", "ranks"):
+            assert g in f, g
+        assert sorted(f["eval"].keys()) == sorted(METHODS)
+        cfg = {k: (v if isinstance(v, str) else v.decode()) for k, v in f["config"].attrs.items()}
+        assert cfg["steps"] == str(STEPS) and cfg["d_model"] == "32" and cfg["context_sizes"] == "64 96"
+        assert "steps = 20" in fixed(f["config/resolved"])
+        # status
+        assert fixed(f["status/run_state"]) == "done"
+        assert re.match(r"\d{4}-\d\d-\d\dT", fixed(f["status/end_time"]))
+        assert status(f, "train") == "done"
+        for m in METHODS:
+            assert status(f, "eval/" + m) == "done", m
+        # train / val
+        t = train_table(f)
+        assert len(t["step"]) == STEPS
+        assert list(t["step"]) == list(range(1, STEPS + 1))
+        assert np.all(np.isfinite(t["loss_total"])) and np.all(t["loss_total"] > 0)
+        assert np.all(np.isfinite(t["grad_norm"]))
+        v = f["val"]
+        nv = rows(v, ["step", "loss"])
+        assert list(v["step"][:nv]) == [10, 20] and np.all(np.isfinite(v["loss"][:nv]))
+        # eval
+        for m in METHODS:
+            ex = eval_table(f, m)
+            assert len(ex) == NUM_TEST, m
+            assert len({example_key(x) for x in ex}) == NUM_TEST
+            for x in ex:
+                assert 0.0 <= x["f1"] <= 1.0 and 0.0 <= x["em"] <= 1.0, x
+                assert x["golds"] and all(g for g in x["golds"]), x   # needle: one 7-digit answer
+                assert isinstance(x["prediction"], str)
+                assert x["context_tokens"] > 0
+            e = f["eval/" + m]
+            n = len(ex)
+            for c in ("rouge_l", "bleu"):
+                vals = e[c][:n]
+                assert np.all((vals >= 0) & (vals <= 1)), (m, c)
+            assert int(e["summary/n_examples"][()]) == NUM_TEST
+            assert abs(float(e["summary/f1_mean"][()]) - np.mean([x["f1"] for x in ex])) < 1e-9
+            eff = f["efficiency/" + m]
+            assert int(eff["peak_mem_bytes"][()]) > 0
+            assert float(eff["throughput_tok_s"][()]) > 0
+        assert any(x["prediction"] for m in METHODS for x in eval_table(f, m)), "every prediction is empty"
+
+
+# ---------------------------------------------------------------- 3. resume exactness
+
+def ckpt_arrays(p):
+    with h5py.File(p, "r") as f:
+        return ({k: f["buffers/" + k][()] for k in ("params", "adam_m", "adam_v")},
+                {k: int(f.attrs[k]) for k in ("step", "adam_steps", "n_params")})
+
+
+@pytest.mark.resume
+def test_stop_after_and_resume_bitwise(tmp_path, baseline):
+    out = tmp_path / "out"
+    d = out / "r"
+    r = run(args(out, "--stop_after", "10"), tmp_path)
+    assert r.returncode == 3, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr}"
+    assert (d / "ckpt_10.h5").exists()
+    assert not (d / f"ckpt_{STEPS}.h5").exists()
+    assert not (d / "finished").exists()
+    with h5open(d / "run.h5") as f:
+        assert fixed(f["status/run_state"]) == "interrupted"
+        assert status(f, "train") == "interrupted"
+        assert "--stop_after 10 at step 10" in fixed(f["status/train/message"])
+        assert list(train_table(f)["step"]) == list(range(1, 11))
+        for m in METHODS:
+            assert status(f, "eval/" + m) == "pending"
+    r = ok(run(args(out), tmp_path))
+    assert re.search(r"resuming .* from step 10\b", r.stdout), r.stdout[-2000:]
+    assert (d / "finished").exists()
+
+    a_buf, a_attr = ckpt_arrays(baseline["dir"] / f"ckpt_{STEPS}.h5")
+    b_buf, b_attr = ckpt_arrays(d / f"ckpt_{STEPS}.h5")
+    assert a_attr == b_attr
+    for k in ("params", "adam_m", "adam_v"):
+        assert a_buf[k].dtype == np.float32 and a_buf[k].size > 0, k
+        assert a_buf[k].tobytes() == b_buf[k].tobytes(), f"{k} differs after resume"
+
+    with h5open(baseline["h5"]) as fa, h5open(d / "run.h5") as fb:
+        ta, tb = train_table(fa), train_table(fb)
+        assert list(tb["step"]) == list(range(1, STEPS + 1)), "resume duplicated or dropped /train rows"
+        for c in ("loss_total", "loss_task", "grad_norm", "lr"):
+            assert ta[c][10:].tobytes() == tb[c][10:].tobytes(), f"/train {c} rows 11..20 differ"
+            assert ta[c][:10].tobytes() == tb[c][:10].tobytes(), f"/train {c} rows 1..10 differ"
+        assert fixed(fb["status/run_state"]) == "done" and status(fb, "train") == "done"
+        for m in METHODS:
+            assert [x["prediction"] for x in eval_table(fa, m)] == [x["prediction"] for x in eval_table(fb, m)]
+
+
+# ---------------------------------------------------------------- 4. skip and overwrite
+
+@pytest.mark.skip_overwrite
+def test_skip_finished_and_overwrite(tmp_path, baseline):
+    out = tmp_path / "out"
+    d = out / "r"
+    shutil.copytree(baseline["dir"], d)   # the run identity is the config, not the output folder
+    before = snapshot(out)
+    for extra in ([], ["--overwrite"]):   # --overwrite never discards a run with the same config
+        r = run(args(out, *extra), tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "skipping" in r.stdout and "already finished" in r.stdout, r.stdout
+        assert r.stderr == ""
+        assert snapshot(out) == before, f"a finished run was modified ({extra})"
+
+    old_hash = (d / "config.hash").read_text()
+    r = ok(run(args(out, "--seed", "99", "--overwrite"), tmp_path))
+    aside = [p for p in out.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1, list(out.iterdir())
+    assert "moved aside" in r.stdout
+    # The old run moved intact (content unchanged).
+    moved = snapshot(aside[0])
+    assert {k: v[1:] for k, v in moved.items()} == {k[len("r/"):]: v[1:] for k, v in before.items() if k.startswith("r/")}
+    assert (d / "config.hash").read_text() != old_hash
+    assert (d / "finished").exists()
+    with h5open(d / "run.h5") as f:
+        assert fixed(f["status/run_state"]) == "done"
+        assert int(f.attrs["seed"]) == 99
+        assert len(train_table(f)["step"]) == STEPS
+
+
+# ---------------------------------------------------------------- 5. determinism
+
+@pytest.mark.determinism
+def test_same_run_twice_identical(tmp_path, baseline):
+    out = tmp_path / "out"
+    ok(run(args(out), tmp_path))
+    with h5open(baseline["h5"]) as fa, h5open(out / "r" / "run.h5") as fb:
+        ta, tb = train_table(fa), train_table(fb)
+        for c in ("step", "loss_total", "loss_task", "grad_norm"):
+            assert ta[c].tobytes() == tb[c].tobytes(), c
+        assert fa["val/loss"][()].tobytes() == fb["val/loss"][()].tobytes()
+        for m in METHODS:
+            ea, eb = eval_table(fa, m), eval_table(fb, m)
+            assert [example_key(x) for x in ea] == [example_key(x) for x in eb]
+            assert [x["prediction"] for x in ea] == [x["prediction"] for x in eb], m
+            assert [x["f1"] for x in ea] == [x["f1"] for x in eb], m
+        for a in ("dataset_hash", "tokenizer_hash", "config_hash"):
+            assert fa.attrs[a] == fb.attrs[a], a
+    a_buf, _ = ckpt_arrays(baseline["dir"] / f"ckpt_{STEPS}.h5")
+    b_buf, _ = ckpt_arrays(out / "r" / f"ckpt_{STEPS}.h5")
+    assert a_buf["params"].tobytes() == b_buf["params"].tobytes()
+
+
+# ---------------------------------------------------------------- 6. clean state per example
+
+@pytest.mark.clean_state
+def test_eval_clean_state_per_example(tmp_path, baseline):
+    """`eval --init_from` a checkpoint over 6 and over 3 test examples (methods in
+    opposite orders): an example's prediction must not depend on which examples
+    or methods ran before it. With one context size the needle depth grid gives
+    the 3-example split a strict subset of the 6-example split, at different
+    positions (and after different predecessors)."""
+    ck = baseline["dir"] / f"ckpt_{STEPS}.h5"
+    tabs = {}
+    for n, methods in ((6, METHODS), (3, METHODS[::-1])):
+        out = tmp_path / f"out{n}"
+        r = ok(run(args(out, "--init_from", ck, "--context_sizes", "64", "--num_test", n, "--methods", *methods,
+                        command="eval"), tmp_path))
+        assert "initialised from" in r.stdout
+        with h5open(out / "r" / "run.h5") as f:
+            assert fixed(f["status/run_state"]) == "done"
+            assert status(f, "train") == "done"
+            assert rows(f["train"], ["step"]) == 0, "eval must not train"
+            tabs[n] = {m: eval_table(f, m) for m in METHODS}
+    with h5open(baseline["h5"]) as f:
+        base = {m: eval_table(f, m) for m in METHODS}
+    for m in METHODS:
+        six = {example_key(x): (i, x) for i, x in enumerate(tabs[6][m])}
+        three = {example_key(x): (i, x) for i, x in enumerate(tabs[3][m])}
+        assert len(six) == 6 and len(three) == 3
+        common = set(six) & set(three)
+        assert len(common) == 3, f"the 3-example split is not a subset of the 6-example one ({m})"
+        assert any(six[k][0] != three[k][0] for k in common), "no example moved position: weak test"
+        for k in common:
+            assert six[k][1]["prediction"] == three[k][1]["prediction"], (m, k[0])
+            assert six[k][1]["f1"] == three[k][1]["f1"], (m, k[0])
+        # The trained model's own predictions (baseline run) agree with eval from its final checkpoint.
+        b = {example_key(x): x for x in base[m]}
+        shared = set(b) & set(six)
+        assert len(shared) >= 2, (m, len(shared))
+        for k in shared:
+            assert b[k]["prediction"] == six[k][1]["prediction"], (m, k[0])
+
+
+# ---------------------------------------------------------------- 7. SWMR live read
+
+@pytest.mark.swmr
+def test_swmr_live_read(tmp_path):
+    out = tmp_path / "out"
+    h5 = out / "r" / "run.h5"
+    proc = subprocess.Popen(args(out, *SLOW), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        n1 = wait_for_rows(h5, proc, 1, timeout=60)
+        assert n1, f"no /train rows seen while the run was live (exit {proc.poll()})"
+        n2 = wait_for_rows(h5, proc, n1 + 1, timeout=60)
+        assert n2 and n2 > n1, f"/train did not grow between two live reads ({n1} -> {n2}, exit {proc.poll()})"
+        with h5open(h5) as f:   # a live reader sees a consistent prefix
+            assert fixed(f["status/run_state"]) in ("running", "done")
+            t = train_table(f)
+            assert list(t["step"]) == list(range(1, len(t["step"]) + 1))
+        so, se = proc.communicate(timeout=120)
+        assert proc.returncode == 0, se
+    finally:
+        kill(proc)
+    with h5open(h5) as f:
+        assert fixed(f["status/run_state"]) == "done"
+        assert len(train_table(f)["step"]) == 300
+
+
+# ---------------------------------------------------------------- 8. SIGTERM
+
+@pytest.mark.sigterm
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    d = out / "r"
+    argv = args(out, *SLOW)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        n = wait_for_rows(d / "run.h5", proc, 1, timeout=60)
+        assert n, f"no /train rows seen (exit {proc.poll()})"
+        assert proc.poll() is None, "the run ended before it could be signalled; make SLOW slower"
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        so, se = proc.communicate(timeout=30)
+        assert proc.returncode == 3, f"exit {proc.returncode} after SIGTERM\n{so[-2000:]}\n{se}"
+        assert time.monotonic() - t0 < 30
+    finally:
+        kill(proc)
+    ckpts = sorted(d.glob("ckpt_*.h5"), key=lambda p: int(p.stem.split("_")[1]))
+    assert ckpts, list(d.iterdir())
+    last = int(ckpts[-1].stem.split("_")[1])
+    assert 0 < last < 300
+    assert not (d / "finished").exists()
+    with h5open(d / "run.h5") as f:
+        assert fixed(f["status/run_state"]) == "interrupted"
+        assert status(f, "train") == "interrupted"
+        assert "signal 15" in fixed(f["status/train/message"])
+        assert list(train_table(f)["step"]) == list(range(1, last + 1))
+    r = ok(run(argv, tmp_path))
+    assert f"from step {last}" in r.stdout
+    with h5open(d / "run.h5") as f:
+        assert fixed(f["status/run_state"]) == "done"
+        assert status(f, "train") == "done"
+        assert list(train_table(f)["step"]) == list(range(1, 301))
+        for m in METHODS:
+            assert status(f, "eval/" + m) == "done"
+    assert (d / "finished").exists()
+
+
+# ---------------------------------------------------------------- 9. --dry-run, --version, --help
+
+@pytest.mark.dry_run_version
+def test_dry_run(tmp_path):
+    out = tmp_path / "out"
+    r = ok(run(args(out, "--dry-run"), tmp_path))
+    assert r.stderr == ""
+    s = r.stdout
+    assert re.search(r"# resolved configuration \(hash [0-9a-f]{16}\)", s), s
+    for line in ("steps = 20", "d_model = 32", "context_sizes = 64 96", "max_new_tokens = 8", "run_name = r"):
+        assert line in s.splitlines(), line
+    assert "# memory estimate" in s
+    for k in ("parameters", "optimizer_state", "activations", "kv_cache[full]", "kv_cache[sliding_window]"):
+        assert re.search(re.escape(k) + r"\s+\d+", s), k
+    assert list(tmp_path.iterdir()) == [], "--dry-run created files"
+
+
+@pytest.mark.dry_run_version
+def test_version_and_help(tmp_path):
+    r = ok(run([str(BIN), "--version"], tmp_path))
+    assert re.search(r"git [0-9a-f]{7,40}(-dirty)?\b", r.stdout), r.stdout
+    for k in ("MPI", "HDF5", "BLAS", "CUDA"):
+        assert k in r.stdout, k
+    r = ok(run([str(BIN), "--help"], tmp_path))
+    for k in ("--stop_after", "--init_from", "--overwrite", "--dry-run", "--config"):
+        assert k in r.stdout, k
+    assert list(tmp_path.iterdir()) == []
