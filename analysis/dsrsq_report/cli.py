@@ -1,0 +1,79 @@
+"""Command line: report RUN.h5 [...] -o DIR | --compare A B [--force] | --check RUN.h5 [...]."""
+
+import argparse
+import sys
+
+from .reader import ReportError, read_run
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="report",
+        description="Regenerate the dsrsq tables and figures from run.h5 files (results/README.md layout).")
+    p.add_argument("runs", nargs="*", metavar="RUN.h5", help="results files; several merge (seeds -> intervals)")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder for report.md, CSV, LaTeX and PNG files")
+    p.add_argument("--print", dest="print_tables", action="store_true", help="also print Tables 1 and 2 to stdout")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="write the tables and report.md only")
+    p.add_argument("--compare", nargs=2, metavar=("A.h5", "B.h5"), help="print the ratio B/A of every figure")
+    p.add_argument("--force", action="store_true", help="--compare even across hardware or task splits")
+    p.add_argument("--check", action="store_true", help="validate the files against the schema; list what is missing")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        if args.check:
+            from .check import run_check
+            if not args.runs:
+                print("report --check: give at least one RUN.h5", file=sys.stderr)
+                return 2
+            rc = 0
+            for path in args.runs:
+                rc = max(rc, run_check(path, sys.stdout))
+            return rc
+        if args.compare:
+            from .compare import compare_text, incompatibilities
+            a, b = (read_run(p) for p in args.compare)
+            diffs = incompatibilities(a, b)
+            if diffs and not args.force:
+                print("report --compare: refusing to compare runs that differ in", file=sys.stderr)
+                for d in diffs:
+                    print("  " + d, file=sys.stderr)
+                print("(pass --force to compare anyway)", file=sys.stderr)
+                return 3
+            for d in diffs:
+                print("warning (--force): " + d, file=sys.stderr)
+            text, _, _ = compare_text(a, b)
+            print(text)
+            return 0
+        if not args.runs:
+            print("report: give RUN.h5 files (see --help)", file=sys.stderr)
+            return 2
+        if not args.output and not args.print_tables:
+            print("report: give -o DIR (and/or --print)", file=sys.stderr)
+            return 2
+        runs = [read_run(p) for p in args.runs]
+        if args.output:
+            from .report import write_report
+            write_report(runs, args.output, print_tables=args.print_tables, figures=args.figures)
+            print(f"report: wrote {args.output}/report.md", file=sys.stderr)
+        else:
+            from . import aggregate as A
+            tables, _ = A.build_tables(runs)
+            for t in tables[:2]:
+                print(A.to_markdown(t))
+        return 0
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into head & co.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback
+        print(f"report: error: {type(e).__name__}: {e} (while reading {', '.join(args.runs or args.compare or [])})",
+              file=sys.stderr)
+        return 2

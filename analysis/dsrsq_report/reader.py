@@ -1,0 +1,329 @@
+"""Reads one dsrsq results file (run.h5) into plain Python / numpy objects.
+
+Every problem (not HDF5, truncated, foreign format, other schema version, a
+missing group or dataset) raises ReportError naming the file and the group.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from . import schema as S
+
+try:
+    import h5py
+except ImportError as exc:  # pragma: no cover - environment problem
+    raise SystemExit("dsrsq report: h5py is missing (Debian: apt-get install python3-h5py)") from exc
+
+
+class ReportError(Exception):
+    """A problem with an input file; printed as one line, no traceback."""
+
+    def __init__(self, path, group, message):
+        self.path = path
+        self.group = group
+        self.message = message
+        where = f"{path}" + (f": group '{group}'" if group else "")
+        super().__init__(f"{where}: {message}")
+
+
+def _fixed_string(ds):
+    v = ds[()]
+    if isinstance(v, np.ndarray):
+        v = v.tobytes()
+    if isinstance(v, bytes):
+        return v.rstrip(b"\0").decode("utf-8", "replace")
+    return str(v)
+
+
+def _attr_value(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        if v.shape == ():
+            return _attr_value(v[()])
+        return [_attr_value(x) for x in v.tolist()]
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
+
+
+class Examples:
+    """One /eval/<m> or /ablation/<v> table: numeric columns, string columns and the summary."""
+
+    def __init__(self, cols, strings, summary, efficiency=None):
+        self.cols = cols          # name -> np.ndarray (n rows)
+        self.strings = strings    # name -> list[str] (n rows)
+        self.summary = summary    # name -> float / int
+        self.efficiency = efficiency  # for ablation variants: name -> value
+        self.n = len(next(iter(cols.values()))) if cols else 0
+        self._meta = None
+
+    @property
+    def meta(self):
+        """Per-example meta JSON, parsed (a row that does not parse gives {})."""
+        if self._meta is None:
+            out = []
+            for s in self.strings.get("meta", []):
+                try:
+                    v = json.loads(s) if s else {}
+                except ValueError:
+                    v = {}
+                out.append(v if isinstance(v, dict) else {})
+            self._meta = out
+        return self._meta
+
+    def golds(self):
+        return [s.split(S.GOLD_SEPARATOR) if s else [] for s in self.strings.get("gold", [])]
+
+
+class Run:
+    """Everything in one run.h5."""
+
+    def __init__(self, path):
+        self.path = path
+        self.name = run_name_of(path)
+        self.attrs = {}
+        self.config = {}
+        self.resolved = ""
+        self.run_state = ""
+        self.end_time = ""
+        self.status = {"train": {}, "eval": {}, "ablation": {}, "adaptation": {}}
+        self.train = {}
+        self.val = {}
+        self.ranks = {}
+        self.eval = {}
+        self.efficiency = {}
+        self.ablation = {}
+        self.adaptation = {}
+
+    # Convenience -----------------------------------------------------------
+    def state(self, kind, name):
+        return self.status.get(kind, {}).get(name, ("missing", ""))
+
+    @property
+    def world_size(self):
+        return int(self.attrs.get("world_size", 1))
+
+    @property
+    def seed(self):
+        v = self.attrs.get("seed", self.config.get("seed", self.config.get("general.seed")))
+        return v
+
+    def config_value(self, key, default=None):
+        """A resolved option by its bare key ("kv_budget") or "section.key"."""
+        if key in self.config:
+            return self.config[key]
+        for k, v in self.config.items():
+            if k.rsplit(".", 1)[-1] == key:
+                return v
+        return default
+
+
+def run_name_of(path):
+    p = os.path.abspath(path)
+    d, base = os.path.split(p)
+    if base == "run.h5" and d:
+        return os.path.basename(d)
+    return os.path.splitext(base)[0]
+
+
+def open_h5(path):
+    """Opens a results file for reading, SWMR-safe; clear errors for the common failures."""
+    if not os.path.exists(path):
+        raise ReportError(path, None, "no such file")
+    if os.path.isdir(path):
+        raise ReportError(path, None, "is a directory, not a run.h5 file")
+    if not h5py.is_hdf5(path):
+        raise ReportError(path, None, "not an HDF5 file (foreign or truncated file)")
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as e:
+        try:
+            return h5py.File(path, "r")
+        except OSError:
+            pass
+        msg = str(e)
+        hint = ""
+        if "lock" in msg.lower():
+            hint = " (on a file system without locks set HDF5_USE_FILE_LOCKING=FALSE)"
+        raise ReportError(path, None, f"cannot open as HDF5 (truncated or damaged?): {msg}{hint}") from None
+
+
+def check_format(path, f):
+    attrs = f.attrs
+    if "format" not in attrs:
+        raise ReportError(path, "/", "not a dsrsq results file: no root attribute 'format'")
+    fmt = _attr_value(attrs["format"])
+    if fmt != S.FORMAT_NAME:
+        raise ReportError(path, "/", f"not a dsrsq results file: format is '{fmt}', expected '{S.FORMAT_NAME}'")
+    if "schema_version" not in attrs:
+        raise ReportError(path, "/", "no root attribute 'schema_version'")
+    ver = _attr_value(attrs["schema_version"])
+    if ver != S.SCHEMA_VERSION:
+        raise ReportError(path, "/", f"schema_version {ver}; this tool reads schema_version {S.SCHEMA_VERSION}")
+
+
+class _Reader:
+    def __init__(self, path, f):
+        self.path = path
+        self.f = f
+
+    def group(self, name):
+        try:
+            obj = self.f.get(name)
+        except (OSError, RuntimeError, KeyError) as e:
+            raise ReportError(self.path, "/" + name, f"cannot read (truncated or damaged file?): {e}") from None
+        if obj is None:
+            raise ReportError(self.path, "/" + name, "missing group")
+        if not isinstance(obj, h5py.Group):
+            raise ReportError(self.path, "/" + name, "is not a group")
+        return obj
+
+    def dataset(self, g, name):
+        try:
+            obj = g.get(name)
+        except (OSError, RuntimeError, KeyError) as e:
+            raise ReportError(self.path, g.name, f"cannot read '{name}': {e}") from None
+        if obj is None:
+            raise ReportError(self.path, g.name, f"missing dataset '{name}'")
+        if not isinstance(obj, h5py.Dataset):
+            raise ReportError(self.path, g.name, f"'{name}' is not a dataset")
+        return obj
+
+    def read(self, ds, sl=slice(None)):
+        try:
+            try:
+                ds.refresh()
+            except (AttributeError, ValueError, OSError, RuntimeError):
+                pass
+            return ds[sl]
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ReportError(self.path, ds.parent.name, f"cannot read '{ds.name}' (truncated file?): {e}") from None
+
+    def scalar(self, g, name):
+        v = self.read(self.dataset(g, name), ())
+        return _attr_value(v)
+
+    def fixed_string(self, g, name):
+        ds = self.dataset(g, name)
+        try:
+            return _fixed_string(ds)
+        except (OSError, RuntimeError) as e:
+            raise ReportError(self.path, g.name, f"cannot read '{name}': {e}") from None
+
+    def table(self, gname, num_cols, str_cols=()):
+        """Complete rows of a row table: min length over columns, less rows pointing past c_bytes."""
+        g = self.group(gname)
+        dss = {c: self.dataset(g, c) for c in num_cols}
+        sds = {c: (self.dataset(g, c + "_bytes"), self.dataset(g, c + "_end")) for c in str_cols}
+        lengths = [d.shape[0] if d.shape else 0 for d in dss.values()]
+        lengths += [e.shape[0] if e.shape else 0 for _, e in sds.values()]
+        n = min(lengths) if lengths else 0
+        ends = {}
+        for c, (b, e) in sds.items():
+            end = np.asarray(self.read(e, slice(0, n)), dtype=np.int64)
+            nb = b.shape[0]
+            ok = n
+            while ok > 0 and end[ok - 1] > nb:
+                ok -= 1
+            n = min(n, ok)
+            ends[c] = end
+        cols = {c: np.asarray(self.read(d, slice(0, n))) for c, d in dss.items()}
+        strings = {}
+        for c, (b, _) in sds.items():
+            end = ends[c][:n]
+            if n and np.any(np.diff(np.concatenate([[0], end])) < 0):
+                raise ReportError(self.path, g.name, f"corrupt end offsets in '{c}_end' (not increasing)")
+            data = np.asarray(self.read(b, slice(0, int(end[-1]) if n else 0)), dtype=np.uint8).tobytes()
+            start = np.concatenate([[0], end[:-1]]).astype(np.int64)
+            strings[c] = [data[s:e].decode("utf-8", "replace") for s, e in zip(start, end)]
+        return cols, strings, n
+
+    def scalars(self, gname, names):
+        g = self.group(gname)
+        return {k: self.scalar(g, k) for k in names}
+
+    def status(self, gname):
+        g = self.group(gname)
+        return self.fixed_string(g, "state"), self.fixed_string(g, "message")
+
+    def children(self, gname):
+        g = self.group(gname)
+        return sorted(k for k in g.keys() if isinstance(g.get(k, getlink=False), h5py.Group))
+
+
+def read_run(path):
+    """Reads a whole run.h5; raises ReportError on any problem."""
+    f = open_h5(path)
+    try:
+        check_format(path, f)
+        return _read(path, f)
+    except ReportError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise ReportError(path, None, f"cannot read (truncated or damaged file?): {e}") from None
+    finally:
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - closing a damaged file must not mask the real error
+            pass
+
+
+def _read(path, f):
+    r = _Reader(path, f)
+    run = Run(path)
+    for k in S.ROOT_ATTRS:
+        if k not in f.attrs:
+            raise ReportError(path, "/", f"missing root attribute '{k}'")
+    run.attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+    for g in S.TOP_GROUPS:
+        r.group(g)
+
+    cfg = r.group("config")
+    run.config = {k: str(_attr_value(v)) for k, v in cfg.attrs.items()}
+    run.resolved = r.fixed_string(cfg, "resolved")
+
+    st = r.group("status")
+    run.run_state = r.fixed_string(st, "run_state")
+    run.end_time = r.fixed_string(st, "end_time")
+    run.status["train"]["train"] = r.status("status/train")
+
+    cols, _, _ = r.table("train", S.TRAIN_INT + S.TRAIN_FLOAT)
+    run.train = cols
+    cols, _, _ = r.table("val", S.VAL_INT + S.VAL_FLOAT)
+    run.val = cols
+    cols, _, _ = r.table("ranks", S.RANKS_INT + S.RANKS_FLOAT)
+    run.ranks = cols
+
+    for m in r.children("eval"):
+        run.status["eval"][m] = r.status(f"status/eval/{m}")
+        run.eval[m] = _examples(r, f"eval/{m}")
+        run.efficiency[m] = r.scalars(f"efficiency/{m}", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT)
+    for m in r.children("efficiency"):
+        if m not in run.eval:
+            raise ReportError(path, f"/eval/{m}", "missing group (present under /efficiency)")
+    for v in r.children("ablation"):
+        run.status["ablation"][v] = r.status(f"status/ablation/{v}")
+        ex = _examples(r, f"ablation/{v}")
+        ex.efficiency = r.scalars(f"ablation/{v}/efficiency", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT)
+        run.ablation[v] = ex
+    bins = int(run.attrs["retention_bins"])
+    for a in r.children("adaptation"):
+        run.status["adaptation"][a] = r.status(f"status/adaptation/{a}")
+        g = r.group(f"adaptation/{a}")
+        d = {k: np.asarray(r.read(r.dataset(g, k))) for k in S.ADAPTATION_ARRAYS}
+        if d["retention_by_age"].shape != (bins,) or d["age_bin_edges"].shape != (bins + 1,):
+            raise ReportError(path, g.name, f"retention_by_age / age_bin_edges do not match retention_bins={bins}")
+        d.update({k: r.scalar(g, k) for k in S.ADAPTATION_FLOAT + S.ADAPTATION_INT})
+        run.adaptation[a] = d
+    return run
+
+
+def _examples(r, gname):
+    cols, strings, _ = r.table(gname, S.EXAMPLE_FLOAT + S.EXAMPLE_INT, S.EXAMPLE_STR)
+    summary = r.scalars(gname + "/summary", S.SUMMARY_FLOAT + S.SUMMARY_INT)
+    return Examples(cols, strings, summary)

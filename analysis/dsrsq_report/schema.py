@@ -1,0 +1,43 @@
+"""The documented layout of a dsrsq results file (results/README.md), schema version 1."""
+
+FORMAT_NAME = "dsrsq-results"
+SCHEMA_VERSION = 1
+
+# Root attributes every file carries (provenance attributes are optional).
+ROOT_ATTRS = ("format", "schema_version", "world_size", "dp", "sp", "retention_bins")
+
+TOP_GROUPS = ("config", "status", "train", "val", "ranks", "eval", "efficiency", "ablation", "adaptation")
+
+TRAIN_INT = ("step", "epoch")
+TRAIN_FLOAT = ("loss_total", "loss_task", "loss_retrieval", "loss_compression", "loss_compute",
+               "selected_fraction", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+VAL_INT = ("step",)
+VAL_FLOAT = ("loss",)
+RANKS_INT = ("step", "rank", "bytes_sent")
+RANKS_FLOAT = ("step_time_s", "comm_time_s")
+
+EXAMPLE_STR = ("id", "task", "prediction", "gold", "meta")
+EXAMPLE_FLOAT = ("f1", "em", "rouge_l", "bleu", "ttft_s", "itl_s")
+EXAMPLE_INT = ("context_tokens", "attended_tokens", "kv_budget_requested_bytes", "kv_budget_achieved_bytes",
+               "kv_resident_bytes", "kv_peak_prefill_bytes", "kv_read_per_step_bytes", "kv_total_bytes")
+
+SUMMARY_FLOAT = ("f1_mean", "em_mean", "rouge_l_mean", "bleu_mean", "corpus_bleu")
+SUMMARY_INT = ("n_examples",)
+
+EFFICIENCY_INT = ("peak_mem_bytes", "avg_mem_bytes", "peak_rss_bytes")
+EFFICIENCY_FLOAT = ("throughput_tok_s", "latency_s", "itl_s", "token_efficiency", "flops")
+
+ADAPTATION_ARRAYS = ("age_bin_edges", "retention_by_age", "queries_per_bin")
+ADAPTATION_FLOAT = ("retention_auc", "temporal_consistency", "adaptation_speed")
+ADAPTATION_INT = ("n_queries",)
+
+STATES = ("pending", "running", "done", "failed")
+RUN_STATES = ("running", "done", "failed")
+
+GOLD_SEPARATOR = "\x1f"
+
+# Conventional order of the ablation variants (others follow alphabetically).
+ABLATION_ORDER = ("full_model", "no_dsr", "no_sqa", "no_rckv")
+
+# Provenance attributes that identify the machine (compared by --compare).
+HARDWARE_ATTRS = ("hostname", "cpu", "cpu_model", "device", "backend", "gpu", "gpu_name", "device_name")
