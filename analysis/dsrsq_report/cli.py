@@ -57,7 +57,7 @@ def main(argv=None):
         if args.output:
             from .report import write_report
             write_report(runs, args.output, print_tables=args.print_tables, figures=args.figures)
-            print(f"report: wrote {args.output}/report.md", file=sys.stderr)
+            print(f"report: wrote {args.output}/report.md")
         else:
             from . import aggregate as A
             tables, _ = A.build_tables(runs)

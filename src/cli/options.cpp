@@ -30,6 +30,7 @@ po::options_description describe(Options& o) {
     ("config", po::value(&o.config_files)->composing(), "an .ini file of options (key = value; [sections] are for readability); repeatable; the command line wins")
     ("dry-run", po::bool_switch(&o.dry_run), "print the resolved configuration and a memory estimate per rank, then exit")
     ("overwrite", po::bool_switch(&o.overwrite), "replace an existing run directory that holds a different configuration")
+    ("no-report", po::bool_switch(&o.no_report), "do not run the report tool (analysis/report.py) at the end")
     ("debug", po::bool_switch(&o.debug), "a quick debug run: a tenth of the steps and few examples")
     ("output_dir", po::value(&o.output_dir)->default_value(o.output_dir), "where run directories are created")
     ("run_name", po::value(&o.run_name), "run directory name (default <model>_<dataset>)")
@@ -57,7 +58,7 @@ po::options_description describe(Options& o) {
     ("num_train", po::value(&o.num_train)->default_value(o.num_train), "training examples")
     ("num_val", po::value(&o.num_val)->default_value(o.num_val), "validation examples")
     ("num_test", po::value(&o.num_test)->default_value(o.num_test), "test examples")
-    ("task_param", po::value(&o.task_params)->composing(), "key=value passed to the task generator (repeatable)");
+    ("task_param", po::value(&o.task_params)->composing(), "key=value passed to the task generator (repeatable; default digits=4 for needle, none for the other tasks)");
   po::options_description train("Training");
   train.add_options()
     ("num_epochs", po::value(&o.num_epochs)->default_value(o.num_epochs), "epochs over the training set (0: use --steps)")
@@ -258,6 +259,7 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
     raise_input_error(e.what());
   }
   if (o.run_name.empty()) o.run_name = o.model + "_" + o.dataset;
+  if (!vm.count("task_param") && o.dataset != "needle") o.task_params.clear();
   for (int i = 0; i < argc; ++i) o.command_line += (i ? " " : "") + std::string(argv[i]);
   // Committed data: --datasets_dir, else $DSRSQ_DATASETS, else ./datasets, else the source tree's.
   if (!vm.count("datasets_dir") || vm["datasets_dir"].defaulted()) {

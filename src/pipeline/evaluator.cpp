@@ -72,6 +72,7 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
     info.query_len = enc.query_len;
     info.max_new_tokens = cfg.max_new_tokens;
     policy.begin(info, cfg.budget);
+    act.reset();  // activations of earlier work are dead: measure this example alone
     act.reset_peak();
     std::vector<std::int32_t> pos(static_cast<std::size_t>(enc.prompt_len));
     for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
@@ -96,6 +97,7 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
       if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
       std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
       Timer ts;
+      act.reset();
       act.reset_peak();
       model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
       next = argmax_last_row(model.logits());
