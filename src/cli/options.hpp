@@ -15,6 +15,7 @@ struct Options {
   std::string command_line;  // as typed (provenance)
   bool dry_run = false;
   bool overwrite = false;
+  bool resume = false;  // require an unfinished run of this configuration to continue
   bool debug = false;
   bool no_report = false;  // skip analysis/report.py at the end
   std::string output_dir = "results";
@@ -35,6 +36,7 @@ struct Options {
   std::string datasets_dir = "datasets";  // committed fixtures and haystack text
   std::string tokenizer = "byte";
   std::string tokenizer_model;
+  std::string gpt2_dir;  // encoder.json + vocab.bpe: also report context lengths in GPT-2 tokens
   std::vector<std::int64_t> context_sizes{64, 128, 192};  // training curriculum and test lengths (tokens)
   std::int64_t max_seq_len = 256;
   std::int64_t num_train = 6000, num_val = 64, num_test = 120;

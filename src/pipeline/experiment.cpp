@@ -166,6 +166,9 @@ int run_experiment(const Options& opt, int rank, int world) {
     ResultsSink sink(opt, mc, *tok, rank);
     if (sink.skip()) return 0;
   }
+  DSRSQ_INPUT_CHECK(!opt.resume || (io::RunDirectory::stored_hash(run_path) == opt.identity_hash() &&
+                                    io::latest_checkpoint(run_path).has_value()),
+                    "option --resume: no unfinished run of this configuration with a checkpoint in '", run_path, "'");
 
   Timer total;
   // ---- data ----
@@ -173,7 +176,18 @@ int run_experiment(const Options& opt, int rank, int world) {
               static_cast<long long>(mc.vocab));
   for (auto c : opt.context_sizes) std::printf(" %lld", static_cast<long long>(c));
   std::printf(", max_seq_len %lld\n", static_cast<long long>(opt.max_seq_len));
-  const auto test = make_split(opt, *tok, opt.num_test, opt.seed * 3 + 2, true);
+  auto test = make_split(opt, *tok, opt.num_test, opt.seed * 3 + 2, true);
+  if (!opt.gpt2_dir.empty()) {
+    // Context lengths also in GPT-2 tokens, as the literature reports them.
+    const Gpt2Bpe bpe(opt.gpt2_dir);
+    double sum = 0;
+    for (auto& e : test) {
+      const std::size_t n = bpe.count(e.context);
+      e.meta["context_gpt2_tokens"] = std::to_string(n);
+      sum += static_cast<double>(n);
+    }
+    std::printf("dsrsq: test contexts average %.1f GPT-2 tokens\n", test.empty() ? 0.0 : sum / static_cast<double>(test.size()));
+  }
   std::vector<std::vector<Encoded>> pools;
   std::vector<Encoded> val;
   if (opt.command != "eval") {
