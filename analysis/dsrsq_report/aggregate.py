@@ -221,7 +221,7 @@ def build_tables(runs):
     rules2 = ("Scalars of /efficiency/<method>, one value per run: memory = peak / time-averaged arena bytes "
               "(activations + KV) and peak RSS, in MB (10^6 bytes); throughput = (prefilled + generated) tokens "
               "per wall-clock second; latency = mean time to first token; ITL = mean inter-token latency; token "
-              "efficiency = attended / context tokens (lower is cheaper). One run: no interval. " + seed_rule)
+              "efficiency = keys a decode query attends to / keys a full cache holds at that step, mean over decode steps and examples (lower is cheaper). One run: no interval. " + seed_rule)
     tables.append(Table("table2_efficiency", "Table 2: efficiency", "method", T2_COLS,
                         _entity_rows(groups, "eval", T2_COLS, eff_of), (rules2 + " " + group_note).strip(),
                         present=any(r.eval for r in runs), absent_note="no /efficiency/<method> groups"))

@@ -267,7 +267,7 @@ def fig_token_efficiency(runs, groups, outdir):
         return Figure("token_efficiency", None, "", "no evaluated methods")
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(ents) + 2), 4.4))
     _bar_panel(ax, [e[0] for e in ents], _eff_estimates(ents, "token_efficiency"), [e[3] for e in ents],
-               "attended / context tokens (ratio)", "token efficiency per method (lower is cheaper)", color="C2")
+               "keys attended / keys in the full cache (ratio)", "token efficiency per method (lower is cheaper)", color="C2")
     ax.axhline(1.0, color="gray", ls="--", lw=1)
     return Figure("token_efficiency", _save(fig, outdir, "token_efficiency"),
                   "Tokens the core attention attended divided by tokens in the full context "

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
+#include "io/run_dir.hpp"
 #include "dsrsq/build_info.hpp"
 
 namespace po = boost::program_options;
@@ -352,14 +353,7 @@ std::string Options::identity_hash() const {
     const std::string key = line.substr(0, line.find(' '));
     if (!excluded.count(key)) kept += line + "\n";
   }
-  std::uint64_t h = 1469598103934665603ull;  // FNV-1a 64
-  for (unsigned char c : kept) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  return io::config_hash(kept);
 }
 
 }  // namespace dsrsq
