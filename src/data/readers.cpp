@@ -461,8 +461,8 @@ std::vector<Example> read_codesearchnet(const fs::path& file, const ReadOptions&
     std::string repo, path, name, code, doc, lang;
   };
   std::vector<Fn> fns;
-  std::vector<Example> dummy;
-  for_each_jsonl(file, 0, dummy, [&](const json& j, std::size_t) {
+  std::vector<Example> unused;  // the callback collects into `fns`, not into this vector
+  for_each_jsonl(file, 0, unused, [&](const json& j, std::size_t) {
     Fn f;
     f.repo = need_str(j, "repo");
     f.path = need_str(j, "path");

@@ -101,13 +101,7 @@ void FullPolicy::end_prefill() {
 }
 
 KVMemory FullPolicy::memory() const {
-  KVMemory m;
-  const std::size_t held = kv_arena_ ? kv_arena_->used_bytes() : 0;
-  m.resident_after_prefill = decoding_ ? resident_ : held;
-  m.peak_prefill = decoding_ ? peak_ : (kv_arena_ ? kv_arena_->peak_bytes() : 0);
-  m.read_per_step = stats_.read_per_step();
-  m.total = m.resident_after_prefill;
-  return m;
+  return kvdetail::arena_memory(kv_arena_.get(), decoding_, resident_, peak_, stats_);
 }
 
 }  // namespace dsrsq

@@ -23,4 +23,18 @@ struct DecodeStats {
   double attended() const { return queries ? keys / static_cast<double>(queries) : 0.0; }
 };
 
+// The four memory numbers of a policy whose K/V live in one arena per
+// sequence: before end_prefill() the arena's current figures, after it the
+// figures frozen at the end of prefill (resident, peak) plus decode traffic.
+inline KVMemory arena_memory(const Arena* arena, bool decoding, std::size_t resident, std::size_t peak,
+                             const DecodeStats& stats) {
+  KVMemory m;
+  const std::size_t held = arena ? arena->used_bytes() : 0;
+  m.resident_after_prefill = decoding ? resident : held;
+  m.peak_prefill = decoding ? peak : (arena ? arena->peak_bytes() : 0);
+  m.read_per_step = stats.read_per_step();
+  m.total = m.resident_after_prefill;  // nothing is offloaded
+  return m;
+}
+
 }  // namespace dsrsq::kvdetail
