@@ -282,8 +282,10 @@ void Transformer::backward(double dloss) {
     be_.linear_bwd(LinearGradArgs{dk, A.ln1, p.wk, dln1, g.wk, g.bk, true});
     be_.linear_bwd(LinearGradArgs{dv, A.ln1, p.wv, dln1, g.wv, g.bv, true});
     be_.layernorm_bwd(LayerNormGradArgs{dln1, A.x_in, p.ln1_w, A.ln1_mean, A.ln1_rstd, dx, g.ln1_w, g.ln1_b});
+    if (on_layer_grads_ready) on_layer_grads_ready(l);
   }
   be_.embedding_bwd(EmbeddingGradArgs{tokens_.reshaped(Shape{N}), dx, dwte_});
+  if (on_layer_grads_ready) on_layer_grads_ready(-1);
 }
 
 KVCache Transformer::new_cache(std::int64_t batch, std::int64_t capacity, Arena& arena) const {

@@ -71,6 +71,13 @@ class Transformer {
   double forward(const Batch& batch, double inv_norm = 0.0);
   // Backward of the last forward: gradients += d(loss)/d(params) * dloss.
   void backward(double dloss = 1.0);
+  // Gradient-ready hook (data parallel: src/dist/dp_reducer.hpp). When set,
+  // backward() calls it with layer l as soon as the gradients of layer l
+  // ("h.<l>.*") are final (layers finish from last to first), and once more
+  // with layer = -1 at the very end, when wte, lnf.* and lm_head are final too
+  // (the tied wte gets its embedding contribution last). Called on the thread
+  // that runs backward; it must not modify the gradients of layers not yet done.
+  std::function<void(std::int64_t layer)> on_layer_grads_ready;
   // Logits of the last forward / decode call: (B*T, V).
   TensorView logits() const { return logits_; }
   // Unweighted per-row losses (B*T) of the last training forward (0 where mask is 0).

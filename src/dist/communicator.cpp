@@ -1,0 +1,305 @@
+#include "dist/communicator.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "core/error.hpp"
+#include "dist/mpi.hpp"
+
+namespace dsrsq {
+namespace mpi {
+
+Environment::Environment(int& argc, char**& argv, int required) {
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  if (!initialised) {
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, required, &provided);
+    owns_ = true;
+  }
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  host_ = host;
+  set_error_context(rank_, host_);
+}
+
+Environment::~Environment() {
+  if (!owns_) return;
+  int finalised = 0;
+  MPI_Finalized(&finalised);
+  if (!finalised) MPI_Finalize();
+}
+
+}  // namespace mpi
+
+namespace dist {
+
+const char* scalar_name(Scalar s) {
+  switch (s) {
+    case Scalar::f32: return "f32";
+    case Scalar::f64: return "f64";
+    case Scalar::i32: return "i32";
+    case Scalar::i64: return "i64";
+    case Scalar::byte: return "byte";
+  }
+  return "?";
+}
+
+std::size_t scalar_bytes(Scalar s) {
+  switch (s) {
+    case Scalar::f32: case Scalar::i32: return 4;
+    case Scalar::f64: case Scalar::i64: return 8;
+    case Scalar::byte: return 1;
+  }
+  return 0;
+}
+
+namespace {
+
+MPI_Datatype mpi_type(Scalar s) {
+  switch (s) {
+    case Scalar::f32: return MPI_FLOAT;
+    case Scalar::f64: return MPI_DOUBLE;
+    case Scalar::i32: return MPI_INT32_T;
+    case Scalar::i64: return MPI_INT64_T;
+    case Scalar::byte: return MPI_BYTE;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+int checked_count(std::size_t n, const char* op) {
+  DSRSQ_REQUIRE(n <= static_cast<std::size_t>(std::numeric_limits<int>::max()), op, ": ", n,
+                " elements exceed MPI's int count; split the buffer");
+  return static_cast<int>(n);
+}
+
+// A pending MPI request. wait() polls MPI_Test until a deadline: a plain
+// MPI_Wait would block forever on a peer that died without taking the job down.
+class MpiRequest final : public Request::Impl {
+ public:
+  MpiRequest(MPI_Request req, std::string what, double timeout, int world_rank, int rank, int size, std::string comm)
+      : req_(req), what_(std::move(what)), timeout_(timeout), world_rank_(world_rank), rank_(rank), size_(size),
+        comm_(std::move(comm)) {}
+  ~MpiRequest() override {
+    if (req_ == MPI_REQUEST_NULL) return;
+    int flag = 0;
+    MPI_Test(&req_, &flag, MPI_STATUS_IGNORE);
+    // Still pending: MPI may write into the buffer later, so the request is
+    // left alone (leaked) rather than freed; this only happens on error paths
+    // that end in MPI_Abort.
+    if (!flag) std::fprintf(stderr, "dsrsq: world rank %d dropped a pending %s\n", world_rank_, what_.c_str());
+  }
+  bool test() override {
+    if (req_ == MPI_REQUEST_NULL) return true;
+    int flag = 0;
+    DSRSQ_MPI_CHECK(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE));
+    return flag != 0;
+  }
+  void wait() override {
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    const auto deadline = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_));
+    // Spin briefly (short collectives finish in microseconds), then back off
+    // with growing sleeps so a waiting rank does not steal an oversubscribed
+    // core from the peer it waits for.
+    auto nap = std::chrono::microseconds(10);
+    for (int spins = 0;; ++spins) {
+      if (test()) return;
+      if (clock::now() >= deadline) {
+        const double waited = std::chrono::duration<double>(clock::now() - start).count();
+        throw Error(detail::cat(error_context(), "communication timeout: world rank ", world_rank_, " (rank ", rank_,
+                                " of ", size_, " in communicator '", comm_, "') waited ", waited, " s (limit ",
+                                timeout_, " s, --comm_timeout) for ", what_,
+                                " to complete; a peer rank has probably died or stalled"));
+      }
+      if (spins >= 100) {
+        std::this_thread::sleep_for(nap);
+        nap = std::min(nap * 2, std::chrono::microseconds(1000));
+      }
+    }
+  }
+
+ private:
+  MPI_Request req_;
+  std::string what_;
+  double timeout_;
+  int world_rank_, rank_, size_;
+  std::string comm_;
+};
+
+}  // namespace
+
+void Request::wait() {
+  if (!impl_) return;
+  impl_->wait();
+  impl_.reset();
+}
+
+bool Request::test() {
+  if (!impl_) return true;
+  if (!impl_->test()) return false;
+  impl_.reset();
+  return true;
+}
+
+void Communicator::all_reduce_avg(std::span<float> x) {
+  const float s = 1.0f / static_cast<float>(size());
+  for (auto& v : x) v *= s;
+  all_reduce_sum(x);
+}
+
+void Communicator::all_reduce_avg(std::span<double> x) {
+  const double s = 1.0 / static_cast<double>(size());
+  for (auto& v : x) v *= s;
+  all_reduce_sum(x);
+}
+
+#define DSRSQ_GATHER_CHECK(mine, all)                                                                        \
+  DSRSQ_REQUIRE((all).size() == (mine).size() * static_cast<std::size_t>(size()), "all_gather on '", name(), \
+                "': output holds ", (all).size(), " elements, expected size() * ", (mine).size(), " = ",       \
+                (mine).size() * static_cast<std::size_t>(size()))
+
+void Communicator::all_gather(std::span<const float> mine, std::span<float> all) {
+  DSRSQ_GATHER_CHECK(mine, all);
+  iall_gather_impl(mine.data(), mine.size(), all.data(), Scalar::f32).wait();
+}
+void Communicator::all_gather(std::span<const double> mine, std::span<double> all) {
+  DSRSQ_GATHER_CHECK(mine, all);
+  iall_gather_impl(mine.data(), mine.size(), all.data(), Scalar::f64).wait();
+}
+void Communicator::all_gather(std::span<const std::int64_t> mine, std::span<std::int64_t> all) {
+  DSRSQ_GATHER_CHECK(mine, all);
+  iall_gather_impl(mine.data(), mine.size(), all.data(), Scalar::i64).wait();
+}
+#undef DSRSQ_GATHER_CHECK
+
+void Communicator::broadcast(std::span<float> x, int root) { ibroadcast_impl(x.data(), x.size(), Scalar::f32, root).wait(); }
+void Communicator::broadcast(std::span<double> x, int root) { ibroadcast_impl(x.data(), x.size(), Scalar::f64, root).wait(); }
+void Communicator::broadcast(std::span<std::int64_t> x, int root) {
+  ibroadcast_impl(x.data(), x.size(), Scalar::i64, root).wait();
+}
+void Communicator::broadcast(std::span<std::byte> x, int root) { ibroadcast_impl(x.data(), x.size(), Scalar::byte, root).wait(); }
+
+// ---- MpiCommunicator --------------------------------------------------------
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds)
+    : comm_(comm), name_(std::move(name)) {
+  DSRSQ_REQUIRE(comm != MPI_COMM_NULL, "communicator '", name_, "' is MPI_COMM_NULL");
+  set_timeout(timeout_seconds);
+  DSRSQ_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+  DSRSQ_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  DSRSQ_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_));
+}
+
+void MpiCommunicator::set_timeout(double seconds) {
+  DSRSQ_INPUT_CHECK(std::isfinite(seconds) && seconds > 0, "--comm_timeout must be a positive number of seconds, got ",
+                    seconds);
+  timeout_ = seconds;
+}
+
+Request MpiCommunicator::make_request(MPI_Request req, std::string what) {
+  return Request(std::make_unique<MpiRequest>(req, std::move(what), timeout_, world_rank_, rank_, size_, name_));
+}
+
+Request MpiCommunicator::iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) {
+  const int n = checked_count(count, "all_reduce_sum");
+  MPI_Request req = MPI_REQUEST_NULL;
+  DSRSQ_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, n, mpi_type(type), MPI_SUM, comm_, &req));
+  return make_request(req, detail::cat("all_reduce_sum(", scalar_name(type), " x ", count, ")"));
+}
+
+Request MpiCommunicator::iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) {
+  const int n = checked_count(count, "all_gather");
+  MPI_Request req = MPI_REQUEST_NULL;
+  DSRSQ_MPI_CHECK(MPI_Iallgather(mine, n, mpi_type(type), all, n, mpi_type(type), comm_, &req));
+  return make_request(req, detail::cat("all_gather(", scalar_name(type), " x ", count, ")"));
+}
+
+Request MpiCommunicator::ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) {
+  DSRSQ_REQUIRE(root >= 0 && root < size_, "broadcast on '", name_, "': root ", root, " outside [0, ", size_, ")");
+  const int n = checked_count(count, "broadcast");
+  MPI_Request req = MPI_REQUEST_NULL;
+  DSRSQ_MPI_CHECK(MPI_Ibcast(buf, n, mpi_type(type), root, comm_, &req));
+  return make_request(req, detail::cat("broadcast(", scalar_name(type), " x ", count, ", root ", root, ")"));
+}
+
+Request MpiCommunicator::ibarrier() {
+  MPI_Request req = MPI_REQUEST_NULL;
+  DSRSQ_MPI_CHECK(MPI_Ibarrier(comm_, &req));
+  return make_request(req, "barrier");
+}
+
+// ---- launch checks ----------------------------------------------------------
+
+void comm_self_test(Communicator& comm) {
+  const int n = comm.size(), r = comm.rank();
+  const double expect = static_cast<double>(n) * (n + 1) / 2;
+  auto fail = [&](const std::string& what, double got, double want) {
+    throw Error(detail::cat(error_context(), "communication self-test failed on communicator '", comm.name(), "' (rank ",
+                            r, " of ", n, "): ", what, " gave ", got, ", expected ", want));
+  };
+  constexpr std::size_t kLen = 1000;  // several MPI segments' worth would be bigger; this checks element order
+  std::vector<float> f(kLen);
+  std::vector<double> d(kLen);
+  for (std::size_t i = 0; i < kLen; ++i) {
+    f[i] = static_cast<float>((r + 1) * static_cast<double>(i + 1));
+    d[i] = (r + 1) * static_cast<double>(i + 1);
+  }
+  std::int64_t one = r + 1;
+  comm.all_reduce_sum(std::span<float>(f));
+  comm.all_reduce_sum(std::span<double>(d));
+  comm.all_reduce_sum(std::span<std::int64_t>(&one, 1));
+  if (static_cast<double>(one) != expect) fail("all_reduce_sum(i64)", static_cast<double>(one), expect);
+  for (std::size_t i = 0; i < kLen; ++i) {
+    const double want = expect * static_cast<double>(i + 1);
+    if (static_cast<double>(f[i]) != want) fail(detail::cat("all_reduce_sum(f32)[", i, "]"), f[i], want);
+    if (d[i] != want) fail(detail::cat("all_reduce_sum(f64)[", i, "]"), d[i], want);
+  }
+  std::int64_t b = (r == 0) ? 4242 : -1;
+  comm.broadcast(std::span<std::int64_t>(&b, 1), 0);
+  if (b != 4242) fail("broadcast(i64) from rank 0", static_cast<double>(b), 4242);
+  const std::int64_t mine = r + 1;
+  std::vector<std::int64_t> all(static_cast<std::size_t>(n));
+  comm.all_gather(std::span<const std::int64_t>(&mine, 1), std::span<std::int64_t>(all));
+  for (int q = 0; q < n; ++q)
+    if (all[static_cast<std::size_t>(q)] != q + 1)
+      fail(detail::cat("all_gather(i64)[", q, "]"), static_cast<double>(all[static_cast<std::size_t>(q)]), q + 1);
+  comm.barrier();
+}
+
+void check_launcher(int world_size, const EnvLookup& getenv) {
+  if (world_size != 1) return;
+  auto lookup = [&](const char* name) -> const char* { return getenv ? getenv(name) : std::getenv(name); };
+  // Open MPI's mpirun sets OMPI_COMM_WORLD_SIZE for exactly the processes it
+  // launched, so when it is present it alone decides (an intentional 1-rank
+  // mpirun inside a multi-task Slurm allocation is fine). Otherwise SLURM_NTASKS
+  // (srun sets it to the step's task count) is the launcher's word.
+  const char* var = "OMPI_COMM_WORLD_SIZE";
+  const char* v = lookup(var);
+  if (!v || !*v) {
+    var = "SLURM_NTASKS";
+    v = lookup(var);
+  }
+  if (!v || !*v) return;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  if (end == v || *end != '\0') return;  // not a number: nothing to compare
+  if (n > 1)
+    raise_input_error(detail::cat("launcher/MPI mismatch: MPI reports a world of 1 process but ", var, "=", v,
+                                  ", so every process believes it is rank 0. The program was probably built against "
+                                  "a different MPI than the launcher's, or srun ran without PMIx (use srun "
+                                  "--mpi=pmix, or mpirun from the same MPI)."));
+}
+
+}  // namespace dist
+}  // namespace dsrsq

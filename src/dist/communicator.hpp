@@ -1,0 +1,135 @@
+#pragma once
+// One communication interface for the distributed code (DESIGN.md section 5).
+// MpiCommunicator works on host buffers; an NcclCommunicator (device buffers)
+// will implement the same interface later.
+//
+// Every collective takes std::span, so an element count can never be mistaken
+// for a byte count (STYLE.md habit 7). Every blocking collective is the
+// non-blocking one followed by Request::wait(), and every wait has a deadline:
+// a collective that does not complete within the communicator's timeout throws
+// dsrsq::Error naming the waiting rank and the operation; main() then prints
+// it and calls MPI_Abort, so a dead or stalled peer ends the job instead of
+// hanging it (DESIGN.md section 5, STYLE.md habit 6).
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+#include <mpi.h>
+
+namespace dsrsq::dist {
+
+// Element types the collectives accept.
+enum class Scalar { f32, f64, i32, i64, byte };
+const char* scalar_name(Scalar s);
+std::size_t scalar_bytes(Scalar s);
+
+// A pending non-blocking operation. Move-only; an empty Request is complete.
+class Request {
+ public:
+  class Impl {
+   public:
+    virtual ~Impl() = default;
+    virtual bool test() = 0;  // true once complete; drives progress
+    virtual void wait() = 0;  // blocks until complete or throws on timeout
+  };
+  Request() = default;
+  explicit Request(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+  Request(Request&&) noexcept = default;
+  Request& operator=(Request&&) noexcept = default;
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+  ~Request() = default;
+
+  // Waits (with the communicator's timeout); afterwards the Request is empty.
+  void wait();
+  // Non-blocking completion check; also gives MPI a chance to progress.
+  bool test();
+  bool pending() const { return impl_ != nullptr; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // "world", "dp", "sp": appears in error messages
+  virtual double timeout_seconds() const = 0;
+
+  // In-place sum over all ranks.
+  Request iall_reduce_sum(std::span<float> x) { return iall_reduce_sum_impl(x.data(), x.size(), Scalar::f32); }
+  Request iall_reduce_sum(std::span<double> x) { return iall_reduce_sum_impl(x.data(), x.size(), Scalar::f64); }
+  Request iall_reduce_sum(std::span<std::int64_t> x) { return iall_reduce_sum_impl(x.data(), x.size(), Scalar::i64); }
+  void all_reduce_sum(std::span<float> x) { iall_reduce_sum(x).wait(); }
+  void all_reduce_sum(std::span<double> x) { iall_reduce_sum(x).wait(); }
+  void all_reduce_sum(std::span<std::int64_t> x) { iall_reduce_sum(x).wait(); }
+  // In-place average, DDP convention: each value is scaled by 1/size() first,
+  // then summed (so the scaled contributions are what travel).
+  void all_reduce_avg(std::span<float> x);
+  void all_reduce_avg(std::span<double> x);
+
+  // all[r * mine.size() + i] = rank r's mine[i]; all.size() must be size() * mine.size().
+  void all_gather(std::span<const float> mine, std::span<float> all);
+  void all_gather(std::span<const double> mine, std::span<double> all);
+  void all_gather(std::span<const std::int64_t> mine, std::span<std::int64_t> all);
+  // x on every rank becomes root's x.
+  void broadcast(std::span<float> x, int root);
+  void broadcast(std::span<double> x, int root);
+  void broadcast(std::span<std::int64_t> x, int root);
+  void broadcast(std::span<std::byte> x, int root);
+  void barrier() { ibarrier().wait(); }
+
+ protected:
+  virtual Request iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) = 0;
+  virtual Request iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) = 0;
+  virtual Request ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) = 0;
+  virtual Request ibarrier() = 0;
+};
+
+// Communicator over an MPI communicator (host buffers). Does not own `comm`
+// (ProcessGrid owns the split communicators; MPI_COMM_WORLD is never freed).
+class MpiCommunicator final : public Communicator {
+ public:
+  static constexpr double kDefaultTimeout = 300.0;  // seconds (--comm_timeout)
+  MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds = kDefaultTimeout);
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  double timeout_seconds() const override { return timeout_; }
+  void set_timeout(double seconds);
+  MPI_Comm comm() const { return comm_; }
+
+ protected:
+  Request iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) override;
+  Request iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) override;
+  Request ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) override;
+  Request ibarrier() override;
+
+ private:
+  Request make_request(MPI_Request req, std::string what);
+  MPI_Comm comm_;
+  std::string name_;
+  double timeout_;
+  int rank_ = 0, size_ = 1, world_rank_ = 0;
+};
+
+// Launch self-test (STYLE.md habit 4): every rank contributes r + 1 (as f32,
+// f64 and i64, plus a vector whose element i is (r + 1) * (i + 1)); the sums
+// must equal n(n+1)/2 (times i + 1) exactly on every rank, and a broadcast and
+// an all-gather must deliver the known values. Throws dsrsq::Error naming the
+// first mismatch. Integer-valued floats below 2^24 make the f32 answer exact.
+void comm_self_test(Communicator& comm);
+
+// Launcher check: throws dsrsq::Error when MPI reports a world of 1 but the
+// launcher says more (OMPI_COMM_WORLD_SIZE when set, else SLURM_NTASKS), i.e.
+// every process believes it is rank 0 (a binary built against another MPI,
+// or srun without PMIx). `getenv` is injectable for tests.
+using EnvLookup = std::function<const char*(const char*)>;
+void check_launcher(int world_size, const EnvLookup& getenv = {});
+
+}  // namespace dsrsq::dist

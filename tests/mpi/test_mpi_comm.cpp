@@ -1,0 +1,342 @@
+// Level 5 (mpi): the communication layer on 1, 2 and 4 ranks.
+//  - the launch self-test and all-reduce / all-gather / broadcast with answers
+//    known in advance (rank r contributes r + 1; integer-valued floats below
+//    2^24, so every expected value is exact and compared with ==);
+//  - non-blocking all-reduces completed out of order; the wait timeout fires
+//    with a message naming the rank and the operation, and the request can
+//    still complete afterwards;
+//  - ProcessGrid: every dp x sp factorisation of the world, the rank formulas
+//    and the membership of the split communicators; a bad grid is refused
+//    with a message naming --dp/--sp and the world size; mpi::Comm never
+//    frees MPI_COMM_WORLD;
+//  - check_launcher with a fake environment;
+//  - GradReducer's buckets (tiling, order, caps) and its sum/average scaling.
+#define BOOST_TEST_MODULE dsrsq_mpi_comm
+#include <boost/test/unit_test.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "core/error.hpp"
+#include "dist/communicator.hpp"
+#include "dist/dp_reducer.hpp"
+#include "dist/grid.hpp"
+#include "dist/mpi.hpp"
+#include "model/transformer.hpp"
+
+namespace dd = dsrsq::dist;
+
+namespace {
+
+dd::MpiCommunicator& world() {
+  static dd::MpiCommunicator w(MPI_COMM_WORLD, "world", 60.0);
+  return w;
+}
+
+bool message_has(const std::exception& e, const std::string& s) { return std::string(e.what()).find(s) != std::string::npos; }
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(self_test_passes) {
+  BOOST_TEST(world().size() >= 1);
+  BOOST_CHECK_NO_THROW(dd::comm_self_test(world()));
+}
+
+BOOST_AUTO_TEST_CASE(all_reduce_analytic) {
+  const int n = world().size(), r = world().rank();
+  // Large enough (1.2 MB of f32) that MPI pipelines it in segments.
+  const std::size_t len = 300007;
+  std::vector<float> f(len);
+  std::vector<double> d(len);
+  for (std::size_t i = 0; i < len; ++i) {
+    f[i] = static_cast<float>((r + 1) * static_cast<int>(i % 101 + 1));
+    d[i] = (r + 1) * (static_cast<double>(i) + 0.5);
+  }
+  world().all_reduce_sum(std::span<float>(f));
+  world().all_reduce_sum(std::span<double>(d));
+  const double tri = n * (n + 1) / 2.0;
+  std::size_t bad_f = 0, bad_d = 0;
+  for (std::size_t i = 0; i < len; ++i) {
+    bad_f += static_cast<double>(f[i]) != tri * static_cast<double>(i % 101 + 1);
+    bad_d += d[i] != tri * (static_cast<double>(i) + 0.5);
+  }
+  BOOST_TEST(bad_f == 0u);
+  BOOST_TEST(bad_d == 0u);
+
+  // Average: DDP rule (scale by 1/n, then sum); for n a power of two exact.
+  std::vector<float> a(17, static_cast<float>(r + 1));
+  std::vector<double> ad(5, static_cast<double>(r + 1));
+  world().all_reduce_avg(std::span<float>(a));
+  world().all_reduce_avg(std::span<double>(ad));
+  for (float v : a) BOOST_TEST(v == (n + 1) / 2.0f);
+  for (double v : ad) BOOST_TEST(v == (n + 1) / 2.0);
+
+  std::int64_t k = r + 1;
+  world().all_reduce_sum(std::span<std::int64_t>(&k, 1));
+  BOOST_TEST(k == static_cast<std::int64_t>(n) * (n + 1) / 2);
+}
+
+BOOST_AUTO_TEST_CASE(nonblocking_out_of_order) {
+  const int n = world().size(), r = world().rank();
+  std::vector<float> a(1000, static_cast<float>(r + 1));
+  std::vector<double> b(333, 2.0 * (r + 1));
+  dd::Request ra = world().iall_reduce_sum(std::span<float>(a));
+  dd::Request rb = world().iall_reduce_sum(std::span<double>(b));
+  BOOST_TEST(ra.pending());
+  rb.wait();
+  ra.wait();
+  BOOST_TEST(!ra.pending());
+  BOOST_TEST(a.front() == n * (n + 1) / 2.0f);
+  BOOST_TEST(a.back() == n * (n + 1) / 2.0f);
+  BOOST_TEST(b[100] == static_cast<double>(n * (n + 1)));
+  ra.wait();  // waiting on a completed request is a no-op
+  BOOST_TEST(ra.test());
+}
+
+BOOST_AUTO_TEST_CASE(all_gather_and_broadcast) {
+  const int n = world().size(), r = world().rank();
+  const std::vector<float> mine{static_cast<float>(r + 1), static_cast<float>(-(r + 1))};
+  std::vector<float> all(2 * static_cast<std::size_t>(n));
+  world().all_gather(std::span<const float>(mine), std::span<float>(all));
+  for (int q = 0; q < n; ++q) {
+    BOOST_TEST(all[2 * q] == q + 1.0f);
+    BOOST_TEST(all[2 * q + 1] == -(q + 1.0f));
+  }
+  const int root = n - 1;
+  std::vector<double> x(7, r == root ? 3.25 : -1.0);
+  world().broadcast(std::span<double>(x), root);
+  for (double v : x) BOOST_TEST(v == 3.25);
+  std::vector<std::byte> bytes(16, std::byte{static_cast<unsigned char>(r == 0 ? 0xAB : 0)});
+  world().broadcast(std::span<std::byte>(bytes), 0);
+  BOOST_TEST(std::to_integer<int>(bytes[15]) == 0xAB);
+  // A wrongly sized output is refused before any communication (on every rank).
+  std::vector<float> small(1);
+  BOOST_CHECK_THROW(world().all_gather(std::span<const float>(mine), std::span<float>(small)), dsrsq::Error);
+  world().barrier();
+}
+
+// Rank 0 waits for an all-reduce that rank 1 joins only after 0.6 s: with a
+// 0.2 s timeout the wait throws, naming the rank, the communicator and the
+// operation; the request stays pending and a second wait completes it.
+BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
+  if (world().size() < 2) return;
+  MPI_Comm dup = MPI_COMM_NULL;
+  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  dsrsq::mpi::Comm owned(dup);
+  dd::MpiCommunicator c(owned.get(), "late", 0.2);
+  std::vector<float> x(10, 1.0f);
+  if (c.rank() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  dd::Request req = c.iall_reduce_sum(std::span<float>(x));
+  if (c.rank() == 0) {
+    bool threw = false;
+    try {
+      req.wait();
+    } catch (const dsrsq::Error& e) {
+      threw = true;
+      BOOST_TEST(message_has(e, "communication timeout"), e.what());
+      BOOST_TEST(message_has(e, "world rank 0"), e.what());
+      BOOST_TEST(message_has(e, "'late'"), e.what());
+      BOOST_TEST(message_has(e, "all_reduce_sum(f32 x 10)"), e.what());
+    }
+    BOOST_TEST(threw);
+    BOOST_TEST(req.pending());
+    c.set_timeout(30.0);  // the late rank arrives: the same request now completes
+  }
+  // The request carries the timeout it was made with; poll it by hand.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!req.test() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  BOOST_TEST(!req.pending());
+  BOOST_TEST(x[0] == static_cast<float>(c.size()));
+}
+
+BOOST_AUTO_TEST_CASE(process_grid_factorisations) {
+  const int n = world().size(), w = world().rank();
+  for (int sp = 1; sp <= n; ++sp) {
+    if (n % sp) continue;
+    const int dp = n / sp;
+    dd::ProcessGrid g(MPI_COMM_WORLD, dp, sp, 30.0);
+    BOOST_TEST(g.world_rank() == w);
+    BOOST_TEST(g.dp_rank() == w / sp);
+    BOOST_TEST(g.sp_rank() == w % sp);
+    BOOST_TEST(g.dp_comm().size() == dp);
+    BOOST_TEST(g.sp_comm().size() == sp);
+    BOOST_TEST(g.dp_comm().rank() == g.dp_rank());
+    BOOST_TEST(g.sp_comm().rank() == g.sp_rank());
+    // Membership: the dp group of world rank w is {w % sp + k * sp}, the sp
+    // group is {(w / sp) * sp + j}, each in rank order.
+    const std::int64_t me = w;
+    std::vector<std::int64_t> dpm(static_cast<std::size_t>(dp)), spm(static_cast<std::size_t>(sp));
+    g.dp_comm().all_gather(std::span<const std::int64_t>(&me, 1), std::span<std::int64_t>(dpm));
+    g.sp_comm().all_gather(std::span<const std::int64_t>(&me, 1), std::span<std::int64_t>(spm));
+    for (int k = 0; k < dp; ++k) BOOST_TEST(dpm[k] == w % sp + k * sp, "dp=" << dp << " sp=" << sp << " k=" << k);
+    for (int j = 0; j < sp; ++j) BOOST_TEST(spm[j] == (w / sp) * sp + j, "dp=" << dp << " sp=" << sp << " j=" << j);
+    dd::comm_self_test(g.dp_comm());
+    dd::comm_self_test(g.sp_comm());
+  }
+}
+
+BOOST_AUTO_TEST_CASE(process_grid_refuses_bad_shapes) {
+  const int n = world().size();
+  for (auto [dp, sp] : std::vector<std::pair<int, int>>{{n + 1, 1}, {n, 2}, {0, n}, {n, -1}}) {
+    try {
+      dd::ProcessGrid g(MPI_COMM_WORLD, dp, sp);
+      BOOST_ERROR("grid dp=" << dp << " sp=" << sp << " on " << n << " ranks was accepted");
+    } catch (const dsrsq::Error& e) {
+      BOOST_TEST(message_has(e, "--dp"), e.what());
+      BOOST_TEST(message_has(e, "--sp"), e.what());
+      if (dp >= 1 && sp >= 1) BOOST_TEST(message_has(e, "world size of " + std::to_string(n)), e.what());
+    }
+  }
+  BOOST_CHECK_NO_THROW(dd::validate_grid(2, 3, 6));
+  BOOST_CHECK_THROW(dd::validate_grid(2, 3, 4), dsrsq::Error);
+  world().barrier();
+}
+
+BOOST_AUTO_TEST_CASE(comm_handle_never_frees_world) {
+  { dsrsq::mpi::Comm w(MPI_COMM_WORLD); }
+  { dsrsq::mpi::Comm s(MPI_COMM_SELF); }
+  MPI_Comm dup = MPI_COMM_NULL;
+  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  dsrsq::mpi::Comm a(dup);
+  dsrsq::mpi::Comm b(std::move(a));
+  BOOST_TEST(!a);
+  BOOST_TEST(b.get() == dup);
+  b.reset();  // frees the duplicate, collectively
+  BOOST_TEST(!b);
+  BOOST_CHECK_NO_THROW(dd::comm_self_test(world()));  // MPI_COMM_WORLD is still alive
+}
+
+BOOST_AUTO_TEST_CASE(check_launcher_fake_env) {
+  using Env = std::map<std::string, std::string>;
+  auto lookup = [](const Env& env) {
+    return [env](const char* k) -> const char* {
+      const auto it = env.find(k);
+      return it == env.end() ? nullptr : it->second.c_str();
+    };
+  };
+  // Mismatch: MPI says 1 process, the launcher says more.
+  for (const Env& env : {Env{{"OMPI_COMM_WORLD_SIZE", "2"}}, Env{{"SLURM_NTASKS", "4"}}}) {
+    try {
+      dd::check_launcher(1, lookup(env));
+      BOOST_ERROR("mismatch not detected for " << env.begin()->first);
+    } catch (const dsrsq::Error& e) {
+      BOOST_TEST(message_has(e, env.begin()->first + "=" + env.begin()->second), e.what());
+      BOOST_TEST(message_has(e, "rank 0"), e.what());
+    }
+  }
+  // Consistent or absent: no error.
+  BOOST_CHECK_NO_THROW(dd::check_launcher(1, lookup(Env{})));
+  BOOST_CHECK_NO_THROW(dd::check_launcher(1, lookup(Env{{"OMPI_COMM_WORLD_SIZE", "1"}})));
+  BOOST_CHECK_NO_THROW(dd::check_launcher(1, lookup(Env{{"SLURM_NTASKS", "1"}})));
+  BOOST_CHECK_NO_THROW(dd::check_launcher(4, lookup(Env{{"OMPI_COMM_WORLD_SIZE", "4"}, {"SLURM_NTASKS", "4"}})));
+  // A one-rank mpirun inside a larger Slurm allocation is intended: mpirun's word wins.
+  BOOST_CHECK_NO_THROW(dd::check_launcher(1, lookup(Env{{"OMPI_COMM_WORLD_SIZE", "1"}, {"SLURM_NTASKS", "8"}})));
+  BOOST_CHECK_NO_THROW(dd::check_launcher(1, lookup(Env{{"SLURM_NTASKS", "garbage"}})));
+  // The real environment of this (correctly launched) job passes.
+  BOOST_CHECK_NO_THROW(dd::check_launcher(world().size()));
+}
+
+namespace {
+dsrsq::ModelConfig tiny_config() {
+  dsrsq::ModelConfig c;
+  c.vocab = 50;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.n_layers = 3;
+  c.d_ff = 64;
+  c.max_pos = 128;
+  return c;
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(bucket_layout) {
+  dsrsq::Transformer m(tiny_config(), dsrsq::cpu_backend());
+  dd::ReducerConfig cfg;
+  cfg.first_bucket_cap_bytes = 4 << 10;
+  cfg.bucket_cap_bytes = 12 << 10;
+  dd::GradReducer red(world(), m, cfg);
+  const auto& bs = red.buckets();
+  BOOST_TEST(bs.size() >= 6u);
+  // Buckets tile the buffer: each slot in exactly one bucket, each bucket contiguous.
+  std::vector<int> hits(static_cast<std::size_t>(m.flat_grads().numel()), 0);
+  for (const auto& b : bs) {
+    std::int64_t covered = 0;
+    for (std::size_t s : b.slots) covered += red.slots()[s].numel;
+    BOOST_TEST(covered == b.end - b.begin, b.first);
+    for (std::int64_t i = b.begin; i < b.end; ++i) ++hits[static_cast<std::size_t>(i)];
+  }
+  BOOST_TEST(std::count(hits.begin(), hits.end(), 1) == static_cast<long>(hits.size()));
+  // Caps: a bucket exceeds its cap only when it is a single tensor.
+  for (std::size_t b = 0; b < bs.size(); ++b) {
+    const std::size_t cap = b == 0 ? cfg.first_bucket_cap_bytes : cfg.bucket_cap_bytes;
+    BOOST_TEST((bs[b].bytes() <= cap || bs[b].slots.size() == 1), "bucket " << b << " " << bs[b].bytes());
+  }
+  // Order: the first bucket starts with the last layer's last tensor; layers
+  // come last-to-first; the end-of-backward tensors (wte, lnf) come last.
+  BOOST_TEST(bs.front().first == "h.2.mlp.bproj");
+  std::int64_t prev_layer = 3;
+  bool in_tail = false;
+  for (const auto& b : bs) {
+    for (std::size_t s : b.slots) {
+      const std::int64_t l = red.slots()[s].ready_layer;
+      if (l < 0) {
+        in_tail = true;
+      } else {
+        BOOST_TEST(!in_tail, "layer tensor " << red.slots()[s].name << " after the end-of-backward tensors");
+        BOOST_TEST(l <= prev_layer);
+        prev_layer = l;
+      }
+    }
+  }
+  BOOST_TEST(bs.back().first == "wte");
+  // Default caps: one bucket per readiness run (the model is tiny).
+  dd::GradReducer big(world(), m);
+  BOOST_TEST(big.config().bucket_cap_bytes == std::size_t{25} << 20);
+  BOOST_TEST(big.config().first_bucket_cap_bytes == std::size_t{1} << 20);
+  BOOST_TEST(big.buckets().size() == 3u);  // layers | lnf (not adjacent to wte) | wte
+}
+
+// Reducer arithmetic with known answers: every gradient of rank r is r + 1.
+BOOST_AUTO_TEST_CASE(reducer_sum_and_average) {
+  const int n = world().size(), r = world().rank();
+  dsrsq::Transformer m(tiny_config(), dsrsq::cpu_backend());
+  float* g = m.flat_grads().ptr<float>();
+  const std::int64_t len = m.flat_grads().numel();
+  for (auto mode : {dd::Reduction::sum, dd::Reduction::average}) {
+    dd::ReducerConfig cfg;
+    cfg.first_bucket_cap_bytes = 2 << 10;
+    cfg.bucket_cap_bytes = 8 << 10;
+    cfg.reduction = mode;
+    dd::GradReducer red(world(), m, cfg);
+    for (int step = 0; step < 2; ++step) {
+      std::fill(g, g + len, static_cast<float>(r + 1));
+      // Drive it as backward would: layers last to first, then the end.
+      for (std::int64_t l = m.config().n_layers - 1; l >= 0; --l) red.mark_ready(l);
+      red.mark_ready(-1);
+      red.finish();
+      const float want = mode == dd::Reduction::sum ? n * (n + 1) / 2.0f : (n + 1) / 2.0f;
+      BOOST_TEST(std::count(g, g + len, want) == len);
+    }
+    BOOST_TEST(red.stats().steps == 2);
+    BOOST_TEST(red.stats().buckets_launched == static_cast<std::int64_t>(2 * red.buckets().size()));
+    BOOST_TEST(red.stats().payload_bytes == 2u * static_cast<std::uint64_t>(len) * 4u);
+    // The last layer's buckets went out from the hook, before the end of backward.
+    BOOST_TEST(red.stats().buckets_launched_during_backward == red.stats().buckets_launched);
+  }
+  // Marking a layer twice in one step is an error (accumulation needs set_sync(false)).
+  dd::GradReducer red(world(), m);
+  red.mark_ready(2);
+  BOOST_CHECK_THROW(red.mark_ready(2), dsrsq::Error);
+  BOOST_CHECK_THROW(red.mark_ready(7), dsrsq::Error);
+  red.finish();  // launches the rest: no bucket is left behind
+  red.set_sync(false);
+  red.mark_ready(2);
+  red.mark_ready(2);
+  red.finish();
+  BOOST_TEST(red.stats().steps == 1);
+}
