@@ -551,6 +551,18 @@ ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_throu
       t.truncate(t.rows());
     }
   }
+  // Example rows of a method or variant that did not finish are redone by the
+  // resumed run: drop them so they are not recorded twice.
+  auto drop_unfinished = [&](const std::string& kind, const std::vector<std::string>& names) {
+    for (const auto& n : names) {
+      const auto st = rf.file_->root().group("status/" + kind + "/" + n).dataset("state").read_fixed_string();
+      if (st == "done") continue;
+      Table t = Table::open(rf.file_->root().group(kind + "/" + n), example_fields(), false);
+      t.truncate(0);
+    }
+  };
+  drop_unfinished("eval", rf.layout_.methods);
+  drop_unfinished("ablation", rf.layout_.ablation_variants);
   rf.file_->flush();
   rf.file_->start_swmr_write();
   rf.open_tables();

@@ -287,6 +287,10 @@ int run_experiment(const Options& opt, int rank, int world) {
     ec.max_seq_len = mc.max_pos;
     std::vector<MethodEval> results;
     for (const auto& m : opt.methods) {
+      if (sink.method_done_before(m)) {
+        std::printf("dsrsq: %s was evaluated by an earlier attempt of this run; its results are kept\n", m.c_str());
+        continue;
+      }
       sink.method_started(m);
       try {
         auto policy = make_kv_policy(m, mc, cpu_backend());

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <set>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -109,6 +110,7 @@ struct ResultsSink::Impl {
   std::int64_t resume_step = 0;
   std::optional<io::CheckpointState> pending;  // loaded by open(), applied by restore()
   std::vector<results::TrainRecord> train_buf;
+  std::set<std::string> done_before;  // methods finished by an earlier attempt of this run
 
   Impl(const Options& o, const ModelConfig& m, const Tokenizer& t, int r) : opt(o), mc(m), tok(t), rank(r) {}
 };
@@ -148,6 +150,12 @@ void ResultsSink::open(const std::string& dataset_hash) {
       DSRSQ_INPUT_CHECK(I.pending->config_hash == impl_->opt.identity_hash(), "checkpoint '", *ck,
                         "' belongs to another configuration (hash ", I.pending->config_hash, ")");
       I.resume_step = I.pending->step;
+    }
+    {
+      // A killed evaluation leaves finished methods with their rows: remember them.
+      const results::ResultsReader prior(I.h5_path, /*swmr=*/true);
+      for (const auto& m : prior.layout().methods)
+        if (prior.status("eval/" + m).state == "done") I.done_before.insert(m);
     }
     I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step));
     std::printf("dsrsq: resuming %s from step %lld\n", I.h5_path.c_str(), static_cast<long long>(I.resume_step));
@@ -259,6 +267,8 @@ void ResultsSink::interrupted(std::int64_t step) {
   I.file->set_status("train", "interrupted", why + " at step " + std::to_string(step) + "; rerun to resume");
   I.file->set_run_state("interrupted", utc_now());
 }
+
+bool ResultsSink::method_done_before(const std::string& method) const { return impl_->done_before.count(method) > 0; }
 
 void ResultsSink::method_started(const std::string& method) {
   Impl& I = *impl_;

@@ -35,6 +35,9 @@ class ResultsSink {
   bool should_stop();
   void interrupted(std::int64_t step);
 
+  // True when a resumed run already holds this method's finished results
+  // (its rows are kept; evaluating it again would duplicate them).
+  bool method_done_before(const std::string& method) const;
   void method_started(const std::string& method);
   void method_done(const MethodEval& r);
   void method_failed(const std::string& method, const std::string& message);

@@ -380,6 +380,30 @@ def test_stop_after_and_resume_bitwise(tmp_path, baseline):
             assert [x["prediction"] for x in eval_table(fa, m)] == [x["prediction"] for x in eval_table(fb, m)]
 
 
+@pytest.mark.resume
+def test_resume_after_partial_evaluation(tmp_path, baseline):
+    """A run killed while evaluating its second method: the first method's rows
+    are kept, the unfinished method's rows are dropped and redone, none twice."""
+    out = tmp_path / "out"
+    d = out / "r"
+    ok(run(args(out, "--no-report"), tmp_path))
+    (d / "finished").unlink()
+    with h5py.File(d / "run.h5", "r+") as f:  # the state a kill between append and "done" leaves
+        ds = f["status/eval/sliding_window/state"]
+        ds[()] = b"running".ljust(ds.dtype.itemsize, b"\0")
+        f["status/run_state"][()] = b"running".ljust(f["status/run_state"].dtype.itemsize, b"\0")
+    r = ok(run(args(out, "--no-report"), tmp_path))
+    assert "full was evaluated by an earlier attempt" in r.stdout, r.stdout[-2000:]
+    assert re.search(r"evaluated sliding_window", r.stdout), r.stdout[-2000:]
+    with h5open(d / "run.h5") as f, h5open(baseline["h5"]) as fb:
+        for m in METHODS:
+            got, want = eval_table(f, m), eval_table(fb, m)
+            assert len(got) == NUM_TEST, f"{m}: {len(got)} rows"
+            assert [x["prediction"] for x in got] == [x["prediction"] for x in want]
+            assert status(f, "eval/" + m) == "done"
+        assert fixed(f["status/run_state"]) == "done"
+
+
 # ---------------------------------------------------------------- 4. skip and overwrite
 
 @pytest.mark.skip_overwrite
