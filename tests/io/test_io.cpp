@@ -255,6 +255,8 @@ BOOST_AUTO_TEST_CASE(results_resume_drops_redone_rows) {
     rf.append_val({4, 1.0});
     rf.append_val({8, 2.0});
     rf.append_example("eval/full", example(2));
+    rf.set_status("eval/full", "done");
+    rf.append_example("eval/dsrsq", example(5));  // dsrsq never finished: redone after resume
     // no close: the destructor closes
   }
   {
@@ -272,9 +274,11 @@ BOOST_AUTO_TEST_CASE(results_resume_drops_redone_rows) {
     BOOST_TEST(t[i].loss_total == (i <= 5 ? double(i) : 100.0 + i));
   }
   BOOST_TEST((r.val() == std::vector<ValRecord>{{4, 1.0}}));
-  const auto ex = r.examples("eval/full");  // examples are never dropped
+  const auto ex = r.examples("eval/full");  // a finished method keeps its rows
   BOOST_REQUIRE_EQUAL(ex.size(), 2u);
+  BOOST_TEST((ex[0] == example(2)));
   BOOST_TEST((ex[1] == example(3)));
+  BOOST_TEST(r.examples("eval/dsrsq").empty());  // an unfinished one's rows are dropped
   BOOST_TEST(r.run_state().state == "running");
 }
 

@@ -227,7 +227,8 @@ BOOST_AUTO_TEST_CASE(live_readers_kill_and_resume) {
   {
     ResultsReader r(path);  // plain (non-SWMR) open of the finished file
     BOOST_TEST(check_rows(r) == 25u);
-    BOOST_TEST(r.examples("eval/full").size() >= (before_kill + 3) / 4);
+    // eval/full never reached "done": resume drops its rows (the run redoes them).
+    BOOST_TEST(r.examples("eval/full").empty());
     BOOST_TEST(r.run_state().state == "done");
   }
   if (python) {
