@@ -1,5 +1,6 @@
 #include "pipeline/experiment.hpp"
 
+#include <mpi.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -16,6 +17,8 @@
 #include "data/readers.hpp"
 #include "data/tasks.hpp"
 #include "data/tokenizer.hpp"
+#include "dist/dp_reducer.hpp"
+#include "dist/grid.hpp"
 #include "io/checkpoint.hpp"
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
@@ -122,9 +125,19 @@ void write_report(const std::string& h5) {
 }  // namespace
 
 int run_experiment(const Options& opt, int rank, int world) {
-  DSRSQ_INPUT_CHECK(opt.dp * opt.sp == world, "options --dp ", opt.dp, " x --sp ", opt.sp, " = ", opt.dp * opt.sp,
-                    " does not equal the number of MPI ranks (", world, ")");
-  DSRSQ_INPUT_CHECK(world == 1, "data- and sequence-parallel runs land with the distribution issue; run with one rank");
+  dist::validate_grid(opt.dp, opt.sp, world);
+  DSRSQ_INPUT_CHECK(opt.sp == 1, "option --sp: sequence parallelism is not wired into training yet; use --sp 1 "
+                    "(data parallelism: --dp N with N ranks)");
+  DSRSQ_INPUT_CHECK(opt.batch_size % opt.dp == 0, "option --batch_size ", opt.batch_size, " must be divisible by --dp ",
+                    opt.dp, " (each rank trains on an equal shard)");
+  // Only rank 0 talks: the others' progress lines would repeat it. Errors go
+  // to stderr on every rank, prefixed with the rank.
+  if (rank != 0) std::freopen("/dev/null", "w", stdout);
+  std::unique_ptr<dist::ProcessGrid> grid;
+  if (world > 1) {
+    grid = std::make_unique<dist::ProcessGrid>(MPI_COMM_WORLD, opt.dp, opt.sp, opt.comm_timeout);
+    dist::comm_self_test(grid->world());
+  }
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
 
   auto tok = make_tokenizer(opt.tokenizer, opt.tokenizer_model);
@@ -235,6 +248,15 @@ int run_experiment(const Options& opt, int rank, int world) {
   ac.clip_norm = opt.clip_norm;
   AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
   std::int64_t start = sink.restore(model, adam);
+  if (grid) {
+    // Rank 0 read the checkpoint (if any): every rank starts from its state.
+    std::int64_t st[2] = {start, adam.steps()};
+    grid->world().broadcast(std::span<std::int64_t>(st, 2), 0);
+    start = st[0];
+    adam.set_steps(st[1]);
+    for (TensorView t : {model.flat_params(), adam.m(), adam.v()})
+      grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
+  }
   if (init && start == 0) {
     std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
     std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
@@ -259,18 +281,44 @@ int run_experiment(const Options& opt, int rank, int world) {
     std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm peak now %.0f GFLOP/s\n",
                 mc.str().c_str(), static_cast<long long>(mc.num_parameters()), static_cast<long long>(tc.steps),
                 static_cast<long long>(start), tc.peak_gflops);
-    Trainer trainer(model, adam, tc, pools, val, tok->pad_id());
+    DataParallel dp;
+    std::unique_ptr<dist::GradReducer> reducer;
+    if (grid) {
+      reducer = std::make_unique<dist::GradReducer>(grid->dp_comm(), model);
+      reducer->attach(model);
+      dp.comm = &grid->dp_comm();
+      dp.reduce_gradients = [&] { reducer->finish(); };
+      dp.last_comm_seconds = [&] { return reducer->stats().last_wait_seconds; };
+    }
+    Trainer trainer(model, adam, tc, pools, val, tok->pad_id(), dp);
     TrainCallbacks cb;
     cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
     cb.checkpoint_every = opt.checkpoint_every;
     cb.on_checkpoint = [&](std::int64_t step) { sink.checkpoint(step, model, adam); };
     std::int64_t step_now = start;
+    std::int64_t bytes_before = 0;
     cb.on_step = [&](const StepStats& s) {
       step_now = s.step + 1;
       sink.train_step(s);
+      if (grid) {  // per-rank timings -> /ranks (gathered to rank 0)
+        // bytes_sent: this step's all-reduced payload times the ring factor 2 (n-1)/n.
+        const std::int64_t bytes = static_cast<std::int64_t>(reducer->stats().payload_bytes);
+        const double ring = 2.0 * (opt.dp - 1) / opt.dp;
+        const double mine[3] = {s.step_time_s, s.comm_seconds, ring * static_cast<double>(bytes - bytes_before)};
+        bytes_before = bytes;
+        std::vector<double> all(static_cast<std::size_t>(3 * world));
+        grid->world().all_gather(std::span<const double>(mine, 3), std::span<double>(all));
+        sink.rank_step(s.step + 1, all);
+      }
     };
-    cb.should_stop = [&] { return sink.should_stop() || (opt.stop_after > 0 && step_now >= opt.stop_after); };
+    cb.should_stop = [&] {
+      // Every rank must stop at the same step boundary: agree with one all-reduce.
+      double stop = (sink.should_stop() || (opt.stop_after > 0 && step_now >= opt.stop_after)) ? 1.0 : 0.0;
+      if (grid) stop = dist::all_reduce_scalar(grid->world(), stop);
+      return stop > 0;
+    };
     const std::int64_t done = trainer.run(start, cb);
+    if (reducer) reducer->detach();
     if (done < tc.steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                   static_cast<long long>(done), static_cast<long long>(tc.steps));
@@ -280,7 +328,8 @@ int run_experiment(const Options& opt, int rank, int world) {
   }
 
   // ---- evaluation ----
-  if (opt.command != "train") {
+  // Rank 0 evaluates (every rank holds the same parameters); the others wait.
+  if (opt.command != "train" && rank == 0) {
     EvalConfig ec;
     ec.budget = budget;
     ec.max_new_tokens = opt.max_new_tokens;
@@ -308,6 +357,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     }
     print_tables(results, opt.kv_budget);
   }
+  if (grid) MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
   sink.finish();
   std::printf("dsrsq: done in %.1f s; results in %s\n", total.seconds(), sink.path().c_str());
   if (opt.command != "train" && !opt.no_report) write_report(sink.path());

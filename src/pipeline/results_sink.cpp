@@ -118,6 +118,10 @@ struct ResultsSink::Impl {
 ResultsSink::ResultsSink(const Options& opt, const ModelConfig& mc, const Tokenizer& tok, int rank)
     : impl_(std::make_unique<Impl>(opt, mc, tok, rank)) {
   Impl& I = *impl_;
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGUSR1, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+  if (rank != 0) return;  // rank 0 alone owns the run directory and the results file
   I.decision = io::RunDirectory::prepare(opt.output_dir, opt.run_name, opt.identity_hash(), opt.resolved_text(),
                                          opt.overwrite);
   I.run_path = I.decision.path;
@@ -131,9 +135,6 @@ ResultsSink::ResultsSink(const Options& opt, const ModelConfig& mc, const Tokeni
     const std::string old = io::RunDirectory::commit_overwrite(I.decision);
     std::printf("dsrsq: the previous run was moved aside to %s\n", old.c_str());
   }
-  std::signal(SIGTERM, on_stop_signal);
-  std::signal(SIGUSR1, on_stop_signal);
-  std::signal(SIGINT, on_stop_signal);
 }
 
 ResultsSink::~ResultsSink() = default;
@@ -142,6 +143,7 @@ bool ResultsSink::skip() const { return impl_->skip; }
 const std::string& ResultsSink::path() const { return impl_->h5_path; }
 
 void ResultsSink::open(const std::string& dataset_hash) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   const bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
   if (resuming) {
@@ -183,6 +185,7 @@ void ResultsSink::open(const std::string& dataset_hash) {
 }
 
 std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt) {
+  if (impl_->rank != 0) return 0;
   Impl& I = *impl_;
   if (!I.pending) return 0;
   const io::CheckpointState& ck = *I.pending;
@@ -207,6 +210,7 @@ void ResultsSink::init_from(const std::string& checkpoint, Transformer& model) {
 }
 
 void ResultsSink::train_step(const StepStats& s) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   results::TrainRecord r;
   r.step = s.step + 1;
@@ -226,6 +230,7 @@ void ResultsSink::train_step(const StepStats& s) {
 }
 
 void ResultsSink::val(std::int64_t step, double loss) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (!I.train_buf.empty()) {
     I.file->append_train(I.train_buf);
@@ -235,6 +240,7 @@ void ResultsSink::val(std::int64_t step, double loss) {
 }
 
 void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (!I.train_buf.empty()) {
     I.file->append_train(I.train_buf);
@@ -260,7 +266,17 @@ std::string ResultsSink::mc_string(const ModelConfig& mc) { return mc.str(); }
 
 bool ResultsSink::should_stop() { return g_stop_signal != 0; }
 
+void ResultsSink::rank_step(std::int64_t step, const std::vector<double>& per_rank) {
+  if (impl_->rank != 0) return;
+  std::vector<results::RankRecord> rows;
+  for (std::size_t r = 0; r + 2 < per_rank.size(); r += 3)
+    rows.push_back(results::RankRecord{step, static_cast<std::int64_t>(r / 3), per_rank[r], per_rank[r + 1],
+                                       static_cast<std::int64_t>(per_rank[r + 2])});
+  impl_->file->append_ranks(rows);
+}
+
 void ResultsSink::interrupted(std::int64_t step) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   const std::string why = g_stop_signal ? "signal " + std::to_string(static_cast<int>(g_stop_signal))
                                          : "--stop_after " + std::to_string(I.opt.stop_after);
@@ -271,12 +287,14 @@ void ResultsSink::interrupted(std::int64_t step) {
 bool ResultsSink::method_done_before(const std::string& method) const { return impl_->done_before.count(method) > 0; }
 
 void ResultsSink::method_started(const std::string& method) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (I.opt.command != "eval") I.file->set_status("train", "done");
   I.file->set_status("eval/" + method, "running");
 }
 
 void ResultsSink::method_done(const MethodEval& r) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   std::vector<results::ExampleRecord> rows;
   rows.reserve(r.examples.size());
@@ -342,12 +360,14 @@ void ResultsSink::method_done(const MethodEval& r) {
 }
 
 void ResultsSink::method_failed(const std::string& method, const std::string& message) {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   I.file->set_status("eval/" + method, "failed", message);
   if (I.opt.dataset == "fact_stream") I.file->set_status("adaptation/" + method, "failed", message);
 }
 
 void ResultsSink::finish() {
+  if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (!I.train_buf.empty()) {
     I.file->append_train(I.train_buf);

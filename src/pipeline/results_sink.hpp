@@ -4,6 +4,7 @@
 // the driver reads as the protocol it runs.
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "cli/options.hpp"
 #include "data/tokenizer.hpp"
@@ -33,6 +34,8 @@ class ResultsSink {
   void val(std::int64_t step, double loss);
   void checkpoint(std::int64_t step, Transformer& model, AdamW& opt);
   bool should_stop();
+  // Per-rank timings of one step, gathered: (step_time_s, comm_time_s, bytes) per world rank.
+  void rank_step(std::int64_t step, const std::vector<double>& per_rank);
   void interrupted(std::int64_t step);
 
   // True when a resumed run already holds this method's finished results

@@ -7,13 +7,16 @@
 #include <cstdio>
 
 #include "core/rng.hpp"
+#include "dist/dp_reducer.hpp"
 #include "core/timer.hpp"
 
 namespace dsrsq {
 
 Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
-                 const std::vector<Encoded>& val, std::int32_t pad_id)
-    : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id) {
+                 const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp)
+    : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id), dp_(std::move(dp)) {
+  DSRSQ_INPUT_CHECK(cfg_.batch_size % dp_.size() == 0, "option --batch_size ", cfg_.batch_size,
+                    " must be divisible by --dp ", dp_.size(), " (each rank takes an equal shard)");
   DSRSQ_INPUT_CHECK(!pools_.empty(), "trainer: no training data");
   for (const auto& p : pools_) DSRSQ_INPUT_CHECK(!p.empty(), "trainer: an empty training pool");
 }
@@ -60,45 +63,57 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
   for (; s < cfg_.steps; ++s) {
     if (cb.should_stop && cb.should_stop()) break;
     Timer t;
-    const auto seqs = batch_for_step(s);
+    auto seqs = batch_for_step(s);
+    if (dp_.comm) {  // this rank's contiguous shard of the global batch
+      const std::size_t per = seqs.size() / static_cast<std::size_t>(dp_.size());
+      seqs = std::vector<const Encoded*>(seqs.begin() + static_cast<std::ptrdiff_t>(per * dp_.rank()),
+                                         seqs.begin() + static_cast<std::ptrdiff_t>(per * (dp_.rank() + 1)));
+    }
     HostBatch hb = make_batch(seqs, pad_, static_cast<float>(cfg_.lm_weight));
     const double lr = lr_schedule(s, cfg_.steps, cfg_.warmup, cfg_.lr);
     model_.zero_grad();
-    const double loss = model_.forward(hb.view());
+    const double inv_norm = dp_.comm ? dist::global_inv_norm(*dp_.comm, hb.mask) : 0.0;
+    double loss = model_.forward(hb.view(), inv_norm);
     model_.backward();
+    if (dp_.reduce_gradients) dp_.reduce_gradients();
     const double norm = opt_.step(lr);
     const double dt = t.seconds();
     ema_dt = ema_dt == 0 ? dt : 0.9 * ema_dt + 0.1 * dt;
     StepStats st;
     st.step = s;
     st.epoch = s / std::max<std::int64_t>(1, steps_per_epoch());
-    st.loss = loss;
     {
       const float* rl = model_.row_losses().ptr<float>();
-      double sum = 0;
+      double local[4] = {loss, 0.0, static_cast<double>(hb.answer_tokens), static_cast<double>(hb.B * hb.T)};
       for (std::size_t i = 0; i < hb.is_answer.size(); ++i)
-        if (hb.is_answer[i]) sum += rl[i];
-      st.task_loss = hb.answer_tokens ? sum / static_cast<double>(hb.answer_tokens) : 0.0;
+        if (hb.is_answer[i]) local[1] += rl[i];
+      if (dp_.comm) dp_.comm->all_reduce_sum(std::span<double>(local, 4));  // ranks' losses add up to the global one
+      loss = local[0];
+      st.loss = loss;
+      st.task_loss = local[2] > 0 ? local[1] / local[2] : 0.0;
+      st.answer_tokens = static_cast<std::int64_t>(local[2]);
+      st.tokens = static_cast<std::int64_t>(local[3]);
     }
+    st.comm_seconds = dp_.last_comm_seconds ? dp_.last_comm_seconds() : 0.0;
     st.lr = lr;
     st.grad_norm = norm;
     st.step_time_s = dt;
-    st.tokens = hb.B * hb.T;
-    st.answer_tokens = hb.answer_tokens;
     st.tokens_per_s = static_cast<double>(st.tokens) / dt;
-    st.gflops = model_.train_flops(hb.B, hb.T) / dt / 1e9;
+    st.gflops = model_.train_flops(hb.B, hb.T) * dp_.size() / dt / 1e9;
     if (cb.on_step) cb.on_step(st);
-    if ((s + 1) % cfg_.log_every == 0 || s + 1 == cfg_.steps) {
+    if (dp_.rank() == 0 && ((s + 1) % cfg_.log_every == 0 || s + 1 == cfg_.steps)) {
       const double eta = ema_dt * static_cast<double>(cfg_.steps - s - 1);
-      std::printf("step %5lld/%lld | loss %.4f (answer %.4f) | lr %.2e | norm %.3f | %6.1f ms | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
+      char comm[48] = "";
+      if (dp_.comm) std::snprintf(comm, sizeof comm, " (compute %.1f + comm %.1f)", (dt - st.comm_seconds) * 1e3, st.comm_seconds * 1e3);
+      std::printf("step %5lld/%lld | loss %.4f (answer %.4f) | lr %.2e | norm %.3f | %6.1f ms%s | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
                   static_cast<long long>(s + 1), static_cast<long long>(cfg_.steps), loss, st.task_loss, lr, norm, dt * 1e3,
-                  st.tokens_per_s, st.gflops, cfg_.peak_gflops > 0 ? 100.0 * st.gflops / cfg_.peak_gflops : 0.0,
+                  comm, st.tokens_per_s, st.gflops, cfg_.peak_gflops > 0 ? 100.0 * st.gflops / cfg_.peak_gflops : 0.0,
                   cfg_.peak_gflops, eta);
       std::fflush(stdout);
     }
     if (cfg_.val_every > 0 && ((s + 1) % cfg_.val_every == 0 || s + 1 == cfg_.steps) && !val_.empty()) {
-      const double vl = validation_loss();
-      std::printf("step %5lld/%lld | validation loss %.4f\n", static_cast<long long>(s + 1),
+      const double vl = validation_loss();  // every rank, on the whole validation set: identical
+      if (dp_.rank() == 0) std::printf("step %5lld/%lld | validation loss %.4f\n", static_cast<long long>(s + 1),
                   static_cast<long long>(cfg_.steps), vl);
       if (cb.on_val) cb.on_val(s + 1, vl);
     }

@@ -13,6 +13,7 @@
 #include <functional>
 #include <vector>
 
+#include "dist/communicator.hpp"
 #include "model/transformer.hpp"
 #include "pipeline/encode.hpp"
 #include "train/optimizer.hpp"
@@ -33,7 +34,21 @@ struct TrainConfig {
 struct StepStats {
   std::int64_t step = 0, epoch = 0;
   double loss = 0, task_loss = 0, lr = 0, grad_norm = 0, step_time_s = 0, tokens_per_s = 0, gflops = 0;
-  std::int64_t tokens = 0, answer_tokens = 0;
+  std::int64_t tokens = 0, answer_tokens = 0;  // over all dp ranks
+  double comm_seconds = 0;                      // this rank's wait for gradient buckets
+};
+
+// Data parallelism: every rank draws the same global batch for step s and
+// trains on its contiguous shard (batch_size / dp sequences). The loss is
+// normalised by the GLOBAL loss-mask sum and gradients are summed by the
+// reducer (src/dist/dp_reducer.hpp), so dp ranks compute the one-process
+// update of the whole batch up to float reassociation.
+struct DataParallel {
+  dist::Communicator* comm = nullptr;       // the dp communicator; null: one rank
+  std::function<void()> reduce_gradients;  // waits for the reducer's buckets (GradReducer::finish)
+  std::function<double()> last_comm_seconds;
+  int rank() const { return comm ? comm->rank() : 0; }
+  int size() const { return comm ? comm->size() : 1; }
 };
 
 struct TrainCallbacks {
@@ -50,7 +65,7 @@ class Trainer {
  public:
   // pools: training sequences grouped by context length, shortest first.
   Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
-          const std::vector<Encoded>& val, std::int32_t pad_id);
+          const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp = {});
 
   // Runs steps [start_step, cfg.steps). Returns the last completed step + 1.
   std::int64_t run(std::int64_t start_step, const TrainCallbacks& cb);
@@ -66,6 +81,7 @@ class Trainer {
   const std::vector<std::vector<Encoded>>& pools_;
   const std::vector<Encoded>& val_;
   std::int32_t pad_;
+  DataParallel dp_;
 };
 
 // sgemm GFLOP/s of this machine now (square 1024 products, best of 3), for
