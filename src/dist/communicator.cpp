@@ -1,5 +1,6 @@
 #include "dist/communicator.hpp"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -109,11 +110,13 @@ class MpiRequest final : public Request::Impl {
     using clock = std::chrono::steady_clock;
     const auto start = clock::now();
     const auto deadline = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_));
-    // Spin briefly (short collectives finish in microseconds), then back off
-    // with growing sleeps so a waiting rank does not steal an oversubscribed
-    // core from the peer it waits for.
+    // Non-blocking collectives progress only inside MPI calls (Open MPI's
+    // libnbc), so poll without sleeping for the first few milliseconds, yielding
+    // the core between polls, then back off with short sleeps so a waiting rank
+    // does not steal an oversubscribed core from the peer it waits for.
+    const auto spin_until = start + std::chrono::milliseconds(20);
     auto nap = std::chrono::microseconds(10);
-    for (int spins = 0;; ++spins) {
+    for (;;) {
       if (test()) return;
       if (clock::now() >= deadline) {
         const double waited = std::chrono::duration<double>(clock::now() - start).count();
@@ -122,9 +125,11 @@ class MpiRequest final : public Request::Impl {
                                 timeout_, " s, --comm_timeout) for ", what_,
                                 " to complete; a peer rank has probably died or stalled"));
       }
-      if (spins >= 100) {
+      if (clock::now() < spin_until) {
+        sched_yield();
+      } else {
         std::this_thread::sleep_for(nap);
-        nap = std::min(nap * 2, std::chrono::microseconds(1000));
+        nap = std::min(nap * 2, std::chrono::microseconds(200));
       }
     }
   }
