@@ -360,7 +360,7 @@ int run_experiment(const Options& opt, int rank, int world) {
   if (grid) MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
   sink.finish();
   std::printf("dsrsq: done in %.1f s; results in %s\n", total.seconds(), sink.path().c_str());
-  if (opt.command != "train" && !opt.no_report) write_report(sink.path());
+  if (opt.command != "train" && !opt.no_report && rank == 0) write_report(sink.path());
   return 0;
 }
 

@@ -608,11 +608,15 @@ def test_data_parallel_equals_one_rank(tmp_path, baseline, dp):
     env = dict(ENV)
     env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
                 "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMPI_MCA_rmaps_base_oversubscribe": "1"})
-    argv = [mpiexec, "-np", str(dp), "--oversubscribe"] + args(out, "--dp", dp, "--no-report")
+    extra = ["--no-report"] if dp == 4 else []  # dp 2 also runs the report tool (rank 0 only)
+    argv = [mpiexec, "-np", str(dp), "--oversubscribe"] + args(out, "--dp", dp, *extra)
     r = subprocess.run(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=240)
     ok(r)
     assert r.stdout.count("validation loss") == 2, "only rank 0 prints"  # val_every 10, 20 steps
+    if dp == 2:
+        assert (out / "r" / "report" / "report.md").exists()
+        assert "report.py" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     with h5open(out / "r" / "run.h5") as fb, h5open(baseline["h5"]) as fa:
         ta, tb = train_table(fa), train_table(fb)
         assert list(tb["step"]) == list(range(1, STEPS + 1))
