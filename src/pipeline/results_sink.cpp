@@ -201,14 +201,6 @@ std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt) {
   return I.resume_step;
 }
 
-void ResultsSink::init_from(const std::string& checkpoint, Transformer& model) {
-  const io::CheckpointState ck = io::load_checkpoint(checkpoint);
-  DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(ck.params.size()) == model.flat_params().numel(), "option --init_from: '",
-                    checkpoint, "' holds ", ck.params.size(), " parameters, this model has ", model.flat_params().numel());
-  std::memcpy(model.flat_params().data, ck.params.data(), ck.params.size() * sizeof(float));
-  std::printf("dsrsq: initialised from %s (step %lld)\n", checkpoint.c_str(), static_cast<long long>(ck.step));
-}
-
 void ResultsSink::train_step(const StepStats& s) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;

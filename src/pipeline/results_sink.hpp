@@ -28,7 +28,6 @@ class ResultsSink {
   const std::string& path() const;  // the results file
   // Loads the newest checkpoint of this run, if any; returns the step to start from.
   std::int64_t restore(Transformer& model, AdamW& opt);
-  void init_from(const std::string& checkpoint, Transformer& model);
 
   void train_step(const StepStats& s);
   void val(std::int64_t step, double loss);
