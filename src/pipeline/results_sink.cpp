@@ -240,7 +240,7 @@ void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt) 
   }
   io::CheckpointState ck;
   ck.config_hash = I.opt.identity_hash();
-  ck.model_config = {{"model", mc_string(model.config())}};
+  ck.model_config = {{"model", model.config().str()}};
   ck.step = step;
   ck.data_cursor = {step};
   const float* p = model.flat_params().ptr<float>();
@@ -253,8 +253,6 @@ void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt) 
   io::prune_checkpoints(I.run_path, static_cast<int>(std::max<std::int64_t>(1, I.opt.keep_checkpoints)), 0);
   I.file->flush();
 }
-
-std::string ResultsSink::mc_string(const ModelConfig& mc) { return mc.str(); }
 
 bool ResultsSink::should_stop() { return g_stop_signal != 0; }
 

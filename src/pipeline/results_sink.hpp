@@ -46,7 +46,6 @@ class ResultsSink {
   void finish();
 
  private:
-  static std::string mc_string(const ModelConfig& mc);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
