@@ -29,6 +29,7 @@
 
 #include "backend/backend.hpp"
 #include "dist/communicator.hpp"
+#include "model/transformer.hpp"
 
 namespace dsrsq::dist {
 
@@ -57,5 +58,18 @@ void ring_attention_fwd(Backend& be, MpiCommunicator& comm, const AttentionArgs&
 // local queries over all keys, dk/dv the gradient of the local keys/values
 // from all queries of the sequence.
 void ring_attention_bwd(Backend& be, MpiCommunicator& comm, const AttentionGradArgs& local);
+
+// The model's training attention as ring attention over `comm` (sequence
+// parallelism): each rank's batch holds its zigzag shard of every sequence.
+class RingAttention : public AttentionOverride {
+ public:
+  RingAttention(Backend& be, MpiCommunicator& comm) : be_(be), comm_(comm) {}
+  void forward(std::int64_t, const AttentionArgs& a) override { ring_attention_fwd(be_, comm_, a); }
+  void backward(std::int64_t, const AttentionGradArgs& a) override { ring_attention_bwd(be_, comm_, a); }
+
+ private:
+  Backend& be_;
+  MpiCommunicator& comm_;
+};
 
 }  // namespace dsrsq::dist

@@ -121,6 +121,18 @@ static TensorView copy_into(Arena& arena, const TensorView& src) {
   return t;
 }
 
+TensorView Transformer::saved_keys(std::int64_t layer) const {
+  DSRSQ_REQUIRE(have_targets_ && layer >= 0 && layer < cfg_.n_layers, "saved_keys: no training forward or bad layer");
+  const TensorView& k = acts_[static_cast<std::size_t>(layer)].k_pre;
+  DSRSQ_REQUIRE(!k.empty(), "saved_keys: set save_pre_rope_keys before the forward");
+  return k;
+}
+
+TensorView Transformer::saved_values(std::int64_t layer) const {
+  DSRSQ_REQUIRE(have_targets_ && layer >= 0 && layer < cfg_.n_layers, "saved_values: no training forward or bad layer");
+  return acts_[static_cast<std::size_t>(layer)].v;
+}
+
 void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, TensorView tokens, TensorView pos,
                               KVCache* cache, KVPolicy* policy) {
   const std::int64_t C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab, NH = cfg_.n_heads, HS = cfg_.head_size();
@@ -160,6 +172,8 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
     if (policy) {
       policy->attend(l, A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs), pos, A.att.reshaped(qs));
     } else {
+    A.k_pre = TensorView{};
+    if (save_pre_rope_keys && !cache) A.k_pre = copy_into(arena, A.k);
     be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     be_.rope_fwd(RopeArgs{A.k.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     A.lse = arena.allocate(Shape{B, NH, T}, f);
@@ -176,8 +190,10 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
                                       cache->v[static_cast<std::size_t>(l)], A.att.reshaped(qs), A.lse, pos, cache->pos,
                                       true, 0.0});
     } else {
-      be_.attention_fwd(AttentionArgs{A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs), A.att.reshaped(qs), A.lse,
-                                      pos, pos, true, 0.0});
+      const AttentionArgs aa{A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs), A.att.reshaped(qs), A.lse,
+                             pos, pos, true, 0.0};
+      if (attention_override) attention_override->forward(l, aa);
+      else be_.attention_fwd(aa);
     }
     }
     A.x_mid = arena.allocate(Shape{N, C}, f);
@@ -272,9 +288,11 @@ void Transformer::backward(double dloss) {
     TensorView dq = ar.zeros(Shape{N, C}, f);
     TensorView dk = ar.zeros(Shape{N, C}, f);
     TensorView dv = ar.zeros(Shape{N, C}, f);
-    be_.attention_bwd(AttentionGradArgs{datt.reshaped(qs), A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs),
-                                        A.att.reshaped(qs), A.lse, pos_, pos_, dq.reshaped(qs), dk.reshaped(qs),
-                                        dv.reshaped(qs), true, 0.0});
+    const AttentionGradArgs ga{datt.reshaped(qs), A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs),
+                               A.att.reshaped(qs), A.lse, pos_, pos_, dq.reshaped(qs), dk.reshaped(qs),
+                               dv.reshaped(qs), true, 0.0};
+    if (attention_override) attention_override->backward(l, ga);
+    else be_.attention_bwd(ga);
     be_.rope_bwd(RopeArgs{dq.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     be_.rope_bwd(RopeArgs{dk.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     TensorView dln1 = ar.allocate(Shape{N, C}, f);

@@ -20,6 +20,18 @@ namespace dsrsq {
 
 class KVPolicy;
 
+// Replaces the attention op of the TRAINING forward and backward: it receives
+// the batch's post-RoPE q, k, v (B, T, NH, HS) with their positions, writes
+// o and lse (forward) and accumulates dq, dk, dv (backward), exactly like
+// Backend::attention_fwd/bwd. Sequence parallelism (ring attention over the sp
+// ranks, src/dist/ring_attention.hpp) and SQA cluster attention plug in here.
+class AttentionOverride {
+ public:
+  virtual ~AttentionOverride() = default;
+  virtual void forward(std::int64_t layer, const AttentionArgs& a) = 0;
+  virtual void backward(std::int64_t layer, const AttentionGradArgs& a) = 0;
+};
+
 struct Param {
   std::string name;  // "h.0.attn.wq", "wte", ...
   TensorView value, grad;
@@ -78,6 +90,14 @@ class Transformer {
   // (the tied wte gets its embedding contribution last). Called on the thread
   // that runs backward; it must not modify the gradients of layers not yet done.
   std::function<void(std::int64_t layer)> on_layer_grads_ready;
+  // Attention of forward()/backward() (not of extend()); null: the backend's.
+  AttentionOverride* attention_override = nullptr;
+  // Pre-RoPE keys and values (B*T, C) of layer l saved by the last training
+  // forward (RCKV's compression loss reads them). Keys are kept only while
+  // save_pre_rope_keys is set (RoPE rotates them in place otherwise).
+  bool save_pre_rope_keys = false;
+  TensorView saved_keys(std::int64_t layer) const;
+  TensorView saved_values(std::int64_t layer) const;
   // Logits of the last forward / decode call: (B*T, V).
   TensorView logits() const { return logits_; }
   // Unweighted per-row losses (B*T) of the last training forward (0 where mask is 0).
@@ -107,7 +127,7 @@ class Transformer {
     TensorView ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, wfc, bfc, wproj, bproj;
   };
   struct LayerActs {
-    TensorView x_in, ln1, ln1_mean, ln1_rstd, q, k, v, att, lse, x_mid, ln2, ln2_mean, ln2_rstd, fc, fc_act;
+    TensorView x_in, ln1, ln1_mean, ln1_rstd, q, k, k_pre, v, att, lse, x_mid, ln2, ln2_mean, ln2_rstd, fc, fc_act;
   };
   void build_params();
   void check_batch(const TensorView& tokens, const TensorView& pos) const;

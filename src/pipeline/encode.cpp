@@ -41,10 +41,12 @@ Batch HostBatch::view() {
                TensorView(mask.data(), s)};
 }
 
-HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight) {
+HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight,
+                     std::int64_t pad_multiple) {
   HostBatch hb;
   hb.B = static_cast<std::int64_t>(seqs.size());
   for (const auto* s : seqs) hb.T = std::max<std::int64_t>(hb.T, static_cast<std::int64_t>(s->tokens.size()) - 1);
+  if (pad_multiple > 1) hb.T = (hb.T + pad_multiple - 1) / pad_multiple * pad_multiple;
   const std::size_t n = static_cast<std::size_t>(hb.B * hb.T);
   hb.tokens.assign(n, pad_id);
   hb.pos.assign(n, 0);
@@ -72,6 +74,31 @@ HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_i
     }
   }
   return hb;
+}
+
+HostBatch shard_batch(const HostBatch& hb, const std::vector<std::int32_t>& columns) {
+  HostBatch out;
+  out.B = hb.B;
+  out.T = static_cast<std::int64_t>(columns.size());
+  const std::size_t n = static_cast<std::size_t>(out.B * out.T);
+  out.tokens.resize(n);
+  out.pos.resize(n);
+  out.targets.resize(n);
+  out.mask.resize(n);
+  out.is_answer.resize(n);
+  for (std::int64_t b = 0; b < hb.B; ++b)
+    for (std::int64_t j = 0; j < out.T; ++j) {
+      const std::int64_t t = columns[static_cast<std::size_t>(j)];
+      DSRSQ_REQUIRE(t >= 0 && t < hb.T, "shard_batch: column ", t, " outside [0, ", hb.T, ")");
+      const auto src = static_cast<std::size_t>(b * hb.T + t), dst = static_cast<std::size_t>(b * out.T + j);
+      out.tokens[dst] = hb.tokens[src];
+      out.pos[dst] = hb.pos[src];
+      out.targets[dst] = hb.targets[src];
+      out.mask[dst] = hb.mask[src];
+      out.is_answer[dst] = hb.is_answer[src];
+      out.answer_tokens += hb.is_answer[src];
+    }
+  return out;
 }
 
 }  // namespace dsrsq

@@ -43,6 +43,12 @@ struct HostBatch {
 // Right-pads the sequences to the longest one; padding has mask 0. Answer and
 // EOS targets get weight 1; the other targets (context and query: a language-
 // modelling term that teaches the copying that retrieval needs) get lm_weight.
-HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight = 0.0f);
+// pad_multiple > 1 pads T up to a multiple of it (sequence parallelism needs
+// T divisible by 2 sp); padding positions continue 0..T-1.
+HostBatch make_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight = 0.0f,
+                     std::int64_t pad_multiple = 1);
+// The columns (time steps) `columns` of every row, positions kept: a sequence-
+// parallel rank's zigzag shard (dist::zigzag_shard).
+HostBatch shard_batch(const HostBatch& hb, const std::vector<std::int32_t>& columns);
 
 }  // namespace dsrsq

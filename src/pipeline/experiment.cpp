@@ -19,6 +19,7 @@
 #include "data/tokenizer.hpp"
 #include "dist/dp_reducer.hpp"
 #include "dist/grid.hpp"
+#include "dist/ring_attention.hpp"
 #include "io/checkpoint.hpp"
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
@@ -126,8 +127,9 @@ void write_report(const std::string& h5) {
 
 int run_experiment(const Options& opt, int rank, int world) {
   dist::validate_grid(opt.dp, opt.sp, world);
-  DSRSQ_INPUT_CHECK(opt.sp == 1, "option --sp: sequence parallelism is not wired into training yet; use --sp 1 "
-                    "(data parallelism: --dp N with N ranks)");
+  DSRSQ_INPUT_CHECK(opt.sp == 1 || opt.max_seq_len >= 2 * opt.sp, "option --sp ", opt.sp,
+                    ": the zigzag split cuts every sequence into 2 sp = ", 2 * opt.sp,
+                    " chunks, so --max_seq_len (", opt.max_seq_len, ") must be at least that");
   DSRSQ_INPUT_CHECK(opt.batch_size % opt.dp == 0, "option --batch_size ", opt.batch_size, " must be divisible by --dp ",
                     opt.dp, " (each rank trains on an equal shard)");
   // Only rank 0 talks: the others' progress lines would repeat it. Errors go
@@ -147,7 +149,8 @@ int run_experiment(const Options& opt, int rank, int world) {
   mc.n_heads = opt.n_heads;
   mc.n_layers = opt.n_layers;
   mc.d_ff = opt.d_ff;
-  mc.max_pos = opt.max_pos ? opt.max_pos : opt.max_seq_len;
+  // Sequence parallelism pads batches to a multiple of 2 sp tokens.
+  mc.max_pos = opt.max_pos ? opt.max_pos : (opt.max_seq_len + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);
   mc.validate();
   const KVBudget budget = parse_kv_budget(opt.kv_budget);
 
@@ -283,10 +286,19 @@ int run_experiment(const Options& opt, int rank, int world) {
                 static_cast<long long>(start), tc.peak_gflops);
     DataParallel dp;
     std::unique_ptr<dist::GradReducer> reducer;
+    std::unique_ptr<dist::RingAttention> ring;
     if (grid) {
-      reducer = std::make_unique<dist::GradReducer>(grid->dp_comm(), model);
+      // Every rank's gradient is a partial sum of the global one (its dp shard
+      // of sequences, its sp shard of their tokens): sum over the whole world.
+      reducer = std::make_unique<dist::GradReducer>(grid->world(), model);
       reducer->attach(model);
       dp.comm = &grid->dp_comm();
+      dp.world = &grid->world();
+      if (opt.sp > 1) {
+        dp.sp_comm = &grid->sp_comm();
+        ring = std::make_unique<dist::RingAttention>(cpu_backend(), grid->sp_comm());
+        model.attention_override = ring.get();
+      }
       dp.reduce_gradients = [&] { reducer->finish(); };
       dp.last_comm_seconds = [&] { return reducer->stats().last_wait_seconds; };
     }
@@ -303,8 +315,8 @@ int run_experiment(const Options& opt, int rank, int world) {
       if (grid) {  // per-rank timings -> /ranks (gathered to rank 0)
         // bytes_sent: this step's all-reduced payload times the ring factor 2 (n-1)/n.
         const std::int64_t bytes = static_cast<std::int64_t>(reducer->stats().payload_bytes);
-        const double ring = 2.0 * (opt.dp - 1) / opt.dp;
-        const double mine[3] = {s.step_time_s, s.comm_seconds, ring * static_cast<double>(bytes - bytes_before)};
+        const double ring_factor = 2.0 * (world - 1) / world;
+        const double mine[3] = {s.step_time_s, s.comm_seconds, ring_factor * static_cast<double>(bytes - bytes_before)};
         bytes_before = bytes;
         std::vector<double> all(static_cast<std::size_t>(3 * world));
         grid->world().all_gather(std::span<const double>(mine, 3), std::span<double>(all));
@@ -319,6 +331,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     };
     const std::int64_t done = trainer.run(start, cb);
     if (reducer) reducer->detach();
+    model.attention_override = nullptr;
     if (done < tc.steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                   static_cast<long long>(done), static_cast<long long>(tc.steps));

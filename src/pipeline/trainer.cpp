@@ -8,6 +8,7 @@
 
 #include "core/rng.hpp"
 #include "dist/dp_reducer.hpp"
+#include "dist/ring_attention.hpp"
 #include "core/timer.hpp"
 
 namespace dsrsq {
@@ -41,6 +42,13 @@ std::vector<const Encoded*> Trainer::batch_for_step(std::int64_t s) const {
   return out;
 }
 
+HostBatch Trainer::local_batch(const std::vector<const Encoded*>& seqs, float lm_weight) const {
+  const int P = dp_.sp_size();
+  HostBatch hb = make_batch(seqs, pad_, lm_weight, 2 * P);
+  if (P == 1) return hb;
+  return shard_batch(hb, dist::zigzag_shard(hb.T, P, dp_.sp_rank()));
+}
+
 double Trainer::validation_loss() {
   if (val_.empty()) return std::nan("");
   double total = 0, count = 0;
@@ -48,10 +56,16 @@ double Trainer::validation_loss() {
     std::vector<const Encoded*> seqs;
     for (std::size_t j = i; j < std::min(val_.size(), i + static_cast<std::size_t>(cfg_.batch_size)); ++j)
       seqs.push_back(&val_[j]);
-    HostBatch hb = make_batch(seqs, pad_);
+    HostBatch hb = local_batch(seqs, 0.0f);
     // inv_norm 1: the sum of answer-token losses; averaged over all of them below.
     total += model_.forward(hb.view(), 1.0);
     count += static_cast<double>(hb.answer_tokens);
+  }
+  if (dp_.sp_comm) {  // every sp rank holds a shard of each sequence
+    double tc[2] = {total, count};
+    dp_.sp_comm->all_reduce_sum(std::span<double>(tc, 2));
+    total = tc[0];
+    count = tc[1];
   }
   return count > 0 ? total / count : std::nan("");
 }
@@ -69,10 +83,10 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
       seqs = std::vector<const Encoded*>(seqs.begin() + static_cast<std::ptrdiff_t>(per * dp_.rank()),
                                          seqs.begin() + static_cast<std::ptrdiff_t>(per * (dp_.rank() + 1)));
     }
-    HostBatch hb = make_batch(seqs, pad_, static_cast<float>(cfg_.lm_weight));
+    HostBatch hb = local_batch(seqs, static_cast<float>(cfg_.lm_weight));
     const double lr = lr_schedule(s, cfg_.steps, cfg_.warmup, cfg_.lr);
     model_.zero_grad();
-    const double inv_norm = dp_.comm ? dist::global_inv_norm(*dp_.comm, hb.mask) : 0.0;
+    const double inv_norm = dp_.all() ? dist::global_inv_norm(*dp_.all(), hb.mask) : 0.0;
     double loss = model_.forward(hb.view(), inv_norm);
     model_.backward();
     if (dp_.reduce_gradients) dp_.reduce_gradients();
@@ -87,7 +101,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
       double local[4] = {loss, 0.0, static_cast<double>(hb.answer_tokens), static_cast<double>(hb.B * hb.T)};
       for (std::size_t i = 0; i < hb.is_answer.size(); ++i)
         if (hb.is_answer[i]) local[1] += rl[i];
-      if (dp_.comm) dp_.comm->all_reduce_sum(std::span<double>(local, 4));  // ranks' losses add up to the global one
+      if (dp_.all()) dp_.all()->all_reduce_sum(std::span<double>(local, 4));  // ranks' losses add up to the global one
       loss = local[0];
       st.loss = loss;
       st.task_loss = local[2] > 0 ? local[1] / local[2] : 0.0;
@@ -99,12 +113,12 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     st.grad_norm = norm;
     st.step_time_s = dt;
     st.tokens_per_s = static_cast<double>(st.tokens) / dt;
-    st.gflops = model_.train_flops(hb.B, hb.T) * dp_.size() / dt / 1e9;
+    st.gflops = model_.train_flops(hb.B, hb.T * dp_.sp_size()) * dp_.size() / dt / 1e9;
     if (cb.on_step) cb.on_step(st);
     if (dp_.rank() == 0 && ((s + 1) % cfg_.log_every == 0 || s + 1 == cfg_.steps)) {
       const double eta = ema_dt * static_cast<double>(cfg_.steps - s - 1);
       char comm[48] = "";
-      if (dp_.comm) std::snprintf(comm, sizeof comm, " (compute %.1f + comm %.1f)", (dt - st.comm_seconds) * 1e3, st.comm_seconds * 1e3);
+      if (dp_.all()) std::snprintf(comm, sizeof comm, " (compute %.1f + comm %.1f)", (dt - st.comm_seconds) * 1e3, st.comm_seconds * 1e3);
       std::printf("step %5lld/%lld | loss %.4f (answer %.4f) | lr %.2e | norm %.3f | %6.1f ms%s | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
                   static_cast<long long>(s + 1), static_cast<long long>(cfg_.steps), loss, st.task_loss, lr, norm, dt * 1e3,
                   comm, st.tokens_per_s, st.gflops, cfg_.peak_gflops > 0 ? 100.0 * st.gflops / cfg_.peak_gflops : 0.0,

@@ -43,12 +43,23 @@ struct StepStats {
 // normalised by the GLOBAL loss-mask sum and gradients are summed by the
 // reducer (src/dist/dp_reducer.hpp), so dp ranks compute the one-process
 // update of the whole batch up to float reassociation.
+//
+// Sequence parallelism (sp > 1): the sp ranks of one replica share its shard of
+// sequences; each holds the zigzag columns of every sequence (batches padded
+// to a multiple of 2 sp), attention runs as ring attention (the model's
+// attention_override), the loss is normalised by the mask sum over the whole
+// world, and gradients are summed over the whole world (dp x sp).
 struct DataParallel {
   dist::Communicator* comm = nullptr;       // the dp communicator; null: one rank
+  dist::Communicator* sp_comm = nullptr;    // the sp communicator; null: sp = 1
+  dist::Communicator* world = nullptr;      // dp x sp (loss normaliser, statistics); null: comm
   std::function<void()> reduce_gradients;  // waits for the reducer's buckets (GradReducer::finish)
   std::function<double()> last_comm_seconds;
   int rank() const { return comm ? comm->rank() : 0; }
   int size() const { return comm ? comm->size() : 1; }
+  int sp_rank() const { return sp_comm ? sp_comm->rank() : 0; }
+  int sp_size() const { return sp_comm ? sp_comm->size() : 1; }
+  dist::Communicator* all() const { return world ? world : comm; }
 };
 
 struct TrainCallbacks {
@@ -82,6 +93,8 @@ class Trainer {
   const std::vector<Encoded>& val_;
   std::int32_t pad_;
   DataParallel dp_;
+  // The batch of these sequences this rank computes (its sp shard).
+  HostBatch local_batch(const std::vector<const Encoded*>& seqs, float lm_weight) const;
 };
 
 // sgemm GFLOP/s of this machine now (square 1024 products, best of 3), for

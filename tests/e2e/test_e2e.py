@@ -377,7 +377,9 @@ def test_stop_after_and_resume_bitwise(tmp_path, baseline):
             assert ta[c][:10].tobytes() == tb[c][:10].tobytes(), f"/train {c} rows 1..10 differ"
         assert fixed(fb["status/run_state"]) == "done" and status(fb, "train") == "done"
         for m in METHODS:
-            assert [x["prediction"] for x in eval_table(fa, m)] == [x["prediction"] for x in eval_table(fb, m)]
+            ea, eb = eval_table(fa, m), eval_table(fb, m)
+            assert [x["prediction"] for x in ea] == [x["prediction"] for x in eb]
+            assert [x["f1"] for x in ea] == [x["f1"] for x in eb]
 
 
 @pytest.mark.resume
@@ -597,24 +599,27 @@ def test_version_and_help(tmp_path):
 # ---------------------------------------------------------------- 10. data parallel
 
 @pytest.mark.data_parallel
-@pytest.mark.parametrize("dp", [2, 4])
-def test_data_parallel_equals_one_rank(tmp_path, baseline, dp):
-    """mpirun -np dp with --dp dp trains the same model as one rank on the whole
-    batch (each rank its shard, loss normalised by the global mask sum, gradients
-    summed): the same /train losses and parameters to float tolerance, bitwise
-    identical predictions; /ranks holds every rank's timings."""
+@pytest.mark.parametrize("dp,sp", [(2, 1), (4, 1), (1, 2), (1, 4), (2, 2)])
+def test_data_parallel_equals_one_rank(tmp_path, baseline, dp, sp):
+    """mpirun -np dp*sp with --dp dp --sp sp trains the same model as one rank on
+    the whole batch (each dp rank its shard of sequences, each sp rank its zigzag
+    shard of their tokens with ring attention, loss normalised by the global mask
+    sum, gradients summed over the world): the same /train losses and parameters
+    to float tolerance, identical predictions and metrics; /ranks holds every
+    rank's timings."""
     mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
     out = tmp_path / "out"
     env = dict(ENV)
     env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
                 "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMPI_MCA_rmaps_base_oversubscribe": "1"})
-    extra = ["--no-report"] if dp == 4 else []  # dp 2 also runs the report tool (rank 0 only)
-    argv = [mpiexec, "-np", str(dp), "--oversubscribe"] + args(out, "--dp", dp, *extra)
+    extra = [] if (dp, sp) == (2, 1) else ["--no-report"]  # dp 2 also runs the report tool (rank 0 only)
+    world = dp * sp
+    argv = [mpiexec, "-np", str(world), "--oversubscribe"] + args(out, "--dp", dp, "--sp", sp, *extra)
     r = subprocess.run(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=240)
     ok(r)
     assert r.stdout.count("validation loss") == 2, "only rank 0 prints"  # val_every 10, 20 steps
-    if dp == 2:
+    if (dp, sp) == (2, 1):
         assert (out / "r" / "report" / "report.md").exists()
         assert "report.py" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     with h5open(out / "r" / "run.h5") as fb, h5open(baseline["h5"]) as fa:
@@ -625,12 +630,14 @@ def test_data_parallel_equals_one_rank(tmp_path, baseline, dp):
         assert rel.max() < 1e-5, rel.max()
         ranks = fb["ranks"]
         n = rows(ranks, ["step", "rank", "step_time_s", "comm_time_s", "bytes_sent"])
-        assert n == STEPS * dp
-        assert sorted(set(int(x) for x in ranks["rank"][:n])) == list(range(dp))
+        assert n == STEPS * world
+        assert sorted(set(int(x) for x in ranks["rank"][:n])) == list(range(world))
         assert (ranks["bytes_sent"][:n] > 0).all() and (ranks["comm_time_s"][:n] >= 0).all()
         for m in METHODS:
             assert status(fb, "eval/" + m) == "done"
-            assert [x["prediction"] for x in eval_table(fa, m)] == [x["prediction"] for x in eval_table(fb, m)]
+            ea, eb = eval_table(fa, m), eval_table(fb, m)
+            assert [x["prediction"] for x in ea] == [x["prediction"] for x in eb]
+            assert [x["f1"] for x in ea] == [x["f1"] for x in eb]
     a, _ = ckpt_arrays(baseline["dir"] / f"ckpt_{STEPS}.h5")
     b, _ = ckpt_arrays(out / "r" / f"ckpt_{STEPS}.h5")
     err = np.linalg.norm(a["params"].astype(np.float64) - b["params"]) / np.linalg.norm(a["params"].astype(np.float64))
