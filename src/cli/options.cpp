@@ -41,7 +41,7 @@ po::options_description describe(Options& o) {
     ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads (0: OMP_NUM_THREADS or all cores)");
   po::options_description model("Model");
   model.add_options()
-    ("model", po::value(&o.model)->default_value(o.model), "method to train: standard (more arrive with their issues)")
+    ("model", po::value(&o.model)->default_value(o.model), "method to train: standard | dsrsq (the DSRSQ backbone plus retriever and RCKV projections, trained with the HOF loss)")
     ("d_model", po::value(&o.d_model)->default_value(o.d_model), "model width")
     ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "attention heads")
     ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "transformer blocks")
@@ -77,20 +77,40 @@ po::options_description describe(Options& o) {
     ("keep_checkpoints", po::value(&o.keep_checkpoints)->default_value(o.keep_checkpoints), "rolling checkpoints kept")
     ("val_every", po::value(&o.val_every)->default_value(o.val_every), "validation loss every N steps")
     ("log_every", po::value(&o.log_every)->default_value(o.log_every), "progress line every N steps")
-    ("stop_after", po::value(&o.stop_after)->default_value(o.stop_after), "checkpoint and stop (exit code 3) after this many steps; the same command resumes (0: off)");
+    ("stop_after", po::value(&o.stop_after)->default_value(o.stop_after), "checkpoint and stop (exit code 3) after this many steps; the same command resumes (0: off)")
+    ("milestone_every", po::value(&o.milestone_every)->default_value(o.milestone_every), "checkpoints at multiples of this step are kept besides the rolling ones (0: none)")
+    ("max_walltime", po::value(&o.max_walltime)->default_value(o.max_walltime), "seconds: checkpoint and stop (exit code 3) before this much wall time has passed, leaving room for a checkpoint (0: off)");
+  po::options_description dsrsq("DSRSQ (--model dsrsq)");
+  dsrsq.add_options()
+    ("dsr_d_r", po::value(&o.dsr_d_r)->default_value(o.dsr_d_r), "retriever: reduced dimension of the query and context projections")
+    ("dsr_base_budget", po::value(&o.dsr_base_budget)->default_value(o.dsr_base_budget), "retriever: base budget in tokens (a value below 1 is a fraction of the context)")
+    ("dsr_alpha", po::value(&o.dsr_alpha)->default_value(o.dsr_alpha), "retriever: budget = base * (1 + alpha * complexity)")
+    ("dsr_span", po::value(&o.dsr_span)->default_value(o.dsr_span), "retriever: tokens kept after each top token")
+    ("dsr_conv_width", po::value(&o.dsr_conv_width)->default_value(o.dsr_conv_width), "retriever: taps of the causal local-context convolution")
+    ("dsr_lambda", po::value(&o.dsr_lambda)->default_value(o.dsr_lambda), "retriever: reward = task score - lambda * selected fraction")
+    ("sqa_clusters", po::value(&o.sqa_clusters)->default_value(o.sqa_clusters), "SQA: k-means clusters of keys per head")
+    ("sqa_top_clusters", po::value(&o.sqa_top_clusters)->default_value(o.sqa_top_clusters), "SQA: clusters each query attends to")
+    ("sqa_lloyd_steps", po::value(&o.sqa_lloyd_steps)->default_value(o.sqa_lloyd_steps), "SQA: Lloyd iterations of k-means")
+    ("rckv_d_c", po::value(&o.rckv_d_c)->default_value(o.rckv_d_c), "RCKV: latent size of keys and of values (<= d_model)")
+    ("rckv_buffer", po::value(&o.rckv_buffer)->default_value(o.rckv_buffer), "RCKV: compressed slots per layer (0: sized from --kv_budget)")
+    ("rckv_window", po::value(&o.rckv_window)->default_value(o.rckv_window), "RCKV: recent tokens kept uncompressed")
+    ("rckv_tau", po::value(&o.rckv_tau)->default_value(o.rckv_tau), "RCKV: eviction temperature (0: evict the least important slot)")
+    ("hof_weights", po::value(&o.hof_weights)->multitoken(), "HOF loss weights: task retrieval compression compute (default 1.0 0.5 0.3 0.2)")
+    ("hof_ramp", po::value(&o.hof_ramp)->default_value(o.hof_ramp), "HOF: steps over which the efficiency weights ramp up from 0")
+    ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default full_model no_dsr no_sqa no_rckv)");
   po::options_description eval("Evaluation");
   eval.add_options()
     ("methods", po::value(&o.methods)->multitoken(), "KV-cache methods to evaluate: full sliding_window")
     ("kv_budget", po::value(&o.kv_budget)->default_value(o.kv_budget), "KV budget: a fraction of the full cache (0.25) or bytes (65536, 64KiB, 2MiB)")
     ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens), "longest generated answer")
-    ("ablation", po::bool_switch(&o.ablation), "also run the ablation variants (arrives with the DSRSQ method)");
+    ("ablation", po::bool_switch(&o.ablation), "also run the ablation variants of DSRSQ (--model dsrsq) into /ablation/<variant>");
   po::options_description par("Parallel");
   par.add_options()
     ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks")
     ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks")
     ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout), "seconds a collective may wait before the job aborts");
   po::options_description all("dsrsq options");
-  all.add(general).add(model).add(data).add(train).add(eval).add(par);
+  all.add(general).add(model).add(data).add(train).add(eval).add(par).add(dsrsq);
   return all;
 }
 
@@ -131,7 +151,7 @@ std::string read_ini(const std::string& path, const po::options_description& des
     std::istringstream vs(value);
     std::string tok;
     bool any = false;
-    const bool multi = key == "context_sizes" || key == "methods";
+    const bool multi = key == "context_sizes" || key == "methods" || key == "hof_weights" || key == "ablation_variants";
     if (multi) {
       while (vs >> tok) {
         out << key << " = " << tok << "\n";
@@ -160,11 +180,11 @@ void validate(const Options& o) {
   static const std::set<std::string> commands{"train", "eval", "run"};
   DSRSQ_INPUT_CHECK(commands.count(o.command), "option --command: unknown value '", o.command,
                     "' (valid: train, eval, run)");
-  static const std::set<std::string> models{"standard"};
-  static const std::set<std::string> planned{"dsrsq", "rag", "attention_rag", "gca", "razor", "pyramid"};
+  static const std::set<std::string> models{"standard", "dsrsq"};
+  static const std::set<std::string> planned{"rag", "attention_rag", "gca", "razor", "pyramid"};
   DSRSQ_INPUT_CHECK(!planned.count(o.model), "option --model: '", o.model,
-                    "' is not implemented in this build yet (available: standard)");
-  DSRSQ_INPUT_CHECK(models.count(o.model), "option --model: unknown value '", o.model, "' (valid: standard)");
+                    "' is not implemented in this build yet (available: standard, dsrsq)");
+  DSRSQ_INPUT_CHECK(models.count(o.model), "option --model: unknown value '", o.model, "' (valid: standard, dsrsq)");
   DSRSQ_INPUT_CHECK(o.device == "cpu" || o.device == "cuda", "option --device: unknown value '", o.device,
                     "' (valid: cpu, cuda)");
   DSRSQ_INPUT_CHECK(o.device == "cpu", "option --device: the CUDA backend runs only its probe kernel so far; use --device cpu");
@@ -178,10 +198,44 @@ void validate(const Options& o) {
                     " reads real files: pass --data_dir FOLDER (see datasets/README.md)");
   DSRSQ_INPUT_CHECK(o.tokenizer == "byte" || o.tokenizer == "sentencepiece", "option --tokenizer: unknown value '",
                     o.tokenizer, "' (valid: byte, sentencepiece)");
-  static const std::set<std::string> methods{"full", "sliding_window"};
+  static const std::set<std::string> methods{"full", "sliding_window", "dsrsq"};
   DSRSQ_INPUT_CHECK(!o.methods.empty(), "option --methods: give at least one method");
   for (const auto& m : o.methods)
-    DSRSQ_INPUT_CHECK(methods.count(m), "option --methods: unknown value '", m, "' (valid: full, sliding_window)");
+    DSRSQ_INPUT_CHECK(methods.count(m), "option --methods: unknown value '", m, "' (valid: full, sliding_window, dsrsq)");
+  const bool is_dsrsq = o.model == "dsrsq";
+  for (const auto& m : o.methods)
+    DSRSQ_INPUT_CHECK(m != "dsrsq" || is_dsrsq, "option --methods: 'dsrsq' needs --model dsrsq (its retriever and "
+                      "RCKV projections are trained with the model)");
+  DSRSQ_INPUT_CHECK(!o.ablation || is_dsrsq, "option --ablation: the ablation switches parts of DSRSQ off; it needs --model dsrsq");
+  static const std::set<std::string> variants{"full_model", "no_dsr", "no_sqa", "no_rckv"};
+  DSRSQ_INPUT_CHECK(!o.ablation_variants.empty(), "option --ablation_variants: give at least one variant");
+  for (const auto& v : o.ablation_variants)
+    DSRSQ_INPUT_CHECK(variants.count(v), "option --ablation_variants: unknown value '", v,
+                      "' (valid: full_model, no_dsr, no_sqa, no_rckv)");
+  // DSRSQ component settings (checked whatever the model, so a config file is never silently wrong).
+  DSRSQ_INPUT_CHECK(o.dsr_d_r >= 1, "option --dsr_d_r: must be >= 1, got ", o.dsr_d_r);
+  DSRSQ_INPUT_CHECK(o.dsr_base_budget > 0, "option --dsr_base_budget: must be > 0 (tokens, or a fraction below 1), got ", o.dsr_base_budget);
+  DSRSQ_INPUT_CHECK(o.dsr_alpha >= 0, "option --dsr_alpha: must be >= 0, got ", o.dsr_alpha);
+  DSRSQ_INPUT_CHECK(o.dsr_span >= 0, "option --dsr_span: must be >= 0, got ", o.dsr_span);
+  DSRSQ_INPUT_CHECK(o.dsr_conv_width >= 1, "option --dsr_conv_width: must be >= 1, got ", o.dsr_conv_width);
+  DSRSQ_INPUT_CHECK(o.dsr_lambda >= 0, "option --dsr_lambda: must be >= 0, got ", o.dsr_lambda);
+  DSRSQ_INPUT_CHECK(o.sqa_clusters >= 1, "option --sqa_clusters: must be >= 1, got ", o.sqa_clusters);
+  DSRSQ_INPUT_CHECK(o.sqa_clusters <= o.max_seq_len, "option --sqa_clusters: ", o.sqa_clusters,
+                    " clusters cannot be filled by sequences of at most max_seq_len=", o.max_seq_len, " tokens");
+  DSRSQ_INPUT_CHECK(o.sqa_top_clusters >= 1 && o.sqa_top_clusters <= o.sqa_clusters, "option --sqa_top_clusters: must lie in [1, sqa_clusters=",
+                    o.sqa_clusters, "], got ", o.sqa_top_clusters);
+  DSRSQ_INPUT_CHECK(o.sqa_lloyd_steps >= 0, "option --sqa_lloyd_steps: must be >= 0, got ", o.sqa_lloyd_steps);
+  DSRSQ_INPUT_CHECK(o.rckv_d_c >= 1 && o.rckv_d_c <= o.d_model, "option --rckv_d_c: the latent size must lie in [1, d_model=",
+                    o.d_model, "], got ", o.rckv_d_c);
+  DSRSQ_INPUT_CHECK(o.rckv_buffer >= 0, "option --rckv_buffer: must be >= 0 (0: from --kv_budget), got ", o.rckv_buffer);
+  DSRSQ_INPUT_CHECK(o.rckv_window >= 0, "option --rckv_window: must be >= 0, got ", o.rckv_window);
+  DSRSQ_INPUT_CHECK(o.rckv_tau >= 0, "option --rckv_tau: must be >= 0, got ", o.rckv_tau);
+  DSRSQ_INPUT_CHECK(o.hof_weights.size() == 4, "option --hof_weights: give 4 weights (task retrieval compression compute), got ",
+                    o.hof_weights.size());
+  for (double w : o.hof_weights) DSRSQ_INPUT_CHECK(w >= 0, "option --hof_weights: weights must be >= 0, got ", w);
+  DSRSQ_INPUT_CHECK(o.hof_ramp >= 0, "option --hof_ramp: must be >= 0, got ", o.hof_ramp);
+  DSRSQ_INPUT_CHECK(o.milestone_every >= 0, "option --milestone_every: must be >= 0, got ", o.milestone_every);
+  DSRSQ_INPUT_CHECK(o.max_walltime >= 0, "option --max_walltime: must be >= 0 seconds, got ", o.max_walltime);
   DSRSQ_INPUT_CHECK(!o.context_sizes.empty(), "option --context_sizes: give at least one size");
   for (auto c : o.context_sizes)
     DSRSQ_INPUT_CHECK(c > 0 && c < o.max_seq_len, "option --context_sizes: ", c, " must lie in (0, max_seq_len=",
@@ -201,7 +255,6 @@ void validate(const Options& o) {
   DSRSQ_INPUT_CHECK(o.max_pos == 0 || o.max_pos >= o.max_seq_len, "option --max_pos: ", o.max_pos,
                     " is smaller than max_seq_len=", o.max_seq_len);
   DSRSQ_INPUT_CHECK(o.dp >= 1 && o.sp >= 1, "options --dp and --sp must be >= 1");
-  DSRSQ_INPUT_CHECK(!o.ablation, "option --ablation: the ablation variants arrive with the DSRSQ method; not in this build");
   for (const auto& kv : o.task_params)
     DSRSQ_INPUT_CHECK(kv.find('=') != std::string::npos && kv.find('=') > 0, "option --task_param: '", kv,
                       "' is not key=value");
@@ -332,6 +385,26 @@ std::string Options::resolved_text() const {
   kv["log_every"] = std::to_string(log_every);
   kv["stop_after"] = std::to_string(stop_after);
   kv["methods"] = join(methods);
+  kv["milestone_every"] = std::to_string(milestone_every);
+  kv["max_walltime"] = num(max_walltime);
+  kv["ablation_variants"] = join(ablation_variants);
+  if (model == "dsrsq") {  // the DSRSQ settings change results only for DSRSQ
+    kv["dsr_d_r"] = std::to_string(dsr_d_r);
+    kv["dsr_base_budget"] = num(dsr_base_budget);
+    kv["dsr_alpha"] = num(dsr_alpha);
+    kv["dsr_span"] = std::to_string(dsr_span);
+    kv["dsr_conv_width"] = std::to_string(dsr_conv_width);
+    kv["dsr_lambda"] = num(dsr_lambda);
+    kv["sqa_clusters"] = std::to_string(sqa_clusters);
+    kv["sqa_top_clusters"] = std::to_string(sqa_top_clusters);
+    kv["sqa_lloyd_steps"] = std::to_string(sqa_lloyd_steps);
+    kv["rckv_d_c"] = std::to_string(rckv_d_c);
+    kv["rckv_buffer"] = std::to_string(rckv_buffer);
+    kv["rckv_window"] = std::to_string(rckv_window);
+    kv["rckv_tau"] = num(rckv_tau);
+    kv["hof_weights"] = join(hof_weights);
+    kv["hof_ramp"] = std::to_string(hof_ramp);
+  }
   kv["kv_budget"] = kv_budget;
   kv["max_new_tokens"] = std::to_string(max_new_tokens);
   kv["ablation"] = ablation ? "true" : "false";
@@ -347,8 +420,11 @@ std::string Options::identity_hash() const {
   // Everything but presentation and run control: changing any of these changes results.
   std::istringstream in(resolved_text());
   std::string line, kept;
+  // dp and sp are left out too: a run resumes at another dp x sp layout (the
+  // checkpoint is unsharded, batches depend on the step only; float sums differ).
   static const std::set<std::string> excluded{"gpt2_dir", "log_every", "comm_timeout", "keep_checkpoints", "checkpoint_every",
-                                              "command", "stop_after", "val_every"};
+                                              "command", "stop_after", "val_every", "milestone_every", "max_walltime",
+                                              "dp", "sp"};
   while (std::getline(in, line)) {
     const std::string key = line.substr(0, line.find(' '));
     if (!excluded.count(key)) kept += line + "\n";

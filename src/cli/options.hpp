@@ -59,6 +59,27 @@ struct Options {
   std::int64_t val_every = 100;
   std::int64_t log_every = 25;
   std::int64_t stop_after = 0;  // > 0: checkpoint and stop (exit 3) once this many steps are done; rerun resumes
+  std::int64_t milestone_every = 0;  // > 0: checkpoints at multiples of this step are never pruned
+  double max_walltime = 0;           // > 0: seconds; checkpoint and stop (exit 3) before this much wall time has passed
+
+  // DSRSQ (--model dsrsq; DESIGN.md section 8). Defaults are the debug size;
+  // configs/paper.ini has the paper's settings.
+  std::int64_t dsr_d_r = 32;          // retriever's reduced dimension
+  double dsr_base_budget = 0.25;      // base budget in tokens (< 1: a fraction of the context)
+  double dsr_alpha = 0.5;             // budget = base * (1 + alpha * complexity)
+  std::int64_t dsr_span = 3;          // tokens kept after each top token
+  std::int64_t dsr_conv_width = 4;    // local-context convolution taps
+  double dsr_lambda = 0.1;            // reward = task score - lambda * selected fraction
+  std::int64_t sqa_clusters = 8;      // k-means clusters of keys per head
+  std::int64_t sqa_top_clusters = 4;  // clusters each query attends to
+  std::int64_t sqa_lloyd_steps = 3;
+  std::int64_t rckv_d_c = 32;         // latent size per token (keys and values each)
+  std::int64_t rckv_buffer = 0;       // compressed slots per layer (0: sized from --kv_budget)
+  std::int64_t rckv_window = 16;      // recent tokens kept uncompressed
+  double rckv_tau = 0.0;              // eviction temperature (0: evict the least important)
+  std::vector<double> hof_weights{1.0, 0.5, 0.3, 0.2};  // task, retrieval, compression, compute
+  std::int64_t hof_ramp = 300;        // steps over which the three efficiency weights ramp up from 0
+  std::vector<std::string> ablation_variants{"full_model", "no_dsr", "no_sqa", "no_rckv"};
 
   // Evaluation
   std::vector<std::string> methods{"full", "sliding_window"};

@@ -14,7 +14,7 @@ void FullPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   const std::int64_t total = info.prompt_len + info.max_new_tokens;
   // Validate the budget even though `full` keeps everything: a bad --kv_budget
   // fails the same way for every method.
-  const std::size_t requested = budget.resolve(cfg_, total);
+  const std::size_t requested = budget.resolve(cfg_, info.budget_basis());
   // Drop everything from the previous sequence first (frees its cache).
   begun_ = false;
   kv_arena_.reset();

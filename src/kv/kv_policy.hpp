@@ -48,6 +48,11 @@ struct SequenceInfo {
   std::int64_t prompt_len = 0;      // N: context + query tokens
   std::int64_t query_len = 0;       // the last query_len prompt tokens are the question
   std::int64_t max_new_tokens = 0;  // T
+  // Tokens the KV budget refers to (a fraction budget is of their full cache):
+  // 0 means prompt_len + max_new_tokens. A context selector that feeds fewer
+  // tokens than the full prompt sets it to the full prompt + T.
+  std::int64_t budget_tokens = 0;
+  std::int64_t budget_basis() const { return budget_tokens > 0 ? budget_tokens : prompt_len + max_new_tokens; }
 };
 
 class KVPolicy {

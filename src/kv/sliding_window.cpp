@@ -16,7 +16,7 @@ SlidingWindowPolicy::SlidingWindowPolicy(const ModelConfig& cfg, Backend& backen
 void SlidingWindowPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   kvdetail::check_sequence(cfg_, info);
   const std::int64_t total = info.prompt_len + info.max_new_tokens;
-  const std::size_t requested = budget.resolve(cfg_, total);
+  const std::size_t requested = budget.resolve(cfg_, info.budget_basis());
   const std::size_t per_token = KVBudget::full_bytes(cfg_, 1);
   begun_ = false;
   kv_arena_.reset();

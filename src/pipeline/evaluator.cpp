@@ -48,7 +48,7 @@ double dense_flops(const ModelConfig& c, std::int64_t n) {
 MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
                            const std::vector<data::Example>& test, const EvalConfig& cfg) {
   MethodEval me;
-  me.method = policy.name();
+  me.method = cfg.name.empty() ? policy.name() : cfg.name;
   eval::MetricAggregator agg;
   const ModelConfig& mc = model.config();
   Arena& act = model.activation_arena();
@@ -61,32 +61,41 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
     r.meta = ex.meta;
     r.task = ex.meta.count("task") ? ex.meta.at("task") : "";
     Encoded enc = encode_example(ex, tok, cfg.max_seq_len - cfg.max_new_tokens + static_cast<std::int64_t>(tok.encode(ex.answers.front()).size()) + 1);
-    std::vector<std::int32_t> prompt(enc.tokens.begin(), enc.tokens.begin() + enc.prompt_len);
     r.prompt_tokens = enc.prompt_len;
     r.context_tokens = enc.context_tokens;
     r.truncated_tokens = enc.truncated;
 
+    Timer t;
+    std::vector<std::int32_t> pos;
+    if (cfg.select) {
+      pos = cfg.select(enc);
+    } else {
+      pos.resize(static_cast<std::size_t>(enc.prompt_len));
+      for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+    }
+    const auto n_in = static_cast<std::int64_t>(pos.size());
+    std::vector<std::int32_t> prompt(pos.size());
+    for (std::size_t i = 0; i < pos.size(); ++i) prompt[i] = enc.tokens[static_cast<std::size_t>(pos[i])];
+    r.meta["prompt_tokens_in"] = std::to_string(n_in);
     SequenceInfo info;
     info.batch = 1;
-    info.prompt_len = enc.prompt_len;
+    info.prompt_len = n_in;
     info.query_len = enc.query_len;
     info.max_new_tokens = cfg.max_new_tokens;
+    // The budget is a fraction of the FULL sequence's cache, whatever a selector keeps.
+    info.budget_tokens = enc.prompt_len + cfg.max_new_tokens;
     policy.begin(info, cfg.budget);
     act.reset();  // activations of earlier work are dead: measure this example alone
     act.reset_peak();
-    std::vector<std::int32_t> pos(static_cast<std::size_t>(enc.prompt_len));
-    for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
-
-    Timer t;
-    model.extend(policy, TensorView(prompt.data(), Shape{1, enc.prompt_len}), TensorView(pos.data(), Shape{1, enc.prompt_len}));
+    model.extend(policy, TensorView(prompt.data(), Shape{1, n_in}), TensorView(pos.data(), Shape{1, n_in}));
     policy.end_prefill();
     std::int32_t next = argmax_last_row(model.logits());
     r.ttft_s = t.seconds();
     std::size_t peak_act = act.peak_bytes();
     double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
     double time_total = r.ttft_s;
-    r.flops = dense_flops(mc, enc.prompt_len) +
-              attention_cost(1, enc.prompt_len, enc.prompt_len, mc.n_heads, mc.head_size(), true, false).flops *
+    r.flops = dense_flops(mc, n_in) +
+              attention_cost(1, n_in, n_in, mc.n_heads, mc.head_size(), true, false).flops *
                   static_cast<double>(mc.n_layers);
 
     std::vector<std::int32_t> gen;

@@ -5,6 +5,7 @@
 // (KVPolicy::begin) and a clean activation arena, so evaluating an example
 // alone or after others gives the same prediction.
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -43,6 +44,11 @@ struct MethodEval {
 };
 
 struct EvalConfig {
+  // A context selector (DSRSQ's retriever): the prompt indices that enter the
+  // model, sorted; each keeps its original position. Null: the whole prompt.
+  // It runs inside the time-to-first-token clock.
+  std::function<std::vector<std::int32_t>(const Encoded&)> select;
+  std::string name;  // the method's name in the results (empty: the policy's)
   KVBudget budget;
   std::int64_t max_new_tokens = 16;
   std::int64_t max_seq_len = 512;

@@ -20,6 +20,7 @@
 #include "dist/dp_reducer.hpp"
 #include "dist/grid.hpp"
 #include "dist/ring_attention.hpp"
+#include "pipeline/dsrsq_method.hpp"
 #include "io/checkpoint.hpp"
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
@@ -250,21 +251,53 @@ int run_experiment(const Options& opt, int rank, int world) {
   ac.weight_decay = opt.weight_decay;
   ac.clip_norm = opt.clip_norm;
   AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
-  std::int64_t start = sink.restore(model, adam);
+  // DSRSQ: the retriever and RCKV projections beside the backbone, with their own AdamW.
+  std::unique_ptr<DsrsqModel> dm;
+  std::unique_ptr<AdamW> adam_extra;
+  if (opt.model == "dsrsq") {
+    dm = std::make_unique<DsrsqModel>(model, DsrsqSettings::from_options(opt, mc), cpu_backend());
+    dm->init(opt.seed);
+    adam_extra = std::make_unique<AdamW>(dm->extra_params(), dm->extra_flat(), ac, cpu_backend());
+  }
+  std::map<std::string, std::vector<float>> extra_ck;
+  std::int64_t start = sink.restore(model, adam, &extra_ck);
+  if (dm && !extra_ck.empty()) {
+    const std::int64_t steps = dm->load(extra_ck, adam_extra->m(), adam_extra->v());
+    DSRSQ_INPUT_CHECK(steps >= 0 || start == 0, "checkpoint of this DSRSQ run holds no DSRSQ state");
+    if (steps >= 0) adam_extra->set_steps(steps);
+  }
   if (grid) {
     // Rank 0 read the checkpoint (if any): every rank starts from its state.
-    std::int64_t st[2] = {start, adam.steps()};
-    grid->world().broadcast(std::span<std::int64_t>(st, 2), 0);
+    std::int64_t st[3] = {start, adam.steps(), adam_extra ? adam_extra->steps() : 0};
+    grid->world().broadcast(std::span<std::int64_t>(st, 3), 0);
     start = st[0];
     adam.set_steps(st[1]);
     for (TensorView t : {model.flat_params(), adam.m(), adam.v()})
       grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
+    if (dm) {
+      adam_extra->set_steps(st[2]);
+      for (TensorView t : {dm->extra_flat(), adam_extra->m(), adam_extra->v()})
+        grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
+      double b[2] = {dm->baseline().initialized() ? 1.0 : 0.0, dm->baseline().value()};
+      grid->world().broadcast(std::span<double>(b, 2), 0);
+      dm->baseline() = retrieval::MovingAverageBaseline(dm->settings().dsr.baseline_decay);
+      if (b[0] > 0) dm->baseline().update(b[1]);
+    }
   }
   if (init && start == 0) {
     std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
     std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
   }
   init.reset();
+  if (dm && start == 0 && !pools.empty()) {
+    // RCKV projections from the backbone's own keys and values (PCA).
+    std::vector<const Encoded*> calib;
+    for (const auto& e : pools.back()) {
+      if (calib.size() >= 16) break;
+      calib.push_back(&e);
+    }
+    dm->init_projections_pca(calib, tok->pad_id());
+  }
 
   if (opt.command != "eval") {
     TrainConfig tc;
@@ -302,11 +335,44 @@ int run_experiment(const Options& opt, int rank, int world) {
       dp.reduce_gradients = [&] { reducer->finish(); };
       dp.last_comm_seconds = [&] { return reducer->stats().last_wait_seconds; };
     }
-    Trainer trainer(model, adam, tc, pools, val, tok->pad_id(), dp);
+    MethodHooks hooks;
+    if (dm) {
+      model.save_pre_rope_keys = true;  // the compression loss reads them
+      // SQA is the training attention (ring attention takes its place under sp).
+      if (!model.attention_override) model.attention_override = dm->sqa_override();
+      const DsrsqSettings& ds = dm->settings();
+      hooks.task_weight = ds.g[0];
+      const std::int32_t pad = tok->pad_id();
+      hooks.make_batch = [&dm, pad, &opt](const std::vector<const Encoded*>& seqs, std::int64_t step, float lm,
+                                          std::int64_t mult, bool training) {
+        return dm->training_batch(seqs, pad, lm,
+                                  training ? std::optional<std::uint64_t>(opt.seed * 1000003ull + static_cast<std::uint64_t>(step))
+                                           : std::nullopt,
+                                  mult);
+      };
+      hooks.after_backward = [&](std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
+                                 StepStats& st) {
+        dm->zero_extra_grad();
+        const bool lead = !grid || grid->sp_rank() == 0;
+        const HofTerms h = dm->hof_terms(step, local, answer_loss, grid ? &grid->world() : nullptr, lead,
+                                         static_cast<double>(opt.batch_size));
+        st.loss_retrieval = h.retrieval;
+        st.loss_compression = h.compression;
+        st.loss_compute = h.compute;
+        st.selected_fraction = h.selected_fraction;
+        st.loss = h.ramp * (ds.g[1] * h.retrieval + ds.g[2] * h.compression + ds.g[3] * h.compute);
+      };
+      hooks.extra_step = [&](double lr) { adam_extra->step(lr); };
+    }
+    Trainer trainer(model, adam, tc, pools, val, tok->pad_id(), dp, hooks);
     TrainCallbacks cb;
     cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
     cb.checkpoint_every = opt.checkpoint_every;
-    cb.on_checkpoint = [&](std::int64_t step) { sink.checkpoint(step, model, adam); };
+    cb.on_checkpoint = [&](std::int64_t step) {
+      std::map<std::string, std::vector<float>> extra;
+      if (dm) dm->save(extra, adam_extra->m(), adam_extra->v(), adam_extra->steps());
+      sink.checkpoint(step, model, adam, extra);
+    };
     std::int64_t step_now = start;
     std::int64_t bytes_before = 0;
     cb.on_step = [&](const StepStats& s) {
@@ -323,15 +389,30 @@ int run_experiment(const Options& opt, int rank, int world) {
         sink.rank_step(s.step + 1, all);
       }
     };
+    Timer walltime;
+    double slowest_step = 0;
+    std::int64_t steps_seen = start;
     cb.should_stop = [&] {
+      // --max_walltime: stop while the next step and a checkpoint still fit
+      // (twice the slowest step so far, plus 5 % of the limit for the checkpoint).
+      bool out_of_time = false;
+      if (opt.max_walltime > 0) {
+        const double now = walltime.seconds();
+        if (step_now > steps_seen) {
+          slowest_step = std::max(slowest_step, now / static_cast<double>(std::max<std::int64_t>(1, step_now - start)));
+          steps_seen = step_now;
+        }
+        out_of_time = now + 2 * slowest_step + 0.05 * opt.max_walltime >= opt.max_walltime;
+      }
       // Every rank must stop at the same step boundary: agree with one all-reduce.
-      double stop = (sink.should_stop() || (opt.stop_after > 0 && step_now >= opt.stop_after)) ? 1.0 : 0.0;
+      double stop = (sink.should_stop() || out_of_time || (opt.stop_after > 0 && step_now >= opt.stop_after)) ? 1.0 : 0.0;
       if (grid) stop = dist::all_reduce_scalar(grid->world(), stop);
       return stop > 0;
     };
     const std::int64_t done = trainer.run(start, cb);
     if (reducer) reducer->detach();
     model.attention_override = nullptr;
+    model.save_pre_rope_keys = false;
     if (done < tc.steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                   static_cast<long long>(done), static_cast<long long>(tc.steps));
@@ -348,27 +429,45 @@ int run_experiment(const Options& opt, int rank, int world) {
     ec.max_new_tokens = opt.max_new_tokens;
     ec.max_seq_len = mc.max_pos;
     std::vector<MethodEval> results;
-    for (const auto& m : opt.methods) {
-      if (sink.method_done_before(m)) {
-        std::printf("dsrsq: %s was evaluated by an earlier attempt of this run; its results are kept\n", m.c_str());
-        continue;
+    // One evaluation: a method of --methods ("eval") or a DSRSQ variant ("ablation").
+    auto evaluate = [&](const std::string& name, const std::string& kind, std::vector<MethodEval>& out) {
+      if (sink.method_done_before(name, kind)) {
+        std::printf("dsrsq: %s/%s was evaluated by an earlier attempt of this run; its results are kept\n", kind.c_str(),
+                    name.c_str());
+        return;
       }
-      sink.method_started(m);
+      sink.method_started(name, kind);
       try {
-        auto policy = make_kv_policy(m, mc, cpu_backend());
-        // Every method gets the same budget; `full` cannot shrink, so it records
-        // the request and holds the whole cache (achieved > requested).
+        EvalConfig e = ec;
+        e.name = name;
+        std::unique_ptr<KVPolicy> policy;
+        if (name == "dsrsq" || kind == "ablation") {
+          const DsrsqVariant v = DsrsqVariant::named(name == "dsrsq" ? "full_model" : name);
+          policy = dm->make_policy(v);
+          e.select = [&dm, v](const Encoded& enc) { return dm->select_prompt(enc, v); };
+        } else {
+          // Every method gets the same budget; `full` cannot shrink, so it records
+          // the request and holds the whole cache (achieved > requested).
+          policy = make_kv_policy(name, mc, cpu_backend());
+        }
         Timer t;
-        results.push_back(evaluate_method(model, *policy, *tok, test, ec));
-        std::printf("dsrsq: evaluated %-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n", m.c_str(), results.back().f1,
-                    results.back().em, results.back().examples.size(), t.seconds());
-        sink.method_done(results.back());
-      } catch (const std::exception& e) {
-        std::printf("dsrsq: method %s FAILED: %s\n", m.c_str(), e.what());
-        sink.method_failed(m, e.what());
+        out.push_back(evaluate_method(model, *policy, *tok, test, e));
+        std::printf("dsrsq: evaluated %-8s %-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n", kind.c_str(), name.c_str(),
+                    out.back().f1, out.back().em, out.back().examples.size(), t.seconds());
+        sink.method_done(out.back(), kind);
+      } catch (const std::exception& ex) {
+        std::printf("dsrsq: %s %s FAILED: %s\n", kind.c_str(), name.c_str(), ex.what());
+        sink.method_failed(name, ex.what(), kind);
       }
-    }
+    };
+    for (const auto& m : opt.methods) evaluate(m, "eval", results);
     print_tables(results, opt.kv_budget);
+    if (opt.ablation) {
+      std::vector<MethodEval> ablation;
+      for (const auto& v : opt.ablation_variants) evaluate(v, "ablation", ablation);
+      std::printf("\nablation (DSRSQ variants on the same weights, KV budget %s)\n", opt.kv_budget.c_str());
+      print_tables(ablation, opt.kv_budget);
+    }
   }
   if (grid) MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
   sink.finish();

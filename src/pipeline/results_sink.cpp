@@ -157,13 +157,16 @@ void ResultsSink::open(const std::string& dataset_hash) {
       // A killed evaluation leaves finished methods with their rows: remember them.
       const results::ResultsReader prior(I.h5_path, /*swmr=*/true);
       for (const auto& m : prior.layout().methods)
-        if (prior.status("eval/" + m).state == "done") I.done_before.insert(m);
+        if (prior.status("eval/" + m).state == "done") I.done_before.insert("eval/" + m);
+      for (const auto& v : prior.layout().ablation_variants)
+        if (prior.status("ablation/" + v).state == "done") I.done_before.insert("ablation/" + v);
     }
     I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step));
     std::printf("dsrsq: resuming %s from step %lld\n", I.h5_path.c_str(), static_cast<long long>(I.resume_step));
   } else {
     results::RunLayout layout;
     layout.methods = I.opt.methods;
+    if (I.opt.ablation) layout.ablation_variants = I.opt.ablation_variants;
     if (I.opt.dataset == "fact_stream") layout.adaptation_methods = I.opt.methods;
     layout.world_size = I.opt.dp * I.opt.sp;
     layout.dp = I.opt.dp;
@@ -184,7 +187,7 @@ void ResultsSink::open(const std::string& dataset_hash) {
   I.file->set_status("train", I.opt.command == "eval" ? "done" : "running");
 }
 
-std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt) {
+std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra) {
   if (impl_->rank != 0) return 0;
   Impl& I = *impl_;
   if (!I.pending) return 0;
@@ -197,6 +200,7 @@ std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt) {
     std::memcpy(opt.v().data, ck.adam_v.data(), ck.adam_v.size() * sizeof(float));
   }
   opt.set_steps(ck.adam_steps);
+  if (extra) *extra = ck.extra;
   I.pending.reset();
   return I.resume_step;
 }
@@ -209,6 +213,10 @@ void ResultsSink::train_step(const StepStats& s) {
   r.epoch = s.epoch;
   r.loss_total = s.loss;
   r.loss_task = s.task_loss;
+  r.loss_retrieval = s.loss_retrieval;
+  r.loss_compression = s.loss_compression;
+  r.loss_compute = s.loss_compute;
+  r.selected_fraction = s.selected_fraction;
   r.lr = s.lr;
   r.grad_norm = s.grad_norm;
   r.tokens_per_s = s.tokens_per_s;
@@ -231,7 +239,8 @@ void ResultsSink::val(std::int64_t step, double loss) {
   I.file->append_val(results::ValRecord{step, loss});
 }
 
-void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt) {
+void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt,
+                             const std::map<std::string, std::vector<float>>& extra) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (!I.train_buf.empty()) {
@@ -248,9 +257,12 @@ void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt) 
   ck.adam_m.assign(opt.m().ptr<float>(), opt.m().ptr<float>() + opt.m().numel());
   ck.adam_v.assign(opt.v().ptr<float>(), opt.v().ptr<float>() + opt.v().numel());
   ck.adam_steps = opt.steps();
+  ck.extra = extra;
   const std::string path = io::checkpoint_path(I.run_path, step);
   io::save_checkpoint(path, ck);
-  io::prune_checkpoints(I.run_path, static_cast<int>(std::max<std::int64_t>(1, I.opt.keep_checkpoints)), 0);
+  // Rolling retention: the newest keep_checkpoints, plus every milestone.
+  io::prune_checkpoints(I.run_path, static_cast<int>(std::max<std::int64_t>(1, I.opt.keep_checkpoints)),
+                        I.opt.milestone_every);
   I.file->flush();
 }
 
@@ -274,16 +286,18 @@ void ResultsSink::interrupted(std::int64_t step) {
   I.file->set_run_state("interrupted", utc_now());
 }
 
-bool ResultsSink::method_done_before(const std::string& method) const { return impl_->done_before.count(method) > 0; }
+bool ResultsSink::method_done_before(const std::string& method, const std::string& kind) const {
+  return impl_->done_before.count(kind + "/" + method) > 0;
+}
 
-void ResultsSink::method_started(const std::string& method) {
+void ResultsSink::method_started(const std::string& method, const std::string& kind) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (I.opt.command != "eval") I.file->set_status("train", "done");
-  I.file->set_status("eval/" + method, "running");
+  I.file->set_status(kind + "/" + method, "running");
 }
 
-void ResultsSink::method_done(const MethodEval& r) {
+void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
   std::vector<results::ExampleRecord> rows;
@@ -311,7 +325,7 @@ void ResultsSink::method_done(const MethodEval& r) {
     x.meta = meta_json(e.meta);
     rows.push_back(std::move(x));
   }
-  const std::string g = "eval/" + r.method;
+  const std::string g = kind + "/" + r.method;
   I.file->append_examples(g, rows);
   results::EvalSummary s;
   s.f1_mean = r.f1;
@@ -332,8 +346,8 @@ void ResultsSink::method_done(const MethodEval& r) {
   eff.itl_s = r.itl_s;
   eff.token_efficiency = r.token_efficiency;
   eff.flops = r.flops;
-  I.file->set_efficiency("efficiency/" + r.method, eff);
-  if (I.opt.dataset == "fact_stream") {
+  I.file->set_efficiency(kind == "eval" ? "efficiency/" + r.method : g, eff);
+  if (I.opt.dataset == "fact_stream" && kind == "eval") {
     const AdaptationMetrics a = adaptation_metrics(r, 8);
     results::AdaptationRecord ar;
     ar.age_bin_edges = a.age_bin_edges;
@@ -349,11 +363,11 @@ void ResultsSink::method_done(const MethodEval& r) {
   I.file->set_status(g, "done");
 }
 
-void ResultsSink::method_failed(const std::string& method, const std::string& message) {
+void ResultsSink::method_failed(const std::string& method, const std::string& message, const std::string& kind) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
-  I.file->set_status("eval/" + method, "failed", message);
-  if (I.opt.dataset == "fact_stream") I.file->set_status("adaptation/" + method, "failed", message);
+  I.file->set_status(kind + "/" + method, "failed", message);
+  if (I.opt.dataset == "fact_stream" && kind == "eval") I.file->set_status("adaptation/" + method, "failed", message);
 }
 
 void ResultsSink::finish() {

@@ -2,6 +2,7 @@
 // Everything the experiment records: run directory and identity, the HDF5
 // results file (rank 0), checkpoints and resume, stop requests. One object so
 // the driver reads as the protocol it runs.
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,11 +28,14 @@ class ResultsSink {
   void open(const std::string& dataset_hash);
   const std::string& path() const;  // the results file
   // Loads the newest checkpoint of this run, if any; returns the step to start from.
-  std::int64_t restore(Transformer& model, AdamW& opt);
+  // extra (may be null) receives the checkpoint's extra arrays (DSRSQ state).
+  std::int64_t restore(Transformer& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra = nullptr);
 
   void train_step(const StepStats& s);
   void val(std::int64_t step, double loss);
-  void checkpoint(std::int64_t step, Transformer& model, AdamW& opt);
+  // extra: arrays stored beside the model (DSRSQ's retriever, projections, their optimizer).
+  void checkpoint(std::int64_t step, Transformer& model, AdamW& opt,
+                  const std::map<std::string, std::vector<float>>& extra = {});
   bool should_stop();
   // Per-rank timings of one step, gathered: (step_time_s, comm_time_s, bytes) per world rank.
   void rank_step(std::int64_t step, const std::vector<double>& per_rank);
@@ -39,10 +43,11 @@ class ResultsSink {
 
   // True when a resumed run already holds this method's finished results
   // (its rows are kept; evaluating it again would duplicate them).
-  bool method_done_before(const std::string& method) const;
-  void method_started(const std::string& method);
-  void method_done(const MethodEval& r);
-  void method_failed(const std::string& method, const std::string& message);
+  // kind: "eval" (/eval/<method>) or "ablation" (/ablation/<variant>; r.method names the variant).
+  bool method_done_before(const std::string& method, const std::string& kind = "eval") const;
+  void method_started(const std::string& method, const std::string& kind = "eval");
+  void method_done(const MethodEval& r, const std::string& kind = "eval");
+  void method_failed(const std::string& method, const std::string& message, const std::string& kind = "eval");
   void finish();
 
  private:

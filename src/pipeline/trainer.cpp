@@ -14,8 +14,9 @@
 namespace dsrsq {
 
 Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
-                 const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp)
-    : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id), dp_(std::move(dp)) {
+                 const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp, MethodHooks hooks)
+    : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id), dp_(std::move(dp)),
+      hooks_(std::move(hooks)) {
   DSRSQ_INPUT_CHECK(cfg_.batch_size % dp_.size() == 0, "option --batch_size ", cfg_.batch_size,
                     " must be divisible by --dp ", dp_.size(), " (each rank takes an equal shard)");
   DSRSQ_INPUT_CHECK(!pools_.empty(), "trainer: no training data");
@@ -42,9 +43,11 @@ std::vector<const Encoded*> Trainer::batch_for_step(std::int64_t s) const {
   return out;
 }
 
-HostBatch Trainer::local_batch(const std::vector<const Encoded*>& seqs, float lm_weight) const {
+HostBatch Trainer::local_batch(const std::vector<const Encoded*>& seqs, float lm_weight, std::int64_t step,
+                               bool training) const {
   const int P = dp_.sp_size();
-  HostBatch hb = make_batch(seqs, pad_, lm_weight, 2 * P);
+  HostBatch hb = hooks_.make_batch ? hooks_.make_batch(seqs, step, lm_weight, 2 * P, training)
+                                   : make_batch(seqs, pad_, lm_weight, 2 * P);
   if (P == 1) return hb;
   return shard_batch(hb, dist::zigzag_shard(hb.T, P, dp_.sp_rank()));
 }
@@ -56,7 +59,7 @@ double Trainer::validation_loss() {
     std::vector<const Encoded*> seqs;
     for (std::size_t j = i; j < std::min(val_.size(), i + static_cast<std::size_t>(cfg_.batch_size)); ++j)
       seqs.push_back(&val_[j]);
-    HostBatch hb = local_batch(seqs, 0.0f);
+    HostBatch hb = local_batch(seqs, 0.0f, 0, false);
     // inv_norm 1: the sum of answer-token losses; averaged over all of them below.
     total += model_.forward(hb.view(), 1.0);
     count += static_cast<double>(hb.answer_tokens);
@@ -83,17 +86,36 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
       seqs = std::vector<const Encoded*>(seqs.begin() + static_cast<std::ptrdiff_t>(per * dp_.rank()),
                                          seqs.begin() + static_cast<std::ptrdiff_t>(per * (dp_.rank() + 1)));
     }
-    HostBatch hb = local_batch(seqs, static_cast<float>(cfg_.lm_weight));
+    HostBatch hb = local_batch(seqs, static_cast<float>(cfg_.lm_weight), s, true);
     const double lr = lr_schedule(s, cfg_.steps, cfg_.warmup, cfg_.lr);
     model_.zero_grad();
     const double inv_norm = dp_.all() ? dist::global_inv_norm(*dp_.all(), hb.mask) : 0.0;
     double loss = model_.forward(hb.view(), inv_norm);
-    model_.backward();
+    model_.backward(hooks_.task_weight);
     if (dp_.reduce_gradients) dp_.reduce_gradients();
+    StepStats extra;
+    if (hooks_.after_backward) {
+      // Per sequence: mean answer-token loss over all sp shards of it.
+      std::vector<double> sums(static_cast<std::size_t>(2 * hb.B), 0.0);
+      const float* rl = model_.row_losses().ptr<float>();
+      for (std::int64_t b = 0; b < hb.B; ++b)
+        for (std::int64_t t = 0; t < hb.T; ++t)
+          if (hb.is_answer[static_cast<std::size_t>(b * hb.T + t)]) {
+            sums[static_cast<std::size_t>(2 * b)] += rl[b * hb.T + t];
+            sums[static_cast<std::size_t>(2 * b + 1)] += 1;
+          }
+      if (dp_.sp_comm) dp_.sp_comm->all_reduce_sum(std::span<double>(sums));
+      std::vector<double> answer_loss(static_cast<std::size_t>(hb.B));
+      for (std::int64_t b = 0; b < hb.B; ++b)
+        answer_loss[static_cast<std::size_t>(b)] =
+            sums[static_cast<std::size_t>(2 * b + 1)] > 0 ? sums[static_cast<std::size_t>(2 * b)] / sums[static_cast<std::size_t>(2 * b + 1)] : 0.0;
+      hooks_.after_backward(s, hb, answer_loss, extra);
+    }
     const double norm = opt_.step(lr);
+    if (hooks_.extra_step) hooks_.extra_step(lr);
     const double dt = t.seconds();
     ema_dt = ema_dt == 0 ? dt : 0.9 * ema_dt + 0.1 * dt;
-    StepStats st;
+    StepStats st = extra;
     st.step = s;
     st.epoch = s / std::max<std::int64_t>(1, steps_per_epoch());
     {
@@ -102,7 +124,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
       for (std::size_t i = 0; i < hb.is_answer.size(); ++i)
         if (hb.is_answer[i]) local[1] += rl[i];
       if (dp_.all()) dp_.all()->all_reduce_sum(std::span<double>(local, 4));  // ranks' losses add up to the global one
-      loss = local[0];
+      loss = local[0] * hooks_.task_weight + extra.loss;  // extra.loss: the method's weighted extra terms
       st.loss = loss;
       st.task_loss = local[2] > 0 ? local[1] / local[2] : 0.0;
       st.answer_tokens = static_cast<std::int64_t>(local[2]);

@@ -36,6 +36,25 @@ struct StepStats {
   double loss = 0, task_loss = 0, lr = 0, grad_norm = 0, step_time_s = 0, tokens_per_s = 0, gflops = 0;
   std::int64_t tokens = 0, answer_tokens = 0;  // over all dp ranks
   double comm_seconds = 0;                      // this rank's wait for gradient buckets
+  // Extra loss terms of a method (DSRSQ's HOF; unweighted) and the selected fraction.
+  double loss_retrieval = 0, loss_compression = 0, loss_compute = 0, selected_fraction = 0;
+};
+
+// A method with its own batch construction and extra loss terms (DSRSQ).
+struct MethodHooks {
+  // The (unsharded) batch of these sequences, padded to a multiple of
+  // pad_multiple; training = false for validation. Null: make_batch.
+  std::function<HostBatch(const std::vector<const Encoded*>&, std::int64_t step, float lm_weight,
+                          std::int64_t pad_multiple, bool training)> make_batch;
+  // After the backbone's backward and gradient reduction, before the optimizer:
+  // extra terms and their gradients. answer_loss: per sequence of the batch,
+  // its mean answer-token loss over the whole sequence. Fills st's extra fields
+  // and may add to st.loss (the reported total).
+  std::function<void(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss, StepStats& st)>
+      after_backward;
+  // The extra parameters' optimizer step at the step's learning rate.
+  std::function<void(double lr)> extra_step;
+  double task_weight = 1.0;  // weight of the backbone's loss (HOF g1)
 };
 
 // Data parallelism: every rank draws the same global batch for step s and
@@ -76,7 +95,7 @@ class Trainer {
  public:
   // pools: training sequences grouped by context length, shortest first.
   Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
-          const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp = {});
+          const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp = {}, MethodHooks hooks = {});
 
   // Runs steps [start_step, cfg.steps). Returns the last completed step + 1.
   std::int64_t run(std::int64_t start_step, const TrainCallbacks& cb);
@@ -93,8 +112,9 @@ class Trainer {
   const std::vector<Encoded>& val_;
   std::int32_t pad_;
   DataParallel dp_;
+  MethodHooks hooks_;
   // The batch of these sequences this rank computes (its sp shard).
-  HostBatch local_batch(const std::vector<const Encoded*>& seqs, float lm_weight) const;
+  HostBatch local_batch(const std::vector<const Encoded*>& seqs, float lm_weight, std::int64_t step, bool training) const;
 };
 
 // sgemm GFLOP/s of this machine now (square 1024 products, best of 3), for

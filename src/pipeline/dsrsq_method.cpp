@@ -1,0 +1,350 @@
+#include "pipeline/dsrsq_method.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kv/kv_policy.hpp"
+
+namespace dsrsq {
+
+DsrsqSettings DsrsqSettings::from_options(const Options& o, const ModelConfig& mc) {
+  DsrsqSettings s;
+  s.dsr.d_r = o.dsr_d_r;
+  s.dsr.conv_width = o.dsr_conv_width;
+  s.dsr.span = o.dsr_span;
+  s.dsr.base_budget = o.dsr_base_budget;
+  s.dsr.alpha = o.dsr_alpha;
+  s.dsr.lambda = o.dsr_lambda;
+  s.dsr.validate();
+  s.sqa.clusters = o.sqa_clusters;
+  s.sqa.top_clusters = o.sqa_top_clusters;
+  s.sqa.lloyd_steps = static_cast<int>(o.sqa_lloyd_steps);
+  s.sqa.seed = o.seed;
+  s.rckv.d_c = o.rckv_d_c;
+  s.rckv.buffer = o.rckv_buffer;
+  s.rckv.window = o.rckv_window;
+  s.rckv.tau = o.rckv_tau;
+  s.rckv.seed = o.seed;
+  s.rckv.sqa = true;
+  s.rckv.sqa_cfg = s.sqa;
+  s.rckv.validate(mc);
+  for (std::size_t i = 0; i < 4; ++i) s.g[i] = o.hof_weights.at(i);
+  s.ramp = o.hof_ramp;
+  return s;
+}
+
+DsrsqVariant DsrsqVariant::named(const std::string& name) {
+  DsrsqVariant v;
+  v.name = name;
+  if (name == "full_model") return v;
+  if (name == "no_dsr") v.dsr = false;
+  else if (name == "no_sqa") v.sqa = false;
+  else if (name == "no_rckv") v.rckv = false;
+  else raise_input_error("unknown DSRSQ variant '" + name + "' (valid: full_model, no_dsr, no_sqa, no_rckv)");
+  return v;
+}
+
+// ---- SQA as the training attention --------------------------------------------------
+
+void ClusterAttentionOverride::forward(std::int64_t layer, const AttentionArgs& a) {
+  auto& plan = plans_.at(static_cast<std::size_t>(layer));
+  plan = attention::cluster_plan(a.q, a.k, a.q_pos, a.k_pos, cfg_);
+  attention::cluster_attention_fwd(be_, plan, a);
+}
+
+void ClusterAttentionOverride::backward(std::int64_t layer, const AttentionGradArgs& a) {
+  attention::cluster_attention_bwd(be_, plans_.at(static_cast<std::size_t>(layer)), a);
+}
+
+double ClusterAttentionOverride::key_fraction() const {
+  double s = 0;
+  for (const auto& p : plans_) s += p.stats.key_fraction();
+  return plans_.empty() ? 0.0 : s / static_cast<double>(plans_.size());
+}
+
+double ClusterAttentionOverride::active_cluster_fraction() const {
+  double s = 0;
+  for (const auto& p : plans_) s += p.stats.active_cluster_fraction(p.m);
+  return plans_.empty() ? 0.0 : s / static_cast<double>(plans_.size());
+}
+
+// ---- the model -----------------------------------------------------------------------
+
+DsrsqModel::DsrsqModel(Transformer& backbone, DsrsqSettings s, Backend& be)
+    : model_(backbone), s_(s), be_(be), scorer_(backbone.config().d_model, s.dsr),
+      proj_(backbone.config(), s.rckv), arena_("dsrsq_parameters", 1 << 20, be.allocator()),
+      baseline_(s.dsr.baseline_decay), sqa_(be, s.sqa, backbone.config().n_layers) {
+  const std::int64_t nd = scorer_.num_parameters(), nr = proj_.num_parameters(backbone.config(), s.rckv);
+  extra_ = arena_.zeros(Shape{nd + nr}, DType::f32);
+  extra_grad_ = arena_.zeros(Shape{nd + nr}, DType::f32);
+  scorer_.bind(extra_.ptr<float>(), extra_grad_.ptr<float>());
+  proj_.bind(extra_.ptr<float>() + nd, extra_grad_.ptr<float>() + nd);
+  extra_params_ = scorer_.params();
+  for (auto& p : proj_.params()) extra_params_.push_back(p);
+}
+
+void DsrsqModel::zero_extra_grad() { be_.fill(extra_grad_, 0.0); }
+
+void DsrsqModel::init(std::uint64_t seed) {
+  scorer_.init(seed ^ 0xD5A);
+  proj_.init_orthonormal(seed ^ 0x2CC);
+}
+
+void DsrsqModel::init_projections_pca(const std::vector<const Encoded*>& seqs, std::int32_t pad_id) {
+  if (seqs.empty()) return;
+  HostBatch hb = make_batch(seqs, pad_id, 1.0f);
+  const bool saved = model_.save_pre_rope_keys;
+  model_.save_pre_rope_keys = true;
+  AttentionOverride* att = model_.attention_override;
+  model_.attention_override = nullptr;
+  model_.forward(hb.view());
+  const std::int64_t C = model_.config().d_model;
+  std::vector<std::int64_t> real;
+  for (std::int64_t i = 0; i < hb.B * hb.T; ++i)
+    if (hb.mask[static_cast<std::size_t>(i)] > 0) real.push_back(i);
+  std::vector<float> k(real.size() * static_cast<std::size_t>(C)), v(k.size());
+  for (std::int64_t l = 0; l < model_.config().n_layers; ++l) {
+    const float* ks = model_.saved_keys(l).ptr<float>();
+    const float* vs = model_.saved_values(l).ptr<float>();
+    for (std::size_t r = 0; r < real.size(); ++r) {
+      std::memcpy(k.data() + r * C, ks + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
+      std::memcpy(v.data() + r * C, vs + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
+    }
+    const Shape sh{static_cast<std::int64_t>(real.size()), C};
+    proj_.init_pca(l, TensorView(k.data(), sh), TensorView(v.data(), sh));
+  }
+  model_.save_pre_rope_keys = saved;
+  model_.attention_override = att;
+}
+
+DsrsqModel::Example DsrsqModel::score(const Encoded& enc, Rng* rng) const {
+  // [BOS] context [SEP] query [ANS] ...
+  const std::int64_t n = enc.context_tokens;
+  DSRSQ_REQUIRE(n >= 1, "DSRSQ: an example with no context tokens");
+  std::span<const std::int32_t> ctx(enc.tokens.data() + 1, static_cast<std::size_t>(n));
+  const std::int64_t q0 = enc.prompt_len - enc.query_len + 1, q1 = enc.prompt_len - 1;  // the question
+  std::span<const std::int32_t> query = q1 > q0 ? std::span<const std::int32_t>(enc.tokens.data() + q0, static_cast<std::size_t>(q1 - q0))
+                                                : std::span<const std::int32_t>(enc.tokens.data() + q0 - 1, 2);
+  const Param& wte = model_.param("wte");
+  Example ex;
+  ex.n = n;
+  ex.fwd = scorer_.forward_tokens(wte.value, ctx, query);
+  ex.sel = retrieval::select(ex.fwd, rng);
+  return ex;
+}
+
+namespace {
+
+// One selected sequence: kept token indices into enc.tokens (sorted), the
+// prompt's length in the original indexing.
+std::vector<std::int32_t> kept_indices(const Encoded& enc, const std::vector<std::int32_t>& ctx_positions, bool with_answer) {
+  std::vector<std::int32_t> idx{0};
+  for (auto p : ctx_positions) idx.push_back(p + 1);
+  const auto end = with_answer ? static_cast<std::int64_t>(enc.tokens.size()) : enc.prompt_len;
+  for (std::int64_t i = 1 + enc.context_tokens; i < end; ++i) idx.push_back(static_cast<std::int32_t>(i));
+  return idx;
+}
+
+}  // namespace
+
+HostBatch DsrsqModel::training_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight,
+                                     std::optional<std::uint64_t> sample_seed, std::int64_t pad_multiple) {
+  batch_.clear();
+  std::vector<std::vector<std::int32_t>> kept;
+  for (const auto* e : seqs) {
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the tokens
+    for (auto t : e->tokens) h = (h ^ static_cast<std::uint32_t>(t)) * 1099511628211ull;
+    Rng rng(sample_seed.value_or(0), h);
+    batch_.push_back(score(*e, sample_seed ? &rng : nullptr));
+    kept.push_back(kept_indices(*e, batch_.back().sel.positions, true));
+  }
+  HostBatch hb;
+  hb.B = static_cast<std::int64_t>(seqs.size());
+  for (const auto& k : kept) hb.T = std::max<std::int64_t>(hb.T, static_cast<std::int64_t>(k.size()) - 1);
+  if (pad_multiple > 1) hb.T = (hb.T + pad_multiple - 1) / pad_multiple * pad_multiple;
+  const std::size_t N = static_cast<std::size_t>(hb.B * hb.T);
+  // Padding sits after every real input (positions <= max_seq_len - 2) at the
+  // last position, so no real token sees it.
+  const auto pad_pos = static_cast<std::int32_t>(model_.config().max_pos - 1);
+  hb.tokens.assign(N, pad_id);
+  hb.pos.assign(N, pad_pos);
+  hb.targets.assign(N, pad_id);
+  hb.mask.assign(N, 0.0f);
+  hb.is_answer.assign(N, 0);
+  for (std::int64_t b = 0; b < hb.B; ++b) {
+    const Encoded& e = *seqs[static_cast<std::size_t>(b)];
+    const auto& k = kept[static_cast<std::size_t>(b)];
+    for (std::size_t t = 0; t + 1 < k.size(); ++t) {
+      const std::size_t i = static_cast<std::size_t>(b * hb.T) + t;
+      hb.tokens[i] = e.tokens[static_cast<std::size_t>(k[t])];
+      hb.pos[i] = k[t];
+      hb.targets[i] = e.tokens[static_cast<std::size_t>(k[t + 1])];
+      if (k[t + 1] >= e.prompt_len) {
+        hb.mask[i] = 1.0f;
+        hb.is_answer[i] = 1;
+        ++hb.answer_tokens;
+      } else if (k[t + 1] == k[t] + 1) {
+        hb.mask[i] = lm_weight;  // language modelling only where the true next token was kept
+      }
+    }
+  }
+  return hb;
+}
+
+HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
+                               dist::Communicator* comm, bool lead, double global_sequences) {
+  HofTerms h;
+  h.ramp = s_.ramp > 0 ? std::min(1.0, static_cast<double>(step) / static_cast<double>(s_.ramp)) : 1.0;
+  const double w_ret = s_.g[1] * h.ramp, w_comp = s_.g[2] * h.ramp, w_cost = s_.g[3] * h.ramp;
+  const std::int64_t B = static_cast<std::int64_t>(batch_.size());
+  // Sums over this rank's sequences (lead only), reduced over the world below:
+  // [reward, selected fraction, expected fraction, compression loss * rows, rows].
+  double sums[5] = {0, 0, 0, 0, 0};
+  std::vector<double> rewards(static_cast<std::size_t>(B));
+  if (lead) {
+    for (std::int64_t b = 0; b < B; ++b) {
+      const auto& ex = batch_[static_cast<std::size_t>(b)];
+      rewards[static_cast<std::size_t>(b)] = retrieval::dsr_reward(-answer_loss[static_cast<std::size_t>(b)],
+                                                                  static_cast<std::int64_t>(ex.sel.positions.size()), ex.n, s_.dsr.lambda);
+      sums[0] += rewards[static_cast<std::size_t>(b)];
+      sums[1] += ex.sel.selected_fraction;
+    }
+  }
+  // Compression: every layer's pre-RoPE K and V of this rank's real tokens.
+  const std::int64_t C = model_.config().d_model;
+  std::vector<std::int64_t> real;
+  for (std::int64_t i = 0; i < local.B * local.T; ++i)
+    if (local.tokens[static_cast<std::size_t>(i)] >= 0 && local.pos[static_cast<std::size_t>(i)] < model_.config().max_pos - 1)
+      real.push_back(i);
+  double rows_global = static_cast<double>(real.size());
+  if (comm) comm->all_reduce_sum(std::span<double>(&rows_global, 1));
+  // This rank's layer losses are means over its rows: weight them by its share.
+  const double share_rows = rows_global > 0 ? static_cast<double>(real.size()) / rows_global : 0.0;
+  std::vector<float> k(real.size() * static_cast<std::size_t>(C)), v(k.size());
+  double comp = 0;
+  if (!real.empty()) {
+    for (std::int64_t l = 0; l < model_.config().n_layers; ++l) {
+      const float* ks = model_.saved_keys(l).ptr<float>();
+      const float* vs = model_.saved_values(l).ptr<float>();
+      for (std::size_t r = 0; r < real.size(); ++r) {
+        std::memcpy(k.data() + r * C, ks + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
+        std::memcpy(v.data() + r * C, vs + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
+      }
+      const Shape sh{static_cast<std::int64_t>(real.size()), C};
+      comp += proj_.compression_loss(l, TensorView(k.data(), sh), TensorView(v.data(), sh));
+      if (w_comp > 0) proj_.compression_loss_backward(w_comp * share_rows);
+    }
+  }
+  sums[3] = comp * share_rows;  // summed over ranks: the global mean (over rows) of the per-layer sum
+  sums[4] = 0;
+  // Expected selected fraction at the budget head's mean (pathwise gradient).
+  std::vector<double> dmu(static_cast<std::size_t>(B), 0.0);
+  if (lead) {
+    for (std::int64_t b = 0; b < B; ++b) {
+      const auto& ex = batch_[static_cast<std::size_t>(b)];
+      const double mu = ex.fwd.head.mean_logit(ex.fwd.features);
+      const double sg = 1.0 / (1.0 + std::exp(-mu));
+      const double base = static_cast<double>(retrieval::resolve_base_budget(s_.dsr, ex.n));
+      const double budget = base * (1.0 + s_.dsr.alpha * sg);
+      const double n = static_cast<double>(ex.n);
+      sums[2] += std::min(1.0, budget / n);
+      if (budget < n) dmu[static_cast<std::size_t>(b)] = base * s_.dsr.alpha * sg * (1.0 - sg) / n;
+    }
+  }
+  if (comm) comm->all_reduce_sum(std::span<double>(sums, 5));
+  const double G = std::max(1.0, global_sequences);
+  h.selected_fraction = sums[1] / G;
+  const double expected_fraction = sums[2] / G;
+  h.compute = expected_fraction + sqa_.active_cluster_fraction();
+  h.compression = sums[3];
+  // Policy gradient with a global-mean baseline; per-rank losses are means over
+  // its own sequences, so weight them by their share of the global batch.
+  const double mean_reward = sums[0] / G;
+  if (lead && B > 0) {
+    std::vector<retrieval::DsrRecord> recs;
+    for (std::int64_t b = 0; b < B; ++b)
+      recs.push_back(retrieval::DsrRecord{&batch_[static_cast<std::size_t>(b)].fwd, &batch_[static_cast<std::size_t>(b)].sel,
+                                          rewards[static_cast<std::size_t>(b)]});
+    const double share = static_cast<double>(B) / G;
+    // Before the first update the baseline is this batch's mean (not 0, which
+    // would make the first advantages the raw rewards).
+    const double base = baseline_.initialized() ? baseline_.value() : mean_reward;
+    const auto st = scorer_.policy_step(recs, base, w_ret * share);
+    h.retrieval = (st.selection_loss + st.budget_loss) * share;
+    // L_compute's pathwise gradient into the budget head: d/dmu * features.
+    if (w_cost > 0) {
+      for (std::int64_t b = 0; b < B; ++b) {
+        const auto& ex = batch_[static_cast<std::size_t>(b)];
+        const double d = dmu[static_cast<std::size_t>(b)] / G;
+        if (d == 0) continue;
+        retrieval::BudgetGrad bg;
+        bg.dw.assign(ex.fwd.features.size(), 0.0);
+        for (std::size_t i = 0; i < bg.dw.size(); ++i) bg.dw[i] = d * ex.fwd.features[i];
+        bg.db = d;
+        const std::vector<double> zero(static_cast<std::size_t>(ex.n), 0.0);
+        scorer_.backward(ex.fwd, zero, &bg, w_cost);
+      }
+    }
+  }
+  if (comm) {
+    double r = h.retrieval;
+    comm->all_reduce_sum(std::span<double>(&r, 1));
+    h.retrieval = r;
+    comm->all_reduce_sum(std::span<float>(extra_grad_.ptr<float>(), static_cast<std::size_t>(extra_grad_.numel())));
+  }
+  baseline_.update(mean_reward);
+  return h;
+}
+
+std::vector<std::int32_t> DsrsqModel::select_prompt(const Encoded& enc, const DsrsqVariant& v) {
+  std::vector<std::int32_t> ctx;
+  if (v.dsr && enc.context_tokens > 0) {
+    ctx = score(enc, nullptr).sel.positions;
+  } else {
+    for (std::int64_t i = 0; i < enc.context_tokens; ++i) ctx.push_back(static_cast<std::int32_t>(i));
+  }
+  return kept_indices(enc, ctx, false);
+}
+
+std::unique_ptr<KVPolicy> DsrsqModel::make_policy(const DsrsqVariant& v) {
+  if (!v.rckv) return make_kv_policy("full", model_.config(), be_);
+  compress::RckvConfig c = s_.rckv;
+  c.sqa = v.sqa;
+  return std::make_unique<compress::RckvPolicy>(model_.config(), be_, proj_, c);
+}
+
+void DsrsqModel::save(std::map<std::string, std::vector<float>>& extra, const TensorView& adam_m,
+                      const TensorView& adam_v, std::int64_t adam_steps) const {
+  auto vec = [](const TensorView& t) {
+    return std::vector<float>(t.ptr<float>(), t.ptr<float>() + t.numel());
+  };
+  extra["dsrsq.params"] = vec(extra_);
+  extra["dsrsq.adam_m"] = vec(adam_m);
+  extra["dsrsq.adam_v"] = vec(adam_v);
+  extra["dsrsq.state"] = {static_cast<float>(adam_steps), baseline_.initialized() ? 1.0f : 0.0f,
+                          static_cast<float>(baseline_.value())};
+}
+
+std::int64_t DsrsqModel::load(const std::map<std::string, std::vector<float>>& extra, TensorView adam_m,
+                              TensorView adam_v) {
+  auto it = extra.find("dsrsq.params");
+  if (it == extra.end()) return -1;
+  auto put = [&](const char* name, TensorView t) {
+    const auto& v = extra.at(name);
+    DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(v.size()) == t.numel(), "checkpoint: ", name, " holds ", v.size(),
+                      " values, this DSRSQ configuration has ", t.numel(),
+                      " (were the dsr_/rckv_ settings changed?)");
+    std::memcpy(t.data, v.data(), v.size() * sizeof(float));
+  };
+  put("dsrsq.params", extra_);
+  put("dsrsq.adam_m", adam_m);
+  put("dsrsq.adam_v", adam_v);
+  const auto& st = extra.at("dsrsq.state");
+  DSRSQ_INPUT_CHECK(st.size() == 3, "checkpoint: dsrsq.state must hold 3 values");
+  baseline_ = retrieval::MovingAverageBaseline(s_.dsr.baseline_decay);
+  if (st[1] > 0) baseline_.update(static_cast<double>(st[2]));
+  return static_cast<std::int64_t>(st[0]);
+}
+
+}  // namespace dsrsq

@@ -1,0 +1,166 @@
+#pragma once
+// DSRSQ as one method (DESIGN.md section 8): the standard transformer as the
+// backbone (same parameter layout, so --init_from a standard checkpoint works),
+// plus
+//   DSR   the retriever (retrieval/dsr_scorer.hpp): scores every context token
+//         against the query, samples a budget and a subset (Gumbel-top-k in
+//         training, top-k at inference), keeps a span after each top token;
+//         only [BOS] + the selected context + the question (+ answer) enter the
+//         model, every token at its ORIGINAL position;
+//   SQA   cluster sparse attention (attention/cluster_attention.hpp) as the
+//         model's training attention, and over the RCKV buffer at decode;
+//   RCKV  the rotating compressive cache (compress/rckv.hpp) as the KV policy
+//         from prefill into decoding, its projections trained by the
+//         compression loss.
+// HOF loss, per step (weights g, the last three ramped linearly from 0 over
+// `ramp` steps):
+//   L = g1 L_task + g2 L_retrieval + g3 L_compression + g4 L_compute
+//   L_task         the backbone's loss on the selected sequences (answer tokens,
+//                  plus lm_weight on context/query tokens whose successor was kept)
+//   L_retrieval    the REINFORCE/PPO surrogate of the selection and budget
+//                  policies; reward = -(answer loss of the example) - lambda * selected/N
+//   L_compression  RCKV reconstruction error of every layer's pre-RoPE K and V
+//                  of the step's tokens (K/V are constants: it trains P and U)
+//   L_compute      expected selected fraction (budget at the head's mean logit
+//                  over N; its gradient reaches the budget head) + the active-
+//                  cluster fraction k_c/m of SQA (a constant: logged)
+// The backbone gets only g1 L_task's gradient; the retriever g2 and g4's; the
+// RCKV projections g3's. The extra parameters (retriever + projections) have
+// their own flat buffer and AdamW (same hyper-parameters as the backbone).
+//
+// Ablation variants switch parts off at inference on the same trained weights:
+// no_dsr (the whole context enters), no_sqa (dense attention everywhere),
+// no_rckv (the full KV cache).
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "attention/cluster_attention.hpp"
+#include "cli/options.hpp"
+#include "compress/rckv.hpp"
+#include "core/arena.hpp"
+#include "dist/communicator.hpp"
+#include "kv/kv_policy.hpp"
+#include "model/transformer.hpp"
+#include "pipeline/encode.hpp"
+#include "retrieval/dsr_scorer.hpp"
+
+namespace dsrsq {
+
+struct DsrsqSettings {
+  retrieval::DsrConfig dsr;
+  attention::ClusterAttentionConfig sqa;
+  compress::RckvConfig rckv;
+  std::array<double, 4> g{1.0, 0.5, 0.3, 0.2};
+  std::int64_t ramp = 1000;
+  static DsrsqSettings from_options(const Options& o, const ModelConfig& mc);
+};
+
+// Which parts run at inference.
+struct DsrsqVariant {
+  std::string name = "full_model";
+  bool dsr = true, sqa = true, rckv = true;
+  static DsrsqVariant named(const std::string& name);  // full_model | no_dsr | no_sqa | no_rckv
+};
+
+// SQA as the training attention: per layer a cluster plan (k-means over the
+// batch's keys, top-k_c clusters per query) held for the backward.
+class ClusterAttentionOverride : public AttentionOverride {
+ public:
+  ClusterAttentionOverride(Backend& be, attention::ClusterAttentionConfig cfg, std::int64_t layers)
+      : be_(be), cfg_(cfg), plans_(static_cast<std::size_t>(layers)) {}
+  void forward(std::int64_t layer, const AttentionArgs& a) override;
+  void backward(std::int64_t layer, const AttentionGradArgs& a) override;
+  // Mean over the last forward's layers of the key fraction and active-cluster fraction.
+  double key_fraction() const;
+  double active_cluster_fraction() const;
+
+ private:
+  Backend& be_;
+  attention::ClusterAttentionConfig cfg_;
+  std::vector<attention::ClusterPlan> plans_;
+};
+
+// Terms of the HOF loss of one step (unweighted values, for /train).
+struct HofTerms {
+  double retrieval = 0, compression = 0, compute = 0, selected_fraction = 0, ramp = 0;
+};
+
+class DsrsqModel {
+ public:
+  DsrsqModel(Transformer& backbone, DsrsqSettings s, Backend& be);
+
+  Transformer& backbone() { return model_; }
+  const DsrsqSettings& settings() const { return s_; }
+  std::span<Param> extra_params() { return extra_params_; }
+  TensorView extra_flat() { return extra_; }
+  TensorView extra_grads() { return extra_grad_; }
+  retrieval::DsrScorer& scorer() { return scorer_; }
+  compress::RckvProjections& projections() { return proj_; }
+  retrieval::MovingAverageBaseline& baseline() { return baseline_; }
+  void zero_extra_grad();
+
+  // Deterministic initialisation of the retriever and the projections (random
+  // orthonormal); init_projections_pca then fits P to the backbone's own keys
+  // and values on `seqs` (ALGORITHMS.md 13.3 trick 5).
+  void init(std::uint64_t seed);
+  void init_projections_pca(const std::vector<const Encoded*>& seqs, std::int32_t pad_id);
+
+  // ---- training ----
+  // The batch of selected sequences (Gumbel-top-k when sampling, else top-k),
+  // padded to a multiple of pad_multiple. Keeps the forwards and selections
+  // for policy_terms().
+  // sample_seed: sampling on, each sequence drawing from Rng(seed, hash of its
+  // tokens), so a sequence's draw does not depend on how the batch is sharded.
+  HostBatch training_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight,
+                           std::optional<std::uint64_t> sample_seed, std::int64_t pad_multiple);
+  // After the backbone's forward and backward of that batch: the HOF terms
+  // with their gradients into the extra buffer. answer_loss: per sequence of
+  // the batch, its mean answer-token loss (over the whole sequence, all sp
+  // shards). comm (may be null): the world, for a global reward mean, and the
+  // extra gradients are then summed over it; `lead` = this rank computes the
+  // policy terms of its sequences (sp rank 0), the others contribute only the
+  // compression term of their tokens. global_sequences / global_rows: the
+  // step's sequence count and real-token count over all ranks.
+  HofTerms hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
+                     dist::Communicator* comm, bool lead, double global_sequences);
+  ClusterAttentionOverride* sqa_override() { return &sqa_; }
+
+  // ---- inference ----
+  // Prompt indices that enter the model (sorted; [BOS] and the question always).
+  std::vector<std::int32_t> select_prompt(const Encoded& enc, const DsrsqVariant& v);
+  std::unique_ptr<KVPolicy> make_policy(const DsrsqVariant& v);
+
+  // Checkpoint: extra parameters, their AdamW state and the baseline.
+  void save(std::map<std::string, std::vector<float>>& extra, const TensorView& adam_m, const TensorView& adam_v,
+            std::int64_t adam_steps) const;
+  // Returns the AdamW step count stored (or -1 when the checkpoint has no DSRSQ state).
+  std::int64_t load(const std::map<std::string, std::vector<float>>& extra, TensorView adam_m, TensorView adam_v);
+
+ private:
+  struct Example {
+    retrieval::DsrForward fwd;
+    retrieval::DsrSelection sel;
+    std::int64_t n = 0;
+  };
+  // The context indices (into enc.tokens) and the query tokens used for scoring.
+  Example score(const Encoded& enc, Rng* rng) const;
+
+  Transformer& model_;
+  DsrsqSettings s_;
+  Backend& be_;
+  retrieval::DsrScorer scorer_;
+  compress::RckvProjections proj_;
+  Arena arena_;
+  TensorView extra_, extra_grad_;
+  std::vector<Param> extra_params_;
+  retrieval::MovingAverageBaseline baseline_;
+  ClusterAttentionOverride sqa_;
+  std::vector<Example> batch_;  // of the last training_batch()
+};
+
+}  // namespace dsrsq
