@@ -1,0 +1,261 @@
+// DSRSQ as one method (src/pipeline/dsrsq_method.hpp): the identity with the
+// standard model when every part covers everything (budget >= N, k_c = m,
+// buffer >= N, d_c = d), the training batch of selected sequences, the HOF
+// terms' gradients, the checkpoint round trip.
+#define BOOST_TEST_MODULE dsrsq_method
+#include <boost/test/unit_test.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "core/rng.hpp"
+#include "kv/kv_policy.hpp"
+#include "model/transformer.hpp"
+#include "pipeline/dsrsq_method.hpp"
+#include "pipeline/encode.hpp"
+
+using namespace dsrsq;
+
+namespace {
+
+constexpr std::int32_t kBos = 0, kSep = 1, kAns = 2, kEos = 3, kPad = 4;
+
+ModelConfig small_cfg() {
+  ModelConfig c;
+  c.vocab = 61;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.n_layers = 2;
+  c.d_ff = 64;
+  c.max_pos = 256;
+  return c;
+}
+
+// Weights large enough that attention is far from uniform.
+void randomise(Transformer& m, std::uint64_t seed) {
+  Rng rng(seed, 7);
+  for (auto& p : m.params()) {
+    const bool norm_w = p.name.find("ln") != std::string::npos && p.name.find("weight") != std::string::npos;
+    if (norm_w) continue;
+    const double sd = p.decay ? 0.25 : 0.05;
+    float* v = p.value.ptr<float>();
+    for (std::int64_t i = 0; i < p.value.numel(); ++i) v[i] = static_cast<float>(sd * rng.normal());
+  }
+}
+
+Encoded make_example(std::int64_t n_ctx, std::uint64_t seed) {
+  Rng rng(seed, 11);
+  auto tok = [&] { return static_cast<std::int32_t>(5 + rng.below(56)); };
+  Encoded e;
+  e.tokens.push_back(kBos);
+  for (std::int64_t i = 0; i < n_ctx; ++i) e.tokens.push_back(tok());
+  e.tokens.push_back(kSep);
+  for (int i = 0; i < 6; ++i) e.tokens.push_back(tok());
+  e.tokens.push_back(kAns);
+  e.prompt_len = static_cast<std::int64_t>(e.tokens.size());
+  e.query_len = 8;
+  e.context_tokens = n_ctx;
+  for (int i = 0; i < 3; ++i) e.tokens.push_back(tok());
+  e.tokens.push_back(kEos);
+  return e;
+}
+
+// Settings where every part covers everything.
+DsrsqSettings identity_settings(const ModelConfig& mc) {
+  DsrsqSettings s;
+  s.dsr.d_r = 16;
+  s.dsr.base_budget = 100000;  // >= N: the whole context
+  s.dsr.span = 2;
+  s.sqa.clusters = 4;
+  s.sqa.top_clusters = 4;  // k_c = m
+  s.rckv.d_c = mc.d_model;  // d_c = d
+  s.rckv.buffer = 512;      // >= N
+  s.rckv.window = 4;
+  s.rckv.sqa = true;
+  s.rckv.sqa_cfg = s.sqa;
+  return s;
+}
+
+double rel_err(const float* a, const float* b, std::size_t n) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+std::vector<float> logits_copy(const Transformer& m) {
+  const TensorView l = m.logits();
+  return std::vector<float>(l.ptr<float>(), l.ptr<float>() + l.numel());
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(inference_identity_with_standard) {
+  const ModelConfig mc = small_cfg();
+  Transformer model(mc, cpu_backend());
+  randomise(model, 3);
+  DsrsqModel dm(model, identity_settings(mc), cpu_backend());
+  dm.init(5);
+  const Encoded enc = make_example(90, 1);
+  dm.init_projections_pca({&enc}, kPad);
+
+  // The retriever keeps every prompt token at its own position.
+  const auto idx = dm.select_prompt(enc, DsrsqVariant::named("full_model"));
+  BOOST_REQUIRE_EQUAL(static_cast<std::int64_t>(idx.size()), enc.prompt_len);
+  for (std::size_t i = 0; i < idx.size(); ++i) BOOST_REQUIRE_EQUAL(idx[i], static_cast<std::int32_t>(i));
+
+  SequenceInfo info;
+  info.prompt_len = enc.prompt_len;
+  info.query_len = enc.query_len;
+  info.max_new_tokens = 6;
+  KVBudget budget;  // fraction 1
+  auto full = make_kv_policy("full", mc, cpu_backend());
+  auto rckv = dm.make_policy(DsrsqVariant::named("full_model"));
+  BOOST_CHECK_EQUAL(rckv->name(), "rckv");
+  std::vector<std::int32_t> prompt(enc.tokens.begin(), enc.tokens.begin() + enc.prompt_len);
+  std::vector<std::vector<float>> want, got;
+  for (KVPolicy* p : {full.get(), rckv.get()}) {
+    p->begin(info, budget);
+    std::vector<std::int32_t> toks(idx.size());
+    for (std::size_t i = 0; i < idx.size(); ++i) toks[i] = enc.tokens[static_cast<std::size_t>(idx[i])];
+    std::vector<std::int32_t> pos(idx.begin(), idx.end());
+    model.extend(*p, TensorView(toks.data(), Shape{1, enc.prompt_len}), TensorView(pos.data(), Shape{1, enc.prompt_len}));
+    p->end_prefill();
+    auto& out = p == full.get() ? want : got;
+    out.push_back(logits_copy(model));
+    // Decode the same 5 tokens (teacher-forced) through the cache.
+    for (int s = 0; s < 5; ++s) {
+      std::int32_t t = 5 + s * 7, ps = static_cast<std::int32_t>(enc.prompt_len + s);
+      model.extend(*p, TensorView(&t, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
+      out.push_back(logits_copy(model));
+    }
+  }
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double e = rel_err(got[i].data(), want[i].data(), want[i].size());
+    BOOST_TEST_MESSAGE("call " << i << " rel err " << e);
+    BOOST_CHECK_LT(e, 1e-4);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(training_identity_with_standard) {
+  const ModelConfig mc = small_cfg();
+  Transformer model(mc, cpu_backend());
+  randomise(model, 4);
+  DsrsqModel dm(model, identity_settings(mc), cpu_backend());
+  dm.init(6);
+  const Encoded a = make_example(70, 2), b = make_example(50, 3);
+  const std::vector<const Encoded*> seqs{&a, &b};
+  HostBatch std_batch = make_batch(seqs, kPad, 0.3f);
+  HostBatch sel = dm.training_batch(seqs, kPad, 0.3f, std::nullopt, 1);
+  BOOST_REQUIRE_EQUAL(sel.T, std_batch.T);
+  // Same tokens, targets and weights wherever the standard batch has a real row;
+  // positions equal there (padding sits at max_pos - 1).
+  for (std::size_t i = 0; i < sel.tokens.size(); ++i) {
+    if (std_batch.mask[i] == 0 && std_batch.is_answer[i] == 0 && sel.mask[i] == 0) continue;
+    BOOST_REQUIRE_EQUAL(sel.tokens[i], std_batch.tokens[i]);
+    BOOST_REQUIRE_EQUAL(sel.pos[i], std_batch.pos[i]);
+    BOOST_REQUIRE_EQUAL(sel.targets[i], std_batch.targets[i]);
+    BOOST_REQUIRE_EQUAL(sel.mask[i], std_batch.mask[i]);
+  }
+  // SQA with k_c = m is dense attention: the same loss and gradients.
+  model.zero_grad();
+  const double l0 = model.forward(std_batch.view());
+  model.backward();
+  const TensorView g = model.flat_grads();
+  std::vector<float> g0(g.ptr<float>(), g.ptr<float>() + g.numel());
+  model.attention_override = dm.sqa_override();
+  model.zero_grad();
+  const double l1 = model.forward(std_batch.view());
+  model.backward();
+  model.attention_override = nullptr;
+  BOOST_CHECK_LT(std::abs(l1 - l0) / std::abs(l0), 1e-6);
+  BOOST_CHECK_LT(rel_err(g.ptr<float>(), g0.data(), g0.size()), 1e-5);
+}
+
+BOOST_AUTO_TEST_CASE(selection_and_hof_gradients) {
+  const ModelConfig mc = small_cfg();
+  Transformer model(mc, cpu_backend());
+  randomise(model, 5);
+  DsrsqSettings s = identity_settings(mc);
+  s.dsr.base_budget = 0.25;  // a quarter of the context (before the alpha term and spans)
+  s.rckv.d_c = 8;
+  s.sqa.top_clusters = 2;
+  s.ramp = 10;
+  DsrsqModel dm(model, s, cpu_backend());
+  dm.init(7);
+  const Encoded a = make_example(120, 4), b = make_example(100, 5);
+  // Inference selection: sorted, BOS and the whole question kept, far fewer context tokens.
+  const auto idx = dm.select_prompt(a, DsrsqVariant::named("full_model"));
+  BOOST_CHECK(std::is_sorted(idx.begin(), idx.end()));
+  BOOST_CHECK_EQUAL(idx.front(), 0);
+  for (std::int64_t i = 1 + a.context_tokens; i < a.prompt_len; ++i)
+    BOOST_CHECK(std::binary_search(idx.begin(), idx.end(), static_cast<std::int32_t>(i)));
+  const auto n_ctx = static_cast<std::int64_t>(idx.size()) - 1 - a.query_len;
+  BOOST_CHECK_GT(n_ctx, 0);
+  BOOST_CHECK_LT(n_ctx, a.context_tokens * 6 / 10);
+  const auto all = dm.select_prompt(a, DsrsqVariant::named("no_dsr"));
+  BOOST_CHECK_EQUAL(static_cast<std::int64_t>(all.size()), a.prompt_len);
+
+  // Training: sampled batch, then the HOF terms. Before the ramp nothing but
+  // the compression term... at step 0 every efficiency weight is 0.
+  model.save_pre_rope_keys = true;
+  model.attention_override = dm.sqa_override();
+  auto step = [&](std::int64_t st) {
+    HostBatch hb = dm.training_batch({&a, &b}, kPad, 0.0f, std::uint64_t{99} + static_cast<std::uint64_t>(st), 1);
+    model.zero_grad();
+    model.forward(hb.view());
+    model.backward();
+    dm.zero_extra_grad();
+    return dm.hof_terms(st, hb, {0.5 + 0.1 * static_cast<double>(st), 0.7}, nullptr, true, 2.0);
+  };
+  const HofTerms h0 = step(0);
+  BOOST_CHECK_EQUAL(h0.ramp, 0.0);
+  double n0 = 0;
+  const TensorView g = dm.extra_grads();
+  for (std::int64_t i = 0; i < g.numel(); ++i) n0 += std::abs(g.ptr<float>()[i]);
+  BOOST_CHECK_EQUAL(n0, 0.0);
+  const HofTerms h = step(20);
+  BOOST_CHECK_EQUAL(h.ramp, 1.0);
+  BOOST_CHECK(std::isfinite(h.retrieval) && std::isfinite(h.compression) && std::isfinite(h.compute));
+  BOOST_CHECK_GT(h.compression, 0.0);  // d_c = 8 < d cannot reconstruct exactly
+  BOOST_CHECK_GT(h.selected_fraction, 0.0);
+  BOOST_CHECK_LT(h.selected_fraction, 1.0);
+  BOOST_CHECK_GT(h.compute, h.selected_fraction * 0.5);
+  // Gradients reach the retriever and every layer's projections.
+  for (const auto& p : dm.extra_params()) {
+    double n = 0;
+    for (std::int64_t i = 0; i < p.grad.numel(); ++i) n += std::abs(p.grad.ptr<float>()[i]);
+    if (p.name == "dsr.budget_b" || p.name.rfind("dsr.", 0) == 0 || p.name.rfind("rckv.", 0) == 0)
+      BOOST_CHECK_MESSAGE(n > 0 || p.name == "dsr.conv", p.name << " got no gradient");
+  }
+  model.attention_override = nullptr;
+  model.save_pre_rope_keys = false;
+
+  // Checkpoint round trip of the extra state.
+  std::map<std::string, std::vector<float>> extra;
+  std::vector<float> m(static_cast<std::size_t>(dm.extra_flat().numel()), 0.25f), v(m.size(), 0.5f);
+  dm.save(extra, TensorView(m.data(), Shape{static_cast<std::int64_t>(m.size())}),
+          TensorView(v.data(), Shape{static_cast<std::int64_t>(v.size())}), 17);
+  const std::vector<float> before(dm.extra_flat().ptr<float>(), dm.extra_flat().ptr<float>() + dm.extra_flat().numel());
+  const double base = dm.baseline().value();
+  cpu_backend().fill(dm.extra_flat(), 0.0);
+  std::vector<float> m2(m.size()), v2(m.size());
+  const auto steps = dm.load(extra, TensorView(m2.data(), Shape{static_cast<std::int64_t>(m2.size())}),
+                             TensorView(v2.data(), Shape{static_cast<std::int64_t>(v2.size())}));
+  BOOST_CHECK_EQUAL(steps, 17);
+  BOOST_CHECK(m2 == m && v2 == v);
+  BOOST_CHECK(std::equal(before.begin(), before.end(), dm.extra_flat().ptr<float>()));
+  BOOST_CHECK_CLOSE(dm.baseline().value(), base, 1e-4);
+}
+
+BOOST_AUTO_TEST_CASE(variants) {
+  BOOST_CHECK(DsrsqVariant::named("no_dsr").dsr == false);
+  BOOST_CHECK(DsrsqVariant::named("no_sqa").sqa == false);
+  BOOST_CHECK(DsrsqVariant::named("no_rckv").rckv == false);
+  BOOST_CHECK_THROW(DsrsqVariant::named("no_everything"), Error);
+}
