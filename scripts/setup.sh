@@ -16,6 +16,9 @@ DSRSQ_PACKAGES=(
   libopenblas-openmp-dev
   nlohmann-json3-dev libsentencepiece-dev sentencepiece
   python3-torch python3-h5py python3-numpy python3-matplotlib python3-pytest python3-nltk
+  # a private one-node Slurm for the job scripts' test (scripts/slurm_local.sh, tests/slurm);
+  # Debian 12's Slurm 22.05 has the PMIx plugin (srun --mpi=list: pmix, pmix_v4)
+  slurmctld slurmd slurm-client munge
 )
 
 dsrsq_install_packages() {

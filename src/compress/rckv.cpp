@@ -390,15 +390,19 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
                      dc = cfg_.d_c;
   W_ = std::min(cfg_.window, total);
   const auto Lz = static_cast<std::size_t>(L);
+  m_ = cfg_.sqa ? cfg_.sqa_cfg.clusters : 0;
   if (cfg_.buffer > 0) {
     S_ = cfg_.buffer;
   } else {
-    const std::size_t win_all = Lz * static_cast<std::size_t>(W_) * window_token_bytes();
-    const std::size_t fit = requested > win_all ? (requested - win_all) / (Lz * slot_bytes()) : 0;
+    // Everything kept counts inside the budget: the window, and with SQA its
+    // index (centroids and cluster sizes per layer, an assignment per slot and head).
+    const std::size_t sqa_fixed = cfg_.sqa ? static_cast<std::size_t>(NH * m_ * HS + NH * m_) * 4 : 0;
+    const std::size_t sqa_slot = cfg_.sqa ? static_cast<std::size_t>(NH) * 4 : 0;
+    const std::size_t fixed_all = Lz * (static_cast<std::size_t>(W_) * window_token_bytes() + sqa_fixed);
+    const std::size_t fit = requested > fixed_all ? (requested - fixed_all) / (Lz * (slot_bytes() + sqa_slot)) : 0;
     S_ = std::max<std::int64_t>(1, static_cast<std::int64_t>(fit));
     S_ = std::min(S_, std::max<std::int64_t>(1, total - W_));
   }
-  m_ = cfg_.sqa ? cfg_.sqa_cfg.clusters : 0;
   const std::size_t sqa_row = cfg_.sqa ? static_cast<std::size_t>(NH * m_ * HS + NH * S_ + NH * m_) * 4 : 0;
   achieved_ = Lz * (static_cast<std::size_t>(S_) * slot_bytes() + static_cast<std::size_t>(W_) * window_token_bytes() +
                     sqa_row);

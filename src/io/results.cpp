@@ -527,11 +527,26 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
   rf.open_tables();
 }
 
-ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_through_step) {
+ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_through_step, const RunLayout* layout) {
   ResultsFile rf;
   rf.file_ = std::make_unique<h5::File>(path, h5::File::Mode::read_write, /*swmr=*/true);
   check_format(rf.file_->root(), path);
   rf.layout_ = layout_of(rf.file_->root());
+  if (layout && (layout->dp != rf.layout_.dp || layout->sp != rf.layout_.sp)) {
+    // Attributes can change only before SWMR writing starts: now.
+    const auto& root = rf.file_->root();
+    std::string hist = root.has_attr("layout_history") ? root.attr_string("layout_history") : "";
+    hist += (hist.empty() ? "" : "; ") + std::string("step ") + std::to_string(std::max<std::int64_t>(0, keep_through_step)) +
+            ": dp " + std::to_string(rf.layout_.dp) + " sp " + std::to_string(rf.layout_.sp) + " -> dp " +
+            std::to_string(layout->dp) + " sp " + std::to_string(layout->sp);
+    root.set_attr("layout_history", hist);
+    root.set_attr("world_size", static_cast<std::int64_t>(layout->dp * layout->sp));
+    root.set_attr("dp", static_cast<std::int64_t>(layout->dp));
+    root.set_attr("sp", static_cast<std::int64_t>(layout->sp));
+    rf.layout_.world_size = layout->dp * layout->sp;
+    rf.layout_.dp = layout->dp;
+    rf.layout_.sp = layout->sp;
+  }
   if (keep_through_step >= 0) {
     // Shrinking is not allowed under SWMR, so drop redone rows first.
     for (const char* name : {"train", "val", "ranks"}) {

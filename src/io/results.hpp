@@ -122,7 +122,11 @@ class ResultsFile {
   // /train, /val and /ranks with step > keep_through_step are dropped first
   // (they are redone from the checkpoint); pass -1 to keep everything.
   // Clears the flags a killed SWMR writer left, then starts SWMR.
-  static ResultsFile resume(const std::string& path, std::int64_t keep_through_step = -1);
+  // layout (optional): the resuming run's dp x sp; when it differs from the
+  // file's, the root's world_size/dp/sp become the new ones and the change is
+  // appended to the root attribute layout_history ("step S: dp a sp b -> dp c sp d").
+  static ResultsFile resume(const std::string& path, std::int64_t keep_through_step = -1,
+                            const RunLayout* layout = nullptr);
 
   ResultsFile(ResultsFile&&) noexcept;
   ResultsFile& operator=(ResultsFile&&) noexcept;

@@ -322,8 +322,14 @@ void DsrsqModel::save(std::map<std::string, std::vector<float>>& extra, const Te
   extra["dsrsq.params"] = vec(extra_);
   extra["dsrsq.adam_m"] = vec(adam_m);
   extra["dsrsq.adam_v"] = vec(adam_v);
+  // The baseline's exact bits, as four 16-bit integers (exact in f32): a resumed
+  // run must equal the straight one bitwise.
+  std::uint64_t bits = 0;
+  const double b = baseline_.value();
+  std::memcpy(&bits, &b, sizeof bits);
   extra["dsrsq.state"] = {static_cast<float>(adam_steps), baseline_.initialized() ? 1.0f : 0.0f,
-                          static_cast<float>(baseline_.value())};
+                          static_cast<float>(bits & 0xFFFF), static_cast<float>((bits >> 16) & 0xFFFF),
+                          static_cast<float>((bits >> 32) & 0xFFFF), static_cast<float>((bits >> 48) & 0xFFFF)};
 }
 
 std::int64_t DsrsqModel::load(const std::map<std::string, std::vector<float>>& extra, TensorView adam_m,
@@ -341,9 +347,13 @@ std::int64_t DsrsqModel::load(const std::map<std::string, std::vector<float>>& e
   put("dsrsq.adam_m", adam_m);
   put("dsrsq.adam_v", adam_v);
   const auto& st = extra.at("dsrsq.state");
-  DSRSQ_INPUT_CHECK(st.size() == 3, "checkpoint: dsrsq.state must hold 3 values");
+  DSRSQ_INPUT_CHECK(st.size() == 6, "checkpoint: dsrsq.state must hold 6 values, got ", st.size());
+  std::uint64_t bits = 0;
+  for (int i = 0; i < 4; ++i) bits |= static_cast<std::uint64_t>(st[static_cast<std::size_t>(2 + i)]) << (16 * i);
+  double b = 0;
+  std::memcpy(&b, &bits, sizeof b);
   baseline_ = retrieval::MovingAverageBaseline(s_.dsr.baseline_decay);
-  if (st[1] > 0) baseline_.update(static_cast<double>(st[2]));
+  if (st[1] > 0) baseline_.update(b);
   return static_cast<std::int64_t>(st[0]);
 }
 

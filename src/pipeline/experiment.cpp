@@ -452,8 +452,9 @@ int run_experiment(const Options& opt, int rank, int world) {
         }
         Timer t;
         out.push_back(evaluate_method(model, *policy, *tok, test, e));
-        std::printf("dsrsq: evaluated %-8s %-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n", kind.c_str(), name.c_str(),
-                    out.back().f1, out.back().em, out.back().examples.size(), t.seconds());
+        std::printf("dsrsq: evaluated %s%-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n",
+                    kind == "eval" ? "" : "ablation variant ", name.c_str(), out.back().f1, out.back().em,
+                    out.back().examples.size(), t.seconds());
         sink.method_done(out.back(), kind);
       } catch (const std::exception& ex) {
         std::printf("dsrsq: %s %s FAILED: %s\n", kind.c_str(), name.c_str(), ex.what());

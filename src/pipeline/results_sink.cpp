@@ -161,7 +161,11 @@ void ResultsSink::open(const std::string& dataset_hash) {
       for (const auto& v : prior.layout().ablation_variants)
         if (prior.status("ablation/" + v).state == "done") I.done_before.insert("ablation/" + v);
     }
-    I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step));
+    results::RunLayout now;
+    now.dp = I.opt.dp;
+    now.sp = I.opt.sp;
+    now.world_size = I.opt.dp * I.opt.sp;
+    I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step, &now));
     std::printf("dsrsq: resuming %s from step %lld\n", I.h5_path.c_str(), static_cast<long long>(I.resume_step));
   } else {
     results::RunLayout layout;

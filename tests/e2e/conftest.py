@@ -1,6 +1,6 @@
 # Markers select one group of test_e2e.py per CTest entry (tests/e2e/CMakeLists.txt).
 GROUPS = ["bad_input", "tiny_run", "resume", "skip_overwrite", "determinism", "clean_state", "swmr", "sigterm",
-          "dry_run_version", "data_parallel"]
+          "dry_run_version", "data_parallel", "dsrsq"]
 
 
 def pytest_configure(config):

@@ -100,7 +100,8 @@ def eval_table(f, method):
 def train_table(f):
     t = f["train"]
     n = rows(t, ["step", "loss_total", "grad_norm", "lr"])
-    return {c: t[c][:n] for c in ("step", "loss_total", "loss_task", "grad_norm", "lr")}
+    return {c: t[c][:n] for c in ("step", "loss_total", "loss_task", "grad_norm", "lr", "loss_retrieval",
+                                  "loss_compression", "loss_compute", "selected_fraction")}
 
 
 def status(f, what):
@@ -176,6 +177,16 @@ BAD_ARGS = {
     "unknown_dataset": (["--dataset", "no_such_set"], ["--dataset", "no_such_set"]),
     "unknown_method": (["--methods", "full", "no_such_method"], ["--methods", "no_such_method"]),
     "nq_without_data_dir": (["--dataset", "nq"], ["--data_dir", "nq"]),
+    # DSRSQ component settings that cannot work (issue: "a clear error naming the option").
+    "dsr_budget_zero": (["--model", "dsrsq", "--dsr_base_budget", "0"], ["--dsr_base_budget"]),
+    "too_many_clusters": (["--model", "dsrsq", "--sqa_clusters", "100000"], ["--sqa_clusters", "100000"]),
+    "top_over_clusters": (["--model", "dsrsq", "--sqa_clusters", "4", "--sqa_top_clusters", "5"], ["--sqa_top_clusters"]),
+    "d_c_over_d": (["--model", "dsrsq", "--rckv_d_c", "999"], ["--rckv_d_c", "999"]),
+    "three_weights": (["--model", "dsrsq", "--hof_weights", "1", "0.5", "0.3"], ["--hof_weights", "4"]),
+    "ablation_without_dsrsq": (["--ablation"], ["--ablation", "dsrsq"]),
+    "dsrsq_method_without_model": (["--methods", "dsrsq"], ["--methods", "dsrsq"]),
+    "unknown_variant": (["--model", "dsrsq", "--ablation", "--ablation_variants", "no_such"], ["--ablation_variants", "no_such"]),
+    "sp_not_world": (["--sp", "2"], ["--sp"]),
 }
 
 
@@ -186,6 +197,16 @@ def test_bad_option(tmp_path, case):
     out = tmp_path / "out"
     expect_input_error(run(args(out, *extra), tmp_path), *words)
     assert not out.exists()
+
+
+@pytest.mark.bad_input
+def test_negative_hof_weight(tmp_path):
+    """A negative loss weight (given in a config file: on the command line a
+    leading '-' reads as an option) is refused with the option named."""
+    cfg = write(tmp_path / "w.ini", "model = dsrsq\nhof_weights = 1.0 -0.5 0.3 0.2\n")
+    r = run(args(tmp_path / "out", "--config", cfg), tmp_path)
+    expect_input_error(r, "--hof_weights", "-0.5")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.bad_input
@@ -651,3 +672,149 @@ def test_data_parallel_bad_grid(tmp_path):
     r = run(args(out, "--dp", "2"), tmp_path)
     assert r.returncode != 0 and "--dp" in r.stderr, r.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- 11. DSRSQ, checkpoint retention, layouts
+
+DSRSQ_SMALL = ["--model", "dsrsq", "--methods", "dsrsq", "full", "--rckv_d_c", "16", "--sqa_clusters", "4",
+               "--sqa_top_clusters", "2", "--hof_ramp", "5", "--kv_budget", "0.25"]
+
+
+@pytest.mark.dsrsq
+def test_dsrsq_ablation_run(tmp_path, baseline):
+    """--model dsrsq --ablation (initialised from a standard checkpoint) writes
+    /eval/dsrsq and every /ablation/<variant> with its efficiency figures, and
+    every HOF term per step in /train; the ablation changes what it should."""
+    out = tmp_path / "out"
+    r = ok(run(args(out, *DSRSQ_SMALL, "--ablation", "--init_from", baseline["dir"] / f"ckpt_{STEPS}.h5",
+                    "--no-report"), tmp_path))
+    assert "initialised from" in r.stdout
+    with h5open(out / "r" / "run.h5") as f:
+        t = train_table(f)
+        assert list(t["step"]) == list(range(1, STEPS + 1))
+        for k in ("loss_task", "loss_retrieval", "loss_compression", "loss_compute", "selected_fraction"):
+            assert np.isfinite(t[k]).all(), k
+        # The efficiency weights ramp from 0; the terms themselves are measured from step 1.
+        assert (t["loss_compression"] > 0).all() and (t["loss_compute"] > 0).all()
+        assert ((t["selected_fraction"] > 0) & (t["selected_fraction"] < 1)).all()
+        assert (t["loss_retrieval"] != 0).any()
+        for m in ("dsrsq", "full"):
+            assert status(f, "eval/" + m) == "done"
+        variants = ["full_model", "no_dsr", "no_sqa", "no_rckv"]
+        for v in variants:
+            assert status(f, "ablation/" + v) == "done", v
+            assert rows(f["ablation/" + v], ["f1"]) == NUM_TEST, v
+        # Same weights, same selection: full_model equals the dsrsq method.
+        a = f["ablation/full_model"]
+        e = f["eval/dsrsq"]
+        assert list(a["f1"][:NUM_TEST]) == list(e["f1"][:NUM_TEST])
+        ctx = lambda g: f[g]["kv_resident_bytes"][:NUM_TEST]
+        # no_rckv holds the full cache of the selected tokens: more than RCKV's budgeted cache.
+        assert ctx("ablation/no_rckv").mean() > ctx("ablation/full_model").mean()
+        # RCKV is sized from the budget: it keeps within it.
+        assert (f["ablation/full_model"]["kv_resident_bytes"][:NUM_TEST] <=
+                f["ablation/full_model"]["kv_budget_requested_bytes"][:NUM_TEST] * 1.05).all()
+
+
+def _ckpt_steps(d):
+    return sorted(int(p.stem.split("_")[1]) for p in d.glob("ckpt_*.h5"))
+
+
+@pytest.mark.dsrsq
+def test_dsrsq_resume_bitwise(tmp_path):
+    """A DSRSQ run stopped and resumed equals the straight run (its retriever,
+    projections, their optimizer and the reward baseline are checkpointed)."""
+    out = tmp_path / "out"
+    ok(run(args(out, *DSRSQ_SMALL, "--no-report", "--checkpoint_every", "5", name="a"), tmp_path))
+    r = run(args(out, *DSRSQ_SMALL, "--no-report", "--checkpoint_every", "5", "--stop_after", "10", name="b"), tmp_path)
+    assert r.returncode == 3, r.stderr
+    ok(run(args(out, *DSRSQ_SMALL, "--no-report", "--checkpoint_every", "5", name="b"), tmp_path))
+    with h5open(out / "a" / "run.h5") as fa, h5open(out / "b" / "run.h5") as fb:
+        ta, tb = train_table(fa), train_table(fb)
+        for k in ("loss_total", "loss_retrieval", "loss_compression", "selected_fraction"):
+            assert list(ta[k]) == list(tb[k]), k
+    a, _ = ckpt_arrays(out / "a" / f"ckpt_{STEPS}.h5")
+    b, _ = ckpt_arrays(out / "b" / f"ckpt_{STEPS}.h5")
+    assert (a["params"] == b["params"]).all()
+
+
+@pytest.mark.resume
+def test_milestones_and_walltime(tmp_path):
+    """Rolling retention keeps the last --keep_checkpoints plus every
+    --milestone_every; --max_walltime checkpoints and exits 3 before the limit,
+    and the same command resumes."""
+    out = tmp_path / "out"
+    ok(run(args(out, "--checkpoint_every", "2", "--keep_checkpoints", "2", "--milestone_every", "6", "--no-report"),
+           tmp_path))
+    assert _ckpt_steps(out / "r") == [6, 12, 18, 20], _ckpt_steps(out / "r")
+    slow = [x if x != "300" else "20000" for x in SLOW] + ["--max_walltime", "3"]
+    t0 = time.monotonic()
+    r = run(args(out, *slow, name="w"), tmp_path)
+    assert r.returncode == 3, f"exit {r.returncode}: {r.stdout[-1500:]} {r.stderr[-1500:]}"
+    assert time.monotonic() - t0 < 30
+    steps = _ckpt_steps(out / "w")
+    assert steps and 0 < steps[-1] < 20000, steps
+    with h5open(out / "w" / "run.h5") as f:
+        assert status(f, "train") == "interrupted"
+
+
+def _mpi_env():
+    env = dict(ENV)
+    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    return env
+
+
+@pytest.mark.data_parallel
+def test_resume_at_another_layout(tmp_path, baseline):
+    """A run stopped at dp 2 x sp 1 resumes as dp 1 x sp 2 (the checkpoint is
+    unsharded; dp and sp are not part of the run identity) and ends with the
+    one-rank run's parameters to float tolerance; the file records the change."""
+    mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
+    out = tmp_path / "out"
+    r = subprocess.run([mpiexec, "-np", "2", "--oversubscribe"] + args(out, "--dp", 2, "--stop_after", 10, "--no-report"),
+                       cwd=tmp_path, env=_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=240)
+    assert r.returncode == 3, r.stderr[-2000:]
+    r = subprocess.run([mpiexec, "-np", "2", "--oversubscribe"] + args(out, "--sp", 2, "--no-report"),
+                       cwd=tmp_path, env=_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=240)
+    ok(r)
+    assert "from step 10" in r.stdout
+    with h5open(out / "r" / "run.h5") as f:
+        assert int(f.attrs["sp"]) == 2 and int(f.attrs["dp"]) == 1
+        hist = f.attrs["layout_history"]
+        assert "dp 2 sp 1 -> dp 1 sp 2" in (hist.decode() if isinstance(hist, bytes) else hist)
+        assert list(train_table(f)["step"]) == list(range(1, STEPS + 1))
+    a, _ = ckpt_arrays(baseline["dir"] / f"ckpt_{STEPS}.h5")
+    b, _ = ckpt_arrays(out / "r" / f"ckpt_{STEPS}.h5")
+    err = np.linalg.norm(a["params"].astype(np.float64) - b["params"]) / np.linalg.norm(a["params"].astype(np.float64))
+    assert err < 1e-5, err
+
+
+@pytest.mark.data_parallel
+def test_sigterm_multi_rank(tmp_path):
+    """SIGTERM to one rank of a running dp 2 job (Slurm signals every task; one
+    is enough): the ranks agree at the next step boundary, checkpoint, exit 3,
+    and the same command resumes to the end."""
+    mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
+    out = tmp_path / "out"
+    d = out / "r"
+    argv = [mpiexec, "-np", "2", "--oversubscribe"] + args(out, "--dp", 2, *SLOW, "--no-report")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert wait_for_rows(d / "run.h5", proc, 1, timeout=90), f"no rows (exit {proc.poll()})"
+        pids = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), str(BIN)], stdout=subprocess.PIPE, text=True).stdout.split()
+        assert pids, "no dsrsq ranks found under mpirun"
+        os.kill(int(pids[-1]), signal.SIGTERM)  # one rank only
+        so, se = proc.communicate(timeout=60)
+        assert proc.returncode == 3, f"exit {proc.returncode}\n{so[-2000:]}\n{se[-2000:]}"
+    finally:
+        kill(proc)
+    last = _ckpt_steps(d)[-1]
+    assert 0 < last < 300
+    with h5open(d / "run.h5") as f:
+        assert status(f, "train") == "interrupted"
+    r = subprocess.run(argv, cwd=tmp_path, env=_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=300)
+    ok(r)
+    assert f"from step {last}" in r.stdout
