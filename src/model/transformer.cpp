@@ -130,7 +130,8 @@ TensorView Transformer::saved_keys(std::int64_t layer) const {
 
 TensorView Transformer::saved_values(std::int64_t layer) const {
   DSRSQ_REQUIRE(have_targets_ && layer >= 0 && layer < cfg_.n_layers, "saved_values: no training forward or bad layer");
-  return acts_[static_cast<std::size_t>(layer)].v;
+  const LayerActs& A = acts_[static_cast<std::size_t>(layer)];
+  return A.v_pre.empty() ? A.v : A.v_pre;
 }
 
 void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, TensorView tokens, TensorView pos,
@@ -173,7 +174,12 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
       policy->attend(l, A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs), pos, A.att.reshaped(qs));
     } else {
     A.k_pre = TensorView{};
+    A.v_pre = TensorView{};
     if (save_pre_rope_keys && !cache) A.k_pre = copy_into(arena, A.k);
+    if (kv_transform && !cache) {
+      if (save_pre_rope_keys) A.v_pre = copy_into(arena, A.v);
+      kv_transform->forward(l, A.k, A.v);
+    }
     be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     be_.rope_fwd(RopeArgs{A.k.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     A.lse = arena.allocate(Shape{B, NH, T}, f);
@@ -295,6 +301,7 @@ void Transformer::backward(double dloss) {
     else be_.attention_bwd(ga);
     be_.rope_bwd(RopeArgs{dq.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     be_.rope_bwd(RopeArgs{dk.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
+    if (kv_transform) kv_transform->backward(l, dk, dv);
     TensorView dln1 = ar.allocate(Shape{N, C}, f);
     be_.linear_bwd(LinearGradArgs{dq, A.ln1, p.wq, dln1, g.wq, g.bq, false});
     be_.linear_bwd(LinearGradArgs{dk, A.ln1, p.wk, dln1, g.wk, g.bk, true});

@@ -58,6 +58,20 @@ struct KVCache {
   std::size_t bytes() const;     // allocated bytes (k, v and positions)
 };
 
+// Changes the pre-RoPE keys and values of the TRAINING forward before they are
+// used (DSRSQ: RCKV's reconstruction U P x of the tokens that inference keeps
+// compressed, so the model learns to read its compressed cache), with its
+// backward. k, v, dk, dv are (B*T, C).
+class KVTransform {
+ public:
+  virtual ~KVTransform() = default;
+  // In place: k, v -> the transformed keys and values.
+  virtual void forward(std::int64_t layer, TensorView k, TensorView v) = 0;
+  // In place: gradients w.r.t. the transformed k, v -> w.r.t. the originals;
+  // the transform's own parameter gradients accumulate.
+  virtual void backward(std::int64_t layer, TensorView dk, TensorView dv) = 0;
+};
+
 class Transformer {
  public:
   Transformer(const ModelConfig& cfg, Backend& backend);
@@ -92,9 +106,12 @@ class Transformer {
   std::function<void(std::int64_t layer)> on_layer_grads_ready;
   // Attention of forward()/backward() (not of extend()); null: the backend's.
   AttentionOverride* attention_override = nullptr;
+  // Transform of the training forward's keys and values; null: none.
+  KVTransform* kv_transform = nullptr;
   // Pre-RoPE keys and values (B*T, C) of layer l saved by the last training
-  // forward (RCKV's compression loss reads them). Keys are kept only while
-  // save_pre_rope_keys is set (RoPE rotates them in place otherwise).
+  // forward (RCKV's compression loss reads them), before any kv_transform.
+  // Keys are kept only while save_pre_rope_keys is set (RoPE rotates them in
+  // place otherwise).
   bool save_pre_rope_keys = false;
   TensorView saved_keys(std::int64_t layer) const;
   TensorView saved_values(std::int64_t layer) const;
@@ -127,7 +144,7 @@ class Transformer {
     TensorView ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, wfc, bfc, wproj, bproj;
   };
   struct LayerActs {
-    TensorView x_in, ln1, ln1_mean, ln1_rstd, q, k, k_pre, v, att, lse, x_mid, ln2, ln2_mean, ln2_rstd, fc, fc_act;
+    TensorView x_in, ln1, ln1_mean, ln1_rstd, q, k, k_pre, v, v_pre, att, lse, x_mid, ln2, ln2_mean, ln2_rstd, fc, fc_act;
   };
   void build_params();
   void check_batch(const TensorView& tokens, const TensorView& pos) const;

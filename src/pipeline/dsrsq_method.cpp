@@ -69,12 +69,76 @@ double ClusterAttentionOverride::active_cluster_fraction() const {
   return plans_.empty() ? 0.0 : s / static_cast<double>(plans_.size());
 }
 
+// ---- RCKV in the training forward -------------------------------------------------------
+
+void RckvTrainTransform::set_rows(const std::vector<std::uint8_t>& compress) {
+  rows_.clear();
+  for (std::size_t i = 0; i < compress.size(); ++i)
+    if (compress[i]) rows_.push_back(static_cast<std::int64_t>(i));
+}
+
+TensorView RckvTrainTransform::p_of(std::int64_t layer, int kind, bool grad) const {
+  const auto params = proj_.params();  // pk, pv, uk, uv per layer
+  const Param& p = params.at(static_cast<std::size_t>(4 * layer + kind));
+  return grad ? p.grad : p.value;
+}
+
+TensorView RckvTrainTransform::u_of(std::int64_t layer, int kind, bool grad) const {
+  const auto params = proj_.params();
+  const Param& p = params.at(static_cast<std::size_t>(4 * layer + 2 + kind));
+  return grad ? p.grad : p.value;
+}
+
+void RckvTrainTransform::forward(std::int64_t layer, TensorView k, TensorView v) {
+  if (x_.size() <= static_cast<std::size_t>(layer)) {
+    x_.resize(static_cast<std::size_t>(layer) + 1);
+    z_.resize(static_cast<std::size_t>(layer) + 1);
+  }
+  const std::int64_t C = k.shape[1], dc = proj_.latent(), M = static_cast<std::int64_t>(rows_.size());
+  for (int kind = 0; kind < 2; ++kind) {
+    auto& x = x_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(kind)];
+    auto& z = z_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(kind)];
+    x.resize(static_cast<std::size_t>(M * C));
+    z.resize(static_cast<std::size_t>(M * dc));
+    if (M == 0) continue;
+    float* t = (kind == 0 ? k : v).ptr<float>();
+    for (std::int64_t r = 0; r < M; ++r)
+      std::memcpy(x.data() + r * C, t + rows_[static_cast<std::size_t>(r)] * C, sizeof(float) * static_cast<std::size_t>(C));
+    std::vector<float> xh(static_cast<std::size_t>(M * C));
+    be_.linear_fwd(LinearArgs{TensorView(x.data(), Shape{M, C}), p_of(layer, kind, false), {}, TensorView(z.data(), Shape{M, dc})});
+    be_.linear_fwd(LinearArgs{TensorView(z.data(), Shape{M, dc}), u_of(layer, kind, false), {}, TensorView(xh.data(), Shape{M, C})});
+    for (std::int64_t r = 0; r < M; ++r)
+      std::memcpy(t + rows_[static_cast<std::size_t>(r)] * C, xh.data() + r * C, sizeof(float) * static_cast<std::size_t>(C));
+  }
+}
+
+void RckvTrainTransform::backward(std::int64_t layer, TensorView dk, TensorView dv) {
+  const std::int64_t C = dk.shape[1], dc = proj_.latent(), M = static_cast<std::int64_t>(rows_.size());
+  if (M == 0) return;
+  for (int kind = 0; kind < 2; ++kind) {
+    auto& x = x_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(kind)];
+    auto& z = z_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(kind)];
+    float* g = (kind == 0 ? dk : dv).ptr<float>();
+    std::vector<float> dxh(static_cast<std::size_t>(M * C)), dz(static_cast<std::size_t>(M * dc)), dx(dxh.size());
+    for (std::int64_t r = 0; r < M; ++r)
+      std::memcpy(dxh.data() + r * C, g + rows_[static_cast<std::size_t>(r)] * C, sizeof(float) * static_cast<std::size_t>(C));
+    be_.linear_bwd(LinearGradArgs{TensorView(dxh.data(), Shape{M, C}), TensorView(z.data(), Shape{M, dc}),
+                                  u_of(layer, kind, false), TensorView(dz.data(), Shape{M, dc}), u_of(layer, kind, true), {},
+                                  false});
+    be_.linear_bwd(LinearGradArgs{TensorView(dz.data(), Shape{M, dc}), TensorView(x.data(), Shape{M, C}),
+                                  p_of(layer, kind, false), TensorView(dx.data(), Shape{M, C}), p_of(layer, kind, true), {},
+                                  false});
+    for (std::int64_t r = 0; r < M; ++r)
+      std::memcpy(g + rows_[static_cast<std::size_t>(r)] * C, dx.data() + r * C, sizeof(float) * static_cast<std::size_t>(C));
+  }
+}
+
 // ---- the model -----------------------------------------------------------------------
 
 DsrsqModel::DsrsqModel(Transformer& backbone, DsrsqSettings s, Backend& be)
     : model_(backbone), s_(s), be_(be), scorer_(backbone.config().d_model, s.dsr),
       proj_(backbone.config(), s.rckv), arena_("dsrsq_parameters", 1 << 20, be.allocator()),
-      baseline_(s.dsr.baseline_decay), sqa_(be, s.sqa, backbone.config().n_layers) {
+      baseline_(s.dsr.baseline_decay), sqa_(be, s.sqa, backbone.config().n_layers), kvt_(proj_, be) {
   const std::int64_t nd = scorer_.num_parameters(), nr = proj_.num_parameters(backbone.config(), s.rckv);
   extra_ = arena_.zeros(Shape{nd + nr}, DType::f32);
   extra_grad_ = arena_.zeros(Shape{nd + nr}, DType::f32);
@@ -97,7 +161,9 @@ void DsrsqModel::init_projections_pca(const std::vector<const Encoded*>& seqs, s
   const bool saved = model_.save_pre_rope_keys;
   model_.save_pre_rope_keys = true;
   AttentionOverride* att = model_.attention_override;
+  KVTransform* kvt = model_.kv_transform;
   model_.attention_override = nullptr;
+  model_.kv_transform = nullptr;
   model_.forward(hb.view());
   const std::int64_t C = model_.config().d_model;
   std::vector<std::int64_t> real;
@@ -116,6 +182,7 @@ void DsrsqModel::init_projections_pca(const std::vector<const Encoded*>& seqs, s
   }
   model_.save_pre_rope_keys = saved;
   model_.attention_override = att;
+  model_.kv_transform = kvt;
 }
 
 DsrsqModel::Example DsrsqModel::score(const Encoded& enc, Rng* rng) const {
@@ -172,9 +239,14 @@ HostBatch DsrsqModel::training_batch(const std::vector<const Encoded*>& seqs, st
   hb.targets.assign(N, pad_id);
   hb.mask.assign(N, 0.0f);
   hb.is_answer.assign(N, 0);
+  hb.compress.assign(N, 0);
   for (std::int64_t b = 0; b < hb.B; ++b) {
     const Encoded& e = *seqs[static_cast<std::size_t>(b)];
     const auto& k = kept[static_cast<std::size_t>(b)];
+    // Inference keeps the last `window` prompt tokens exact, the older ones compressed.
+    const auto prompt_kept = static_cast<std::int64_t>(std::count_if(k.begin(), k.end(), [&](std::int32_t i) { return i < e.prompt_len; }));
+    const std::int64_t compressed = std::max<std::int64_t>(0, prompt_kept - s_.rckv.window);
+    for (std::int64_t t = 0; t < std::min<std::int64_t>(compressed, hb.T); ++t) hb.compress[static_cast<std::size_t>(b * hb.T + t)] = 1;
     for (std::size_t t = 0; t + 1 < k.size(); ++t) {
       const std::size_t i = static_cast<std::size_t>(b * hb.T) + t;
       hb.tokens[i] = e.tokens[static_cast<std::size_t>(k[t])];

@@ -85,6 +85,32 @@ class ClusterAttentionOverride : public AttentionOverride {
   std::vector<attention::ClusterPlan> plans_;
 };
 
+// RCKV in the training forward: the keys and values of the tokens that
+// inference keeps compressed (every prompt token older than the last `window`
+// prompt tokens; HostBatch::compress) are replaced by their reconstructions
+//   k_hat = U_k (P_k k),  v_hat = U_v (P_v v),
+// so the backbone learns to read its compressed cache, and the task loss
+// trains P and U together with the reconstruction loss. Backward:
+//   dU += dx_hat z^T, dz = U^T dx_hat, dP += dz x^T, dx = P^T dz.
+class RckvTrainTransform : public KVTransform {
+ public:
+  RckvTrainTransform(compress::RckvProjections& proj, Backend& be) : proj_(proj), be_(be) {}
+  // The rows (B*T) of the coming forward to transform; empty: none.
+  void set_rows(const std::vector<std::uint8_t>& compress);
+  void forward(std::int64_t layer, TensorView k, TensorView v) override;
+  void backward(std::int64_t layer, TensorView dk, TensorView dv) override;
+
+ private:
+  // P (d_c, C) and U (C, d_c) views of one layer and kind (0 keys, 1 values).
+  TensorView p_of(std::int64_t layer, int kind, bool grad) const;
+  TensorView u_of(std::int64_t layer, int kind, bool grad) const;
+  compress::RckvProjections& proj_;
+  Backend& be_;
+  std::vector<std::int64_t> rows_;
+  // Saved per layer and kind: the original rows x (M, C) and latents z (M, d_c).
+  std::vector<std::array<std::vector<float>, 2>> x_, z_;
+};
+
 // Terms of the HOF loss of one step (unweighted values, for /train).
 struct HofTerms {
   double retrieval = 0, compression = 0, compute = 0, selected_fraction = 0, ramp = 0;
@@ -129,6 +155,7 @@ class DsrsqModel {
   HofTerms hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
                      dist::Communicator* comm, bool lead, double global_sequences);
   ClusterAttentionOverride* sqa_override() { return &sqa_; }
+  RckvTrainTransform* kv_transform() { return &kvt_; }
 
   // ---- inference ----
   // Prompt indices that enter the model (sorted; [BOS] and the question always).
@@ -160,6 +187,7 @@ class DsrsqModel {
   std::vector<Param> extra_params_;
   retrieval::MovingAverageBaseline baseline_;
   ClusterAttentionOverride sqa_;
+  RckvTrainTransform kvt_;
   std::vector<Example> batch_;  // of the last training_batch()
 };
 

@@ -86,6 +86,7 @@ HostBatch shard_batch(const HostBatch& hb, const std::vector<std::int32_t>& colu
   out.targets.resize(n);
   out.mask.resize(n);
   out.is_answer.resize(n);
+  if (!hb.compress.empty()) out.compress.resize(n);
   for (std::int64_t b = 0; b < hb.B; ++b)
     for (std::int64_t j = 0; j < out.T; ++j) {
       const std::int64_t t = columns[static_cast<std::size_t>(j)];
@@ -96,6 +97,7 @@ HostBatch shard_batch(const HostBatch& hb, const std::vector<std::int32_t>& colu
       out.targets[dst] = hb.targets[src];
       out.mask[dst] = hb.mask[src];
       out.is_answer[dst] = hb.is_answer[src];
+      if (!hb.compress.empty()) out.compress[dst] = hb.compress[src];
       out.answer_tokens += hb.is_answer[src];
     }
   return out;

@@ -37,6 +37,8 @@ struct HostBatch {
   std::vector<float> mask;
   std::vector<std::uint8_t> is_answer;  // 1 where the target is an answer token or EOS
   std::int64_t answer_tokens = 0;  // rows with mask 1
+  // Optional (DSRSQ): 1 where the token is one RCKV keeps compressed at inference.
+  std::vector<std::uint8_t> compress;
   Batch view();
 };
 

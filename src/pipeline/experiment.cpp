@@ -352,7 +352,6 @@ int run_experiment(const Options& opt, int rank, int world) {
       };
       hooks.after_backward = [&](std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
                                  StepStats& st) {
-        dm->zero_extra_grad();
         const bool lead = !grid || grid->sp_rank() == 0;
         const HofTerms h = dm->hof_terms(step, local, answer_loss, grid ? &grid->world() : nullptr, lead,
                                          static_cast<double>(opt.batch_size));
@@ -363,6 +362,12 @@ int run_experiment(const Options& opt, int rank, int world) {
         st.loss = h.ramp * (ds.g[1] * h.retrieval + ds.g[2] * h.compression + ds.g[3] * h.compute);
       };
       hooks.extra_step = [&](double lr) { adam_extra->step(lr); };
+      // RCKV in the training forward: the backbone reads reconstructed K/V where inference will.
+      model.kv_transform = dm->kv_transform();
+      hooks.before_forward = [&](const HostBatch& local, bool training) {
+        if (training) dm->zero_extra_grad();  // the task loss reaches P and U through the transform
+        dm->kv_transform()->set_rows(local.compress);
+      };
     }
     Trainer trainer(model, adam, tc, pools, val, tok->pad_id(), dp, hooks);
     TrainCallbacks cb;
@@ -412,6 +417,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     const std::int64_t done = trainer.run(start, cb);
     if (reducer) reducer->detach();
     model.attention_override = nullptr;
+    model.kv_transform = nullptr;
     model.save_pre_rope_keys = false;
     if (done < tc.steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",

@@ -60,6 +60,7 @@ double Trainer::validation_loss() {
     for (std::size_t j = i; j < std::min(val_.size(), i + static_cast<std::size_t>(cfg_.batch_size)); ++j)
       seqs.push_back(&val_[j]);
     HostBatch hb = local_batch(seqs, 0.0f, 0, false);
+    if (hooks_.before_forward) hooks_.before_forward(hb, false);
     // inv_norm 1: the sum of answer-token losses; averaged over all of them below.
     total += model_.forward(hb.view(), 1.0);
     count += static_cast<double>(hb.answer_tokens);
@@ -90,6 +91,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     const double lr = lr_schedule(s, cfg_.steps, cfg_.warmup, cfg_.lr);
     model_.zero_grad();
     const double inv_norm = dp_.all() ? dist::global_inv_norm(*dp_.all(), hb.mask) : 0.0;
+    if (hooks_.before_forward) hooks_.before_forward(hb, true);
     double loss = model_.forward(hb.view(), inv_norm);
     model_.backward(hooks_.task_weight);
     if (dp_.reduce_gradients) dp_.reduce_gradients();

@@ -52,6 +52,9 @@ struct MethodHooks {
   // and may add to st.loss (the reported total).
   std::function<void(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss, StepStats& st)>
       after_backward;
+  // Right before every forward (training and validation) with the batch this
+  // rank computes (e.g. to zero extra gradients and hand over per-token data).
+  std::function<void(const HostBatch& local, bool training)> before_forward;
   // The extra parameters' optimizer step at the step's learning rate.
   std::function<void(double lr)> extra_step;
   double task_weight = 1.0;  // weight of the backbone's loss (HOF g1)

@@ -259,3 +259,63 @@ BOOST_AUTO_TEST_CASE(variants) {
   BOOST_CHECK(DsrsqVariant::named("no_rckv").rckv == false);
   BOOST_CHECK_THROW(DsrsqVariant::named("no_everything"), Error);
 }
+
+// RCKV in the training forward: the loss's gradient w.r.t. the projections and
+// the backbone's K/V weights through the reconstruction, against finite
+// differences (f32 model; central differences in the parameters).
+BOOST_AUTO_TEST_CASE(rckv_train_transform_gradient) {
+  ModelConfig mc = small_cfg();
+  mc.n_layers = 1;
+  Transformer model(mc, cpu_backend());
+  randomise(model, 8);
+  DsrsqSettings s = identity_settings(mc);
+  s.rckv.d_c = 8;
+  s.rckv.window = 5;
+  DsrsqModel dm(model, s, cpu_backend());
+  dm.init(9);
+  const Encoded a = make_example(30, 6);
+  HostBatch hb = dm.training_batch({&a}, kPad, 0.5f, std::nullopt, 1);
+  std::int64_t n_comp = 0;
+  for (auto c : hb.compress) n_comp += c;
+  BOOST_CHECK_EQUAL(n_comp, a.prompt_len - s.rckv.window);  // budget >= N: every prompt token kept
+  model.kv_transform = dm.kv_transform();
+  auto loss = [&] {
+    dm.kv_transform()->set_rows(hb.compress);
+    return model.forward(hb.view());
+  };
+  model.zero_grad();
+  dm.zero_extra_grad();
+  const double l0 = loss();
+  model.backward();
+  // The transform changes the loss (d_c < C), and its gradient reaches P, U and W_k.
+  model.kv_transform = nullptr;
+  const double plain = model.forward(hb.view());
+  model.kv_transform = dm.kv_transform();
+  BOOST_CHECK_GT(std::abs(plain - l0), 1e-4);
+  auto check = [&](const Param& p, int picks) {
+    std::vector<std::int64_t> idx(static_cast<std::size_t>(p.grad.numel()));
+    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<std::int64_t>(i);
+    const float* g = p.grad.ptr<float>();
+    std::partial_sort(idx.begin(), idx.begin() + picks, idx.end(),
+                      [&](auto x, auto y) { return std::abs(g[x]) > std::abs(g[y]); });
+    for (int j = 0; j < picks; ++j) {
+      float* v = p.value.ptr<float>() + idx[static_cast<std::size_t>(j)];
+      const float keep = *v;
+      const float h = 1e-2f;
+      *v = keep + h;
+      const double lp = loss();
+      *v = keep - h;
+      const double lm = loss();
+      *v = keep;
+      const double fd = (lp - lm) / (2.0 * h);
+      const double an = g[idx[static_cast<std::size_t>(j)]];
+      BOOST_TEST_MESSAGE(p.name << "[" << idx[static_cast<std::size_t>(j)] << "] analytic " << an << " fd " << fd);
+      BOOST_CHECK_LT(std::abs(fd - an), 0.03 * std::abs(an) + 2e-4);
+    }
+  };
+  for (const auto& p : dm.extra_params())
+    if (p.name.rfind("rckv.0.", 0) == 0) check(p, 3);
+  check(model.param("h.0.attn.wk"), 3);
+  check(model.param("h.0.attn.wv"), 3);
+  model.kv_transform = nullptr;
+}
