@@ -502,9 +502,39 @@ void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
       std::copy(pp + b * Tn, pp + (b + 1) * Tn, pd + b * Sw + st.win_len);
     }
   }
+  // 2b. As in DSRSQ's training forward (RckvTrainTransform): new tokens this call
+  // pushes out of the window (the first Tn - W) are seen by every query of the
+  // call through their reconstruction U P x, the way later calls will see them.
+  // Only the attention copies change: push() compresses the original k, v.
+  if (cfg_.train_matched_prefill && Tn > W_) {
+    const std::int64_t M = Tn - W_;
+    TensorView x = scratch_.allocate(Shape{M, C}, DType::f32);
+    TensorView z = scratch_.allocate(Shape{M, dc}, DType::f32);
+    TensorView xh = scratch_.allocate(Shape{M, C}, DType::f32);
+    const std::size_t bytes = static_cast<std::size_t>(M * C) * sizeof(float);
+    for (int kind = 0; kind < 2; ++kind) {
+      float* dst = (kind == 0 ? Kw : Vw).ptr<float>();
+      const TensorView P(const_cast<float*>(kind == 0 ? proj_.pk(layer) : proj_.pv(layer)), Shape{dc, C});
+      const TensorView U(const_cast<float*>(kind == 0 ? proj_.uk(layer) : proj_.uv(layer)), Shape{C, dc});
+      for (std::int64_t b = 0; b < B; ++b) {
+        float* rows = dst + (b * Sw + st.win_len) * C;
+        std::memcpy(x.data, rows, bytes);
+        be_.linear_fwd(LinearArgs{x, P, {}, z});
+        be_.linear_fwd(LinearArgs{z, U, {}, xh});
+        std::memcpy(rows, xh.data, bytes);
+      }
+    }
+  }
   be_.rope_fwd(RopeArgs{Kw.reshaped(Shape{B * Sw, NH, HS}), kpw.reshaped(Shape{B * Sw}), mc_.rope_theta});
   TensorView lse_w = scratch_.allocate(Shape{B, NH, Tn}, DType::f32);
-  be_.attention_fwd(AttentionArgs{q, Kw, Vw, out, lse_w, pos, kpw, true, 0.0});
+  if (cfg_.sqa && Tn > 1) {
+    // SQA over the call's tokens (and the window), as in training: k-means over
+    // their keys, each query attends exactly to its top-k_c clusters.
+    const attention::ClusterPlan plan = attention::cluster_plan(q, Kw, pos, kpw, cfg_.sqa_cfg);
+    attention::cluster_attention_fwd(be_, plan, AttentionArgs{q, Kw, Vw, out, lse_w, pos, kpw, true, 0.0});
+  } else {
+    be_.attention_fwd(AttentionArgs{q, Kw, Vw, out, lse_w, pos, kpw, true, 0.0});
+  }
 
   // 3. Buffer: reconstructed, rotated keys; latent values; merged into out.
   const std::int64_t n = st.buf_len;

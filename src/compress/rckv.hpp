@@ -25,8 +25,12 @@
 // new: Backend::attention_fwd) and merged with the guarded log-sum-exp rule.
 //
 // After attending, the call's new tokens enter the window (so the tokens of one
-// extend() call always attend to each other exactly: a prompt given in one call
-// is prefilled with exact attention, only later calls see compressed context).
+// extend() call attend to each other exactly: a prompt given in one call is
+// prefilled with exact attention, only later calls see compressed context),
+// unless train_matched_prefill: then the call's tokens that will leave the
+// window are attended through U P x by the whole call, as DSRSQ's training
+// forward does. With sqa, a multi-token call's attention is SQA cluster
+// attention over its tokens and the window (as in training).
 // Tokens pushed out of the window (oldest first) are compressed, c = P x, and
 // written to the buffer: to the next free slot if any, else to an evicted slot
 // chosen per batch row with probability proportional to exp(-w_i / tau)
@@ -91,7 +95,10 @@ struct RckvConfig {
   double tau = 0.0;             // eviction temperature, >= 0; 0 = evict the least important slot
   double importance_decay = 0.9;  // EMA decay of the importance, in [0, 1)
   std::uint64_t seed = 0;       // eviction sampling
-  bool sqa = false;             // cluster attention over the buffer at decode
+  bool sqa = false;             // cluster attention over the buffer at decode (and over a multi-token call's tokens)
+  // Prefill as DSRSQ trains (see attend()): within one call, the tokens that
+  // leave the window are attended through their reconstruction. Off: exact.
+  bool train_matched_prefill = false;
   attention::ClusterAttentionConfig sqa_cfg;
   // Throws a dsrsq input error naming the option (rckv_d_c, rckv_window,
   // rckv_tau, rckv_importance_decay, rckv_sqa_clusters, rckv_sqa_top_clusters,

@@ -527,11 +527,17 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
   rf.open_tables();
 }
 
-ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_through_step, const RunLayout* layout) {
+ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_through_step, const RunLayout* layout,
+                                const Provenance* update) {
   ResultsFile rf;
   rf.file_ = std::make_unique<h5::File>(path, h5::File::Mode::read_write, /*swmr=*/true);
   check_format(rf.file_->root(), path);
   rf.layout_ = layout_of(rf.file_->root());
+  if (update) {
+    const auto& root = rf.file_->root();
+    for (const auto& [k, v] : update->strings) root.set_attr(k, v);
+    for (const auto& [k, v] : update->integers) root.set_attr(k, v);
+  }
   if (layout && (layout->dp != rf.layout_.dp || layout->sp != rf.layout_.sp)) {
     // Attributes can change only before SWMR writing starts: now.
     const auto& root = rf.file_->root();

@@ -125,8 +125,10 @@ class ResultsFile {
   // layout (optional): the resuming run's dp x sp; when it differs from the
   // file's, the root's world_size/dp/sp become the new ones and the change is
   // appended to the root attribute layout_history ("step S: dp a sp b -> dp c sp d").
+  // update (optional): root attributes this attempt changes (Slurm job id and
+  // restart count of a requeued job), overwritten before SWMR writing starts.
   static ResultsFile resume(const std::string& path, std::int64_t keep_through_step = -1,
-                            const RunLayout* layout = nullptr);
+                            const RunLayout* layout = nullptr, const Provenance* update = nullptr);
 
   ResultsFile(ResultsFile&&) noexcept;
   ResultsFile& operator=(ResultsFile&&) noexcept;

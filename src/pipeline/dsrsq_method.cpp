@@ -383,6 +383,7 @@ std::unique_ptr<KVPolicy> DsrsqModel::make_policy(const DsrsqVariant& v) {
   if (!v.rckv) return make_kv_policy("full", model_.config(), be_);
   compress::RckvConfig c = s_.rckv;
   c.sqa = v.sqa;
+  c.train_matched_prefill = true;
   return std::make_unique<compress::RckvPolicy>(model_.config(), be_, proj_, c);
 }
 

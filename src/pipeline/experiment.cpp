@@ -423,12 +423,16 @@ int run_experiment(const Options& opt, int rank, int world) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                   static_cast<long long>(done), static_cast<long long>(tc.steps));
       sink.interrupted(done);
+      // Leave together: a launcher that kills the job when one rank exits non-zero
+      // (srun --kill-on-bad-exit) must not cut rank 0's checkpoint short.
+      if (grid) MPI_Barrier(MPI_COMM_WORLD);
       return 3;
     }
   }
 
   // ---- evaluation ----
   // Rank 0 evaluates (every rank holds the same parameters); the others wait.
+  bool eval_stopped = false;
   if (opt.command != "train" && rank == 0) {
     EvalConfig ec;
     ec.budget = budget;
@@ -437,6 +441,10 @@ int run_experiment(const Options& opt, int rank, int world) {
     std::vector<MethodEval> results;
     // One evaluation: a method of --methods ("eval") or a DSRSQ variant ("ablation").
     auto evaluate = [&](const std::string& name, const std::string& kind, std::vector<MethodEval>& out) {
+      if (eval_stopped || sink.should_stop()) {  // a stop signal during evaluation: stop between methods
+        eval_stopped = true;
+        return;
+      }
       if (sink.method_done_before(name, kind)) {
         std::printf("dsrsq: %s/%s was evaluated by an earlier attempt of this run; its results are kept\n", kind.c_str(),
                     name.c_str());
@@ -476,7 +484,16 @@ int run_experiment(const Options& opt, int rank, int world) {
       print_tables(ablation, opt.kv_budget);
     }
   }
-  if (grid) MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
+  if (eval_stopped) {
+    std::printf("dsrsq: stopped by a signal during evaluation; finished methods are kept, rerun to evaluate the rest\n");
+    sink.interrupted_eval();
+  }
+  int stop_all = eval_stopped ? 1 : 0;
+  if (grid) {
+    MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
+    MPI_Bcast(&stop_all, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  }
+  if (stop_all) return 3;
   sink.finish();
   std::printf("dsrsq: done in %.1f s; results in %s\n", total.seconds(), sink.path().c_str());
   if (opt.command != "train" && !opt.no_report && rank == 0) write_report(sink.path());

@@ -165,7 +165,12 @@ void ResultsSink::open(const std::string& dataset_hash) {
     now.dp = I.opt.dp;
     now.sp = I.opt.sp;
     now.world_size = I.opt.dp * I.opt.sp;
-    I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step, &now));
+    results::Provenance attempt;  // what a requeued Slurm job changes
+    const char* job = std::getenv("SLURM_JOB_ID");
+    const char* restarts = std::getenv("SLURM_RESTART_COUNT");
+    attempt.strings.emplace_back("slurm_job_id", job ? job : "");
+    attempt.integers.emplace_back("slurm_restart_count", restarts ? std::atoll(restarts) : 0);
+    I.file = std::make_unique<results::ResultsFile>(results::ResultsFile::resume(I.h5_path, I.resume_step, &now, &attempt));
     std::printf("dsrsq: resuming %s from step %lld\n", I.h5_path.c_str(), static_cast<long long>(I.resume_step));
   } else {
     results::RunLayout layout;
@@ -288,6 +293,12 @@ void ResultsSink::interrupted(std::int64_t step) {
                                          : "--stop_after " + std::to_string(I.opt.stop_after);
   I.file->set_status("train", "interrupted", why + " at step " + std::to_string(step) + "; rerun to resume");
   I.file->set_run_state("interrupted", utc_now());
+}
+
+void ResultsSink::interrupted_eval() {
+  if (impl_->rank != 0) return;
+  impl_->file->set_run_state("interrupted", utc_now());
+  impl_->file->flush();
 }
 
 bool ResultsSink::method_done_before(const std::string& method, const std::string& kind) const {

@@ -40,6 +40,8 @@ class ResultsSink {
   // Per-rank timings of one step, gathered: (step_time_s, comm_time_s, bytes) per world rank.
   void rank_step(std::int64_t step, const std::vector<double>& per_rank);
   void interrupted(std::int64_t step);
+  // A stop signal arrived during evaluation: the run is "interrupted" (rerun evaluates what is left).
+  void interrupted_eval();
 
   // True when a resumed run already holds this method's finished results
   // (its rows are kept; evaluating it again would duplicate them).

@@ -703,12 +703,14 @@ BOOST_AUTO_TEST_CASE(sqa_all_clusters_equals_dense) {
   BOOST_TEST(few.attended_tokens() < dense.attended_tokens());
   BOOST_TEST_MESSAGE("attended keys per decode query: dense " << dense.attended_tokens() << ", SQA top-1 of 5 "
                                                              << few.attended_tokens());
-  // Prefill logits are identical (SQA only acts on decode).
+  // SQA also acts within a multi-token (prefill) call: top-1 changes the prefill logits.
   const std::int64_t V = cfg.vocab;
+  double diff = 0;
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t i = 0; i < N * V; ++i)
-      BOOST_REQUIRE(rf.logits[static_cast<std::size_t>(b * (N + T) * V + i)] ==
-                    rd.logits[static_cast<std::size_t>(b * (N + T) * V + i)]);
+      diff = std::max(diff, std::abs(double(rf.logits[static_cast<std::size_t>(b * (N + T) * V + i)]) -
+                                     rd.logits[static_cast<std::size_t>(b * (N + T) * V + i)]));
+  BOOST_TEST(diff > 0.0);
   // SQA state is allocated and counted.
   BOOST_TEST(few.budget_achieved_bytes() > dense.budget_achieved_bytes());
   BOOST_TEST(few.memory().resident_after_prefill == few.kv_bytes_allocated());
