@@ -202,6 +202,13 @@ void validate(const Options& o) {
   DSRSQ_INPUT_CHECK(!o.methods.empty(), "option --methods: give at least one method");
   for (const auto& m : o.methods)
     DSRSQ_INPUT_CHECK(methods.count(m), "option --methods: unknown value '", m, "' (valid: full, sliding_window, dsrsq)");
+  for (std::size_t i = 0; i < o.methods.size(); ++i)
+    for (std::size_t j = i + 1; j < o.methods.size(); ++j)
+      DSRSQ_INPUT_CHECK(o.methods[i] != o.methods[j], "option --methods: '", o.methods[i], "' is given twice");
+  for (std::size_t i = 0; i < o.ablation_variants.size(); ++i)
+    for (std::size_t j = i + 1; j < o.ablation_variants.size(); ++j)
+      DSRSQ_INPUT_CHECK(o.ablation_variants[i] != o.ablation_variants[j], "option --ablation_variants: '",
+                        o.ablation_variants[i], "' is given twice");
   const bool is_dsrsq = o.model == "dsrsq";
   for (const auto& m : o.methods)
     DSRSQ_INPUT_CHECK(m != "dsrsq" || is_dsrsq, "option --methods: 'dsrsq' needs --model dsrsq (its retriever and "

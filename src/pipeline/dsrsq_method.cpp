@@ -405,6 +405,16 @@ void DsrsqModel::save(std::map<std::string, std::vector<float>>& extra, const Te
                           static_cast<float>((bits >> 32) & 0xFFFF), static_cast<float>((bits >> 48) & 0xFFFF)};
 }
 
+bool DsrsqModel::load_params(const std::map<std::string, std::vector<float>>& extra) {
+  auto it = extra.find("dsrsq.params");
+  if (it == extra.end()) return false;
+  DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(it->second.size()) == extra_.numel(), "checkpoint: dsrsq.params holds ",
+                    it->second.size(), " values, this DSRSQ configuration has ", extra_.numel(),
+                    " (were the dsr_/rckv_ settings changed?)");
+  std::memcpy(extra_.data, it->second.data(), it->second.size() * sizeof(float));
+  return true;
+}
+
 std::int64_t DsrsqModel::load(const std::map<std::string, std::vector<float>>& extra, TensorView adam_m,
                               TensorView adam_v) {
   auto it = extra.find("dsrsq.params");

@@ -165,6 +165,8 @@ class DsrsqModel {
   // Checkpoint: extra parameters, their AdamW state and the baseline.
   void save(std::map<std::string, std::vector<float>>& extra, const TensorView& adam_m, const TensorView& adam_v,
             std::int64_t adam_steps) const;
+  // Parameters only (--init_from a DSRSQ checkpoint); false when it has none.
+  bool load_params(const std::map<std::string, std::vector<float>>& extra);
   // Returns the AdamW step count stored (or -1 when the checkpoint has no DSRSQ state).
   std::int64_t load(const std::map<std::string, std::vector<float>>& extra, TensorView adam_m, TensorView adam_v);
 

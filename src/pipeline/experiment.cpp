@@ -288,8 +288,12 @@ int run_experiment(const Options& opt, int rank, int world) {
     std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
     std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
   }
+  // A DSRSQ checkpoint also carries the retriever and the RCKV projections
+  // (e.g. evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).
+  const bool dsrsq_init = dm && init && start == 0 && dm->load_params(init->extra);
+  if (dsrsq_init) std::printf("dsrsq: the retriever and RCKV projections come from %s too\n", opt.init_from.c_str());
   init.reset();
-  if (dm && start == 0 && !pools.empty()) {
+  if (dm && start == 0 && !pools.empty() && !dsrsq_init) {
     // RCKV projections from the backbone's own keys and values (PCA).
     std::vector<const Encoded*> calib;
     for (const auto& e : pools.back()) {

@@ -185,6 +185,7 @@ BAD_ARGS = {
     "three_weights": (["--model", "dsrsq", "--hof_weights", "1", "0.5", "0.3"], ["--hof_weights", "4"]),
     "ablation_without_dsrsq": (["--ablation"], ["--ablation", "dsrsq"]),
     "dsrsq_method_without_model": (["--methods", "dsrsq"], ["--methods", "dsrsq"]),
+    "duplicate_method": (["--methods", "full", "full"], ["--methods", "full", "twice"]),
     "unknown_variant": (["--model", "dsrsq", "--ablation", "--ablation_variants", "no_such"], ["--ablation_variants", "no_such"]),
     "sp_not_world": (["--sp", "2"], ["--sp"]),
 }
@@ -714,6 +715,15 @@ def test_dsrsq_ablation_run(tmp_path, baseline):
         # RCKV is sized from the budget: it keeps within it.
         assert (f["ablation/full_model"]["kv_resident_bytes"][:NUM_TEST] <=
                 f["ablation/full_model"]["kv_budget_requested_bytes"][:NUM_TEST] * 1.05).all()
+        preds = [x["prediction"] for x in eval_table(f, "dsrsq")]
+    # The trained DSRSQ checkpoint carries the retriever and projections: evaluating
+    # it again (as the Slurm ablation array does) reproduces the predictions.
+    small = [x for x in DSRSQ_SMALL if x != "full"]
+    r = ok(run(args(out, *small, "--init_from", out / "r" / f"ckpt_{STEPS}.h5", "--no-report", name="e",
+                    command="eval"), tmp_path))
+    assert "retriever and RCKV projections come from" in r.stdout
+    with h5open(out / "e" / "run.h5") as f:
+        assert [x["prediction"] for x in eval_table(f, "dsrsq")] == preds
 
 
 def _ckpt_steps(d):
