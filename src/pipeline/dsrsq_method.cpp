@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "dist/sharded_top_k.hpp"
 #include "kv/kv_policy.hpp"
 
 namespace dsrsq {
@@ -197,7 +198,10 @@ DsrsqModel::Example DsrsqModel::score(const Encoded& enc, Rng* rng) const {
   Example ex;
   ex.n = n;
   ex.fwd = scorer_.forward_tokens(wte.value, ctx, query);
-  ex.sel = retrieval::select(ex.fwd, rng);
+  retrieval::TopK top;
+  if (sp_comm_ && sp_comm_->size() > 1)
+    top = [this](std::span<const double> v, std::int64_t k) { return dist::sharded_top_k(*sp_comm_, v, k); };
+  ex.sel = retrieval::select(ex.fwd, rng, top);
   return ex;
 }
 
@@ -328,7 +332,10 @@ HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const 
   const double G = std::max(1.0, global_sequences);
   h.selected_fraction = sums[1] / G;
   const double expected_fraction = sums[2] / G;
-  h.compute = expected_fraction + sqa_.active_cluster_fraction();
+  // Active-cluster fraction of the step's attention: dense attention (ring
+  // attention under sp) attends every cluster.
+  const double active = model_.attention_override == &sqa_ ? sqa_.active_cluster_fraction() : 1.0;
+  h.compute = expected_fraction + active;
   h.compression = sums[3];
   // Policy gradient with a global-mean baseline; per-rank losses are means over
   // its own sequences, so weight them by their share of the global batch.

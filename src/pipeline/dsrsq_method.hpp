@@ -155,6 +155,9 @@ class DsrsqModel {
   HofTerms hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
                      dist::Communicator* comm, bool lead, double global_sequences);
   ClusterAttentionOverride* sqa_override() { return &sqa_; }
+  // Sequence parallelism: the seeds are chosen by the sharded exact top-k over
+  // these ranks (each proposes its block's best, one all-gather, global top-k).
+  void set_sp_comm(dist::Communicator* comm) { sp_comm_ = comm; }
   RckvTrainTransform* kv_transform() { return &kvt_; }
 
   // ---- inference ----
@@ -190,6 +193,7 @@ class DsrsqModel {
   retrieval::MovingAverageBaseline baseline_;
   ClusterAttentionOverride sqa_;
   RckvTrainTransform kvt_;
+  dist::Communicator* sp_comm_ = nullptr;
   std::vector<Example> batch_;  // of the last training_batch()
 };
 

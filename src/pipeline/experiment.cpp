@@ -344,6 +344,7 @@ int run_experiment(const Options& opt, int rank, int world) {
       model.save_pre_rope_keys = true;  // the compression loss reads them
       // SQA is the training attention (ring attention takes its place under sp).
       if (!model.attention_override) model.attention_override = dm->sqa_override();
+      if (grid && opt.sp > 1) dm->set_sp_comm(&grid->sp_comm());
       const DsrsqSettings& ds = dm->settings();
       hooks.task_weight = ds.g[0];
       const std::int32_t pad = tok->pad_id();
@@ -422,6 +423,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     if (reducer) reducer->detach();
     model.attention_override = nullptr;
     model.kv_transform = nullptr;
+    if (dm) dm->set_sp_comm(nullptr);  // rank 0 evaluates alone
     model.save_pre_rope_keys = false;
     if (done < tc.steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",

@@ -68,7 +68,7 @@ std::int64_t seeds_for_budget(std::int64_t budget, std::int64_t span) {
   return (budget + span) / (span + 1);
 }
 
-DsrSelection select(const DsrForward& fwd, Rng* rng) {
+DsrSelection select(const DsrForward& fwd, Rng* rng, const TopK& top) {
   const std::int64_t n = fwd.n;
   DSRSQ_REQUIRE(n >= 1 && static_cast<std::int64_t>(fwd.scores.size()) == n, "dsr select: forward has n=", n,
                 " and ", fwd.scores.size(), " scores");
@@ -81,7 +81,14 @@ DsrSelection select(const DsrForward& fwd, Rng* rng) {
     std::iota(sel.positions.begin(), sel.positions.end(), 0);
   } else {
     sel.k = seeds_for_budget(sel.budget.budget, fwd.span);
-    sel.seeds = rng ? gumbel_top_k(fwd.scores, sel.k, *rng) : top_k(fwd.scores, sel.k);
+    if (top) {
+      std::vector<double> pert(fwd.scores);
+      if (rng)
+        for (auto& x : pert) x += rng->gumbel();  // the draws gumbel_top_k makes, in its order
+      sel.seeds = top(pert, sel.k);
+    } else {
+      sel.seeds = rng ? gumbel_top_k(fwd.scores, sel.k, *rng) : top_k(fwd.scores, sel.k);
+    }
     sel.positions = expand_spans(sel.seeds, fwd.span, n);
     sel.selection_log_prob = plackett_luce_log_prob(fwd.scores, sel.seeds);
   }

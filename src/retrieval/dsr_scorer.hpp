@@ -31,6 +31,7 @@
 // so the untrained scorer already ranks tokens by embedding cosine with the query),
 // conv tap 0 = 1 and taps 1.. = N(0, 0.02^2), log_scale = log(init_scale), budget w = b = 0.
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -97,8 +98,12 @@ struct DsrSelection {
 };
 
 // Budget from the forward's head (sampled when rng, the mean logit otherwise), then the seeds
-// (gumbel_top_k with rng, top_k without) and their expansion.
-DsrSelection select(const DsrForward& fwd, Rng* rng);
+// (gumbel_top_k with rng, top_k without) and their expansion. top (optional) replaces the
+// ordered top-k over the (perturbed) scores, e.g. the sharded exact top-k of sequence-
+// parallel ranks (dist/sharded_top_k.hpp); it must return the same order (value
+// descending, ties to the lower index). The Gumbel noise is drawn as gumbel_top_k draws it.
+using TopK = std::function<std::vector<std::int32_t>(std::span<const double> values, std::int64_t k)>;
+DsrSelection select(const DsrForward& fwd, Rng* rng, const TopK& top = {});
 
 // ---- training records ---------------------------------------------------------------
 // One sampled selection of one forward (several records may share a forward), with its

@@ -828,3 +828,41 @@ def test_sigterm_multi_rank(tmp_path):
                        timeout=300)
     ok(r)
     assert f"from step {last}" in r.stdout
+
+
+@pytest.mark.dsrsq
+@pytest.mark.parametrize("dp,sp", [(1, 2), (2, 2)])
+def test_dsrsq_sequence_parallel(tmp_path, dp, sp):
+    """DSRSQ under sp (the retriever's seeds by the sharded exact top-k, the
+    selected sequences zigzag-sharded, ring attention) and dp x sp gives the
+    one-rank run: the same selections and /train terms to float tolerance.
+    SQA with k_c = m (dense): under sp, ring attention stands in for SQA."""
+    mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
+    out = tmp_path / "out"
+    dense = [x if x != "2" else "4" for x in DSRSQ_SMALL]  # sqa_top_clusters 2 -> 4 = sqa_clusters
+    assert "--sqa_top_clusters" in dense and dense[dense.index("--sqa_top_clusters") + 1] == "4"
+    ok(run(args(out, *dense, "--no-report", name="one"), tmp_path))
+    r = subprocess.run([mpiexec, "-np", str(dp * sp), "--oversubscribe"] +
+                       args(out, *dense, "--dp", dp, "--sp", sp, "--no-report", name="many"),
+                       cwd=tmp_path, env=_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=240)
+    ok(r)
+    with h5open(out / "one" / "run.h5") as fa, h5open(out / "many" / "run.h5") as fb:
+        ta, tb = train_table(fa), train_table(fb)
+        # The same selections (dp 2 sums two halves of the fractions: 1-ulp differences).
+        assert np.abs(ta["selected_fraction"] - tb["selected_fraction"]).max() < 1e-12
+        # loss_compute (and so loss_total) differs by design: its active-cluster
+        # fraction is SQA's (causally eligible clusters) at sp 1 and 1 under ring attention.
+        for k in ("loss_task", "loss_compression", "grad_norm"):
+            rel = np.abs(ta[k] - tb[k]) / np.maximum(np.abs(ta[k]), 1e-12)
+            assert rel.max() < 1e-4, (k, rel.max())
+        rel = np.abs(ta["loss_retrieval"] - tb["loss_retrieval"]) / np.maximum(np.abs(ta["loss_retrieval"]), 1e-3)
+        assert rel.max() < 1e-3, rel.max()
+    def params(p):
+        with h5py.File(p, "r") as f:
+            return f["buffers/params"][()], f["extra/dsrsq.params"][()]
+    a, ea = params(out / "one" / f"ckpt_{STEPS}.h5")
+    b, eb = params(out / "many" / f"ckpt_{STEPS}.h5")
+    for x, y in ((a, b), (ea, eb)):
+        err = np.linalg.norm(x.astype(np.float64) - y) / np.linalg.norm(x.astype(np.float64))
+        assert err < 1e-4, err
