@@ -1,0 +1,914 @@
+// bench_long_context: inference cost of the standard transformer and of DSRSQ
+// on the same weights as the context grows, plus RCKV's memory while streaming.
+//
+// Per context size N (1K, 2K, ... --max_context; N = context tokens, the prompt
+// is [BOS] context [SEP] question [ANS]), each method does one prefill and then
+// --decode single-token decode steps (greedy; every step is run even if EOS
+// comes out, so both methods do the same number of steps):
+//   standard  the "full" KV policy; the whole prompt in one extend(), then the
+//             decode steps at positions prompt_len, prompt_len + 1, ...
+//   dsrsq     DsrsqModel::select_prompt (the DSR retriever scores EVERY context
+//             token; its time is included), the selected tokens at their
+//             original positions in one extend() through the RCKV policy (SQA
+//             clusters built at end_prefill, included), then the decode steps
+//             at the same positions as the standard model's.
+// Time = wall clock of all of that (median of --repeats runs, each after an
+// untimed 1K warm-up in the same process). KV = the policy's K/V arena after
+// prefill (KVPolicy::memory(), bytes actually allocated). Peak (tracked) =
+// activation-arena peak + KV peak (+ RCKV scratch peak) over the whole run; for
+// DSRSQ the larger of that and the retriever's forward record, which is alive
+// only during select_prompt. rss = peak resident set growth of the process
+// that ran the measurement (every (method, N) runs in its own forked child, so
+// one measurement's memory never hides another's).
+// The time-growth exponent is the least-squares slope of log(time) on log(N).
+//
+// Streaming: an RckvPolicy (the DSRSQ settings, the same projections) fed
+// --stream_tokens tokens (haystack text, positions 0, 1, 2, ...) through
+// Transformer::extend in chunks of --stream_chunk; its memory is printed after
+// 10^4, 10^5, 10^6 tokens.
+//
+// Weights: random (init_weights(seed), DsrsqModel::init(seed)) unless
+// --init_from gives a checkpoint; a speed benchmark needs no trained weights,
+// but the retriever's selection (and so what DSRSQ attends to) is then arbitrary.
+//
+// Correctness column: logits finite and every decode step run; the prefill
+// logits and the generated tokens bitwise identical in every repeat (all in one
+// process, each with a fresh policy); standard: KV bytes =
+// KVBudget::full_bytes(prompt + decode) (up to arena rounding); dsrsq: selected
+// indices sorted, unique, in the prompt, [BOS] and the question kept, KV bytes
+// = the policy's achieved budget. Not a check, shown as vs_full: the largest
+// |logit difference| / largest |logit| between DSRSQ's prefill and the full
+// cache on the same selected tokens at the same positions (0 up to rounding
+// when RCKV prefills a single call exactly; larger when the policy attends
+// through SQA clusters or reconstructions during prefill, as it trains).
+// Output: nccl-tests style tables; last line
+//   dsrsq_vs_standard_time_32k=<x> kv_32k=<y> exponent=<z>
+// (z = DSRSQ's exponent). Exit code 1 when a correctness check failed; targets
+// are reported met / MISSED and do not change the exit code.
+#include <malloc.h>
+#include <omp.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "compress/rckv.hpp"
+#include "core/timer.hpp"
+#include "data/tokenizer.hpp"
+#include "dsrsq/build_info.hpp"
+#include "io/checkpoint.hpp"
+#include "kv/kv_policy.hpp"
+#include "model/transformer.hpp"
+#include "pipeline/dsrsq_method.hpp"
+#include "pipeline/encode.hpp"
+
+namespace {
+
+using dsrsq::ByteTokenizer;
+
+struct Options {
+  std::int64_t d_model = 128, n_heads = 4, n_layers = 2, d_ff = 512;
+  std::int64_t min_context = 1024, max_context = 32768, decode = 32;
+  int threads = 2, repeats = 0;  // 0: 5 below 16K, 3 from 16K (both methods)
+  std::uint64_t seed = 1;
+  std::int64_t stream_tokens = 1000000, stream_chunk = 1024;
+  // Streaming model: 0 = as the main model. Default d_model 64, 2 heads, 1 layer, d_ff 256,
+  // RCKV d_c scaled with d_model (32: the same C/d_c = 2 and head size 32 as the main model):
+  // RCKV's buffer kernel costs ~L * NH * slots * (HS + d_c) per token, and 10^6 tokens
+  // through the main model take ~10-15 minutes on 2 cores. --stream_same_model restores it.
+  std::int64_t stream_d_model = 64, stream_n_heads = 2, stream_n_layers = 1, stream_d_ff = 256;
+  std::string haystack, init_from, question = "What did the President say about taxes, debt and the budget?";
+  // DSRSQ paper settings.
+  std::int64_t dsr_d_r = 128, dsr_span = 3, sqa_clusters = 32, sqa_top_clusters = 8, rckv_d_c = 64,
+               rckv_buffer = 1024, rckv_window = 16;
+  double dsr_base_budget = 512, dsr_alpha = 0.5;
+};
+
+dsrsq::ModelConfig model_config(const Options& o, bool streaming = false) {
+  dsrsq::ModelConfig c;
+  c.vocab = static_cast<std::int64_t>(ByteTokenizer::kVocabSize);
+  auto pick = [&](std::int64_t main, std::int64_t s) { return streaming && s > 0 ? s : main; };
+  c.d_model = pick(o.d_model, o.stream_d_model);
+  c.n_heads = pick(o.n_heads, o.stream_n_heads);
+  c.n_layers = pick(o.n_layers, o.stream_n_layers);
+  c.d_ff = pick(o.d_ff, o.stream_d_ff);
+  // RoPE has no table: max_pos only bounds the position check.
+  c.max_pos = std::max<std::int64_t>({std::int64_t{1} << 21, o.stream_tokens + 64, o.max_context + 4096});
+  c.validate();
+  return c;
+}
+
+dsrsq::DsrsqSettings dsrsq_settings(const Options& o, const dsrsq::ModelConfig& mc) {
+  dsrsq::DsrsqSettings s;
+  s.dsr.d_r = std::min(o.dsr_d_r, mc.d_model);
+  s.dsr.span = o.dsr_span;
+  s.dsr.base_budget = o.dsr_base_budget;
+  s.dsr.alpha = o.dsr_alpha;
+  s.dsr.validate();
+  s.sqa.clusters = o.sqa_clusters;
+  s.sqa.top_clusters = o.sqa_top_clusters;
+  s.sqa.seed = o.seed;
+  s.rckv.d_c = std::min(o.rckv_d_c, mc.d_model);
+  s.rckv.buffer = o.rckv_buffer;
+  s.rckv.window = o.rckv_window;
+  s.rckv.seed = o.seed;
+  s.rckv.sqa = true;
+  s.rckv.sqa_cfg = s.sqa;
+  s.rckv.validate(mc);
+  return s;
+}
+
+// What every measurement process inherits from the parent (read before any fork).
+struct Shared {
+  Options o;
+  dsrsq::ModelConfig mc, smc;     // main model, streaming model
+  dsrsq::DsrsqSettings ds, sds;
+  std::vector<std::int32_t> hay;       // byte tokens of the haystack text, one pass
+  std::vector<std::int32_t> question;  // byte tokens of the question
+  std::vector<float> ckpt_params, ckpt_extra;  // empty: random init
+};
+
+dsrsq::Encoded make_prompt(const Shared& sh, std::int64_t n) {
+  dsrsq::Encoded e;
+  e.tokens.reserve(static_cast<std::size_t>(n) + sh.question.size() + 3);
+  e.tokens.push_back(ByteTokenizer::kBos);
+  for (std::int64_t i = 0; i < n; ++i) e.tokens.push_back(sh.hay[static_cast<std::size_t>(i) % sh.hay.size()]);
+  e.tokens.push_back(ByteTokenizer::kSep);
+  e.tokens.insert(e.tokens.end(), sh.question.begin(), sh.question.end());
+  e.tokens.push_back(ByteTokenizer::kAns);
+  e.prompt_len = static_cast<std::int64_t>(e.tokens.size());
+  e.query_len = static_cast<std::int64_t>(sh.question.size()) + 2;
+  e.context_tokens = n;
+  return e;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// ---- one measurement (runs in a forked child) -----------------------------------------
+
+enum class Method { standard, dsrsq };
+const char* method_name(Method m) { return m == Method::standard ? "standard" : "dsrsq"; }
+
+struct RunResult {  // plain data: sent through a pipe
+  std::int32_t done = 0, ok = 0, sqa_active = 0;
+  char error[480] = {};
+  std::int64_t prompt_len = 0, tokens_in = 0, decoded = 0, repeats = 0;
+  double total_s = 0, total_min = 0, total_max = 0, select_s = 0, prefill_s = 0, decode_s = 0;
+  std::int64_t kv_bytes = 0, peak_bytes = 0, act_peak = 0, dsr_record = 0, rss_delta = 0;
+  double attended = 0;   // mean keys one decode query attended to
+  double vs_full = -1;   // dsrsq: max |logit diff| / max |logit| vs the full cache (-1: n/a)
+};
+
+struct OneRun {
+  double select_s = 0, prefill_s = 0, decode_s = 0;
+  std::int64_t tokens_in = 0, decoded = 0;
+  bool finite = true, sqa = false;
+  dsrsq::KVMemory kv;
+  std::size_t act_peak = 0, scratch_peak = 0, achieved = 0;
+  double attended = 0;
+  std::vector<std::int32_t> idx;     // dsrsq: selected prompt indices
+  std::vector<float> prefill_logits;  // (tokens_in, V) for dsrsq, the last row for standard; copied untimed
+  std::vector<std::int32_t> gen;      // the tokens fed to the decode steps, then the last prediction
+  double total() const { return select_s + prefill_s + decode_s; }
+};
+
+std::int32_t argmax_last_row(const dsrsq::TensorView& logits, bool& finite) {
+  const std::int64_t rows = logits.shape[0], V = logits.shape[1];
+  const float* p = logits.ptr<float>() + (rows - 1) * V;
+  std::int64_t best = 0;
+  for (std::int64_t j = 0; j < V; ++j) {
+    finite = finite && std::isfinite(p[j]);
+    if (p[j] > p[best]) best = j;
+  }
+  return static_cast<std::int32_t>(best);
+}
+
+// `steps` single-token extends starting with token `first` at position pos0.
+double decode_loop(dsrsq::Transformer& model, dsrsq::KVPolicy& policy, std::int32_t first, std::int64_t pos0,
+                   std::int64_t steps, OneRun& r) {
+  r.gen.reserve(static_cast<std::size_t>(steps) + 1);
+  dsrsq::Timer t;
+  std::int32_t tk = first;
+  for (std::int64_t s = 0; s < steps; ++s) {
+    r.gen.push_back(tk);
+    std::int32_t p = static_cast<std::int32_t>(pos0 + s);
+    model.extend(policy, dsrsq::TensorView(&tk, dsrsq::Shape{1, 1}), dsrsq::TensorView(&p, dsrsq::Shape{1, 1}));
+    tk = argmax_last_row(model.logits(), r.finite);
+    ++r.decoded;
+  }
+  const double dt = t.seconds();
+  r.gen.push_back(tk);
+  return dt;
+}
+
+OneRun run_standard(dsrsq::Transformer& model, const dsrsq::Encoded& enc, std::int64_t decode) {
+  OneRun r;
+  dsrsq::Arena& act = model.activation_arena();
+  act.reset();
+  act.reset_peak();
+  const std::int64_t n = enc.prompt_len;
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
+  std::iota(pos.begin(), pos.end(), 0);
+  dsrsq::Timer t;
+  auto policy = dsrsq::make_kv_policy("full", model.config(), model.backend());
+  dsrsq::SequenceInfo info;
+  info.prompt_len = n;
+  info.query_len = enc.query_len;
+  info.max_new_tokens = decode;
+  policy->begin(info, dsrsq::KVBudget{});
+  model.extend(*policy, dsrsq::TensorView(enc.tokens.data(), dsrsq::Shape{1, n}),
+               dsrsq::TensorView(pos.data(), dsrsq::Shape{1, n}));
+  policy->end_prefill();
+  const std::int32_t next = argmax_last_row(model.logits(), r.finite);
+  r.prefill_s = t.seconds();
+  r.tokens_in = n;
+  {
+    const dsrsq::TensorView lg = model.logits();
+    const std::int64_t V = lg.shape[1];
+    r.prefill_logits.assign(lg.ptr<float>() + (lg.shape[0] - 1) * V, lg.ptr<float>() + lg.shape[0] * V);
+  }
+  r.decode_s = decode_loop(model, *policy, next, enc.prompt_len, decode, r);
+  r.kv = policy->memory();
+  r.achieved = policy->budget_achieved_bytes();
+  r.act_peak = act.peak_bytes();
+  r.attended = policy->attended_tokens();
+  return r;
+}
+
+OneRun run_dsrsq(dsrsq::DsrsqModel& dm, dsrsq::Transformer& model, const dsrsq::Encoded& enc, std::int64_t decode) {
+  OneRun r;
+  const auto variant = dsrsq::DsrsqVariant::named("full_model");
+  dsrsq::Arena& act = model.activation_arena();
+  act.reset();
+  act.reset_peak();
+  dsrsq::Timer t;
+  r.idx = dm.select_prompt(enc, variant);
+  r.select_s = t.seconds();
+  dsrsq::Timer t2;
+  const auto n = static_cast<std::int64_t>(r.idx.size());
+  std::vector<std::int32_t> tok(r.idx.size());
+  for (std::size_t i = 0; i < r.idx.size(); ++i) tok[i] = enc.tokens[static_cast<std::size_t>(r.idx[i])];
+  auto policy = dm.make_policy(variant);
+  dsrsq::SequenceInfo info;
+  info.prompt_len = n;
+  info.query_len = enc.query_len;
+  info.max_new_tokens = decode;
+  info.budget_tokens = enc.prompt_len + decode;
+  policy->begin(info, dsrsq::KVBudget{});
+  model.extend(*policy, dsrsq::TensorView(tok.data(), dsrsq::Shape{1, n}),
+               dsrsq::TensorView(r.idx.data(), dsrsq::Shape{1, n}));
+  policy->end_prefill();
+  const std::int32_t next = argmax_last_row(model.logits(), r.finite);
+  r.prefill_s = t2.seconds();
+  r.tokens_in = n;
+  const dsrsq::TensorView lg = model.logits();
+  r.prefill_logits.assign(lg.ptr<float>(), lg.ptr<float>() + lg.numel());
+  r.decode_s = decode_loop(model, *policy, next, enc.prompt_len, decode, r);
+  r.kv = policy->memory();
+  r.achieved = policy->budget_achieved_bytes();
+  r.act_peak = act.peak_bytes();
+  r.attended = policy->attended_tokens();
+  if (const auto* rc = dynamic_cast<const dsrsq::compress::RckvPolicy*>(policy.get())) {
+    r.scratch_peak = rc->scratch_peak_bytes();
+    r.sqa = rc->sqa_active();
+  }
+  return r;
+}
+
+// Bytes of the retriever's forward record for this prompt (what select_prompt
+// holds while it runs): recomputed outside the timers.
+std::size_t dsr_record_bytes(dsrsq::DsrsqModel& dm, dsrsq::Transformer& model, const dsrsq::Encoded& enc) {
+  std::span<const std::int32_t> ctx(enc.tokens.data() + 1, static_cast<std::size_t>(enc.context_tokens));
+  const std::int64_t q0 = enc.prompt_len - enc.query_len + 1, q1 = enc.prompt_len - 1;
+  std::span<const std::int32_t> q(enc.tokens.data() + q0, static_cast<std::size_t>(q1 - q0));
+  const auto f = dm.scorer().forward_tokens(model.param("wte").value, ctx, q);
+  return 8 * (f.scores.capacity() + f.features.capacity() + f.query.capacity() + f.u.capacity() + f.r.capacity() +
+              f.r_norm.capacity() + f.cosine.capacity()) +
+         4 * f.context.capacity();
+}
+
+template <class R>
+void set_error(R& res, const std::string& msg) {
+  std::snprintf(res.error, sizeof res.error, "%s", msg.c_str());
+}
+
+RunResult measure(const Shared& sh, Method m, std::int64_t n_ctx, int repeats) {
+  RunResult res;
+  omp_set_num_threads(sh.o.threads);
+  dsrsq::Transformer model(sh.mc, dsrsq::cpu_backend());
+  model.init_weights(sh.o.seed);
+  if (!sh.ckpt_params.empty())
+    std::memcpy(model.flat_params().data, sh.ckpt_params.data(), sh.ckpt_params.size() * sizeof(float));
+  std::unique_ptr<dsrsq::DsrsqModel> dm;
+  if (m == Method::dsrsq) {
+    dm = std::make_unique<dsrsq::DsrsqModel>(model, sh.ds, dsrsq::cpu_backend());
+    dm->init(sh.o.seed);
+    if (!sh.ckpt_extra.empty())
+      std::memcpy(dm->extra_flat().data, sh.ckpt_extra.data(), sh.ckpt_extra.size() * sizeof(float));
+  }
+  const dsrsq::Encoded enc = make_prompt(sh, n_ctx);
+  const dsrsq::Encoded warm = make_prompt(sh, std::min<std::int64_t>(n_ctx, 1024));
+  const std::size_t rss0 = dsrsq::current_rss_bytes();
+  auto run = [&](const dsrsq::Encoded& e) {
+    return m == Method::standard ? run_standard(model, e, sh.o.decode) : run_dsrsq(*dm, model, e, sh.o.decode);
+  };
+  run(warm);
+  std::vector<OneRun> runs;
+  for (int r = 0; r < repeats; ++r) runs.push_back(run(enc));
+  const std::size_t hwm = dsrsq::peak_rss_bytes();
+  std::vector<double> totals;
+  for (const auto& r : runs) totals.push_back(r.total());
+  const double med = median(totals);
+  // The run whose total is closest to the median supplies the breakdown.
+  std::size_t pick = 0;
+  for (std::size_t i = 0; i < runs.size(); ++i)
+    if (std::fabs(runs[i].total() - med) < std::fabs(runs[pick].total() - med)) pick = i;
+  const OneRun& r = runs[pick];
+  res.repeats = repeats;
+  res.prompt_len = enc.prompt_len;
+  res.tokens_in = r.tokens_in;
+  res.decoded = r.decoded;
+  res.total_s = med;
+  res.total_min = *std::min_element(totals.begin(), totals.end());
+  res.total_max = *std::max_element(totals.begin(), totals.end());
+  res.select_s = r.select_s;
+  res.prefill_s = r.prefill_s;
+  res.decode_s = r.decode_s;
+  res.kv_bytes = static_cast<std::int64_t>(r.kv.resident_after_prefill);
+  res.act_peak = static_cast<std::int64_t>(r.act_peak);
+  res.attended = r.attended;
+  res.sqa_active = r.sqa;
+  res.rss_delta = static_cast<std::int64_t>(hwm) - static_cast<std::int64_t>(rss0);
+  const std::size_t model_phase = r.act_peak + r.kv.peak_prefill + r.scratch_peak;
+
+  std::string why;
+  bool ok = true;
+  for (const auto& x : runs) ok = ok && x.finite && x.decoded == sh.o.decode;
+  if (!ok) why = "non-finite logits or missing decode steps";
+  for (const auto& x : runs)
+    if (x.gen != runs.front().gen || x.prefill_logits.size() != runs.front().prefill_logits.size() ||
+        std::memcmp(x.prefill_logits.data(), runs.front().prefill_logits.data(),
+                    x.prefill_logits.size() * sizeof(float)) != 0) {
+      ok = false;
+      why = "repeats differ (prefill logits or generated tokens not bitwise identical)";
+    }
+  const std::size_t rounding = 64 * 2 * static_cast<std::size_t>(sh.mc.n_layers);
+  if (m == Method::standard) {
+    res.peak_bytes = static_cast<std::int64_t>(model_phase);
+    const std::size_t want = dsrsq::KVBudget::full_bytes(sh.mc, enc.prompt_len + sh.o.decode);
+    if (r.kv.resident_after_prefill < want || r.kv.resident_after_prefill > want + rounding) {
+      ok = false;
+      why = "KV bytes " + std::to_string(r.kv.resident_after_prefill) + " != full_bytes " + std::to_string(want);
+    }
+  } else {
+    res.dsr_record = static_cast<std::int64_t>(dsr_record_bytes(*dm, model, enc));
+    res.peak_bytes = static_cast<std::int64_t>(std::max<std::size_t>(model_phase, static_cast<std::size_t>(res.dsr_record)));
+    const auto& idx = r.idx;
+    bool sel_ok = !idx.empty() && idx.front() == 0 && std::is_sorted(idx.begin(), idx.end()) &&
+                  std::adjacent_find(idx.begin(), idx.end()) == idx.end() && idx.back() == enc.prompt_len - 1 &&
+                  static_cast<std::int64_t>(idx.size()) >= enc.query_len + 1;
+    for (std::int64_t j = 0; sel_ok && j < enc.query_len; ++j)
+      sel_ok = idx[idx.size() - 1 - static_cast<std::size_t>(j)] == enc.prompt_len - 1 - j;
+    if (!sel_ok) {
+      ok = false;
+      why = "selected indices malformed";
+    }
+    const auto kv = r.kv.resident_after_prefill;
+    if (kv < r.achieved || kv > r.achieved + rounding) {
+      ok = false;
+      why = "KV bytes " + std::to_string(kv) + " != achieved budget " + std::to_string(r.achieved);
+    }
+    // The same selected tokens through the full cache (information, not a check).
+    auto full = dsrsq::make_kv_policy("full", sh.mc, dsrsq::cpu_backend());
+    dsrsq::SequenceInfo info;
+    info.prompt_len = r.tokens_in;
+    info.query_len = enc.query_len;
+    full->begin(info, dsrsq::KVBudget{});
+    std::vector<std::int32_t> tok(idx.size()), pos(idx.begin(), idx.end());
+    for (std::size_t i = 0; i < idx.size(); ++i) tok[i] = enc.tokens[static_cast<std::size_t>(idx[i])];
+    model.extend(*full, dsrsq::TensorView(tok.data(), dsrsq::Shape{1, r.tokens_in}),
+                 dsrsq::TensorView(pos.data(), dsrsq::Shape{1, r.tokens_in}));
+    const float* a = model.logits().ptr<float>();
+    double diff = 0, mag = 0;
+    for (std::size_t i = 0; i < r.prefill_logits.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::fabs(a[i] - r.prefill_logits[i])));
+      mag = std::max(mag, static_cast<double>(std::fabs(a[i])));
+    }
+    res.vs_full = mag > 0 ? diff / mag : diff;
+  }
+  res.ok = ok;
+  set_error(res, why);
+  res.done = 1;
+  return res;
+}
+
+// ---- streaming (runs in a forked child) ------------------------------------------------
+
+struct StreamRow {
+  std::int64_t tokens = 0;
+  double seconds = 0;  // since the start of the stream
+  std::int64_t kv_resident = 0, kv_allocated = 0, scratch_peak = 0, act_peak = 0, rss = 0, heap = 0, filled = 0;
+};
+struct StreamResult {
+  std::int32_t done = 0, ok = 0, n = 0;
+  char error[480] = {};
+  std::int64_t slots = 0, window = 0;
+  StreamRow rows[8];
+};
+
+StreamResult stream(const Shared& sh, const std::vector<std::int64_t>& milestones) {
+  StreamResult res;
+  omp_set_num_threads(sh.o.threads);
+  dsrsq::Transformer model(sh.smc, dsrsq::cpu_backend());
+  model.init_weights(sh.o.seed);
+  const bool same = sh.smc.num_parameters() == sh.mc.num_parameters() && sh.smc.str() == sh.mc.str();
+  if (same && !sh.ckpt_params.empty())
+    std::memcpy(model.flat_params().data, sh.ckpt_params.data(), sh.ckpt_params.size() * sizeof(float));
+  dsrsq::DsrsqModel dm(model, sh.sds, dsrsq::cpu_backend());
+  dm.init(sh.o.seed);
+  if (same && !sh.ckpt_extra.empty())
+    std::memcpy(dm.extra_flat().data, sh.ckpt_extra.data(), sh.ckpt_extra.size() * sizeof(float));
+  dsrsq::compress::RckvPolicy policy(sh.smc, dsrsq::cpu_backend(), dm.projections(), sh.sds.rckv);
+  const std::int64_t total = milestones.back();
+  dsrsq::SequenceInfo info;
+  info.prompt_len = total;
+  policy.begin(info, dsrsq::KVBudget{});
+  res.slots = policy.slots();
+  res.window = policy.window();
+  dsrsq::Arena& act = model.activation_arena();
+  act.reset_peak();
+  std::vector<std::int32_t> tok, pos;
+  std::int64_t done = 0;
+  bool finite = true;
+  dsrsq::Timer t;
+  for (const std::int64_t ms : milestones) {
+    while (done < ms) {
+      const std::int64_t c = std::min(sh.o.stream_chunk, ms - done);
+      tok.resize(static_cast<std::size_t>(c));
+      pos.resize(static_cast<std::size_t>(c));
+      for (std::int64_t i = 0; i < c; ++i) {
+        tok[static_cast<std::size_t>(i)] = sh.hay[static_cast<std::size_t>(done + i) % sh.hay.size()];
+        pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(done + i);
+      }
+      model.extend(policy, dsrsq::TensorView(tok.data(), dsrsq::Shape{1, c}),
+                   dsrsq::TensorView(pos.data(), dsrsq::Shape{1, c}));
+      done += c;
+    }
+    argmax_last_row(model.logits(), finite);
+    StreamRow& row = res.rows[res.n++];
+    row.tokens = done;
+    row.seconds = t.seconds();
+    row.kv_resident = static_cast<std::int64_t>(policy.memory().resident_after_prefill);
+    row.kv_allocated = static_cast<std::int64_t>(policy.kv_bytes_allocated());
+    row.scratch_peak = static_cast<std::int64_t>(policy.scratch_peak_bytes());
+    row.act_peak = static_cast<std::int64_t>(act.peak_bytes());
+    row.rss = static_cast<std::int64_t>(dsrsq::current_rss_bytes());
+    const struct mallinfo2 mi = mallinfo2();  // malloc'd bytes in use, all arenas
+    row.heap = static_cast<std::int64_t>(mi.uordblks + mi.hblkhd);
+    row.filled = policy.filled_slots(0);
+  }
+  res.ok = finite;
+  if (!finite) set_error(res, "non-finite logits while streaming");
+  res.done = 1;
+  return res;
+}
+
+// ---- fork helper ---------------------------------------------------------------------
+// The parent never starts an OpenMP (or OpenMP-BLAS) thread pool, so every
+// child starts its own cleanly after fork().
+template <class R, class F>
+R in_child(F&& f) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  int fd[2];
+  if (pipe(fd) != 0) {
+    R r;
+    set_error(r, "pipe() failed");
+    return r;
+  }
+  const pid_t pid = fork();
+  if (pid < 0) {
+    close(fd[0]);
+    close(fd[1]);
+    R r;
+    set_error(r, "fork() failed");
+    return r;
+  }
+  if (pid == 0) {
+    close(fd[0]);
+    R r;
+    try {
+      r = f();
+    } catch (const std::exception& e) {
+      set_error(r, e.what());
+    }
+    const char* p = reinterpret_cast<const char*>(&r);
+    std::size_t left = sizeof r;
+    while (left > 0) {
+      const ssize_t w = write(fd[1], p, left);
+      if (w <= 0) break;
+      p += w;
+      left -= static_cast<std::size_t>(w);
+    }
+    close(fd[1]);
+    _exit(0);
+  }
+  close(fd[1]);
+  R r;
+  char* p = reinterpret_cast<char*>(&r);
+  std::size_t got = 0;
+  while (got < sizeof r) {
+    const ssize_t n = read(fd[0], p + got, sizeof r - got);
+    if (n <= 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  close(fd[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (got != sizeof r) {
+    r = R{};
+    set_error(r, "measurement process died (status " + std::to_string(status) + ")");
+  }
+  return r;
+}
+
+// ---- fits and printing -------------------------------------------------------------------
+
+double slope_loglog(const std::vector<double>& x, const std::vector<double>& y) {
+  const std::size_t n = x.size();
+  if (n < 2) return std::nan("");
+  double mx = 0, my = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    mx += std::log(x[i]);
+    my += std::log(y[i]);
+  }
+  mx /= static_cast<double>(n);
+  my /= static_cast<double>(n);
+  double sxy = 0, sxx = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    sxy += (std::log(x[i]) - mx) * (std::log(y[i]) - my);
+    sxx += (std::log(x[i]) - mx) * (std::log(x[i]) - mx);
+  }
+  return sxy / sxx;
+}
+
+double mb(std::int64_t bytes) { return static_cast<double>(bytes) / 1e6; }
+
+std::string read_first(const char* path, const char* key) {
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind(key, 0) == 0) {
+      const auto c = line.find(':');
+      return c == std::string::npos ? line : line.substr(c + 2);
+    }
+  return "?";
+}
+
+std::string loadavg() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
+std::vector<std::int32_t> read_haystack(const std::string& dir) {
+  std::vector<std::filesystem::path> files;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const auto ext = e.path().extension().string();
+    if (ext == ".json" || ext == ".txt") files.push_back(e.path());
+  }
+  std::sort(files.begin(), files.end());
+  std::string text;
+  for (const auto& p : files) {
+    std::ifstream f(p, std::ios::binary);
+    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (p.extension() == ".json") s = nlohmann::json::parse(s).at("text").get<std::string>();
+    text += s;
+    text += "\n\n";
+  }
+  if (text.empty()) throw std::runtime_error("haystack '" + dir + "' holds no .json/.txt text");
+  return ByteTokenizer().encode(text);
+}
+
+void usage() {
+  std::puts(
+      "usage: bench_long_context [--max_context N] [--min_context N] [--repeats N] [--decode N] [--threads N]\n"
+      "                          [--stream_tokens N] [--stream_chunk N] [--no-stream] [--seed S]\n"
+      "                          [--stream_same_model | --stream_d_model C --stream_n_heads H --stream_n_layers L\n"
+      "                           --stream_d_ff F]   (default streaming model: d_model 64, 2 heads, 1 layer, d_ff 256)\n"
+      "                          [--init_from CKPT] [--haystack DIR]\n"
+      "                          [--d_model C] [--n_heads H] [--n_layers L] [--d_ff F]\n"
+      "                          [--dsr_base_budget B] [--dsr_alpha A] [--dsr_span S] [--dsr_d_r R]\n"
+      "                          [--sqa_clusters M] [--sqa_top_clusters K] [--rckv_d_c D] [--rckv_buffer S]\n"
+      "                          [--rckv_window W]");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  bool do_stream = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "error: option %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    auto num = [&]() -> long long {
+      const std::string v = next();
+      char* end = nullptr;
+      const long long x = std::strtoll(v.c_str(), &end, 10);
+      if (!end || *end || x <= 0) {
+        std::fprintf(stderr, "error: option %s expects a positive integer, got '%s'\n", a.c_str(), v.c_str());
+        std::exit(2);
+      }
+      return x;
+    };
+    auto real = [&]() -> double {
+      const std::string v = next();
+      char* end = nullptr;
+      const double x = std::strtod(v.c_str(), &end);
+      if (!end || *end || !(x >= 0)) {
+        std::fprintf(stderr, "error: option %s expects a non-negative number, got '%s'\n", a.c_str(), v.c_str());
+        std::exit(2);
+      }
+      return x;
+    };
+    if (a == "--max_context") o.max_context = num();
+    else if (a == "--min_context") o.min_context = num();
+    else if (a == "--repeats") o.repeats = static_cast<int>(num());
+    else if (a == "--decode") o.decode = num();
+    else if (a == "--threads") o.threads = static_cast<int>(num());
+    else if (a == "--seed") o.seed = static_cast<std::uint64_t>(num());
+    else if (a == "--stream_tokens") o.stream_tokens = num();
+    else if (a == "--stream_chunk") o.stream_chunk = num();
+    else if (a == "--no-stream") do_stream = false;
+    else if (a == "--stream_same_model") o.stream_d_model = o.stream_n_heads = o.stream_n_layers = o.stream_d_ff = 0;
+    else if (a == "--stream_d_model") o.stream_d_model = num();
+    else if (a == "--stream_n_heads") o.stream_n_heads = num();
+    else if (a == "--stream_n_layers") o.stream_n_layers = num();
+    else if (a == "--stream_d_ff") o.stream_d_ff = num();
+    else if (a == "--init_from") o.init_from = next();
+    else if (a == "--haystack") o.haystack = next();
+    else if (a == "--d_model") o.d_model = num();
+    else if (a == "--n_heads") o.n_heads = num();
+    else if (a == "--n_layers") o.n_layers = num();
+    else if (a == "--d_ff") o.d_ff = num();
+    else if (a == "--dsr_base_budget") o.dsr_base_budget = real();
+    else if (a == "--dsr_alpha") o.dsr_alpha = real();
+    else if (a == "--dsr_span") o.dsr_span = num();
+    else if (a == "--dsr_d_r") o.dsr_d_r = num();
+    else if (a == "--sqa_clusters") o.sqa_clusters = num();
+    else if (a == "--sqa_top_clusters") o.sqa_top_clusters = num();
+    else if (a == "--rckv_d_c") o.rckv_d_c = num();
+    else if (a == "--rckv_buffer") o.rckv_buffer = num();
+    else if (a == "--rckv_window") o.rckv_window = num();
+    else if (a == "--help" || a == "-h") {
+      usage();
+      return 0;
+    } else {
+      std::fprintf(stderr, "error: unknown option '%s'\n", a.c_str());
+      usage();
+      return 2;
+    }
+  }
+  try {
+    if (o.min_context > o.max_context) throw std::runtime_error("--min_context exceeds --max_context");
+    Shared sh;
+    sh.o = o;
+    sh.mc = model_config(o);
+    sh.ds = dsrsq_settings(o, sh.mc);
+    sh.smc = model_config(o, true);
+    {
+      Options so = o;  // RCKV latent size scaled with d_model (same compression ratio)
+      so.rckv_d_c = std::max<std::int64_t>(1, o.rckv_d_c * sh.smc.d_model / sh.mc.d_model);
+      sh.sds = dsrsq_settings(so, sh.smc);
+    }
+    if (o.haystack.empty()) o.haystack = std::string(DSRSQ_SOURCE_DIR) + "/datasets/sotu";
+    sh.o = o;
+    sh.hay = read_haystack(o.haystack);
+    sh.question = ByteTokenizer().encode(o.question);
+    std::string weights = "random (init_weights(" + std::to_string(o.seed) + "), DsrsqModel::init(" +
+                          std::to_string(o.seed) + "))";
+    if (!o.init_from.empty()) {
+      auto ck = dsrsq::io::load_checkpoint(o.init_from);
+      if (static_cast<std::int64_t>(ck.params.size()) != sh.mc.num_parameters())
+        throw std::runtime_error("--init_from '" + o.init_from + "' holds " + std::to_string(ck.params.size()) +
+                                 " parameters, this model has " + std::to_string(sh.mc.num_parameters()) +
+                                 " (pass matching --d_model/--n_heads/--n_layers/--d_ff)");
+      sh.ckpt_params = std::move(ck.params);
+      weights = o.init_from + " (step " + std::to_string(ck.step) + ")";
+      const auto it = ck.extra.find("dsrsq.params");
+      const std::int64_t n_extra = dsrsq::retrieval::DsrScorer::num_parameters(sh.mc.d_model, sh.ds.dsr) +
+                                   dsrsq::compress::RckvProjections::num_parameters(sh.mc, sh.ds.rckv);
+      if (it != ck.extra.end() && static_cast<std::int64_t>(it->second.size()) == n_extra) {
+        sh.ckpt_extra = it->second;
+        weights += ", retriever and RCKV projections from it";
+      } else {
+        weights += ", retriever and RCKV projections random (no matching DSRSQ state in the checkpoint)";
+      }
+    }
+
+    std::vector<std::int64_t> sizes;
+    for (std::int64_t n = o.min_context; n <= o.max_context; n *= 2) sizes.push_back(n);
+    std::vector<std::int64_t> milestones;
+    for (std::int64_t m = 10000; m <= o.stream_tokens; m *= 10) {  // 10^4, 3*10^4, 10^5, ...
+      milestones.push_back(m);
+      if (3 * m <= o.stream_tokens && 3 * m < 10 * m) milestones.push_back(3 * m);
+    }
+    std::sort(milestones.begin(), milestones.end());
+    milestones.erase(std::unique(milestones.begin(), milestones.end()), milestones.end());
+    if (milestones.empty() || milestones.back() != o.stream_tokens) milestones.push_back(o.stream_tokens);
+    if (milestones.size() > 8) milestones.erase(milestones.begin(), milestones.end() - 8);
+
+    char host[256] = "?";
+    gethostname(host, sizeof host);
+    std::printf("# dsrsq bench_long_context %s  git %s  %s  %s\n", dsrsq::build::version, dsrsq::build::git_sha,
+                dsrsq::build::build_type, dsrsq::build::blas);
+    std::printf("# host %s  cpu %s  threads %d  loadavg at start %s\n", host,
+                read_first("/proc/cpuinfo", "model name").c_str(), o.threads, loadavg().c_str());
+    std::printf("# model %s  params %lld  fp32\n", sh.mc.str().c_str(),
+                static_cast<long long>(sh.mc.num_parameters()));
+    std::printf("# weights %s\n", weights.c_str());
+    std::printf("# dsrsq: DSR d_r %lld conv %lld span %lld base_budget %.0f alpha %.2f | SQA clusters %lld top %lld "
+                "lloyd %d | RCKV d_c %lld buffer %lld window %lld tau %.1f sqa on\n",
+                static_cast<long long>(sh.ds.dsr.d_r), static_cast<long long>(sh.ds.dsr.conv_width),
+                static_cast<long long>(sh.ds.dsr.span), sh.ds.dsr.base_budget, sh.ds.dsr.alpha,
+                static_cast<long long>(sh.ds.sqa.clusters), static_cast<long long>(sh.ds.sqa.top_clusters),
+                sh.ds.sqa.lloyd_steps, static_cast<long long>(sh.ds.rckv.d_c),
+                static_cast<long long>(sh.ds.rckv.buffer), static_cast<long long>(sh.ds.rckv.window), sh.ds.rckv.tau);
+    std::printf("# prompt [BOS] context(N haystack byte tokens, %s, %zu tokens one pass) [SEP] question(%zu) [ANS]; "
+                "prefill + %lld greedy decode steps\n",
+                o.haystack.c_str(), sh.hay.size(), sh.question.size(), static_cast<long long>(o.decode));
+    std::printf("# repeats %s; each (method, N) in its own process after an untimed 1K warm-up\n",
+                o.repeats > 0 ? std::to_string(o.repeats).c_str() : "5 below 16K, 3 from 16K, both methods (time = median, min shown)");
+    std::printf("#\n");
+    std::printf("# %7s %-9s %7s %9s %9s %8s %9s %8s %7s %8s %8s %8s %8s %8s %6s\n", "context", "method", "in_tok",
+                "total", "min", "select", "prefill", "decode", "keys/q", "kv", "peak", "rss", "dsr_rec", "vs_full",
+                "check");
+    std::printf("# %7s %-9s %7s %9s %9s %8s %9s %8s %7s %8s %8s %8s %8s %8s %6s\n", "(tok)", "", "(tok)", "(ms)",
+                "(ms)", "(ms)", "(ms)", "(ms)", "", "(MB)", "(MB)", "(MB)", "(MB)", "", "");
+    int failed = 0, rows = 0;
+    std::vector<RunResult> stdr, dsr;
+    for (const std::int64_t n : sizes) {
+      const int rep = o.repeats > 0 ? o.repeats : (n >= 16384 ? 3 : 5);
+      for (Method m : {Method::standard, Method::dsrsq}) {
+        RunResult r = in_child<RunResult>([&] { return measure(sh, m, n, rep); });
+        ++rows;
+        if (!r.done) {
+          std::printf("  %7lld %-9s  ERROR %s\n", static_cast<long long>(n), method_name(m), r.error);
+          ++failed;
+        } else {
+          char vf[32] = "-";
+          if (r.vs_full >= 0) std::snprintf(vf, sizeof vf, "%.1e", r.vs_full);
+          std::printf("  %7lld %-9s %7lld %9.1f %9.1f %8.1f %9.1f %8.1f %7.0f %8.3f %8.2f %8.1f %8.2f %8s %6s\n",
+                      static_cast<long long>(n), method_name(m), static_cast<long long>(r.tokens_in), r.total_s * 1e3,
+                      r.total_min * 1e3, r.select_s * 1e3, r.prefill_s * 1e3, r.decode_s * 1e3, r.attended,
+                      mb(r.kv_bytes), mb(r.peak_bytes), mb(r.rss_delta), mb(r.dsr_record), vf, r.ok ? "ok" : "FAIL");
+          if (!r.ok) {
+            std::printf("#   ^ %s\n", r.error);
+            ++failed;
+          }
+        }
+        std::fflush(stdout);
+        (m == Method::standard ? stdr : dsr).push_back(r);
+      }
+    }
+    std::printf("# total: median over repeats (select/prefill/decode: the run closest to it); in_tok: tokens through\n"
+                "# the model at prefill; keys/q: mean keys one decode query attends to;\n"
+                "# kv: K/V bytes held after prefill; peak: tracked (activations + KV + RCKV scratch, or the DSR\n"
+                "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR forward record;\n"
+                "# vs_full: DSRSQ prefill logits vs the full cache on the same selected tokens (max rel. difference).\n");
+    std::printf("#\n# %7s %11s %9s %11s %10s %15s %15s\n", "context", "time_ratio", "kv_ratio", "peak_ratio",
+                "rss_ratio", "dsrsq_total_ms", "of_it_select_%");
+    std::printf("# %7s %11s %9s %11s %10s %15s %15s\n", "(tok)", "dsrsq/std", "dsrsq/std", "dsrsq/std", "dsrsq/std",
+                "", "");
+    double time32 = std::nan(""), kv32 = std::nan("");
+    std::vector<double> xs, ts_std, ts_dsr;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      const RunResult &s = stdr[i], &d = dsr[i];
+      if (!s.done || !d.done) continue;
+      const double tr = d.total_s / s.total_s, kr = static_cast<double>(d.kv_bytes) / static_cast<double>(s.kv_bytes);
+      const double pr = static_cast<double>(d.peak_bytes) / static_cast<double>(s.peak_bytes);
+      const double rr = static_cast<double>(d.rss_delta) / static_cast<double>(std::max<std::int64_t>(1, s.rss_delta));
+      std::printf("  %7lld %11.4f %9.4f %11.4f %10.4f %15.1f %15.1f\n", static_cast<long long>(sizes[i]), tr, kr, pr, rr,
+                  d.total_s * 1e3, 100.0 * d.select_s / d.total_s);
+      xs.push_back(static_cast<double>(sizes[i]));
+      ts_std.push_back(s.total_s);
+      ts_dsr.push_back(d.total_s);
+      if (sizes[i] == 32768) {
+        time32 = tr;
+        kv32 = kr;
+      }
+    }
+    const double e_std = slope_loglog(xs, ts_std), e_dsr = slope_loglog(xs, ts_dsr);
+    std::printf("#\n# time-growth exponent (least-squares slope of log time on log N over %zu sizes %lld..%lld):\n",
+                xs.size(), static_cast<long long>(sizes.front()), static_cast<long long>(sizes.back()));
+    std::printf("#   standard %.3f   dsrsq %.3f\n", e_std, e_dsr);
+    if (xs.size() >= 3) {
+      // Local slopes between the two largest sizes: where the growth is heading.
+      const std::size_t k = xs.size();
+      const std::vector<double> xl{xs[k - 2], xs[k - 1]};
+      std::printf("#   between the two largest sizes: standard %.3f   dsrsq %.3f\n",
+                  slope_loglog(xl, {ts_std[k - 2], ts_std[k - 1]}), slope_loglog(xl, {ts_dsr[k - 2], ts_dsr[k - 1]}));
+    }
+
+    // Streaming.
+    double stream_change = std::nan(""), rss_change = std::nan("");
+    if (do_stream) {
+      const bool same = sh.smc.str() == sh.mc.str();
+      std::printf("#\n# streaming: RckvPolicy (d_c %lld, buffer %lld slots x %lld layers, window %lld), chunks of %lld "
+                  "tokens, positions 0..; SQA off (no end_prefill while streaming)\n",
+                  static_cast<long long>(sh.sds.rckv.d_c), static_cast<long long>(sh.sds.rckv.buffer),
+                  static_cast<long long>(sh.smc.n_layers), static_cast<long long>(sh.sds.rckv.window),
+                  static_cast<long long>(o.stream_chunk));
+      std::printf("# streaming model: %s\n", same ? "the model above (same weights)"
+                                                   : ("SMALLER than the model above, for time: " + sh.smc.str() +
+                                                      " (random weights, seed " + std::to_string(o.seed) + ")").c_str());
+      std::printf("# %9s %10s %10s %12s %12s %12s %9s %9s %9s %7s\n", "streamed", "time", "tok/s", "kv_resident",
+                  "scratch_pk", "act_peak", "heap", "rss", "filled", "check");
+      std::printf("# %9s %10s %10s %12s %12s %12s %9s %9s %9s %7s\n", "(tok)", "(s)", "", "(bytes)", "(bytes)",
+                  "(bytes)", "(MB)", "(MB)", "(slots)", "");
+      StreamResult s = in_child<StreamResult>([&] { return stream(sh, milestones); });
+      if (!s.done) {
+        std::printf("  ERROR %s\n", s.error);
+        ++failed;
+      } else {
+        double kv_lo = 1e300, kv_hi = 0, tr_lo = 1e300, tr_hi = 0, rss_lo = 1e300, rss_hi = 0;
+        double prev_t = 0;
+        std::int64_t prev_n = 0;
+        for (int i = 0; i < s.n; ++i) {
+          const StreamRow& r = s.rows[i];
+          const double tracked = static_cast<double>(r.kv_resident + r.scratch_peak + r.act_peak);
+          kv_lo = std::min(kv_lo, static_cast<double>(r.kv_resident));
+          kv_hi = std::max(kv_hi, static_cast<double>(r.kv_resident));
+          tr_lo = std::min(tr_lo, tracked);
+          tr_hi = std::max(tr_hi, tracked);
+          rss_lo = std::min(rss_lo, static_cast<double>(r.rss));
+          rss_hi = std::max(rss_hi, static_cast<double>(r.rss));
+          std::printf("  %9lld %10.2f %10.0f %12lld %12lld %12lld %9.1f %9.1f %9lld %7s\n", static_cast<long long>(r.tokens),
+                      r.seconds, static_cast<double>(r.tokens - prev_n) / (r.seconds - prev_t),
+                      static_cast<long long>(r.kv_resident), static_cast<long long>(r.scratch_peak),
+                      static_cast<long long>(r.act_peak), mb(r.heap), mb(r.rss), static_cast<long long>(r.filled),
+                      s.ok ? "ok" : "FAIL");
+          prev_t = r.seconds;
+          prev_n = r.tokens;
+          ++rows;
+        }
+        stream_change = std::max(kv_hi / kv_lo - 1.0, tr_hi / tr_lo - 1.0);
+        rss_change = rss_hi / rss_lo - 1.0;
+        std::printf("# max relative change over the milestones: kv_resident %.4f%%  kv+scratch+activations %.4f%%  "
+                    "process rss %.2f%%\n",
+                    100 * (kv_hi / kv_lo - 1.0), 100 * (tr_hi / tr_lo - 1.0), 100 * rss_change);
+        std::printf("# (the RCKV arena is allocated once at begin(): %lld slots x %lld layers; scratch and activations "
+                    "are bounded by the chunk size)\n",
+                    static_cast<long long>(s.slots), static_cast<long long>(sh.smc.n_layers));
+        std::printf("# heap/rss growth: the CPU backend's RoPE cos/sin cache (f64, grown to the largest position seen, "
+                    "capped at 2^20 positions = %.1f MB at head size %lld), not the KV cache\n",
+                    mb(static_cast<std::int64_t>((std::int64_t{1} << 20) * (sh.smc.head_size() / 2) * 16)),
+                    static_cast<long long>(sh.smc.head_size()));
+        if (!s.ok) {
+          std::printf("#   ^ %s\n", s.error);
+          ++failed;
+        }
+      }
+    }
+
+    // Targets (reported, never tuned toward).
+    auto verdict = [](bool measured, bool met) { return !measured ? "not measured" : (met ? "met" : "MISSED"); };
+    std::printf("#\n# targets:\n");
+    std::printf("#   time ratio at 32K <= 0.15      : %-8.4f %s\n", time32, verdict(!std::isnan(time32), time32 <= 0.15));
+    std::printf("#   KV ratio at 32K <= 0.125       : %-8.4f %s\n", kv32, verdict(!std::isnan(kv32), kv32 <= 0.125));
+    std::printf("#   dsrsq exponent <= 1.15         : %-8.3f %s\n", e_dsr, verdict(!std::isnan(e_dsr), e_dsr <= 1.15));
+    std::printf("#   streaming memory within 1%%     : %-8.4f %s (process rss %.2f%%: %s)\n",
+                std::isnan(stream_change) ? std::nan("") : 100 * stream_change,
+                verdict(!std::isnan(stream_change), stream_change <= 0.01), 100 * rss_change,
+                std::isnan(rss_change) ? "not measured" : (rss_change <= 0.01 ? "within" : "not within"));
+    std::printf("# rows %d  failed %d  loadavg at end %s\n", rows, failed, loadavg().c_str());
+    std::printf("dsrsq_vs_standard_time_32k=%.4f kv_32k=%.4f exponent=%.3f\n", time32, kv32, e_dsr);
+    return failed ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_long_context: %s\n", e.what());
+    return 1;
+  }
+}
