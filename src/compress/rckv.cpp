@@ -555,7 +555,7 @@ void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
     const float* uv = proj_.uv(layer);
     const std::int32_t* bp = bpos_[l];
     std::vector<double> acc(static_cast<std::size_t>(B * n), 0.0);
-#pragma omp parallel
+#pragma omp parallel if (B * Tn > 1)  // one decode row: no team to wake and spin
     {
       std::vector<double> local(static_cast<std::size_t>(B * n), 0.0);
       std::vector<double> e(static_cast<std::size_t>(n)), z(static_cast<std::size_t>(dc));

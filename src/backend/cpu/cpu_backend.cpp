@@ -64,13 +64,16 @@ void embedding_bwd_t(const EmbeddingGradArgs& a) {
 
 // cos/sin tables per (theta, head size), grown on demand to the largest
 // position seen (up to kRopeTableMax positions; beyond that computed directly).
-// Angles in double, as the reference computes them.
+// Angles in double, as the reference computes them. The cap bounds the
+// tables' memory (2 x 8 x hs/2 bytes per position: 4 MB at hs 32, 16 MB at hs
+// 128); a call with a position beyond it computes every angle directly, with
+// the same formula, so results do not depend on the cap.
 struct RopeTable {
   double theta = 0;
   std::int64_t hs = 0, npos = 0;
   std::vector<double> cs, sn;  // (npos, hs/2)
 };
-constexpr std::int64_t kRopeTableMax = std::int64_t{1} << 20;
+constexpr std::int64_t kRopeTableMax = std::int64_t{1} << 15;
 
 const RopeTable& rope_table(double theta, std::int64_t hs, std::int64_t need) {
   static std::mutex mu;
