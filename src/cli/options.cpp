@@ -95,6 +95,7 @@ po::options_description describe(Options& o) {
     ("rckv_buffer", po::value(&o.rckv_buffer)->default_value(o.rckv_buffer), "RCKV: compressed slots per layer (0: sized from --kv_budget)")
     ("rckv_window", po::value(&o.rckv_window)->default_value(o.rckv_window), "RCKV: recent tokens kept uncompressed")
     ("rckv_tau", po::value(&o.rckv_tau)->default_value(o.rckv_tau), "RCKV: eviction temperature (0: evict the least important slot)")
+    ("rckv_observe", po::bool_switch(&o.rckv_observe), "RCKV: a prompt token's importance starts at the attention the prompt's last window of queries gives it (SnapKV-style); off: at the buffer's mean")
     ("hof_weights", po::value(&o.hof_weights)->multitoken(), "HOF loss weights: task retrieval compression compute (default 1.0 0.5 0.3 0.2)")
     ("hof_ramp", po::value(&o.hof_ramp)->default_value(o.hof_ramp), "HOF: steps over which the efficiency weights ramp up from 0")
     ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default full_model no_dsr no_sqa no_rckv)");
@@ -409,6 +410,7 @@ std::string Options::resolved_text() const {
     kv["rckv_buffer"] = std::to_string(rckv_buffer);
     kv["rckv_window"] = std::to_string(rckv_window);
     kv["rckv_tau"] = num(rckv_tau);
+    kv["rckv_observe"] = rckv_observe ? "true" : "false";
     kv["hof_weights"] = join(hof_weights);
     kv["hof_ramp"] = std::to_string(hof_ramp);
   }

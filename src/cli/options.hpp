@@ -77,6 +77,7 @@ struct Options {
   std::int64_t rckv_buffer = 0;       // compressed slots per layer (0: sized from --kv_budget)
   std::int64_t rckv_window = 16;      // recent tokens kept uncompressed
   double rckv_tau = 0.0;              // eviction temperature (0: evict the least important)
+  bool rckv_observe = false;          // prompt tokens' importance from the question's attention (SnapKV-style)
   std::vector<double> hof_weights{1.0, 0.5, 0.3, 0.2};  // task, retrieval, compression, compute
   std::int64_t hof_ramp = 300;        // steps over which the three efficiency weights ramp up from 0
   std::vector<std::string> ablation_variants{"full_model", "no_dsr", "no_sqa", "no_rckv"};

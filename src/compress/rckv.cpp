@@ -526,6 +526,43 @@ void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
     }
   }
   be_.rope_fwd(RopeArgs{Kw.reshaped(Shape{B * Sw, NH, HS}), kpw.reshaped(Shape{B * Sw}), mc_.rope_theta});
+  // 2c. Observation-window importance of a multi-token call's tokens (SnapKV's
+  // scoring, ALGORITHMS.md section 1 / 13.3 trick 9): the attention mass each new
+  // token receives from the call's last max(W, 1) queries (the question, for a
+  // prompt), dense softmax over the window and the call, averaged over heads
+  // and those queries. push() starts a token's importance there and evicts by it.
+  new_mass_.assign(static_cast<std::size_t>(B * Tn), -1.0f);
+  if (cfg_.observe_prefill && Tn > 1) {
+    const std::int64_t obs = std::min<std::int64_t>(Tn, std::max<std::int64_t>(W_, 1));
+    const double scale = 1.0 / std::sqrt(static_cast<double>(HS));
+    const float* qd = q.ptr<float>();
+    const float* kd = Kw.ptr<float>();
+    const std::int32_t* kp = kpw.ptr<std::int32_t>();
+    for (std::int64_t b = 0; b < B; ++b) {
+      std::vector<double> mass(static_cast<std::size_t>(Tn), 0.0), e(static_cast<std::size_t>(Sw));
+      for (std::int64_t qi = Tn - obs; qi < Tn; ++qi)
+        for (std::int64_t h = 0; h < NH; ++h) {
+          const float* qv = qd + ((b * Tn + qi) * NH + h) * HS;
+          double mx = -std::numeric_limits<double>::infinity();
+          for (std::int64_t j = 0; j < Sw; ++j) {
+            double sc = -std::numeric_limits<double>::infinity();
+            if (kp[b * Sw + j] <= pp[b * Tn + qi]) {
+              const float* kv = kd + (b * Sw + j) * C + h * HS;
+              double d = 0;
+              for (std::int64_t x = 0; x < HS; ++x) d += static_cast<double>(qv[x]) * kv[x];
+              sc = d * scale;
+              mx = std::max(mx, sc);
+            }
+            e[static_cast<std::size_t>(j)] = sc;
+          }
+          double Z = 0;
+          for (auto& x : e) Z += (x = std::isinf(x) ? 0.0 : std::exp(x - mx));
+          for (std::int64_t i = 0; i < Tn; ++i) mass[static_cast<std::size_t>(i)] += e[static_cast<std::size_t>(st.win_len + i)] / Z;
+        }
+      for (std::int64_t i = 0; i < Tn; ++i)
+        new_mass_[static_cast<std::size_t>(b * Tn + i)] = static_cast<float>(mass[static_cast<std::size_t>(i)] / static_cast<double>(obs * NH));
+    }
+  }
   TensorView lse_w = scratch_.allocate(Shape{B, NH, Tn}, DType::f32);
   if (cfg_.sqa && Tn > 1) {
     // SQA over the call's tokens (and the window), as in training: k-means over
@@ -719,6 +756,7 @@ void RckvPolicy::push(std::int64_t layer, const TensorView& k, const TensorView&
   // Buffer: free slot, else evict (per row).
   const float* ckd = E > 0 ? Ck.ptr<float>() : nullptr;
   const float* cvd = E > 0 ? Cv.ptr<float>() : nullptr;
+  std::vector<float> cand(static_cast<std::size_t>(S_ + 1));
   for (std::int64_t e = 0; e < E; ++e) {
     const bool room = st.buf_len < S_;
     const std::int64_t filled = st.buf_len;
@@ -729,11 +767,27 @@ void RckvPolicy::push(std::int64_t layer, const TensorView& k, const TensorView&
         for (std::int64_t j = 0; j < filled; ++j) mean += w[j];
         mean /= static_cast<double>(filled);
       }
-      const std::int64_t slot = room ? filled : choose_victim(w, S_, cfg_.tau, rng_[l]);
+      // A token of this call with an observation-window mass starts there, and
+      // competes for its place: when the buffer is full and it is the least
+      // important (or drawn, tau > 0), it is the one evicted (never stored).
+      const bool observed = e >= e_w && new_mass_.size() == static_cast<std::size_t>(B * Tn) &&
+                            new_mass_[static_cast<std::size_t>(b * Tn + (e - e_w))] >= 0.0f;
+      const float w_new = observed ? new_mass_[static_cast<std::size_t>(b * Tn + (e - e_w))] : static_cast<float>(mean);
+      std::int64_t slot = filled;
+      if (!room) {
+        if (observed) {
+          std::copy(w, w + S_, cand.begin());
+          cand[static_cast<std::size_t>(S_)] = w_new;
+          slot = choose_victim(cand.data(), S_ + 1, cfg_.tau, rng_[l]);
+          if (slot == S_) continue;  // the incoming token is the least important: dropped
+        } else {
+          slot = choose_victim(w, S_, cfg_.tau, rng_[l]);
+        }
+      }
       std::memcpy(ck_[l] + (b * S_ + slot) * dc, ckd + (b * E + e) * dc, static_cast<std::size_t>(dc) * sizeof(float));
       std::memcpy(cv_[l] + (b * S_ + slot) * dc, cvd + (b * E + e) * dc, static_cast<std::size_t>(dc) * sizeof(float));
       bpos_[l][b * S_ + slot] = epos[static_cast<std::size_t>(b * E + e)];
-      w[slot] = static_cast<float>(mean);
+      w[slot] = w_new;
       if (m_eff_[l] > 0) assign_slot(layer, b, slot);
     }
     if (room) ++st.buf_len;

@@ -36,6 +36,11 @@
 // chosen per batch row with probability proportional to exp(-w_i / tau)
 // (tau = 0: the smallest w, ties to the lowest slot index), drawn from
 // Rng(cfg.seed, layer) (reseeded at begin(): a sequence is reproducible).
+// With observe_prefill, the importance of a token written by a multi-token call (a prompt): the attention
+// mass it received from the call's last max(W, 1) queries (observation window,
+// SnapKV's scoring; dense softmax over window + call, mean over heads and those
+// queries); when the buffer is full such a token competes with the residents
+// and is itself dropped when it is the one chosen for eviction.
 // Importance: after every attend() call, for each query row i in order,
 //   w_j <- decay * w_j + (1 - decay) * m_ij,   m_ij = attention probability of
 // slot j for query i, averaged over heads (the probability in the ONE merged
@@ -99,6 +104,9 @@ struct RckvConfig {
   // Prefill as DSRSQ trains (see attend()): within one call, the tokens that
   // leave the window are attended through their reconstruction. Off: exact.
   bool train_matched_prefill = false;
+  // Importance of a multi-token call's tokens from the call's observation
+  // window (see below); off: they start at the buffer's mean importance.
+  bool observe_prefill = false;
   attention::ClusterAttentionConfig sqa_cfg;
   // Throws a dsrsq input error naming the option (rckv_d_c, rckv_window,
   // rckv_tau, rckv_importance_decay, rckv_sqa_clusters, rckv_sqa_top_clusters,
@@ -223,6 +231,7 @@ class RckvPolicy final : public KVPolicy {
   std::vector<std::int64_t> m_eff_;  // per layer clusters in use
   std::vector<LayerState> st_;
   std::vector<Rng> rng_;  // per layer
+  std::vector<float> new_mass_;  // (B, Tn) of the current call: observation-window mass (-1: none)
   std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;
   kvdetail::DecodeStats stats_;
 };

@@ -26,6 +26,7 @@ DsrsqSettings DsrsqSettings::from_options(const Options& o, const ModelConfig& m
   s.rckv.buffer = o.rckv_buffer;
   s.rckv.window = o.rckv_window;
   s.rckv.tau = o.rckv_tau;
+  s.rckv.observe_prefill = o.rckv_observe;
   s.rckv.seed = o.seed;
   s.rckv.sqa = true;
   s.rckv.sqa_cfg = s.sqa;

@@ -577,6 +577,57 @@ BOOST_AUTO_TEST_CASE(eviction_in_policy) {
   BOOST_TEST(pol.window_tokens(0) == 2);
 }
 
+// observe_prefill: a prompt's tokens start at the attention mass the call's last
+// W queries give them, and with a full buffer the least important of the
+// residents and the incoming token is the one left out. With tau = 0 the kept
+// set is the top-S tokens by that mass: compare with the masses of a run whose
+// buffer holds everything (the prompt call's masses do not depend on the buffer).
+BOOST_AUTO_TEST_CASE(observation_window_importance) {
+  const ModelConfig cfg = tiny_cfg(1);
+  auto m = random_model(cfg, 6);
+  RckvConfig rc;
+  rc.d_c = 8;
+  rc.window = 4;
+  rc.observe_prefill = true;
+  Proj pr(cfg, rc);
+  pr.r->init_orthonormal(2);
+  const std::int64_t N = 40, B = 2, S = 9;
+  auto tok = rand_tokens(B * N, cfg.vocab, 7);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(B * N));
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t < N; ++t) pos[static_cast<std::size_t>(b * N + t)] = static_cast<std::int32_t>(t);
+  auto prefill = [&](std::int64_t slots) {
+    RckvConfig c = rc;
+    c.buffer = slots;
+    auto pol = std::make_unique<RckvPolicy>(cfg, cpu_backend(), *pr.r, c);
+    pol->begin(SequenceInfo{B, N, 2, 2}, frac(1.0));
+    m->extend(*pol, TensorView(tok.data(), Shape{B, N}), TensorView(pos.data(), Shape{B, N}));
+    return pol;
+  };
+  auto all = prefill(N);
+  auto few = prefill(S);
+  BOOST_REQUIRE(all->filled_slots(0) == N - rc.window && few->filled_slots(0) == S);
+  for (std::int64_t b = 0; b < B; ++b) {
+    const auto w = all->slot_importance(0, b);
+    const auto p = all->slot_positions(0, b);
+    double total = 0;
+    for (std::int64_t j = 0; j < N - rc.window; ++j) {
+      BOOST_TEST(w[static_cast<std::size_t>(j)] >= 0.0f);
+      total += w[static_cast<std::size_t>(j)];
+    }
+    BOOST_TEST(total > 0.0);
+    BOOST_TEST(total <= 1.0 + 1e-5);  // masses of a softmax, minus the window's share
+    std::vector<std::int32_t> order(p.begin(), p.end());
+    std::stable_sort(order.begin(), order.end(), [&](std::int32_t x, std::int32_t y) {
+      return w[static_cast<std::size_t>(x)] > w[static_cast<std::size_t>(y)];
+    });
+    std::vector<std::int32_t> want(order.begin(), order.begin() + S), got = few->slot_positions(0, b);
+    std::sort(want.begin(), want.end());
+    std::sort(got.begin(), got.end());
+    BOOST_TEST(got == want);
+  }
+}
+
 // ---- (e) bad input ------------------------------------------------------------------------
 
 BOOST_AUTO_TEST_CASE(bad_input) {
