@@ -885,9 +885,9 @@ int main(int argc, char** argv) {
         std::printf("# (the RCKV arena is allocated once at begin(): %lld slots x %lld layers; scratch and activations "
                     "are bounded by the chunk size)\n",
                     static_cast<long long>(s.slots), static_cast<long long>(sh.smc.n_layers));
-        std::printf("# heap/rss growth: the CPU backend's RoPE cos/sin cache (f64, grown to the largest position seen, "
-                    "capped at 2^20 positions = %.1f MB at head size %lld), not the KV cache\n",
-                    mb(static_cast<std::int64_t>((std::int64_t{1} << 20) * (sh.smc.head_size() / 2) * 16)),
+        std::printf("# heap/rss growth, if any: the CPU backend's RoPE cos/sin cache (f64, grown to the largest position "
+                    "seen, capped at 2^15 positions = %.1f MB at head size %lld), not the KV cache\n",
+                    mb(static_cast<std::int64_t>((std::int64_t{1} << 15) * (sh.smc.head_size() / 2) * 16)),
                     static_cast<long long>(sh.smc.head_size()));
         if (!s.ok) {
           std::printf("#   ^ %s\n", s.error);
