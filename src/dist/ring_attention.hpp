@@ -61,15 +61,29 @@ void ring_attention_bwd(Backend& be, MpiCommunicator& comm, const AttentionGradA
 
 // The model's training attention as ring attention over `comm` (sequence
 // parallelism): each rank's batch holds its zigzag shard of every sequence.
+// bytes_sent() counts what this rank sends: per forward (P-1) K/V blocks with
+// their positions, per backward the same plus P dK/dV accumulators.
 class RingAttention : public AttentionOverride {
  public:
   RingAttention(Backend& be, MpiCommunicator& comm) : be_(be), comm_(comm) {}
-  void forward(std::int64_t, const AttentionArgs& a) override { ring_attention_fwd(be_, comm_, a); }
-  void backward(std::int64_t, const AttentionGradArgs& a) override { ring_attention_bwd(be_, comm_, a); }
+  void forward(std::int64_t, const AttentionArgs& a) override {
+    ring_attention_fwd(be_, comm_, a);
+    bytes_ += (comm_.size() - 1) * block_bytes(a.k, a.v, a.k_pos);
+  }
+  void backward(std::int64_t, const AttentionGradArgs& a) override {
+    ring_attention_bwd(be_, comm_, a);
+    bytes_ += (comm_.size() - 1) * block_bytes(a.k, a.v, a.k_pos) +
+              comm_.size() * static_cast<std::int64_t>(a.k.bytes() + a.v.bytes());
+  }
+  std::int64_t bytes_sent() const { return bytes_; }
 
  private:
+  static std::int64_t block_bytes(const TensorView& k, const TensorView& v, const TensorView& pos) {
+    return static_cast<std::int64_t>(k.bytes() + v.bytes() + pos.bytes());
+  }
   Backend& be_;
   MpiCommunicator& comm_;
+  std::int64_t bytes_ = 0;
 };
 
 }  // namespace dsrsq::dist

@@ -384,16 +384,21 @@ int run_experiment(const Options& opt, int rank, int world) {
       sink.checkpoint(step, model, adam, extra);
     };
     std::int64_t step_now = start;
-    std::int64_t bytes_before = 0;
+    std::int64_t bytes_before = 0, ring_bytes_before = 0;
     cb.on_step = [&](const StepStats& s) {
       step_now = s.step + 1;
       sink.train_step(s);
       if (grid) {  // per-rank timings -> /ranks (gathered to rank 0)
         // bytes_sent: this step's all-reduced payload times the ring factor 2 (n-1)/n.
+        // Plus the ring attention's K/V and dK/dV traffic under sp (and validation's).
         const std::int64_t bytes = static_cast<std::int64_t>(reducer->stats().payload_bytes);
+        const std::int64_t ring_bytes = ring ? ring->bytes_sent() : 0;
         const double ring_factor = 2.0 * (world - 1) / world;
-        const double mine[3] = {s.step_time_s, s.comm_seconds, ring_factor * static_cast<double>(bytes - bytes_before)};
+        const double mine[3] = {s.step_time_s, s.comm_seconds,
+                                ring_factor * static_cast<double>(bytes - bytes_before) +
+                                    static_cast<double>(ring_bytes - ring_bytes_before)};
         bytes_before = bytes;
+        ring_bytes_before = ring_bytes;
         std::vector<double> all(static_cast<std::size_t>(3 * world));
         grid->world().all_gather(std::span<const double>(mine, 3), std::span<double>(all));
         sink.rank_step(s.step + 1, all);
