@@ -53,7 +53,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <boost/program_options.hpp>
 #include <algorithm>
+#include <iostream>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -609,17 +611,67 @@ std::vector<std::int32_t> read_haystack(const std::string& dir) {
   return ByteTokenizer().encode(text);
 }
 
-void usage() {
-  std::puts(
-      "usage: bench_long_context [--max_context N] [--min_context N] [--repeats N] [--decode N] [--threads N]\n"
-      "                          [--stream_tokens N] [--stream_chunk N] [--no-stream] [--seed S]\n"
-      "                          [--stream_same_model | --stream_d_model C --stream_n_heads H --stream_n_layers L\n"
-      "                           --stream_d_ff F]   (default streaming model: d_model 64, 2 heads, 1 layer, d_ff 256)\n"
-      "                          [--init_from CKPT] [--haystack DIR]\n"
-      "                          [--d_model C] [--n_heads H] [--n_layers L] [--d_ff F]\n"
-      "                          [--dsr_base_budget B] [--dsr_alpha A] [--dsr_span S] [--dsr_d_r R]\n"
-      "                          [--sqa_clusters M] [--sqa_top_clusters K] [--rckv_d_c D] [--rckv_buffer S]\n"
-      "                          [--rckv_window W]");
+// Options via Boost.Program_options (as the dsrsq program). Returns 0 to go on,
+// 1 when --help was printed, 2 on a bad option (message printed).
+int parse_args(int argc, char** argv, Options& o, bool& do_stream) {
+  namespace po = boost::program_options;
+  bool no_stream = false, same_model = false;
+  po::options_description d("usage: bench_long_context [options]");
+  d.add_options()
+    ("help,h", "print this help")
+    ("max_context", po::value(&o.max_context)->default_value(o.max_context), "largest context (tokens)")
+    ("min_context", po::value(&o.min_context)->default_value(o.min_context), "smallest context (tokens)")
+    ("repeats", po::value(&o.repeats)->default_value(o.repeats), "repeats per (method, size) (0: 5 below 16K, 3 from 16K)")
+    ("decode", po::value(&o.decode)->default_value(o.decode), "greedy decode steps after the prefill")
+    ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads")
+    ("seed", po::value(&o.seed)->default_value(o.seed), "weights seed")
+    ("stream_tokens", po::value(&o.stream_tokens)->default_value(o.stream_tokens), "tokens streamed through RCKV")
+    ("stream_chunk", po::value(&o.stream_chunk)->default_value(o.stream_chunk), "tokens per streaming call")
+    ("no-stream", po::bool_switch(&no_stream), "skip the streaming part")
+    ("stream_same_model", po::bool_switch(&same_model), "stream through the main model (slow)")
+    ("stream_d_model", po::value(&o.stream_d_model)->default_value(o.stream_d_model), "streaming model width")
+    ("stream_n_heads", po::value(&o.stream_n_heads)->default_value(o.stream_n_heads), "streaming model heads")
+    ("stream_n_layers", po::value(&o.stream_n_layers)->default_value(o.stream_n_layers), "streaming model layers")
+    ("stream_d_ff", po::value(&o.stream_d_ff)->default_value(o.stream_d_ff), "streaming model MLP width")
+    ("init_from", po::value(&o.init_from), "checkpoint to load (and its DSRSQ state)")
+    ("haystack", po::value(&o.haystack), "folder of haystack text (default datasets/sotu)")
+    ("d_model", po::value(&o.d_model)->default_value(o.d_model), "model width")
+    ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "heads")
+    ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "layers")
+    ("d_ff", po::value(&o.d_ff)->default_value(o.d_ff), "MLP width")
+    ("dsr_base_budget", po::value(&o.dsr_base_budget)->default_value(o.dsr_base_budget), "DSR base budget")
+    ("dsr_alpha", po::value(&o.dsr_alpha)->default_value(o.dsr_alpha), "DSR alpha")
+    ("dsr_span", po::value(&o.dsr_span)->default_value(o.dsr_span), "DSR span")
+    ("dsr_d_r", po::value(&o.dsr_d_r)->default_value(o.dsr_d_r), "DSR reduced dimension")
+    ("sqa_clusters", po::value(&o.sqa_clusters)->default_value(o.sqa_clusters), "SQA clusters")
+    ("sqa_top_clusters", po::value(&o.sqa_top_clusters)->default_value(o.sqa_top_clusters), "SQA clusters per query")
+    ("rckv_d_c", po::value(&o.rckv_d_c)->default_value(o.rckv_d_c), "RCKV latent size")
+    ("rckv_buffer", po::value(&o.rckv_buffer)->default_value(o.rckv_buffer), "RCKV slots")
+    ("rckv_window", po::value(&o.rckv_window)->default_value(o.rckv_window), "RCKV exact window");
+  try {
+    po::variables_map vm;
+    po::store(po::parse_command_line(argc, argv, d), vm);
+    if (vm.count("help")) {
+      std::cout << d << "\n";
+      return 1;
+    }
+    po::notify(vm);
+    for (const auto& [name, v] : std::initializer_list<std::pair<const char*, std::int64_t>>{
+             {"max_context", o.max_context}, {"min_context", o.min_context}, {"decode", o.decode},
+             {"threads", o.threads}, {"stream_tokens", o.stream_tokens}, {"stream_chunk", o.stream_chunk},
+             {"d_model", o.d_model}, {"n_heads", o.n_heads}, {"n_layers", o.n_layers}, {"d_ff", o.d_ff},
+             {"dsr_span", o.dsr_span + 1}, {"dsr_d_r", o.dsr_d_r}, {"sqa_clusters", o.sqa_clusters},
+             {"sqa_top_clusters", o.sqa_top_clusters}, {"rckv_d_c", o.rckv_d_c}, {"rckv_buffer", o.rckv_buffer},
+             {"rckv_window", o.rckv_window + 1}, {"repeats", o.repeats + 1}})
+      if (v <= 0) throw po::error(std::string("option --") + name + " is out of range");
+    if (!(o.dsr_base_budget > 0) || !(o.dsr_alpha >= 0)) throw po::error("options --dsr_base_budget > 0 and --dsr_alpha >= 0");
+  } catch (const po::error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+  do_stream = !no_stream;
+  if (same_model) o.stream_d_model = o.stream_n_heads = o.stream_n_layers = o.stream_d_ff = 0;
+  return 0;
 }
 
 }  // namespace
@@ -627,73 +679,7 @@ void usage() {
 int main(int argc, char** argv) {
   Options o;
   bool do_stream = true;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "error: option %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    auto num = [&]() -> long long {
-      const std::string v = next();
-      char* end = nullptr;
-      const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (!end || *end || x <= 0) {
-        std::fprintf(stderr, "error: option %s expects a positive integer, got '%s'\n", a.c_str(), v.c_str());
-        std::exit(2);
-      }
-      return x;
-    };
-    auto real = [&]() -> double {
-      const std::string v = next();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (!end || *end || !(x >= 0)) {
-        std::fprintf(stderr, "error: option %s expects a non-negative number, got '%s'\n", a.c_str(), v.c_str());
-        std::exit(2);
-      }
-      return x;
-    };
-    if (a == "--max_context") o.max_context = num();
-    else if (a == "--min_context") o.min_context = num();
-    else if (a == "--repeats") o.repeats = static_cast<int>(num());
-    else if (a == "--decode") o.decode = num();
-    else if (a == "--threads") o.threads = static_cast<int>(num());
-    else if (a == "--seed") o.seed = static_cast<std::uint64_t>(num());
-    else if (a == "--stream_tokens") o.stream_tokens = num();
-    else if (a == "--stream_chunk") o.stream_chunk = num();
-    else if (a == "--no-stream") do_stream = false;
-    else if (a == "--stream_same_model") o.stream_d_model = o.stream_n_heads = o.stream_n_layers = o.stream_d_ff = 0;
-    else if (a == "--stream_d_model") o.stream_d_model = num();
-    else if (a == "--stream_n_heads") o.stream_n_heads = num();
-    else if (a == "--stream_n_layers") o.stream_n_layers = num();
-    else if (a == "--stream_d_ff") o.stream_d_ff = num();
-    else if (a == "--init_from") o.init_from = next();
-    else if (a == "--haystack") o.haystack = next();
-    else if (a == "--d_model") o.d_model = num();
-    else if (a == "--n_heads") o.n_heads = num();
-    else if (a == "--n_layers") o.n_layers = num();
-    else if (a == "--d_ff") o.d_ff = num();
-    else if (a == "--dsr_base_budget") o.dsr_base_budget = real();
-    else if (a == "--dsr_alpha") o.dsr_alpha = real();
-    else if (a == "--dsr_span") o.dsr_span = num();
-    else if (a == "--dsr_d_r") o.dsr_d_r = num();
-    else if (a == "--sqa_clusters") o.sqa_clusters = num();
-    else if (a == "--sqa_top_clusters") o.sqa_top_clusters = num();
-    else if (a == "--rckv_d_c") o.rckv_d_c = num();
-    else if (a == "--rckv_buffer") o.rckv_buffer = num();
-    else if (a == "--rckv_window") o.rckv_window = num();
-    else if (a == "--help" || a == "-h") {
-      usage();
-      return 0;
-    } else {
-      std::fprintf(stderr, "error: unknown option '%s'\n", a.c_str());
-      usage();
-      return 2;
-    }
-  }
+  if (const int rc = parse_args(argc, argv, o, do_stream); rc != 0) return rc == 1 ? 0 : 2;
   try {
     if (o.min_context > o.max_context) throw std::runtime_error("--min_context exceeds --max_context");
     Shared sh;
