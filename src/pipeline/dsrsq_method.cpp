@@ -157,6 +157,18 @@ void DsrsqModel::init(std::uint64_t seed) {
   proj_.init_orthonormal(seed ^ 0x2CC);
 }
 
+void DsrsqModel::gather_saved_kv(std::int64_t layer, const std::vector<std::int64_t>& rows, std::vector<float>& k,
+                                 std::vector<float>& v) const {
+  const std::int64_t C = model_.config().d_model;
+  const float* ks = model_.saved_keys(layer).ptr<float>();
+  const float* vs = model_.saved_values(layer).ptr<float>();
+  const auto row = sizeof(float) * static_cast<std::size_t>(C);
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    std::memcpy(k.data() + r * static_cast<std::size_t>(C), ks + rows[r] * C, row);
+    std::memcpy(v.data() + r * static_cast<std::size_t>(C), vs + rows[r] * C, row);
+  }
+}
+
 void DsrsqModel::init_projections_pca(const std::vector<const Encoded*>& seqs, std::int32_t pad_id) {
   if (seqs.empty()) return;
   HostBatch hb = make_batch(seqs, pad_id, 1.0f);
@@ -173,12 +185,7 @@ void DsrsqModel::init_projections_pca(const std::vector<const Encoded*>& seqs, s
     if (hb.mask[static_cast<std::size_t>(i)] > 0) real.push_back(i);
   std::vector<float> k(real.size() * static_cast<std::size_t>(C)), v(k.size());
   for (std::int64_t l = 0; l < model_.config().n_layers; ++l) {
-    const float* ks = model_.saved_keys(l).ptr<float>();
-    const float* vs = model_.saved_values(l).ptr<float>();
-    for (std::size_t r = 0; r < real.size(); ++r) {
-      std::memcpy(k.data() + r * C, ks + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
-      std::memcpy(v.data() + r * C, vs + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
-    }
+    gather_saved_kv(l, real, k, v);
     const Shape sh{static_cast<std::int64_t>(real.size()), C};
     proj_.init_pca(l, TensorView(k.data(), sh), TensorView(v.data(), sh));
   }
@@ -302,12 +309,7 @@ HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const 
   double comp = 0;
   if (!real.empty()) {
     for (std::int64_t l = 0; l < model_.config().n_layers; ++l) {
-      const float* ks = model_.saved_keys(l).ptr<float>();
-      const float* vs = model_.saved_values(l).ptr<float>();
-      for (std::size_t r = 0; r < real.size(); ++r) {
-        std::memcpy(k.data() + r * C, ks + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
-        std::memcpy(v.data() + r * C, vs + real[r] * C, sizeof(float) * static_cast<std::size_t>(C));
-      }
+      gather_saved_kv(l, real, k, v);
       const Shape sh{static_cast<std::int64_t>(real.size()), C};
       comp += proj_.compression_loss(l, TensorView(k.data(), sh), TensorView(v.data(), sh));
       if (w_comp > 0) proj_.compression_loss_backward(w_comp * share_rows);

@@ -181,6 +181,9 @@ class DsrsqModel {
   };
   // The context indices (into enc.tokens) and the query tokens used for scoring.
   Example score(const Encoded& enc, Rng* rng) const;
+  // Rows `rows` of layer l's saved pre-RoPE keys and values into k, v (rows.size() x C each).
+  void gather_saved_kv(std::int64_t layer, const std::vector<std::int64_t>& rows, std::vector<float>& k,
+                       std::vector<float>& v) const;
 
   Transformer& model_;
   DsrsqSettings s_;
