@@ -45,9 +45,12 @@ std::vector<const Encoded*> Trainer::batch_for_step(std::int64_t s) const {
 
 HostBatch Trainer::local_batch(const std::vector<const Encoded*>& seqs, float lm_weight, std::int64_t step,
                                bool training) const {
+  // Sequence parallelism needs T divisible by 2 sp; without it no padding (a
+  // different row count changes BLAS blocking and so the float rounding).
   const int P = dp_.sp_size();
-  HostBatch hb = hooks_.make_batch ? hooks_.make_batch(seqs, step, lm_weight, 2 * P, training)
-                                   : make_batch(seqs, pad_, lm_weight, 2 * P);
+  const std::int64_t multiple = P > 1 ? 2 * P : 1;
+  HostBatch hb = hooks_.make_batch ? hooks_.make_batch(seqs, step, lm_weight, multiple, training)
+                                   : make_batch(seqs, pad_, lm_weight, multiple);
   if (P == 1) return hb;
   return shard_batch(hb, dist::zigzag_shard(hb.T, P, dp_.sp_rank()));
 }
