@@ -68,15 +68,15 @@
 #include <string>
 #include <vector>
 
-#include "compress/rckv.hpp"
+#include "kv/rckv.hpp"
 #include "core/timer.hpp"
 #include "data/tokenizer.hpp"
 #include "dsrsq/build_info.hpp"
 #include "io/checkpoint.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
-#include "pipeline/dsrsq_method.hpp"
-#include "pipeline/encode.hpp"
+#include "methods/dsrsq_model.hpp"
+#include "train/encode.hpp"
 
 namespace {
 

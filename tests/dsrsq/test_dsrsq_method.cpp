@@ -1,4 +1,4 @@
-// DSRSQ as one method (src/pipeline/dsrsq_method.hpp): the identity with the
+// DSRSQ as one method (src/methods/dsrsq_model.hpp): the identity with the
 // standard model when every part covers everything (budget >= N, k_c = m,
 // buffer >= N, d_c = d), the training batch of selected sequences, the HOF
 // terms' gradients, the checkpoint round trip.
@@ -14,8 +14,8 @@
 #include "core/rng.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
-#include "pipeline/dsrsq_method.hpp"
-#include "pipeline/encode.hpp"
+#include "methods/dsrsq_model.hpp"
+#include "train/encode.hpp"
 
 using namespace dsrsq;
 

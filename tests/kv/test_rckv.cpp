@@ -1,4 +1,4 @@
-// RCKV (src/compress/rckv.hpp): identity with the full cache, the latent
+// RCKV (src/kv/rckv.hpp): identity with the full cache, the latent
 // attention path and importance against a brute-force reference, compression
 // loss and its gradient, PCA init, constant memory while streaming, eviction
 // rule, budget accounting, input errors, SQA over the buffer.
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
-#include "compress/rckv.hpp"
+#include "kv/rckv.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "kv/kv_policy.hpp"

@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "pipeline/evaluator.hpp"
+#include "eval/evaluator.hpp"
 
 namespace dsrsq {
 

@@ -1,4 +1,4 @@
-#include "pipeline/evaluator.hpp"
+#include "eval/evaluator.hpp"
 
 #include <algorithm>
 #include <cmath>

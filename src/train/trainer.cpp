@@ -1,4 +1,4 @@
-#include "pipeline/trainer.hpp"
+#include "train/trainer.hpp"
 
 #include <cblas.h>
 

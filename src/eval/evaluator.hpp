@@ -14,7 +14,7 @@
 #include "data/tokenizer.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
-#include "pipeline/encode.hpp"
+#include "train/encode.hpp"
 
 namespace dsrsq {
 

@@ -5,9 +5,9 @@
 
 #include <cstdio>
 
-#include "cli/options.hpp"
+#include "app/options.hpp"
 #include "core/error.hpp"
-#include "pipeline/experiment.hpp"
+#include "app/experiment.hpp"
 
 int main(int argc, char** argv) {
   int provided = 0;

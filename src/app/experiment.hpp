@@ -3,7 +3,7 @@
 // directory (run identity), build data, train (or resume), evaluate every
 // requested method at the same KV budget, write the results file, print the
 // task and efficiency tables.
-#include "cli/options.hpp"
+#include "app/options.hpp"
 
 namespace dsrsq {
 

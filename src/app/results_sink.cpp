@@ -1,4 +1,4 @@
-#include "pipeline/results_sink.hpp"
+#include "app/results_sink.hpp"
 
 #include <cblas.h>
 #include <hdf5.h>
@@ -18,7 +18,7 @@
 #include "io/checkpoint.hpp"
 #include "io/results.hpp"
 #include "io/run_dir.hpp"
-#include "pipeline/adaptation.hpp"
+#include "eval/adaptation.hpp"
 
 extern char** environ;
 

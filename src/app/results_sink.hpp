@@ -7,11 +7,11 @@
 #include <string>
 #include <vector>
 
-#include "cli/options.hpp"
+#include "app/options.hpp"
 #include "data/tokenizer.hpp"
 #include "model/transformer.hpp"
-#include "pipeline/evaluator.hpp"
-#include "pipeline/trainer.hpp"
+#include "eval/evaluator.hpp"
+#include "train/trainer.hpp"
 #include "train/optimizer.hpp"
 
 namespace dsrsq {

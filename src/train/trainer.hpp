@@ -15,7 +15,7 @@
 
 #include "dist/communicator.hpp"
 #include "model/transformer.hpp"
-#include "pipeline/encode.hpp"
+#include "train/encode.hpp"
 #include "train/optimizer.hpp"
 
 namespace dsrsq {

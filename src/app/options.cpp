@@ -1,4 +1,4 @@
-#include "cli/options.hpp"
+#include "app/options.hpp"
 
 #include <hdf5.h>
 #include <mpi.h>

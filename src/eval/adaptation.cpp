@@ -1,4 +1,4 @@
-#include "pipeline/adaptation.hpp"
+#include "eval/adaptation.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "compress/rckv.hpp"
+#include "kv/rckv.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "pipeline/encode.hpp"
+#include "train/encode.hpp"
 
 #include <algorithm>
 

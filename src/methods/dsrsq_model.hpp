@@ -9,7 +9,7 @@
 //         model, every token at its ORIGINAL position;
 //   SQA   cluster sparse attention (attention/cluster_attention.hpp) as the
 //         model's training attention, and over the RCKV buffer at decode;
-//   RCKV  the rotating compressive cache (compress/rckv.hpp) as the KV policy
+//   RCKV  the rotating compressive cache (kv/rckv.hpp) as the KV policy
 //         from prefill into decoding, its projections trained by the
 //         compression loss.
 // HOF loss, per step (weights g, the last three ramped linearly from 0 over
@@ -40,13 +40,13 @@
 #include <vector>
 
 #include "attention/cluster_attention.hpp"
-#include "cli/options.hpp"
-#include "compress/rckv.hpp"
+#include "app/options.hpp"
+#include "kv/rckv.hpp"
 #include "core/arena.hpp"
 #include "dist/communicator.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
-#include "pipeline/encode.hpp"
+#include "train/encode.hpp"
 #include "retrieval/dsr_scorer.hpp"
 
 namespace dsrsq {

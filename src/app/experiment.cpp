@@ -1,4 +1,4 @@
-#include "pipeline/experiment.hpp"
+#include "app/experiment.hpp"
 
 #include <mpi.h>
 #include <omp.h>
@@ -20,13 +20,13 @@
 #include "dist/dp_reducer.hpp"
 #include "dist/grid.hpp"
 #include "dist/ring_attention.hpp"
-#include "pipeline/dsrsq_method.hpp"
+#include "methods/dsrsq_model.hpp"
 #include "io/checkpoint.hpp"
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
-#include "pipeline/evaluator.hpp"
-#include "pipeline/results_sink.hpp"
-#include "pipeline/trainer.hpp"
+#include "eval/evaluator.hpp"
+#include "app/results_sink.hpp"
+#include "train/trainer.hpp"
 
 namespace fs = std::filesystem;
 

@@ -1,4 +1,4 @@
-#include "pipeline/dsrsq_method.hpp"
+#include "methods/dsrsq_model.hpp"
 
 #include <algorithm>
 #include <cmath>
