@@ -20,7 +20,7 @@
 #include "dist/dp_reducer.hpp"
 #include "dist/grid.hpp"
 #include "dist/ring_attention.hpp"
-#include "methods/dsrsq_model.hpp"
+#include "methods/method.hpp"
 #include "io/checkpoint.hpp"
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
@@ -87,8 +87,9 @@ std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, 
   return out;
 }
 
-void print_tables(const std::vector<MethodEval>& results, const std::string& budget) {
-  std::printf("\nTask performance (test split, KV budget %s)\n", budget.c_str());
+void print_tables(const std::vector<MethodEval>& results, const std::string& caption,
+                  const std::map<std::string, std::string>& backbones = {}) {
+  std::printf("\nTask performance (test split; %s)\n", caption.c_str());
   std::printf("  %-16s %8s %8s %8s %8s %8s\n", "method", "F1", "EM", "ROUGE-L", "BLEU", "n");
   for (const auto& r : results)
     std::printf("  %-16s %8.4f %8.4f %8.4f %8.4f %8zu\n", r.method.c_str(), r.f1, r.em, r.rouge_l, r.bleu,
@@ -107,6 +108,13 @@ void print_tables(const std::vector<MethodEval>& results, const std::string& bud
                 r.avg_mem_bytes / 1e6, kv_res / n, kv_read / n, r.throughput_tok_s, r.latency_s * 1e3,
                 r.token_efficiency);
   }
+  bool any = false;
+  for (const auto& r : results)
+    if (auto it = backbones.find(r.method); it != backbones.end()) {
+      if (!any) std::printf("\nBackbones (the weights each method ran on)\n");
+      any = true;
+      std::printf("  %-16s %s\n", r.method.c_str(), it->second.c_str());
+    }
   std::printf("\n");
 }
 
@@ -124,6 +132,287 @@ void write_report(const std::string& h5) {
     std::printf("dsrsq: report in %s/report.md\n", dir.c_str());
 }
 
+// The run's data: the test split every method is scored on, training pools by
+// context length (shortest first), the validation split.
+struct Splits {
+  std::vector<data::Example> test;
+  std::vector<std::vector<Encoded>> pools;
+  std::vector<Encoded> val;
+};
+
+Splits build_data(const Options& opt, const Tokenizer& tok) {
+  Splits d;
+  d.test = make_split(opt, tok, opt.num_test, opt.seed * 3 + 2, true);
+  if (!opt.gpt2_dir.empty()) {
+    // Context lengths also in GPT-2 tokens, as the literature reports them.
+    const Gpt2Bpe bpe(opt.gpt2_dir);
+    double sum = 0;
+    for (auto& e : d.test) {
+      const std::size_t n = bpe.count(e.context);
+      e.meta["context_gpt2_tokens"] = std::to_string(n);
+      sum += static_cast<double>(n);
+    }
+    std::printf("dsrsq: test contexts average %.1f GPT-2 tokens\n",
+                d.test.empty() ? 0.0 : sum / static_cast<double>(d.test.size()));
+  }
+  if (opt.command == "eval") return d;
+  for (std::size_t si = 0; si < opt.context_sizes.size(); ++si) {
+    Options one = opt;
+    one.context_sizes = {opt.context_sizes[si]};
+    const auto ex = make_split(one, tok, std::max<std::int64_t>(1, opt.num_train / static_cast<std::int64_t>(opt.context_sizes.size())),
+                               opt.seed * 3 + 0 + 7919 * si, false);
+    std::vector<Encoded> enc;
+    for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len));
+    d.pools.push_back(std::move(enc));
+  }
+  for (const auto& e : make_split(opt, tok, opt.num_val, opt.seed * 3 + 1, false))
+    d.val.push_back(encode_example(e, tok, opt.max_seq_len));
+  return d;
+}
+
+std::string dataset_hash(const std::vector<data::Example>& test) {
+  // Dataset identity: a hash over the test split (what every method is scored on).
+  std::string all;
+  for (const auto& e : test) {
+    all += e.id + '\x1f' + e.context + '\x1f' + e.query + '\x1f';
+    for (const auto& a : e.answers) all += a + '\x1e';
+  }
+  return fnv1a64_hex(all);
+}
+
+// --dry-run: the resolved configuration, a memory estimate and the plan, from the table.
+void print_plan(const Options& opt, const ModelConfig& mc, const KVBudget& budget) {
+  std::printf("# resolved configuration (hash %s)\n%s", opt.identity_hash().c_str(), opt.resolved_text().c_str());
+  const double P = static_cast<double>(mc.num_parameters()) * 4;
+  const double N = static_cast<double>(opt.batch_size * opt.max_seq_len);
+  const double act = N * 4.0 * static_cast<double>(mc.n_layers) * (10.0 * static_cast<double>(mc.d_model) + 2.0 * static_cast<double>(mc.d_ff)) +
+                     N * 4.0 * 2.0 * static_cast<double>(mc.vocab);
+  std::printf("# memory estimate per rank (bytes)\n");
+  std::printf("parameters        %14.0f\ngradients         %14.0f\noptimizer_state   %14.0f\nactivations       %14.0f\n", P, P,
+              2 * P, act);
+  // Every method is asked for the same bytes; one that cannot shrink (a full
+  // cache) holds more and records it; one that cannot meet it is infeasible.
+  const double full = static_cast<double>(KVBudget::full_bytes(mc, opt.max_seq_len));
+  std::printf("kv_full_cache     %14.0f   (at max_seq_len %lld)\n", full, static_cast<long long>(opt.max_seq_len));
+  for (const auto& m : opt.methods)
+    std::printf("kv_budget[%s] %*s%14.0f   (%s)\n", m.c_str(),
+                static_cast<int>(std::max<std::size_t>(1, 6 - std::min<std::size_t>(6, m.size()))), "",
+                static_cast<double>(budget.resolve(mc, opt.max_seq_len)), budget.str().c_str());
+  std::printf("# plan\n");
+  const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");
+  if (opt.command != "eval") std::printf("train     %-16s %s\n", opt.model.c_str(), std::string(trained.summary).c_str());
+  for (const auto& m : opt.methods) {
+    const methods::MethodInfo& info = methods::find_method(m);
+    std::printf("evaluate  %-16s %s [%s]\n", m.c_str(), std::string(info.summary).c_str(),
+                info.backbone == methods::Backbone::own ? "own weights" : "standard checkpoint");
+  }
+  if (opt.ablation)
+    for (const auto& v : opt.ablation_variants) std::printf("ablation  %s/%s\n", opt.model.c_str(), v.c_str());
+}
+
+// Which weights each evaluated method runs on (DESIGN.md section 9,
+// "Backbones"): training-free methods on the standard checkpoint. In a run
+// that trains a method with its own weights that is the --init_from
+// checkpoint it started from, when that is a standard checkpoint; otherwise
+// the row says it runs on this run's backbone.
+std::map<std::string, std::string> backbone_texts(const Options& opt, bool init_is_standard) {
+  const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");
+  std::map<std::string, std::string> out;
+  for (const auto& m : opt.methods) {
+    const methods::MethodInfo& info = methods::find_method(m);
+    if (info.backbone == methods::Backbone::own) {
+      out[m] = opt.command == "eval" ? "the " + m + " checkpoint " + opt.init_from : "this run's " + m + " model";
+    } else if (trained.backbone == methods::Backbone::standard) {
+      out[m] = opt.command == "eval" ? "standard checkpoint " + opt.init_from : "this run's standard model";
+    } else if (init_is_standard) {
+      out[m] = "standard checkpoint " + opt.init_from + " (the one " + opt.model + " started from)";
+    } else {
+      out[m] = "this run's " + opt.model + " backbone (NOT the standard model: no standard --init_from checkpoint)";
+    }
+  }
+  return out;
+}
+
+// Training: the trainer with the trained method's extension attached, checkpoints,
+// per-rank timings and stop requests. Returns the last completed step + 1.
+std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods::TrainingExtension* ext,
+                   const Splits& data, const Tokenizer& tok, dist::ProcessGrid* grid, ResultsSink& sink,
+                   std::int64_t start, std::int64_t& total_steps) {
+  const int world = grid ? grid->world().size() : 1;
+  TrainConfig tc;
+  std::int64_t per_epoch = 0;
+  for (const auto& p : data.pools) per_epoch += static_cast<std::int64_t>(p.size());
+  per_epoch = (per_epoch + opt.batch_size - 1) / opt.batch_size;
+  tc.steps = opt.num_epochs > 0 ? opt.num_epochs * per_epoch : opt.steps;
+  total_steps = tc.steps;
+  tc.batch_size = opt.batch_size;
+  tc.warmup = opt.warmup;
+  tc.lr = opt.learning_rate;
+  tc.curriculum = opt.curriculum;
+  tc.lm_weight = opt.lm_weight;
+  tc.val_every = opt.val_every;
+  tc.log_every = opt.log_every;
+  tc.seed = opt.seed;
+  tc.peak_gflops = measure_sgemm_peak();
+  const ModelConfig& mc = model.config();
+  std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm peak now %.0f GFLOP/s\n",
+              mc.str().c_str(), static_cast<long long>(mc.num_parameters()), static_cast<long long>(tc.steps),
+              static_cast<long long>(start), tc.peak_gflops);
+  DataParallel dp;
+  std::unique_ptr<dist::GradReducer> reducer;
+  std::unique_ptr<dist::RingAttention> ring;
+  if (grid) {
+    // Every rank's gradient is a partial sum of the global one (its dp shard
+    // of sequences, its sp shard of their tokens): sum over the whole world.
+    reducer = std::make_unique<dist::GradReducer>(grid->world(), model);
+    reducer->attach(model);
+    dp.comm = &grid->dp_comm();
+    dp.world = &grid->world();
+    if (opt.sp > 1) {
+      dp.sp_comm = &grid->sp_comm();
+      ring = std::make_unique<dist::RingAttention>(model.backend(), grid->sp_comm());
+      model.attention_override = ring.get();
+    }
+    dp.reduce_gradients = [&] { reducer->finish(); };
+    dp.last_comm_seconds = [&] { return reducer->stats().last_wait_seconds; };
+  }
+  MethodHooks hooks;
+  if (ext) {
+    methods::TrainEnv env;
+    env.world = grid ? &grid->world() : nullptr;
+    env.sp_comm = grid && opt.sp > 1 ? &grid->sp_comm() : nullptr;
+    env.sp_lead = !grid || grid->sp_rank() == 0;
+    env.attention_taken = model.attention_override != nullptr;
+    env.global_batch = static_cast<double>(opt.batch_size);
+    env.seed = opt.seed;
+    env.pad_id = tok.pad_id();
+    ext->attach(hooks, env);
+  }
+  Trainer trainer(model, adam, tc, data.pools, data.val, tok.pad_id(), dp, hooks);
+  TrainCallbacks cb;
+  cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
+  cb.checkpoint_every = opt.checkpoint_every;
+  cb.on_checkpoint = [&](std::int64_t step) {
+    std::map<std::string, std::vector<float>> extra;
+    if (ext) ext->save(extra);
+    sink.checkpoint(step, model, adam, extra);
+  };
+  std::int64_t step_now = start;
+  std::int64_t bytes_before = 0, ring_bytes_before = 0;
+  cb.on_step = [&](const StepStats& s) {
+    step_now = s.step + 1;
+    sink.train_step(s);
+    if (grid) {  // per-rank timings -> /ranks (gathered to rank 0)
+      // bytes_sent: this step's all-reduced payload times the ring factor 2 (n-1)/n.
+      // Plus the ring attention's K/V and dK/dV traffic under sp (and validation's).
+      const std::int64_t bytes = static_cast<std::int64_t>(reducer->stats().payload_bytes);
+      const std::int64_t ring_bytes = ring ? ring->bytes_sent() : 0;
+      const double ring_factor = 2.0 * (world - 1) / world;
+      const double mine[3] = {s.step_time_s, s.comm_seconds,
+                              ring_factor * static_cast<double>(bytes - bytes_before) +
+                                  static_cast<double>(ring_bytes - ring_bytes_before)};
+      bytes_before = bytes;
+      ring_bytes_before = ring_bytes;
+      std::vector<double> all(static_cast<std::size_t>(3 * world));
+      grid->world().all_gather(std::span<const double>(mine, 3), std::span<double>(all));
+      sink.rank_step(s.step + 1, all);
+    }
+  };
+  Timer walltime;
+  double slowest_step = 0;
+  std::int64_t steps_seen = start;
+  cb.should_stop = [&] {
+    // --max_walltime: stop while the next step and a checkpoint still fit
+    // (twice the slowest step so far, plus 5 % of the limit for the checkpoint).
+    bool out_of_time = false;
+    if (opt.max_walltime > 0) {
+      const double now = walltime.seconds();
+      if (step_now > steps_seen) {
+        slowest_step = std::max(slowest_step, now / static_cast<double>(std::max<std::int64_t>(1, step_now - start)));
+        steps_seen = step_now;
+      }
+      out_of_time = now + 2 * slowest_step + 0.05 * opt.max_walltime >= opt.max_walltime;
+    }
+    // Every rank must stop at the same step boundary: agree with one all-reduce.
+    double stop = (sink.should_stop() || out_of_time || (opt.stop_after > 0 && step_now >= opt.stop_after)) ? 1.0 : 0.0;
+    if (grid) stop = dist::all_reduce_scalar(grid->world(), stop);
+    return stop > 0;
+  };
+  const std::int64_t done = trainer.run(start, cb);
+  if (reducer) reducer->detach();
+  if (ext) ext->detach();
+  model.attention_override = nullptr;
+  return done;
+}
+
+// Evaluation on rank 0: every method of --methods on its backbone, then the
+// trained method's ablation variants on the same weights. Returns false when
+// a stop signal cut it short (finished methods are kept).
+bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model, methods::Method& trained_method,
+                  Transformer* standard_backbone, const std::map<std::string, std::string>& backbones,
+                  const KVBudget& budget, const Tokenizer& tok, const std::vector<data::Example>& test,
+                  ResultsSink& sink) {
+  EvalConfig ec;
+  ec.budget = budget;
+  ec.max_new_tokens = opt.max_new_tokens;
+  ec.max_seq_len = mc.max_pos;
+  bool stopped = false;
+  auto evaluate = [&](const std::string& name, const std::string& kind, const std::function<methods::EvalPlan()>& plan,
+                      Transformer& weights, std::vector<MethodEval>& out) {
+    if (stopped || sink.should_stop()) {  // a stop signal during evaluation: stop between methods
+      stopped = true;
+      return;
+    }
+    if (sink.method_done_before(name, kind)) {
+      std::printf("dsrsq: %s/%s was evaluated by an earlier attempt of this run; its results are kept\n", kind.c_str(),
+                  name.c_str());
+      return;
+    }
+    sink.method_started(name, kind);
+    try {
+      EvalConfig e = ec;
+      e.name = name;
+      methods::EvalPlan p = plan();
+      e.select = p.select;
+      Timer t;
+      out.push_back(evaluate_method(weights, *p.policy, tok, test, e));
+      std::printf("dsrsq: evaluated %s%-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n",
+                  kind == "eval" ? "" : "ablation variant ", name.c_str(), out.back().f1, out.back().em,
+                  out.back().examples.size(), t.seconds());
+      sink.method_done(out.back(), kind);
+    } catch (const std::exception& ex) {
+      std::printf("dsrsq: %s %s FAILED: %s\n", kind.c_str(), name.c_str(), ex.what());
+      sink.method_failed(name, ex.what(), kind);
+    }
+  };
+  const std::string caption = "KV budget " + opt.kv_budget + " (" + budget.str() + " of each example's full cache), query-aware protocol: the question is in the prompt every method compresses";
+  std::vector<MethodEval> results;
+  for (const auto& m : opt.methods) {
+    const methods::MethodInfo& info = methods::find_method(m);
+    if (m == opt.model) {
+      evaluate(m, "eval", [&] { return trained_method.plan(""); }, model, results);
+      continue;
+    }
+    Transformer& weights = info.backbone == methods::Backbone::standard && standard_backbone ? *standard_backbone : model;
+    methods::MethodContext ctx{weights, weights.backend(), nullptr, AdamWConfig{}, opt.seed};
+    if (auto it = opt.knobs.find(m); it != opt.knobs.end()) ctx.knobs = it->second.get();
+    std::unique_ptr<methods::Method> method;
+    evaluate(m, "eval", [&] {
+      method = info.make(ctx);
+      return method->plan("");
+    }, weights, results);
+  }
+  print_tables(results, caption, backbones);
+  if (opt.ablation) {
+    std::vector<MethodEval> ablation;
+    for (const auto& v : opt.ablation_variants)
+      evaluate(v, "ablation", [&] { return trained_method.plan(v); }, model, ablation);
+    std::printf("\nablation (%s variants on the same weights)\n", opt.model.c_str());
+    print_tables(ablation, caption);
+  }
+  return !stopped;
+}
+
 }  // namespace
 
 int run_experiment(const Options& opt, int rank, int world) {
@@ -136,6 +425,8 @@ int run_experiment(const Options& opt, int rank, int world) {
   // Only rank 0 talks: the others' progress lines would repeat it. Errors go
   // to stderr on every rank, prefixed with the rank.
   if (rank != 0) std::freopen("/dev/null", "w", stdout);
+  if (rank == 0)
+    for (const auto& w : opt.warnings) std::fprintf(stderr, "dsrsq: warning: %s\n", w.c_str());
   std::unique_ptr<dist::ProcessGrid> grid;
   if (world > 1) {
     grid = std::make_unique<dist::ProcessGrid>(MPI_COMM_WORLD, opt.dp, opt.sp, opt.comm_timeout);
@@ -153,23 +444,11 @@ int run_experiment(const Options& opt, int rank, int world) {
   // Sequence parallelism pads batches to a multiple of 2 sp tokens.
   mc.max_pos = opt.max_pos ? opt.max_pos : (opt.max_seq_len + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);
   mc.validate();
-  const KVBudget budget = parse_kv_budget(opt.kv_budget);
+  const KVBudget budget = KVBudget::parse(opt.kv_budget);
+  const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");
 
   if (opt.dry_run) {
-    std::printf("# resolved configuration (hash %s)\n%s", opt.identity_hash().c_str(), opt.resolved_text().c_str());
-    const double P = static_cast<double>(mc.num_parameters()) * 4;
-    const double N = static_cast<double>(opt.batch_size * opt.max_seq_len);
-    const double act = N * 4.0 * static_cast<double>(mc.n_layers) * (10.0 * static_cast<double>(mc.d_model) + 2.0 * static_cast<double>(mc.d_ff)) +
-                       N * 4.0 * 2.0 * static_cast<double>(mc.vocab);
-    std::printf("# memory estimate per rank (bytes)\n");
-    std::printf("parameters        %14.0f\ngradients         %14.0f\noptimizer_state   %14.0f\nactivations       %14.0f\n", P, P,
-                2 * P, act);
-    for (const auto& m : opt.methods) {
-      const double full = static_cast<double>(KVBudget::full_bytes(mc, opt.max_seq_len));
-      const double b = m == "full" ? full : static_cast<double>(budget.resolve(mc, opt.max_seq_len));
-      std::printf("kv_cache[%s] %*s%14.0f   (at max_seq_len %lld)\n", m.c_str(), static_cast<int>(std::max<std::size_t>(1, 6 - std::min<std::size_t>(6, m.size()))), "", b,
-                  static_cast<long long>(opt.max_seq_len));
-    }
+    print_plan(opt, mc, budget);
     return 0;
   }
 
@@ -193,34 +472,7 @@ int run_experiment(const Options& opt, int rank, int world) {
               static_cast<long long>(mc.vocab));
   for (auto c : opt.context_sizes) std::printf(" %lld", static_cast<long long>(c));
   std::printf(", max_seq_len %lld\n", static_cast<long long>(opt.max_seq_len));
-  auto test = make_split(opt, *tok, opt.num_test, opt.seed * 3 + 2, true);
-  if (!opt.gpt2_dir.empty()) {
-    // Context lengths also in GPT-2 tokens, as the literature reports them.
-    const Gpt2Bpe bpe(opt.gpt2_dir);
-    double sum = 0;
-    for (auto& e : test) {
-      const std::size_t n = bpe.count(e.context);
-      e.meta["context_gpt2_tokens"] = std::to_string(n);
-      sum += static_cast<double>(n);
-    }
-    std::printf("dsrsq: test contexts average %.1f GPT-2 tokens\n", test.empty() ? 0.0 : sum / static_cast<double>(test.size()));
-  }
-  std::vector<std::vector<Encoded>> pools;
-  std::vector<Encoded> val;
-  if (opt.command != "eval") {
-    const Options& o = opt;
-    for (std::size_t si = 0; si < o.context_sizes.size(); ++si) {
-      Options one = o;
-      one.context_sizes = {o.context_sizes[si]};
-      const auto ex = make_split(one, *tok, std::max<std::int64_t>(1, o.num_train / static_cast<std::int64_t>(o.context_sizes.size())),
-                                 o.seed * 3 + 0 + 7919 * si, false);
-      std::vector<Encoded> enc;
-      for (const auto& e : ex) enc.push_back(encode_example(e, *tok, o.max_seq_len));
-      pools.push_back(std::move(enc));
-    }
-    for (const auto& e : make_split(opt, *tok, opt.num_val, opt.seed * 3 + 1, false))
-      val.push_back(encode_example(e, *tok, opt.max_seq_len));
-  }
+  const Splits data = build_data(opt, *tok);
   std::optional<io::CheckpointState> init;
   if (!opt.init_from.empty()) {
     init = io::load_checkpoint(opt.init_from);
@@ -228,22 +480,17 @@ int run_experiment(const Options& opt, int rank, int world) {
                       opt.init_from, "' holds ", init->params.size(), " parameters, this model has ",
                       mc.num_parameters());
   }
+  // A checkpoint with no method state beside the backbone is a standard one.
+  const bool init_is_standard = init && init->extra.empty();
+  const auto backbones = backbone_texts(opt, init_is_standard);
 
   ResultsSink sink(opt, mc, *tok, rank);
   if (sink.skip()) return 0;
-  {
-    // Dataset identity: a hash over the test split (what every method is scored on).
-    std::string all;
-    for (const auto& e : test) {
-      all += e.id + '\x1f' + e.context + '\x1f' + e.query + '\x1f';
-      for (const auto& a : e.answers) all += a + '\x1e';
-    }
-    sink.open(fnv1a64_hex(all));
-  }
-  std::printf("dsrsq: %zu training pools, %zu validation, %zu test examples (%.1f s)\n", pools.size(), val.size(),
-              test.size(), total.seconds());
+  sink.open(dataset_hash(data.test), backbones);
+  std::printf("dsrsq: %zu training pools, %zu validation, %zu test examples (%.1f s)\n", data.pools.size(),
+              data.val.size(), data.test.size(), total.seconds());
 
-  // ---- model ----
+  // ---- model: the backbone and the trained method (its extension, if any) ----
   Transformer model(mc, cpu_backend());
   model.init_weights(opt.seed);
   AdamWConfig ac;
@@ -251,188 +498,57 @@ int run_experiment(const Options& opt, int rank, int world) {
   ac.weight_decay = opt.weight_decay;
   ac.clip_norm = opt.clip_norm;
   AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
-  // DSRSQ: the retriever and RCKV projections beside the backbone, with their own AdamW.
-  std::unique_ptr<DsrsqModel> dm;
-  std::unique_ptr<AdamW> adam_extra;
-  if (opt.model == "dsrsq") {
-    dm = std::make_unique<DsrsqModel>(model, DsrsqSettings::from_options(opt, mc), cpu_backend());
-    dm->init(opt.seed);
-    adam_extra = std::make_unique<AdamW>(dm->extra_params(), dm->extra_flat(), ac, cpu_backend());
-  }
+  methods::MethodContext ctx{model, cpu_backend(), nullptr, ac, opt.seed};
+  if (auto it = opt.knobs.find(opt.model); it != opt.knobs.end()) ctx.knobs = it->second.get();
+  std::unique_ptr<methods::Method> method = trained.make(ctx);
+  methods::TrainingExtension* ext = method->training();
+
   std::map<std::string, std::vector<float>> extra_ck;
   std::int64_t start = sink.restore(model, adam, &extra_ck);
-  if (dm && !extra_ck.empty()) {
-    const std::int64_t steps = dm->load(extra_ck, adam_extra->m(), adam_extra->v());
-    DSRSQ_INPUT_CHECK(steps >= 0 || start == 0, "checkpoint of this DSRSQ run holds no DSRSQ state");
-    if (steps >= 0) adam_extra->set_steps(steps);
-  }
+  if (ext && !extra_ck.empty())
+    DSRSQ_INPUT_CHECK(ext->restore(extra_ck) || start == 0, "checkpoint of this ", opt.model, " run holds no ",
+                      opt.model, " state");
   if (grid) {
     // Rank 0 read the checkpoint (if any): every rank starts from its state.
-    std::int64_t st[3] = {start, adam.steps(), adam_extra ? adam_extra->steps() : 0};
-    grid->world().broadcast(std::span<std::int64_t>(st, 3), 0);
+    std::int64_t st[2] = {start, adam.steps()};
+    grid->world().broadcast(std::span<std::int64_t>(st, 2), 0);
     start = st[0];
     adam.set_steps(st[1]);
     for (TensorView t : {model.flat_params(), adam.m(), adam.v()})
       grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
-    if (dm) {
-      adam_extra->set_steps(st[2]);
-      for (TensorView t : {dm->extra_flat(), adam_extra->m(), adam_extra->v()})
-        grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
-      double b[2] = {dm->baseline().initialized() ? 1.0 : 0.0, dm->baseline().value()};
-      grid->world().broadcast(std::span<double>(b, 2), 0);
-      dm->baseline() = retrieval::MovingAverageBaseline(dm->settings().dsr.baseline_decay);
-      if (b[0] > 0) dm->baseline().update(b[1]);
-    }
+    if (ext) ext->broadcast(grid->world(), 0);
+  }
+  // The standard backbone of training-free methods when this run trains a
+  // method with its own weights from a standard checkpoint.
+  std::unique_ptr<Transformer> standard;
+  if (init && init_is_standard && trained.backbone == methods::Backbone::own && rank == 0 && opt.command != "train") {
+    standard = std::make_unique<Transformer>(mc, cpu_backend());
+    std::memcpy(standard->flat_params().data, init->params.data(), init->params.size() * sizeof(float));
   }
   if (init && start == 0) {
     std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
     std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
   }
-  // A DSRSQ checkpoint also carries the retriever and the RCKV projections
-  // (e.g. evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).
-  const bool dsrsq_init = dm && init && start == 0 && dm->load_params(init->extra);
-  if (dsrsq_init) std::printf("dsrsq: the retriever and RCKV projections come from %s too\n", opt.init_from.c_str());
+  // A checkpoint of the trained method also carries its own parameters (e.g.
+  // evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).
+  const bool method_init = ext && init && start == 0 && ext->load_params(init->extra);
+  if (method_init) std::printf("dsrsq: the %s parameters come from %s too\n", opt.model.c_str(), opt.init_from.c_str());
   init.reset();
-  if (dm && start == 0 && !pools.empty() && !dsrsq_init) {
-    // RCKV projections from the backbone's own keys and values (PCA).
+  if (ext && start == 0 && !data.pools.empty() && !method_init) {
     std::vector<const Encoded*> calib;
-    for (const auto& e : pools.back()) {
+    for (const auto& e : data.pools.back()) {
       if (calib.size() >= 16) break;
       calib.push_back(&e);
     }
-    dm->init_projections_pca(calib, tok->pad_id());
+    ext->init_from_data(calib, tok->pad_id());
   }
 
   if (opt.command != "eval") {
-    TrainConfig tc;
-    std::int64_t per_epoch = 0;
-    for (const auto& p : pools) per_epoch += static_cast<std::int64_t>(p.size());
-    per_epoch = (per_epoch + opt.batch_size - 1) / opt.batch_size;
-    tc.steps = opt.num_epochs > 0 ? opt.num_epochs * per_epoch : opt.steps;
-    tc.batch_size = opt.batch_size;
-    tc.warmup = opt.warmup;
-    tc.lr = opt.learning_rate;
-    tc.curriculum = opt.curriculum;
-    tc.lm_weight = opt.lm_weight;
-    tc.val_every = opt.val_every;
-    tc.log_every = opt.log_every;
-    tc.seed = opt.seed;
-    tc.peak_gflops = measure_sgemm_peak();
-    std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm peak now %.0f GFLOP/s\n",
-                mc.str().c_str(), static_cast<long long>(mc.num_parameters()), static_cast<long long>(tc.steps),
-                static_cast<long long>(start), tc.peak_gflops);
-    DataParallel dp;
-    std::unique_ptr<dist::GradReducer> reducer;
-    std::unique_ptr<dist::RingAttention> ring;
-    if (grid) {
-      // Every rank's gradient is a partial sum of the global one (its dp shard
-      // of sequences, its sp shard of their tokens): sum over the whole world.
-      reducer = std::make_unique<dist::GradReducer>(grid->world(), model);
-      reducer->attach(model);
-      dp.comm = &grid->dp_comm();
-      dp.world = &grid->world();
-      if (opt.sp > 1) {
-        dp.sp_comm = &grid->sp_comm();
-        ring = std::make_unique<dist::RingAttention>(cpu_backend(), grid->sp_comm());
-        model.attention_override = ring.get();
-      }
-      dp.reduce_gradients = [&] { reducer->finish(); };
-      dp.last_comm_seconds = [&] { return reducer->stats().last_wait_seconds; };
-    }
-    MethodHooks hooks;
-    if (dm) {
-      model.save_pre_rope_keys = true;  // the compression loss reads them
-      // SQA is the training attention (ring attention takes its place under sp).
-      if (!model.attention_override) model.attention_override = dm->sqa_override();
-      if (grid && opt.sp > 1) dm->set_sp_comm(&grid->sp_comm());
-      const DsrsqSettings& ds = dm->settings();
-      hooks.task_weight = ds.g[0];
-      const std::int32_t pad = tok->pad_id();
-      hooks.make_batch = [&dm, pad, &opt](const std::vector<const Encoded*>& seqs, std::int64_t step, float lm,
-                                          std::int64_t mult, bool training) {
-        return dm->training_batch(seqs, pad, lm,
-                                  training ? std::optional<std::uint64_t>(opt.seed * 1000003ull + static_cast<std::uint64_t>(step))
-                                           : std::nullopt,
-                                  mult);
-      };
-      hooks.after_backward = [&](std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
-                                 StepStats& st) {
-        const bool lead = !grid || grid->sp_rank() == 0;
-        const HofTerms h = dm->hof_terms(step, local, answer_loss, grid ? &grid->world() : nullptr, lead,
-                                         static_cast<double>(opt.batch_size));
-        st.loss_retrieval = h.retrieval;
-        st.loss_compression = h.compression;
-        st.loss_compute = h.compute;
-        st.selected_fraction = h.selected_fraction;
-        st.loss = h.ramp * (ds.g[1] * h.retrieval + ds.g[2] * h.compression + ds.g[3] * h.compute);
-      };
-      hooks.extra_step = [&](double lr) { adam_extra->step(lr); };
-      // RCKV in the training forward: the backbone reads reconstructed K/V where inference will.
-      model.kv_transform = dm->kv_transform();
-      hooks.before_forward = [&](const HostBatch& local, bool training) {
-        if (training) dm->zero_extra_grad();  // the task loss reaches P and U through the transform
-        dm->kv_transform()->set_rows(local.compress);
-      };
-    }
-    Trainer trainer(model, adam, tc, pools, val, tok->pad_id(), dp, hooks);
-    TrainCallbacks cb;
-    cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
-    cb.checkpoint_every = opt.checkpoint_every;
-    cb.on_checkpoint = [&](std::int64_t step) {
-      std::map<std::string, std::vector<float>> extra;
-      if (dm) dm->save(extra, adam_extra->m(), adam_extra->v(), adam_extra->steps());
-      sink.checkpoint(step, model, adam, extra);
-    };
-    std::int64_t step_now = start;
-    std::int64_t bytes_before = 0, ring_bytes_before = 0;
-    cb.on_step = [&](const StepStats& s) {
-      step_now = s.step + 1;
-      sink.train_step(s);
-      if (grid) {  // per-rank timings -> /ranks (gathered to rank 0)
-        // bytes_sent: this step's all-reduced payload times the ring factor 2 (n-1)/n.
-        // Plus the ring attention's K/V and dK/dV traffic under sp (and validation's).
-        const std::int64_t bytes = static_cast<std::int64_t>(reducer->stats().payload_bytes);
-        const std::int64_t ring_bytes = ring ? ring->bytes_sent() : 0;
-        const double ring_factor = 2.0 * (world - 1) / world;
-        const double mine[3] = {s.step_time_s, s.comm_seconds,
-                                ring_factor * static_cast<double>(bytes - bytes_before) +
-                                    static_cast<double>(ring_bytes - ring_bytes_before)};
-        bytes_before = bytes;
-        ring_bytes_before = ring_bytes;
-        std::vector<double> all(static_cast<std::size_t>(3 * world));
-        grid->world().all_gather(std::span<const double>(mine, 3), std::span<double>(all));
-        sink.rank_step(s.step + 1, all);
-      }
-    };
-    Timer walltime;
-    double slowest_step = 0;
-    std::int64_t steps_seen = start;
-    cb.should_stop = [&] {
-      // --max_walltime: stop while the next step and a checkpoint still fit
-      // (twice the slowest step so far, plus 5 % of the limit for the checkpoint).
-      bool out_of_time = false;
-      if (opt.max_walltime > 0) {
-        const double now = walltime.seconds();
-        if (step_now > steps_seen) {
-          slowest_step = std::max(slowest_step, now / static_cast<double>(std::max<std::int64_t>(1, step_now - start)));
-          steps_seen = step_now;
-        }
-        out_of_time = now + 2 * slowest_step + 0.05 * opt.max_walltime >= opt.max_walltime;
-      }
-      // Every rank must stop at the same step boundary: agree with one all-reduce.
-      double stop = (sink.should_stop() || out_of_time || (opt.stop_after > 0 && step_now >= opt.stop_after)) ? 1.0 : 0.0;
-      if (grid) stop = dist::all_reduce_scalar(grid->world(), stop);
-      return stop > 0;
-    };
-    const std::int64_t done = trainer.run(start, cb);
-    if (reducer) reducer->detach();
-    model.attention_override = nullptr;
-    model.kv_transform = nullptr;
-    if (dm) dm->set_sp_comm(nullptr);  // rank 0 evaluates alone
-    model.save_pre_rope_keys = false;
-    if (done < tc.steps) {
+    std::int64_t steps = 0;
+    const std::int64_t done = train(opt, model, adam, ext, data, *tok, grid.get(), sink, start, steps);
+    if (done < steps) {
       std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
-                  static_cast<long long>(done), static_cast<long long>(tc.steps));
+                  static_cast<long long>(done), static_cast<long long>(steps));
       sink.interrupted(done);
       // Leave together: a launcher that kills the job when one rank exits non-zero
       // (srun --kill-on-bad-exit) must not cut rank 0's checkpoint short.
@@ -444,57 +560,8 @@ int run_experiment(const Options& opt, int rank, int world) {
   // ---- evaluation ----
   // Rank 0 evaluates (every rank holds the same parameters); the others wait.
   bool eval_stopped = false;
-  if (opt.command != "train" && rank == 0) {
-    EvalConfig ec;
-    ec.budget = budget;
-    ec.max_new_tokens = opt.max_new_tokens;
-    ec.max_seq_len = mc.max_pos;
-    std::vector<MethodEval> results;
-    // One evaluation: a method of --methods ("eval") or a DSRSQ variant ("ablation").
-    auto evaluate = [&](const std::string& name, const std::string& kind, std::vector<MethodEval>& out) {
-      if (eval_stopped || sink.should_stop()) {  // a stop signal during evaluation: stop between methods
-        eval_stopped = true;
-        return;
-      }
-      if (sink.method_done_before(name, kind)) {
-        std::printf("dsrsq: %s/%s was evaluated by an earlier attempt of this run; its results are kept\n", kind.c_str(),
-                    name.c_str());
-        return;
-      }
-      sink.method_started(name, kind);
-      try {
-        EvalConfig e = ec;
-        e.name = name;
-        std::unique_ptr<KVPolicy> policy;
-        if (name == "dsrsq" || kind == "ablation") {
-          const DsrsqVariant v = DsrsqVariant::named(name == "dsrsq" ? "full_model" : name);
-          policy = dm->make_policy(v);
-          e.select = [&dm, v](const Encoded& enc) { return dm->select_prompt(enc, v); };
-        } else {
-          // Every method gets the same budget; `full` cannot shrink, so it records
-          // the request and holds the whole cache (achieved > requested).
-          policy = make_kv_policy(name, mc, cpu_backend());
-        }
-        Timer t;
-        out.push_back(evaluate_method(model, *policy, *tok, test, e));
-        std::printf("dsrsq: evaluated %s%-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n",
-                    kind == "eval" ? "" : "ablation variant ", name.c_str(), out.back().f1, out.back().em,
-                    out.back().examples.size(), t.seconds());
-        sink.method_done(out.back(), kind);
-      } catch (const std::exception& ex) {
-        std::printf("dsrsq: %s %s FAILED: %s\n", kind.c_str(), name.c_str(), ex.what());
-        sink.method_failed(name, ex.what(), kind);
-      }
-    };
-    for (const auto& m : opt.methods) evaluate(m, "eval", results);
-    print_tables(results, opt.kv_budget);
-    if (opt.ablation) {
-      std::vector<MethodEval> ablation;
-      for (const auto& v : opt.ablation_variants) evaluate(v, "ablation", ablation);
-      std::printf("\nablation (DSRSQ variants on the same weights, KV budget %s)\n", opt.kv_budget.c_str());
-      print_tables(ablation, opt.kv_budget);
-    }
-  }
+  if (opt.command != "train" && rank == 0)
+    eval_stopped = !evaluate_all(opt, mc, model, *method, standard.get(), backbones, budget, *tok, data.test, sink);
   if (eval_stopped) {
     std::printf("dsrsq: stopped by a signal during evaluation; finished methods are kept, rerun to evaluate the rest\n");
     sink.interrupted_eval();

@@ -3,6 +3,8 @@
 #include <hdf5.h>
 #include <mpi.h>
 
+#include <algorithm>
+#include <iomanip>
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +17,8 @@
 
 #include "core/error.hpp"
 #include "io/run_dir.hpp"
+#include "kv/kv_policy.hpp"
+#include "methods/method.hpp"
 #include "dsrsq/build_info.hpp"
 
 namespace po = boost::program_options;
@@ -41,7 +45,7 @@ po::options_description describe(Options& o) {
     ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads (0: OMP_NUM_THREADS or all cores)");
   po::options_description model("Model");
   model.add_options()
-    ("model", po::value(&o.model)->default_value(o.model), "method to train: standard | dsrsq (the DSRSQ backbone plus retriever and RCKV projections, trained with the HOF loss)")
+    ("model", po::value(&o.model)->default_value(o.model), "method to train (a trainable method of the table: see 'methods' below)")
     ("d_model", po::value(&o.d_model)->default_value(o.d_model), "model width")
     ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "attention heads")
     ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "transformer blocks")
@@ -80,39 +84,46 @@ po::options_description describe(Options& o) {
     ("stop_after", po::value(&o.stop_after)->default_value(o.stop_after), "checkpoint and stop (exit code 3) after this many steps; the same command resumes (0: off)")
     ("milestone_every", po::value(&o.milestone_every)->default_value(o.milestone_every), "checkpoints at multiples of this step are kept besides the rolling ones (0: none)")
     ("max_walltime", po::value(&o.max_walltime)->default_value(o.max_walltime), "seconds: checkpoint and stop (exit code 3) before this much wall time has passed, leaving room for a checkpoint (0: off)");
-  po::options_description dsrsq("DSRSQ (--model dsrsq)");
-  dsrsq.add_options()
-    ("dsr_d_r", po::value(&o.dsr_d_r)->default_value(o.dsr_d_r), "retriever: reduced dimension of the query and context projections")
-    ("dsr_base_budget", po::value(&o.dsr_base_budget)->default_value(o.dsr_base_budget), "retriever: base budget in tokens (a value below 1 is a fraction of the context)")
-    ("dsr_alpha", po::value(&o.dsr_alpha)->default_value(o.dsr_alpha), "retriever: budget = base * (1 + alpha * complexity)")
-    ("dsr_span", po::value(&o.dsr_span)->default_value(o.dsr_span), "retriever: tokens kept after each top token")
-    ("dsr_conv_width", po::value(&o.dsr_conv_width)->default_value(o.dsr_conv_width), "retriever: taps of the causal local-context convolution")
-    ("dsr_lambda", po::value(&o.dsr_lambda)->default_value(o.dsr_lambda), "retriever: reward = task score - lambda * selected fraction")
-    ("sqa_clusters", po::value(&o.sqa_clusters)->default_value(o.sqa_clusters), "SQA: k-means clusters of keys per head")
-    ("sqa_top_clusters", po::value(&o.sqa_top_clusters)->default_value(o.sqa_top_clusters), "SQA: clusters each query attends to")
-    ("sqa_lloyd_steps", po::value(&o.sqa_lloyd_steps)->default_value(o.sqa_lloyd_steps), "SQA: Lloyd iterations of k-means")
-    ("rckv_d_c", po::value(&o.rckv_d_c)->default_value(o.rckv_d_c), "RCKV: latent size of keys and of values (<= d_model)")
-    ("rckv_buffer", po::value(&o.rckv_buffer)->default_value(o.rckv_buffer), "RCKV: compressed slots per layer (0: sized from --kv_budget)")
-    ("rckv_window", po::value(&o.rckv_window)->default_value(o.rckv_window), "RCKV: recent tokens kept uncompressed")
-    ("rckv_tau", po::value(&o.rckv_tau)->default_value(o.rckv_tau), "RCKV: eviction temperature (0: evict the least important slot)")
-    ("rckv_observe", po::bool_switch(&o.rckv_observe), "RCKV: a prompt token's importance starts at the attention the prompt's last window of queries gives it (SnapKV-style); off: at the buffer's mean")
-    ("hof_weights", po::value(&o.hof_weights)->multitoken(), "HOF loss weights: task retrieval compression compute (default 1.0 0.5 0.3 0.2)")
-    ("hof_ramp", po::value(&o.hof_ramp)->default_value(o.hof_ramp), "HOF: steps over which the efficiency weights ramp up from 0")
-    ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default full_model no_dsr no_sqa no_rckv)");
   po::options_description eval("Evaluation");
   eval.add_options()
-    ("methods", po::value(&o.methods)->multitoken(), "KV-cache methods to evaluate: full sliding_window")
-    ("kv_budget", po::value(&o.kv_budget)->default_value(o.kv_budget), "KV budget: a fraction of the full cache (0.25) or bytes (65536, 64KiB, 2MiB)")
+    ("methods", po::value(&o.methods)->multitoken(), "methods to evaluate, in the table's names (default: the trained method if it has its own weights, then every training-free method)")
+    ("kv_budget", po::value(&o.kv_budget)->default_value(o.kv_budget), "KV budget of every method: a fraction of the full cache in (0, 1] (0.125) or bytes with a unit (65536B, 64KiB, 2MiB, 2MB)")
     ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens), "longest generated answer")
-    ("ablation", po::bool_switch(&o.ablation), "also run the ablation variants of DSRSQ (--model dsrsq) into /ablation/<variant>");
+    ("ablation", po::bool_switch(&o.ablation), "also evaluate the trained method's ablation variants into /ablation/<variant>")
+    ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default: all of the trained method's)");
   po::options_description par("Parallel");
   par.add_options()
     ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks")
     ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks")
     ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout), "seconds a collective may wait before the job aborts");
   po::options_description all("dsrsq options");
-  all.add(general).add(model).add(data).add(train).add(eval).add(par).add(dsrsq);
+  all.add(general).add(model).add(data).add(train).add(eval).add(par);
+  // Each method's own knobs, under its name.
+  for (const methods::MethodInfo* m : methods::all_methods()) {
+    if (!m->knobs) continue;
+    auto& k = o.knobs[std::string(m->name)];
+    if (!k) k = m->knobs();
+    po::options_description own(std::string(m->name) + " (method options)");
+    k->describe(own);
+    all.add(own);
+  }
   return all;
+}
+
+std::string join_words(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& w : v) out += (out.empty() ? "" : " ") + w;
+  return out;
+}
+
+// The method table for --help.
+std::string methods_help() {
+  std::ostringstream os;
+  os << "methods (the table, in report order; --model takes a trainable one, --methods any):\n";
+  for (const methods::MethodInfo* m : methods::all_methods())
+    os << "  " << std::left << std::setw(16) << m->name << m->summary << " [" << m->source
+       << (m->trainable ? "; trainable" : "; training-free") << "]\n";
+  return os.str();
 }
 
 std::string trim(const std::string& s) {
@@ -152,7 +163,7 @@ std::string read_ini(const std::string& path, const po::options_description& des
     std::istringstream vs(value);
     std::string tok;
     bool any = false;
-    const bool multi = key == "context_sizes" || key == "methods" || key == "hof_weights" || key == "ablation_variants";
+    const bool multi = desc.find(key, false).semantic()->max_tokens() > 1;
     if (multi) {
       while (vs >> tok) {
         out << key << " = " << tok << "\n";
@@ -166,26 +177,13 @@ std::string read_ini(const std::string& path, const po::options_description& des
   return out.str();
 }
 
-// Parses "0.25" (fraction) or "65536", "64KiB", "2MiB", "1GiB", "512B" (bytes).
-void check_budget(const std::string& s) {
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  DSRSQ_INPUT_CHECK(end != s.c_str(), "option --kv_budget: '", s, "' is not a number or a byte size");
-  const std::string unit = end;
-  DSRSQ_INPUT_CHECK(unit.empty() || unit == "B" || unit == "KiB" || unit == "MiB" || unit == "GiB",
-                    "option --kv_budget: unknown unit '", unit, "' in '", s, "' (use B, KiB, MiB or GiB)");
-  DSRSQ_INPUT_CHECK(v > 0, "option --kv_budget: must be > 0, got '", s, "'");
-}
-
 void validate(const Options& o) {
   static const std::set<std::string> commands{"train", "eval", "run"};
   DSRSQ_INPUT_CHECK(commands.count(o.command), "option --command: unknown value '", o.command,
                     "' (valid: train, eval, run)");
-  static const std::set<std::string> models{"standard", "dsrsq"};
-  static const std::set<std::string> planned{"rag", "attention_rag", "gca", "razor", "pyramid"};
-  DSRSQ_INPUT_CHECK(!planned.count(o.model), "option --model: '", o.model,
-                    "' is not implemented in this build yet (available: standard, dsrsq)");
-  DSRSQ_INPUT_CHECK(models.count(o.model), "option --model: unknown value '", o.model, "' (valid: standard, dsrsq)");
+  const methods::MethodInfo& trained = methods::find_method(o.model, "--model");
+  DSRSQ_INPUT_CHECK(trained.trainable, "option --model: '", o.model, "' is training-free (it runs on the standard checkpoint); trainable methods: ",
+                    methods::method_names(true));
   DSRSQ_INPUT_CHECK(o.device == "cpu" || o.device == "cuda", "option --device: unknown value '", o.device,
                     "' (valid: cpu, cuda)");
   DSRSQ_INPUT_CHECK(o.device == "cpu", "option --device: the CUDA backend runs only its probe kernel so far; use --device cpu");
@@ -199,10 +197,13 @@ void validate(const Options& o) {
                     " reads real files: pass --data_dir FOLDER (see datasets/README.md)");
   DSRSQ_INPUT_CHECK(o.tokenizer == "byte" || o.tokenizer == "sentencepiece", "option --tokenizer: unknown value '",
                     o.tokenizer, "' (valid: byte, sentencepiece)");
-  static const std::set<std::string> methods{"full", "sliding_window", "dsrsq"};
   DSRSQ_INPUT_CHECK(!o.methods.empty(), "option --methods: give at least one method");
-  for (const auto& m : o.methods)
-    DSRSQ_INPUT_CHECK(methods.count(m), "option --methods: unknown value '", m, "' (valid: full, sliding_window, dsrsq)");
+  for (const auto& m : o.methods) {
+    const methods::MethodInfo& info = methods::find_method(m, "--methods");
+    // A method with its own trained weights exists only in the run that trains it.
+    DSRSQ_INPUT_CHECK(info.backbone == methods::Backbone::standard || m == o.model, "option --methods: '", m,
+                      "' runs on its own trained weights; it needs --model ", m);
+  }
   for (std::size_t i = 0; i < o.methods.size(); ++i)
     for (std::size_t j = i + 1; j < o.methods.size(); ++j)
       DSRSQ_INPUT_CHECK(o.methods[i] != o.methods[j], "option --methods: '", o.methods[i], "' is given twice");
@@ -210,38 +211,27 @@ void validate(const Options& o) {
     for (std::size_t j = i + 1; j < o.ablation_variants.size(); ++j)
       DSRSQ_INPUT_CHECK(o.ablation_variants[i] != o.ablation_variants[j], "option --ablation_variants: '",
                         o.ablation_variants[i], "' is given twice");
-  const bool is_dsrsq = o.model == "dsrsq";
-  for (const auto& m : o.methods)
-    DSRSQ_INPUT_CHECK(m != "dsrsq" || is_dsrsq, "option --methods: 'dsrsq' needs --model dsrsq (its retriever and "
-                      "RCKV projections are trained with the model)");
-  DSRSQ_INPUT_CHECK(!o.ablation || is_dsrsq, "option --ablation: the ablation switches parts of DSRSQ off; it needs --model dsrsq");
-  static const std::set<std::string> variants{"full_model", "no_dsr", "no_sqa", "no_rckv"};
-  DSRSQ_INPUT_CHECK(!o.ablation_variants.empty(), "option --ablation_variants: give at least one variant");
-  for (const auto& v : o.ablation_variants)
-    DSRSQ_INPUT_CHECK(variants.count(v), "option --ablation_variants: unknown value '", v,
-                      "' (valid: full_model, no_dsr, no_sqa, no_rckv)");
-  // DSRSQ component settings (checked whatever the model, so a config file is never silently wrong).
-  DSRSQ_INPUT_CHECK(o.dsr_d_r >= 1, "option --dsr_d_r: must be >= 1, got ", o.dsr_d_r);
-  DSRSQ_INPUT_CHECK(o.dsr_base_budget > 0, "option --dsr_base_budget: must be > 0 (tokens, or a fraction below 1), got ", o.dsr_base_budget);
-  DSRSQ_INPUT_CHECK(o.dsr_alpha >= 0, "option --dsr_alpha: must be >= 0, got ", o.dsr_alpha);
-  DSRSQ_INPUT_CHECK(o.dsr_span >= 0, "option --dsr_span: must be >= 0, got ", o.dsr_span);
-  DSRSQ_INPUT_CHECK(o.dsr_conv_width >= 1, "option --dsr_conv_width: must be >= 1, got ", o.dsr_conv_width);
-  DSRSQ_INPUT_CHECK(o.dsr_lambda >= 0, "option --dsr_lambda: must be >= 0, got ", o.dsr_lambda);
-  DSRSQ_INPUT_CHECK(o.sqa_clusters >= 1, "option --sqa_clusters: must be >= 1, got ", o.sqa_clusters);
-  DSRSQ_INPUT_CHECK(o.sqa_clusters <= o.max_seq_len, "option --sqa_clusters: ", o.sqa_clusters,
-                    " clusters cannot be filled by sequences of at most max_seq_len=", o.max_seq_len, " tokens");
-  DSRSQ_INPUT_CHECK(o.sqa_top_clusters >= 1 && o.sqa_top_clusters <= o.sqa_clusters, "option --sqa_top_clusters: must lie in [1, sqa_clusters=",
-                    o.sqa_clusters, "], got ", o.sqa_top_clusters);
-  DSRSQ_INPUT_CHECK(o.sqa_lloyd_steps >= 0, "option --sqa_lloyd_steps: must be >= 0, got ", o.sqa_lloyd_steps);
-  DSRSQ_INPUT_CHECK(o.rckv_d_c >= 1 && o.rckv_d_c <= o.d_model, "option --rckv_d_c: the latent size must lie in [1, d_model=",
-                    o.d_model, "], got ", o.rckv_d_c);
-  DSRSQ_INPUT_CHECK(o.rckv_buffer >= 0, "option --rckv_buffer: must be >= 0 (0: from --kv_budget), got ", o.rckv_buffer);
-  DSRSQ_INPUT_CHECK(o.rckv_window >= 0, "option --rckv_window: must be >= 0, got ", o.rckv_window);
-  DSRSQ_INPUT_CHECK(o.rckv_tau >= 0, "option --rckv_tau: must be >= 0, got ", o.rckv_tau);
-  DSRSQ_INPUT_CHECK(o.hof_weights.size() == 4, "option --hof_weights: give 4 weights (task retrieval compression compute), got ",
-                    o.hof_weights.size());
-  for (double w : o.hof_weights) DSRSQ_INPUT_CHECK(w >= 0, "option --hof_weights: weights must be >= 0, got ", w);
-  DSRSQ_INPUT_CHECK(o.hof_ramp >= 0, "option --hof_ramp: must be >= 0, got ", o.hof_ramp);
+  if (o.ablation && trained.variants.empty()) {
+    std::string with;
+    for (const methods::MethodInfo* m : methods::all_methods())
+      if (!m->variants.empty()) with += (with.empty() ? "" : ", ") + std::string(m->name);
+    raise_input_error(detail::cat("option --ablation: method '", o.model, "' has no ablation variants (methods with variants: ",
+                                  with, "; pick one with --model)"));
+  }
+  for (const auto& v : o.ablation_variants) {
+    std::string valid;
+    bool found = false;
+    for (const auto& t : trained.variants) {
+      valid += (valid.empty() ? "" : ", ") + t;
+      found = found || t == v;
+    }
+    DSRSQ_INPUT_CHECK(found, "option --ablation_variants: '", v, "' is not a variant of method '", o.model, "' (",
+                      valid.empty() ? std::string("it has none") : "valid: " + valid, ")");
+  }
+  // Each used method's own settings.
+  methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_seq_len};
+  for (const auto& [name, k] : o.knobs)
+    if (name == o.model || std::find(o.methods.begin(), o.methods.end(), name) != o.methods.end()) k->validate(shape);
   DSRSQ_INPUT_CHECK(o.milestone_every >= 0, "option --milestone_every: must be >= 0, got ", o.milestone_every);
   DSRSQ_INPUT_CHECK(o.max_walltime >= 0, "option --max_walltime: must be >= 0 seconds, got ", o.max_walltime);
   DSRSQ_INPUT_CHECK(!o.context_sizes.empty(), "option --context_sizes: give at least one size");
@@ -266,7 +256,7 @@ void validate(const Options& o) {
   for (const auto& kv : o.task_params)
     DSRSQ_INPUT_CHECK(kv.find('=') != std::string::npos && kv.find('=') > 0, "option --task_param: '", kv,
                       "' is not key=value");
-  check_budget(o.kv_budget);
+  (void)KVBudget::parse(o.kv_budget);
   DSRSQ_INPUT_CHECK(o.tokenizer != "sentencepiece" || !o.tokenizer_model.empty(),
                     "option --tokenizer sentencepiece needs --tokenizer_model FILE.model");
 }
@@ -292,6 +282,17 @@ std::string version_text() {
   return os.str();
 }
 
+std::vector<std::string> Options::default_methods(const std::string& model) {
+  // The trained method when it has its own weights, then every training-free
+  // method of the table (they run on the standard checkpoint).
+  std::vector<std::string> out;
+  const methods::MethodInfo& trained = methods::find_method(model, "--model");
+  if (trained.backbone == methods::Backbone::own) out.emplace_back(trained.name);
+  for (const methods::MethodInfo* m : methods::all_methods())
+    if (!m->trainable) out.emplace_back(m->name);
+  return out;
+}
+
 bool parse_options(int argc, const char* const* argv, Options& o) {
   o = Options{};
   auto desc = describe(o);
@@ -299,9 +300,11 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
   positional.add("command", 1);
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(argc, argv).options(desc).positional(positional).run(), vm);
+    // No prefix guessing: --learning must not quietly set --learning_rate.
+    const int style = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
+    po::store(po::command_line_parser(argc, argv).options(desc).positional(positional).style(style).run(), vm);
     if (vm.count("help")) {
-      std::cout << "usage: dsrsq [train|eval|run] [options]\n\n" << desc << "\n";
+      std::cout << "usage: dsrsq [train|eval|run] [options]\n\n" << desc << "\n" << methods_help();
       return false;
     }
     if (vm.count("version")) {
@@ -336,6 +339,25 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
     o.num_train = std::min<std::int64_t>(o.num_train, 256);
     o.num_val = std::min<std::int64_t>(o.num_val, 8);
     o.num_test = std::min<std::int64_t>(o.num_test, 8);
+  }
+  // Defaults that come from the method table.
+  const methods::MethodInfo& trained = methods::find_method(o.model, "--model");
+  if (o.methods.empty()) o.methods = Options::default_methods(o.model);
+  if (o.ablation_variants.empty() && o.ablation) o.ablation_variants = trained.variants;
+  // A method's option given for a method this run does not use: warn, naming both.
+  for (const methods::MethodInfo* m : methods::all_methods()) {
+    if (!m->knobs) continue;
+    const std::string name(m->name);
+    if (name == o.model || std::find(o.methods.begin(), o.methods.end(), name) != o.methods.end()) continue;
+    po::options_description own;
+    o.knobs.at(name)->describe(own);
+    for (const auto& opt : own.options()) {
+      const std::string& key = opt->long_name();
+      if (vm.count(key) && !vm[key].defaulted())
+        o.warnings.push_back(detail::cat("option --", key, " is a setting of method '", name,
+                                         "', which this run does not use (--model ", o.model, ", --methods ",
+                                         join_words(o.methods), "); it is ignored"));
+    }
   }
   validate(o);
   return true;
@@ -396,24 +418,9 @@ std::string Options::resolved_text() const {
   kv["milestone_every"] = std::to_string(milestone_every);
   kv["max_walltime"] = num(max_walltime);
   kv["ablation_variants"] = join(ablation_variants);
-  if (model == "dsrsq") {  // the DSRSQ settings change results only for DSRSQ
-    kv["dsr_d_r"] = std::to_string(dsr_d_r);
-    kv["dsr_base_budget"] = num(dsr_base_budget);
-    kv["dsr_alpha"] = num(dsr_alpha);
-    kv["dsr_span"] = std::to_string(dsr_span);
-    kv["dsr_conv_width"] = std::to_string(dsr_conv_width);
-    kv["dsr_lambda"] = num(dsr_lambda);
-    kv["sqa_clusters"] = std::to_string(sqa_clusters);
-    kv["sqa_top_clusters"] = std::to_string(sqa_top_clusters);
-    kv["sqa_lloyd_steps"] = std::to_string(sqa_lloyd_steps);
-    kv["rckv_d_c"] = std::to_string(rckv_d_c);
-    kv["rckv_buffer"] = std::to_string(rckv_buffer);
-    kv["rckv_window"] = std::to_string(rckv_window);
-    kv["rckv_tau"] = num(rckv_tau);
-    kv["rckv_observe"] = rckv_observe ? "true" : "false";
-    kv["hof_weights"] = join(hof_weights);
-    kv["hof_ramp"] = std::to_string(hof_ramp);
-  }
+  // A method's own settings change results only when the run uses it.
+  for (const auto& [name, k] : knobs)
+    if (name == model || std::find(methods.begin(), methods.end(), name) != methods.end()) k->resolved(kv);
   kv["kv_budget"] = kv_budget;
   kv["max_new_tokens"] = std::to_string(max_new_tokens);
   kv["ablation"] = ablation ? "true" : "false";

@@ -3,10 +3,15 @@
 // .ini file (--config); the command line wins. Defaults are the debug-size
 // main job (configs/debug.ini spells them out).
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace dsrsq {
+namespace methods {
+class MethodKnobs;
+}
 
 struct Options {
   // General
@@ -62,28 +67,15 @@ struct Options {
   std::int64_t milestone_every = 0;  // > 0: checkpoints at multiples of this step are never pruned
   double max_walltime = 0;           // > 0: seconds; checkpoint and stop (exit 3) before this much wall time has passed
 
-  // DSRSQ (--model dsrsq; DESIGN.md section 8). Defaults are the debug size;
-  // configs/paper.ini has the paper's settings.
-  std::int64_t dsr_d_r = 32;          // retriever's reduced dimension
-  double dsr_base_budget = 0.25;      // base budget in tokens (< 1: a fraction of the context)
-  double dsr_alpha = 0.5;             // budget = base * (1 + alpha * complexity)
-  std::int64_t dsr_span = 3;          // tokens kept after each top token
-  std::int64_t dsr_conv_width = 4;    // local-context convolution taps
-  double dsr_lambda = 0.1;            // reward = task score - lambda * selected fraction
-  std::int64_t sqa_clusters = 8;      // k-means clusters of keys per head
-  std::int64_t sqa_top_clusters = 4;  // clusters each query attends to
-  std::int64_t sqa_lloyd_steps = 3;
-  std::int64_t rckv_d_c = 32;         // latent size per token (keys and values each)
-  std::int64_t rckv_buffer = 0;       // compressed slots per layer (0: sized from --kv_budget)
-  std::int64_t rckv_window = 16;      // recent tokens kept uncompressed
-  double rckv_tau = 0.0;              // eviction temperature (0: evict the least important)
-  bool rckv_observe = false;          // prompt tokens' importance from the question's attention (SnapKV-style)
-  std::vector<double> hof_weights{1.0, 0.5, 0.3, 0.2};  // task, retrieval, compression, compute
-  std::int64_t hof_ramp = 300;        // steps over which the three efficiency weights ramp up from 0
-  std::vector<std::string> ablation_variants{"full_model", "no_dsr", "no_sqa", "no_rckv"};
+  // Each method's own settings (src/methods; under its heading in --help),
+  // by method name. Shared by copies of these options.
+  std::map<std::string, std::shared_ptr<methods::MethodKnobs>> knobs;
+  // Ablation variants of the trained method (--ablation); empty: all of them.
+  std::vector<std::string> ablation_variants;
 
   // Evaluation
-  std::vector<std::string> methods{"full", "sliding_window"};
+  std::vector<std::string> methods;  // empty: default_methods(model)
+  static std::vector<std::string> default_methods(const std::string& model);
   std::string kv_budget = "0.5";  // fraction of the full cache, or bytes with a unit (e.g. 512KiB)
   std::int64_t max_new_tokens = 12;
   bool ablation = false;
@@ -91,6 +83,10 @@ struct Options {
   // Parallel
   int dp = 1, sp = 1;
   double comm_timeout = 300.0;
+
+  // Warnings found while parsing (e.g. a method's option for a method the run
+  // does not use); rank 0 prints them.
+  std::vector<std::string> warnings;
 
   // The resolved configuration as sorted "key = value" lines, and its hash
   // (run identity: everything that changes results; not output paths or --overwrite).

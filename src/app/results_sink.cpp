@@ -142,7 +142,7 @@ ResultsSink::~ResultsSink() = default;
 bool ResultsSink::skip() const { return impl_->skip; }
 const std::string& ResultsSink::path() const { return impl_->h5_path; }
 
-void ResultsSink::open(const std::string& dataset_hash) {
+void ResultsSink::open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
   const bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
@@ -175,6 +175,7 @@ void ResultsSink::open(const std::string& dataset_hash) {
   } else {
     results::RunLayout layout;
     layout.methods = I.opt.methods;
+    layout.backbones = backbones;
     if (I.opt.ablation) layout.ablation_variants = I.opt.ablation_variants;
     if (I.opt.dataset == "fact_stream") layout.adaptation_methods = I.opt.methods;
     layout.world_size = I.opt.dp * I.opt.sp;

@@ -25,7 +25,8 @@ class ResultsSink {
 
   bool skip() const;               // the same configuration already finished
   // Creates the results file (or reopens it to resume) once the data is known.
-  void open(const std::string& dataset_hash);
+  // backbones: per evaluated method, the weights it runs on (/eval/<m> attr).
+  void open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones = {});
   const std::string& path() const;  // the results file
   // Loads the newest checkpoint of this run, if any; returns the step to start from.
   // extra (may be null) receives the checkpoint's extra arrays (DSRSQ state).

@@ -9,26 +9,6 @@
 
 namespace dsrsq {
 
-KVBudget parse_kv_budget(const std::string& s) {
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  DSRSQ_INPUT_CHECK(end != s.c_str() && v > 0, "option --kv_budget: '", s, "' is not a positive number or byte size");
-  const std::string unit = end;
-  KVBudget b;
-  if (unit.empty() && v <= 1.0) {
-    b.fraction = v;
-    return b;
-  }
-  double mult = 1;
-  if (unit == "KiB") mult = 1024.0;
-  else if (unit == "MiB") mult = 1024.0 * 1024;
-  else if (unit == "GiB") mult = 1024.0 * 1024 * 1024;
-  else DSRSQ_INPUT_CHECK(unit.empty() || unit == "B", "option --kv_budget: unknown unit '", unit, "'");
-  b.bytes = static_cast<std::size_t>(v * mult);
-  b.fraction = 0;
-  return b;
-}
-
 namespace {
 
 std::int32_t argmax_last_row(const TensorView& logits) {

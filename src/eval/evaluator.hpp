@@ -57,7 +57,4 @@ struct EvalConfig {
 MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
                            const std::vector<data::Example>& test, const EvalConfig& cfg);
 
-// Parses --kv_budget: "0.25" is a fraction, "65536" / "64KiB" / "2MiB" bytes.
-KVBudget parse_kv_budget(const std::string& s);
-
 }  // namespace dsrsq

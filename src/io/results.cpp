@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <limits>
 #include <set>
+#include <sstream>
 #include <variant>
 
 #include "core/error.hpp"
@@ -416,6 +417,17 @@ RunLayout layout_of(const h5::Group& r) {
   l.sp = static_cast<int>(r.attr_int("sp"));
   l.retention_bins = static_cast<int>(r.attr_int("retention_bins"));
   l.methods = r.group("eval").children();
+  if (r.has_attr("method_order")) {  // the run's order (children() are sorted by name)
+    std::vector<std::string> ordered;
+    std::istringstream words(r.attr_string("method_order"));
+    for (std::string w; words >> w;) ordered.push_back(w);
+    if (std::is_permutation(ordered.begin(), ordered.end(), l.methods.begin(), l.methods.end())) l.methods = ordered;
+  }
+  for (const auto& m : l.methods) {
+    const auto g = r.group("eval/" + m);
+    if (g.has_attr("backbone")) l.backbones[m] = g.attr_string("backbone");
+  }
+  if (r.has_attr("protocol")) l.protocol = r.attr_string("protocol");
   l.ablation_variants = r.group("ablation").children();
   l.adaptation_methods = r.group("adaptation").children();
   return l;
@@ -505,8 +517,16 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
   root.create_group("efficiency");
   root.create_group("ablation");
   root.create_group("adaptation");
+  {
+    std::string order;
+    for (const auto& m : layout.methods) order += (order.empty() ? "" : " ") + m;
+    root.set_attr("method_order", order);
+    root.set_attr("protocol", layout.protocol);
+  }
   for (const auto& m : layout.methods) {
-    create_eval_group(root.create_group("eval/" + m));
+    auto g = root.create_group("eval/" + m);
+    create_eval_group(g);
+    if (auto it = layout.backbones.find(m); it != layout.backbones.end()) g.set_attr("backbone", it->second);
     create_scalars(root.create_group("efficiency/" + m), efficiency_fields());
   }
   for (const auto& v : layout.ablation_variants) {

@@ -33,7 +33,11 @@ inline constexpr const char* kTruncatedMark = "...[truncated]";
 
 // Everything known from the resolved config when the run starts.
 struct RunLayout {
-  std::vector<std::string> methods;             // /eval/<m>, /efficiency/<m>
+  std::vector<std::string> methods;             // /eval/<m>, /efficiency/<m>; in report order (root attr method_order)
+  // Per method: the weights it ran on (attr "backbone" of /eval/<m>), e.g.
+  // "standard checkpoint results/standard_needle/ckpt_1800.h5" or "this run's dsrsq model".
+  std::map<std::string, std::string> backbones;
+  std::string protocol = "query_aware";         // root attr protocol: how the question reaches a method
   std::vector<std::string> ablation_variants;   // /ablation/<v>
   std::vector<std::string> adaptation_methods;  // /adaptation/<m>
   int world_size = 1;

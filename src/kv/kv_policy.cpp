@@ -1,9 +1,14 @@
 #include "kv/kv_policy.hpp"
 
+#include <cerrno>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
+#include <utility>
 
 #include "core/error.hpp"
 #include "kv/full.hpp"
+#include "kv/rckv.hpp"
 #include "kv/sliding_window.hpp"
 
 namespace dsrsq {
@@ -31,14 +36,61 @@ std::size_t KVBudget::resolve(const ModelConfig& cfg, std::int64_t tokens) const
   return b < one ? one : b;  // never below one token's K and V in every layer
 }
 
-std::vector<std::string> kv_policy_names() { return {"full", "sliding_window"}; }
+KVBudget KVBudget::parse(const std::string& text) {
+  const char* start = text.c_str();
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(start, &end);
+  const std::string unit = end ? std::string(end) : std::string();
+  DSRSQ_INPUT_CHECK(end != start && !std::isspace(static_cast<unsigned char>(text.front())),
+                    "option --kv_budget: '", text, "' is not a fraction in (0, 1] or a byte count with a unit (64KiB, 2MB)");
+  DSRSQ_INPUT_CHECK(std::isfinite(v) && errno != ERANGE, "option --kv_budget: '", text, "' is not a finite number");
+  DSRSQ_INPUT_CHECK(v > 0, "option --kv_budget: must be > 0, got '", text, "'");
+  KVBudget b;
+  if (unit.empty()) {
+    DSRSQ_INPUT_CHECK(v <= 1.0, "option --kv_budget: '", text,
+                      "' is a bare number above 1; give a fraction of the full cache in (0, 1] or bytes with a unit (",
+                      text, "B, 64KiB, 2MB)");
+    b.fraction = v;
+    return b;
+  }
+  static const std::pair<const char*, double> units[] = {{"B", 1.0},          {"KiB", 1024.0}, {"MiB", 1048576.0},
+                                                         {"GiB", 1073741824.0}, {"kB", 1e3},    {"KB", 1e3},
+                                                         {"MB", 1e6},         {"GB", 1e9}};
+  double mult = 0;
+  for (const auto& [name, m] : units)
+    if (unit == name) mult = m;
+  DSRSQ_INPUT_CHECK(mult > 0, "option --kv_budget: unknown unit '", unit, "' in '", text,
+                    "' (use B, KiB, MiB, GiB, kB, MB or GB; a bare number is a fraction in (0, 1])");
+  const double bytes = std::floor(v * mult);
+  DSRSQ_INPUT_CHECK(bytes >= 1, "option --kv_budget: '", text, "' is less than one byte");
+  DSRSQ_INPUT_CHECK(bytes <= 9.0e15, "option --kv_budget: '", text, "' is more bytes than any machine holds");
+  b.bytes = static_cast<std::size_t>(bytes);
+  b.fraction = 0;
+  return b;
+}
 
-std::unique_ptr<KVPolicy> make_kv_policy(const std::string& name, const ModelConfig& cfg, Backend& backend) {
-  if (name == "full") return std::make_unique<FullPolicy>(cfg, backend);
-  if (name == "sliding_window") return std::make_unique<SlidingWindowPolicy>(cfg, backend);
-  std::string valid;
-  for (const auto& n : kv_policy_names()) valid += (valid.empty() ? "" : ", ") + n;
-  raise_input_error(detail::cat("unknown KV-cache policy '", name, "'; valid names: ", valid));
+std::string KVBudget::str() const {
+  return bytes > 0 ? detail::cat(bytes, " bytes") : detail::cat("fraction ", fraction);
+}
+
+std::vector<std::string> kv_policy_names() { return {"full", "window"}; }
+
+std::unique_ptr<KVPolicy> make_kv_policy(const KVPolicySpec& spec, const ModelConfig& cfg, Backend& backend) {
+  if (spec.kind == "full") return std::make_unique<FullPolicy>(cfg, backend);
+  if (spec.kind == "window") return std::make_unique<SlidingWindowPolicy>(cfg, backend);
+  if (spec.kind == "rckv") {
+    DSRSQ_REQUIRE(spec.rckv != nullptr && spec.projections != nullptr,
+                  "KV policy 'rckv' needs its settings and trained projections");
+    return std::make_unique<compress::RckvPolicy>(cfg, backend, *spec.projections, *spec.rckv);
+  }
+  raise_input_error(detail::cat("unknown KV-cache policy '", spec.kind, "'; valid kinds: full, window, rckv"));
+}
+
+std::unique_ptr<KVPolicy> make_kv_policy(const std::string& kind, const ModelConfig& cfg, Backend& backend) {
+  KVPolicySpec spec;
+  spec.kind = kind;
+  return make_kv_policy(spec, cfg, backend);
 }
 
 namespace kvdetail {

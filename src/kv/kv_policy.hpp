@@ -40,6 +40,14 @@ struct KVBudget {
   static std::size_t full_bytes(const ModelConfig& cfg, std::int64_t tokens);
   // Resolve to a byte count for a sequence of `tokens` tokens.
   std::size_t resolve(const ModelConfig& cfg, std::int64_t tokens) const;
+  // Parses --kv_budget strictly: a fraction of the full cache in (0, 1]
+  // ("0.125", "1"), or a byte count with a unit ("65536B", "64KiB", "2MiB",
+  // "1GiB", "64kB", "2MB", "1GB"; fractional counts round down to whole
+  // bytes, at least 1). A bare number above 1 is refused (bytes or a typo?),
+  // and so are zero, negatives, non-finite values and other units; the
+  // message names the option.
+  static KVBudget parse(const std::string& text);
+  std::string str() const;  // "fraction 0.125" or "65536 bytes"
 };
 
 // What a policy learns when a new sequence starts.
@@ -80,8 +88,24 @@ class KVPolicy {
   virtual double attended_tokens() const = 0;
 };
 
-// Registry: "full", "sliding_window" (sinks + recent window, StreamingLLM positions).
-std::unique_ptr<KVPolicy> make_kv_policy(const std::string& name, const ModelConfig& cfg, Backend& backend);
-std::vector<std::string> kv_policy_names();
+// The one factory of KV-cache policies. Kinds (policy names, not method
+// names: a method in src/methods picks a kind and its settings):
+//   "full"    every token's K and V (kv/full.hpp)
+//   "window"  attention sinks + a sliding window, StreamingLLM positions (kv/sliding_window.hpp)
+//   "rckv"    the rotating compressive low-rank cache (kv/rckv.hpp): needs
+//             `rckv` settings and the trained `projections`
+namespace compress {
+struct RckvConfig;
+class RckvProjections;
+}  // namespace compress
+struct KVPolicySpec {
+  std::string kind = "full";
+  const compress::RckvConfig* rckv = nullptr;               // rckv: settings (copied)
+  const compress::RckvProjections* projections = nullptr;   // rckv: read at every call (training updates show)
+};
+std::unique_ptr<KVPolicy> make_kv_policy(const KVPolicySpec& spec, const ModelConfig& cfg, Backend& backend);
+// The kinds that need no settings ("full", "window").
+std::unique_ptr<KVPolicy> make_kv_policy(const std::string& kind, const ModelConfig& cfg, Backend& backend);
+std::vector<std::string> kv_policy_names();  // the kinds that need no settings
 
 }  // namespace dsrsq

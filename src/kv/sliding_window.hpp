@@ -1,5 +1,5 @@
 #pragma once
-// "sliding_window": StreamingLLM (ALGORITHMS.md section 8): S attention sinks
+// KV policy "window" (the sliding_window method): StreamingLLM (ALGORITHMS.md section 8): S attention sinks
 // (the first S tokens) plus a window of the W most recent tokens; the middle is
 // evicted. Plain sliding window is S = 0.
 //
@@ -44,7 +44,7 @@ class SlidingWindowPolicy final : public KVPolicy {
  public:
   static constexpr std::int64_t kDefaultSinks = 4;
   SlidingWindowPolicy(const ModelConfig& cfg, Backend& backend, std::int64_t default_sinks = kDefaultSinks);
-  std::string name() const override { return "sliding_window"; }
+  std::string name() const override { return "window"; }
   void begin(const SequenceInfo& info, const KVBudget& budget) override;
   void attend(std::int64_t layer, TensorView q, TensorView k, TensorView v, TensorView pos, TensorView out) override;
   void end_prefill() override;

@@ -9,33 +9,6 @@
 
 namespace dsrsq {
 
-DsrsqSettings DsrsqSettings::from_options(const Options& o, const ModelConfig& mc) {
-  DsrsqSettings s;
-  s.dsr.d_r = o.dsr_d_r;
-  s.dsr.conv_width = o.dsr_conv_width;
-  s.dsr.span = o.dsr_span;
-  s.dsr.base_budget = o.dsr_base_budget;
-  s.dsr.alpha = o.dsr_alpha;
-  s.dsr.lambda = o.dsr_lambda;
-  s.dsr.validate();
-  s.sqa.clusters = o.sqa_clusters;
-  s.sqa.top_clusters = o.sqa_top_clusters;
-  s.sqa.lloyd_steps = static_cast<int>(o.sqa_lloyd_steps);
-  s.sqa.seed = o.seed;
-  s.rckv.d_c = o.rckv_d_c;
-  s.rckv.buffer = o.rckv_buffer;
-  s.rckv.window = o.rckv_window;
-  s.rckv.tau = o.rckv_tau;
-  s.rckv.observe_prefill = o.rckv_observe;
-  s.rckv.seed = o.seed;
-  s.rckv.sqa = true;
-  s.rckv.sqa_cfg = s.sqa;
-  s.rckv.validate(mc);
-  for (std::size_t i = 0; i < 4; ++i) s.g[i] = o.hof_weights.at(i);
-  s.ramp = o.hof_ramp;
-  return s;
-}
-
 DsrsqVariant DsrsqVariant::named(const std::string& name) {
   DsrsqVariant v;
   v.name = name;
@@ -390,11 +363,15 @@ std::vector<std::int32_t> DsrsqModel::select_prompt(const Encoded& enc, const Ds
 }
 
 std::unique_ptr<KVPolicy> DsrsqModel::make_policy(const DsrsqVariant& v) {
-  if (!v.rckv) return make_kv_policy("full", model_.config(), be_);
+  if (!v.rckv) return make_kv_policy(KVPolicySpec{"full"}, model_.config(), be_);
   compress::RckvConfig c = s_.rckv;
   c.sqa = v.sqa;
   c.train_matched_prefill = true;
-  return std::make_unique<compress::RckvPolicy>(model_.config(), be_, proj_, c);
+  KVPolicySpec spec;
+  spec.kind = "rckv";
+  spec.rckv = &c;
+  spec.projections = &proj_;
+  return make_kv_policy(spec, model_.config(), be_);
 }
 
 void DsrsqModel::save(std::map<std::string, std::vector<float>>& extra, const TensorView& adam_m,

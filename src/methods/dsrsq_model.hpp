@@ -40,7 +40,6 @@
 #include <vector>
 
 #include "attention/cluster_attention.hpp"
-#include "app/options.hpp"
 #include "kv/rckv.hpp"
 #include "core/arena.hpp"
 #include "dist/communicator.hpp"
@@ -57,7 +56,6 @@ struct DsrsqSettings {
   compress::RckvConfig rckv;
   std::array<double, 4> g{1.0, 0.5, 0.3, 0.2};
   std::int64_t ramp = 1000;
-  static DsrsqSettings from_options(const Options& o, const ModelConfig& mc);
 };
 
 // Which parts run at inference.

@@ -57,6 +57,7 @@ void expect_error(F&& f, const std::vector<std::string>& needles) {
 RunLayout test_layout() {
   RunLayout l;
   l.methods = {"full", "dsrsq"};
+  l.backbones["full"] = "standard checkpoint s.h5";
   l.ablation_variants = {"no_dsr"};
   l.adaptation_methods = {"dsrsq"};
   l.world_size = 4;
@@ -161,7 +162,11 @@ BOOST_AUTO_TEST_CASE(results_round_trip_every_record) {
   BOOST_TEST(r.format_name() == "dsrsq-results");
   BOOST_TEST(r.schema_version() == 1);
   const auto l = r.layout();
-  BOOST_TEST(l.methods == (std::vector<std::string>{"dsrsq", "full"}), boost::test_tools::per_element());  // HDF5 name order
+  // The run's order (root attr method_order), not HDF5's name order; backbones and protocol kept.
+  BOOST_TEST(l.methods == (std::vector<std::string>{"full", "dsrsq"}), boost::test_tools::per_element());
+  BOOST_TEST(l.backbones.at("full") == "standard checkpoint s.h5");
+  BOOST_TEST(l.backbones.count("dsrsq") == 0u);
+  BOOST_TEST(l.protocol == "query_aware");
   BOOST_TEST(l.ablation_variants == test_layout().ablation_variants);
   BOOST_TEST(l.world_size == 4);
   BOOST_TEST(l.retention_bins == 4);

@@ -244,7 +244,7 @@ BOOST_AUTO_TEST_CASE(sliding_window_large_budget_equals_full) {
   auto full = make_kv_policy("full", cfg, cpu_backend());
   const Run rf = run_policy(*m, *full, seq, B, N, T, frac(1.0), 4, true);
   for (const KVBudget& bud : {frac(1.0), bytes(KVBudget::full_bytes(cfg, N + T)), bytes(10 * KVBudget::full_bytes(cfg, N + T))}) {
-    auto sw = make_kv_policy("sliding_window", cfg, cpu_backend());
+    auto sw = make_kv_policy("window", cfg, cpu_backend());
     const Run rs = run_policy(*m, *sw, seq, B, N, T, bud, 4, true);
     BOOST_TEST(rel_err(rs.logits, rf.logits) <= 1e-5);
     auto* p = dynamic_cast<SlidingWindowPolicy*>(sw.get());
@@ -252,7 +252,7 @@ BOOST_AUTO_TEST_CASE(sliding_window_large_budget_equals_full) {
     BOOST_TEST(p->budget_achieved_bytes() == KVBudget::full_bytes(cfg, N + T));
   }
   // Sanity: with a small budget the outputs do differ (so the check above can fail).
-  auto sw = make_kv_policy("sliding_window", cfg, cpu_backend());
+  auto sw = make_kv_policy("window", cfg, cpu_backend());
   const Run rs = run_policy(*m, *sw, seq, B, N, T, frac(0.3), 4, true);
   BOOST_TEST(rel_err(rs.logits, rf.logits) > 1e-3);
   // ... but the first K prompt tokens (before any eviction) are still exact.
@@ -370,7 +370,7 @@ BOOST_AUTO_TEST_CASE(sliding_window_model_kept_tokens) {
   auto m = make_model(cfg, 13);
   const std::int64_t B = 2, N = 40, T = 6, q = 5;
   auto prompt = random_tokens(B * N, cfg.vocab, 21);
-  auto pol = make_kv_policy("sliding_window", cfg, cpu_backend());
+  auto pol = make_kv_policy("window", cfg, cpu_backend());
   auto* sw = dynamic_cast<SlidingWindowPolicy*>(pol.get());
   const std::size_t bpt = KVBudget::full_bytes(cfg, 1);
   const Run r = run_policy(*m, *pol, prompt, B, N, T, bytes(12 * bpt), q, false);
@@ -407,7 +407,7 @@ BOOST_AUTO_TEST_CASE(budget_accounting) {
   const std::int64_t B = 2, N = 6, T = 3;
   auto prompt = random_tokens(B * N, cfg.vocab, 5);
   {  // fraction 1e-9 on a short context: one token kept, never zero.
-    auto pol = make_kv_policy("sliding_window", cfg, cpu_backend());
+    auto pol = make_kv_policy("window", cfg, cpu_backend());
     auto* sw = dynamic_cast<SlidingWindowPolicy*>(pol.get());
     const Run r = run_policy(*m, *pol, prompt, B, N, T, frac(1e-9), 2, false);
     BOOST_TEST(sw->capacity() == 1);
@@ -422,8 +422,8 @@ BOOST_AUTO_TEST_CASE(budget_accounting) {
   {  // fraction and bytes budgets that resolve to the same count agree exactly.
     const std::int64_t N2 = 30, T2 = 10;  // 40 tokens; 0.25 -> 10 tokens
     auto seq = random_tokens(B * (N2 + T2), cfg.vocab, 6);
-    auto p1 = make_kv_policy("sliding_window", cfg, cpu_backend());
-    auto p2 = make_kv_policy("sliding_window", cfg, cpu_backend());
+    auto p1 = make_kv_policy("window", cfg, cpu_backend());
+    auto p2 = make_kv_policy("window", cfg, cpu_backend());
     const Run r1 = run_policy(*m, *p1, seq, B, N2, T2, frac(0.25), 3, true);
     const Run r2 = run_policy(*m, *p2, seq, B, N2, T2, bytes(10 * bpt + bpt - 1), 3, true);
     BOOST_TEST(dynamic_cast<SlidingWindowPolicy*>(p1.get())->capacity() == 10);
@@ -453,7 +453,7 @@ BOOST_AUTO_TEST_CASE(budget_accounting) {
 BOOST_AUTO_TEST_CASE(begin_starts_clean) {
   const ModelConfig cfg = small_cfg();
   auto m = make_model(cfg, 15);
-  for (const std::string name : {"full", "sliding_window"}) {
+  for (const std::string name : {"full", "window"}) {
     BOOST_TEST_CONTEXT(name) {
       auto seq_a = random_tokens(2 * 40, cfg.vocab, 31);
       auto seq_b = random_tokens(1 * 25, cfg.vocab, 32);
@@ -487,9 +487,9 @@ BOOST_AUTO_TEST_CASE(errors) {
       }
     }
   }
-  BOOST_TEST((kv_policy_names() == std::vector<std::string>{"full", "sliding_window"}));
+  BOOST_TEST((kv_policy_names() == std::vector<std::string>{"full", "window"}));
   BOOST_CHECK_EXCEPTION(make_kv_policy("snapkv_typo", cfg, cpu_backend()), dsrsq::Error, [](const dsrsq::Error& e) {
-    return msg_has(e, "snapkv_typo") && msg_has(e, "full") && msg_has(e, "sliding_window");
+    return msg_has(e, "snapkv_typo") && msg_has(e, "full") && msg_has(e, "window") && msg_has(e, "rckv");
   });
   for (const auto& name : kv_policy_names()) {
     auto pol = make_kv_policy(name, cfg, cpu_backend());

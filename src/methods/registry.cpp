@@ -1,0 +1,40 @@
+// The method table (DESIGN.md section 4). Report order: the standard model's
+// full cache first, then the training-free baselines, then trained methods.
+#include <string>
+
+#include "core/error.hpp"
+#include "methods/method.hpp"
+
+namespace dsrsq::methods {
+
+// One declaration and one table line per method; each defined in its own file.
+const MethodInfo& standard_method();
+const MethodInfo& full_method();
+const MethodInfo& sliding_window_method();
+const MethodInfo& dsrsq_method();
+
+const std::vector<const MethodInfo*>& all_methods() {
+  static const std::vector<const MethodInfo*> table{
+      &standard_method(),
+      &full_method(),
+      &sliding_window_method(),
+      &dsrsq_method(),
+  };
+  return table;
+}
+
+std::string method_names(bool trainable_only) {
+  std::string out;
+  for (const MethodInfo* m : all_methods())
+    if (!trainable_only || m->trainable) out += (out.empty() ? "" : ", ") + std::string(m->name);
+  return out;
+}
+
+const MethodInfo& find_method(std::string_view name, std::string_view option) {
+  for (const MethodInfo* m : all_methods())
+    if (m->name == name) return *m;
+  raise_input_error(detail::cat("option ", option, ": unknown method '", name, "' (the method table holds: ",
+                                method_names(), ")"));
+}
+
+}  // namespace dsrsq::methods

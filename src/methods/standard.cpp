@@ -1,0 +1,42 @@
+// "standard" (the paper's baseline) and "full" (the ATSKV study's name for the
+// same thing): the standard transformer reading the whole prompt, every
+// token's K and V kept from prefill into decoding. `--model standard` trains
+// it; `full` evaluates the trained standard checkpoint. A full cache cannot
+// shrink: it records the budget it was asked for and holds the whole cache
+// (achieved > requested).
+#include "methods/method.hpp"
+
+namespace dsrsq::methods {
+namespace {
+
+class FullCache final : public Method {
+ public:
+  explicit FullCache(const MethodContext& c) : mc_(c.model.config()), be_(c.backend) {}
+  EvalPlan plan(const std::string&) override {
+    EvalPlan p;
+    p.policy = make_kv_policy(KVPolicySpec{"full"}, mc_, be_);
+    return p;
+  }
+
+ private:
+  ModelConfig mc_;
+  Backend& be_;
+};
+
+std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<FullCache>(c); }
+
+}  // namespace
+
+const MethodInfo& standard_method() {
+  static const MethodInfo info{"standard", "the standard transformer, full KV cache (trains the standard backbone)",
+                               "DSRSQ paper", Backbone::standard, true, {}, nullptr, &make};
+  return info;
+}
+
+const MethodInfo& full_method() {
+  static const MethodInfo info{"full", "full KV cache on the standard checkpoint", "ATSKV study",
+                               Backbone::standard, false, {}, nullptr, &make};
+  return info;
+}
+
+}  // namespace dsrsq::methods
