@@ -199,6 +199,28 @@ def _seed_rule(groups):
     return ""
 
 
+def _protocol_note(runs):
+    protocols = sorted({r.protocol for r in runs if r.protocol})
+    names = {"query_aware": "query-aware (the question is in the prompt every method compresses)",
+             "context_only": "query-agnostic (the context is compressed before the question is appended)"}
+    if not protocols:
+        return ""
+    return "Protocol: " + "; ".join(names.get(p, p) for p in protocols) + "."
+
+
+def _backbone_note(runs):
+    """Which weights each method ran on (training-free methods: the standard checkpoint)."""
+    seen = {}
+    for r in runs:
+        for m, b in r.backbones.items():
+            seen.setdefault(m, [])
+            if b not in seen[m]:
+                seen[m].append(b)
+    if not seen:
+        return ""
+    return "Backbones: " + "; ".join(f"{m}: {' | '.join(b)}" for m, b in seen.items()) + "."
+
+
 def build_tables(runs):
     groups, differing = group_runs(runs)
     seed_rule = _seed_rule(groups)
@@ -213,7 +235,7 @@ def build_tables(runs):
                   "normalised, max over gold answers, in [0,1]. BLEU-4 (corpus) is /eval/<method>/summary/"
                   "corpus_bleu (one value per run, no interval from one run). examples = /eval/<method>/summary/n_examples, summed over "
                   "merged runs.")
-    rules1 = " ".join(x for x in [one_run_ex, seed_rule, group_note] if x)
+    rules1 = " ".join(x for x in [one_run_ex, _protocol_note(runs), _backbone_note(runs), seed_rule, group_note] if x)
     tables.append(Table("table1_task_performance", "Table 1: task performance", "method", T1_COLS,
                         _entity_rows(groups, "eval", T1_COLS, eval_of), rules1,
                         present=any(r.eval for r in runs), absent_note="no /eval/<method> groups in these runs"))
@@ -248,7 +270,7 @@ def build_tables(runs):
               "memory (MB = 10^6 bytes) and throughput: scalars of /ablation/<variant>/efficiency, one per run. "
               + seed_rule)
     tables.append(Table("table4_ablation", "Table 4: ablation", "variant", T4_COLS,
-                        _entity_rows(groups, "ablation", T4_COLS, ab_of, order=S.ABLATION_ORDER),
+                        _entity_rows(groups, "ablation", T4_COLS, ab_of),
                         (rules4 + " " + group_note).strip(), present=any(r.ablation for r in runs),
                         absent_note="no /ablation/<variant> groups in these runs (run with --ablation)"))
     return tables, groups

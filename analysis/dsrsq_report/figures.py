@@ -59,8 +59,6 @@ def _entities(groups, kind):
             for n in getattr(r, kind):
                 if n not in names:
                     names.append(n)
-        if kind == "ablation":
-            names = [n for n in S.ABLATION_ORDER if n in names] + sorted(n for n in names if n not in S.ABLATION_ORDER)
         for n in names:
             runs = [r for r in g.runs if n in getattr(r, kind)]
             st = "eval" if kind in ("eval", "efficiency") else kind

@@ -99,6 +99,8 @@ class Run:
         self.efficiency = {}
         self.ablation = {}
         self.adaptation = {}
+        self.backbones = {}  # method -> the weights it ran on (attr "backbone" of /eval/<m>)
+        self.protocol = ""   # root attr "protocol" (query_aware | context_only | ...)
 
     # Convenience -----------------------------------------------------------
     def state(self, kind, name):
@@ -299,14 +301,28 @@ def _read(path, f):
     cols, _, _ = r.table("ranks", S.RANKS_INT + S.RANKS_FLOAT)
     run.ranks = cols
 
-    for m in r.children("eval"):
+    # The run's method order (root attr method_order, from the method table);
+    # HDF5 lists groups by name.
+    names = r.children("eval")
+    order = str(run.attrs.get("method_order", "")).split()
+    if sorted(order) == sorted(names):
+        names = order
+    run.protocol = str(run.attrs.get("protocol", ""))
+    for m in names:
+        bb = r.group(f"eval/{m}").attrs.get("backbone")
+        if bb is not None:
+            run.backbones[m] = str(_attr_value(bb))
         run.status["eval"][m] = r.status(f"status/eval/{m}")
         run.eval[m] = _examples(r, f"eval/{m}")
         run.efficiency[m] = r.scalars(f"efficiency/{m}", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT)
     for m in r.children("efficiency"):
         if m not in run.eval:
             raise ReportError(path, f"/eval/{m}", "missing group (present under /efficiency)")
-    for v in r.children("ablation"):
+    variants = r.children("ablation")
+    vorder = str(run.attrs.get("ablation_order", "")).split()
+    if sorted(vorder) == sorted(variants):
+        variants = vorder
+    for v in variants:
         run.status["ablation"][v] = r.status(f"status/ablation/{v}")
         ex = _examples(r, f"ablation/{v}")
         ex.efficiency = r.scalars(f"ablation/{v}/efficiency", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT)

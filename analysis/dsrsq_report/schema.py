@@ -36,8 +36,9 @@ RUN_STATES = ("running", "done", "failed")
 
 GOLD_SEPARATOR = "\x1f"
 
-# Conventional order of the ablation variants (others follow alphabetically).
-ABLATION_ORDER = ("full_model", "no_dsr", "no_sqa", "no_rckv")
+# Method and ablation-variant order come from the file (root attributes
+# method_order and ablation_order, written from the method table); files
+# without them list groups by name.
 
 # Provenance attributes that identify the machine (compared by --compare).
 HARDWARE_ATTRS = ("hostname", "cpu", "cpu_model", "device", "backend", "gpu", "gpu_name", "device_name")

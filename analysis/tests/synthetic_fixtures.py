@@ -114,6 +114,10 @@ def write_run(path, *, seed=1, world_size=1, methods=("full", "sliding_window"),
         a["backend"] = "cpu"
         a["dataset_hash"] = dataset_hash
         a["seed"] = np.int64(seed)
+        # The run's order (from the binary's method table); groups are listed by name.
+        a["method_order"] = " ".join(methods)
+        a["ablation_order"] = " ".join(ablation)
+        a["protocol"] = "query_aware"
         cfg_kv = {"seed": str(seed), "dp": str(world_size), "sp": "1", "dataset": "needle", "kv_budget": "0.5",
                   "methods": " ".join(methods), "run_name": f"synthetic-{seed}"}
         cfg_kv.update(config_extra or {})

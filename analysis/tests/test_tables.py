@@ -144,7 +144,8 @@ def test_table3_adaptation_equals_h5(real_runs, tmp_path):
 def test_table4_ablation_and_failures_synthetic(tmp_path):
     p = tmp_path / "synthetic_ablation" / "run.h5"
     p.parent.mkdir()
-    w = syn.write_run(str(p), ablation=("no_rckv", "full_model", "no_sqa", "no_dsr"), failed_variants=("no_sqa",),
+    # The run's variant order (root attr ablation_order), not HDF5's name order (no_rckv < no_sqa).
+    w = syn.write_run(str(p), ablation=("full_model", "no_dsr", "no_sqa", "no_rckv"), failed_variants=("no_sqa",),
                       failed_methods=("sliding_window",))
     out = tmp_path / "out"
     res = run_report(p, "-o", out)
@@ -176,3 +177,23 @@ def test_print_tables_to_stdout(real_runs, tmp_path):
     assert "Table 1: task performance" in res.stdout and "Table 2: efficiency" in res.stdout
     assert "Table 3" not in res.stdout
     assert res.stdout.count("| sliding_window |") == 2
+
+
+def test_method_order_backbones_and_protocol_from_the_file(real_runs, tmp_path):
+    """Table rows follow the run's method order (root attr method_order, from
+    the method table), not HDF5's name order, and the caption says which
+    weights each method ran on and under which protocol."""
+    import h5py
+    path = real_runs["tiny"]
+    with h5py.File(path, "r") as f:
+        order = f.attrs["method_order"]
+        order = (order.decode() if isinstance(order, bytes) else order).split()
+        bb = f["eval/full"].attrs["backbone"]
+        bb = bb.decode() if isinstance(bb, bytes) else bb
+    res = run_report(path, "-o", tmp_path, "--no-figures")
+    assert res.returncode == 0, res.stderr
+    t1 = read_csv(tmp_path / "table1_task_performance.csv")
+    assert [r["method"] for r in t1] == order
+    md = (tmp_path / "report.md").read_text()
+    assert "Protocol: query-aware" in md
+    assert f"full: {bb}" in md

@@ -429,6 +429,13 @@ RunLayout layout_of(const h5::Group& r) {
   }
   if (r.has_attr("protocol")) l.protocol = r.attr_string("protocol");
   l.ablation_variants = r.group("ablation").children();
+  if (r.has_attr("ablation_order")) {
+    std::vector<std::string> ordered;
+    std::istringstream words(r.attr_string("ablation_order"));
+    for (std::string w; words >> w;) ordered.push_back(w);
+    if (std::is_permutation(ordered.begin(), ordered.end(), l.ablation_variants.begin(), l.ablation_variants.end()))
+      l.ablation_variants = ordered;
+  }
   l.adaptation_methods = r.group("adaptation").children();
   return l;
 }
@@ -521,6 +528,9 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
     std::string order;
     for (const auto& m : layout.methods) order += (order.empty() ? "" : " ") + m;
     root.set_attr("method_order", order);
+    std::string variants;
+    for (const auto& v : layout.ablation_variants) variants += (variants.empty() ? "" : " ") + v;
+    root.set_attr("ablation_order", variants);
     root.set_attr("protocol", layout.protocol);
   }
   for (const auto& m : layout.methods) {
