@@ -138,7 +138,13 @@ BOOST_AUTO_TEST_CASE(inference_identity_with_standard) {
   for (std::size_t i = 0; i < want.size(); ++i) {
     const double e = rel_err(got[i].data(), want[i].data(), want[i].size());
     BOOST_TEST_MESSAGE("call " << i << " rel err " << e);
-    BOOST_CHECK_LT(e, 1e-4);
+    // Summation order only (first-order bound, kappa = 1 over all logits, u =
+    // 2^-24; C 32, HS 8, F 64, 2 layers, T <= 99 + 5 keys): the full path's
+    // chain 2 (5C + HS + 2T + F) + 2C = 944 u; the RCKV path adds K and V
+    // through P then U (2 (C + d_c) per layer: 256), the f32 basis' departure
+    // from U P = I (C per layer: 64) and 4 SQA cluster merges (24): 1288 u;
+    // sum 2232 u = 1.3e-4: the old 1e-4 was below it -> 2e-4.
+    BOOST_CHECK_LT(e, 2e-4);
   }
 }
 
@@ -173,8 +179,19 @@ BOOST_AUTO_TEST_CASE(training_identity_with_standard) {
   const double l1 = model.forward(std_batch.view());
   model.backward();
   model.attention_override = nullptr;
-  BOOST_CHECK_LT(std::abs(l1 - l0) / std::abs(l0), 1e-6);
-  BOOST_CHECK_LT(rel_err(g.ptr<float>(), g0.data(), g0.size()), 1e-5);
+  // Summation order only (cluster-wise online softmax vs one pass); every later
+  // op then rounds independently. Logits: 2 paths x (2 (5C + HS + 2T + F) + 2C)
+  // with T <= 84: 2 x 872 u = 1.0e-4 relative (kappa 1). The loss is a sum of
+  // positive per-token cross-entropies (kappa 1), each lse(logits) - logit_y,
+  // whose error is that of the logits scaled by |logit| / CE ~ 1 for this
+  // random model: 1.0e-4 plus the sum's own n u (n <= 2 x 84): ~1.1e-4; the old
+  // 1e-6 (17 u) was below it -> 2e-4. Gradients: the backward chain doubles
+  // the forward one (transposed GEMMs over the same C, F, T, plus the row sums
+  // of the weight gradients over <= 168 rows): 2 x (2 x 872 + 168) u = 2.3e-4;
+  // the old 1e-5 was below it -> 5e-4. A wrong cluster (k_c < m) moves both by
+  // O(1e-2).
+  BOOST_CHECK_LT(std::abs(l1 - l0) / std::abs(l0), 2e-4);
+  BOOST_CHECK_LT(rel_err(g.ptr<float>(), g0.data(), g0.size()), 5e-4);
 }
 
 BOOST_AUTO_TEST_CASE(selection_and_hof_gradients) {
@@ -357,10 +374,15 @@ BOOST_AUTO_TEST_CASE(prefill_matches_training_forward) {
   const auto got = logits_copy(model);
   const double e = rel_err(got.data(), want.data(), want.size());
   BOOST_TEST_MESSAGE("prefill vs training forward rel err " << e);
-  BOOST_CHECK_LT(e, 1e-5);
+  // The same reconstruction on both sides; summation order only. Per path: 2
+  // (5C + HS + 2T + F) + 2C with T = 69, plus the K/V reconstruction through P
+  // then U (2 (C + d_c) per layer: 160 at d_c = 8) = 908 u; two paths 1816 u =
+  // 1.1e-4: the old 1e-5 was below it -> 2e-4 (measured: 0, the two paths are
+  // bitwise equal today). The exact prefill (below) differs by O(1) (1.08).
+  BOOST_CHECK_LT(e, 2e-4);
   // And it differs from an exact prefill (the reconstruction is lossy at d_c = 8).
   auto full = make_kv_policy("full", mc, cpu_backend());
   full->begin(info, KVBudget{});
   model.extend(*full, TensorView(hb.tokens.data(), Shape{1, P}), TensorView(hb.pos.data(), Shape{1, P}));
-  BOOST_CHECK_GT(rel_err(logits_copy(model).data(), want.data(), want.size()), 1e-4);
+  BOOST_CHECK_GT(rel_err(logits_copy(model).data(), want.data(), want.size()), 1e-2);  // above the 2e-4 tolerance
 }

@@ -225,7 +225,11 @@ BOOST_AUTO_TEST_CASE(full_matches_forward) {
         const auto want = forward_logits(*m, r.seq, B, N + T);
         const double e = rel_err(r.logits, want);
         BOOST_TEST_INFO("B=" << B << " chunks=" << chunks << " forced=" << forced);
-        BOOST_TEST(e <= 1e-5);
+        // Summation order only (cache vs one forward). First-order bound, kappa
+        // = 1 (L2 over all logits), u = 2^-24: per layer 5C + HS + 2T + F =
+        // 296 (C 32, HS 8, T = N + T = 32, F 64), x 2 layers + 2C = 656 u per
+        // path, x 2 paths = 1312 u = 7.8e-5 -> 1e-4 (was 1e-5, below it).
+        BOOST_TEST(e <= 1e-4);
         auto* full = dynamic_cast<FullPolicy*>(pol.get());
         BOOST_REQUIRE(full);
         BOOST_TEST(full->cached_tokens(0) == N + T);
@@ -246,7 +250,9 @@ BOOST_AUTO_TEST_CASE(sliding_window_large_budget_equals_full) {
   for (const KVBudget& bud : {frac(1.0), bytes(KVBudget::full_bytes(cfg, N + T)), bytes(10 * KVBudget::full_bytes(cfg, N + T))}) {
     auto sw = make_kv_policy("window", cfg, cpu_backend());
     const Run rs = run_policy(*m, *sw, seq, B, N, T, bud, 4, true);
-    BOOST_TEST(rel_err(rs.logits, rf.logits) <= 1e-5);
+    // As full_matches_forward with T = 38: 2 x (2 x 308 + 64) u = 8.1e-5 -> 1e-4
+    // (was 1e-5); the small-budget control below differs by > 1e-3.
+    BOOST_TEST(rel_err(rs.logits, rf.logits) <= 1e-4);
     auto* p = dynamic_cast<SlidingWindowPolicy*>(sw.get());
     BOOST_TEST(p->capacity() == N + T);
     BOOST_TEST(p->budget_achieved_bytes() == KVBudget::full_bytes(cfg, N + T));
@@ -261,7 +267,7 @@ BOOST_AUTO_TEST_CASE(sliding_window_large_budget_equals_full) {
   for (std::int64_t b = 0; b < B; ++b) {
     std::vector<float> a(rs.logits.begin() + b * (N + T) * V, rs.logits.begin() + (b * (N + T) + K) * V);
     std::vector<float> w(rf.logits.begin() + b * (N + T) * V, rf.logits.begin() + (b * (N + T) + K) * V);
-    BOOST_TEST(rel_err(a, w) <= 1e-5);
+    BOOST_TEST(rel_err(a, w) <= 1e-4);  // the same bound (8.1e-5), was 1e-5
   }
 }
 
@@ -352,7 +358,11 @@ BOOST_AUTO_TEST_CASE(sliding_window_matches_streaming_reference) {
         BOOST_TEST(pol.kv_bytes_allocated() == want_bytes);
       }
       const auto want = streaming_ref(q, k, v, cs.B, total, NH, HS, K, pol.sinks(), cfg.rope_theta);
-      BOOST_TEST(rel_err(out, std::vector<float>(want.begin(), want.end())) <= 2e-6);
+      // f32 attend() vs the double reference, one layer: RoPE (2 roundings),
+      // scores (HS = 8), expf (<= 2 ulp), softmax sum and P V (<= K = 10 keys
+      // each), the output's rounding: 33 u = 2.0e-6 (kappa = 1), no room under
+      // the old 2e-6 -> 5e-6 (2.5x). A wrong kept set moves it by O(0.1).
+      BOOST_TEST(rel_err(out, std::vector<float>(want.begin(), want.end())) <= 5e-6);
       // attended tokens: decode query at index N+s sees min(K, N+s+1) keys.
       double mean = 0;
       for (std::int64_t s = 0; s < cs.T; ++s) mean += static_cast<double>(std::min(K, cs.N + s + 1));

@@ -205,10 +205,15 @@ BOOST_AUTO_TEST_CASE(identity_with_full_cache) {
       for (std::int64_t chunks : {1, 3}) {
         BOOST_TEST_INFO("pca=" << pca << " window=" << window << " chunks=" << chunks);
         const Run rf = run_policy(*m, pol, seq, B, N, T, true, chunks);
-        BOOST_TEST(rel_err(rf.logits, ff.logits) <= 1e-4);
+        // Tolerance: full path 2 x (5C + HS + 2T + F) + 2C = 672 u (C 32, HS 8,
+        // T 36, F 64, 2 layers); the RCKV path adds K and V through P then U
+        // (C + d_c = 64 per layer each: 256) and the f32 basis' departure from
+        // U P = I (<= C u per layer: 64): 992 u; sum 1664 u = 9.9e-5, kappa 1:
+        // no room under the old 1e-4 -> 2e-4.
+        BOOST_TEST(rel_err(rf.logits, ff.logits) <= 2e-4);
         const Run rg = run_policy(*m, pol, prompt, B, N, T, false, chunks);
         BOOST_TEST(rg.seq == fg.seq);
-        BOOST_TEST(rel_err(rg.logits, fg.logits) <= 1e-4);
+        BOOST_TEST(rel_err(rg.logits, fg.logits) <= 2e-4);  // as above
         BOOST_TEST(pol.filled_slots(0) == N + T - window);
         BOOST_TEST(pol.window_tokens(1) == window);
         BOOST_TEST(pol.attended_tokens() > 0.0);
@@ -328,6 +333,12 @@ BOOST_AUTO_TEST_CASE(latent_attention_matches_reference) {
         t0 += c;
       }
       BOOST_TEST_INFO("W=" << W << " B=" << B);
+      // vs the double reference, |err| / (1 + |o|): P k (C = 32), U z (d_c = 6),
+      // RoPE 2, scores 8, expf 2, softmax and P V over <= 20 keys: 90 u =
+      // 5.4e-6 <= 2e-5 (kept). Importance: masses carry <= 70 u = 4.2e-6 (the
+      // chain up to the softmax); the EMA contracts old errors by 0.7 and adds
+      // 0.3 x that + 2 u per call (<= 4.2e-6 + 7 u), a new slot's mean of <= 20
+      // values adds 20 u: <= 5.8e-6 <= 1e-5 (kept).
       BOOST_TEST(worst <= 2e-5);
       BOOST_TEST(worst_w <= 1e-5);
     }
@@ -446,7 +457,11 @@ BOOST_AUTO_TEST_CASE(pca_init) {
     for (std::int64_t c = 0; c < C; ++c)
       worst = std::max(worst, std::abs(r[static_cast<std::size_t>(c)] - x[static_cast<std::size_t>(n * C + c)]));
   }
-  BOOST_TEST(worst <= 1e-5);  // |x| ~ 10
+  // |x| ~ 10; recon() is double, so only the f32 basis counts: U P - I has
+  // entries <= ~C u (rounding + eigensolver), |r - x| <= C u max|x| ... ~ 32 u x
+  // 10 x (a few) ~ 2e-5 worst case, but the errors are of random sign: sqrt(C)
+  // u x ||x||_2 ~ 6e-6 <= 1e-5 (kept; a wrong basis gives O(1)).
+  BOOST_TEST(worst <= 1e-5);
   // A loss-gradient step from PCA does not find an immediate descent direction.
   std::fill(pca.g.begin(), pca.g.end(), 0.0f);
   pca.r->compression_loss(0, xt, yt);
@@ -745,7 +760,13 @@ BOOST_AUTO_TEST_CASE(sqa_all_clusters_equals_dense) {
   RckvPolicy all(cfg, cpu_backend(), *pr.r, sq);
   const Run ra = run_policy(*m, all, seq, B, N, T, true, 3);
   BOOST_TEST(all.sqa_active());
-  BOOST_TEST(rel_err(ra.logits, rd.logits) <= 1e-6);
+  // SQA with every cluster is dense attention in another order (per-cluster
+  // partials merged online). Once a bit differs every later op rounds
+  // independently, so each path carries the chain of identity_with_full_cache
+  // with T = N + T = 72 keys (2 x (5C + HS + 2T + F) + 2C + 320 = 1136 u),
+  // plus 5 cluster merges (15 u): 2 x 1151 u = 1.4e-4 (kappa 1); the old 1e-6
+  // (17 u) was below it -> 2e-4. Top-1 (below) must differ at all.
+  BOOST_TEST(rel_err(ra.logits, rd.logits) <= 2e-4);
   BOOST_TEST(std::abs(all.attended_tokens() - dense.attended_tokens()) <= 1e-9);
   sq.sqa_cfg.top_clusters = 1;
   RckvPolicy few(cfg, cpu_backend(), *pr.r, sq);

@@ -120,9 +120,16 @@ BOOST_AUTO_TEST_CASE(all_gather_and_broadcast) {
   world().barrier();
 }
 
-// Rank 0 waits for an all-reduce that rank 1 joins only after 0.6 s: with a
-// 0.2 s timeout the wait throws, naming the rank, the communicator and the
-// operation; the request stays pending and a second wait completes it.
+// Rank 0 waits for an all-reduce that rank 1 has not joined: with a 0.2 s
+// timeout the wait throws, naming the rank, the communicator and the
+// operation; the request stays pending and, once rank 1 joins, completes.
+// No race: rank 1 joins only after rank 0 TELLS it (a message on another
+// communicator) that its wait has timed out, so a descheduled rank 0 on a
+// loaded machine cannot find the all-reduce already complete (the old version
+// slept 0.6 s against the 0.2 s timeout: a 0.4 s margin). Should the timeout
+// never fire (a bug), rank 1 gives up waiting for the message after 30 s
+// (150x the timeout) and joins, rank 0's wait then completes without a throw,
+// and the test fails instead of hanging.
 BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
   if (world().size() < 2) return;
   MPI_Comm dup = MPI_COMM_NULL;
@@ -130,7 +137,22 @@ BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
   dsrsq::mpi::Comm owned(dup);
   dd::MpiCommunicator c(owned.get(), "late", 0.2);
   std::vector<float> x(10, 1.0f);
-  if (c.rank() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  constexpr int kTag = 4711;
+  if (c.rank() == 1) {  // wait (at most 30 s) for rank 0's "timed out" before joining
+    int go = 0, done = 0;
+    MPI_Request r = MPI_REQUEST_NULL;
+    DSRSQ_MPI_CHECK(MPI_Irecv(&go, 1, MPI_INT, 0, kTag, MPI_COMM_WORLD, &r));
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!done && std::chrono::steady_clock::now() < give_up) {
+      DSRSQ_MPI_CHECK(MPI_Test(&r, &done, MPI_STATUS_IGNORE));
+      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    BOOST_TEST(done, "rank 0 never reported its timeout");
+    if (!done) {
+      DSRSQ_MPI_CHECK(MPI_Cancel(&r));
+      DSRSQ_MPI_CHECK(MPI_Wait(&r, MPI_STATUS_IGNORE));
+    }
+  }
   dd::Request req = c.iall_reduce_sum(std::span<float>(x));
   if (c.rank() == 0) {
     bool threw = false;
@@ -145,7 +167,9 @@ BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
     }
     BOOST_TEST(threw);
     BOOST_TEST(req.pending());
-    c.set_timeout(30.0);  // the late rank arrives: the same request now completes
+    c.set_timeout(30.0);
+    const int go = 1;  // now let the late rank arrive: the same request then completes
+    DSRSQ_MPI_CHECK(MPI_Send(&go, 1, MPI_INT, 1, kTag, MPI_COMM_WORLD));
   }
   // The request carries the timeout it was made with; poll it by hand.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);

@@ -15,7 +15,14 @@
 //   (2) the parameters match the reference per tensor (||a - b||_2 / ||b||_2)
 //       and the summed loss matches, each within a stated multiple (16) of the
 //       one-process f32 run's OWN rounding error, measured in the test against
-//       a double-precision run of the same training (derivation at Bounds).
+//       a double-precision run of the same training (derivation at Bounds);
+//   (3) the REDUCED GRADIENTS, read after the reducer's finish() and before
+//       the optimizer step, match the one-process gradients per tensor within
+//       the same multiple of the one-process run's own gradient error. AdamW's
+//       update m / sqrt(v) is invariant to a uniform scaling of the gradient,
+//       so a reducer that scales every gradient by a wrong constant (1/dp
+//       applied twice, a sum where an average is due) leaves the parameters
+//       of (2) unchanged: only this check sees it.
 // The two runs compute the same function and differ only in the order of
 // float additions (the batch split across ranks, per-rank padding changing
 // GEMM row counts and BLAS blocking, the all-reduce's order), so their
@@ -153,8 +160,16 @@ std::vector<float> copy_params(dsrsq::Transformer& m) {
 // One-process reference: parameters after each step and the losses.
 struct Trace {
   std::vector<std::vector<float>> params;
+  std::vector<std::vector<float>> grads;  // as backward left them, before each step's update
   std::vector<double> loss;
 };
+
+// Gradients in the flat layout of the parameters (Transformer allocates both
+// with the same offsets, checked in the test case), so tensor_errs serves both.
+std::vector<float> copy_grads(dsrsq::Transformer& m) {
+  const TensorView g = m.flat_grads();
+  return std::vector<float>(g.ptr<float>(), g.ptr<float>() + g.numel());
+}
 
 Trace reference_run(const std::vector<Seq>& seqs) {
   dsrsq::Transformer m(config(), dsrsq::cpu_backend());
@@ -166,6 +181,7 @@ Trace reference_run(const std::vector<Seq>& seqs) {
     m.zero_grad();
     tr.loss.push_back(m.forward(all.view()));
     m.backward();
+    tr.grads.push_back(copy_grads(m));
     opt.step(adam_config().lr);
     tr.params.push_back(copy_params(m));
   }
@@ -329,7 +345,7 @@ struct F64Model {
 };
 
 struct Trace64 {
-  std::vector<ref::Vec> params;
+  std::vector<ref::Vec> params, grads;
   std::vector<double> loss;
 };
 
@@ -344,6 +360,7 @@ Trace64 reference_run_f64(const std::vector<Seq>& seqs) {
   for (int s = 0; s < kSteps; ++s) {
     std::fill(m.g.begin(), m.g.end(), 0.0);
     tr.loss.push_back(m.forward_backward(all, 1.0 / msum));
+    tr.grads.push_back(m.g);
     m.step(adam_config());
     tr.params.push_back(m.p);
   }
@@ -372,6 +389,7 @@ Trace split_run(const std::vector<Seq>& seqs, int parts) {
       loss += m.forward(b.view(), 1.0 / msum);
       m.backward();
     }
+    tr.grads.push_back(copy_grads(m));
     tr.loss.push_back(loss);
     opt.step(adam_config().lr);
     tr.params.push_back(copy_params(m));
@@ -426,10 +444,13 @@ std::vector<double> tensor_errs(dsrsq::Transformer& m, const std::vector<float>&
   return out;
 }
 
-// Tolerances of check (2), per step s, from the one-process run's OWN rounding
-// error (its distance to the double-precision run of the same training):
+// Tolerances of checks (2) and (3), per step s, from the one-process run's OWN
+// rounding error (its distance to the double-precision run of the same training):
 //   param[s][T] = kOwnErrMultiple * max(own_param[s][T], u) for every tensor T,
 //                 u = 2^-24 (f32 unit roundoff),
+//   grad[s][T]  = kOwnErrMultiple * max(own_grad[s][T], u), own_grad the f32
+//                 one-process gradient of step s (before its update) against
+//                 the f64 run's,
 //   loss[s]  = kOwnErrMultiple * max(own_loss[s],  u).
 // Derivation. Both f32 runs (one process; dp ranks) evaluate the same function;
 // they differ only in the ORDER of the f32 additions: the batch split moves
@@ -468,21 +489,33 @@ std::vector<double> tensor_errs(dsrsq::Transformer& m, const std::vector<float>&
 // (1,300x). A gradient scaled uniformly by 2 or 1/2 leaves AdamW's update
 // m / sqrt(v) unchanged (parameters within the bound): only the loss check
 // sees it (rel err 1 or 0.5, 5e5x the bound).
+// Gradients (check 3). The same argument, one level down: the reduced gradient
+// of step s is the one-process gradient summed in another order (rows split
+// over ranks, partial sums added by the all-reduce), evaluated at parameters
+// that differ from the reference's by the rounding of the earlier steps
+// (bounded by check 2); the one-process f32 gradient differs from the f64 one
+// by exactly these two kinds of error, so the same multiple of it bounds the
+// DP run's. A uniform scaling bug moves every tensor by the scaling's relative
+// size (0.5 for 1/dp applied twice at dp = 2; 0.75 at dp = 4), against bounds
+// of 16 x own (~1e-6 on the typical tensor; larger only on the few tensors
+// whose gradient is near-total cancellation, the key bias, where the bound
+// honestly says nothing is known).
 constexpr double kOwnErrMultiple = 16.0;
 constexpr double kUnitRoundoff = 0x1p-24;
 
 struct Bounds {
   std::vector<std::vector<double>> own_param, param;  // [step][tensor]
+  std::vector<std::vector<double>> own_grad, grad;    // [step][tensor]: check (3)
   std::vector<double> own_loss, loss;                 // [step]
 };
 
 // The smallest bound / err over the tensors of one step (the margin), and the tensor.
 double check_tensors(dsrsq::Transformer& m, const std::vector<double>& err, const std::vector<double>& bound,
-                     const std::string& what, std::string* tightest) {
+                     const std::string& what, std::string* tightest, const char* kind = "param") {
   double margin = std::numeric_limits<double>::infinity();
   std::size_t i = 0;
   for (const auto& p : m.params()) {
-    BOOST_TEST(err[i] <= bound[i], what << ": " << p.name << " param rel err " << err[i] << " > bound " << bound[i]);
+    BOOST_TEST(err[i] <= bound[i], what << ": " << p.name << " " << kind << " rel err " << err[i] << " > bound " << bound[i]);
     const double r = bound[i] / std::max(err[i], 1e-300);
     if (r < margin) {
       margin = r;
@@ -523,6 +556,14 @@ void dp_run(dd::ProcessGrid& grid, const Trace& ref, const std::vector<Seq>& seq
     const double local = m.forward(shard.view(), inv);
     m.backward();  // buckets launch from the hook as layers finish
     red.finish();
+    // (3) the reduced gradients, before the update, equal the one-process gradients (see Bounds).
+    const auto si = static_cast<std::size_t>(s);
+    std::ostringstream what;
+    what << "step " << s << " dp=" << dp.size() << (mode == dd::Reduction::sum ? " sum" : " average");
+    std::string gtight;
+    const std::vector<float> grads = copy_grads(m);
+    const double gerr = max_rel_err(m, grads, ref.grads[si]);
+    const double gmargin = check_tensors(m, tensor_errs(m, grads, ref.grads[si]), bound.grad[si], what.str(), &gtight, "grad");
     opt.step(adam_config().lr);
     double loss = dd::all_reduce_scalar(dp, local);
     if (mode == dd::Reduction::average) loss /= dp.size();
@@ -534,9 +575,6 @@ void dp_run(dd::ProcessGrid& grid, const Trace& ref, const std::vector<Seq>& seq
     const bool same = std::memcmp(p0.data(), mine.data(), mine.size() * sizeof(float)) == 0;
     BOOST_TEST(same, "step " << s << ": parameters differ from world rank 0's");
     // (2) equal to the one-process run, per tensor within the rounding bound of this step (see Bounds).
-    const auto si = static_cast<std::size_t>(s);
-    std::ostringstream what;
-    what << "step " << s << " dp=" << dp.size() << (mode == dd::Reduction::sum ? " sum" : " average");
     std::string worst, tightest;
     double elem = 0;
     const double err = max_rel_err(m, mine, ref.params[si], &worst, &elem);
@@ -548,7 +586,8 @@ void dp_run(dd::ProcessGrid& grid, const Trace& ref, const std::vector<Seq>& seq
       BOOST_TEST_MESSAGE(what.str() << " sp=" << grid.sp() << ": worst param rel err " << err << " (" << worst
                                     << "); smallest margin bound/err x" << margin << " (" << tightest
                                     << "); loss rel err " << lerr << " bound " << bound.loss[si] << " margin x"
-                                    << bound.loss[si] / std::max(lerr, 1e-300));
+                                    << bound.loss[si] / std::max(lerr, 1e-300) << "; worst grad rel err " << gerr
+                                    << ", smallest grad margin x" << gmargin << " (" << gtight << ")");
     if (grid.world_rank() == 0 && s == kSteps - 1)
       BOOST_TEST_MESSAGE("dp=" << dp.size() << " sp=" << grid.sp() << (mode == dd::Reduction::sum ? " sum" : " average")
                                << ": step " << s << " param rel err " << err << " (" << worst << "; max-element form " << elem
@@ -575,6 +614,11 @@ BOOST_AUTO_TEST_CASE(dp_equals_one_process) {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   dsrsq::Transformer probe(config(), dsrsq::cpu_backend());
+  {  // gradients share the parameters' flat offsets (copy_grads / tensor_errs rely on it)
+    const float* pb = probe.flat_params().ptr<float>();
+    const float* gb = probe.flat_grads().ptr<float>();
+    for (const auto& p : probe.params()) BOOST_REQUIRE(p.value.ptr<float>() - pb == p.grad.ptr<float>() - gb);
+  }
   for (int s = 0; s < kSteps; ++s) {
     const auto si = static_cast<std::size_t>(s);
     std::string worst;
@@ -584,6 +628,12 @@ BOOST_AUTO_TEST_CASE(dp_equals_one_process) {
     const double own_loss = std::fabs(ref.loss[si] - ref64.loss[si]) / std::fabs(ref64.loss[si]);
     bound.own_param.push_back(own);
     bound.param.push_back(b);
+    std::vector<double> own_g = tensor_errs(probe, ref.grads[si], ref64.grads[si]), bg;
+    for (double e : own_g) bg.push_back(kOwnErrMultiple * std::max(e, kUnitRoundoff));
+    bound.own_grad.push_back(own_g);
+    bound.grad.push_back(bg);
+    std::vector<double> gsorted = own_g;
+    std::sort(gsorted.begin(), gsorted.end());
     bound.own_loss.push_back(own_loss);
     bound.loss.push_back(kOwnErrMultiple * std::max(own_loss, kUnitRoundoff));
     std::vector<double> sorted = own;
@@ -592,7 +642,9 @@ BOOST_AUTO_TEST_CASE(dp_equals_one_process) {
     if (rank == 0)
       BOOST_TEST_MESSAGE("one process f32 vs f64, step " << s << ": param rel err median over tensors " << median
                                                          << ", max " << own_max << " (" << worst << "); loss rel err "
-                                                         << own_loss << " -> loss bound " << bound.loss.back());
+                                                         << own_loss << " -> loss bound " << bound.loss.back()
+                                                         << "; grad rel err median " << gsorted[gsorted.size() / 2]
+                                                         << ", max " << gsorted.back());
     // The f64 run is the same training, not another model: on a well-
     // conditioned tensor the f32 run differs from it by the rounding of the
     // stored parameters (<= u/2 per element) plus one rounding per update
@@ -609,9 +661,13 @@ BOOST_AUTO_TEST_CASE(dp_equals_one_process) {
     what << "one process, " << parts << " micro-batches, step " << kSteps - 1;
     const double margin = check_tensors(probe, tensor_errs(probe, split.params.back(), ref.params.back()),
                                         bound.param.back(), what.str(), &tightest);
+    std::string gtight;
+    const double gmargin = check_tensors(probe, tensor_errs(probe, split.grads.back(), ref.grads.back()),
+                                         bound.grad.back(), what.str(), &gtight, "grad");
     if (rank == 0)
       BOOST_TEST_MESSAGE(what.str() << ": worst param rel err " << max_rel_err(probe, split.params.back(), ref.params.back())
-                                    << "; smallest margin bound/err x" << margin << " (" << tightest << ")");
+                                    << "; smallest margin bound/err x" << margin << " (" << tightest << ")"
+                                    << "; smallest grad margin x" << gmargin << " (" << gtight << ")");
   }
   // dp = world (sp = 1), in both scaling conventions.
   {

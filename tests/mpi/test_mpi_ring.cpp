@@ -12,7 +12,7 @@
 //    every rank computes full attention over the whole sequence with the
 //    backend (the reference), runs the ring on its zigzag shard, and all-gathers
 //    o, lse, dq, dk, dv back into sequence order. Per tensor,
-//    ||ring - ref||_2 / ||ref||_2 <= 1e-12 in f64 and <= 1e-5 in f32: the two
+//    ||ring - ref||_2 / ||ref||_2 <= tol (derivation at check_ring): the two
 //    compute the same function and differ only in the order of additions
 //    (blockwise softmax merges, dk/dv summed in ring order).
 //    B = 1, 2; NH = 2; HS = 8; T = 16, 32; causal, plus one non-causal run.
@@ -116,7 +116,21 @@ void check_ring(dd::MpiCommunicator& sp, int B, int T, bool causal) {
   auto& be = dsrsq::cpu_backend();
   const int P = sp.size(), r = sp.rank();
   const int NH = 2, HS = 8, row = NH * HS, Tl = T / P;
-  const double tol = std::is_same_v<F, double> ? 1e-12 : 1e-5;
+  // Tolerance. Both paths compute the same attention; they differ only in the
+  // order of additions, so each is within first-order forward error of the
+  // exact result (u = 2^-24 in f32, 2^-53 in f64; kappa = 1 for the L2 error
+  // over a whole tensor). Forward per path: scores (HS), exp (2), the softmax
+  // sum and P V over <= T keys (2T), and in the ring <= 2P blocks merged
+  // online (<= 3 roundings each: rescale, add, renormalise): n_f = HS + 2 +
+  // 2T + 6P. Backward: P recomputed from lse (n_f), dP = dO V and D =
+  // rowsum(dO o) (2 HS), dS = P (dP - D), a difference of terms of like size
+  // (kappa <= 2), then dq over T keys and dk, dv over T queries, summed over
+  // the ring (P): n_b = 2 (n_f + 2 HS + T + P). Two paths: 2 n u.
+  // f32, T = 32, HS 8, P 4: n_f = 98, n_b = 276: 1.2e-5 and 3.3e-5 -> 5e-5
+  // (the old 1e-5 was below both). f64: 2 x 276 x 2^-53 = 6e-14, 1e-12 kept
+  // (16x). A misplaced block or a missed causal mask moves every tensor by
+  // O(0.1).
+  const double tol = std::is_same_v<F, double> ? 1e-12 : 5e-5;
   BOOST_TEST_CONTEXT((std::is_same_v<F, double> ? "f64" : "f32") << " B=" << B << " T=" << T << " P=" << P
                                                                   << " causal=" << causal) {
     // Same data on every rank (fixed seed).

@@ -111,12 +111,19 @@ BOOST_AUTO_TEST_CASE(decode_equals_forward) {
   const Vec full = forward_logits(m, tokens, pos, B, T);
   BOOST_TEST(ref::all_finite(full.data(), static_cast<std::int64_t>(full.size())));
   // f32 forward vs decode differ only by summation order (attention over 37
-  // vs `capacity` keys, tiles split differently): relative error ~1e-7.
+  // vs `capacity` keys, tiles split differently, GEMMs of other row counts).
+  // Bound (first-order forward error analysis, kappa = 1 for the L2-relative
+  // error over all logits, u = 2^-24): each reduction of n terms adds <= n u,
+  // and the longest chain per layer is LN (C) + QKV (C) + scores (HS) +
+  // softmax (T) + P V (T) + out (C) + LN (C) + fc (C) + proj (F) = 5C + HS +
+  // 2T + F = 306 (C 32, HS 8, T 37, F 64), x L = 2, + final LN + head (2C):
+  // 676 u per path; two paths: 1352 u = 8.1e-5 -> 1e-4 (was 1e-5, below the
+  // bound). The shifted-position control below moves them by > 1e-3.
   for (std::int64_t capacity : {T, std::int64_t{100}}) {
     BOOST_TEST_CONTEXT("B=2 T=37 prefill=20 capacity=" << capacity) {
       const Vec dec = decode_logits(m, tokens, pos, B, T, 20, capacity);
       const double e = ref::rel_err(dec, full);
-      BOOST_TEST(e <= 1e-5, "decode vs forward: relative error " << e);
+      BOOST_TEST(e <= 1e-4, "decode vs forward: relative error " << e);
     }
   }
   // The two batch rows hold different tokens, and so different logits.
@@ -150,14 +157,17 @@ BOOST_AUTO_TEST_CASE(explicit_positions) {
   // One prefill call over everything, and prefill 10 + token-by-token.
   const double e_prefill = ref::rel_err(decode_logits(m, tokens, gapped, B, T, T, T), fwd);
   const double e_steps = ref::rel_err(decode_logits(m, tokens, gapped, B, T, 10, 64), fwd);
-  BOOST_TEST(e_prefill <= 1e-5, "forward vs extend (one call): " << e_prefill);
-  BOOST_TEST(e_steps <= 1e-5, "forward vs extend (prefill 10 + steps): " << e_steps);
+  // Same derivation as decode_equals_forward with T = 24: 2 x (2 x (5C + HS +
+  // 2T + F) + 2C) u = 1248 u = 7.4e-5 -> 1e-4 (was 1e-5, below the bound).
+  BOOST_TEST(e_prefill <= 1e-4, "forward vs extend (one call): " << e_prefill);
+  BOOST_TEST(e_steps <= 1e-4, "forward vs extend (prefill 10 + steps): " << e_steps);
   // Positions matter: the same tokens at contiguous positions give other logits.
   const double e_ctrl = ref::rel_err(forward_logits(m, tokens, contiguous, B, T), fwd);
   BOOST_TEST(e_ctrl > 1e-3, "gapped vs contiguous positions: " << e_ctrl);
   // RoPE: only relative positions matter, so shifting every position by 300
   // changes nothing but rounding (angles of larger positions round differently
-  // in f32: relative error ~1e-6; threshold 1e-4).
+  // in f32). Bound: the chain above (1248 u = 7.4e-5) plus the f32 rounding of
+  // cos/sin (2 roundings per rotation, q and k, 2 layers: 8 u): 7.5e-5 <= 1e-4.
   IVec moved = gapped;
   for (auto& p : moved) p += 300;
   const double e_shift = ref::rel_err(forward_logits(m, tokens, moved, B, T), fwd);
@@ -221,7 +231,13 @@ BOOST_AUTO_TEST_CASE(forward_backward_deterministic) {
   m.backward();
   m.backward();
   // Not bitwise: a gemm with beta = 1 adds its partial sums onto a nonzero
-  // buffer in another order than onto zero. f32 rounding: ~1e-7 relative.
+  // buffer in another order than onto zero. Only the accumulation differs (the
+  // second pass's partial sums are the first's bits): a GEMM with beta = 1 adds
+  // its K-block partials (K = B*T = 450 rows; OpenBLAS blocks of >= 64 rows on
+  // x86, so <= 8 of them) onto the buffer: <= 9 u per element; biases, LN and
+  // embedding rows are summed row by row onto it, <= N u kappa per element
+  // (N = rows per token/bias), but they hold <= 10% of ||g||: <= 9 u + 0.1 x
+  // (~10 occurrences per token) u, well below 1e-5 = 168 u (kept).
   const TensorView g = m.flat_grads();
   Vec twice(g1.size());
   for (std::size_t i = 0; i < g1.size(); ++i) twice[i] = 2.0 * g1[i];
