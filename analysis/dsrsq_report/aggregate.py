@@ -167,8 +167,10 @@ T1_COLS = [Col("f1", "F1", "example", "f1"), Col("em", "EM", "example", "em"),
 
 T2_COLS = [Col("peak_mem_mb", "peak memory (MB)", "efficiency", "peak_mem_bytes", MB, 3),
            Col("avg_mem_mb", "avg memory (MB)", "efficiency", "avg_mem_bytes", MB, 3),
-           Col("peak_rss_mb", "peak RSS (MB)", "efficiency", "peak_rss_bytes", MB, 1),
-           Col("throughput_tok_s", "throughput (tokens/s)", "efficiency", "throughput_tok_s", 1.0, 1),
+           Col("process_peak_rss_mb", "process peak RSS (MB, process lifetime)", "efficiency",
+               "process_peak_rss_bytes", MB, 1),
+           Col("throughput_tok_s", "throughput (tokens run/s)", "efficiency", "throughput_tok_s", 1.0, 1),
+           Col("context_tokens_per_s", "context served (tokens/s)", "efficiency", "context_tokens_per_s", 1.0, 1),
            Col("latency_s", "latency TTFT (s)", "efficiency", "latency_s", 1.0, 5),
            Col("itl_s", "ITL (s)", "efficiency", "itl_s", 1.0, 5),
            Col("token_efficiency", "token efficiency", "efficiency", "token_efficiency", 1.0, 4)]
@@ -233,16 +235,22 @@ def build_tables(runs):
     one_run_ex = ("Per-example metrics (F1, EM, ROUGE-L, per-example BLEU): mean over the evaluated examples of "
                   "/eval/<method> ± the 95% Student-t half-width over examples (n = examples). F1/EM: SQuAD-"
                   "normalised, max over gold answers, in [0,1]. BLEU-4 (corpus) is /eval/<method>/summary/"
-                  "corpus_bleu (one value per run, no interval from one run). examples = /eval/<method>/summary/n_examples, summed over "
-                  "merged runs.")
+                  "corpus_bleu (one value per run, no interval from one run). BLEU-4 is n/a where no gold answer "
+                  "has 4 or more tokens (e.g. one-token answers): no 4-gram can match whatever is predicted, so "
+                  "it measures nothing there (NaN in the file; the per-example mean skips n/a examples). "
+                  "examples = /eval/<method>/summary/n_examples, summed over merged runs.")
     rules1 = " ".join(x for x in [one_run_ex, _protocol_note(runs), _backbone_note(runs), seed_rule, group_note] if x)
     tables.append(Table("table1_task_performance", "Table 1: task performance", "method", T1_COLS,
                         _entity_rows(groups, "eval", T1_COLS, eval_of), rules1,
                         present=any(r.eval for r in runs), absent_note="no /eval/<method> groups in these runs"))
 
-    rules2 = ("Scalars of /efficiency/<method>, one value per run: memory = peak / time-averaged arena bytes "
-              "(activations + KV) and peak RSS, in MB (10^6 bytes); throughput = (prefilled + generated) tokens "
-              "per wall-clock second; latency = mean time to first token; ITL = mean inter-token latency; token "
+    rules2 = ("Scalars of /efficiency/<method>, one value per run: memory = this method's peak / time-averaged "
+              "arena bytes (activations + KV, high-water mark reset at every example), in MB (10^6 bytes); "
+              "process peak RSS = the process's high-water mark when the method finished (process lifetime: "
+              "training and earlier methods included, not a per-method figure); throughput = tokens the method "
+              "ran through the model (prompt tokens fed after any selection + generated tokens) per second of "
+              "serving (selection + prefill + decode); context served = the examples' full prompt tokens per "
+              "second of serving; latency = mean time to first token; ITL = mean inter-token latency; token "
               "efficiency = keys a decode query attends to / keys a full cache holds at that step, mean over decode steps and examples (lower is cheaper). One run: no interval. " + seed_rule)
     tables.append(Table("table2_efficiency", "Table 2: efficiency", "method", T2_COLS,
                         _entity_rows(groups, "eval", T2_COLS, eff_of), (rules2 + " " + group_note).strip(),

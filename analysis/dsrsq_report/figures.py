@@ -210,8 +210,8 @@ def fig_memory(runs, groups, outdir):
     series = [("peak arena", _eff_estimates(ents, "peak_mem_bytes", 1e-6)),
               ("avg arena", _eff_estimates(ents, "avg_mem_bytes", 1e-6))]
     _grouped(axes[0], labels, series, failed, "arena memory (MB)", "activations + KV arenas")
-    _bar_panel(axes[1], labels, _eff_estimates(ents, "peak_rss_bytes", 1e-6), failed, "peak RSS (MB)",
-               "process peak RSS", color="C2")
+    _bar_panel(axes[1], labels, _eff_estimates(ents, "process_peak_rss_bytes", 1e-6), failed,
+               "process peak RSS (MB)", "process peak RSS (process lifetime, not per method)", color="C2")
     kv = [("resident after prefill", _ex_estimates(ents, "kv_resident_bytes", 1e-3)),
           ("peak during prefill", _ex_estimates(ents, "kv_peak_prefill_bytes", 1e-3)),
           ("read per decode step", _ex_estimates(ents, "kv_read_per_step_bytes", 1e-3)),

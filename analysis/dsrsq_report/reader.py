@@ -5,6 +5,7 @@ missing group or dataset) raises ReportError naming the file and the group.
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -245,9 +246,17 @@ class _Reader:
             strings[c] = [data[s:e].decode("utf-8", "replace") for s, e in zip(start, end)]
         return cols, strings, n
 
-    def scalars(self, gname, names):
+    def scalars(self, gname, names, old_names=None):
+        """old_names: {name: older name or None} for fields that older files lack (read as NaN)."""
         g = self.group(gname)
-        return {k: self.scalar(g, k) for k in names}
+        out = {}
+        for k in names:
+            if old_names and k in old_names and k not in g:
+                old = old_names[k]
+                out[k] = self.scalar(g, old) if old and old in g else math.nan
+            else:
+                out[k] = self.scalar(g, k)
+        return out
 
     def status(self, gname):
         g = self.group(gname)
@@ -314,7 +323,8 @@ def _read(path, f):
             run.backbones[m] = str(_attr_value(bb))
         run.status["eval"][m] = r.status(f"status/eval/{m}")
         run.eval[m] = _examples(r, f"eval/{m}")
-        run.efficiency[m] = r.scalars(f"efficiency/{m}", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT)
+        run.efficiency[m] = r.scalars(f"efficiency/{m}", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT,
+                                      S.EFFICIENCY_OLD_NAMES)
     for m in r.children("efficiency"):
         if m not in run.eval:
             raise ReportError(path, f"/eval/{m}", "missing group (present under /efficiency)")
@@ -325,7 +335,8 @@ def _read(path, f):
     for v in variants:
         run.status["ablation"][v] = r.status(f"status/ablation/{v}")
         ex = _examples(r, f"ablation/{v}")
-        ex.efficiency = r.scalars(f"ablation/{v}/efficiency", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT)
+        ex.efficiency = r.scalars(f"ablation/{v}/efficiency", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT,
+                                  S.EFFICIENCY_OLD_NAMES)
         run.ablation[v] = ex
     bins = int(run.attrs["retention_bins"])
     for a in r.children("adaptation"):

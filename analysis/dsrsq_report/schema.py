@@ -24,8 +24,11 @@ EXAMPLE_INT = ("context_tokens", "attended_tokens", "kv_budget_requested_bytes",
 SUMMARY_FLOAT = ("f1_mean", "em_mean", "rouge_l_mean", "bleu_mean", "corpus_bleu")
 SUMMARY_INT = ("n_examples",)
 
-EFFICIENCY_INT = ("peak_mem_bytes", "avg_mem_bytes", "peak_rss_bytes")
-EFFICIENCY_FLOAT = ("throughput_tok_s", "latency_s", "itl_s", "token_efficiency", "flops")
+EFFICIENCY_INT = ("peak_mem_bytes", "avg_mem_bytes", "process_peak_rss_bytes")
+EFFICIENCY_FLOAT = ("throughput_tok_s", "context_tokens_per_s", "latency_s", "itl_s", "token_efficiency", "flops")
+# Files written before the columns were made per-method-honest (same schema version):
+# new name -> old name; a field absent under both reads as NaN.
+EFFICIENCY_OLD_NAMES = {"process_peak_rss_bytes": "peak_rss_bytes", "context_tokens_per_s": None}
 
 ADAPTATION_ARRAYS = ("age_bin_edges", "retention_by_age", "queries_per_bin")
 ADAPTATION_FLOAT = ("retention_auc", "temporal_consistency", "adaptation_speed")

@@ -80,7 +80,9 @@ def _examples(g, rng, n, cols=None):
 
 def _efficiency(g, rng):
     vals = {"peak_mem_bytes": np.int64(rng.integers(1e6, 5e6)), "avg_mem_bytes": np.int64(rng.integers(1e5, 1e6)),
-            "peak_rss_bytes": np.int64(rng.integers(4e7, 6e7)), "throughput_tok_s": np.float64(rng.uniform(1e4, 1e5)),
+            "process_peak_rss_bytes": np.int64(rng.integers(4e7, 6e7)),
+            "throughput_tok_s": np.float64(rng.uniform(1e4, 1e5)),
+            "context_tokens_per_s": np.float64(rng.uniform(1e4, 1e6)),
             "latency_s": np.float64(rng.uniform(1e-3, 1e-2)), "itl_s": np.float64(rng.uniform(1e-4, 1e-3)),
             "token_efficiency": np.float64(rng.uniform(0.2, 1.0)), "flops": np.float64(rng.uniform(1e6, 1e9))}
     for k, v in vals.items():

@@ -69,7 +69,8 @@ def test_tables_on_unmodified_real_run(real_runs, tmp_path):
             assert close(r[key], scalar(path, f"eval/{m}/summary/{key}_mean"), abs_=1e-12)
         r = row(t2, m)
         for key, field, scale in (("peak_mem_mb", "peak_mem_bytes", MB), ("avg_mem_mb", "avg_mem_bytes", MB),
-                                  ("peak_rss_mb", "peak_rss_bytes", MB), ("throughput_tok_s", "throughput_tok_s", 1),
+                                  ("process_peak_rss_mb", "process_peak_rss_bytes", MB), ("throughput_tok_s", "throughput_tok_s", 1),
+                                  ("context_tokens_per_s", "context_tokens_per_s", 1),
                                   ("latency_s", "latency_s", 1), ("itl_s", "itl_s", 1),
                                   ("token_efficiency", "token_efficiency", 1)):
             v = float(scalar(path, f"efficiency/{m}/{field}")) * scale
@@ -197,3 +198,34 @@ def test_method_order_backbones_and_protocol_from_the_file(real_runs, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Protocol: query-aware" in md
     assert f"full: {bb}" in md
+
+
+def test_bleu_not_applicable_prints_na(real_runs, copy_run, tmp_path):
+    """BLEU-4 that cannot be computed (no gold answer of >= 4 tokens: NaN in the file) prints as n/a in the
+    markdown and LaTeX tables and as an empty cell in the CSV: never 0 and never a 1e-231 artefact."""
+    path = copy_run(real_runs["tiny"])
+    with h5py.File(path, "r+") as f:
+        methods = sorted(f["eval"])
+        for m in methods:
+            f[f"eval/{m}/bleu"][...] = np.nan
+            f[f"eval/{m}/summary/corpus_bleu"][...] = np.nan
+            f[f"eval/{m}/summary/bleu_mean"][...] = np.nan
+    out = tmp_path / "out"
+    res = run_report(path, "-o", out, "--no-figures")
+    assert res.returncode == 0, res.stderr
+    rows = read_csv(out / "table1_task_performance.csv")
+    for m in methods:
+        r = row(rows, m)
+        assert r["bleu"] == "" and r["bleu_example"] == "", r
+        assert r["f1"] != ""
+    md = (out / "report.md").read_text()
+    table1 = md[md.index("Table 1"):md.index("Table 2")]
+    header = next(line for line in table1.splitlines() if line.startswith("| method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    ib, ie = cols.index("BLEU-4 (corpus)"), cols.index("BLEU (per-example mean)")
+    for m in methods:
+        line = next(line for line in table1.splitlines() if line.startswith(f"| {m} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[ib] == "n/a" and cells[ie] == "n/a", line
+    assert "e-231" not in md
+    assert "n/a where no gold answer has 4 or more tokens" in md

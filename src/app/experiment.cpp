@@ -286,6 +286,7 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
     env.global_batch = static_cast<double>(opt.batch_size);
     env.seed = opt.seed;
     env.pad_id = tok.pad_id();
+    env.lr_at = [tc](std::int64_t step) { return lr_schedule(step, tc.steps, tc.warmup, tc.lr); };
     ext->attach(hooks, env);
   }
   Trainer trainer(model, adam, tc, data.pools, data.val, tok.pad_id(), dp, hooks);

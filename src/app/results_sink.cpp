@@ -356,8 +356,9 @@ void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
   results::EfficiencyRecord eff;
   eff.peak_mem_bytes = static_cast<std::int64_t>(r.peak_mem_bytes);
   eff.avg_mem_bytes = static_cast<std::int64_t>(r.avg_mem_bytes);
-  eff.peak_rss_bytes = static_cast<std::int64_t>(r.peak_rss_bytes);
-  eff.throughput_tok_s = r.throughput_tok_s;
+  eff.process_peak_rss_bytes = static_cast<std::int64_t>(r.process_peak_rss_bytes);  // scope: process lifetime
+  eff.throughput_tok_s = r.throughput_tok_s;            // tokens run through the model / serve time
+  eff.context_tokens_per_s = r.context_tokens_per_s;    // full prompt tokens / serve time
   eff.latency_s = r.latency_s;
   eff.itl_s = r.itl_s;
   eff.token_efficiency = r.token_efficiency;

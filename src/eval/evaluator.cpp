@@ -25,109 +25,98 @@ double dense_flops(const ModelConfig& c, std::int64_t n) {
 
 }  // namespace
 
-MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
-                           const std::vector<data::Example>& test, const EvalConfig& cfg) {
-  MethodEval me;
-  me.method = cfg.name.empty() ? policy.name() : cfg.name;
-  eval::MetricAggregator agg;
+ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer& tok, const data::Example& ex,
+                          const EvalConfig& cfg) {
   const ModelConfig& mc = model.config();
   Arena& act = model.activation_arena();
-  Timer wall;
-  double total_tokens = 0;
-  for (const auto& ex : test) {
-    ExampleEval r;
-    r.id = ex.id;
-    r.golds = ex.answers;
-    r.meta = ex.meta;
-    r.task = ex.meta.count("task") ? ex.meta.at("task") : "";
-    Encoded enc = encode_example(ex, tok, cfg.max_seq_len - cfg.max_new_tokens + static_cast<std::int64_t>(tok.encode(ex.answers.front()).size()) + 1);
-    r.prompt_tokens = enc.prompt_len;
-    r.context_tokens = enc.context_tokens;
-    r.truncated_tokens = enc.truncated;
+  ExampleEval r;
+  r.id = ex.id;
+  r.golds = ex.answers;
+  r.meta = ex.meta;
+  r.task = ex.meta.count("task") ? ex.meta.at("task") : "";
+  Encoded enc = encode_example(ex, tok, cfg.max_seq_len - cfg.max_new_tokens + static_cast<std::int64_t>(tok.encode(ex.answers.front()).size()) + 1);
+  r.prompt_tokens = enc.prompt_len;
+  r.context_tokens = enc.context_tokens;
+  r.truncated_tokens = enc.truncated;
 
-    Timer t;
-    std::vector<std::int32_t> pos;
-    if (cfg.select) {
-      pos = cfg.select(enc);
-    } else {
-      pos.resize(static_cast<std::size_t>(enc.prompt_len));
-      for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
-    }
-    const auto n_in = static_cast<std::int64_t>(pos.size());
-    std::vector<std::int32_t> prompt(pos.size());
-    for (std::size_t i = 0; i < pos.size(); ++i) prompt[i] = enc.tokens[static_cast<std::size_t>(pos[i])];
-    r.meta["prompt_tokens_in"] = std::to_string(n_in);
-    SequenceInfo info;
-    info.batch = 1;
-    info.prompt_len = n_in;
-    info.query_len = enc.query_len;
-    info.max_new_tokens = cfg.max_new_tokens;
-    // The budget is a fraction of the FULL sequence's cache, whatever a selector keeps.
-    info.budget_tokens = enc.prompt_len + cfg.max_new_tokens;
-    policy.begin(info, cfg.budget);
-    act.reset();  // activations of earlier work are dead: measure this example alone
+  Timer t;
+  std::vector<std::int32_t> pos;
+  if (cfg.select) {
+    pos = cfg.select(enc);
+  } else {
+    pos.resize(static_cast<std::size_t>(enc.prompt_len));
+    for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  }
+  const auto n_in = static_cast<std::int64_t>(pos.size());
+  std::vector<std::int32_t> prompt(pos.size());
+  for (std::size_t i = 0; i < pos.size(); ++i) prompt[i] = enc.tokens[static_cast<std::size_t>(pos[i])];
+  r.prompt_tokens_in = n_in;
+  r.meta["prompt_tokens_in"] = std::to_string(n_in);
+  SequenceInfo info;
+  info.batch = 1;
+  info.prompt_len = n_in;
+  info.query_len = enc.query_len;
+  info.max_new_tokens = cfg.max_new_tokens;
+  // The budget is a fraction of the FULL sequence's cache, whatever a selector keeps.
+  info.budget_tokens = enc.prompt_len + cfg.max_new_tokens;
+  policy.begin(info, cfg.budget);
+  act.reset();  // activations of earlier work are dead: measure this example alone
+  act.reset_peak();
+  model.extend(policy, TensorView(prompt.data(), Shape{1, n_in}), TensorView(pos.data(), Shape{1, n_in}));
+  policy.end_prefill();
+  std::int32_t next = argmax_last_row(model.logits());
+  r.ttft_s = t.seconds();
+  std::size_t peak_act = act.peak_bytes();
+  double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
+  double time_total = r.ttft_s;
+  r.flops = dense_flops(mc, n_in) +
+            attention_cost(1, n_in, n_in, mc.n_heads, mc.head_size(), true, false).flops *
+                static_cast<double>(mc.n_layers);
+
+  std::vector<std::int32_t> gen;
+  double itl_sum = 0, full_keys_sum = 0;
+  std::int64_t p = enc.prompt_len, decode_steps = 0;
+  while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
+    gen.push_back(next);
+    if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
+    std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
+    Timer ts;
+    act.reset();
     act.reset_peak();
-    model.extend(policy, TensorView(prompt.data(), Shape{1, n_in}), TensorView(pos.data(), Shape{1, n_in}));
-    policy.end_prefill();
-    std::int32_t next = argmax_last_row(model.logits());
-    r.ttft_s = t.seconds();
-    std::size_t peak_act = act.peak_bytes();
-    double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
-    double time_total = r.ttft_s;
-    r.flops = dense_flops(mc, n_in) +
-              attention_cost(1, n_in, n_in, mc.n_heads, mc.head_size(), true, false).flops *
-                  static_cast<double>(mc.n_layers);
+    model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
+    next = argmax_last_row(model.logits());
+    const double dt = ts.seconds();
+    itl_sum += dt;
+    full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
+    ++decode_steps;
+    peak_act = std::max(peak_act, act.peak_bytes());
+    bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill) * dt;
+    time_total += dt;
+    r.flops += dense_flops(mc, 1) + 4.0 * static_cast<double>(mc.n_layers * mc.d_model) * policy.attended_tokens();
+  }
+  r.serve_s = time_total;
+  r.generated_tokens = static_cast<std::int64_t>(gen.size());
+  r.itl_s = gen.size() > 1 ? itl_sum / static_cast<double>(gen.size() - 1) : 0.0;
+  r.prediction = tok.decode(gen);
+  r.kv = policy.memory();
+  r.budget_requested = policy.budget_requested_bytes();
+  r.budget_achieved = policy.budget_achieved_bytes();
+  r.attended_tokens = policy.attended_tokens();
+  r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
+  r.peak_bytes = peak_act + r.kv.peak_prefill;
+  r.avg_bytes = time_total > 0 ? bytes_time / time_total : 0.0;
+  return r;
+}
 
-    std::vector<std::int32_t> gen;
-    double itl_sum = 0, full_keys_sum = 0;
-    std::int64_t p = enc.prompt_len, decode_steps = 0;
-    while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
-      gen.push_back(next);
-      if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
-      std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
-      Timer ts;
-      act.reset();
-      act.reset_peak();
-      model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
-      next = argmax_last_row(model.logits());
-      const double dt = ts.seconds();
-      itl_sum += dt;
-      full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
-      ++decode_steps;
-      peak_act = std::max(peak_act, act.peak_bytes());
-      bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill) * dt;
-      time_total += dt;
-      r.flops += dense_flops(mc, 1) + 4.0 * static_cast<double>(mc.n_layers * mc.d_model) * policy.attended_tokens();
-    }
-    r.generated_tokens = static_cast<std::int64_t>(gen.size());
-    r.itl_s = gen.size() > 1 ? itl_sum / static_cast<double>(gen.size() - 1) : 0.0;
-    r.prediction = tok.decode(gen);
-    r.kv = policy.memory();
-    r.budget_requested = policy.budget_requested_bytes();
-    r.budget_achieved = policy.budget_achieved_bytes();
-    r.attended_tokens = policy.attended_tokens();
-    r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
-    r.peak_bytes = peak_act + r.kv.peak_prefill;
-    r.avg_bytes = time_total > 0 ? bytes_time / time_total : 0.0;
-
+void score_and_aggregate(MethodEval& me) {
+  eval::MetricAggregator agg;
+  for (auto& r : me.examples) {
     const eval::ExampleScores sc = agg.add(r.prediction, r.golds);
     r.f1 = sc.f1;
     r.em = sc.em;
     r.rouge_l = sc.rouge_l;
-    {
-      const std::vector<eval::Tokens> refs_tokens = [&] {
-        std::vector<eval::Tokens> v;
-        for (const auto& g : r.golds) v.push_back(eval::split_whitespace(g));
-        return v;
-      }();
-      const std::vector<std::vector<eval::Tokens>> refs{refs_tokens};
-      const std::vector<eval::Tokens> hyps{eval::split_whitespace(r.prediction)};
-      r.bleu = hyps[0].empty() ? 0.0 : eval::corpus_bleu(refs, hyps);
-    }
-    total_tokens += static_cast<double>(enc.prompt_len + r.generated_tokens);
-    me.examples.push_back(std::move(r));
+    r.bleu = eval::example_bleu4(r.prediction, r.golds);
   }
-  me.wall_s = wall.seconds();
   const eval::CorpusScores cs = agg.result();
   me.f1 = cs.f1;
   me.em = cs.em;
@@ -135,21 +124,38 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
   me.bleu = cs.bleu;
   const double n = std::max<double>(1.0, static_cast<double>(me.examples.size()));
   double eff_n = 0;
+  me.token_efficiency = 0;
   for (const auto& r : me.examples)
     if (r.full_keys > 0) {
       me.token_efficiency += r.attended_tokens / r.full_keys;
       eff_n += 1;
     }
   me.token_efficiency = eff_n > 0 ? me.token_efficiency / eff_n : std::nan("");
+  me.peak_mem_bytes = me.avg_mem_bytes = me.latency_s = me.itl_s = me.flops = 0;
+  me.tokens_run = me.context_tokens_served = me.serve_s = 0;
   for (const auto& r : me.examples) {
     me.peak_mem_bytes = std::max(me.peak_mem_bytes, static_cast<double>(r.peak_bytes));
     me.avg_mem_bytes += r.avg_bytes / n;
     me.latency_s += r.ttft_s / n;
     me.itl_s += r.itl_s / n;
     me.flops += r.flops;
+    me.tokens_run += static_cast<double>(r.prompt_tokens_in + r.generated_tokens);
+    me.context_tokens_served += static_cast<double>(r.prompt_tokens);
+    me.serve_s += r.serve_s;
   }
-  me.peak_rss_bytes = static_cast<double>(peak_rss_bytes());
-  me.throughput_tok_s = me.wall_s > 0 ? total_tokens / me.wall_s : 0.0;
+  me.throughput_tok_s = me.serve_s > 0 ? me.tokens_run / me.serve_s : 0.0;
+  me.context_tokens_per_s = me.serve_s > 0 ? me.context_tokens_served / me.serve_s : 0.0;
+}
+
+MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
+                           const std::vector<data::Example>& test, const EvalConfig& cfg) {
+  MethodEval me;
+  me.method = cfg.name.empty() ? policy.name() : cfg.name;
+  Timer wall;
+  for (const auto& ex : test) me.examples.push_back(serve_example(model, policy, tok, ex, cfg));
+  score_and_aggregate(me);
+  me.wall_s = wall.seconds();
+  me.process_peak_rss_bytes = static_cast<double>(peak_rss_bytes());
   return me;
 }
 

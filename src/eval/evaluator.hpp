@@ -21,8 +21,11 @@ namespace dsrsq {
 struct ExampleEval {
   std::string id, task, prediction;
   std::vector<std::string> golds;
-  double f1 = 0, em = 0, rouge_l = 0, bleu = 0;
+  double f1 = 0, em = 0, rouge_l = 0;
+  double bleu = 0;  // BLEU-4 of this example alone; NaN (n/a) when no gold has >= 4 tokens
   std::int64_t context_tokens = 0, prompt_tokens = 0, generated_tokens = 0, truncated_tokens = 0;
+  std::int64_t prompt_tokens_in = 0;  // prompt tokens the method fed to the model (a selector keeps fewer)
+  double serve_s = 0;                 // wall time of selection + prefill + decode (ttft + the decode steps)
   double attended_tokens = 0;  // keys one decode query attended to (mean over decode steps)
   double full_keys = 0;        // keys a full cache would hold at those steps (mean): token-efficiency denominator
   double ttft_s = 0, itl_s = 0;  // time to first token; mean inter-token latency
@@ -34,13 +37,30 @@ struct ExampleEval {
   std::map<std::string, std::string> meta;
 };
 
+// Columns that mean one thing for every method (DESIGN.md section 9):
+//  throughput_tok_s      tokens the method ran through the model (prompt tokens fed,
+//                        after any selector, + generated tokens) / serve_s;
+//  context_tokens_per_s  the examples' full prompt tokens (context + question, before
+//                        selection) / serve_s: the context served per second;
+//  serve_s               sum over examples of selection + prefill + decode wall time
+//                        (tokenisation and scoring are not the method's work: excluded);
+//  peak_mem_bytes        max over this method's examples of the activation arena's
+//                        high-water mark (reset at every example) + the policy's KV
+//                        peak during prefill: this method's own figure;
+//  process_peak_rss_bytes the process's peak RSS (VmHWM) when this method finished:
+//                        scope = process lifetime (it includes training and every
+//                        method evaluated before), not a per-method figure;
+//  bleu                  corpus BLEU-4; NaN (n/a) when no gold of the corpus has >= 4
+//                        tokens (eval::BleuStats::bleu4_defined).
 struct MethodEval {
   std::string method;
   std::vector<ExampleEval> examples;
-  double f1 = 0, em = 0, rouge_l = 0, bleu = 0;  // means; bleu = corpus BLEU-4
-  double peak_mem_bytes = 0, avg_mem_bytes = 0, peak_rss_bytes = 0;
-  double throughput_tok_s = 0, latency_s = 0, itl_s = 0, token_efficiency = 0, flops = 0;
-  double wall_s = 0;
+  double f1 = 0, em = 0, rouge_l = 0, bleu = 0;  // means; bleu = corpus BLEU-4 (NaN: n/a)
+  double peak_mem_bytes = 0, avg_mem_bytes = 0, process_peak_rss_bytes = 0;
+  double throughput_tok_s = 0, context_tokens_per_s = 0, latency_s = 0, itl_s = 0, token_efficiency = 0, flops = 0;
+  double tokens_run = 0, context_tokens_served = 0;  // the two numerators above
+  double serve_s = 0;  // the denominator above
+  double wall_s = 0;   // the whole evaluation, tokenisation and scoring included
 };
 
 struct EvalConfig {
@@ -56,5 +76,14 @@ struct EvalConfig {
 
 MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
                            const std::vector<data::Example>& test, const EvalConfig& cfg);
+
+// The two halves of evaluate_method.
+// Serving one example: encode, select, prefill, greedy decode through the policy, with
+// its costs (time, memory, KV bytes, FLOPs); the scores are left at 0.
+ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer& tok, const data::Example& ex,
+                          const EvalConfig& cfg);
+// Scoring and aggregation: every example's scores (in order), the corpus scores and
+// the method's summary columns from its examples.
+void score_and_aggregate(MethodEval& me);
 
 }  // namespace dsrsq

@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <unordered_map>
 
@@ -346,6 +347,28 @@ void BleuStats::add(const Tokens& hypothesis, std::span<const Tokens> references
   }
   hyp_len += static_cast<long long>(hypothesis.size());
   ref_len += static_cast<long long>(closest_ref_length(references, hypothesis.size()));
+  if (std::any_of(references.begin(), references.end(), [](const Tokens& r) { return r.size() >= 4; }))
+    ++ref_4gram_sets;
+}
+
+double BleuStats::score_or_nan() const { return bleu4_defined() ? score() : std::nan(""); }
+
+double example_bleu4(std::string_view pred, std::span<const std::string> golds) {
+  std::vector<Tokens> refs;
+  for (const auto& g : golds) refs.push_back(split_whitespace(g));
+  if (std::none_of(refs.begin(), refs.end(), [](const Tokens& r) { return r.size() >= 4; })) return std::nan("");
+  const Tokens hyp = split_whitespace(pred);
+  if (hyp.empty()) return 0.0;
+  BleuStats st;
+  st.add(hyp, refs);
+  return st.score();
+}
+
+std::string format_metric(double v, int digits) {
+  if (std::isnan(v)) return "n/a";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
 }
 
 double BleuStats::brevity_penalty() const {
@@ -402,7 +425,7 @@ CorpusScores MetricAggregator::result() const {
   c.em = sum_em_ / n;
   c.f1 = sum_f1_ / n;
   c.rouge_l = sum_rl_ / n;
-  c.bleu = bleu_.score();
+  c.bleu = bleu_.score_or_nan();
   return c;
 }
 

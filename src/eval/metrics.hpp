@@ -76,18 +76,37 @@ struct BleuStats {
   long long totals[4] = {0, 0, 0, 0};    // max(1, hypothesis n-grams) summed
   long long hyp_len = 0;
   long long ref_len = 0;                  // closest reference lengths summed
+  long long ref_4gram_sets = 0;           // hypotheses with some reference of >= 4 tokens
   void add(const Tokens& hypothesis, std::span<const Tokens> references);
-  double score() const;                   // corpus BLEU-4 from the totals
+  double score() const;                   // corpus BLEU-4 from the totals (NLTK's value)
   double brevity_penalty() const;
+  // BLEU-4 is defined on this corpus: some reference has >= 4 tokens. When none
+  // has, no 4-gram can ever match (the reference side of every 4-gram precision
+  // is empty: clipped matches are 0 whatever is predicted), so BLEU-4 measures
+  // nothing on this task (e.g. one-token answers); NLTK then returns 0 or a
+  // DBL_MIN artefact such as 1e-231. See score_or_nan.
+  bool bleu4_defined() const { return ref_4gram_sets > 0; }
+  // score() when bleu4_defined(), else NaN ("n/a" in tables: format_metric).
+  double score_or_nan() const;
 };
 double corpus_bleu(std::span<const std::vector<Tokens>> references, std::span<const Tokens> hypotheses);
 // NLTK's closest_ref_length: min over references of (|len - hyp_len|, len).
 std::size_t closest_ref_length(std::span<const Tokens> references, std::size_t hyp_len);
 
+// BLEU-4 of one example (its own corpus of one) on split_whitespace tokens of
+// the raw prediction and golds: NaN when no gold has >= 4 tokens (n/a, as
+// above), 0 for an empty prediction, else corpus_bleu of the one pair.
+double example_bleu4(std::string_view pred, std::span<const std::string> golds);
+
+// A metric for a table: "n/a" for NaN (not computable, e.g. BLEU-4 on answers
+// shorter than 4 tokens), else printf("%.<digits>f") (inf prints as "inf").
+std::string format_metric(double v, int digits = 4);
+
 // Per-example scores (each the max over the gold answers) and a corpus
 // aggregate: em/f1/rouge_l are means over examples, bleu is corpus BLEU-4 on
 // split_whitespace tokens of the raw (un-normalised) prediction and golds, the
-// golds being the references.
+// golds being the references; NaN (n/a) when no gold in the corpus has >= 4
+// tokens (BleuStats::bleu4_defined).
 struct ExampleScores {
   double em = 0, f1 = 0, rouge_l = 0;
 };

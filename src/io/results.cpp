@@ -99,8 +99,9 @@ const std::vector<Field<EfficiencyRecord>>& efficiency_fields() {
   using R = EfficiencyRecord;
   static const std::vector<Field<R>> f = {{"peak_mem_bytes", &R::peak_mem_bytes},
                                           {"avg_mem_bytes", &R::avg_mem_bytes},
-                                          {"peak_rss_bytes", &R::peak_rss_bytes},
+                                          {"process_peak_rss_bytes", &R::process_peak_rss_bytes},
                                           {"throughput_tok_s", &R::throughput_tok_s},
+                                          {"context_tokens_per_s", &R::context_tokens_per_s},
                                           {"latency_s", &R::latency_s},
                                           {"itl_s", &R::itl_s},
                                           {"token_efficiency", &R::token_efficiency},
@@ -395,6 +396,14 @@ void create_status(const h5::Group& status, const std::string& name) {
   g.create_fixed_string("message", kMessageChars, "");
 }
 
+// An efficiency group: its scalars, and the scope of the one figure that is not per method.
+void create_efficiency_group(const h5::Group& g) {
+  create_scalars(g, efficiency_fields());
+  g.set_attr("process_peak_rss_bytes_scope",
+             std::string("process lifetime: the process's peak RSS (VmHWM) when this method finished, training "
+                         "and every method evaluated before it included; peak_mem_bytes is this method's own"));
+}
+
 void create_eval_group(const h5::Group& g) {
   Table::create(g, example_fields());
   create_scalars(g.create_group("summary"), summary_fields());
@@ -537,12 +546,12 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
     auto g = root.create_group("eval/" + m);
     create_eval_group(g);
     if (auto it = layout.backbones.find(m); it != layout.backbones.end()) g.set_attr("backbone", it->second);
-    create_scalars(root.create_group("efficiency/" + m), efficiency_fields());
+    create_efficiency_group(root.create_group("efficiency/" + m));
   }
   for (const auto& v : layout.ablation_variants) {
     auto g = root.create_group("ablation/" + v);
     create_eval_group(g);
-    create_scalars(g.create_group("efficiency"), efficiency_fields());
+    create_efficiency_group(g.create_group("efficiency"));
   }
   const auto bins = static_cast<hsize_t>(layout.retention_bins);
   for (const auto& a : layout.adaptation_methods) {

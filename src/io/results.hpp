@@ -88,9 +88,11 @@ struct EvalSummary {
   bool operator==(const EvalSummary&) const = default;
 };
 
+// Column meanings: eval/evaluator.hpp (MethodEval) and results/README.md.
 struct EfficiencyRecord {
-  std::int64_t peak_mem_bytes = 0, avg_mem_bytes = 0, peak_rss_bytes = 0;
-  double throughput_tok_s = 0, latency_s = 0, itl_s = 0, token_efficiency = 0, flops = 0;
+  std::int64_t peak_mem_bytes = 0, avg_mem_bytes = 0;
+  std::int64_t process_peak_rss_bytes = 0;  // scope: process lifetime (attribute "scope" says so)
+  double throughput_tok_s = 0, context_tokens_per_s = 0, latency_s = 0, itl_s = 0, token_efficiency = 0, flops = 0;
   bool operator==(const EfficiencyRecord&) const = default;
 };
 

@@ -31,6 +31,8 @@ struct DsrsqKnobs final : MethodKnobs {
   std::int64_t dsr_span = 3;          // tokens kept after each top token
   std::int64_t dsr_conv_width = 4;    // local-context convolution taps
   double dsr_lambda = 0.1;            // reward = task score - lambda * selected fraction
+  std::int64_t dsr_ppo_epochs = 4;    // PPO update epochs per sampled batch (1 = REINFORCE)
+  double dsr_clip = 0.2;              // PPO clip
   std::int64_t sqa_clusters = 8;      // k-means clusters of keys per head
   std::int64_t sqa_top_clusters = 4;  // clusters each query attends to
   std::int64_t sqa_lloyd_steps = 3;
@@ -50,6 +52,8 @@ struct DsrsqKnobs final : MethodKnobs {
       ("dsr_span", po::value(&dsr_span)->default_value(dsr_span), "retriever: tokens kept after each top token")
       ("dsr_conv_width", po::value(&dsr_conv_width)->default_value(dsr_conv_width), "retriever: taps of the causal local-context convolution")
       ("dsr_lambda", po::value(&dsr_lambda)->default_value(dsr_lambda), "retriever: reward = task score - lambda * selected fraction")
+      ("dsr_ppo_epochs", po::value(&dsr_ppo_epochs)->default_value(dsr_ppo_epochs), "retriever: PPO update epochs per sampled batch: the same sampled subsets are re-scored (retriever forward only, not the backbone) and updated this many times against the log-probabilities stored at sampling time, clipped at dsr_clip; 1 = REINFORCE (one on-policy update: ratio 1, the clip never acts)")
+      ("dsr_clip", po::value(&dsr_clip)->default_value(dsr_clip), "retriever: PPO clip epsilon (ratios outside [1 - clip, 1 + clip] in the direction of the advantage give no gradient; 0: no clipping)")
       ("sqa_clusters", po::value(&sqa_clusters)->default_value(sqa_clusters), "SQA: k-means clusters of keys per head")
       ("sqa_top_clusters", po::value(&sqa_top_clusters)->default_value(sqa_top_clusters), "SQA: clusters each query attends to")
       ("sqa_lloyd_steps", po::value(&sqa_lloyd_steps)->default_value(sqa_lloyd_steps), "SQA: Lloyd iterations of k-means")
@@ -70,6 +74,8 @@ struct DsrsqKnobs final : MethodKnobs {
     DSRSQ_INPUT_CHECK(dsr_span >= 0, "option --dsr_span: must be >= 0, got ", dsr_span);
     DSRSQ_INPUT_CHECK(dsr_conv_width >= 1, "option --dsr_conv_width: must be >= 1, got ", dsr_conv_width);
     DSRSQ_INPUT_CHECK(dsr_lambda >= 0 && std::isfinite(dsr_lambda), "option --dsr_lambda: must be >= 0 and finite, got ", dsr_lambda);
+    DSRSQ_INPUT_CHECK(dsr_ppo_epochs >= 1, "option --dsr_ppo_epochs: must be >= 1 (1 = REINFORCE), got ", dsr_ppo_epochs);
+    DSRSQ_INPUT_CHECK(dsr_clip >= 0 && dsr_clip < 1, "option --dsr_clip: must lie in [0, 1), got ", dsr_clip);
     DSRSQ_INPUT_CHECK(sqa_clusters >= 1, "option --sqa_clusters: must be >= 1, got ", sqa_clusters);
     DSRSQ_INPUT_CHECK(sqa_clusters <= s.max_seq_len, "option --sqa_clusters: ", sqa_clusters,
                       " clusters cannot be filled by sequences of at most max_seq_len=", s.max_seq_len, " tokens");
@@ -96,6 +102,8 @@ struct DsrsqKnobs final : MethodKnobs {
     kv["dsr_span"] = std::to_string(dsr_span);
     kv["dsr_conv_width"] = std::to_string(dsr_conv_width);
     kv["dsr_lambda"] = num(dsr_lambda);
+    kv["dsr_ppo_epochs"] = std::to_string(dsr_ppo_epochs);
+    kv["dsr_clip"] = num(dsr_clip);
     kv["sqa_clusters"] = std::to_string(sqa_clusters);
     kv["sqa_top_clusters"] = std::to_string(sqa_top_clusters);
     kv["sqa_lloyd_steps"] = std::to_string(sqa_lloyd_steps);
@@ -110,7 +118,7 @@ struct DsrsqKnobs final : MethodKnobs {
     kv["hof_ramp"] = std::to_string(hof_ramp);
   }
 
-  DsrsqSettings settings(const ModelConfig& mc, std::uint64_t seed) const {
+  DsrsqSettings settings(const ModelConfig& mc, std::uint64_t seed, const AdamWConfig& adam) const {
     DsrsqSettings s;
     s.dsr.d_r = dsr_d_r;
     s.dsr.conv_width = dsr_conv_width;
@@ -118,7 +126,10 @@ struct DsrsqKnobs final : MethodKnobs {
     s.dsr.base_budget = dsr_base_budget;
     s.dsr.alpha = dsr_alpha;
     s.dsr.lambda = dsr_lambda;
+    s.dsr.ppo_epochs = dsr_ppo_epochs;
+    s.dsr.clip = dsr_clip;
     s.dsr.validate();
+    s.ppo_adam = adam;  // the retriever's inner PPO updates: the backbone's hyper-parameters
     s.sqa.clusters = sqa_clusters;
     s.sqa.top_clusters = sqa_top_clusters;
     s.sqa.lloyd_steps = static_cast<int>(sqa_lloyd_steps);
@@ -145,7 +156,7 @@ class Dsrsq final : public Method, public TrainingExtension {
   explicit Dsrsq(const MethodContext& c)
       : model_(c.model),
         be_(c.backend),
-        dm_(c.model, static_cast<const DsrsqKnobs*>(c.knobs)->settings(c.model.config(), c.seed), c.backend) {
+        dm_(c.model, static_cast<const DsrsqKnobs*>(c.knobs)->settings(c.model.config(), c.seed, c.adam), c.backend) {
     dm_.init(c.seed);
     adam_ = std::make_unique<AdamW>(dm_.extra_params(), dm_.extra_flat(), c.adam, c.backend);
   }
@@ -185,6 +196,7 @@ class Dsrsq final : public Method, public TrainingExtension {
     world.broadcast(std::span<double>(b, 2), root);
     dm_.baseline() = retrieval::MovingAverageBaseline(dm_.settings().dsr.baseline_decay);
     if (b[0] > 0) dm_.baseline().update(b[1]);
+    dm_.broadcast_ppo_state(world, root);
   }
   void attach(MethodHooks& hooks, const TrainEnv& env) override {
     model_.save_pre_rope_keys = true;  // the compression loss reads them
@@ -205,9 +217,11 @@ class Dsrsq final : public Method, public TrainingExtension {
     dist::Communicator* world = env.world;
     const bool lead = env.sp_lead;
     const double global_batch = env.global_batch;
-    hooks.after_backward = [this, world, lead, global_batch](std::int64_t step, const HostBatch& local,
-                                                             const std::vector<double>& answer_loss, StepStats& st) {
-      const HofTerms h = dm_.hof_terms(step, local, answer_loss, world, lead, global_batch);
+    const auto lr_at = env.lr_at;
+    hooks.after_backward = [this, world, lead, global_batch, lr_at](std::int64_t step, const HostBatch& local,
+                                                                    const std::vector<double>& answer_loss, StepStats& st) {
+      const HofTerms h = dm_.hof_terms(step, local, answer_loss, world, lead, global_batch,
+                                       lr_at ? std::optional<double>(lr_at(step)) : std::nullopt);
       const DsrsqSettings& s = dm_.settings();
       st.loss_retrieval = h.retrieval;
       st.loss_compression = h.compression;

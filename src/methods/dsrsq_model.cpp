@@ -121,6 +121,10 @@ DsrsqModel::DsrsqModel(Transformer& backbone, DsrsqSettings s, Backend& be)
   proj_.bind(extra_.ptr<float>() + nd, extra_grad_.ptr<float>() + nd);
   extra_params_ = scorer_.params();
   for (auto& p : proj_.params()) extra_params_.push_back(p);
+  if (s_.dsr.ppo_epochs > 1) {
+    scorer_params_ = scorer_.params();
+    ppo_opt_ = std::make_unique<AdamW>(scorer_params_, TensorView(extra_.ptr<float>(), Shape{nd}), s_.ppo_adam, be);
+  }
 }
 
 void DsrsqModel::zero_extra_grad() { be_.fill(extra_grad_, 0.0); }
@@ -249,26 +253,26 @@ HostBatch DsrsqModel::training_batch(const std::vector<const Encoded*>& seqs, st
   return hb;
 }
 
-HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
-                               dist::Communicator* comm, bool lead, double global_sequences) {
-  HofTerms h;
-  h.ramp = s_.ramp > 0 ? std::min(1.0, static_cast<double>(step) / static_cast<double>(s_.ramp)) : 1.0;
-  const double w_ret = s_.g[1] * h.ramp, w_comp = s_.g[2] * h.ramp, w_cost = s_.g[3] * h.ramp;
-  const std::int64_t B = static_cast<std::int64_t>(batch_.size());
-  // Sums over this rank's sequences (lead only), reduced over the world below:
-  // [reward, selected fraction, expected fraction, compression loss * rows, rows].
-  double sums[5] = {0, 0, 0, 0, 0};
-  std::vector<double> rewards(static_cast<std::size_t>(B));
-  if (lead) {
-    for (std::int64_t b = 0; b < B; ++b) {
-      const auto& ex = batch_[static_cast<std::size_t>(b)];
-      rewards[static_cast<std::size_t>(b)] = retrieval::dsr_reward(-answer_loss[static_cast<std::size_t>(b)],
-                                                                  static_cast<std::int64_t>(ex.sel.positions.size()), ex.n, s_.dsr.lambda);
-      sums[0] += rewards[static_cast<std::size_t>(b)];
-      sums[1] += ex.sel.selected_fraction;
-    }
-  }
-  // Compression: every layer's pre-RoPE K and V of this rank's real tokens.
+HofWeights DsrsqModel::hof_weights(std::int64_t step) const {
+  HofWeights w;
+  w.ramp = s_.ramp > 0 ? std::min(1.0, static_cast<double>(step) / static_cast<double>(s_.ramp)) : 1.0;
+  w.task = s_.g[0];
+  w.retrieval = s_.g[1] * w.ramp;
+  w.compression = s_.g[2] * w.ramp;
+  w.compute = s_.g[3] * w.ramp;
+  return w;
+}
+
+std::vector<double> DsrsqModel::retrieval_rewards(const std::vector<double>& answer_loss) const {
+  std::vector<double> rewards(batch_.size());
+  for (std::size_t b = 0; b < batch_.size(); ++b)
+    rewards[b] = retrieval::dsr_reward(-answer_loss[b], static_cast<std::int64_t>(batch_[b].sel.positions.size()),
+                                       batch_[b].n, s_.dsr.lambda);
+  return rewards;
+}
+
+double DsrsqModel::compression_term(const HostBatch& local, dist::Communicator* comm, double weight) {
+  // Every layer's pre-RoPE K and V of this rank's real tokens.
   const std::int64_t C = model_.config().d_model;
   std::vector<std::int64_t> real;
   for (std::int64_t i = 0; i < local.B * local.T; ++i)
@@ -285,63 +289,124 @@ HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const 
       gather_saved_kv(l, real, k, v);
       const Shape sh{static_cast<std::int64_t>(real.size()), C};
       comp += proj_.compression_loss(l, TensorView(k.data(), sh), TensorView(v.data(), sh));
-      if (w_comp > 0) proj_.compression_loss_backward(w_comp * share_rows);
+      if (weight > 0) proj_.compression_loss_backward(weight * share_rows);
     }
   }
-  sums[3] = comp * share_rows;  // summed over ranks: the global mean (over rows) of the per-layer sum
-  sums[4] = 0;
-  // Expected selected fraction at the budget head's mean (pathwise gradient).
-  std::vector<double> dmu(static_cast<std::size_t>(B), 0.0);
+  return comp * share_rows;  // summed over ranks: the global mean (over rows) of the per-layer sum
+}
+
+double DsrsqModel::compute_term_local() const {
+  double sum = 0;
+  for (const auto& ex : batch_) {
+    const double mu = ex.fwd.head.mean_logit(ex.fwd.features);
+    const double sg = 1.0 / (1.0 + std::exp(-mu));
+    const double base = static_cast<double>(retrieval::resolve_base_budget(s_.dsr, ex.n));
+    const double budget = base * (1.0 + s_.dsr.alpha * sg);
+    sum += std::min(1.0, budget / static_cast<double>(ex.n));
+  }
+  return sum;
+}
+
+void DsrsqModel::compute_term_backward(double global_sequences, double weight) {
+  // Expected selected fraction at the budget head's mean: d/dmu * features (pathwise).
+  for (const auto& ex : batch_) {
+    const double mu = ex.fwd.head.mean_logit(ex.fwd.features);
+    const double sg = 1.0 / (1.0 + std::exp(-mu));
+    const double base = static_cast<double>(retrieval::resolve_base_budget(s_.dsr, ex.n));
+    const double budget = base * (1.0 + s_.dsr.alpha * sg);
+    const double n = static_cast<double>(ex.n);
+    if (!(budget < n)) continue;
+    const double d = base * s_.dsr.alpha * sg * (1.0 - sg) / n / global_sequences;
+    if (d == 0) continue;
+    retrieval::BudgetGrad bg;
+    bg.dw.assign(ex.fwd.features.size(), 0.0);
+    for (std::size_t i = 0; i < bg.dw.size(); ++i) bg.dw[i] = d * ex.fwd.features[i];
+    bg.db = d;
+    const std::vector<double> zero(static_cast<std::size_t>(ex.n), 0.0);
+    scorer_.backward(ex.fwd, zero, &bg, weight);
+  }
+}
+
+std::vector<retrieval::DsrPolicyStats> DsrsqModel::retrieval_term(const std::vector<double>& rewards, double baseline,
+                                                                  double weight, bool ppo, bool lead,
+                                                                  dist::Communicator* comm, std::optional<double> lr) {
+  std::vector<retrieval::DsrPolicyStats> stats;
+  const std::int64_t epochs = s_.dsr.ppo_epochs;
+  // Without PPO updates (ppo_epochs 1, or a zero retrieval weight before the ramp): one pass.
+  if (epochs <= 1 || !ppo) {
+    if (lead && !batch_.empty()) {
+      std::vector<retrieval::DsrRecord> recs;
+      for (std::size_t b = 0; b < batch_.size(); ++b) recs.push_back({&batch_[b].fwd, &batch_[b].sel, rewards[b]});
+      stats.push_back(scorer_.policy_step(recs, baseline, weight));
+    }
+    return stats;
+  }
+  DSRSQ_INPUT_CHECK(lr.has_value(), "DSRSQ: dsr_ppo_epochs = ", epochs,
+                    " needs the step's learning rate for the retriever's inner PPO updates (hof_terms' lr)");
+  DSRSQ_REQUIRE(ppo_opt_ != nullptr, "DSRSQ: no inner PPO optimizer");
+  // Between epochs: the retriever's gradient summed over the world (every rank,
+  // lead or not, so the replicas stay equal), its own AdamW step, zeroed.
+  const TensorView g(extra_grad_.ptr<float>(), Shape{scorer_.num_parameters()});
+  auto update = [&] {
+    if (comm) comm->all_reduce_sum(std::span<float>(g.ptr<float>(), static_cast<std::size_t>(g.numel())));
+    ppo_opt_->step(*lr);
+    be_.fill(g, 0.0);
+  };
+  if (lead && !batch_.empty()) {
+    std::vector<retrieval::PpoRecord> recs;
+    for (std::size_t b = 0; b < batch_.size(); ++b) recs.push_back({&batch_[b].fwd, &batch_[b].sel, rewards[b]});
+    stats = scorer_.ppo_step(recs, baseline, weight, update);
+  } else {
+    for (std::int64_t e = 1; e < epochs; ++e) update();
+  }
+  return stats;
+}
+
+HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
+                               dist::Communicator* comm, bool lead, double global_sequences, std::optional<double> lr) {
+  HofTerms h;
+  const HofWeights w = hof_weights(step);
+  h.ramp = w.ramp;
+  // Local sums over this rank's sequences (lead only), reduced over the world in one call:
+  // [reward, selected fraction, expected fraction, compression loss share, unused].
+  double sums[5] = {0, 0, 0, 0, 0};
+  std::vector<double> rewards(batch_.size());
   if (lead) {
-    for (std::int64_t b = 0; b < B; ++b) {
-      const auto& ex = batch_[static_cast<std::size_t>(b)];
-      const double mu = ex.fwd.head.mean_logit(ex.fwd.features);
-      const double sg = 1.0 / (1.0 + std::exp(-mu));
-      const double base = static_cast<double>(retrieval::resolve_base_budget(s_.dsr, ex.n));
-      const double budget = base * (1.0 + s_.dsr.alpha * sg);
-      const double n = static_cast<double>(ex.n);
-      sums[2] += std::min(1.0, budget / n);
-      if (budget < n) dmu[static_cast<std::size_t>(b)] = base * s_.dsr.alpha * sg * (1.0 - sg) / n;
+    rewards = retrieval_rewards(answer_loss);
+    for (std::size_t b = 0; b < batch_.size(); ++b) {
+      sums[0] += rewards[b];
+      sums[1] += batch_[b].sel.selected_fraction;
     }
   }
+  sums[3] = compression_term(local, comm, w.compression);
+  if (lead) sums[2] = compute_term_local();
   if (comm) comm->all_reduce_sum(std::span<double>(sums, 5));
   const double G = std::max(1.0, global_sequences);
   h.selected_fraction = sums[1] / G;
-  const double expected_fraction = sums[2] / G;
-  // Active-cluster fraction of the step's attention: dense attention (ring
-  // attention under sp) attends every cluster.
+  // L_compute = expected selected fraction + the active-cluster fraction of the
+  // step's attention (dense attention, ring attention under sp, attends every cluster).
   const double active = model_.attention_override == &sqa_ ? sqa_.active_cluster_fraction() : 1.0;
-  h.compute = expected_fraction + active;
+  h.compute = sums[2] / G + active;
   h.compression = sums[3];
   // Policy gradient with a global-mean baseline; per-rank losses are means over
   // its own sequences, so weight them by their share of the global batch.
   const double mean_reward = sums[0] / G;
-  if (lead && B > 0) {
-    std::vector<retrieval::DsrRecord> recs;
-    for (std::int64_t b = 0; b < B; ++b)
-      recs.push_back(retrieval::DsrRecord{&batch_[static_cast<std::size_t>(b)].fwd, &batch_[static_cast<std::size_t>(b)].sel,
-                                          rewards[static_cast<std::size_t>(b)]});
-    const double share = static_cast<double>(B) / G;
-    // Before the first update the baseline is this batch's mean (not 0, which
-    // would make the first advantages the raw rewards).
-    const double base = baseline_.initialized() ? baseline_.value() : mean_reward;
-    const auto st = scorer_.policy_step(recs, base, w_ret * share);
-    h.retrieval = (st.selection_loss + st.budget_loss) * share;
-    // L_compute's pathwise gradient into the budget head: d/dmu * features.
-    if (w_cost > 0) {
-      for (std::int64_t b = 0; b < B; ++b) {
-        const auto& ex = batch_[static_cast<std::size_t>(b)];
-        const double d = dmu[static_cast<std::size_t>(b)] / G;
-        if (d == 0) continue;
-        retrieval::BudgetGrad bg;
-        bg.dw.assign(ex.fwd.features.size(), 0.0);
-        for (std::size_t i = 0; i < bg.dw.size(); ++i) bg.dw[i] = d * ex.fwd.features[i];
-        bg.db = d;
-        const std::vector<double> zero(static_cast<std::size_t>(ex.n), 0.0);
-        scorer_.backward(ex.fwd, zero, &bg, w_cost);
-      }
-    }
+  const double share = static_cast<double>(batch_.size()) / G;
+  // Before the first update the baseline is this batch's mean (not 0, which
+  // would make the first advantages the raw rewards).
+  const double base = baseline_.initialized() ? baseline_.value() : mean_reward;
+  // The same decision on every rank (it decides how many all-reduces the inner updates make).
+  const bool ppo = w.retrieval > 0;
+  const auto epochs = retrieval_term(rewards, base, w.retrieval * share, ppo, lead, comm, lr);
+  if (!epochs.empty()) {
+    // The on-policy (first epoch's) surrogate is the logged value.
+    h.retrieval = (epochs.front().selection_loss + epochs.front().budget_loss) * share;
+    h.ppo_epochs = static_cast<std::int64_t>(epochs.size());
+    h.ppo_mean_ratio = epochs.back().mean_ratio;
+    h.ppo_selection_clip_fraction = epochs.back().selection_clip_fraction;
+    h.ppo_budget_clip_fraction = epochs.back().budget_clip_fraction;
   }
+  if (lead && !batch_.empty() && w.compute > 0) compute_term_backward(G, w.compute);
   if (comm) {
     double r = h.retrieval;
     comm->all_reduce_sum(std::span<double>(&r, 1));
@@ -390,6 +455,13 @@ void DsrsqModel::save(std::map<std::string, std::vector<float>>& extra, const Te
   extra["dsrsq.state"] = {static_cast<float>(adam_steps), baseline_.initialized() ? 1.0f : 0.0f,
                           static_cast<float>(bits & 0xFFFF), static_cast<float>((bits >> 16) & 0xFFFF),
                           static_cast<float>((bits >> 32) & 0xFFFF), static_cast<float>((bits >> 48) & 0xFFFF)};
+  if (ppo_opt_) {
+    extra["dsrsq.ppo_adam_m"] = vec(ppo_opt_->m());
+    extra["dsrsq.ppo_adam_v"] = vec(ppo_opt_->v());
+    const auto t = static_cast<std::uint64_t>(ppo_opt_->steps());  // as 16-bit pieces: exact in f32
+    extra["dsrsq.ppo_state"] = {static_cast<float>(t & 0xFFFF), static_cast<float>((t >> 16) & 0xFFFF),
+                                static_cast<float>((t >> 32) & 0xFFFF)};
+  }
 }
 
 bool DsrsqModel::load_params(const std::map<std::string, std::vector<float>>& extra) {
@@ -424,7 +496,30 @@ std::int64_t DsrsqModel::load(const std::map<std::string, std::vector<float>>& e
   std::memcpy(&b, &bits, sizeof b);
   baseline_ = retrieval::MovingAverageBaseline(s_.dsr.baseline_decay);
   if (st[1] > 0) baseline_.update(b);
+  if (ppo_opt_) {
+    be_.fill(ppo_opt_->m(), 0.0);
+    be_.fill(ppo_opt_->v(), 0.0);
+    ppo_opt_->set_steps(0);
+    if (extra.count("dsrsq.ppo_state")) {
+      put("dsrsq.ppo_adam_m", ppo_opt_->m());
+      put("dsrsq.ppo_adam_v", ppo_opt_->v());
+      const auto& ps = extra.at("dsrsq.ppo_state");
+      DSRSQ_INPUT_CHECK(ps.size() == 3, "checkpoint: dsrsq.ppo_state must hold 3 values, got ", ps.size());
+      std::uint64_t t = 0;
+      for (int i = 0; i < 3; ++i) t |= static_cast<std::uint64_t>(ps[static_cast<std::size_t>(i)]) << (16 * i);
+      ppo_opt_->set_steps(static_cast<std::int64_t>(t));
+    }
+  }
   return static_cast<std::int64_t>(st[0]);
+}
+
+void DsrsqModel::broadcast_ppo_state(dist::Communicator& comm, int root) {
+  if (!ppo_opt_) return;
+  std::int64_t t = ppo_opt_->steps();
+  comm.broadcast(std::span<std::int64_t>(&t, 1), root);
+  ppo_opt_->set_steps(t);
+  for (TensorView v : {ppo_opt_->m(), ppo_opt_->v()})
+    comm.broadcast(std::span<float>(v.ptr<float>(), static_cast<std::size_t>(v.numel())), root);
 }
 
 }  // namespace dsrsq

@@ -17,8 +17,16 @@
 //   L = g1 L_task + g2 L_retrieval + g3 L_compression + g4 L_compute
 //   L_task         the backbone's loss on the selected sequences (answer tokens,
 //                  plus lm_weight on context/query tokens whose successor was kept)
-//   L_retrieval    the REINFORCE/PPO surrogate of the selection and budget
-//                  policies; reward = -(answer loss of the example) - lambda * selected/N
+//   L_retrieval    the PPO clipped surrogate of the selection and budget
+//                  policies; reward = -(answer loss of the example) - lambda * selected/N,
+//                  computed once per sample from the backbone's forward. The
+//                  sampling policy's log-probabilities are stored at sampling time;
+//                  the retriever then takes dsr.ppo_epochs (E) updates on the same
+//                  samples: epochs 0..E-2 each end in an AdamW step of the scorer's
+//                  own parameters (its own moments, at the step's learning rate),
+//                  followed by a re-run of the scorer's forward only (the backbone
+//                  is not re-run); the last epoch's gradient joins the extra
+//                  parameters' regular step. E = 1 is REINFORCE (ratio 1).
 //   L_compression  RCKV reconstruction error of every layer's pre-RoPE K and V
 //                  of the step's tokens (K/V are constants: it trains P and U)
 //   L_compute      expected selected fraction (budget at the head's mean logit
@@ -46,6 +54,7 @@
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
 #include "train/encode.hpp"
+#include "train/optimizer.hpp"
 #include "retrieval/dsr_scorer.hpp"
 
 namespace dsrsq {
@@ -56,6 +65,9 @@ struct DsrsqSettings {
   compress::RckvConfig rckv;
   std::array<double, 4> g{1.0, 0.5, 0.3, 0.2};
   std::int64_t ramp = 1000;
+  // AdamW of the retriever's inner PPO epochs (dsr.ppo_epochs > 1); its lr is
+  // the step's scheduled rate, passed to hof_terms.
+  AdamWConfig ppo_adam;
 };
 
 // Which parts run at inference.
@@ -112,6 +124,16 @@ class RckvTrainTransform : public KVTransform {
 // Terms of the HOF loss of one step (unweighted values, for /train).
 struct HofTerms {
   double retrieval = 0, compression = 0, compute = 0, selected_fraction = 0, ramp = 0;
+  // PPO diagnostics of this rank's samples (lead ranks; 0 elsewhere): the last
+  // epoch's mean selection ratio and clip fractions (epoch 0 is on policy).
+  std::int64_t ppo_epochs = 0;
+  double ppo_mean_ratio = 0, ppo_selection_clip_fraction = 0, ppo_budget_clip_fraction = 0;
+};
+
+// The HOF weights of one step: g1 (task, never ramped) and the ramped
+// efficiency weights g2..g4 * ramp.
+struct HofWeights {
+  double task = 0, retrieval = 0, compression = 0, compute = 0, ramp = 0;
 };
 
 class DsrsqModel {
@@ -150,8 +172,14 @@ class DsrsqModel {
   // policy terms of its sequences (sp rank 0), the others contribute only the
   // compression term of their tokens. global_sequences / global_rows: the
   // step's sequence count and real-token count over all ranks.
+  // lr: the step's scheduled learning rate, needed for the retriever's inner PPO
+  // updates (dsr.ppo_epochs > 1 and a non-zero retrieval weight); an error
+  // when it is needed and not given. Every rank of comm must call this with
+  // the same step (the inner updates all-reduce the retriever's gradient).
   HofTerms hof_terms(std::int64_t step, const HostBatch& local, const std::vector<double>& answer_loss,
-                     dist::Communicator* comm, bool lead, double global_sequences);
+                     dist::Communicator* comm, bool lead, double global_sequences,
+                     std::optional<double> lr = std::nullopt);
+  HofWeights hof_weights(std::int64_t step) const;
   ClusterAttentionOverride* sqa_override() { return &sqa_; }
   // Sequence parallelism: the seeds are chosen by the sharded exact top-k over
   // these ranks (each proposes its block's best, one all-gather, global top-k).
@@ -169,7 +197,12 @@ class DsrsqModel {
   // Parameters only (--init_from a DSRSQ checkpoint); false when it has none.
   bool load_params(const std::map<std::string, std::vector<float>>& extra);
   // Returns the AdamW step count stored (or -1 when the checkpoint has no DSRSQ state).
+  // With dsr.ppo_epochs > 1 the inner PPO AdamW's state travels too
+  // (dsrsq.ppo_adam_m / _v / _state); a checkpoint without it starts that state at 0.
   std::int64_t load(const std::map<std::string, std::vector<float>>& extra, TensorView adam_m, TensorView adam_v);
+  // The inner PPO AdamW's state from `root` to every rank (resume under MPI: rank 0 read it).
+  void broadcast_ppo_state(dist::Communicator& comm, int root);
+  AdamW* ppo_optimizer() { return ppo_opt_.get(); }
 
  private:
   struct Example {
@@ -179,6 +212,20 @@ class DsrsqModel {
   };
   // The context indices (into enc.tokens) and the query tokens used for scoring.
   Example score(const Encoded& enc, Rng* rng) const;
+  // HOF terms, one function each (hof_terms composes them; the sums feed one
+  // all-reduce, so each term has a local part and a finishing part).
+  std::vector<double> retrieval_rewards(const std::vector<double>& answer_loss) const;
+  // This rank's share of the global mean compression loss; its gradient (weight) into P and U.
+  double compression_term(const HostBatch& local, dist::Communicator* comm, double weight);
+  // Sum over this rank's sequences of the expected selected fraction (budget at the head's mean).
+  double compute_term_local() const;
+  // Its pathwise gradient into the budget head, from the current forwards.
+  void compute_term_backward(double global_sequences, double weight);
+  // PPO (or REINFORCE) over this rank's samples; returns the stats of each epoch
+  // (empty on non-lead ranks, which still join the inner updates' all-reduce).
+  std::vector<retrieval::DsrPolicyStats> retrieval_term(const std::vector<double>& rewards, double baseline,
+                                                        double weight, bool ppo, bool lead,
+                                                        dist::Communicator* comm, std::optional<double> lr);
   // Rows `rows` of layer l's saved pre-RoPE keys and values into k, v (rows.size() x C each).
   void gather_saved_kv(std::int64_t layer, const std::vector<std::int64_t>& rows, std::vector<float>& k,
                        std::vector<float>& v) const;
@@ -196,6 +243,8 @@ class DsrsqModel {
   RckvTrainTransform kvt_;
   dist::Communicator* sp_comm_ = nullptr;
   std::vector<Example> batch_;  // of the last training_batch()
+  std::vector<Param> scorer_params_;  // views of the scorer's part of extra_ (inner PPO AdamW)
+  std::unique_ptr<AdamW> ppo_opt_;    // dsr.ppo_epochs > 1 only
 };
 
 }  // namespace dsrsq

@@ -68,6 +68,7 @@ struct TrainEnv {
   double global_batch = 1;                // sequences per step over all ranks
   std::uint64_t seed = 0;
   std::int32_t pad_id = 0;
+  std::function<double(std::int64_t step)> lr_at;  // the scheduled learning rate of a step
 };
 
 class TrainingExtension {

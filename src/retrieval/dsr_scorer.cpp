@@ -34,6 +34,7 @@ void DsrConfig::validate() const {
   DSRSQ_INPUT_CHECK(std::isfinite(budget_sigma) && budget_sigma > 0, "dsr_budget_sigma must be > 0, got ",
                     budget_sigma);
   DSRSQ_INPUT_CHECK(std::isfinite(init_scale) && init_scale > 0, "dsr_init_scale must be > 0, got ", init_scale);
+  DSRSQ_INPUT_CHECK(ppo_epochs >= 1, "dsr_ppo_epochs must be >= 1 (1 = REINFORCE), got ", ppo_epochs);
 }
 
 // ---- selection helpers --------------------------------------------------------------
@@ -415,9 +416,35 @@ DsrPolicyStats DsrScorer::policy_step(std::span<const DsrRecord> records, double
     st.budget_clip_fraction += bl.clip_fraction * inv;
     st.mean_selected_fraction += sel.selected_fraction * inv;
     st.mean_budget += static_cast<double>(sel.budget.budget) * inv;
+    st.selection_ratios.push_back(pl.mean_ratio);  // one sample: its ratio
+    st.selection_clipped.push_back(pl.clip_fraction > 0 ? 1 : 0);
+    st.budget_ratios.push_back(std::exp(budget_log_prob(fwd.head, fwd.features, sel.budget.z) - sel.budget_log_prob));
+    st.budget_clipped.push_back(bl.clip_fraction > 0 ? 1 : 0);
+    st.advantages.push_back(rec.reward - baseline);
     if (weight != 0.0) backward(fwd, pl.dloss, &bl.dloss, weight * inv);
   }
   return st;
+}
+
+std::vector<DsrPolicyStats> DsrScorer::ppo_step(std::span<const PpoRecord> records, double baseline, double weight,
+                                                const std::function<void()>& update) {
+  std::vector<DsrRecord> recs;
+  recs.reserve(records.size());
+  for (const PpoRecord& r : records) {
+    DSRSQ_REQUIRE(r.forward != nullptr && r.selection != nullptr, "DsrScorer::ppo_step: null record");
+    recs.push_back(DsrRecord{r.forward, r.selection, r.reward});
+  }
+  std::vector<DsrPolicyStats> out;
+  for (std::int64_t e = 0; e < cfg_.ppo_epochs; ++e) {
+    if (e > 0) {
+      DSRSQ_REQUIRE(static_cast<bool>(update), "DsrScorer::ppo_step: ppo_epochs ", cfg_.ppo_epochs,
+                    " > 1 needs an update step");
+      update();
+      for (const PpoRecord& r : records) refresh(*r.forward);
+    }
+    out.push_back(policy_step(recs, baseline, weight));
+  }
+  return out;
 }
 
 DsrPolicyStats DsrScorer::policy_step(std::span<const DsrRecord> records, MovingAverageBaseline& baseline,

@@ -53,8 +53,14 @@ struct DsrConfig {
   double baseline_decay = 0.9;     // moving-average baseline
   double budget_sigma = 0.5;       // exploration std of the budget logit in training (fixed)
   double init_scale = 10.0;        // initial inverse temperature of the cosine scores
+  // PPO update epochs per sampled batch: the same sampled subsets are re-scored (the
+  // scorer's forward only, never the backbone) and updated `ppo_epochs` times against the
+  // log-probabilities stored at sampling time, so the ratio moves and the clip acts.
+  // 1 = REINFORCE (one on-policy update per sample, ratio 1, the clip never acts).
+  std::int64_t ppo_epochs = 4;
   // Throws dsrsq::Error naming the option: dsr_d_r, dsr_conv_width, dsr_span, dsr_base_budget,
-  // dsr_alpha, dsr_lambda, dsr_clip, dsr_baseline_decay, dsr_budget_sigma, dsr_init_scale.
+  // dsr_alpha, dsr_lambda, dsr_clip, dsr_baseline_decay, dsr_budget_sigma, dsr_init_scale,
+  // dsr_ppo_epochs.
   void validate() const;
   std::int64_t num_features() const { return d_r + 1; }
 };
@@ -124,6 +130,17 @@ struct DsrPolicyStats {
   double selection_clip_fraction = 0, budget_clip_fraction = 0;
   double mean_selected_fraction = 0;
   double mean_budget = 0;
+  // Per record (in order): the ratios exp(log p_new - log p_old) of both policies, whether
+  // the clip took the sample's term (its gradient is then 0), and the advantage.
+  std::vector<double> selection_ratios, budget_ratios, advantages;
+  std::vector<char> selection_clipped, budget_clipped;
+};
+
+// A record whose forward PPO re-computes in place between epochs.
+struct PpoRecord {
+  DsrForward* forward = nullptr;
+  const DsrSelection* selection = nullptr;  // its log-probabilities are the stored "old" ones
+  double reward = 0;
 };
 
 // ---- scorer ---------------------------------------------------------------------------
@@ -167,6 +184,22 @@ class DsrScorer {
   DsrPolicyStats policy_step(std::span<const DsrRecord> records, double baseline, double weight);
   // Same, with baseline.value(); afterwards the baseline is updated with the batch mean reward.
   DsrPolicyStats policy_step(std::span<const DsrRecord> records, MovingAverageBaseline& baseline, double weight);
+
+  // Re-runs this scorer's forward on a forward's saved inputs (the context embedding rows
+  // and the query vector) with the current parameters: scores, features, head snapshot.
+  void refresh(DsrForward& f) const { encode(f); }
+
+  // PPO over cfg.ppo_epochs epochs (E). Epoch e = 0..E-1 is one policy_step over the
+  // records (advantages reward - baseline fixed for all epochs; "old" log-probabilities from
+  // the selections, i.e. stored at sampling time). Between epochs, update() is called: the
+  // caller's optimizer step on this scorer's parameters, which must consume and zero the
+  // grads; then every record's forward is refreshed. The last epoch's gradient stays in
+  // the grads for the caller's regular step (so E epochs = E parameter updates). Epoch 0
+  // is on policy (ratio exactly 1); later epochs see ratios != 1 and the clip.
+  // E = 1: exactly policy_step (REINFORCE), update() is never called.
+  // Returns the stats of every epoch.
+  std::vector<DsrPolicyStats> ppo_step(std::span<const PpoRecord> records, double baseline, double weight,
+                                       const std::function<void()>& update);
 
  private:
   void encode(DsrForward& f) const;  // f.context and f.query filled: the rest

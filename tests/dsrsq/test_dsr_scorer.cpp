@@ -7,6 +7,9 @@
 //   landing in the flat grad buffer (and nowhere else);
 // - policy_step's gradient against finite differences of its own loss (selection
 //   and budget policies, the budget features held fixed as documented);
+// - PPO epochs (ppo_step): one epoch is policy_step bitwise (REINFORCE); with
+//   several, the ratio leaves 1 after the first update and the clip zeroes the
+//   gradient of a sample whose ratio left [1 - eps, 1 + eps] along its advantage;
 // - span expansion, seed count, base budget and select() edge cases;
 // - a toy retrieval task learnt end to end by REINFORCE (scores -> Gumbel-top-k
 //   -> Plackett-Luce log-prob -> policy loss -> backward -> SGD);
@@ -17,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -423,6 +427,147 @@ BOOST_AUTO_TEST_CASE(policy_step_gradient_matches_finite_differences) {
   for (std::size_t k = 0; k < analytic.size(); ++k) BOOST_TEST(s.grads[k] == analytic[k]);
 }
 
+namespace {
+
+// A batch of sampled examples for the PPO tests: forwards, Gumbel-top-k
+// selections (their log-probabilities stored at sampling time) and rewards of
+// both signs around the baseline.
+struct PpoBatch {
+  std::vector<std::vector<float>> ecs, eqs;
+  std::vector<dr::DsrForward> fwds;
+  std::vector<dr::DsrSelection> sels;
+  Vec rewards;
+  std::vector<dr::PpoRecord> records() {
+    std::vector<dr::PpoRecord> r;
+    for (std::size_t e = 0; e < fwds.size(); ++e) r.push_back({&fwds[e], &sels[e], rewards[e]});
+    return r;
+  }
+  std::vector<dr::DsrRecord> plain() const {
+    std::vector<dr::DsrRecord> r;
+    for (std::size_t e = 0; e < fwds.size(); ++e) r.push_back({&fwds[e], &sels[e], rewards[e]});
+    return r;
+  }
+};
+
+PpoBatch ppo_batch(Setup& s, Rng& rng, int n_examples) {
+  PpoBatch b;
+  Rng srng(123);
+  for (int e = 0; e < n_examples; ++e) {
+    const std::int64_t n = 14 + 3 * e;
+    b.ecs.push_back(random_rows(n, s.C, rng));
+    b.eqs.push_back(random_rows(2, s.C, rng));
+    b.fwds.push_back(s.scorer.forward(TensorView(b.ecs.back().data(), Shape{n, s.C}),
+                                      TensorView(b.eqs.back().data(), Shape{2, s.C})));
+    b.sels.push_back(dr::select(b.fwds.back(), &srng));
+    b.rewards.push_back(e % 2 ? -1.0 + 0.1 * e : 1.0 - 0.05 * e);
+  }
+  return b;
+}
+
+dr::DsrConfig ppo_config(std::int64_t epochs) {
+  dr::DsrConfig cfg = small_config();
+  cfg.clip = 0.2;
+  cfg.ppo_epochs = epochs;
+  cfg.init_scale = 3.0;
+  return cfg;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(ppo_one_epoch_is_reinforce_bitwise) {
+  Rng rng(5);
+  Setup s(10, ppo_config(1), 21);
+  jitter(s, rng, 0.1);
+  PpoBatch b = ppo_batch(s, rng, 5);
+  const double baseline = 0.1;
+  s.zero_grads();
+  const auto old = s.scorer.policy_step(b.plain(), baseline, 0.7);
+  const std::vector<float> g_old = s.grads;
+  const std::vector<float> p_old = s.params;
+  s.zero_grads();
+  int updates = 0;
+  const auto recs = b.records();
+  const auto st = s.scorer.ppo_step(recs, baseline, 0.7, [&] { ++updates; });
+  BOOST_TEST(updates == 0);
+  BOOST_REQUIRE(st.size() == 1u);
+  BOOST_TEST(s.params == p_old);
+  BOOST_TEST(s.grads == g_old);  // bitwise
+  BOOST_TEST(st[0].selection_loss == old.selection_loss);
+  BOOST_TEST(st[0].budget_loss == old.budget_loss);
+  BOOST_TEST(st[0].mean_ratio == 1.0);
+  BOOST_TEST(st[0].selection_clip_fraction == 0.0);
+  BOOST_TEST(st[0].budget_clip_fraction == 0.0);
+  for (const double r : st[0].selection_ratios) BOOST_TEST(r == 1.0);
+}
+
+// A real scorer training step with 4 PPO epochs: SGD on the scorer's parameters
+// between epochs (what DsrsqModel does with its own AdamW), forwards refreshed.
+BOOST_AUTO_TEST_CASE(ppo_epochs_move_the_ratio_and_the_clip_acts) {
+  Rng rng(6);
+  const double eps = 0.2;
+  Setup s(10, ppo_config(4), 21);
+  jitter(s, rng, 0.1);
+  PpoBatch b = ppo_batch(s, rng, 8);
+  const double baseline = 0.0;
+  const float lr = 0.01f;
+  int updates = 0;
+  auto sgd = [&] {
+    ++updates;
+    for (std::size_t k = 0; k < s.params.size(); ++k) s.params[k] -= lr * s.grads[k];
+    s.zero_grads();
+  };
+  s.zero_grads();
+  const auto recs = b.records();
+  const auto st = s.scorer.ppo_step(recs, baseline, 1.0, sgd);
+  BOOST_REQUIRE(st.size() == 4u);
+  BOOST_TEST(updates == 3);
+  // Epoch 0 is on policy.
+  for (const double r : st[0].selection_ratios) BOOST_TEST(r == 1.0);
+  for (const double r : st[0].budget_ratios) BOOST_TEST(r == 1.0);
+  BOOST_TEST(st[0].selection_clip_fraction == 0.0);
+  // Later epochs: the ratio moved.
+  double max_dev = 0;
+  int clipped_along_adv = -1;
+  for (std::size_t e = 1; e < st.size(); ++e) {
+    std::ostringstream line;
+    line << "epoch " << e << ": mean ratio " << st[e].mean_ratio << ", selection clip fraction "
+         << st[e].selection_clip_fraction << ", budget clip fraction " << st[e].budget_clip_fraction << "; ratios";
+    for (std::size_t i = 0; i < recs.size(); ++i) {
+      const double r = st[e].selection_ratios[i];
+      line << " " << r << (st[e].selection_clipped[i] ? "*" : "");
+      max_dev = std::max(max_dev, std::abs(r - 1.0));
+      // The clip takes exactly the samples whose ratio left the band along their advantage.
+      const bool out = st[e].advantages[i] > 0 ? r > 1 + eps : r < 1 - eps;
+      BOOST_TEST(static_cast<bool>(st[e].selection_clipped[i]) == out, "epoch " << e << " sample " << i);
+      if (e + 1 == st.size() && out) clipped_along_adv = static_cast<int>(i);
+    }
+    BOOST_TEST_MESSAGE(line.str());
+  }
+  BOOST_TEST(max_dev > eps);
+  BOOST_REQUIRE_MESSAGE(clipped_along_adv >= 0, "no sample clipped in the last epoch");
+  BOOST_TEST(st.back().selection_clip_fraction > 0.0);
+
+  // That sample's selection gradient is exactly zero (the clip took its term) ...
+  const std::size_t i = static_cast<std::size_t>(clipped_along_adv);
+  const dr::DsrRecord one{&b.fwds[i], &b.sels[i], b.rewards[i]};
+  s.zero_grads();
+  s.scorer.policy_step(std::span<const dr::DsrRecord>(&one, 1), baseline, 1.0);
+  for (const char* name : {"dsr.wq", "dsr.wc", "dsr.conv", "dsr.log_scale"}) {
+    const auto p = s.param(name);
+    for (std::int64_t k = 0; k < p.grad.numel(); ++k) BOOST_TEST(p.grad.ptr<float>()[k] == 0.0f, name << " " << k);
+  }
+  // ... while without the clip (same parameters) it is not.
+  dr::DsrConfig noclip = ppo_config(4);
+  noclip.clip = 0;
+  dr::DsrScorer unclipped(s.C, noclip);
+  std::vector<float> g2(s.params.size(), 0.0f);
+  unclipped.bind(s.params.data(), g2.data());
+  unclipped.policy_step(std::span<const dr::DsrRecord>(&one, 1), baseline, 1.0);
+  double n2 = 0;
+  for (std::size_t k = 0; k < static_cast<std::size_t>(s.offset("dsr.budget_w")); ++k) n2 += std::abs(g2[k]);
+  BOOST_TEST(n2 > 0.0);
+}
+
 BOOST_AUTO_TEST_CASE(span_seed_and_budget_helpers) {
   auto ex = [](IVec top, std::int64_t span, std::int64_t n) { return dr::expand_spans(top, span, n); };
   BOOST_TEST((ex({5}, 2, 6) == IVec{5}));                       // top token at the end
@@ -632,6 +777,7 @@ BOOST_AUTO_TEST_CASE(config_validation_names_the_option) {
       {"dsr_baseline_decay", [](dr::DsrConfig& c) { c.baseline_decay = 1.0; }},
       {"dsr_budget_sigma", [](dr::DsrConfig& c) { c.budget_sigma = 0; }},
       {"dsr_init_scale", [](dr::DsrConfig& c) { c.init_scale = 0; }},
+      {"dsr_ppo_epochs", [](dr::DsrConfig& c) { c.ppo_epochs = 0; }},
   };
   dr::DsrConfig ok;
   BOOST_CHECK_NO_THROW(ok.validate());

@@ -203,6 +203,7 @@ BOOST_AUTO_TEST_CASE(selection_and_hof_gradients) {
   s.rckv.d_c = 8;
   s.sqa.top_clusters = 2;
   s.ramp = 10;
+  s.dsr.ppo_epochs = 1;  // REINFORCE: ppo_update_epochs below covers PPO
   DsrsqModel dm(model, s, cpu_backend());
   dm.init(7);
   const Encoded a = make_example(120, 4), b = make_example(100, 5);
@@ -268,6 +269,65 @@ BOOST_AUTO_TEST_CASE(selection_and_hof_gradients) {
   BOOST_CHECK(m2 == m && v2 == v);
   BOOST_CHECK(std::equal(before.begin(), before.end(), dm.extra_flat().ptr<float>()));
   BOOST_CHECK_CLOSE(dm.baseline().value(), base, 1e-4);
+}
+
+// PPO in the method: dsr.ppo_epochs = 3 re-runs only the scorer between
+// epochs (the backbone's forward and the rewards are those of the sampled batch),
+// each inner epoch ending in the retriever's own AdamW step; the last epoch sees
+// ratios != 1. The first epoch's surrogate is the logged value, so the logged
+// retrieval loss equals the REINFORCE run's; the backbone's gradient is untouched.
+BOOST_AUTO_TEST_CASE(ppo_update_epochs) {
+  const ModelConfig mc = small_cfg();
+  const Encoded a = make_example(120, 4), b = make_example(100, 5);
+  auto run = [&](std::int64_t epochs, std::optional<double> lr, std::vector<float>* extra_after,
+                 std::vector<float>* backbone_grad) {
+    Transformer model(mc, cpu_backend());
+    randomise(model, 5);
+    DsrsqSettings s = identity_settings(mc);
+    s.dsr.base_budget = 0.25;
+    s.rckv.d_c = 8;
+    s.sqa.top_clusters = 2;
+    s.ramp = 10;
+    s.dsr.ppo_epochs = epochs;
+    DsrsqModel dm(model, s, cpu_backend());
+    dm.init(7);
+    model.save_pre_rope_keys = true;
+    model.attention_override = dm.sqa_override();
+    HostBatch hb = dm.training_batch({&a, &b}, kPad, 0.0f, std::uint64_t{99}, 1);
+    model.zero_grad();
+    model.forward(hb.view());
+    model.backward();
+    dm.zero_extra_grad();
+    const HofTerms h = dm.hof_terms(20, hb, {0.5, 0.9}, nullptr, true, 2.0, lr);
+    if (extra_after)
+      extra_after->assign(dm.extra_flat().ptr<float>(), dm.extra_flat().ptr<float>() + dm.extra_flat().numel());
+    if (backbone_grad) {
+      const TensorView g = model.flat_grads();
+      backbone_grad->assign(g.ptr<float>(), g.ptr<float>() + g.numel());
+    }
+    if (epochs > 1) BOOST_CHECK_EQUAL(dm.ppo_optimizer()->steps(), epochs - 1);
+    return h;
+  };
+  std::vector<float> p1, p3, g1, g3;
+  const HofTerms h1 = run(1, std::nullopt, &p1, &g1);
+  const HofTerms h3 = run(3, 0.01, &p3, &g3);
+  BOOST_CHECK_EQUAL(h1.ppo_epochs, 1);
+  BOOST_CHECK_EQUAL(h1.ppo_mean_ratio, 1.0);
+  BOOST_CHECK_EQUAL(h3.ppo_epochs, 3);
+  BOOST_TEST_MESSAGE("ppo_epochs 3: last epoch mean ratio " << h3.ppo_mean_ratio << ", clip fractions "
+                                                            << h3.ppo_selection_clip_fraction << " (selection) "
+                                                            << h3.ppo_budget_clip_fraction << " (budget)");
+  BOOST_CHECK_GT(std::abs(h3.ppo_mean_ratio - 1.0), 1e-3);
+  BOOST_CHECK_EQUAL(h3.retrieval, h1.retrieval);  // the on-policy surrogate is logged
+  BOOST_CHECK_EQUAL(h3.compression, h1.compression);
+  BOOST_CHECK_EQUAL(h3.compute, h1.compute);
+  BOOST_CHECK(g3 == g1);  // the backbone is not re-run
+  // The inner steps moved the scorer's part of the parameters only.
+  const std::int64_t nd = retrieval::DsrScorer::num_parameters(mc.d_model, identity_settings(mc).dsr);
+  BOOST_CHECK(!std::equal(p1.begin(), p1.begin() + nd, p3.begin()));
+  BOOST_CHECK(std::equal(p1.begin() + nd, p1.end(), p3.begin() + nd));
+  // Without the step's learning rate PPO cannot run: an error naming the option.
+  BOOST_CHECK_THROW(run(3, std::nullopt, nullptr, nullptr), Error);
 }
 
 BOOST_AUTO_TEST_CASE(variants) {

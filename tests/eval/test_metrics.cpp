@@ -113,6 +113,47 @@ BOOST_AUTO_TEST_CASE(bleu) {
   BOOST_CHECK_THROW(st.add(s, std::vector<Tokens>{}), dsrsq::Error);
 }
 
+// BLEU-4 is n/a (NaN) when no reference of the corpus has >= 4 tokens: no
+// 4-gram can match whatever is predicted (the needle task's one-token answers,
+// where NLTK's value is a DBL_MIN artefact such as 1e-231 or 0).
+BOOST_AUTO_TEST_CASE(bleu4_not_applicable) {
+  // One-token answers: NLTK's value is not 0 but a meaningless tiny number.
+  BleuStats st;
+  st.add(Tokens{"42"}, refs1(Tokens{"42"}));
+  st.add(Tokens{"7"}, refs1(Tokens{"7"}));
+  BOOST_TEST(st.score() > 0.0);
+  BOOST_TEST(st.score() < 1e-200);
+  BOOST_TEST(!st.bleu4_defined());
+  BOOST_TEST(std::isnan(st.score_or_nan()));
+  // Long hypotheses against short references: still n/a (the reference side decides).
+  BleuStats st2;
+  st2.add(Tokens{"a", "b", "c", "d", "e"}, refs1(Tokens{"a", "b"}));
+  BOOST_TEST(std::isnan(st2.score_or_nan()));
+  // One reference of >= 4 tokens anywhere in the corpus makes it defined, with NLTK's value.
+  st2.add(Tokens{"a", "b"}, std::vector<Tokens>{Tokens{"x"}, Tokens{"a", "b", "c", "d"}});
+  BOOST_TEST(st2.bleu4_defined());
+  BOOST_TEST(st2.score_or_nan() == st2.score());
+  // Per example and in the aggregator.
+  BOOST_TEST(std::isnan(example_bleu4("42", Strs{"42"})));
+  BOOST_TEST(std::isnan(example_bleu4("", Strs{"42", "forty two"})));
+  BOOST_TEST(example_bleu4("", Strs{"a b c d"}) == 0.0);
+  BOOST_TEST(example_bleu4("a b c d", Strs{"a b c d"}) == 1.0);
+  BOOST_TEST(example_bleu4("a b c d e", Strs{"z", "a b c d e"}) ==
+             corpus_bleu(std::vector<std::vector<Tokens>>{{Tokens{"z"}, Tokens{"a", "b", "c", "d", "e"}}},
+                         std::vector<Tokens>{Tokens{"a", "b", "c", "d", "e"}}));
+  MetricAggregator agg;
+  agg.add("42", Strs{"42"});
+  agg.add("7 8", Strs{"7"});
+  BOOST_TEST(std::isnan(agg.result().bleu));
+  agg.add("the cat sat on the mat", Strs{"the cat sat on the mat"});
+  BOOST_TEST(!std::isnan(agg.result().bleu));
+  // Tables print n/a, never 0 or 1e-231.
+  BOOST_TEST(format_metric(std::nan("")) == "n/a");
+  BOOST_TEST(format_metric(0.25) == "0.2500");
+  BOOST_TEST(format_metric(0.123456, 2) == "0.12");
+  BOOST_TEST(format_metric(1.4e-231) == "0.0000");
+}
+
 BOOST_AUTO_TEST_CASE(aggregator) {
   MetricAggregator agg;
   const auto a = agg.add("The cat sat on the mat", Strs{"cat sat on mat"});

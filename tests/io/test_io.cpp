@@ -127,7 +127,7 @@ BOOST_AUTO_TEST_CASE(results_round_trip_every_record) {
   std::vector<ExampleRecord> ex;
   for (int i = 0; i < 5; ++i) ex.push_back(example(i));
   EvalSummary sum{0.5, 0.25, 0.4, 0.1, 0.12, 5};
-  EfficiencyRecord eff{1 << 30, 1 << 29, 3LL << 30, 1234.5, 0.25, 0.01, 0.125, 1e15};
+  EfficiencyRecord eff{1 << 30, 1 << 29, 3LL << 30, 1234.5, 4321.5, 0.25, 0.01, 0.125, 1e15};
   AdaptationRecord ad;
   ad.age_bin_edges = {0, 100, 1000, 10000, 100000};
   ad.retention_by_age = {1.0, 0.75, 0.5, NAN};
@@ -148,7 +148,7 @@ BOOST_AUTO_TEST_CASE(results_round_trip_every_record) {
     rf.set_summary("eval/full", sum);
     rf.set_summary("ablation/no_dsr", EvalSummary{1, 1, 1, 1, 1, 1});
     rf.set_efficiency("efficiency/dsrsq", eff);
-    rf.set_efficiency("ablation/no_dsr", EfficiencyRecord{1, 2, 3, 4, 5, 6, 7, 8});
+    rf.set_efficiency("ablation/no_dsr", EfficiencyRecord{1, 2, 3, 4, 4.5, 5, 6, 7, 8});
     rf.set_adaptation("dsrsq", ad);
     rf.append_rank({5, 0, 0.1, 0.01, 1000});
     rf.append_rank({5, 1, 0.2, 0.02, 2000});
@@ -192,6 +192,9 @@ BOOST_AUTO_TEST_CASE(results_round_trip_every_record) {
   BOOST_TEST(std::isnan(unset.f1_mean));
   BOOST_TEST(unset.n_examples == -1);
   BOOST_TEST((r.efficiency("efficiency/dsrsq") == eff));
+  // The process-lifetime figure says so on every efficiency group.
+  BOOST_TEST(r.root().group("efficiency/dsrsq").attr_string("process_peak_rss_bytes_scope").rfind("process lifetime", 0) == 0u);
+  BOOST_TEST(r.root().group("ablation/no_dsr/efficiency").has_attr("process_peak_rss_bytes_scope"));
   BOOST_TEST(r.efficiency("ablation/no_dsr").flops == 8.0);
   BOOST_TEST(std::isnan(r.efficiency("efficiency/full").latency_s));
   const auto ad2 = r.adaptation("dsrsq");
