@@ -158,15 +158,19 @@ void fwd_impl(Backend& be, const ClusterPlan& p, const AttentionArgs& a) {
   const std::int64_t NH = p.NH, HS = p.HS, T_ = p.T;
   T* O = a.o.ptr<T>();
   T* LSE = a.lse.ptr<T>();
-  std::vector<double> mx(static_cast<std::size_t>(T_)), sum(static_cast<std::size_t>(T_)),
-      acc(static_cast<std::size_t>(T_ * HS));
+  // Running result per (b, h) in f64 (o (1,T,1,HS), lse (1,1,T)); each
+  // cluster's partial is scattered to its queries' rows (lse -inf elsewhere)
+  // and merged with the Backend's one log-sum-exp merge, clusters in order.
+  std::vector<double> acc(static_cast<std::size_t>(T_ * HS)), L(static_cast<std::size_t>(T_));
+  std::vector<T> po(static_cast<std::size_t>(T_ * HS)), pl(static_cast<std::size_t>(T_));
+  const TensorView run_o(acc.data(), Shape{1, T_, 1, HS}), run_l(L.data(), Shape{1, 1, T_});
+  const TensorView part_o(po.data(), Shape{1, T_, 1, HS}), part_l(pl.data(), Shape{1, 1, T_});
   Gathered<T> G;
   for (std::int64_t b = 0; b < p.B; ++b)
     for (std::int64_t h = 0; h < NH; ++h) {
       const Groups g = make_groups(p, b, h);
-      std::fill(mx.begin(), mx.end(), kNegInf);
-      std::fill(sum.begin(), sum.end(), 0.0);
       std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(L.begin(), L.end(), kNegInf);
       if (g.tmax > 0 && g.smax > 0) {
         gather<T>(p, g, b, h, a.q, a.k, a.v, a.q_pos, a.k_pos, G);
         G.o.assign(G.q.size(), T(0));
@@ -176,39 +180,22 @@ void fwd_impl(Backend& be, const ClusterPlan& p, const AttentionArgs& a) {
                           TensorView(G.o.data(), qs), TensorView(G.lse.data(), Shape{p.m, 1, g.tmax}),
                           TensorView(G.qp.data(), Shape{p.m, g.tmax}), TensorView(G.kp.data(), Shape{p.m, g.smax}),
                           /*causal=*/true, p.scale});
-        // Merge the partial (o, lse) of every query over its clusters.
         for (std::int64_t c = 0; c < p.m; ++c) {
           const auto& qs_c = g.queries[static_cast<std::size_t>(c)];
-          for (std::size_t r = 0; r < qs_c.size(); ++r) {
-            const double l = static_cast<double>(G.lse[static_cast<std::size_t>(c * g.tmax) + r]);
-            double& M = mx[static_cast<std::size_t>(qs_c[r])];
-            if (l > M) {
-              sum[static_cast<std::size_t>(qs_c[r])] *= std::exp(M - l);
-              M = l;
-            }
-            if (l != kNegInf) sum[static_cast<std::size_t>(qs_c[r])] += std::exp(l - M);
-          }
-        }
-        for (std::int64_t i = 0; i < T_; ++i)
-          if (mx[static_cast<std::size_t>(i)] != kNegInf)
-            mx[static_cast<std::size_t>(i)] += std::log(sum[static_cast<std::size_t>(i)]);  // mx := lse
-        for (std::int64_t c = 0; c < p.m; ++c) {
-          const auto& qs_c = g.queries[static_cast<std::size_t>(c)];
+          if (qs_c.empty()) continue;
+          std::fill(pl.begin(), pl.end(), static_cast<T>(kNegInf));
           for (std::size_t r = 0; r < qs_c.size(); ++r) {
             const std::int64_t i = qs_c[r];
-            const double l = static_cast<double>(G.lse[static_cast<std::size_t>(c * g.tmax) + r]);
-            if (l == kNegInf) continue;
-            const double w = std::exp(l - mx[static_cast<std::size_t>(i)]);
-            const T* oc = G.o.data() + (c * g.tmax + static_cast<std::int64_t>(r)) * HS;
-            double* ai = acc.data() + i * HS;
-            for (std::int64_t d = 0; d < HS; ++d) ai[d] += w * static_cast<double>(oc[d]);
+            std::copy_n(G.o.data() + (c * g.tmax + static_cast<std::int64_t>(r)) * HS, HS, po.data() + i * HS);
+            pl[static_cast<std::size_t>(i)] = G.lse[static_cast<std::size_t>(c * g.tmax) + r];
           }
+          be.attention_merge(AttentionMergeArgs{run_o, run_l, part_o, part_l});
         }
       }
       for (std::int64_t i = 0; i < T_; ++i) {
         T* oi = O + ((b * T_ + i) * NH + h) * HS;
         for (std::int64_t d = 0; d < HS; ++d) oi[d] = static_cast<T>(acc[static_cast<std::size_t>(i * HS + d)]);
-        LSE[(b * NH + h) * T_ + i] = static_cast<T>(mx[static_cast<std::size_t>(i)]);
+        LSE[(b * NH + h) * T_ + i] = static_cast<T>(L[static_cast<std::size_t>(i)]);
       }
     }
 }
@@ -396,8 +383,9 @@ ClusterPlan cluster_plan(const TensorView& q, const TensorView& k, const TensorV
     DSRSQ_REQUIRE(KP[t] >= 0 && KP[t] < kMaxPos, op, ": k_pos ", KP[t], " outside [0, 2^30 - 2)");
 
   std::vector<ClusterAttentionStats> st(static_cast<std::size_t>(B * NH));
-#pragma omp parallel for schedule(dynamic, 1) if (B * NH > 1)
-  for (std::int64_t bh = 0; bh < B * NH; ++bh) {
+  // One host task per (b, h): k-means, then each query's clusters (host
+  // tensors: the CPU backend schedules them).
+  cpu_backend().host_tasks(B * NH, [&](std::int64_t bh) {
     const std::int64_t b = bh / NH, h = bh % NH;
     ClusterAttentionStats& s = st[static_cast<std::size_t>(bh)];
     std::vector<double> kd, qd;
@@ -447,7 +435,7 @@ ClusterPlan cluster_plan(const TensorView& q, const TensorView& k, const TensorV
       s.chosen_clusters += take;
       s.query_rows += 1;
     }
-  }
+  });
   for (const auto& s : st) {
     p.stats.query_rows += s.query_rows;
     p.stats.visible_pairs += s.visible_pairs;

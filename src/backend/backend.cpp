@@ -400,4 +400,353 @@ OpCost attention_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64
   return {backward ? 2.5 * fwd : fwd, 4.0 * static_cast<double>(b * nh * (2 * t + 2 * s) * hs)};
 }
 
+// ---- methods' ops: boundary checks ---------------------------------------------
+
+namespace {
+void check_2d(const char* op, const char* arg, const TensorView& t) { check_rank(op, arg, t, 2); }
+void check_index_range(const char* op, const TensorView& idx, std::int64_t n) {
+  check_dtype(op, "idx", idx, DType::i32);
+  const auto* p = idx.ptr<std::int32_t>();
+  for (std::int64_t i = 0; i < idx.numel(); ++i)
+    if (p[i] < 0 || p[i] >= n)
+      raise_input_error(detail::cat(op, ": index ", p[i], " at ", i, " outside [0, ", n, ")"));
+}
+}  // namespace
+
+const char* op_name(OpId op) {
+  static const char* names[] = {"embedding", "rope", "layernorm", "linear", "matmul", "gelu", "attention",
+                                "cross_entropy", "adamw", "axpy", "fill", "copy", "sum_squares", "scale",
+                                "gather_rows", "scatter_add_rows", "attention_merge", "latent_attention",
+                                "attention_mass", "topk", "kmeans_assign", "sym_eigen", "gram", "lowrank_recon",
+                                "conv_project", "host_copy", "host_tasks"};
+  static_assert(sizeof(names) / sizeof(names[0]) == static_cast<std::size_t>(OpId::count_));
+  return names[static_cast<int>(op)];
+}
+
+void Backend::gather_rows(const GatherRowsArgs& a) {
+  const char* op = "gather_rows";
+  check_2d(op, "src", a.src);
+  check_2d(op, "dst", a.dst);
+  check_rank(op, "idx", a.idx, 1);
+  check_shape(op, "dst", a.dst, Shape{a.idx.shape[0], a.src.shape[1]});
+  check_same_dtype(op, "dst", a.dst, a.src);
+  check_index_range(op, a.idx, a.src.shape[0]);
+  OpTimer timer_(*this, op);
+  gather_rows_impl(a);
+}
+
+void Backend::scatter_add_rows(const ScatterAddRowsArgs& a) {
+  const char* op = "scatter_add_rows";
+  check_2d(op, "src", a.src);
+  check_2d(op, "dst", a.dst);
+  check_float(op, "src", a.src);
+  check_rank(op, "idx", a.idx, 1);
+  check_shape(op, "src", a.src, Shape{a.idx.shape[0], a.dst.shape[1]});
+  check_same_dtype(op, "dst", a.dst, a.src);
+  check_index_range(op, a.idx, a.dst.shape[0]);
+  OpTimer timer_(*this, op);
+  scatter_add_rows_impl(a);
+}
+
+void Backend::attention_merge(const AttentionMergeArgs& a) {
+  const char* op = "attention_merge";
+  check_rank(op, "o", a.o, 4);
+  check_float(op, "o", a.o);
+  const std::int64_t B = a.o.shape[0], T = a.o.shape[1], NH = a.o.shape[2];
+  check_shape(op, "lse", a.lse, Shape{B, NH, T});
+  check_shape(op, "o_b", a.o_b, a.o.shape);
+  check_shape(op, "lse_b", a.lse_b, Shape{B, NH, T});
+  check_same_dtype(op, "lse", a.lse, a.o);
+  check_same_dtype(op, "lse_b", a.lse_b, a.o_b);
+  check_float(op, "o_b", a.o_b);
+  OpTimer timer_(*this, op);
+  attention_merge_impl(a);
+}
+
+void Backend::latent_attention_fwd(const LatentAttentionArgs& a) {
+  const char* op = "latent_attention_fwd";
+  check_rank(op, "q", a.q, 4);
+  check_rank(op, "k", a.k, 4);
+  check_dtype(op, "q", a.q, DType::f32);
+  check_dtype(op, "k", a.k, DType::f32);
+  const std::int64_t B = a.q.shape[0], T = a.q.shape[1], NH = a.q.shape[2], HS = a.q.shape[3], S = a.k.shape[1];
+  check_shape(op, "k", a.k, Shape{B, S, NH, HS});
+  check_rank(op, "latent", a.latent, 3);
+  check_dtype(op, "latent", a.latent, DType::f32);
+  const std::int64_t Sp = a.latent.shape[1], dc = a.latent.shape[2];
+  if (a.latent.shape[0] != B || Sp < S)
+    raise_input_error(detail::cat(op, ": latent ", a.latent.str(), " must be (B=", B, ", >= S=", S, ", dc)"));
+  check_shape(op, "k_pos", a.k_pos, Shape{B, Sp});
+  check_shape(op, "q_pos", a.q_pos, Shape{B, T});
+  check_positions(op, "q_pos", a.q_pos);
+  check_dtype(op, "k_pos", a.k_pos, DType::i32);
+  check_shape(op, "up", a.up, Shape{NH * HS, dc});
+  check_dtype(op, "up", a.up, DType::f32);
+  check_shape(op, "o", a.o, a.q.shape);
+  check_dtype(op, "o", a.o, DType::f64);
+  check_shape(op, "lse", a.lse, Shape{B, NH, T});
+  check_dtype(op, "lse", a.lse, DType::f64);
+  if (!a.centroids.empty()) {
+    check_rank(op, "centroids", a.centroids, 4);
+    const std::int64_t M = a.centroids.shape[2];
+    check_shape(op, "centroids", a.centroids, Shape{B, NH, M, HS});
+    check_dtype(op, "centroids", a.centroids, DType::f32);
+    check_rank(op, "assign", a.assign, 3);
+    if (a.assign.shape[0] != B || a.assign.shape[1] != NH || a.assign.shape[2] < S)
+      raise_input_error(detail::cat(op, ": assign ", a.assign.str(), " must be (B, NH, >= S)"));
+    check_dtype(op, "assign", a.assign, DType::i32);
+    check_shape(op, "sizes", a.sizes, Shape{B, NH, M});
+    check_dtype(op, "sizes", a.sizes, DType::i32);
+    if (a.clusters < 1 || a.clusters > M || a.top_clusters < 1)
+      raise_input_error(detail::cat(op, ": clusters ", a.clusters, " must lie in [1, ", M, "], top_clusters >= 1"));
+  }
+  if (!a.mass.empty()) {
+    check_shape(op, "mass", a.mass, Shape{B, S});
+    check_dtype(op, "mass", a.mass, DType::f64);
+    check_shape(op, "row_weight", a.row_weight, Shape{T});
+    check_dtype(op, "row_weight", a.row_weight, DType::f64);
+  }
+  if (!a.lse_other.empty()) {
+    check_shape(op, "lse_other", a.lse_other, Shape{B, NH, T});
+    check_dtype(op, "lse_other", a.lse_other, DType::f32);
+  }
+  if (!a.used.empty()) {
+    check_shape(op, "used", a.used, Shape{B, T});
+    check_dtype(op, "used", a.used, DType::f64);
+  }
+  OpTimer timer_(*this, op);
+  latent_attention_fwd_impl(a);
+}
+
+void Backend::attention_mass(const AttentionMassArgs& a) {
+  const char* op = "attention_mass";
+  check_rank(op, "q", a.q, 4);
+  check_dtype(op, "q", a.q, DType::f32);
+  check_dtype(op, "k", a.k, DType::f32);
+  const std::int64_t B = a.q.shape[0], T = a.q.shape[1], NH = a.q.shape[2], HS = a.q.shape[3];
+  check_rank(op, "k", a.k, 4);
+  const std::int64_t S = a.k.shape[1];
+  check_shape(op, "k", a.k, Shape{B, S, NH, HS});
+  check_shape(op, "q_pos", a.q_pos, Shape{B, T});
+  check_shape(op, "k_pos", a.k_pos, Shape{B, S});
+  check_positions(op, "q_pos", a.q_pos);
+  check_positions(op, "k_pos", a.k_pos);
+  check_shape(op, "row_weight", a.row_weight, Shape{T});
+  check_dtype(op, "row_weight", a.row_weight, DType::f64);
+  check_shape(op, "mass", a.mass, Shape{B, S});
+  check_dtype(op, "mass", a.mass, DType::f64);
+  if (!(a.divisor > 0)) raise_input_error(detail::cat(op, ": divisor must be > 0, got ", a.divisor));
+  OpTimer timer_(*this, op);
+  attention_mass_impl(a);
+}
+
+void Backend::topk(const TopKArgs& a) {
+  const char* op = "topk";
+  check_2d(op, "x", a.x);
+  check_float(op, "x", a.x);
+  check_2d(op, "idx", a.idx);
+  check_dtype(op, "idx", a.idx, DType::i32);
+  if (a.idx.shape[0] != a.x.shape[0] || a.idx.shape[1] > a.x.shape[1])
+    raise_input_error(detail::cat(op, ": idx ", a.idx.str(), " must be (R, k <= N) for x ", a.x.str()));
+  OpTimer timer_(*this, op);
+  topk_impl(a);
+}
+
+void Backend::kmeans_assign(const KMeansAssignArgs& a) {
+  const char* op = "kmeans_assign";
+  check_rank(op, "x", a.x, 3);
+  check_rank(op, "centroids", a.centroids, 3);
+  check_float(op, "x", a.x);
+  check_same_dtype(op, "centroids", a.centroids, a.x);
+  const std::int64_t G = a.x.shape[0], N = a.x.shape[1], D = a.x.shape[2], M = a.centroids.shape[1];
+  check_shape(op, "centroids", a.centroids, Shape{G, M, D});
+  check_shape(op, "assign", a.assign, Shape{G, N});
+  check_dtype(op, "assign", a.assign, DType::i32);
+  if (!a.dist.empty()) {
+    check_shape(op, "dist", a.dist, Shape{G, N});
+    check_dtype(op, "dist", a.dist, DType::f64);
+  }
+  if (a.clusters < 0 || a.clusters > M || (a.clusters == 0 && M == 0))
+    raise_input_error(detail::cat(op, ": clusters ", a.clusters, " outside [1, ", M, "]"));
+  OpTimer timer_(*this, op);
+  kmeans_assign_impl(a);
+}
+
+void Backend::sym_eigen(const SymEigenArgs& a) {
+  const char* op = "sym_eigen";
+  check_2d(op, "a", a.a);
+  const std::int64_t n = a.a.shape[0];
+  check_shape(op, "a", a.a, Shape{n, n});
+  check_dtype(op, "a", a.a, DType::f64);
+  check_shape(op, "vals", a.vals, Shape{n});
+  check_dtype(op, "vals", a.vals, DType::f64);
+  check_shape(op, "vecs", a.vecs, Shape{n, n});
+  check_dtype(op, "vecs", a.vecs, DType::f64);
+  OpTimer timer_(*this, op);
+  sym_eigen_impl(a);
+}
+
+void Backend::gram(const GramArgs& a) {
+  const char* op = "gram";
+  check_2d(op, "x", a.x);
+  check_dtype(op, "x", a.x, DType::f32);
+  const std::int64_t C = a.x.shape[1];
+  check_shape(op, "g", a.g, Shape{C, C});
+  check_dtype(op, "g", a.g, DType::f64);
+  OpTimer timer_(*this, op);
+  gram_impl(a);
+}
+
+namespace {
+void check_recon(const char* op, const TensorView& x, const TensorView& p, const TensorView& u) {
+  check_2d(op, "x", x);
+  check_dtype(op, "x", x, DType::f32);
+  check_2d(op, "p", p);
+  const std::int64_t C = x.shape[1], dc = p.shape[0];
+  check_shape(op, "p", p, Shape{dc, C});
+  check_shape(op, "u", u, Shape{C, dc});
+  check_dtype(op, "p", p, DType::f32);
+  check_dtype(op, "u", u, DType::f32);
+}
+}  // namespace
+
+double Backend::lowrank_recon_fwd(const LowRankReconArgs& a) {
+  check_recon("lowrank_recon_fwd", a.x, a.p, a.u);
+  OpTimer timer_(*this, "lowrank_recon_fwd");
+  return lowrank_recon_fwd_impl(a);
+}
+
+void Backend::lowrank_recon_bwd(const LowRankReconGradArgs& a) {
+  const char* op = "lowrank_recon_bwd";
+  check_recon(op, a.x, a.p, a.u);
+  check_shape(op, "dp", a.dp, a.p.shape);
+  check_shape(op, "du", a.du, a.u.shape);
+  check_dtype(op, "dp", a.dp, DType::f32);
+  check_dtype(op, "du", a.du, DType::f32);
+  OpTimer timer_(*this, op);
+  lowrank_recon_bwd_impl(a);
+}
+
+namespace {
+void check_conv(const char* op, const TensorView& e, const TensorView& taps, const TensorView& w) {
+  check_2d(op, "e", e);
+  check_2d(op, "taps", taps);
+  check_2d(op, "w", w);
+  const std::int64_t C = e.shape[1];
+  check_shape(op, "taps", taps, Shape{taps.shape[0], C});
+  check_shape(op, "w", w, Shape{w.shape[0], C});
+  for (const TensorView* t : {&e, &taps, &w}) check_dtype(op, "e/taps/w", *t, DType::f32);
+}
+}  // namespace
+
+void Backend::conv_project_fwd(const ConvProjectArgs& a) {
+  const char* op = "conv_project_fwd";
+  check_conv(op, a.e, a.taps, a.w);
+  check_shape(op, "r", a.r, Shape{a.e.shape[0], a.w.shape[0]});
+  check_dtype(op, "r", a.r, DType::f64);
+  OpTimer timer_(*this, op);
+  conv_project_fwd_impl(a);
+}
+
+void Backend::conv_project_bwd(const ConvProjectGradArgs& a) {
+  const char* op = "conv_project_bwd";
+  check_conv(op, a.e, a.taps, a.w);
+  check_shape(op, "dr", a.dr, Shape{a.e.shape[0], a.w.shape[0]});
+  check_dtype(op, "dr", a.dr, DType::f64);
+  check_shape(op, "dw", a.dw, a.w.shape);
+  check_shape(op, "dtaps", a.dtaps, a.taps.shape);
+  check_dtype(op, "dw", a.dw, DType::f32);
+  check_dtype(op, "dtaps", a.dtaps, DType::f32);
+  OpTimer timer_(*this, op);
+  conv_project_bwd_impl(a);
+}
+
+void Backend::copy_to_host(TensorView src, std::span<std::byte> dst) {
+  DSRSQ_INPUT_CHECK(dst.size() == src.bytes(), "copy_to_host: destination holds ", dst.size(), " bytes, tensor ",
+                    src.str(), " has ", src.bytes());
+  DSRSQ_INPUT_CHECK(src.device == device(), "copy_to_host: tensor on ", device_name(src.device), ", backend ",
+                    name(), " owns ", device_name(device()));
+  copy_to_host_impl(src, dst);
+}
+
+void Backend::copy_from_host(std::span<const std::byte> src, TensorView dst) {
+  DSRSQ_INPUT_CHECK(src.size() == dst.bytes(), "copy_from_host: source holds ", src.size(), " bytes, tensor ",
+                    dst.str(), " has ", dst.bytes());
+  DSRSQ_INPUT_CHECK(dst.device == device(), "copy_from_host: tensor on ", device_name(dst.device), ", backend ",
+                    name(), " owns ", device_name(device()));
+  copy_from_host_impl(src, dst);
+}
+
+void Backend::host_tasks(std::int64_t n, const std::function<void(std::int64_t)>& fn) {
+  if (n <= 0) return;
+  host_tasks_impl(n, fn);
+}
+
+std::vector<Backend*> available_backends() { return {&cpu_backend()}; }
+
+// ---- costs of the methods' ops ---------------------------------------------------
+// flops: floating-point operations (a multiply-add counts 2; exp/log count 1);
+// bytes: bytes read plus bytes written, each tensor element once.
+namespace {
+double D(std::int64_t x) { return static_cast<double>(x); }
+}  // namespace
+
+OpCost gather_rows_cost(std::int64_t m, std::int64_t c, std::size_t elem) {
+  return {0.0, 2.0 * D(m) * D(c) * static_cast<double>(elem) + 4.0 * D(m)};
+}
+OpCost scatter_add_rows_cost(std::int64_t m, std::int64_t c, std::size_t elem) {
+  return {D(m) * D(c), 3.0 * D(m) * D(c) * static_cast<double>(elem) + 4.0 * D(m)};  // read src, read+write dst
+}
+OpCost attention_merge_cost(std::int64_t b, std::int64_t t, std::int64_t nh, std::int64_t hs, std::size_t elem,
+                            std::size_t elem_b) {
+  const double rows = D(b) * D(t) * D(nh);
+  // per row: max, 2 exp, add, log, 2 divides; per element 3 flops (2 mul + add)
+  return {rows * (7.0 + 3.0 * D(hs)),
+          rows * ((D(hs) + 1) * static_cast<double>(2 * elem + elem_b))};
+}
+OpCost latent_attention_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64_t nh, std::int64_t hs,
+                             std::int64_t dc, bool with_mass) {
+  const double rows = D(b) * D(t) * D(nh);
+  // scores 2 HS per key, exp 1 + normalise 1, latent accumulation 2 dc per key,
+  // up-projection 2 HS dc per row, mass 3 per key.
+  const double per_row = D(s) * (2.0 * D(hs) + 2.0 + 2.0 * D(dc) + (with_mass ? 3.0 : 0.0)) + 2.0 * D(hs) * D(dc);
+  const double bytes = 4.0 * D(b) * (D(t) * D(nh) * D(hs) + D(s) * (D(nh) * D(hs) + D(dc) + 1)) +
+                       4.0 * D(nh) * D(hs) * D(dc) + 8.0 * rows * (D(hs) + 1) + (with_mass ? 8.0 * D(b) * D(s) : 0.0);
+  return {rows * per_row, bytes};
+}
+OpCost attention_mass_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64_t nh, std::int64_t hs) {
+  // Two passes over the scores (normaliser, then mass): 2 x (2 HS + 2) per (query, key, head).
+  return {D(b) * D(t) * D(s) * D(nh) * 2.0 * (2.0 * D(hs) + 2.0),
+          4.0 * D(b) * (D(t) + D(s)) * D(nh) * D(hs) + 8.0 * (D(t) + D(b) * D(s))};
+}
+OpCost topk_cost(std::int64_t rows, std::int64_t n, std::int64_t k, std::size_t elem) {
+  // partial sort: about n log2(k+1) comparisons per row
+  return {D(rows) * D(n) * std::log2(D(k) + 1.0), D(rows) * (D(n) * static_cast<double>(elem) + 4.0 * D(k))};
+}
+OpCost kmeans_assign_cost(std::int64_t g, std::int64_t n, std::int64_t m, std::int64_t d, std::size_t elem) {
+  return {D(g) * D(n) * D(m) * 3.0 * D(d),
+          static_cast<double>(elem) * D(g) * (D(n) + D(m)) * D(d) + 4.0 * D(g) * D(n)};
+}
+OpCost sym_eigen_cost(std::int64_t n) {
+  // divide and conquer tridiagonal eigensolver with vectors: ~ 9 n^3 (Golub & Van Loan, table 8.1)
+  return {9.0 * D(n) * D(n) * D(n), 8.0 * (2.0 * D(n) * D(n) + D(n))};
+}
+OpCost gram_cost(std::int64_t n, std::int64_t c) {
+  return {D(n) * D(c) * (D(c) + 1), 4.0 * D(n) * D(c) + 8.0 * D(c) * D(c)};  // upper triangle, 2 flops per pair
+}
+OpCost lowrank_recon_cost(std::int64_t n, std::int64_t c, std::int64_t dc, bool backward) {
+  // fwd: z = P x (2 C dc), x_hat = U z (2 C dc), residual 3 C per row.
+  // bwd: recompute z, r (4 C dc), U^T r (2 C dc), dU (2 C dc), dP (2 C dc).
+  const double fwd = D(n) * (4.0 * D(c) * D(dc) + 3.0 * D(c));
+  const double bwd = D(n) * (10.0 * D(c) * D(dc) + D(c));
+  const double bytes = 4.0 * (D(n) * D(c) + 2.0 * D(c) * D(dc)) + (backward ? 8.0 * D(c) * D(dc) : 0.0);
+  return {backward ? bwd : fwd, bytes};
+}
+OpCost conv_project_cost(std::int64_t n, std::int64_t c, std::int64_t w, std::int64_t r, bool backward) {
+  const double conv = 2.0 * D(n) * D(w) * D(c), proj = 2.0 * D(n) * D(c) * D(r);
+  const double bytes = 4.0 * (D(n) * D(c) + D(w) * D(c) + D(r) * D(c)) + 8.0 * D(n) * D(r);
+  return {backward ? 2.0 * conv + 2.0 * proj : conv + proj, backward ? bytes + 4.0 * (D(w) + D(r)) * D(c) : bytes};
+}
+OpCost host_copy_cost(std::size_t bytes) { return {0.0, 2.0 * static_cast<double>(bytes)}; }
+
 }  // namespace dsrsq

@@ -11,8 +11,11 @@
 //
 // Gradient rule per op (written at each struct): "+=" accumulates into the
 // buffer (the caller zeroes it once), "=" overwrites it.
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -153,6 +156,170 @@ struct AxpyArgs {  // y += alpha * x
   double alpha = 1.0;
 };
 
+
+// ---- gather rows / scatter-add rows (a pair) ---------------------------------
+// gather:      dst(M,C) = src[idx[m]]       (any dtype; src, dst share it)   dst =
+// scatter_add: dst[idx[m]] += src(M,C)       (float dtypes) the gather's backward:
+//              dsrc += scatter_add(ddst). Rows are visited in order m = 0..M-1
+//              (repeated indices add in that order: deterministic).
+struct GatherRowsArgs {
+  TensorView src;  // (N, C)
+  TensorView idx;  // i32 (M), each in [0, N)
+  TensorView dst;  // (M, C) =
+};
+struct ScatterAddRowsArgs {
+  TensorView src;  // (M, C)
+  TensorView idx;  // i32 (M), each in [0, N)
+  TensorView dst;  // (N, C) +=
+};
+
+// ---- the attention merge (log-sum-exp rule) -----------------------------------
+// Merges a partial attention result (o_b, lse_b) over one key set into the
+// running result (o, lse) over another, disjoint key set, in place:
+//   m = max(lse, lse_b); wa = exp(lse - m), wb = exp(lse_b - m) (0 for a side
+//   at -inf; +inf is read as -inf); lse = m + log(wa + wb);
+//   o = wa/(wa+wb) * o + wb/(wa+wb) * o_b  (a side with weight 0 contributes 0
+//   even when it holds garbage); both sides at -inf: o = 0, lse = -inf.
+// o (B,T,NH,HS), lse (B,NH,T) float dtype F; o_b, lse_b the same shapes, float
+// dtype P. Arithmetic in the wider of F and P (a double partial merged into an
+// f32 result is not rounded to f32 before the merge; f32 partials merged into
+// a double accumulator are merged in double).
+// No backward of its own: the backward of merged attention is attention_bwd of
+// each part with the MERGED lse (as ring attention does).
+struct AttentionMergeArgs {
+  TensorView o, lse;      // running, updated in place
+  TensorView o_b, lse_b;  // partial
+};
+
+// ---- latent-space attention (RCKV's buffer) -----------------------------------
+// For query (b,i,h) and keys j in [0,S) visible to it (k_pos[b,j] <= q_pos[b,i]
+// and, when clusters are given, j's cluster among the query's top_clusters):
+//   s_j = scale * q[b,i,h] . k[b,j,h]  (f64 dot of f32 values), p = softmax(s),
+//   z = sum_j p_j latent[b,j]  (d_c, f64),  o[b,i,h] = up[h*HS:(h+1)*HS, :] @ z,
+//   lse[b,h,i] = log sum_j exp s_j.
+// No visible key: lse = -inf, o = 0 (merges as "nothing").
+// Clusters (optional, SQA at decode): centroids (B,NH,M,HS) f32, assign (B,NH,S')
+// i32 (S' >= S; -1: unassigned), sizes (B,NH,M) i32; `clusters` (<= M) in use.
+// Each query scores the non-empty centroids by f64 dot product and keeps the
+// top_clusters largest (ties: lower cluster index).
+// Mass (optional): the probability of key j in the softmax MERGED with another
+// partial of log-normaliser lse_other (B,NH,T) (window attention), weighted per
+// query row and averaged over heads, accumulated per key:
+//   mass[b,j] += sum_i row_weight[i] * sum_h p'_{ihj} / NH,
+//   p' = p * wb/(wa+wb) with the merge weights of AttentionMergeArgs.
+// used (optional) (B,T) f64 =: visible keys summed over heads.
+// Forward only (inference: RCKV's buffer is not trained through this path).
+// latent (B,S',dc) with S' >= S: rows [0,S) are read.
+struct LatentAttentionArgs {
+  TensorView q;       // f32 (B,T,NH,HS), rotated
+  TensorView k;       // f32 (B,S,NH,HS), rotated reconstructed keys
+  TensorView q_pos;   // i32 (B,T)
+  TensorView k_pos;   // i32 (B,S') rows [0,S) read
+  TensorView latent;  // f32 (B,S',dc)
+  TensorView up;      // f32 (NH*HS, dc)
+  TensorView o;       // f64 (B,T,NH,HS) =
+  TensorView lse;     // f64 (B,NH,T) =
+  TensorView centroids, assign, sizes;  // optional (see above)
+  std::int64_t clusters = 0, top_clusters = 0;
+  TensorView lse_other;   // optional f32 (B,NH,T)
+  TensorView row_weight;  // f64 (T), with mass
+  TensorView mass;        // optional f64 (B,S) +=
+  TensorView used;        // optional f64 (B,T) =
+  double scale = 0.0;     // <= 0: 1/sqrt(HS)
+};
+
+// ---- attention mass (importance of keys) ---------------------------------------
+// Dense causal softmax of every query over the keys (f64 scores of f32 values,
+// scale 1/sqrt(HS) when <= 0), and per key the probability mass it receives:
+//   mass[b,j] = (sum_i row_weight[i] sum_h p_{ihj}) / divisor        (=)
+// (summed over i, then h, in order). Forward only (a statistic).
+struct AttentionMassArgs {
+  TensorView q;           // f32 (B,T,NH,HS) rotated
+  TensorView k;           // f32 (B,S,NH,HS) rotated
+  TensorView q_pos;       // i32 (B,T)
+  TensorView k_pos;       // i32 (B,S)
+  TensorView row_weight;  // f64 (T); rows with weight 0 are skipped
+  TensorView mass;        // f64 (B,S) =
+  double divisor = 1.0;
+  double scale = 0.0;
+};
+
+// ---- top-k per row -------------------------------------------------------------
+// idx[r, 0..k) = indices of the k largest values of x[r] in decreasing order;
+// ties go to the lower index (deterministic). NaN counts as smaller than all.
+struct TopKArgs {
+  TensorView x;    // (R, N) float
+  TensorView idx;  // i32 (R, k), k <= N  =
+};
+
+// ---- k-means assign ------------------------------------------------------------
+// assign[g,n] = argmin_c ||x[g,n] - centroids[g,c]||^2 over c < clusters
+// (f64 distances; ties to the lower c). dist (optional, f64 (G,N)) = that distance.
+struct KMeansAssignArgs {
+  TensorView x;          // float (G, N, D)
+  TensorView centroids;  // float (G, M, D)
+  TensorView assign;     // i32 (G, N) =
+  TensorView dist;       // optional f64 (G, N) =
+  std::int64_t clusters = 0;  // <= M; 0: M
+};
+
+// ---- symmetric eigendecomposition ----------------------------------------------
+// a (n,n) f64 symmetric: vals (n) and vecs (n,n), eigenvector of vals[j] in
+// column j (order unspecified). LAPACK (divide and conquer, from OpenBLAS) when linked, else cyclic Jacobi.
+struct SymEigenArgs {
+  TensorView a;     // f64 (n, n), read only
+  TensorView vals;  // f64 (n) =
+  TensorView vecs;  // f64 (n, n) =
+  bool force_jacobi = false;
+};
+
+// ---- Gram matrix X^T X (f64) ---------------------------------------------------
+// g(C,C) = sum_n x_n x_n^T in f64 from f32 rows (the uncentred second moment).
+struct GramArgs {
+  TensorView x;  // f32 (N, C)
+  TensorView g;  // f64 (C, C) =
+};
+
+// ---- low-rank reconstruction loss (RCKV's compression term) ---------------------
+// fwd returns sum_n ||U P x_n - x_n||^2 (f64). bwd, with r = U P x - x, z = P x:
+//   dp += scale * sum_n (U^T r_n) x_n^T,  du += scale * sum_n r_n z_n^T.
+struct LowRankReconArgs {
+  TensorView x;  // f32 (N, C)
+  TensorView p;  // f32 (dc, C)
+  TensorView u;  // f32 (C, dc)
+};
+struct LowRankReconGradArgs {
+  TensorView x, p, u;
+  TensorView dp, du;  // f32 +=
+  double scale = 1.0;
+};
+
+// ---- causal depthwise convolution + projection (DSR's context encoder) ----------
+// e'_i = sum_{t < W, t <= i} taps[t] * e[i - t]  (per channel),  r_i = w e'_i  (f64).
+// bwd: dw += weight * sum_i dr_i e'_i^T,  dtaps[t] += weight * sum_i (w^T dr_i) * e[i-t].
+struct ConvProjectArgs {
+  TensorView e;     // f32 (N, C)
+  TensorView taps;  // f32 (W, C)
+  TensorView w;     // f32 (R, C)
+  TensorView r;     // f64 (N, R) =
+};
+struct ConvProjectGradArgs {
+  TensorView e, taps, w;
+  TensorView dr;           // f64 (N, R)
+  TensorView dw, dtaps;    // f32 +=
+  double weight = 1.0;
+};
+
+// Ops a backend may or may not implement (ggml's supports_op): a method asks
+// before it runs, so a backend without an op refuses the method up front.
+enum class OpId {
+  embedding, rope, layernorm, linear, matmul, gelu, attention, cross_entropy, adamw, axpy, fill, copy, sum_squares,
+  scale, gather_rows, scatter_add_rows, attention_merge, latent_attention, attention_mass, topk, kmeans_assign,
+  sym_eigen, gram, lowrank_recon, conv_project, host_copy, host_tasks,
+  count_
+};
+const char* op_name(OpId op);
+
 // Optional per-op wall-time profile (off by default; DSRSQ_PROFILE=1 turns it
 // on for the programs that honour it). Times each op's implementation call.
 struct OpProfileEntry {
@@ -196,6 +363,30 @@ class Backend {
   double sum_squares(TensorView x);  // accumulated in double
   void scale(TensorView x, double s);
 
+  // Methods' ops (see the argument structs above).
+  void gather_rows(const GatherRowsArgs& a);
+  void scatter_add_rows(const ScatterAddRowsArgs& a);  // gather's backward
+  void attention_merge(const AttentionMergeArgs& a);
+  void latent_attention_fwd(const LatentAttentionArgs& a);
+  void attention_mass(const AttentionMassArgs& a);
+  void topk(const TopKArgs& a);
+  void kmeans_assign(const KMeansAssignArgs& a);
+  void sym_eigen(const SymEigenArgs& a);
+  void gram(const GramArgs& a);
+  double lowrank_recon_fwd(const LowRankReconArgs& a);
+  void lowrank_recon_bwd(const LowRankReconGradArgs& a);
+  void conv_project_fwd(const ConvProjectArgs& a);
+  void conv_project_bwd(const ConvProjectGradArgs& a);
+  // Host <-> backend memory (the only way host code moves a device tensor).
+  void copy_to_host(TensorView src, std::span<std::byte> dst);
+  void copy_from_host(std::span<const std::byte> src, TensorView dst);
+  // Independent host tasks fn(0..n-1) (e.g. one k-means per (batch, head)),
+  // in parallel where the backend has host threads; each task must write only
+  // its own outputs. Not a tensor op: the scheduling hook for host-side work.
+  void host_tasks(std::int64_t n, const std::function<void(std::int64_t)>& fn);
+  // Whether this backend implements `op` (CPU: every op).
+  virtual bool supports(OpId op) const = 0;
+
  protected:
   virtual void embedding_fwd_impl(const EmbeddingArgs& a) = 0;
   virtual void embedding_bwd_impl(const EmbeddingGradArgs& a) = 0;
@@ -216,6 +407,22 @@ class Backend {
   virtual double sum_squares_impl(TensorView x) = 0;
   virtual void scale_impl(TensorView x, double s) = 0;
   virtual void bias_rows_sum_impl(TensorView dout2d, TensorView dbias) = 0;  // dbias(OC) += sum over rows
+  virtual void gather_rows_impl(const GatherRowsArgs& a) = 0;
+  virtual void scatter_add_rows_impl(const ScatterAddRowsArgs& a) = 0;
+  virtual void attention_merge_impl(const AttentionMergeArgs& a) = 0;
+  virtual void latent_attention_fwd_impl(const LatentAttentionArgs& a) = 0;
+  virtual void attention_mass_impl(const AttentionMassArgs& a) = 0;
+  virtual void topk_impl(const TopKArgs& a) = 0;
+  virtual void kmeans_assign_impl(const KMeansAssignArgs& a) = 0;
+  virtual void sym_eigen_impl(const SymEigenArgs& a) = 0;
+  virtual void gram_impl(const GramArgs& a) = 0;
+  virtual double lowrank_recon_fwd_impl(const LowRankReconArgs& a) = 0;
+  virtual void lowrank_recon_bwd_impl(const LowRankReconGradArgs& a) = 0;
+  virtual void conv_project_fwd_impl(const ConvProjectArgs& a) = 0;
+  virtual void conv_project_bwd_impl(const ConvProjectGradArgs& a) = 0;
+  virtual void copy_to_host_impl(TensorView src, std::span<std::byte> dst) = 0;
+  virtual void copy_from_host_impl(std::span<const std::byte> src, TensorView dst) = 0;
+  virtual void host_tasks_impl(std::int64_t n, const std::function<void(std::int64_t)>& fn) = 0;
 
  private:
   friend class OpTimer;
@@ -235,5 +442,25 @@ OpCost linear_cost(std::int64_t n, std::int64_t c, std::int64_t oc, bool backwar
 // Causal attention with all queries at the end of the keys (T <= S).
 OpCost attention_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64_t nh, std::int64_t hs, bool causal,
                       bool backward);
+// Costs of the methods' ops (elem: bytes per element of the float dtype).
+OpCost gather_rows_cost(std::int64_t m, std::int64_t c, std::size_t elem);
+OpCost scatter_add_rows_cost(std::int64_t m, std::int64_t c, std::size_t elem);
+OpCost attention_merge_cost(std::int64_t b, std::int64_t t, std::int64_t nh, std::int64_t hs, std::size_t elem,
+                            std::size_t elem_b);
+// s keys, dc latent size, with_mass: the importance output.
+OpCost latent_attention_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64_t nh, std::int64_t hs,
+                             std::int64_t dc, bool with_mass);
+OpCost attention_mass_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64_t nh, std::int64_t hs);
+OpCost topk_cost(std::int64_t rows, std::int64_t n, std::int64_t k, std::size_t elem);
+OpCost kmeans_assign_cost(std::int64_t g, std::int64_t n, std::int64_t m, std::int64_t d, std::size_t elem);
+OpCost sym_eigen_cost(std::int64_t n);
+OpCost gram_cost(std::int64_t n, std::int64_t c);
+OpCost lowrank_recon_cost(std::int64_t n, std::int64_t c, std::int64_t dc, bool backward);
+OpCost conv_project_cost(std::int64_t n, std::int64_t c, std::int64_t w, std::int64_t r, bool backward);
+OpCost host_copy_cost(std::size_t bytes);
+
+// Every backend this build can run on this machine (CPU first). Op tests loop
+// over it (ggml's test-backend-ops habit).
+std::vector<Backend*> available_backends();
 
 }  // namespace dsrsq

@@ -13,6 +13,14 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
+const char* device_name(Device d) {
+  switch (d) {
+    case Device::cpu: return "cpu";
+    case Device::cuda: return "cuda";
+  }
+  return "?";
+}
+
 Shape::Shape(std::initializer_list<std::int64_t> dims) {
   DSRSQ_REQUIRE(dims.size() <= static_cast<std::size_t>(kMaxDims), "shape has ", dims.size(), " dims; at most ", kMaxDims);
   rank = static_cast<int>(dims.size());

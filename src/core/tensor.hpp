@@ -25,6 +25,7 @@ constexpr std::size_t dtype_size(DType t) {
   return 0;
 }
 const char* dtype_name(DType t);
+const char* device_name(Device d);
 
 template <class T> constexpr DType dtype_of();
 template <> constexpr DType dtype_of<float>() { return DType::f32; }
@@ -59,8 +60,20 @@ struct TensorView {
   std::int64_t numel() const { return shape.numel(); }
   std::size_t bytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype); }
   std::int64_t dim(int i) const { return shape[i]; }
+  // Host access: the typed pointer, for code running on the host. Raises
+  // dsrsq::Error when the view lives on a device (a CUDA tensor read on the
+  // host would read garbage or crash far from the cause) or the dtype differs.
   template <class T>
   T* ptr() const {
+    DSRSQ_REQUIRE(device == Device::cpu, "host access to a tensor on device ", device_name(device), " (", str(),
+                  "): copy it with Backend::copy_to_host first");
+    DSRSQ_REQUIRE(dtype == dtype_of<T>(), "tensor dtype is ", dtype_name(dtype), ", asked for ", dtype_name(dtype_of<T>()));
+    return static_cast<T*>(data);
+  }
+  // Device access, for a backend's own kernels only: the typed pointer
+  // whatever the device (never dereference it on the host unless device is cpu).
+  template <class T>
+  T* device_ptr() const {
     DSRSQ_REQUIRE(dtype == dtype_of<T>(), "tensor dtype is ", dtype_name(dtype), ", asked for ", dtype_name(dtype_of<T>()));
     return static_cast<T*>(data);
   }

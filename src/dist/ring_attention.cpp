@@ -35,43 +35,6 @@ std::vector<std::int32_t> zigzag_shard(std::int64_t T, int P, int r) {
 
 namespace {
 
-template <class F>
-void merge_rows(TensorView o, TensorView lse, const TensorView& o_b, const TensorView& lse_b) {
-  const std::int64_t B = o.shape[0], T = o.shape[1], NH = o.shape[2], HS = o.shape[3];
-  F* O = o.ptr<F>();
-  F* L = lse.ptr<F>();
-  const F* Ob = o_b.ptr<F>();
-  const F* Lb = lse_b.ptr<F>();
-  constexpr F ninf = -std::numeric_limits<F>::infinity();
-  constexpr F pinf = std::numeric_limits<F>::infinity();
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t h = 0; h < NH; ++h)
-      for (std::int64_t t = 0; t < T; ++t) {
-        const std::int64_t li = (b * NH + h) * T + t;
-        F* orow = O + ((b * T + t) * NH + h) * HS;
-        const F* brow = Ob + ((b * T + t) * NH + h) * HS;
-        F la = L[li], lb = Lb[li];
-        if (la == pinf) la = ninf;
-        if (lb == pinf) lb = ninf;
-        const F m = std::max(la, lb);
-        if (m == ninf) {
-          L[li] = ninf;
-          std::fill(orow, orow + HS, F(0));
-          continue;
-        }
-        const F wa = la == ninf ? F(0) : std::exp(la - m);
-        const F wb = lb == ninf ? F(0) : std::exp(lb - m);
-        const F ws = wa + wb;  // >= 1: the side at m has weight 1
-        L[li] = m + std::log(ws);
-        const F ca = wa / ws, cb = wb / ws;
-        for (std::int64_t i = 0; i < HS; ++i) {
-          const F xa = wa == F(0) ? F(0) : orow[i];
-          const F xb = wb == F(0) ? F(0) : brow[i];
-          orow[i] = ca * xa + cb * xb;
-        }
-      }
-}
-
 void require_cpu(const char* op, std::initializer_list<const TensorView*> ts) {
   for (const TensorView* t : ts)
     DSRSQ_REQUIRE(t->empty() || t->device == Device::cpu, op, ": tensors must be on the CPU (MPI on host buffers)");
@@ -173,12 +136,9 @@ void merge_attention_partial(TensorView o, TensorView lse, const TensorView& o_b
   check_shape(op, "lse_b", lse_b, Shape{B, NH, T});
   for (const TensorView* t : std::initializer_list<const TensorView*>{&lse, &o_b, &lse_b}) check_same_dtype(op, "o_b/lse/lse_b", *t, o);
   require_cpu(op, {&o, &lse, &o_b, &lse_b});
-  if (o.dtype == DType::f32)
-    merge_rows<float>(o, lse, o_b, lse_b);
-  else if (o.dtype == DType::f64)
-    merge_rows<double>(o, lse, o_b, lse_b);
-  else
-    DSRSQ_REQUIRE(false, op, ": o must be f32 or f64, got ", o.str());
+  DSRSQ_REQUIRE(o.dtype == DType::f32 || o.dtype == DType::f64, op, ": o must be f32 or f64, got ", o.str());
+  // The one log-sum-exp merge (Backend::attention_merge): host buffers here.
+  cpu_backend().attention_merge(AttentionMergeArgs{o, lse, o_b, lse_b});
 }
 
 void ring_attention_fwd(Backend& be, MpiCommunicator& comm, const AttentionArgs& local) {

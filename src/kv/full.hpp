@@ -30,6 +30,8 @@ class FullPolicy final : public KVPolicy {
   KVMemory memory() const override;
   std::size_t budget_requested_bytes() const override { return requested_; }
   std::size_t budget_achieved_bytes() const override { return achieved_; }
+  // Full keeps every token: any budget below the full cache is unmet.
+  bool infeasible() const override { return achieved_ > requested_; }
   double attended_tokens() const override { return stats_.attended(); }
 
   std::int64_t capacity() const { return cap_; }

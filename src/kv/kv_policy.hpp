@@ -86,6 +86,10 @@ class KVPolicy {
   virtual std::size_t budget_achieved_bytes() const = 0;
   // Mean number of keys one query attended to during decoding (token efficiency numerator).
   virtual double attended_tokens() const = 0;
+  // After begin(): true when the policy cannot meet the requested budget (its
+  // fixed minimum is larger, so budget_achieved_bytes() > requested). The
+  // evaluator records such a cell as `infeasible` (DESIGN.md section 9).
+  virtual bool infeasible() const { return false; }
 };
 
 // The one factory of KV-cache policies. Kinds (policy names, not method

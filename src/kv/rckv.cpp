@@ -7,20 +7,12 @@
 #include <numeric>
 #include <utility>
 
+#include "backend/cpu/cpu_backend.hpp"
 #include "core/error.hpp"
-
-// LAPACK's symmetric eigensolver (OpenBLAS ships it), referenced weakly: when
-// the linked BLAS has no LAPACK the pointer is null and the Jacobi solver below
-// is used instead.
-extern "C" void dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
-                        double* work, const int* lwork, int* iwork, const int* liwork, int* info, std::size_t,
-                        std::size_t) __attribute__((weak));
 
 namespace dsrsq::compress {
 
 namespace {
-
-constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 std::size_t round64(std::size_t n) { return (n + 63) / 64 * 64; }
 
@@ -30,102 +22,15 @@ void check_samples(const char* what, const TensorView& x, std::int64_t C) {
   DSRSQ_INPUT_CHECK(x.device == Device::cpu, what, ": samples must be in host memory");
 }
 
-// Symmetric eigen-decomposition by cyclic Jacobi rotations, in place on a
-// (n, n) row-major matrix: on return the diagonal of a holds the eigenvalues
-// and the columns of vecs (n, n) the eigenvectors.
-void jacobi_eigen(std::vector<double>& a, std::int64_t n, std::vector<double>& vecs) {
-  vecs.assign(static_cast<std::size_t>(n * n), 0.0);
-  for (std::int64_t i = 0; i < n; ++i) vecs[static_cast<std::size_t>(i * n + i)] = 1.0;
-  auto A = [&](std::int64_t r, std::int64_t c) -> double& { return a[static_cast<std::size_t>(r * n + c)]; };
-  auto V = [&](std::int64_t r, std::int64_t c) -> double& { return vecs[static_cast<std::size_t>(r * n + c)]; };
-  double total = 0;
-  for (double x : a) total += x * x;
-  if (total == 0) return;
-  for (int sweep = 0; sweep < 100; ++sweep) {
-    double off = 0;
-    for (std::int64_t p = 0; p < n; ++p)
-      for (std::int64_t q = p + 1; q < n; ++q) off += A(p, q) * A(p, q);
-    if (off <= 1e-30 * total) break;
-    for (std::int64_t p = 0; p < n; ++p)
-      for (std::int64_t q = p + 1; q < n; ++q) {
-        const double apq = A(p, q);
-        if (apq == 0.0) continue;
-        const double app = A(p, p), aqq = A(q, q);
-        if (std::abs(apq) < 1e-18 * std::sqrt(std::abs(app * aqq)) ) {
-          A(p, q) = A(q, p) = 0.0;
-          continue;
-        }
-        const double theta = (aqq - app) / (2.0 * apq);
-        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1.0));
-        const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
-        for (std::int64_t k = 0; k < n; ++k) {  // columns p, q: A J
-          const double akp = A(k, p), akq = A(k, q);
-          A(k, p) = c * akp - s * akq;
-          A(k, q) = s * akp + c * akq;
-        }
-        for (std::int64_t k = 0; k < n; ++k) {  // rows p, q: J^T (A J)
-          const double apk = A(p, k), aqk = A(q, k);
-          A(p, k) = c * apk - s * aqk;
-          A(q, k) = s * apk + c * aqk;
-        }
-        A(p, q) = A(q, p) = 0.0;
-        for (std::int64_t k = 0; k < n; ++k) {
-          const double vkp = V(k, p), vkq = V(k, q);
-          V(k, p) = c * vkp - s * vkq;
-          V(k, q) = s * vkp + c * vkq;
-        }
-      }
-  }
-}
-
-// Symmetric eigen-decomposition of a (n, n) row-major: vals (n) and vecs
-// (n, n) row-major with eigenvector j in column j. LAPACK dsyevd when linked,
-// else cyclic Jacobi (fine up to C ~ 256; O(C^3) per sweep with strided access).
-void eigen_sym(std::vector<double> a, std::int64_t n, std::vector<double>& vals, std::vector<double>& vecs,
-               bool force_jacobi = false) {
-  vals.assign(static_cast<std::size_t>(n), 0.0);
-  if (!force_jacobi && dsyevd_ != nullptr && n <= 46340) {
-    const int ni = static_cast<int>(n);
-    int info = 0, lwork = -1, liwork = -1, iwq = 0;
-    double wq = 0;
-    std::vector<double> ac = a;  // symmetric: row- and column-major agree
-    dsyevd_("V", "U", &ni, ac.data(), &ni, vals.data(), &wq, &lwork, &iwq, &liwork, &info, 1, 1);
-    if (info == 0) {
-      lwork = static_cast<int>(wq) + 1;
-      liwork = iwq;
-      std::vector<double> work(static_cast<std::size_t>(lwork));
-      std::vector<int> iwork(static_cast<std::size_t>(std::max(liwork, 1)));
-      dsyevd_("V", "U", &ni, ac.data(), &ni, vals.data(), work.data(), &lwork, iwork.data(), &liwork, &info, 1, 1);
-    }
-    if (info == 0) {
-      // Column-major output: eigenvector j is ac[j * n .. j * n + n).
-      vecs.assign(static_cast<std::size_t>(n * n), 0.0);
-      for (std::int64_t j = 0; j < n; ++j)
-        for (std::int64_t r = 0; r < n; ++r) vecs[static_cast<std::size_t>(r * n + j)] = ac[static_cast<std::size_t>(j * n + r)];
-      return;
-    }
-  }
-  jacobi_eigen(a, n, vecs);
-  for (std::int64_t i = 0; i < n; ++i) vals[static_cast<std::size_t>(i)] = a[static_cast<std::size_t>(i * n + i)];
-}
-
 // P (dc, C) = top-dc eigenvectors of X^T X (rows), U (C, dc) = P^T.
 void pca_fit(const float* x, std::int64_t N, std::int64_t C, std::int64_t dc, float* P, float* U) {
-  std::vector<double> m(static_cast<std::size_t>(C * C), 0.0);
-#pragma omp parallel for schedule(dynamic, 4)
-  for (std::int64_t i = 0; i < C; ++i) {
-    double* row = m.data() + i * C;
-    for (std::int64_t n = 0; n < N; ++n) {
-      const float* xn = x + n * C;
-      const double xi = xn[i];
-      if (xi == 0.0) continue;
-      for (std::int64_t j = i; j < C; ++j) row[j] += xi * static_cast<double>(xn[j]);
-    }
-  }
-  for (std::int64_t i = 0; i < C; ++i)
-    for (std::int64_t j = 0; j < i; ++j) m[static_cast<std::size_t>(i * C + j)] = m[static_cast<std::size_t>(j * C + i)];
-  std::vector<double> vals, vecs;
-  eigen_sym(std::move(m), C, vals, vecs);
+  // The samples are host memory (check_samples): the CPU backend's ops.
+  Backend& be = cpu_backend();
+  std::vector<double> m(static_cast<std::size_t>(C * C)), vals(static_cast<std::size_t>(C)),
+      vecs(static_cast<std::size_t>(C * C));
+  be.gram(GramArgs{TensorView(x, Shape{N, C}), TensorView(m.data(), Shape{C, C})});
+  be.sym_eigen(SymEigenArgs{TensorView(m.data(), Shape{C, C}), TensorView(vals.data(), Shape{C}),
+                            TensorView(vecs.data(), Shape{C, C})});
   std::vector<std::int64_t> idx(static_cast<std::size_t>(C));
   std::iota(idx.begin(), idx.end(), 0);
   std::stable_sort(idx.begin(), idx.end(), [&](std::int64_t a, std::int64_t b) {
@@ -146,88 +51,17 @@ void pca_fit(const float* x, std::int64_t N, std::int64_t C, std::int64_t dc, fl
   }
 }
 
-// Loss sum (not normalised) of ||U P x - x||^2 over the N rows, in f64.
-double recon_sq_sum(const float* x, std::int64_t N, std::int64_t C, std::int64_t dc, const float* P, const float* U) {
-  double total = 0;
-#pragma omp parallel
-  {
-    std::vector<double> z(static_cast<std::size_t>(dc));
-#pragma omp for reduction(+ : total) schedule(static)
-    for (std::int64_t n = 0; n < N; ++n) {
-      const float* xn = x + n * C;
-      for (std::int64_t i = 0; i < dc; ++i) {
-        double s = 0;
-        const float* pr = P + i * C;
-        for (std::int64_t c = 0; c < C; ++c) s += static_cast<double>(pr[c]) * xn[c];
-        z[static_cast<std::size_t>(i)] = s;
-      }
-      for (std::int64_t c = 0; c < C; ++c) {
-        double s = 0;
-        const float* ur = U + c * dc;
-        for (std::int64_t i = 0; i < dc; ++i) s += static_cast<double>(ur[i]) * z[static_cast<std::size_t>(i)];
-        const double r = s - xn[c];
-        total += r * r;
-      }
-    }
-  }
-  return total;
-}
-
-// dP += scale * sum_n (U^T r_n) x_n^T, dU += scale * sum_n r_n z_n^T.
-void recon_grad(const float* x, std::int64_t N, std::int64_t C, std::int64_t dc, const float* P, const float* U,
-                double scale, float* dP, float* dU) {
-  std::vector<double> Z(static_cast<std::size_t>(N * dc)), R(static_cast<std::size_t>(N * C)),
-      G(static_cast<std::size_t>(N * dc));
-#pragma omp parallel for schedule(static)
-  for (std::int64_t n = 0; n < N; ++n) {
-    const float* xn = x + n * C;
-    double* z = Z.data() + n * dc;
-    double* r = R.data() + n * C;
-    double* g = G.data() + n * dc;
-    for (std::int64_t i = 0; i < dc; ++i) {
-      double s = 0;
-      for (std::int64_t c = 0; c < C; ++c) s += static_cast<double>(P[i * C + c]) * xn[c];
-      z[i] = s;
-    }
-    for (std::int64_t c = 0; c < C; ++c) {
-      double s = 0;
-      for (std::int64_t i = 0; i < dc; ++i) s += static_cast<double>(U[c * dc + i]) * z[i];
-      r[c] = s - xn[c];
-    }
-    for (std::int64_t i = 0; i < dc; ++i) g[i] = 0;
-    for (std::int64_t c = 0; c < C; ++c)
-      for (std::int64_t i = 0; i < dc; ++i) g[i] += static_cast<double>(U[c * dc + i]) * r[c];
-  }
-#pragma omp parallel for schedule(static)
-  for (std::int64_t c = 0; c < C; ++c) {
-    std::vector<double> acc(static_cast<std::size_t>(dc), 0.0);
-    for (std::int64_t n = 0; n < N; ++n) {
-      const double rc = R[static_cast<std::size_t>(n * C + c)];
-      const double* z = Z.data() + n * dc;
-      for (std::int64_t i = 0; i < dc; ++i) acc[static_cast<std::size_t>(i)] += rc * z[i];
-    }
-    for (std::int64_t i = 0; i < dc; ++i) dU[c * dc + i] += static_cast<float>(scale * acc[static_cast<std::size_t>(i)]);
-  }
-#pragma omp parallel for schedule(static)
-  for (std::int64_t i = 0; i < dc; ++i) {
-    std::vector<double> acc(static_cast<std::size_t>(C), 0.0);
-    for (std::int64_t n = 0; n < N; ++n) {
-      const double gi = G[static_cast<std::size_t>(n * dc + i)];
-      const float* xn = x + n * C;
-      for (std::int64_t c = 0; c < C; ++c) acc[static_cast<std::size_t>(c)] += gi * xn[c];
-    }
-    for (std::int64_t c = 0; c < C; ++c) dP[i * C + c] += static_cast<float>(scale * acc[static_cast<std::size_t>(c)]);
-  }
-}
-
 }  // namespace
 
 namespace detail {
-bool lapack_eigen_available() { return dsyevd_ != nullptr; }
+bool lapack_eigen_available() { return cpu::lapack_eigen_available(); }
 void symmetric_eigen(const std::vector<double>& a, std::int64_t n, std::vector<double>& vals,
                      std::vector<double>& vecs, bool force_jacobi) {
   DSRSQ_REQUIRE(n >= 1 && a.size() == static_cast<std::size_t>(n * n), "symmetric_eigen: a must be (n, n)");
-  eigen_sym(a, n, vals, vecs, force_jacobi);
+  vals.assign(static_cast<std::size_t>(n), 0.0);
+  vecs.assign(static_cast<std::size_t>(n * n), 0.0);
+  cpu_backend().sym_eigen(SymEigenArgs{TensorView(a.data(), Shape{n, n}), TensorView(vals.data(), Shape{n}),
+                                       TensorView(vecs.data(), Shape{n, n}), force_jacobi});
 }
 }  // namespace detail
 
@@ -341,8 +175,12 @@ double RckvProjections::compression_loss(std::int64_t layer, const TensorView& k
   saved_n_ = N;
   saved_k_.assign(k.ptr<float>(), k.ptr<float>() + N * C_);
   saved_v_.assign(v.ptr<float>(), v.ptr<float>() + N * C_);
-  const double s = recon_sq_sum(saved_k_.data(), N, C_, dc_, pk(layer), uk(layer)) +
-                   recon_sq_sum(saved_v_.data(), N, C_, dc_, pv(layer), uv(layer));
+  Backend& be = cpu_backend();  // host samples (check_samples)
+  const TensorView ks(saved_k_.data(), Shape{N, C_}), vs(saved_v_.data(), Shape{N, C_});
+  const double s = be.lowrank_recon_fwd(LowRankReconArgs{ks, TensorView(pk(layer), Shape{dc_, C_}),
+                                                         TensorView(uk(layer), Shape{C_, dc_})}) +
+                   be.lowrank_recon_fwd(LowRankReconArgs{vs, TensorView(pv(layer), Shape{dc_, C_}),
+                                                         TensorView(uv(layer), Shape{C_, dc_})});
   return s / (static_cast<double>(N) * static_cast<double>(C_));
 }
 
@@ -352,8 +190,12 @@ void RckvProjections::compression_loss_backward(double dloss) {
   const std::int64_t l = saved_layer_, N = saved_n_;
   const double scale = 2.0 * dloss / (static_cast<double>(N) * static_cast<double>(C_));
   auto g = [&](int w) { return grads_ + (l * 4 + w) * dc_ * C_; };
-  recon_grad(saved_k_.data(), N, C_, dc_, pk(l), uk(l), scale, g(0), g(2));
-  recon_grad(saved_v_.data(), N, C_, dc_, pv(l), uv(l), scale, g(1), g(3));
+  Backend& be = cpu_backend();
+  const Shape ps{dc_, C_}, us{C_, dc_};
+  be.lowrank_recon_bwd(LowRankReconGradArgs{TensorView(saved_k_.data(), Shape{N, C_}), TensorView(pk(l), ps),
+                                            TensorView(uk(l), us), TensorView(g(0), ps), TensorView(g(2), us), scale});
+  be.lowrank_recon_bwd(LowRankReconGradArgs{TensorView(saved_v_.data(), Shape{N, C_}), TensorView(pv(l), ps),
+                                            TensorView(uv(l), us), TensorView(g(1), ps), TensorView(g(3), us), scale});
 }
 
 // ---- RckvPolicy -------------------------------------------------------------------
@@ -403,6 +245,13 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
     S_ = std::max<std::int64_t>(1, static_cast<std::int64_t>(fit));
     S_ = std::min(S_, std::max<std::int64_t>(1, total - W_));
   }
+  {
+    const std::size_t sqa_fixed = cfg_.sqa ? static_cast<std::size_t>(NH * m_ * HS + NH * m_) * 4 : 0;
+    const std::size_t sqa_slot = cfg_.sqa ? static_cast<std::size_t>(NH) * 4 : 0;
+    const std::size_t minimum = Lz * (static_cast<std::size_t>(W_) * window_token_bytes() + sqa_fixed + slot_bytes() +
+                                      sqa_slot);
+    infeasible_ = minimum > requested;
+  }
   const std::size_t sqa_row = cfg_.sqa ? static_cast<std::size_t>(NH * m_ * HS + NH * S_ + NH * m_) * 4 : 0;
   achieved_ = Lz * (static_cast<std::size_t>(S_) * slot_bytes() + static_cast<std::size_t>(W_) * window_token_bytes() +
                     sqa_row);
@@ -436,6 +285,7 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   rng_.clear();
   for (std::int64_t l = 0; l < L; ++l) rng_.emplace_back(cfg_.seed, static_cast<std::uint64_t>(l));
   resident_ = peak_ = 0;
+  prefill_scratch_ = 0;
   begun_ = true;
 }
 
@@ -449,10 +299,24 @@ void RckvPolicy::reconstruct_keys(std::int64_t layer, std::int64_t b, std::int64
 
 std::int64_t RckvPolicy::choose_victim(const float* w, std::int64_t n, double tau, Rng& rng) {
   DSRSQ_REQUIRE(n >= 1, "rckv choose_victim: empty buffer");
-  std::int64_t best = 0;
+  std::int64_t best = 0, ties = 1;
   for (std::int64_t i = 1; i < n; ++i)
-    if (w[i] < w[best]) best = i;
-  if (tau <= 0.0) return best;
+    if (w[i] < w[best]) {
+      best = i;
+      ties = 1;
+    } else if (w[i] == w[best]) {
+      ++ties;
+    }
+  if (tau <= 0.0) {
+    if (ties == 1) return best;
+    // Equal importances carry no preference: draw one of them uniformly (a
+    // fixed "lowest slot" rule would always evict the oldest token, BOS first).
+    auto pick = static_cast<std::int64_t>(rng.uniform() * static_cast<double>(ties));
+    pick = std::min(pick, ties - 1);
+    for (std::int64_t i = best; i < n; ++i)
+      if (w[i] == w[best] && pick-- == 0) return i;
+    return best;
+  }
   const double wmin = w[best];
   double total = 0;
   for (std::int64_t i = 0; i < n; ++i) total += std::exp(-(static_cast<double>(w[i]) - wmin) / tau);
@@ -465,44 +329,66 @@ std::int64_t RckvPolicy::choose_victim(const float* w, std::int64_t n, double ta
   return n - 1;  // rounding at the end of the sum
 }
 
+// attend() in named steps: rotate the queries, gather the window and the new
+// tokens (exact keys), score the new tokens' importance, attend to them,
+// attend to the buffer in latent space and merge (the Backend's one merge),
+// update the importance, account, push.
 void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorView v, TensorView pos,
                         TensorView out) {
   kvdetail::check_attend("KV policy 'rckv'", begun_, mc_, info_.batch, layer, q, k, v, pos, out);
-  const std::int64_t B = info_.batch, Tn = q.shape[1], NH = mc_.n_heads, HS = mc_.head_size(), C = mc_.d_model,
-                     dc = cfg_.d_c;
-  const auto l = static_cast<std::size_t>(layer);
-  LayerState& st = st_[l];
+  const std::int64_t B = info_.batch, Tn = q.shape[1], NH = mc_.n_heads, HS = mc_.head_size();
   ArenaScope scope(scratch_);
-  const auto* pp = pos.ptr<std::int32_t>();
-
   // 1. Queries rotated at their original positions (in place: caller's scratch).
   be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos.reshaped(Shape{B * Tn}), mc_.rope_theta});
-
   // 2. Window + new tokens: exact keys (rotated copies; k stays pre-RoPE for push()).
-  const std::int64_t Sw = st.win_len + Tn;
-  TensorView Kw = scratch_.allocate(Shape{B, Sw, NH, HS}, DType::f32);
-  TensorView Vw = scratch_.allocate(Shape{B, Sw, NH, HS}, DType::f32);
-  TensorView kpw = scratch_.allocate(Shape{B, Sw}, DType::i32);
-  {
-    float* kd = Kw.ptr<float>();
-    float* vd = Vw.ptr<float>();
-    std::int32_t* pd = kpw.ptr<std::int32_t>();
-    const float* ks = k.ptr<float>();
-    const float* vs = v.ptr<float>();
-    const std::size_t row = static_cast<std::size_t>(C) * sizeof(float);
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t i = 0; i < st.win_len; ++i) {
-        const std::int64_t r = (st.win_head + i) % W_;
-        std::memcpy(kd + (b * Sw + i) * C, wk_[l] + (b * W_ + r) * C, row);
-        std::memcpy(vd + (b * Sw + i) * C, wv_[l] + (b * W_ + r) * C, row);
-        pd[b * Sw + i] = wpos_[l][b * W_ + r];
-      }
-      std::memcpy(kd + (b * Sw + st.win_len) * C, ks + b * Tn * C, row * static_cast<std::size_t>(Tn));
-      std::memcpy(vd + (b * Sw + st.win_len) * C, vs + b * Tn * C, row * static_cast<std::size_t>(Tn));
-      std::copy(pp + b * Tn, pp + (b + 1) * Tn, pd + b * Sw + st.win_len);
+  const ExactKV w = gather_exact(layer, k, v, pos);
+  // 3. Importance of the call's tokens from the attention they receive.
+  score_new_tokens(q, w, pos);
+  // 4. Exact attention over window + new tokens (SQA for a multi-token call).
+  TensorView lse_w = scratch_.allocate(Shape{B, NH, Tn}, DType::f32);
+  attend_exact(q, w, pos, out, lse_w);
+  // 5. Buffer in latent space, merged into out; importance EMA.
+  std::vector<double> buf_keys_used(static_cast<std::size_t>(B * Tn), 0.0);
+  attend_buffer(layer, q, pos, lse_w, out, buf_keys_used);
+  // 6. Memory accounting and decode statistics.
+  account(layer, Tn, buf_keys_used);
+  // 7. New tokens enter the window; the overflow is compressed into the buffer.
+  push(layer, k, v, pos, scratch_);
+}
+
+RckvPolicy::ExactKV RckvPolicy::gather_exact(std::int64_t layer, const TensorView& k, const TensorView& v,
+                                             const TensorView& pos) {
+  const std::int64_t B = info_.batch, Tn = k.shape[1], NH = mc_.n_heads, HS = mc_.head_size(), C = mc_.d_model,
+                     dc = cfg_.d_c;
+  const auto l = static_cast<std::size_t>(layer);
+  const LayerState& st = st_[l];
+  ExactKV w;
+  w.win = st.win_len;
+  w.S = st.win_len + Tn;
+  const std::int64_t Sw = w.S;
+  w.K = scratch_.allocate(Shape{B, Sw, NH, HS}, DType::f32);
+  w.V = scratch_.allocate(Shape{B, Sw, NH, HS}, DType::f32);
+  w.pos = scratch_.allocate(Shape{B, Sw}, DType::i32);
+  const TensorView K2 = w.K.reshaped(Shape{B * Sw, C}), V2 = w.V.reshaped(Shape{B * Sw, C});
+  const TensorView P2 = w.pos.reshaped(Shape{B * Sw, 1});
+  const TensorView k2 = k.reshaped(Shape{B * Tn, C}), v2 = v.reshaped(Shape{B * Tn, C}),
+                   p2 = pos.reshaped(Shape{B * Tn, 1});
+  // Window ring rows (oldest first), then the call's tokens, per batch row.
+  std::vector<std::int32_t> idx(static_cast<std::size_t>(std::max<std::int64_t>(st.win_len, 1)));
+  for (std::int64_t b = 0; b < B; ++b) {
+    if (st.win_len > 0) {
+      for (std::int64_t i = 0; i < st.win_len; ++i)
+        idx[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(b * W_ + (st.win_head + i) % W_);
+      const TensorView ix(idx.data(), Shape{st.win_len});
+      be_.gather_rows({TensorView(wk_[l], Shape{B * W_, C}), ix, K2.rows(b * Sw, st.win_len)});
+      be_.gather_rows({TensorView(wv_[l], Shape{B * W_, C}), ix, V2.rows(b * Sw, st.win_len)});
+      be_.gather_rows({TensorView(wpos_[l], Shape{B * W_, 1}), ix, P2.rows(b * Sw, st.win_len)});
     }
+    be_.copy(k2.rows(b * Tn, Tn), K2.rows(b * Sw + st.win_len, Tn));
+    be_.copy(v2.rows(b * Tn, Tn), V2.rows(b * Sw + st.win_len, Tn));
+    be_.copy(p2.rows(b * Tn, Tn), P2.rows(b * Sw + st.win_len, Tn));
   }
-  // 2b. As in DSRSQ's training forward (RckvTrainTransform): new tokens this call
+  // As in DSRSQ's training forward (RckvTrainTransform): new tokens this call
   // pushes out of the window (the first Tn - W) are seen by every query of the
   // call through their reconstruction U P x, the way later calls will see them.
   // Only the attention copies change: push() compresses the original k, v.
@@ -511,178 +397,122 @@ void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
     TensorView x = scratch_.allocate(Shape{M, C}, DType::f32);
     TensorView z = scratch_.allocate(Shape{M, dc}, DType::f32);
     TensorView xh = scratch_.allocate(Shape{M, C}, DType::f32);
-    const std::size_t bytes = static_cast<std::size_t>(M * C) * sizeof(float);
     for (int kind = 0; kind < 2; ++kind) {
-      float* dst = (kind == 0 ? Kw : Vw).ptr<float>();
+      const TensorView dst = kind == 0 ? K2 : V2;
       const TensorView P(const_cast<float*>(kind == 0 ? proj_.pk(layer) : proj_.pv(layer)), Shape{dc, C});
       const TensorView U(const_cast<float*>(kind == 0 ? proj_.uk(layer) : proj_.uv(layer)), Shape{C, dc});
       for (std::int64_t b = 0; b < B; ++b) {
-        float* rows = dst + (b * Sw + st.win_len) * C;
-        std::memcpy(x.data, rows, bytes);
+        const TensorView rows = dst.rows(b * Sw + st.win_len, M);
+        be_.copy(rows, x);
         be_.linear_fwd(LinearArgs{x, P, {}, z});
         be_.linear_fwd(LinearArgs{z, U, {}, xh});
-        std::memcpy(rows, xh.data, bytes);
+        be_.copy(xh, rows);
       }
     }
   }
-  be_.rope_fwd(RopeArgs{Kw.reshaped(Shape{B * Sw, NH, HS}), kpw.reshaped(Shape{B * Sw}), mc_.rope_theta});
-  // 2c. Observation-window importance of a multi-token call's tokens (SnapKV's
-  // scoring, ALGORITHMS.md section 1 / 13.3 trick 9): the attention mass each new
-  // token receives from the call's last max(W, 1) queries (the question, for a
-  // prompt), dense softmax over the window and the call, averaged over heads
-  // and those queries. push() starts a token's importance there and evicts by it.
+  be_.rope_fwd(RopeArgs{w.K.reshaped(Shape{B * Sw, NH, HS}), w.pos.reshaped(Shape{B * Sw}), mc_.rope_theta});
+  return w;
+}
+
+// The importance a multi-token call's tokens start with (push() stores it):
+// the attention mass each receives in the dense softmax over the window and
+// the call (f64; mean over heads).
+//   default:          every query i of the call, weighted as the decode-time
+//                     EMA would weigh it: (1 - decay) decay^(Tn-1-i), so a
+//                     prompt token is scored by the attention it actually got;
+//   observe_prefill:  the call's last max(W, 1) queries, uniform (SnapKV's
+//                     observation window).
+// A single-token call (decode) leaves new_mass_ at -1 (its token enters the
+// window; a window token reaching the buffer starts at the buffer mean).
+void RckvPolicy::score_new_tokens(const TensorView& q, const ExactKV& w, const TensorView& pos) {
+  const std::int64_t B = info_.batch, Tn = q.shape[1], NH = mc_.n_heads;
   new_mass_.assign(static_cast<std::size_t>(B * Tn), -1.0f);
-  if (cfg_.observe_prefill && Tn > 1) {
+  if (Tn <= 1) return;
+  std::vector<double> rw(static_cast<std::size_t>(Tn), 0.0);
+  double divisor = static_cast<double>(NH);
+  if (cfg_.observe_prefill) {
     const std::int64_t obs = std::min<std::int64_t>(Tn, std::max<std::int64_t>(W_, 1));
-    const double scale = 1.0 / std::sqrt(static_cast<double>(HS));
-    const float* qd = q.ptr<float>();
-    const float* kd = Kw.ptr<float>();
-    const std::int32_t* kp = kpw.ptr<std::int32_t>();
-    for (std::int64_t b = 0; b < B; ++b) {
-      std::vector<double> mass(static_cast<std::size_t>(Tn), 0.0), e(static_cast<std::size_t>(Sw));
-      for (std::int64_t qi = Tn - obs; qi < Tn; ++qi)
-        for (std::int64_t h = 0; h < NH; ++h) {
-          const float* qv = qd + ((b * Tn + qi) * NH + h) * HS;
-          double mx = -std::numeric_limits<double>::infinity();
-          for (std::int64_t j = 0; j < Sw; ++j) {
-            double sc = -std::numeric_limits<double>::infinity();
-            if (kp[b * Sw + j] <= pp[b * Tn + qi]) {
-              const float* kv = kd + (b * Sw + j) * C + h * HS;
-              double d = 0;
-              for (std::int64_t x = 0; x < HS; ++x) d += static_cast<double>(qv[x]) * kv[x];
-              sc = d * scale;
-              mx = std::max(mx, sc);
-            }
-            e[static_cast<std::size_t>(j)] = sc;
-          }
-          double Z = 0;
-          for (auto& x : e) Z += (x = std::isinf(x) ? 0.0 : std::exp(x - mx));
-          for (std::int64_t i = 0; i < Tn; ++i) mass[static_cast<std::size_t>(i)] += e[static_cast<std::size_t>(st.win_len + i)] / Z;
-        }
-      for (std::int64_t i = 0; i < Tn; ++i)
-        new_mass_[static_cast<std::size_t>(b * Tn + i)] = static_cast<float>(mass[static_cast<std::size_t>(i)] / static_cast<double>(obs * NH));
-    }
+    for (std::int64_t i = Tn - obs; i < Tn; ++i) rw[static_cast<std::size_t>(i)] = 1.0;
+    divisor = static_cast<double>(obs * NH);
+  } else {
+    const double decay = cfg_.importance_decay;
+    for (std::int64_t i = 0; i < Tn; ++i)
+      rw[static_cast<std::size_t>(i)] = (1.0 - decay) * std::pow(decay, static_cast<double>(Tn - 1 - i));
   }
-  TensorView lse_w = scratch_.allocate(Shape{B, NH, Tn}, DType::f32);
-  if (cfg_.sqa && Tn > 1) {
+  TensorView mass = scratch_.allocate(Shape{B, w.S}, DType::f64);
+  be_.attention_mass(AttentionMassArgs{q, w.K, pos, w.pos, TensorView(rw.data(), Shape{Tn}), mass, divisor});
+  const double* md = mass.ptr<double>();
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t i = 0; i < Tn; ++i)
+      new_mass_[static_cast<std::size_t>(b * Tn + i)] = static_cast<float>(md[b * w.S + w.win + i]);
+}
+
+void RckvPolicy::attend_exact(const TensorView& q, const ExactKV& w, const TensorView& pos, const TensorView& out,
+                              const TensorView& lse_w) {
+  if (cfg_.sqa && q.shape[1] > 1) {
     // SQA over the call's tokens (and the window), as in training: k-means over
     // their keys, each query attends exactly to its top-k_c clusters.
-    const attention::ClusterPlan plan = attention::cluster_plan(q, Kw, pos, kpw, cfg_.sqa_cfg);
-    attention::cluster_attention_fwd(be_, plan, AttentionArgs{q, Kw, Vw, out, lse_w, pos, kpw, true, 0.0});
+    const attention::ClusterPlan plan = attention::cluster_plan(q, w.K, pos, w.pos, cfg_.sqa_cfg);
+    attention::cluster_attention_fwd(be_, plan, AttentionArgs{q, w.K, w.V, out, lse_w, pos, w.pos, true, 0.0});
   } else {
-    be_.attention_fwd(AttentionArgs{q, Kw, Vw, out, lse_w, pos, kpw, true, 0.0});
+    be_.attention_fwd(AttentionArgs{q, w.K, w.V, out, lse_w, pos, w.pos, true, 0.0});
   }
+}
 
-  // 3. Buffer: reconstructed, rotated keys; latent values; merged into out.
-  const std::int64_t n = st.buf_len;
-  std::vector<double> buf_keys_used(static_cast<std::size_t>(B * Tn), 0.0);  // summed over heads
-  if (n > 0) {
-    TensorView Kb = scratch_.allocate(Shape{B, n, C}, DType::f32);
-    float* kb = Kb.ptr<float>();
-    for (std::int64_t b = 0; b < B; ++b) reconstruct_keys(layer, b, n, kb + b * n * C);
-    const bool use_sqa = decoding_ && m_eff_[l] > 0;
-    const std::int64_t me = m_eff_[l];
-    const std::int64_t kc = std::min<std::int64_t>(cfg_.sqa_cfg.top_clusters, std::max<std::int64_t>(me, 1));
-    const double scale = 1.0 / std::sqrt(static_cast<double>(HS));
-    const double decay = cfg_.importance_decay;
-    const float* qd = q.ptr<float>();
-    float* od = out.ptr<float>();
-    const float* lw = lse_w.ptr<float>();
-    const float* cvl = cv_[l];
-    const float* uv = proj_.uv(layer);
-    const std::int32_t* bp = bpos_[l];
-    std::vector<double> acc(static_cast<std::size_t>(B * n), 0.0);
-#pragma omp parallel if (B * Tn > 1)  // one decode row: no team to wake and spin
-    {
-      std::vector<double> local(static_cast<std::size_t>(B * n), 0.0);
-      std::vector<double> e(static_cast<std::size_t>(n)), z(static_cast<std::size_t>(dc));
-      std::vector<char> chosen(static_cast<std::size_t>(std::max<std::int64_t>(me, 1)));
-      std::vector<std::pair<double, std::int64_t>> cs;
-#pragma omp for schedule(static)
-      for (std::int64_t bi = 0; bi < B * Tn; ++bi) {
-        const std::int64_t b = bi / Tn, i = bi % Tn;
-        const std::int32_t qp = pp[bi];
-        const double coef = (1.0 - decay) * std::pow(decay, static_cast<double>(Tn - 1 - i));
-        for (std::int64_t h = 0; h < NH; ++h) {
-          const float* qv = qd + (bi * NH + h) * HS;
-          const std::int32_t* as = use_sqa ? cassign_[l] + (b * NH + h) * S_ : nullptr;
-          if (use_sqa) {
-            // Score the non-empty centroids; keep the top kc (ties: lower index).
-            const float* cen = cent_[l] + (b * NH + h) * m_ * HS;
-            const std::int32_t* sz = csize_[l] + (b * NH + h) * m_;
-            cs.clear();
-            for (std::int64_t c = 0; c < me; ++c) {
-              chosen[static_cast<std::size_t>(c)] = 0;
-              if (sz[c] <= 0) continue;
-              double s = 0;
-              for (std::int64_t d = 0; d < HS; ++d) s += static_cast<double>(qv[d]) * cen[c * HS + d];
-              cs.emplace_back(-s, c);
-            }
-            const std::size_t take = std::min<std::size_t>(static_cast<std::size_t>(kc), cs.size());
-            std::partial_sort(cs.begin(), cs.begin() + static_cast<std::ptrdiff_t>(take), cs.end());
-            for (std::size_t t = 0; t < take; ++t) chosen[static_cast<std::size_t>(cs[t].second)] = 1;
-          }
-          double mx = kNegInf;
-          std::int64_t used = 0;
-          for (std::int64_t j = 0; j < n; ++j) {
-            double s = kNegInf;
-            const bool visible = bp[b * S_ + j] <= qp && (!as || (as[j] >= 0 && chosen[static_cast<std::size_t>(as[j])]));
-            if (visible) {
-              const float* kv = kb + (b * n + j) * C + h * HS;
-              double d = 0;
-              for (std::int64_t x = 0; x < HS; ++x) d += static_cast<double>(qv[x]) * kv[x];
-              s = d * scale;
-              mx = std::max(mx, s);
-              ++used;
-            }
-            e[static_cast<std::size_t>(j)] = s;
-          }
-          if (used == 0) continue;  // no buffer key: the window part stands
-          double Z = 0;
-          for (std::int64_t j = 0; j < n; ++j) {
-            double& ej = e[static_cast<std::size_t>(j)];
-            ej = ej == kNegInf ? 0.0 : std::exp(ej - mx);
-            Z += ej;
-          }
-          const double lse_b = mx + std::log(Z);
-          std::fill(z.begin(), z.end(), 0.0);
-          for (std::int64_t j = 0; j < n; ++j) {
-            const double pj = e[static_cast<std::size_t>(j)] / Z;
-            if (pj == 0.0) continue;
-            const float* c = cvl + (b * S_ + j) * dc;
-            for (std::int64_t x = 0; x < dc; ++x) z[static_cast<std::size_t>(x)] += pj * c[x];
-          }
-          const double lw_ = lw[(b * NH + h) * Tn + i];
-          const double m = std::max(lse_b, lw_);
-          const double ab = std::exp(lse_b - m);
-          const double aw = lw_ == kNegInf ? 0.0 : std::exp(lw_ - m);
-          const double fb = ab / (ab + aw), fw = aw / (ab + aw);
-          float* o = od + (bi * NH + h) * HS;
-          for (std::int64_t r = 0; r < HS; ++r) {
-            const float* ur = uv + (h * HS + r) * dc;
-            double ob = 0;
-            for (std::int64_t x = 0; x < dc; ++x) ob += static_cast<double>(ur[x]) * z[static_cast<std::size_t>(x)];
-            o[r] = static_cast<float>(fb * ob + fw * static_cast<double>(o[r]));
-          }
-          const double w = coef * fb / static_cast<double>(NH) / Z;
-          double* lc = local.data() + b * n;
-          for (std::int64_t j = 0; j < n; ++j) lc[j] += w * e[static_cast<std::size_t>(j)];
-          buf_keys_used[static_cast<std::size_t>(bi)] += static_cast<double>(used);
-        }
-      }
-#pragma omp critical
-      for (std::size_t x = 0; x < acc.size(); ++x) acc[x] += local[x];
+void RckvPolicy::attend_buffer(std::int64_t layer, const TensorView& q, const TensorView& pos, const TensorView& lse_w,
+                               const TensorView& out, std::vector<double>& buf_keys_used) {
+  const std::int64_t B = info_.batch, Tn = q.shape[1], NH = mc_.n_heads, HS = mc_.head_size(), C = mc_.d_model,
+                     dc = cfg_.d_c;
+  const auto l = static_cast<std::size_t>(layer);
+  const std::int64_t n = st_[l].buf_len;
+  if (n == 0) return;
+  TensorView Kb = scratch_.allocate(Shape{B, n, C}, DType::f32);
+  for (std::int64_t b = 0; b < B; ++b) reconstruct_keys(layer, b, n, Kb.ptr<float>() + b * n * C);
+  const double decay = cfg_.importance_decay;
+  std::vector<double> rw(static_cast<std::size_t>(Tn));
+  for (std::int64_t i = 0; i < Tn; ++i)
+    rw[static_cast<std::size_t>(i)] = (1.0 - decay) * std::pow(decay, static_cast<double>(Tn - 1 - i));
+  TensorView ob = scratch_.allocate(Shape{B, Tn, NH, HS}, DType::f64);
+  TensorView lb = scratch_.allocate(Shape{B, NH, Tn}, DType::f64);
+  TensorView mass = scratch_.zeros(Shape{B, n}, DType::f64);
+  LatentAttentionArgs la;
+  la.q = q;
+  la.k = Kb.reshaped(Shape{B, n, NH, HS});
+  la.q_pos = pos;
+  la.k_pos = TensorView(bpos_[l], Shape{B, S_});
+  la.latent = TensorView(cv_[l], Shape{B, S_, dc});
+  la.up = TensorView(const_cast<float*>(proj_.uv(layer)), Shape{C, dc});
+  la.o = ob;
+  la.lse = lb;
+  if (decoding_ && m_eff_[l] > 0) {  // SQA at decode: only the top-k_c clusters' slots
+    la.centroids = TensorView(cent_[l], Shape{B, NH, m_, HS});
+    la.assign = TensorView(cassign_[l], Shape{B, NH, S_});
+    la.sizes = TensorView(csize_[l], Shape{B, NH, m_});
+    la.clusters = m_eff_[l];
+    la.top_clusters = cfg_.sqa_cfg.top_clusters;
+  }
+  la.lse_other = lse_w;
+  la.row_weight = TensorView(rw.data(), Shape{Tn});
+  la.mass = mass;
+  la.used = TensorView(buf_keys_used.data(), Shape{B, Tn});
+  be_.latent_attention_fwd(la);
+  // The one log-sum-exp merge (f64 partial into the f32 window result).
+  be_.attention_merge(AttentionMergeArgs{out, lse_w, ob, lb});
+  // Importance EMA over this call's query rows (in order), policy metadata.
+  const double dT = std::pow(decay, static_cast<double>(Tn));
+  const double* md = mass.ptr<double>();
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t j = 0; j < n; ++j) {
+      float& wj = wimp_[l][b * S_ + j];
+      wj = static_cast<float>(dT * wj + md[b * n + j]);
     }
-    // Importance EMA over this call's query rows (in order).
-    const double dT = std::pow(decay, static_cast<double>(Tn));
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t j = 0; j < n; ++j) {
-        float& w = wimp_[l][b * S_ + j];
-        w = static_cast<float>(dT * w + acc[static_cast<std::size_t>(b * n + j)]);
-      }
-  }
+}
 
+void RckvPolicy::account(std::int64_t layer, std::int64_t Tn, const std::vector<double>& buf_keys_used) {
+  const std::int64_t B = info_.batch, NH = mc_.n_heads, C = mc_.d_model;
+  const LayerState& st = st_[static_cast<std::size_t>(layer)];
   if (decoding_) {
+    const std::int64_t n = st.buf_len;
     const std::size_t tok = 2 * static_cast<std::size_t>(C) * sizeof(float);
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t i = 0; i < Tn; ++i) {
@@ -695,9 +525,6 @@ void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
   } else {
     peak_ = std::max(peak_, arena_->peak_bytes());
   }
-
-  // 4. New tokens enter the window; the overflow is compressed into the buffer.
-  push(layer, k, v, pos, scratch_);
 }
 
 void RckvPolicy::push(std::int64_t layer, const TensorView& k, const TensorView& v, const TensorView& pos,
@@ -867,10 +694,14 @@ void RckvPolicy::end_prefill() {
   decoding_ = true;
   resident_ = arena_->used_bytes();
   peak_ = std::max(peak_, arena_->peak_bytes());
+  prefill_scratch_ = scratch_.peak_bytes();
 }
 
 KVMemory RckvPolicy::memory() const {
-  return kvdetail::arena_memory(arena_.get(), decoding_, resident_, peak_, stats_);
+  KVMemory m = kvdetail::arena_memory(arena_.get(), decoding_, resident_, peak_, stats_);
+  // Prefill scratch (every key a prompt's queries attended) counts in the peak.
+  m.peak_prefill += decoding_ ? prefill_scratch_ : scratch_.peak_bytes();
+  return m;
 }
 
 std::vector<std::int32_t> RckvPolicy::slot_positions(std::int64_t layer, std::int64_t b) const {

@@ -34,13 +34,21 @@
 // Tokens pushed out of the window (oldest first) are compressed, c = P x, and
 // written to the buffer: to the next free slot if any, else to an evicted slot
 // chosen per batch row with probability proportional to exp(-w_i / tau)
-// (tau = 0: the smallest w, ties to the lowest slot index), drawn from
+// (tau = 0: the smallest w; equal smallest w: one of them drawn uniformly, so
+// ties never systematically evict the oldest slot), drawn from
 // Rng(cfg.seed, layer) (reseeded at begin(): a sequence is reproducible).
-// With observe_prefill, the importance of a token written by a multi-token call (a prompt): the attention
-// mass it received from the call's last max(W, 1) queries (observation window,
-// SnapKV's scoring; dense softmax over window + call, mean over heads and those
-// queries); when the buffer is full such a token competes with the residents
-// and is itself dropped when it is the one chosen for eviction.
+// Importance of a token written by a multi-token call (a prompt): the attention
+// mass it received in that call (Backend::attention_mass: dense softmax over
+// window + call, f64, mean over heads). By default every query i of the call
+// counts with the decode EMA's weight (1 - decay) decay^(Tn-1-i), so a prompt
+// token starts where the EMA would have put it had it been a slot during the
+// prompt; with observe_prefill only the call's last max(W, 1) queries count,
+// uniformly (SnapKV's observation window). When the buffer is full such a
+// token competes with the residents and is itself dropped when it is the one
+// chosen for eviction. (Before this rule, prompt tokens entered at the buffer
+// mean -- 0 in a fresh buffer -- and ties went to slot 0: the buffer kept the
+// earliest tokens it could and evicted BOS first, position not importance.)
+// A token leaving the window during decoding starts at the buffer mean.
 // Importance: after every attend() call, for each query row i in order,
 //   w_j <- decay * w_j + (1 - decay) * m_ij,   m_ij = attention probability of
 // slot j for query i, averaged over heads (the probability in the ONE merged
@@ -67,7 +75,24 @@
 // SQA) + (window + visible new tokens) x 2 C * 4. attended_tokens(): mean keys
 // one decode query attends to (buffer slots used, averaged over heads, plus
 // window and visible new tokens). Per-call scratch (reconstructed keys, rotated
-// window keys) lives in a separate arena, not counted (scratch_peak_bytes()).
+// window keys and values, the latent partial) lives in a separate arena. Strict
+// bytes (DESIGN.md section 9): a prompt given in one call attends all of its
+// tokens through that scratch, so the first generated token's context was
+// built from more keys than the budget holds; that scratch is therefore
+// COUNTED in memory().peak_prefill (arena peak + scratch high-water mark of
+// prefill), shown in the table, while resident/total stay the arena bytes and
+// the attention results are unchanged. infeasible(): the fixed part (window,
+// SQA index) plus one slot exceed the requested bytes (achieved > requested).
+//
+// Training vs inference (a known mismatch, not fixed here): DSRSQ's training
+// forward (RckvTrainTransform) compresses every token beyond the window into
+// an UNLIMITED buffer -- each later query sees all earlier tokens through
+// U P x, with no eviction and no importance -- while inference keeps only
+// `slots` latents chosen by importance. With train_matched_prefill the
+// prompt's own attention matches training; what differs is what survives
+// into decoding (only a budget's worth of slots). The size of the gap has not
+// been measured (the teacher-forced answer loss of this policy at slots >=
+// prompt length against budget-sized slots would measure it).
 //
 // SQA (cfg.sqa): at end_prefill(), per (layer, row, head) k-means
 // (attention::kmeans, m' = min(clusters, filled slots) clusters, seed
@@ -144,7 +169,7 @@ class RckvProjections {
   void init_orthonormal(std::uint64_t seed);
   // One layer from pre-RoPE samples k, v f32 (N, C): P = the top-d_c
   // eigenvectors (rows, eigenvalues descending, sign: largest-magnitude entry
-  // positive) of the uncentred second moment X^T X (f64; LAPACK dsyevd when the
+  // positive) of the uncentred second moment X^T X (f64; Backend::sym_eigen: LAPACK when the
   // linked OpenBLAS has it, else cyclic Jacobi, slow beyond C ~ 256), U = P^T.
   // With d_c = C, U P = I.
   void init_pca(std::int64_t layer, const TensorView& k, const TensorView& v);
@@ -180,6 +205,8 @@ class RckvPolicy final : public KVPolicy {
   std::size_t budget_requested_bytes() const override { return requested_; }
   std::size_t budget_achieved_bytes() const override { return achieved_; }
   double attended_tokens() const override { return stats_.attended(); }
+  // The window, the SQA index and one slot exceed the requested bytes.
+  bool infeasible() const override { return infeasible_; }
 
   // Per-sequence, per-layer costs (see the top of this file).
   std::size_t slot_bytes() const;
@@ -208,6 +235,20 @@ class RckvPolicy final : public KVPolicy {
     std::int64_t win_len = 0;   // tokens in the window ring
     std::int64_t win_head = 0;  // ring slot of the oldest window token
   };
+  // The window's tokens (oldest first) and the call's, per batch row: rotated
+  // keys, values and positions in scratch.
+  struct ExactKV {
+    TensorView K, V, pos;  // (B,S,NH,HS) (B,S,NH,HS) i32 (B,S)
+    std::int64_t win = 0, S = 0;  // window tokens, then S - win new tokens
+  };
+  // attend()'s steps, in order.
+  ExactKV gather_exact(std::int64_t layer, const TensorView& k, const TensorView& v, const TensorView& pos);
+  void score_new_tokens(const TensorView& q, const ExactKV& w, const TensorView& pos);
+  void attend_exact(const TensorView& q, const ExactKV& w, const TensorView& pos, const TensorView& out,
+                    const TensorView& lse_w);
+  void attend_buffer(std::int64_t layer, const TensorView& q, const TensorView& pos, const TensorView& lse_w,
+                     const TensorView& out, std::vector<double>& buf_keys_used);
+  void account(std::int64_t layer, std::int64_t Tn, const std::vector<double>& buf_keys_used);
   void push(std::int64_t layer, const TensorView& k, const TensorView& v, const TensorView& pos, Arena& scratch);
   void reconstruct_keys(std::int64_t layer, std::int64_t b, std::int64_t n, float* dst) const;  // (n, C) post-RoPE
   void assign_slot(std::int64_t layer, std::int64_t b, std::int64_t slot);  // SQA: nearest centroid per head
@@ -233,13 +274,15 @@ class RckvPolicy final : public KVPolicy {
   std::vector<Rng> rng_;  // per layer
   std::vector<float> new_mass_;  // (B, Tn) of the current call: observation-window mass (-1: none)
   std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;
+  std::size_t prefill_scratch_ = 0;  // scratch high-water mark of prefill (counted in peak_prefill)
+  bool infeasible_ = false;
   kvdetail::DecodeStats stats_;
 };
 
 namespace detail {
 // Symmetric eigen-decomposition of a (n, n) row-major matrix (used by
 // init_pca): vals (n, any order) and vecs (n, n) row-major with the eigenvector
-// of vals[j] in column j. LAPACK dsyevd (weakly linked from OpenBLAS) when
+// of vals[j] in column j. LAPACK (weakly linked from OpenBLAS, in the CPU backend) when
 // available, else (or with force_jacobi) cyclic Jacobi in f64.
 bool lapack_eigen_available();
 void symmetric_eigen(const std::vector<double>& a, std::int64_t n, std::vector<double>& vals,

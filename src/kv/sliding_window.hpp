@@ -51,6 +51,8 @@ class SlidingWindowPolicy final : public KVPolicy {
   KVMemory memory() const override;
   std::size_t budget_requested_bytes() const override { return requested_; }
   std::size_t budget_achieved_bytes() const override { return achieved_; }
+  // It keeps at least one token: a budget below one token is unmet.
+  bool infeasible() const override { return achieved_ > requested_; }
   double attended_tokens() const override { return stats_.attended(); }
 
   // Inspection (tests, logs).

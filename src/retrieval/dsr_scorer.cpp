@@ -7,13 +7,13 @@
 #include <cmath>
 #include <numeric>
 
+#include "backend/backend.hpp"
 #include "core/error.hpp"
 
 namespace dsrsq::retrieval {
 namespace {
 
 constexpr double kNormEps = 1e-12;  // |x|_e = sqrt(|x|^2 + kNormEps)
-constexpr std::int64_t kChannelBlock = 16;
 
 std::size_t sz(std::int64_t v) { return static_cast<std::size_t>(v); }
 
@@ -249,39 +249,20 @@ void DsrScorer::encode(DsrForward& f) const {
   f.cosine.assign(sz(N), 0.0);
   f.scores.assign(sz(N), 0.0);
   const float* E = f.context.data();
-  // W_c transposed to (C, d_r) in f64, so r_i = sum_c e'_i[c] W_c[:, c] runs over
-  // independent lanes j (vectorises without reassociating any sum).
-  std::vector<double> wct(sz(C * R));
-  for (std::int64_t j = 0; j < R; ++j)
-    for (std::int64_t c = 0; c < C; ++c) wct[sz(c * R + j)] = wc[j * C + c];
-#pragma omp parallel if (N * R * C > (1 << 16))
-  {
-    std::vector<double> e(sz(C));
-#pragma omp for schedule(static)
-    for (std::int64_t i = 0; i < N; ++i) {
-      std::fill(e.begin(), e.end(), 0.0);
-      for (std::int64_t t = 0; t < W && t <= i; ++t) {
-        const float* row = E + (i - t) * C;
-        const float* at = a + t * C;
-        for (std::int64_t c = 0; c < C; ++c) e[sz(c)] += static_cast<double>(at[c]) * row[c];
-      }
-      double* ri = f.r.data() + i * R;
-      std::fill(ri, ri + R, 0.0);
-      for (std::int64_t c = 0; c < C; ++c) {
-        const double ec = e[sz(c)];
-        const double* w = wct.data() + c * R;
-        for (std::int64_t j = 0; j < R; ++j) ri[j] += ec * w[j];
-      }
-      double rr = 0, ur = 0;
-      for (std::int64_t j = 0; j < R; ++j) {
-        rr += ri[j] * ri[j];
-        ur += ri[j] * f.u[sz(j)];
-      }
-      const double nr = std::sqrt(rr + kNormEps);
-      f.r_norm[sz(i)] = nr;
-      f.cosine[sz(i)] = ur / (f.u_norm * nr);
-      f.scores[sz(i)] = f.scale * f.cosine[sz(i)];
+  // r_i = W_c e'_i with e' the causal depthwise convolution (Backend op, f64).
+  cpu_backend().conv_project_fwd(ConvProjectArgs{TensorView(E, Shape{N, C}), TensorView(a, Shape{W, C}),
+                                                 TensorView(wc, Shape{R, C}), TensorView(f.r.data(), Shape{N, R})});
+  for (std::int64_t i = 0; i < N; ++i) {
+    const double* ri = f.r.data() + i * R;
+    double rr = 0, ur = 0;
+    for (std::int64_t j = 0; j < R; ++j) {
+      rr += ri[j] * ri[j];
+      ur += ri[j] * f.u[sz(j)];
     }
+    const double nr = std::sqrt(rr + kNormEps);
+    f.r_norm[sz(i)] = nr;
+    f.cosine[sz(i)] = ur / (f.u_norm * nr);
+    f.scores[sz(i)] = f.scale * f.cosine[sz(i)];
   }
 
   f.features.resize(sz(cfg_.num_features()));
@@ -335,59 +316,11 @@ void DsrScorer::backward(const DsrForward& fwd, std::span<const double> dscores,
     for (std::int64_t c = 0; c < C; ++c)
       g_[o_wq_ + j * C + c] += static_cast<float>(weight * du[sz(j)] * fwd.query[sz(c)]);
 
-  // W_c and conv taps, by channel block (every channel's e'_i[c] depends on channel c only):
-  //   dW_c[j, c] = sum_i dR[i, j] e'_i[c],  de'_i[c] = sum_j W_c[j, c] dR[i, j],
-  //   da_t[c] = sum_i de'_i[c] E[i - t, c].
-  const float* wc = p_ + o_wc_;
-  const float* a = p_ + o_conv_;
-  const float* E = fwd.context.data();
-  const std::int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
-#pragma omp parallel if (N * R * C > (1 << 16))
-  {
-    constexpr std::int64_t B = kChannelBlock;
-    std::vector<double> dwc(sz(R * B)), da(sz(W * B)), wblk(sz(R * B));
-    double e[B], de[B];
-#pragma omp for schedule(static)
-    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
-      const std::int64_t c0 = blk * B, nc = std::min(B, C - c0);
-      std::fill(dwc.begin(), dwc.end(), 0.0);
-      std::fill(da.begin(), da.end(), 0.0);
-      // This block's columns of W_c, zero-padded to B lanes.
-      for (std::int64_t j = 0; j < R; ++j)
-        for (std::int64_t cc = 0; cc < B; ++cc) wblk[sz(j * B + cc)] = cc < nc ? wc[j * C + c0 + cc] : 0.0;
-      for (std::int64_t i = 0; i < N; ++i) {
-        const double* dri = dR.data() + i * R;
-        for (std::int64_t cc = 0; cc < B; ++cc) e[cc] = de[cc] = 0.0;
-        for (std::int64_t t = 0; t < W && t <= i; ++t) {
-          const float* row = E + (i - t) * C + c0;
-          const float* at = a + t * C + c0;
-          for (std::int64_t cc = 0; cc < nc; ++cc) e[cc] += static_cast<double>(at[cc]) * row[cc];
-        }
-        for (std::int64_t j = 0; j < R; ++j) {
-          const double d = dri[j];
-          if (d == 0.0) continue;
-          const double* w = wblk.data() + j * B;
-          double* acc = dwc.data() + j * B;
-#pragma omp simd
-          for (std::int64_t cc = 0; cc < B; ++cc) {  // independent lanes: no sum is reordered
-            acc[cc] += d * e[cc];
-            de[cc] += w[cc] * d;
-          }
-        }
-        for (std::int64_t t = 0; t < W && t <= i; ++t) {
-          const float* row = E + (i - t) * C + c0;
-          double* acc = da.data() + t * B;
-          for (std::int64_t cc = 0; cc < nc; ++cc) acc[cc] += de[cc] * row[cc];
-        }
-      }
-      for (std::int64_t j = 0; j < R; ++j)
-        for (std::int64_t cc = 0; cc < nc; ++cc)
-          g_[o_wc_ + j * C + c0 + cc] += static_cast<float>(weight * dwc[sz(j * B + cc)]);
-      for (std::int64_t t = 0; t < W; ++t)
-        for (std::int64_t cc = 0; cc < nc; ++cc)
-          g_[o_conv_ + t * C + c0 + cc] += static_cast<float>(weight * da[sz(t * B + cc)]);
-    }
-  }
+  // W_c and conv taps: the backward of the convolution + projection (Backend op).
+  cpu_backend().conv_project_bwd(ConvProjectGradArgs{
+      TensorView(fwd.context.data(), Shape{N, C}), TensorView(p_ + o_conv_, Shape{W, C}), TensorView(p_ + o_wc_, Shape{R, C}),
+      TensorView(dR.data(), Shape{N, R}), TensorView(g_ + o_wc_, Shape{R, C}), TensorView(g_ + o_conv_, Shape{W, C}),
+      weight});
 }
 
 DsrPolicyStats DsrScorer::policy_step(std::span<const DsrRecord> records, double baseline, double weight) {

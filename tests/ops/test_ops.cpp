@@ -18,6 +18,10 @@
 #include <limits>
 #include <numeric>
 #include <vector>
+#include <array>
+#include <span>
+#include <algorithm>
+#include "core/error.hpp"
 
 #include "../common/reference.hpp"
 #include "backend/backend.hpp"
@@ -576,5 +580,454 @@ BOOST_AUTO_TEST_CASE(elementwise_f32) {
       BOOST_TEST(iz.intact());
       for (std::int64_t i = 0; i < n; ++i) BOOST_TEST_REQUIRE(iz[i] == 3);
     }
+  }
+}
+
+// =============================================================================
+// The methods' ops (DESIGN.md section 4, "The Backend boundary"), run on EVERY
+// available backend (ggml's test-backend-ops habit) against double references,
+// on odd sizes. Tolerances are derived, never read off this machine:
+//   u32 = 2^-24, u64 = 2^-53 (unit roundoff). A length-n sum of products in
+//   precision u has |err| <= n u sum|x_i y_i| (Higham, Thm 3.1, first order).
+//   Each check below states which bound it uses and the multiple taken.
+// =============================================================================
+namespace {
+constexpr double u32 = 1.0 / 16777216.0;          // 2^-24
+constexpr double u64 = 1.0 / 9007199254740992.0;  // 2^-53
+using dsrsq::Backend;
+std::vector<Backend*> backends() { return dsrsq::available_backends(); }
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(methods_ops_every_backend_supports_them) {
+  for (Backend* b : backends())
+    for (int op = 0; op < static_cast<int>(dsrsq::OpId::count_); ++op)
+      if (b->name() == "cpu") BOOST_TEST(b->supports(static_cast<dsrsq::OpId>(op)), dsrsq::op_name(static_cast<dsrsq::OpId>(op)));
+}
+
+// gather / scatter-add: copies and integer-valued sums: exact.
+BOOST_AUTO_TEST_CASE(gather_scatter_rows) {
+  for (Backend* b : backends())
+    for (auto [N, M, C] : {std::array<std::int64_t, 3>{7, 13, 33}, {13, 7, 1}, {33, 33, 7}}) {
+      BOOST_TEST_CONTEXT(b->name() << " gather/scatter N=" << N << " M=" << M << " C=" << C) {
+        dsrsq::Rng rng(5, static_cast<std::uint64_t>(N * M + C));
+        Guarded<float> src(N * C);
+        for (std::int64_t i = 0; i < N * C; ++i) src.data()[i] = static_cast<float>(rng.below(17)) - 8.f;
+        Guarded<std::int32_t> idx(ref::randint(M, rng, N));
+        Guarded<float> dst(M * C, static_cast<float>(kNaN));
+        b->gather_rows({tv(src, Shape{N, C}), tv(idx, Shape{M}), tv(dst, Shape{M, C})});
+        Vec want(static_cast<std::size_t>(M * C));
+        for (std::int64_t m = 0; m < M; ++m)
+          for (std::int64_t c = 0; c < C; ++c)
+            want[static_cast<std::size_t>(m * C + c)] = src.data()[idx.data()[m] * C + c];
+        expect_close("gather", dst, want, 0.0);
+        // Backward: dsrc += scatter(ddst); integer values: every sum exact.
+        Guarded<float> dsrc(N * C, 1.0f);
+        Vec want2(static_cast<std::size_t>(N * C), 1.0);
+        for (std::int64_t m = 0; m < M; ++m)
+          for (std::int64_t c = 0; c < C; ++c)
+            want2[static_cast<std::size_t>(idx.data()[m] * C + c)] += dst.data()[m * C + c];
+        b->scatter_add_rows({tv(dst, Shape{M, C}), tv(idx, Shape{M}), tv(dsrc, Shape{N, C})});
+        expect_close("scatter_add", dsrc, want2, 0.0);
+      }
+    }
+}
+
+// Attention merge, f32 running + f32 partial (ring) and f32 + f64 partial (RCKV).
+// Reference in double. Per element the f32 result ca*xa + cb*xb carries the
+// rounding of wa, wb (exp: <= 1 ulp each, plus the subtraction l - m: its
+// error is amplified by exp into |l - m| u32 relative), ws, ca, cb (2 each) and
+// the final product-sum (2): |err| <= (8 + 2 |l - m|) u32 (|ca xa| + |cb xb|);
+// we allow 2x that. lse = m + log(ws): ws carries <= (3 + |l - m|) u32
+// relative error, which log turns into that much ABSOLUTE error, plus the
+// final addition's u32 (|m| + log ws): |err| <= u32 (4 + |l - m| + |m| + log ws); 2x.
+BOOST_AUTO_TEST_CASE(attention_merge_every_backend) {
+  for (Backend* be : backends())
+    for (bool f64_partial : {false, true})
+      for (auto [B, T, NH, HS] : {std::array<std::int64_t, 4>{1, 7, 3, 13}, {2, 13, 1, 7}, {1, 33, 2, 5}}) {
+        BOOST_TEST_CONTEXT(be->name() << " merge B=" << B << " T=" << T << " NH=" << NH << " HS=" << HS
+                                      << " partial=" << (f64_partial ? "f64" : "f32")) {
+          dsrsq::Rng rng(7, static_cast<std::uint64_t>(T * HS));
+          const std::int64_t no = B * T * NH * HS, nl = B * NH * T;
+          Guarded<float> o(ref::normal<float>(no, rng)), lse(ref::normal<float>(nl, rng, 3.0));
+          std::vector<double> ob = ref::normal<double>(no, rng), lb = ref::normal<double>(nl, rng, 3.0);
+          // Guards: a few rows at -inf on either side, one on both.
+          lse.data()[0] = -INFINITY;
+          lb[1 % nl] = -INFINITY;
+          lse.data()[nl - 1] = -INFINITY;
+          lb[static_cast<std::size_t>(nl - 1)] = -INFINITY;
+          std::vector<float> obf(ob.begin(), ob.end()), lbf(lb.begin(), lb.end());
+          if (!f64_partial) {
+            ob.assign(obf.begin(), obf.end());
+            lb.assign(lbf.begin(), lbf.end());
+          }
+          Vec o0 = o.to_double(), l0 = lse.to_double();
+          Vec want_o(static_cast<std::size_t>(no)), want_l(static_cast<std::size_t>(nl)), bound_o(want_o.size()),
+              bound_l(want_l.size());
+          for (std::int64_t bb = 0; bb < B; ++bb)
+            for (std::int64_t h = 0; h < NH; ++h)
+              for (std::int64_t t = 0; t < T; ++t) {
+                const std::size_t li = static_cast<std::size_t>((bb * NH + h) * T + t);
+                const double la = l0[li], lbv = lb[li], m = std::max(la, lbv);
+                const double wa = la == -INFINITY ? 0 : std::exp(la - m), wb = lbv == -INFINITY ? 0 : std::exp(lbv - m);
+                want_l[li] = m == -INFINITY ? -INFINITY : m + std::log(wa + wb);
+                const double spread = (wa != 0 && wb != 0) ? std::max(std::abs(la - m), std::abs(lbv - m)) : 0.0;
+                bound_l[li] = m == -INFINITY ? 0 : 2 * u32 * (4 + spread + std::abs(m) + std::log(wa + wb));
+                for (std::int64_t d = 0; d < HS; ++d) {
+                  const std::size_t oi = static_cast<std::size_t>(((bb * T + t) * NH + h) * HS + d);
+                  if (m == -INFINITY) {
+                    want_o[oi] = 0;
+                    continue;
+                  }
+                  const double ta = wa / (wa + wb) * (wa ? o0[oi] : 0), tb = wb / (wa + wb) * (wb ? ob[oi] : 0);
+                  want_o[oi] = ta + tb;
+                  const double amp = (wa != 0 && wb != 0) ? std::max(std::abs(la - m), std::abs(lbv - m)) : 0.0;
+                  bound_o[oi] = 2 * (8 + 2 * amp) * u32 *
+                                (std::abs(ta) + std::abs(tb));
+                }
+              }
+          if (f64_partial)
+            be->attention_merge({tv(o, Shape{B, T, NH, HS}), tv(lse, Shape{B, NH, T}),
+                                 TensorView(ob.data(), Shape{B, T, NH, HS}), TensorView(lb.data(), Shape{B, NH, T})});
+          else
+            be->attention_merge({tv(o, Shape{B, T, NH, HS}), tv(lse, Shape{B, NH, T}),
+                                 TensorView(obf.data(), Shape{B, T, NH, HS}), TensorView(lbf.data(), Shape{B, NH, T})});
+          BOOST_TEST(o.intact());
+          BOOST_TEST(lse.intact());
+          for (std::size_t i = 0; i < want_o.size(); ++i)
+            BOOST_TEST(std::abs(o.data()[i] - want_o[i]) <= bound_o[i] + 1e-300, "o[" << i << "] got " << o.data()[i] << " want " << want_o[i] << " bound " << bound_o[i]);
+          for (std::size_t i = 0; i < want_l.size(); ++i) {
+            if (want_l[i] == -INFINITY) {
+              BOOST_TEST(lse.data()[i] == -INFINITY);
+              continue;
+            }
+            BOOST_TEST(std::abs(lse.data()[i] - want_l[i]) <= bound_l[i] + u32 * std::abs(want_l[i]),
+                       "lse[" << i << "] got " << lse.data()[i] << " want " << want_l[i] << " bound " << bound_l[i]);
+          }
+        }
+      }
+}
+
+// Latent attention and attention mass: f32 inputs (exact in f64), all
+// arithmetic in f64: a sum of n terms errs by <= n u64 sum|terms|; exp/log add
+// a few u64 relative. With n <= 33 keys/latents and two chained sums (scores,
+// then the weighted latent sum, then the up-projection: three levels) the
+// bound is <= 3 * 33 * u64 * (sum of |terms|) ~ 1e-14 relative to the term
+// magnitude M (here M <= 50); we allow 1e-12 * (1 + |ref|) absolute, i.e. ~100x
+// the derived bound, still 10^4 below an error of one f32 ulp.
+BOOST_AUTO_TEST_CASE(latent_attention_and_mass_every_backend) {
+  for (Backend* be : backends())
+    for (auto [B, T, S, NH, HS, dc] : {std::array<std::int64_t, 6>{1, 7, 13, 3, 5, 7}, {2, 1, 33, 2, 7, 13}, {1, 13, 7, 1, 13, 33}}) {
+      BOOST_TEST_CONTEXT(be->name() << " latent B=" << B << " T=" << T << " S=" << S << " NH=" << NH << " HS=" << HS
+                                    << " dc=" << dc) {
+        dsrsq::Rng rng(9, static_cast<std::uint64_t>(S * dc));
+        const std::int64_t Sp = S + 2;  // latent rows beyond S are not read
+        auto q = ref::normal<float>(B * T * NH * HS, rng), k = ref::normal<float>(B * S * NH * HS, rng);
+        auto lat = ref::normal<float>(B * Sp * dc, rng), up = ref::normal<float>(NH * HS * dc, rng);
+        auto lo = ref::normal<float>(B * NH * T, rng);
+        std::vector<std::int32_t> qp(static_cast<std::size_t>(B * T)), kp(static_cast<std::size_t>(B * Sp), -1);
+        for (std::int64_t bb = 0; bb < B; ++bb) {
+          for (std::int64_t i = 0; i < T; ++i) qp[static_cast<std::size_t>(bb * T + i)] = static_cast<std::int32_t>(S / 2 + i);
+          for (std::int64_t j = 0; j < S; ++j) kp[static_cast<std::size_t>(bb * Sp + j)] = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(S)));
+        }
+        std::vector<double> rw(static_cast<std::size_t>(T));
+        for (auto& x : rw) x = rng.uniform();
+        std::vector<double> o(static_cast<std::size_t>(B * T * NH * HS)), lse(static_cast<std::size_t>(B * NH * T)),
+            mass(static_cast<std::size_t>(B * S), 0.5), used(static_cast<std::size_t>(B * T));
+        dsrsq::LatentAttentionArgs a;
+        a.q = TensorView(q.data(), Shape{B, T, NH, HS});
+        a.k = TensorView(k.data(), Shape{B, S, NH, HS});
+        a.q_pos = TensorView(qp.data(), Shape{B, T});
+        a.k_pos = TensorView(kp.data(), Shape{B, Sp});
+        a.latent = TensorView(lat.data(), Shape{B, Sp, dc});
+        a.up = TensorView(up.data(), Shape{NH * HS, dc});
+        a.o = TensorView(o.data(), Shape{B, T, NH, HS});
+        a.lse = TensorView(lse.data(), Shape{B, NH, T});
+        a.lse_other = TensorView(lo.data(), Shape{B, NH, T});
+        a.row_weight = TensorView(rw.data(), Shape{T});
+        a.mass = TensorView(mass.data(), Shape{B, S});
+        a.used = TensorView(used.data(), Shape{B, T});
+        be->latent_attention_fwd(a);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(HS));
+        std::vector<double> wmass(static_cast<std::size_t>(B * S), 0.5);
+        for (std::int64_t bb = 0; bb < B; ++bb)
+          for (std::int64_t i = 0; i < T; ++i) {
+            double nvis = 0;
+            for (std::int64_t h = 0; h < NH; ++h) {
+              std::vector<double> s;
+              std::vector<std::int64_t> js;
+              for (std::int64_t j = 0; j < S; ++j)
+                if (kp[static_cast<std::size_t>(bb * Sp + j)] <= qp[static_cast<std::size_t>(bb * T + i)]) {
+                  double d = 0;
+                  for (std::int64_t x = 0; x < HS; ++x)
+                    d += static_cast<double>(q[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + x)]) *
+                         k[static_cast<std::size_t>(((bb * S + j) * NH + h) * HS + x)];
+                  s.push_back(d * scale);
+                  js.push_back(j);
+                }
+              nvis += static_cast<double>(s.size());
+              const std::size_t li = static_cast<std::size_t>((bb * NH + h) * T + i);
+              if (s.empty()) {
+                BOOST_TEST(lse[li] == -INFINITY);
+                continue;
+              }
+              const double mx = *std::max_element(s.begin(), s.end());
+              double Z = 0;
+              for (double x : s) Z += std::exp(x - mx);
+              const double L = mx + std::log(Z);
+              BOOST_TEST(std::abs(lse[li] - L) <= 1e-12 * (1 + std::abs(L)));
+              const double lw = lo[li], m = std::max(L, lw);
+              const double fb = std::exp(L - m) / (std::exp(L - m) + std::exp(lw - m));
+              for (std::int64_t r = 0; r < HS; ++r) {
+                double want = 0;
+                for (std::size_t t = 0; t < s.size(); ++t) {
+                  double proj = 0;
+                  for (std::int64_t x = 0; x < dc; ++x)
+                    proj += static_cast<double>(up[static_cast<std::size_t>((h * HS + r) * dc + x)]) *
+                            lat[static_cast<std::size_t>((bb * Sp + js[t]) * dc + x)];
+                  want += std::exp(s[t] - L) * proj;
+                }
+                const double got = o[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + r)];
+                BOOST_TEST(std::abs(got - want) <= 1e-12 * (1 + std::abs(want)));
+              }
+              for (std::size_t t = 0; t < s.size(); ++t)
+                wmass[static_cast<std::size_t>(bb * S + js[t])] += rw[static_cast<std::size_t>(i)] * fb * std::exp(s[t] - L) / NH;
+            }
+            BOOST_TEST(used[static_cast<std::size_t>(bb * T + i)] == nvis);
+          }
+        for (std::size_t j = 0; j < wmass.size(); ++j) BOOST_TEST(std::abs(mass[j] - wmass[j]) <= 1e-12 * (1 + wmass[j]));
+
+        // attention_mass on the same q, k (dense causal softmax, divisor NH).
+        std::vector<double> am(static_cast<std::size_t>(B * S), kNaN);
+        std::vector<std::int32_t> kp2(static_cast<std::size_t>(B * S));
+        for (std::int64_t bb = 0; bb < B; ++bb)
+          for (std::int64_t j = 0; j < S; ++j) kp2[static_cast<std::size_t>(bb * S + j)] = kp[static_cast<std::size_t>(bb * Sp + j)];
+        be->attention_mass({a.q, a.k, a.q_pos, TensorView(kp2.data(), Shape{B, S}), a.row_weight,
+                            TensorView(am.data(), Shape{B, S}), static_cast<double>(NH)});
+        std::vector<double> want_am(static_cast<std::size_t>(B * S), 0.0);
+        for (std::int64_t bb = 0; bb < B; ++bb)
+          for (std::int64_t i = 0; i < T; ++i)
+            for (std::int64_t h = 0; h < NH; ++h) {
+              std::vector<double> s(static_cast<std::size_t>(S), -INFINITY);
+              double mx = -INFINITY;
+              for (std::int64_t j = 0; j < S; ++j)
+                if (kp2[static_cast<std::size_t>(bb * S + j)] <= qp[static_cast<std::size_t>(bb * T + i)]) {
+                  double d = 0;
+                  for (std::int64_t x = 0; x < HS; ++x)
+                    d += static_cast<double>(q[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + x)]) *
+                         k[static_cast<std::size_t>(((bb * S + j) * NH + h) * HS + x)];
+                  s[static_cast<std::size_t>(j)] = d * scale;
+                  mx = std::max(mx, d * scale);
+                }
+              if (mx == -INFINITY) continue;
+              double Z = 0;
+              for (double x : s) Z += x == -INFINITY ? 0 : std::exp(x - mx);
+              for (std::int64_t j = 0; j < S; ++j)
+                if (s[static_cast<std::size_t>(j)] != -INFINITY)
+                  want_am[static_cast<std::size_t>(bb * S + j)] += rw[static_cast<std::size_t>(i)] * std::exp(s[static_cast<std::size_t>(j)] - mx) / Z / NH;
+            }
+        for (std::size_t j = 0; j < am.size(); ++j) BOOST_TEST(std::abs(am[j] - want_am[j]) <= 1e-12 * (1 + want_am[j]));
+      }
+    }
+}
+
+// top-k and k-means assign: integer-valued data with deliberate ties: exact
+// indices, ties to the lower index.
+BOOST_AUTO_TEST_CASE(topk_and_kmeans_assign_every_backend) {
+  for (Backend* be : backends())
+    for (auto [R, N, K] : {std::array<std::int64_t, 3>{7, 13, 5}, {13, 7, 7}, {3, 33, 1}}) {
+      BOOST_TEST_CONTEXT(be->name() << " topk R=" << R << " N=" << N << " k=" << K) {
+        dsrsq::Rng rng(3, static_cast<std::uint64_t>(N));
+        std::vector<float> x(static_cast<std::size_t>(R * N));
+        for (auto& v : x) v = static_cast<float>(rng.below(5));  // many ties
+        Guarded<std::int32_t> idx(R * K, -7);
+        be->topk({TensorView(x.data(), Shape{R, N}), tv(idx, Shape{R, K})});
+        BOOST_TEST(idx.intact());
+        for (std::int64_t r = 0; r < R; ++r) {
+          std::vector<std::int32_t> id(static_cast<std::size_t>(N));
+          std::iota(id.begin(), id.end(), 0);
+          std::stable_sort(id.begin(), id.end(), [&](std::int32_t p, std::int32_t q) { return x[static_cast<std::size_t>(r * N + p)] > x[static_cast<std::size_t>(r * N + q)]; });
+          for (std::int64_t t = 0; t < K; ++t) BOOST_TEST(idx.data()[r * K + t] == id[static_cast<std::size_t>(t)]);
+        }
+      }
+    }
+  for (Backend* be : backends())
+    for (auto [G, N, M, D] : {std::array<std::int64_t, 4>{1, 13, 7, 3}, {3, 7, 13, 1}, {2, 33, 5, 7}}) {
+      BOOST_TEST_CONTEXT(be->name() << " kmeans_assign G=" << G << " N=" << N << " M=" << M << " D=" << D) {
+        dsrsq::Rng rng(4, static_cast<std::uint64_t>(N * M));
+        std::vector<float> x(static_cast<std::size_t>(G * N * D)), c(static_cast<std::size_t>(G * M * D));
+        for (auto& v : x) v = static_cast<float>(rng.below(4));
+        for (auto& v : c) v = static_cast<float>(rng.below(4));
+        const std::int64_t used_m = M - 1;  // the last centroid is not in use
+        std::vector<std::int32_t> as(static_cast<std::size_t>(G * N));
+        std::vector<double> dist(as.size());
+        be->kmeans_assign({TensorView(x.data(), Shape{G, N, D}), TensorView(c.data(), Shape{G, M, D}),
+                           TensorView(as.data(), Shape{G, N}), TensorView(dist.data(), Shape{G, N}), used_m});
+        for (std::int64_t g = 0; g < G; ++g)
+          for (std::int64_t n = 0; n < N; ++n) {
+            std::int64_t best = 0;
+            double bd = INFINITY;
+            for (std::int64_t k = 0; k < used_m; ++k) {
+              double d2 = 0;
+              for (std::int64_t t = 0; t < D; ++t) {
+                const double d = x[static_cast<std::size_t>((g * N + n) * D + t)] - c[static_cast<std::size_t>((g * M + k) * D + t)];
+                d2 += d * d;
+              }
+              if (d2 < bd) { bd = d2; best = k; }
+            }
+            BOOST_TEST(as[static_cast<std::size_t>(g * N + n)] == best);
+            BOOST_TEST(dist[static_cast<std::size_t>(g * N + n)] == bd);  // small integers: exact
+          }
+      }
+    }
+}
+
+// Symmetric eigen (LAPACK and Jacobi): backward-stable solvers leave a residual
+// ||A v - l v|| <= c n u64 ||A||_F with c a small constant (Golub & Van Loan
+// 8.1/8.5); we allow c = 100. Orthonormality of V to the same order.
+// Gram X^T X in f64 of f32 rows: products exact in f64, a length-N sum errs by
+// <= N u64 sum|x_i x_j|; we check against that bound times 2.
+BOOST_AUTO_TEST_CASE(sym_eigen_and_gram_every_backend) {
+  for (Backend* be : backends())
+    for (auto [N, C] : {std::array<std::int64_t, 2>{13, 7}, {33, 13}, {7, 33}})
+      for (bool jacobi : {false, true}) {
+        BOOST_TEST_CONTEXT(be->name() << " gram+eigen N=" << N << " C=" << C << (jacobi ? " jacobi" : " lapack")) {
+          dsrsq::Rng rng(6, static_cast<std::uint64_t>(N * C));
+          auto x = ref::normal<float>(N * C, rng);
+          std::vector<double> g(static_cast<std::size_t>(C * C)), vals(static_cast<std::size_t>(C)), vecs(g.size());
+          be->gram({TensorView(x.data(), Shape{N, C}), TensorView(g.data(), Shape{C, C})});
+          for (std::int64_t i = 0; i < C; ++i)
+            for (std::int64_t j = 0; j < C; ++j) {
+              double s = 0, sa = 0;
+              for (std::int64_t n = 0; n < N; ++n) {
+                const double p = static_cast<double>(x[static_cast<std::size_t>(n * C + i)]) * x[static_cast<std::size_t>(n * C + j)];
+                s += p;
+                sa += std::abs(p);
+              }
+              BOOST_TEST(std::abs(g[static_cast<std::size_t>(i * C + j)] - s) <= 2 * N * u64 * sa);
+            }
+          be->sym_eigen({TensorView(g.data(), Shape{C, C}), TensorView(vals.data(), Shape{C}),
+                         TensorView(vecs.data(), Shape{C, C}), jacobi});
+          double fro = 0;
+          for (double v : g) fro += v * v;
+          fro = std::sqrt(fro);
+          double worst = 0, worst_orth = 0;
+          for (std::int64_t j = 0; j < C; ++j) {
+            double r2 = 0;
+            for (std::int64_t i = 0; i < C; ++i) {
+              double av = 0;
+              for (std::int64_t t = 0; t < C; ++t) av += g[static_cast<std::size_t>(i * C + t)] * vecs[static_cast<std::size_t>(t * C + j)];
+              const double r = av - vals[static_cast<std::size_t>(j)] * vecs[static_cast<std::size_t>(i * C + j)];
+              r2 += r * r;
+            }
+            worst = std::max(worst, std::sqrt(r2));
+            for (std::int64_t jj = 0; jj < C; ++jj) {
+              double d = 0;
+              for (std::int64_t i = 0; i < C; ++i) d += vecs[static_cast<std::size_t>(i * C + j)] * vecs[static_cast<std::size_t>(i * C + jj)];
+              worst_orth = std::max(worst_orth, std::abs(d - (j == jj ? 1.0 : 0.0)));
+            }
+          }
+          BOOST_TEST(worst <= 100 * C * u64 * fro);
+          BOOST_TEST(worst_orth <= 100 * C * u64);
+        }
+      }
+}
+
+// Low-rank reconstruction loss (fwd f64 sum; bwd into f32 grads) and
+// causal conv + projection (fwd f64; bwd into f32 grads), against double
+// references. f64 parts: sums of <= C*dc (<= 33*13) terms: bound n u64 sum|.|
+// (~5e-14 relative); the f32 gradient outputs add one rounding of the
+// accumulation dst + g (u32 relative to |dst| + |g|): we check
+// |got - want| <= 2 u32 (|dst0| + |g|) + 1e-12 |g|.
+BOOST_AUTO_TEST_CASE(lowrank_recon_and_conv_project_every_backend) {
+  for (Backend* be : backends())
+    for (auto [N, C, dc] : {std::array<std::int64_t, 3>{7, 13, 5}, {13, 7, 7}, {33, 13, 3}}) {
+      BOOST_TEST_CONTEXT(be->name() << " recon N=" << N << " C=" << C << " dc=" << dc) {
+        dsrsq::Rng rng(8, static_cast<std::uint64_t>(N * C * dc));
+        auto x = ref::normal<float>(N * C, rng), P = ref::normal<float>(dc * C, rng), U = ref::normal<float>(C * dc, rng);
+        auto dP = ref::normal<float>(dc * C, rng), dU = ref::normal<float>(C * dc, rng);
+        const auto dP0 = dP, dU0 = dU;
+        const double scale = 0.37;
+        const TensorView X(x.data(), Shape{N, C}), Pv(P.data(), Shape{dc, C}), Uv(U.data(), Shape{C, dc});
+        const double got = be->lowrank_recon_fwd({X, Pv, Uv});
+        be->lowrank_recon_bwd({X, Pv, Uv, TensorView(dP.data(), Shape{dc, C}), TensorView(dU.data(), Shape{C, dc}), scale});
+        double want = 0;
+        std::vector<double> gP(static_cast<std::size_t>(dc * C), 0.0), gU(static_cast<std::size_t>(C * dc), 0.0);
+        for (std::int64_t n = 0; n < N; ++n) {
+          std::vector<double> z(static_cast<std::size_t>(dc), 0.0), r(static_cast<std::size_t>(C), 0.0), ur(static_cast<std::size_t>(dc), 0.0);
+          for (std::int64_t i = 0; i < dc; ++i)
+            for (std::int64_t c = 0; c < C; ++c) z[static_cast<std::size_t>(i)] += static_cast<double>(P[static_cast<std::size_t>(i * C + c)]) * x[static_cast<std::size_t>(n * C + c)];
+          for (std::int64_t c = 0; c < C; ++c) {
+            for (std::int64_t i = 0; i < dc; ++i) r[static_cast<std::size_t>(c)] += static_cast<double>(U[static_cast<std::size_t>(c * dc + i)]) * z[static_cast<std::size_t>(i)];
+            r[static_cast<std::size_t>(c)] -= x[static_cast<std::size_t>(n * C + c)];
+            want += r[static_cast<std::size_t>(c)] * r[static_cast<std::size_t>(c)];
+          }
+          for (std::int64_t c = 0; c < C; ++c)
+            for (std::int64_t i = 0; i < dc; ++i) {
+              ur[static_cast<std::size_t>(i)] += static_cast<double>(U[static_cast<std::size_t>(c * dc + i)]) * r[static_cast<std::size_t>(c)];
+              gU[static_cast<std::size_t>(c * dc + i)] += scale * r[static_cast<std::size_t>(c)] * z[static_cast<std::size_t>(i)];
+            }
+          for (std::int64_t i = 0; i < dc; ++i)
+            for (std::int64_t c = 0; c < C; ++c) gP[static_cast<std::size_t>(i * C + c)] += scale * ur[static_cast<std::size_t>(i)] * x[static_cast<std::size_t>(n * C + c)];
+        }
+        BOOST_TEST(std::abs(got - want) <= 1e-12 * want);
+        for (std::size_t i = 0; i < gP.size(); ++i)
+          BOOST_TEST(std::abs(dP[i] - (dP0[i] + gP[i])) <= 2 * u32 * (std::abs(dP0[i]) + std::abs(gP[i])) + 1e-12 * std::abs(gP[i]));
+        for (std::size_t i = 0; i < gU.size(); ++i)
+          BOOST_TEST(std::abs(dU[i] - (dU0[i] + gU[i])) <= 2 * u32 * (std::abs(dU0[i]) + std::abs(gU[i])) + 1e-12 * std::abs(gU[i]));
+      }
+      const std::int64_t W = 3, R = dc;
+      BOOST_TEST_CONTEXT(be->name() << " conv_project N=" << N << " C=" << C << " W=" << W << " R=" << R) {
+        dsrsq::Rng rng(10, static_cast<std::uint64_t>(N * C));
+        auto e = ref::normal<float>(N * C, rng), taps = ref::normal<float>(W * C, rng), w = ref::normal<float>(R * C, rng);
+        std::vector<double> r(static_cast<std::size_t>(N * R)), dr = ref::normal<double>(N * R, rng);
+        auto dw = ref::normal<float>(R * C, rng), dt = ref::normal<float>(W * C, rng);
+        const auto dw0 = dw, dt0 = dt;
+        const double weight = 0.61;
+        const TensorView E(e.data(), Shape{N, C}), Tp(taps.data(), Shape{W, C}), Wv(w.data(), Shape{R, C});
+        be->conv_project_fwd({E, Tp, Wv, TensorView(r.data(), Shape{N, R})});
+        be->conv_project_bwd({E, Tp, Wv, TensorView(dr.data(), Shape{N, R}), TensorView(dw.data(), Shape{R, C}),
+                              TensorView(dt.data(), Shape{W, C}), weight});
+        std::vector<double> ep(static_cast<std::size_t>(N * C), 0.0), gw(static_cast<std::size_t>(R * C), 0.0), gt(static_cast<std::size_t>(W * C), 0.0);
+        for (std::int64_t i = 0; i < N; ++i)
+          for (std::int64_t t = 0; t < W && t <= i; ++t)
+            for (std::int64_t c = 0; c < C; ++c) ep[static_cast<std::size_t>(i * C + c)] += static_cast<double>(taps[static_cast<std::size_t>(t * C + c)]) * e[static_cast<std::size_t>((i - t) * C + c)];
+        for (std::int64_t i = 0; i < N; ++i)
+          for (std::int64_t j = 0; j < R; ++j) {
+            double s = 0, sa = 0;
+            for (std::int64_t c = 0; c < C; ++c) {
+              s += w[static_cast<std::size_t>(j * C + c)] * ep[static_cast<std::size_t>(i * C + c)];
+              sa += std::abs(w[static_cast<std::size_t>(j * C + c)] * ep[static_cast<std::size_t>(i * C + c)]);
+            }
+            BOOST_TEST(std::abs(r[static_cast<std::size_t>(i * R + j)] - s) <= 2 * (C + W) * u64 * sa * 4);
+            for (std::int64_t c = 0; c < C; ++c) {
+              gw[static_cast<std::size_t>(j * C + c)] += weight * dr[static_cast<std::size_t>(i * R + j)] * ep[static_cast<std::size_t>(i * C + c)];
+              for (std::int64_t t = 0; t < W && t <= i; ++t)
+                gt[static_cast<std::size_t>(t * C + c)] += weight * dr[static_cast<std::size_t>(i * R + j)] * w[static_cast<std::size_t>(j * C + c)] * e[static_cast<std::size_t>((i - t) * C + c)];
+            }
+          }
+        for (std::size_t i = 0; i < gw.size(); ++i)
+          BOOST_TEST(std::abs(dw[i] - (dw0[i] + gw[i])) <= 2 * u32 * (std::abs(dw0[i]) + std::abs(gw[i])) + 1e-12 * std::abs(gw[i]));
+        for (std::size_t i = 0; i < gt.size(); ++i)
+          BOOST_TEST(std::abs(dt[i] - (dt0[i] + gt[i])) <= 2 * u32 * (std::abs(dt0[i]) + std::abs(gt[i])) + 1e-11 * (1 + std::abs(gt[i])));
+      }
+    }
+}
+
+// Host access checks the device; host <-> backend copies round-trip exactly.
+BOOST_AUTO_TEST_CASE(host_access_checks_device) {
+  float buf[6] = {1, 2, 3, 4, 5, 6};
+  const TensorView on_gpu(buf, Shape{2, 3}, dsrsq::Device::cuda);
+  BOOST_CHECK_THROW(on_gpu.ptr<float>(), dsrsq::Error);
+  BOOST_CHECK_NO_THROW(on_gpu.device_ptr<float>());  // a backend's own kernels
+  for (Backend* be : backends()) {
+    // The CPU backend refuses a CUDA-marked tensor rather than memcpy it.
+    std::vector<std::byte> host(sizeof(buf));
+    if (be->device() == dsrsq::Device::cpu) BOOST_CHECK_THROW(be->copy_to_host(on_gpu, host), dsrsq::Error);
+    std::vector<float> dev(6, 0.f);
+    const TensorView t(dev.data(), Shape{2, 3}, be->device());
+    be->copy_from_host(std::as_bytes(std::span<const float>(buf, 6)), t);
+    std::vector<float> back(6, -1.f);
+    be->copy_to_host(t, std::as_writable_bytes(std::span<float>(back)));
+    for (int i = 0; i < 6; ++i) BOOST_TEST(back[static_cast<std::size_t>(i)] == buf[i]);
   }
 }

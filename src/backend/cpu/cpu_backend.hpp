@@ -33,7 +33,37 @@ class CpuBackend final : public Backend {
   double sum_squares_impl(TensorView x) override;
   void scale_impl(TensorView x, double s) override;
   void bias_rows_sum_impl(TensorView dout2d, TensorView dbias) override;
+  // cpu_rows.cpp, cpu_merge.cpp, cpu_select.cpp, cpu_latent_attention.cpp,
+  // cpu_linalg.cpp, cpu_conv_project.cpp: the methods' ops.
+  void gather_rows_impl(const GatherRowsArgs& a) override;
+  void scatter_add_rows_impl(const ScatterAddRowsArgs& a) override;
+  void attention_merge_impl(const AttentionMergeArgs& a) override;
+  void latent_attention_fwd_impl(const LatentAttentionArgs& a) override;
+  void attention_mass_impl(const AttentionMassArgs& a) override;
+  void topk_impl(const TopKArgs& a) override;
+  void kmeans_assign_impl(const KMeansAssignArgs& a) override;
+  void sym_eigen_impl(const SymEigenArgs& a) override;
+  void gram_impl(const GramArgs& a) override;
+  double lowrank_recon_fwd_impl(const LowRankReconArgs& a) override;
+  void lowrank_recon_bwd_impl(const LowRankReconGradArgs& a) override;
+  void conv_project_fwd_impl(const ConvProjectArgs& a) override;
+  void conv_project_bwd_impl(const ConvProjectGradArgs& a) override;
+  void copy_to_host_impl(TensorView src, std::span<std::byte> dst) override;
+  void copy_from_host_impl(std::span<const std::byte> src, TensorView dst) override;
+  void host_tasks_impl(std::int64_t n, const std::function<void(std::int64_t)>& fn) override;
+
+ public:
+  bool supports(OpId) const override { return true; }
 };
+
+// Whether the linked BLAS provides LAPACK's dsyevd (weak symbol).
+bool lapack_eigen_available();
+
+// Below this many elements of light work an op runs on one thread: waking an
+// OpenMP team costs more than the work, and under a spin-wait policy
+// (OMP_WAIT_POLICY=active, libgomp's default spin before sleeping) many tiny
+// parallel regions are 10-25x slower on a loaded machine.
+constexpr std::int64_t kParallelMin = 32768;
 
 // Attention kernels live in cpu_attention.cpp.
 template <class T> void attention_fwd_kernel(const AttentionArgs& a);
