@@ -180,7 +180,8 @@ T2B_COLS = [Col("kv_resident_mb", "KV resident (MB)", "example", "kv_resident_by
             Col("kv_read_per_step_mb", "KV read/step (MB)", "example", "kv_read_per_step_bytes", MB, 4),
             Col("kv_total_mb", "KV total (MB)", "example", "kv_total_bytes", MB, 4),
             Col("kv_budget_requested_mb", "KV budget requested (MB)", "example", "kv_budget_requested_bytes", MB, 4),
-            Col("kv_budget_achieved_mb", "KV budget achieved (MB)", "example", "kv_budget_achieved_bytes", MB, 4)]
+            Col("kv_budget_achieved_mb", "KV budget achieved (MB)", "example", "kv_budget_achieved_bytes", MB, 4),
+            Col("kv_infeasible", "share of examples over budget (infeasible)", "example", "kv_infeasible", 1.0, 3)]
 
 T3_COLS = [Col("retention_auc", "information retention (AUC)", "adaptation", "retention_auc"),
            Col("temporal_consistency", "temporal consistency", "adaptation", "temporal_consistency"),
@@ -257,7 +258,10 @@ def build_tables(runs):
                         present=any(r.eval for r in runs), absent_note="no /efficiency/<method> groups"))
 
     rules2b = ("Per-example KV-cache bytes of /eval/<method> (MB = 10^6 bytes): mean over examples ± 95% "
-               "Student-t half-width over examples. " + seed_rule)
+               "Student-t half-width over examples. Every method is asked for the same bytes; 'infeasible' is the "
+               "share of examples whose budget the method could not meet (a full cache cannot shrink; a fixed "
+               "minimum such as RCKV's window and index can exceed a small budget): those examples hold more than "
+               "they were given. " + seed_rule)
     tables.append(Table("table2b_kv_memory", "Table 2b: KV-cache memory (the four numbers, and the budget)",
                         "method", T2B_COLS, _entity_rows(groups, "eval", T2B_COLS, eval_of),
                         (rules2b + " " + group_note).strip(), present=any(r.eval for r in runs),

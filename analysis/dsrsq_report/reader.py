@@ -166,8 +166,9 @@ def check_format(path, f):
     if "schema_version" not in attrs:
         raise ReportError(path, "/", "no root attribute 'schema_version'")
     ver = _attr_value(attrs["schema_version"])
-    if ver != S.SCHEMA_VERSION:
-        raise ReportError(path, "/", f"schema_version {ver}; this tool reads schema_version {S.SCHEMA_VERSION}")
+    if ver not in S.READABLE_VERSIONS:
+        raise ReportError(path, "/", f"schema_version {ver}; this tool reads schema_version "
+                                     f"{', '.join(str(v) for v in S.READABLE_VERSIONS)}")
 
 
 class _Reader:
@@ -353,4 +354,8 @@ def _read(path, f):
 def _examples(r, gname):
     cols, strings, _ = r.table(gname, S.EXAMPLE_FLOAT + S.EXAMPLE_INT, S.EXAMPLE_STR)
     summary = r.scalars(gname + "/summary", S.SUMMARY_FLOAT + S.SUMMARY_INT)
-    return Examples(cols, strings, summary)
+    ex = Examples(cols, strings, summary)
+    # Examples whose KV budget the method could not meet (meta "kv_infeasible"): 1.0, else 0.0.
+    ex.cols["kv_infeasible"] = np.array([1.0 if str(m.get("kv_infeasible", "")).lower() == "true" else 0.0
+                                         for m in ex.meta], dtype=np.float64)
+    return ex

@@ -1,7 +1,10 @@
-"""The documented layout of a dsrsq results file (results/README.md), schema version 1."""
+"""The documented layout of a dsrsq results file (results/README.md), schema version 2."""
 
 FORMAT_NAME = "dsrsq-results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this tool reads: 1 lacks process_peak_rss_bytes (named peak_rss_bytes),
+# context_tokens_per_s and the order/backbone/protocol attributes; the reader fills them in.
+READABLE_VERSIONS = (1, 2)
 
 # Root attributes every file carries (provenance attributes are optional).
 ROOT_ATTRS = ("format", "schema_version", "world_size", "dp", "sp", "retention_bins")

@@ -104,7 +104,7 @@ def write_run(path, *, seed=1, world_size=1, methods=("full", "sliding_window"),
     with h5py.File(path, "w", libver="latest") as f:
         a = f.attrs
         a["format"] = "dsrsq-results"
-        a["schema_version"] = np.int64(1)
+        a["schema_version"] = np.int64(2)
         a["world_size"] = np.int64(world_size)
         a["dp"] = np.int64(world_size)
         a["sp"] = np.int64(1)

@@ -12,6 +12,7 @@
 #include <optional>
 #include <sstream>
 
+#include "core/error.hpp"
 #include "core/rng.hpp"
 #include "core/timer.hpp"
 #include "data/readers.hpp"
@@ -25,6 +26,7 @@
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
 #include "eval/evaluator.hpp"
+#include "eval/metrics.hpp"
 #include "app/results_sink.hpp"
 #include "train/trainer.hpp"
 
@@ -90,13 +92,20 @@ std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, 
 void print_tables(const std::vector<MethodEval>& results, const std::string& caption,
                   const std::map<std::string, std::string>& backbones = {}) {
   std::printf("\nTask performance (test split; %s)\n", caption.c_str());
-  std::printf("  %-16s %8s %8s %8s %8s %8s\n", "method", "F1", "EM", "ROUGE-L", "BLEU", "n");
-  for (const auto& r : results)
-    std::printf("  %-16s %8.4f %8.4f %8.4f %8.4f %8zu\n", r.method.c_str(), r.f1, r.em, r.rouge_l, r.bleu,
-                r.examples.size());
-  std::printf("\nEfficiency (means over examples; memory = activations + KV)\n");
-  std::printf("  %-16s %12s %12s %12s %12s %10s %10s %10s\n", "method", "peak_MB", "avg_MB", "KV_resident", "KV_read/step",
-              "tok/s", "TTFT_ms", "tok_eff");
+  std::printf("  %-16s %8s %8s %8s %8s %8s  %s\n", "method", "F1", "EM", "ROUGE-L", "BLEU-4", "n", "KV budget");
+  for (const auto& r : results) {
+    // A budget the method could not meet (a full cache cannot shrink; a fixed
+    // minimum above the budget) is shown as infeasible, never as met.
+    const std::string budget = r.infeasible_examples == 0 ? "met"
+                               : detail::cat("infeasible on ", r.infeasible_examples, "/", r.examples.size());
+    std::printf("  %-16s %8s %8s %8s %8s %8zu  %s\n", r.method.c_str(), eval::format_metric(r.f1).c_str(),
+                eval::format_metric(r.em).c_str(), eval::format_metric(r.rouge_l).c_str(),
+                eval::format_metric(r.bleu).c_str(), r.examples.size(), budget.c_str());
+  }
+  std::printf("\nEfficiency (means over examples; memory = this method's activations + KV; tok/s = tokens it ran\n"
+              "through the model per second, ctx/s = context tokens served per second)\n");
+  std::printf("  %-16s %12s %12s %12s %12s %10s %10s %10s %10s\n", "method", "peak_MB", "avg_MB", "KV_resident", "KV_read/step",
+              "tok/s", "ctx/s", "TTFT_ms", "tok_eff");
   for (const auto& r : results) {
     double kv_res = 0, kv_read = 0;
     for (const auto& e : r.examples) {
@@ -104,9 +113,9 @@ void print_tables(const std::vector<MethodEval>& results, const std::string& cap
       kv_read += static_cast<double>(e.kv.read_per_step);
     }
     const double n = std::max<double>(1.0, static_cast<double>(r.examples.size()));
-    std::printf("  %-16s %12.3f %12.3f %12.0f %12.0f %10.0f %10.2f %10.3f\n", r.method.c_str(), r.peak_mem_bytes / 1e6,
-                r.avg_mem_bytes / 1e6, kv_res / n, kv_read / n, r.throughput_tok_s, r.latency_s * 1e3,
-                r.token_efficiency);
+    std::printf("  %-16s %12.3f %12.3f %12.0f %12.0f %10.0f %10.0f %10.2f %10.3f\n", r.method.c_str(), r.peak_mem_bytes / 1e6,
+                r.avg_mem_bytes / 1e6, kv_res / n, kv_read / n, r.throughput_tok_s, r.context_tokens_per_s,
+                r.latency_s * 1e3, r.token_efficiency);
   }
   bool any = false;
   for (const auto& r : results)

@@ -101,6 +101,10 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   r.kv = policy.memory();
   r.budget_requested = policy.budget_requested_bytes();
   r.budget_achieved = policy.budget_achieved_bytes();
+  // A budget the policy cannot meet (its fixed minimum is larger, or it cannot
+  // shrink at all): the cell is infeasible, recorded per example (meta).
+  r.infeasible = policy.infeasible();
+  if (r.infeasible) r.meta["kv_infeasible"] = "true";
   r.attended_tokens = policy.attended_tokens();
   r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
   r.peak_bytes = peak_act + r.kv.peak_prefill;
@@ -132,6 +136,7 @@ void score_and_aggregate(MethodEval& me) {
     }
   me.token_efficiency = eff_n > 0 ? me.token_efficiency / eff_n : std::nan("");
   me.peak_mem_bytes = me.avg_mem_bytes = me.latency_s = me.itl_s = me.flops = 0;
+  me.infeasible_examples = 0;
   me.tokens_run = me.context_tokens_served = me.serve_s = 0;
   for (const auto& r : me.examples) {
     me.peak_mem_bytes = std::max(me.peak_mem_bytes, static_cast<double>(r.peak_bytes));
@@ -139,6 +144,7 @@ void score_and_aggregate(MethodEval& me) {
     me.latency_s += r.ttft_s / n;
     me.itl_s += r.itl_s / n;
     me.flops += r.flops;
+    me.infeasible_examples += r.infeasible ? 1 : 0;
     me.tokens_run += static_cast<double>(r.prompt_tokens_in + r.generated_tokens);
     me.context_tokens_served += static_cast<double>(r.prompt_tokens);
     me.serve_s += r.serve_s;

@@ -30,6 +30,7 @@ struct ExampleEval {
   double full_keys = 0;        // keys a full cache would hold at those steps (mean): token-efficiency denominator
   double ttft_s = 0, itl_s = 0;  // time to first token; mean inter-token latency
   std::size_t budget_requested = 0, budget_achieved = 0;
+  bool infeasible = false;  // the policy could not meet the budget (KVPolicy::infeasible)
   KVMemory kv;
   std::size_t peak_bytes = 0;  // activations + KV, peak over the example
   double avg_bytes = 0;        // time-averaged activations + KV
@@ -61,6 +62,7 @@ struct MethodEval {
   double tokens_run = 0, context_tokens_served = 0;  // the two numerators above
   double serve_s = 0;  // the denominator above
   double wall_s = 0;   // the whole evaluation, tokenisation and scoring included
+  std::int64_t infeasible_examples = 0;  // examples whose KV budget the method could not meet
 };
 
 struct EvalConfig {

@@ -22,7 +22,10 @@
 namespace dsrsq::results {
 
 inline constexpr const char* kFormatName = "dsrsq-results";
-inline constexpr std::int64_t kSchemaVersion = 1;
+// 2: /efficiency/<m>/process_peak_rss_bytes (was peak_rss_bytes) and
+// context_tokens_per_s; root attrs method_order, ablation_order, protocol;
+// /eval/<m> attr backbone; meta "kv_infeasible".
+inline constexpr std::int64_t kSchemaVersion = 2;
 // Gold answers of one example are joined with this byte (ASCII unit
 // separator) into the `gold` string column; it may not occur in an answer.
 inline constexpr char kGoldSeparator = '\x1f';

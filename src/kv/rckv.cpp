@@ -211,8 +211,11 @@ RckvPolicy::RckvPolicy(const ModelConfig& model, Backend& backend, const RckvPro
   DSRSQ_INPUT_CHECK(backend.device() == Device::cpu, "KV policy 'rckv': runs on the CPU backend only");
 }
 
-std::size_t RckvPolicy::slot_bytes() const { return 2 * static_cast<std::size_t>(cfg_.d_c) * 4 + 4 + 4; }
-std::size_t RckvPolicy::window_token_bytes() const { return 2 * static_cast<std::size_t>(mc_.d_model) * 4 + 4; }
+// One byte rule for every policy (results/README.md, "KV bytes"): K, V and
+// the per-slot state a policy keeps resident count; token positions (one i32
+// per kept token) count for no policy, as in KVBudget::full_bytes.
+std::size_t RckvPolicy::slot_bytes() const { return 2 * static_cast<std::size_t>(cfg_.d_c) * 4 + 4; }
+std::size_t RckvPolicy::window_token_bytes() const { return 2 * static_cast<std::size_t>(mc_.d_model) * 4; }
 
 void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   kvdetail::check_sequence(mc_, info);
@@ -258,7 +261,9 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
 
   // Two blocks (f32, i32) for all layers and rows.
   const std::int64_t f_row = 2 * S_ * dc + S_ + 2 * W_ * C + NH * m_ * HS;  // per (layer, row)
-  const std::int64_t i_row = S_ + W_ + (cfg_.sqa ? NH * S_ + NH * m_ : 0);
+  // Positions (one i32 per kept token) live outside the KV arena: counted by
+  // no policy (the one byte rule), like the full cache's.
+  const std::int64_t i_row = std::max<std::int64_t>(1, cfg_.sqa ? NH * S_ + NH * m_ : 0);
   const std::int64_t nf = L * B * f_row, ni = L * B * i_row;
   arena_ = std::make_unique<Arena>("kv_cache_rckv", round64(static_cast<std::size_t>(nf) * 4) +
                                                         round64(static_cast<std::size_t>(ni) * 4),
@@ -266,6 +271,8 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   float* fb = arena_->zeros(Shape{nf}, DType::f32).ptr<float>();
   std::int32_t* ib = arena_->allocate(Shape{ni}, DType::i32).ptr<std::int32_t>();
   std::fill_n(ib, ni, -1);
+  positions_.assign(static_cast<std::size_t>(L * B * (S_ + W_)), -1);
+  std::int32_t* pb = positions_.data();
   ck_.clear(); cv_.clear(); wimp_.clear(); wk_.clear(); wv_.clear(); bpos_.clear(); wpos_.clear();
   cent_.clear(); cassign_.clear(); csize_.clear();
   for (std::int64_t l = 0; l < L; ++l) {
@@ -275,8 +282,8 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
     wk_.push_back(fb); fb += B * W_ * C;
     wv_.push_back(fb); fb += B * W_ * C;
     cent_.push_back(fb); fb += B * NH * m_ * HS;
-    bpos_.push_back(ib); ib += B * S_;
-    wpos_.push_back(ib); ib += B * W_;
+    bpos_.push_back(pb); pb += B * S_;
+    wpos_.push_back(pb); pb += B * W_;
     cassign_.push_back(ib); ib += cfg_.sqa ? B * NH * S_ : 0;
     csize_.push_back(ib); ib += cfg_.sqa ? B * NH * m_ : 0;
   }

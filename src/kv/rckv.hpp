@@ -58,8 +58,9 @@
 // Budget (begin()): requested = KVBudget::resolve(cfg, prompt_len + max_new_tokens)
 // per sequence. Window tokens W = min(cfg.window, prompt_len + max_new_tokens).
 // Per layer and sequence a slot costs slot_bytes = 2 d_c * 4 (f32 latents) + 4
-// (i32 position) + 4 (f32 importance); a window token costs window_token_bytes
-// = 2 C * 4 + 4 (f32 pre-RoPE k, v and its i32 position). cfg.buffer > 0 gives
+// (f32 importance); a window token costs window_token_bytes = 2 C * 4 (f32
+// pre-RoPE k, v). Positions (one i32 per kept token) are counted by no policy
+// (the one byte rule: results/README.md, "KV bytes"). cfg.buffer > 0 gives
 // the slot count; cfg.buffer <= 0 derives
 //   slots = floor((requested - L W window_token_bytes) / (L slot_bytes)),
 // at least 1 (infeasible budget: achieved > requested) and at most
@@ -265,7 +266,8 @@ class RckvPolicy final : public KVPolicy {
   Arena scratch_;
   // Per layer views into the arena.
   std::vector<float*> ck_, cv_, wimp_, wk_, wv_;  // (B,S,dc) (B,S,dc) (B,S) (B,W,C) (B,W,C)
-  std::vector<std::int32_t*> bpos_, wpos_;      // (B,S) (B,W)
+  std::vector<std::int32_t*> bpos_, wpos_;      // (B,S) (B,W), into positions_
+  std::vector<std::int32_t> positions_;          // outside the KV arena: positions count for no policy
   // SQA state per layer: centroids (B,NH,m,HS) f32, assign (B,NH,S) i32, sizes (B,NH,m) i32.
   std::vector<float*> cent_;
   std::vector<std::int32_t*> cassign_, csize_;

@@ -858,7 +858,8 @@ BOOST_AUTO_TEST_CASE(budget_accounting) {
   pr.r->init_orthonormal(2);
   RckvPolicy pol(cfg, cpu_backend(), *pr.r, rc);
   auto seq = rand_tokens(B * N, cfg.vocab, 8);
-  const std::size_t slot = 2 * 8 * 4 + 8, wtok = 2 * 32 * 4 + 4;
+  // Latents + importance; window K and V. Positions count for no policy (one byte rule).
+  const std::size_t slot = 2 * 8 * 4 + 4, wtok = 2 * 32 * 4;
   BOOST_TEST(pol.slot_bytes() == slot);
   BOOST_TEST(pol.window_token_bytes() == wtok);
   for (const KVBudget& bud : {frac(0.1), frac(0.25), bytes(20000), frac(1.0)}) {
