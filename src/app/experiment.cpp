@@ -366,6 +366,7 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
   ec.budget = budget;
   ec.max_new_tokens = opt.max_new_tokens;
   ec.max_seq_len = mc.max_pos;
+  ec.query_agnostic = opt.protocol == "context_only";
   bool stopped = false;
   auto evaluate = [&](const std::string& name, const std::string& kind, const std::function<methods::EvalPlan()>& plan,
                       Transformer& weights, std::vector<MethodEval>& out) {
@@ -395,7 +396,10 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
       sink.method_failed(name, ex.what(), kind);
     }
   };
-  const std::string caption = "KV budget " + opt.kv_budget + " (" + budget.str() + " of each example's full cache), query-aware protocol: the question is in the prompt every method compresses";
+  const std::string caption =
+      "KV budget " + opt.kv_budget + " (" + budget.str() + " of each example's full cache), " +
+      (ec.query_agnostic ? "query-agnostic protocol: each method compresses the context, then the question is appended"
+                         : "query-aware protocol: the question is in the prompt every method compresses");
   std::vector<MethodEval> results;
   for (const auto& m : opt.methods) {
     const methods::MethodInfo& info = methods::find_method(m);

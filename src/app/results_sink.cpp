@@ -176,6 +176,7 @@ void ResultsSink::open(const std::string& dataset_hash, const std::map<std::stri
     results::RunLayout layout;
     layout.methods = I.opt.methods;
     layout.backbones = backbones;
+    layout.protocol = I.opt.protocol;
     if (I.opt.ablation) layout.ablation_variants = I.opt.ablation_variants;
     if (I.opt.dataset == "fact_stream") layout.adaptation_methods = I.opt.methods;
     layout.world_size = I.opt.dp * I.opt.sp;

@@ -55,14 +55,24 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   SequenceInfo info;
   info.batch = 1;
   info.prompt_len = n_in;
-  info.query_len = enc.query_len;
+  info.query_len = cfg.query_agnostic ? 0 : enc.query_len;
   info.max_new_tokens = cfg.max_new_tokens;
   // The budget is a fraction of the FULL sequence's cache, whatever a selector keeps.
   info.budget_tokens = enc.prompt_len + cfg.max_new_tokens;
   policy.begin(info, cfg.budget);
   act.reset();  // activations of earlier work are dead: measure this example alone
   act.reset_peak();
-  model.extend(policy, TensorView(prompt.data(), Shape{1, n_in}), TensorView(pos.data(), Shape{1, n_in}));
+  // Query-agnostic: the context part first (indices before the question),
+  // then the question; query-aware: one call.
+  const std::int64_t question_at = enc.prompt_len - enc.query_len;
+  const auto n_ctx = cfg.query_agnostic
+                         ? static_cast<std::int64_t>(std::lower_bound(pos.begin(), pos.end(), question_at) - pos.begin())
+                         : n_in;
+  if (n_ctx > 0)
+    model.extend(policy, TensorView(prompt.data(), Shape{1, n_ctx}), TensorView(pos.data(), Shape{1, n_ctx}));
+  if (n_ctx < n_in)
+    model.extend(policy, TensorView(prompt.data() + n_ctx, Shape{1, n_in - n_ctx}),
+                 TensorView(pos.data() + n_ctx, Shape{1, n_in - n_ctx}));
   policy.end_prefill();
   std::int32_t next = argmax_last_row(model.logits());
   r.ttft_s = t.seconds();

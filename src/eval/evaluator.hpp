@@ -74,6 +74,11 @@ struct EvalConfig {
   KVBudget budget;
   std::int64_t max_new_tokens = 16;
   std::int64_t max_seq_len = 512;
+  // Query-agnostic protocol (--protocol context_only): the policy compresses
+  // the context in one call knowing nothing of the question (query_len 0),
+  // then the question arrives in a second call, then decoding. Off: the
+  // question is part of the one prefill call (query-aware).
+  bool query_agnostic = false;
 };
 
 MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,

@@ -266,6 +266,8 @@ const MethodInfo& dsrsq_method() {
                                Backbone::own,
                                true,
                                {"full_model", "no_dsr", "no_sqa", "no_rckv"},
+                               false,
+                               "its retriever scores every context token against the question",
                                &knobs,
                                &make};
   return info;

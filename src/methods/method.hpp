@@ -118,6 +118,9 @@ struct MethodInfo {
   Backbone backbone = Backbone::standard;
   bool trainable = false;      // --model accepts it: the run trains it
   std::vector<std::string> variants;  // ablation variants (--ablation)
+  // Runs under the query-agnostic protocol (--protocol context_only); if not, why.
+  bool query_agnostic = true;
+  std::string_view needs_question;
   std::shared_ptr<MethodKnobs> (*knobs)() = nullptr;  // its settings; null: none
   std::unique_ptr<Method> (*make)(const MethodContext&) = nullptr;
 };

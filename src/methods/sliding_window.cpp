@@ -26,7 +26,7 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<S
 
 const MethodInfo& sliding_window_method() {
   static const MethodInfo info{"sliding_window", "attention sinks + recent window (StreamingLLM), sized from --kv_budget",
-                               "ATSKV study", Backbone::standard, false, {}, nullptr, &make};
+                               "ATSKV study", Backbone::standard, false, {}, true, {}, nullptr, &make};
   return info;
 }
 
