@@ -23,129 +23,122 @@ std::string num(double v) {
   return os.str();
 }
 
+// The options bind straight to the parts' settings (no field-by-field copy).
 // Defaults are the debug size; configs/paper.ini has the paper's settings.
 struct DsrsqKnobs final : MethodKnobs {
-  std::int64_t dsr_d_r = 32;          // retriever's reduced dimension
-  double dsr_base_budget = 0.25;      // base budget in tokens (< 1: a fraction of the context)
-  double dsr_alpha = 0.5;             // budget = base * (1 + alpha * complexity)
-  std::int64_t dsr_span = 3;          // tokens kept after each top token
-  std::int64_t dsr_conv_width = 4;    // local-context convolution taps
-  double dsr_lambda = 0.1;            // reward = task score - lambda * selected fraction
-  std::int64_t dsr_ppo_epochs = 4;    // PPO update epochs per sampled batch (1 = REINFORCE)
-  double dsr_clip = 0.2;              // PPO clip
-  std::int64_t sqa_clusters = 8;      // k-means clusters of keys per head
-  std::int64_t sqa_top_clusters = 4;  // clusters each query attends to
-  std::int64_t sqa_lloyd_steps = 3;
-  std::int64_t rckv_d_c = 32;         // latent size per token (keys and values each)
-  std::int64_t rckv_buffer = 0;       // compressed slots per layer (0: sized from --kv_budget)
-  std::int64_t rckv_window = 16;      // recent tokens kept uncompressed
-  double rckv_tau = 0.0;              // eviction temperature (0: evict the least important)
-  bool rckv_observe = false;          // prompt tokens' importance from the question's attention (SnapKV-style)
+  DsrsqSettings s;
   std::vector<double> hof_weights{1.0, 0.5, 0.3, 0.2};  // task, retrieval, compression, compute
-  std::int64_t hof_ramp = 300;        // steps over which the three efficiency weights ramp up from 0
+  bool rckv_observe = false;
+
+  DsrsqKnobs() {
+    s.dsr.d_r = 32;
+    s.dsr.conv_width = 4;
+    s.dsr.span = 3;
+    s.dsr.base_budget = 0.25;
+    s.dsr.alpha = 0.5;
+    s.dsr.lambda = 0.1;
+    s.dsr.ppo_epochs = 4;
+    s.dsr.clip = 0.2;
+    s.sqa.clusters = 8;
+    s.sqa.top_clusters = 4;
+    s.sqa.lloyd_steps = 3;
+    s.rckv.d_c = 32;
+    s.rckv.buffer = 0;
+    s.rckv.window = 16;
+    s.rckv.tau = 0.0;
+    s.ramp = 300;
+  }
 
   void describe(po::options_description& d) override {
     d.add_options()
-      ("dsr_d_r", po::value(&dsr_d_r)->default_value(dsr_d_r), "retriever: reduced dimension of the query and context projections")
-      ("dsr_base_budget", po::value(&dsr_base_budget)->default_value(dsr_base_budget), "retriever: base budget in tokens (a value below 1 is a fraction of the context)")
-      ("dsr_alpha", po::value(&dsr_alpha)->default_value(dsr_alpha), "retriever: budget = base * (1 + alpha * complexity)")
-      ("dsr_span", po::value(&dsr_span)->default_value(dsr_span), "retriever: tokens kept after each top token")
-      ("dsr_conv_width", po::value(&dsr_conv_width)->default_value(dsr_conv_width), "retriever: taps of the causal local-context convolution")
-      ("dsr_lambda", po::value(&dsr_lambda)->default_value(dsr_lambda), "retriever: reward = task score - lambda * selected fraction")
-      ("dsr_ppo_epochs", po::value(&dsr_ppo_epochs)->default_value(dsr_ppo_epochs), "retriever: PPO update epochs per sampled batch: the same sampled subsets are re-scored (retriever forward only, not the backbone) and updated this many times against the log-probabilities stored at sampling time, clipped at dsr_clip; 1 = REINFORCE (one on-policy update: ratio 1, the clip never acts)")
-      ("dsr_clip", po::value(&dsr_clip)->default_value(dsr_clip), "retriever: PPO clip epsilon (ratios outside [1 - clip, 1 + clip] in the direction of the advantage give no gradient; 0: no clipping)")
-      ("sqa_clusters", po::value(&sqa_clusters)->default_value(sqa_clusters), "SQA: k-means clusters of keys per head")
-      ("sqa_top_clusters", po::value(&sqa_top_clusters)->default_value(sqa_top_clusters), "SQA: clusters each query attends to")
-      ("sqa_lloyd_steps", po::value(&sqa_lloyd_steps)->default_value(sqa_lloyd_steps), "SQA: Lloyd iterations of k-means")
-      ("rckv_d_c", po::value(&rckv_d_c)->default_value(rckv_d_c), "RCKV: latent size of keys and of values (<= d_model)")
-      ("rckv_buffer", po::value(&rckv_buffer)->default_value(rckv_buffer), "RCKV: compressed slots per layer (0: sized from --kv_budget)")
-      ("rckv_window", po::value(&rckv_window)->default_value(rckv_window), "RCKV: recent tokens kept uncompressed")
-      ("rckv_tau", po::value(&rckv_tau)->default_value(rckv_tau), "RCKV: eviction temperature (0: evict the least important slot)")
-      ("rckv_observe", po::bool_switch(&rckv_observe), "RCKV: a prompt token's importance starts at the attention the prompt's last window of queries gives it (SnapKV-style)")
+      ("dsr_d_r", po::value(&s.dsr.d_r)->default_value(s.dsr.d_r), "retriever: reduced dimension of the query and context projections")
+      ("dsr_base_budget", po::value(&s.dsr.base_budget)->default_value(s.dsr.base_budget, "0.25"), "retriever: base budget in tokens (a value below 1 is a fraction of the context)")
+      ("dsr_alpha", po::value(&s.dsr.alpha)->default_value(s.dsr.alpha, "0.5"), "retriever: budget = base * (1 + alpha * complexity)")
+      ("dsr_span", po::value(&s.dsr.span)->default_value(s.dsr.span), "retriever: tokens kept after each top token")
+      ("dsr_conv_width", po::value(&s.dsr.conv_width)->default_value(s.dsr.conv_width), "retriever: taps of the causal local-context convolution")
+      ("dsr_lambda", po::value(&s.dsr.lambda)->default_value(s.dsr.lambda, "0.1"), "retriever: reward = task score - lambda * selected fraction")
+      ("dsr_ppo_epochs", po::value(&s.dsr.ppo_epochs)->default_value(s.dsr.ppo_epochs), "retriever: PPO update epochs per sampled batch: the same sampled subsets are re-scored (retriever forward only, not the backbone) and updated this many times against the log-probabilities stored at sampling time, clipped at dsr_clip; 1 = REINFORCE (one on-policy update: ratio 1, the clip never acts)")
+      ("dsr_clip", po::value(&s.dsr.clip)->default_value(s.dsr.clip, "0.2"), "retriever: PPO clip epsilon (ratios outside [1 - clip, 1 + clip] in the direction of the advantage give no gradient; 0: no clipping)")
+      ("sqa_clusters", po::value(&s.sqa.clusters)->default_value(s.sqa.clusters), "SQA: k-means clusters of keys per head")
+      ("sqa_top_clusters", po::value(&s.sqa.top_clusters)->default_value(s.sqa.top_clusters), "SQA: clusters each query attends to")
+      ("sqa_lloyd_steps", po::value(&s.sqa.lloyd_steps)->default_value(s.sqa.lloyd_steps), "SQA: Lloyd iterations of k-means")
+      ("rckv_d_c", po::value(&s.rckv.d_c)->default_value(s.rckv.d_c), "RCKV: latent size of keys and of values (<= d_model)")
+      ("rckv_buffer", po::value(&s.rckv.buffer)->default_value(s.rckv.buffer), "RCKV: compressed slots per layer (0: sized from --kv_budget)")
+      ("rckv_window", po::value(&s.rckv.window)->default_value(s.rckv.window), "RCKV: recent tokens kept uncompressed")
+      ("rckv_tau", po::value(&s.rckv.tau)->default_value(s.rckv.tau, "0"), "RCKV: eviction temperature (0: evict the least important slot)")
+      ("rckv_observe", po::bool_switch(&rckv_observe), "RCKV: a prompt token's importance comes from the attention the prompt's last window of queries gives it (SnapKV-style); off: from the attention every prompt query gives it at prefill")
       ("hof_weights", po::value(&hof_weights)->multitoken(), "HOF loss weights: task retrieval compression compute (default 1.0 0.5 0.3 0.2)")
-      ("hof_ramp", po::value(&hof_ramp)->default_value(hof_ramp), "HOF: steps over which the efficiency weights ramp up from 0");
+      ("hof_ramp", po::value(&s.ramp)->default_value(s.ramp), "HOF: steps over which the efficiency weights ramp up from 0");
   }
 
-  void validate(const RunShape& s) const override {
-    DSRSQ_INPUT_CHECK(dsr_d_r >= 1, "option --dsr_d_r: must be >= 1, got ", dsr_d_r);
-    DSRSQ_INPUT_CHECK(dsr_base_budget > 0 && std::isfinite(dsr_base_budget),
-                      "option --dsr_base_budget: must be > 0 and finite (tokens, or a fraction below 1), got ", dsr_base_budget);
-    DSRSQ_INPUT_CHECK(dsr_alpha >= 0 && std::isfinite(dsr_alpha), "option --dsr_alpha: must be >= 0 and finite, got ", dsr_alpha);
-    DSRSQ_INPUT_CHECK(dsr_span >= 0, "option --dsr_span: must be >= 0, got ", dsr_span);
-    DSRSQ_INPUT_CHECK(dsr_conv_width >= 1, "option --dsr_conv_width: must be >= 1, got ", dsr_conv_width);
-    DSRSQ_INPUT_CHECK(dsr_lambda >= 0 && std::isfinite(dsr_lambda), "option --dsr_lambda: must be >= 0 and finite, got ", dsr_lambda);
-    DSRSQ_INPUT_CHECK(dsr_ppo_epochs >= 1, "option --dsr_ppo_epochs: must be >= 1 (1 = REINFORCE), got ", dsr_ppo_epochs);
-    DSRSQ_INPUT_CHECK(dsr_clip >= 0 && dsr_clip < 1, "option --dsr_clip: must lie in [0, 1), got ", dsr_clip);
-    DSRSQ_INPUT_CHECK(sqa_clusters >= 1, "option --sqa_clusters: must be >= 1, got ", sqa_clusters);
-    DSRSQ_INPUT_CHECK(sqa_clusters <= s.max_seq_len, "option --sqa_clusters: ", sqa_clusters,
-                      " clusters cannot be filled by sequences of at most max_seq_len=", s.max_seq_len, " tokens");
-    DSRSQ_INPUT_CHECK(sqa_top_clusters >= 1 && sqa_top_clusters <= sqa_clusters,
-                      "option --sqa_top_clusters: must lie in [1, sqa_clusters=", sqa_clusters, "], got ", sqa_top_clusters);
-    DSRSQ_INPUT_CHECK(sqa_lloyd_steps >= 0, "option --sqa_lloyd_steps: must be >= 0, got ", sqa_lloyd_steps);
-    DSRSQ_INPUT_CHECK(s.d_model >= 1, "option --d_model: must be >= 1, got ", s.d_model);
-    DSRSQ_INPUT_CHECK(rckv_d_c >= 1 && rckv_d_c <= s.d_model, "option --rckv_d_c: the latent size must lie in [1, d_model=",
-                      s.d_model, "], got ", rckv_d_c);
-    DSRSQ_INPUT_CHECK(rckv_buffer >= 0, "option --rckv_buffer: must be >= 0 (0: from --kv_budget), got ", rckv_buffer);
-    DSRSQ_INPUT_CHECK(rckv_window >= 0, "option --rckv_window: must be >= 0, got ", rckv_window);
-    DSRSQ_INPUT_CHECK(rckv_tau >= 0 && std::isfinite(rckv_tau), "option --rckv_tau: must be >= 0 and finite, got ", rckv_tau);
+  void validate(const RunShape& shape) const override {
+    const auto& r = s.dsr;
+    DSRSQ_INPUT_CHECK(r.d_r >= 1, "option --dsr_d_r: must be >= 1, got ", r.d_r);
+    DSRSQ_INPUT_CHECK(r.base_budget > 0 && std::isfinite(r.base_budget),
+                      "option --dsr_base_budget: must be > 0 and finite (tokens, or a fraction below 1), got ", r.base_budget);
+    DSRSQ_INPUT_CHECK(r.alpha >= 0 && std::isfinite(r.alpha), "option --dsr_alpha: must be >= 0 and finite, got ", r.alpha);
+    DSRSQ_INPUT_CHECK(r.span >= 0, "option --dsr_span: must be >= 0, got ", r.span);
+    DSRSQ_INPUT_CHECK(r.conv_width >= 1, "option --dsr_conv_width: must be >= 1, got ", r.conv_width);
+    DSRSQ_INPUT_CHECK(r.lambda >= 0 && std::isfinite(r.lambda), "option --dsr_lambda: must be >= 0 and finite, got ", r.lambda);
+    DSRSQ_INPUT_CHECK(r.ppo_epochs >= 1, "option --dsr_ppo_epochs: must be >= 1 (1 = REINFORCE), got ", r.ppo_epochs);
+    DSRSQ_INPUT_CHECK(r.clip >= 0 && r.clip < 1, "option --dsr_clip: must lie in [0, 1), got ", r.clip);
+    const auto& q = s.sqa;
+    DSRSQ_INPUT_CHECK(q.clusters >= 1, "option --sqa_clusters: must be >= 1, got ", q.clusters);
+    DSRSQ_INPUT_CHECK(q.clusters <= shape.max_seq_len, "option --sqa_clusters: ", q.clusters,
+                      " clusters cannot be filled by sequences of at most max_seq_len=", shape.max_seq_len, " tokens");
+    DSRSQ_INPUT_CHECK(q.top_clusters >= 1 && q.top_clusters <= q.clusters,
+                      "option --sqa_top_clusters: must lie in [1, sqa_clusters=", q.clusters, "], got ", q.top_clusters);
+    DSRSQ_INPUT_CHECK(q.lloyd_steps >= 0, "option --sqa_lloyd_steps: must be >= 0, got ", q.lloyd_steps);
+    DSRSQ_INPUT_CHECK(shape.d_model >= 1, "option --d_model: must be >= 1, got ", shape.d_model);
+    const auto& c = s.rckv;
+    DSRSQ_INPUT_CHECK(c.d_c >= 1 && c.d_c <= shape.d_model, "option --rckv_d_c: the latent size must lie in [1, d_model=",
+                      shape.d_model, "], got ", c.d_c);
+    DSRSQ_INPUT_CHECK(c.buffer >= 0, "option --rckv_buffer: must be >= 0 (0: from --kv_budget), got ", c.buffer);
+    DSRSQ_INPUT_CHECK(c.window >= 0, "option --rckv_window: must be >= 0, got ", c.window);
+    DSRSQ_INPUT_CHECK(c.tau >= 0 && std::isfinite(c.tau), "option --rckv_tau: must be >= 0 and finite, got ", c.tau);
     DSRSQ_INPUT_CHECK(hof_weights.size() == 4,
                       "option --hof_weights: give 4 weights (task retrieval compression compute), got ", hof_weights.size());
     for (double w : hof_weights)
       DSRSQ_INPUT_CHECK(w >= 0 && std::isfinite(w), "option --hof_weights: weights must be >= 0 and finite, got ", w);
-    DSRSQ_INPUT_CHECK(hof_ramp >= 0, "option --hof_ramp: must be >= 0, got ", hof_ramp);
+    DSRSQ_INPUT_CHECK(s.ramp >= 0, "option --hof_ramp: must be >= 0, got ", s.ramp);
   }
 
   void resolved(std::map<std::string, std::string>& kv) const override {
-    kv["dsr_d_r"] = std::to_string(dsr_d_r);
-    kv["dsr_base_budget"] = num(dsr_base_budget);
-    kv["dsr_alpha"] = num(dsr_alpha);
-    kv["dsr_span"] = std::to_string(dsr_span);
-    kv["dsr_conv_width"] = std::to_string(dsr_conv_width);
-    kv["dsr_lambda"] = num(dsr_lambda);
-    kv["dsr_ppo_epochs"] = std::to_string(dsr_ppo_epochs);
-    kv["dsr_clip"] = num(dsr_clip);
-    kv["sqa_clusters"] = std::to_string(sqa_clusters);
-    kv["sqa_top_clusters"] = std::to_string(sqa_top_clusters);
-    kv["sqa_lloyd_steps"] = std::to_string(sqa_lloyd_steps);
-    kv["rckv_d_c"] = std::to_string(rckv_d_c);
-    kv["rckv_buffer"] = std::to_string(rckv_buffer);
-    kv["rckv_window"] = std::to_string(rckv_window);
-    kv["rckv_tau"] = num(rckv_tau);
+    kv["dsr_d_r"] = std::to_string(s.dsr.d_r);
+    kv["dsr_base_budget"] = num(s.dsr.base_budget);
+    kv["dsr_alpha"] = num(s.dsr.alpha);
+    kv["dsr_span"] = std::to_string(s.dsr.span);
+    kv["dsr_conv_width"] = std::to_string(s.dsr.conv_width);
+    kv["dsr_lambda"] = num(s.dsr.lambda);
+    kv["dsr_ppo_epochs"] = std::to_string(s.dsr.ppo_epochs);
+    kv["dsr_clip"] = num(s.dsr.clip);
+    kv["sqa_clusters"] = std::to_string(s.sqa.clusters);
+    kv["sqa_top_clusters"] = std::to_string(s.sqa.top_clusters);
+    kv["sqa_lloyd_steps"] = std::to_string(s.sqa.lloyd_steps);
+    kv["rckv_d_c"] = std::to_string(s.rckv.d_c);
+    kv["rckv_buffer"] = std::to_string(s.rckv.buffer);
+    kv["rckv_window"] = std::to_string(s.rckv.window);
+    kv["rckv_tau"] = num(s.rckv.tau);
     kv["rckv_observe"] = rckv_observe ? "true" : "false";
     std::ostringstream w;
     for (std::size_t i = 0; i < hof_weights.size(); ++i) w << (i ? " " : "") << hof_weights[i];
     kv["hof_weights"] = w.str();
-    kv["hof_ramp"] = std::to_string(hof_ramp);
+    kv["hof_ramp"] = std::to_string(s.ramp);
   }
 
+  // The parts' settings of this run: the bound values plus what follows from them.
   DsrsqSettings settings(const ModelConfig& mc, std::uint64_t seed, const AdamWConfig& adam) const {
-    DsrsqSettings s;
-    s.dsr.d_r = dsr_d_r;
-    s.dsr.conv_width = dsr_conv_width;
-    s.dsr.span = dsr_span;
-    s.dsr.base_budget = dsr_base_budget;
-    s.dsr.alpha = dsr_alpha;
-    s.dsr.lambda = dsr_lambda;
-    s.dsr.ppo_epochs = dsr_ppo_epochs;
-    s.dsr.clip = dsr_clip;
-    s.dsr.validate();
-    s.ppo_adam = adam;  // the retriever's inner PPO updates: the backbone's hyper-parameters
-    s.sqa.clusters = sqa_clusters;
-    s.sqa.top_clusters = sqa_top_clusters;
-    s.sqa.lloyd_steps = static_cast<int>(sqa_lloyd_steps);
-    s.sqa.seed = seed;
-    s.rckv.d_c = rckv_d_c;
-    s.rckv.buffer = rckv_buffer;
-    s.rckv.window = rckv_window;
-    s.rckv.tau = rckv_tau;
-    s.rckv.observe_prefill = rckv_observe;
-    s.rckv.seed = seed;
-    s.rckv.sqa = true;
-    s.rckv.sqa_cfg = s.sqa;
-    s.rckv.validate(mc);
-    for (std::size_t i = 0; i < 4; ++i) s.g[i] = hof_weights.at(i);
-    s.ramp = hof_ramp;
-    return s;
+    DsrsqSettings out = s;
+    out.dsr.validate();
+    out.ppo_adam = adam;  // the retriever's inner PPO updates: the backbone's hyper-parameters
+    out.sqa.seed = seed;
+    out.rckv.observe_prefill = rckv_observe;
+    out.rckv.seed = seed;
+    out.rckv.sqa = true;
+    out.rckv.sqa_cfg = out.sqa;
+    out.rckv.validate(mc);
+    for (std::size_t i = 0; i < 4; ++i) out.g[i] = hof_weights.at(i);
+    return out;
   }
 };
 

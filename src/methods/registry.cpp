@@ -23,6 +23,12 @@ const std::vector<const MethodInfo*>& all_methods() {
   return table;
 }
 
+EvalPlan KVPolicyMethod::plan(const std::string&) {
+  EvalPlan p;
+  p.policy = make_kv_policy(KVPolicySpec{kind_}, mc_, be_);
+  return p;
+}
+
 std::string method_names(bool trainable_only) {
   std::string out;
   for (const MethodInfo* m : all_methods())

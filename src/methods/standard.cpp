@@ -2,28 +2,14 @@
 // same thing): the standard transformer reading the whole prompt, every
 // token's K and V kept from prefill into decoding. `--model standard` trains
 // it; `full` evaluates the trained standard checkpoint. A full cache cannot
-// shrink: it records the budget it was asked for and holds the whole cache
-// (achieved > requested).
+// shrink: it records the budget it was asked for, holds the whole cache and
+// reports the cell as infeasible below a budget of the full cache.
 #include "methods/method.hpp"
 
 namespace dsrsq::methods {
 namespace {
 
-class FullCache final : public Method {
- public:
-  explicit FullCache(const MethodContext& c) : mc_(c.model.config()), be_(c.backend) {}
-  EvalPlan plan(const std::string&) override {
-    EvalPlan p;
-    p.policy = make_kv_policy(KVPolicySpec{"full"}, mc_, be_);
-    return p;
-  }
-
- private:
-  ModelConfig mc_;
-  Backend& be_;
-};
-
-std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<FullCache>(c); }
+std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<KVPolicyMethod>(c, "full"); }
 
 }  // namespace
 
