@@ -97,20 +97,6 @@ class Method {
   virtual EvalPlan plan(const std::string& variant) = 0;
 };
 
-// A training-free method that is one KV-policy kind over the whole prompt
-// (full, sliding_window): no selector, no training.
-class KVPolicyMethod final : public Method {
- public:
-  KVPolicyMethod(const MethodContext& c, std::string kind)
-      : mc_(c.model.config()), be_(c.backend), kind_(std::move(kind)) {}
-  EvalPlan plan(const std::string&) override;
-
- private:
-  ModelConfig mc_;
-  Backend& be_;
-  std::string kind_;
-};
-
 // Which weights a method runs on (DESIGN.md section 9, "Backbones").
 enum class Backbone {
   standard,  // the trained standard checkpoint (every training-free method)
@@ -123,6 +109,20 @@ struct MethodContext {
   const MethodKnobs* knobs;    // its own (null when it has none)
   AdamWConfig adam;            // hyper-parameters for extra parameters
   std::uint64_t seed = 0;
+};
+
+// A training-free method that is one KV-policy kind over the whole prompt
+// (full, sliding_window): no selector, no training.
+class KVPolicyMethod final : public Method {
+ public:
+  KVPolicyMethod(const MethodContext& c, std::string kind)
+      : mc_(c.model.config()), be_(c.backend), kind_(std::move(kind)) {}
+  EvalPlan plan(const std::string&) override;
+
+ private:
+  ModelConfig mc_;
+  Backend& be_;
+  std::string kind_;
 };
 
 struct MethodInfo {
