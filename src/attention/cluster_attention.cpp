@@ -436,6 +436,11 @@ ClusterPlan cluster_plan(const TensorView& q, const TensorView& k, const TensorV
       s.query_rows += 1;
     }
   });
+  // Host work outside the ops, in the FLOP meter: k-means (the initial
+  // assignment and one per Lloyd step) and each query's centroid scores.
+  cpu_backend().count_flops(kmeans_assign_cost(B * NH, S, m, HS, sizeof(double)).flops *
+                                static_cast<double>(cfg.lloyd_steps + 1) +
+                            2.0 * static_cast<double>(B * NH * T_ * m * HS));
   for (const auto& s : st) {
     p.stats.query_rows += s.query_rows;
     p.stats.visible_pairs += s.visible_pairs;

@@ -247,6 +247,8 @@ void Backend::matmul_fwd(const MatmulArgs& a) {
     check_shape("matmul_fwd", "bias", a.bias, Shape{d.n});
     check_same_dtype("matmul_fwd", "bias", a.bias, a.a);
   }
+  flops_ += 2.0 * static_cast<double>(d.batch) * static_cast<double>(d.m) * static_cast<double>(d.n) *
+            static_cast<double>(d.k);
   OpTimer timer_(*this, a.trans_a ? "matmul_dweight" : (a.beta != 0 ? "matmul_acc" : "matmul"));
   matmul_fwd_impl(a);
 }
@@ -293,6 +295,7 @@ void Backend::gelu_bwd(const GeluGradArgs& a) {
 
 void Backend::attention_fwd(const AttentionArgs& a) {
   check_attention("attention_fwd", a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
+  flops_ += attention_cost(a.q.shape[0], a.q.shape[1], a.k.shape[1], a.q.shape[2], a.q.shape[3], a.causal, false).flops;
   OpTimer timer_(*this, "attention_fwd");
   attention_fwd_impl(a);
 }
@@ -305,6 +308,7 @@ void Backend::attention_bwd(const AttentionGradArgs& a) {
   check_shape(op, "dk", a.dk, a.k.shape);
   check_shape(op, "dv", a.dv, a.v.shape);
   for (auto* t : {&a.dout, &a.dq, &a.dk, &a.dv}) check_same_dtype(op, "dout/dq/dk/dv", *t, a.q);
+  flops_ += attention_cost(a.q.shape[0], a.q.shape[1], a.k.shape[1], a.q.shape[2], a.q.shape[3], a.causal, true).flops;
   OpTimer timer_(*this, "attention_bwd");
   attention_bwd_impl(a);
 }
@@ -444,6 +448,7 @@ void Backend::scatter_add_rows(const ScatterAddRowsArgs& a) {
   check_shape(op, "src", a.src, Shape{a.idx.shape[0], a.dst.shape[1]});
   check_same_dtype(op, "dst", a.dst, a.src);
   check_index_range(op, a.idx, a.dst.shape[0]);
+  flops_ += scatter_add_rows_cost(a.idx.shape[0], a.dst.shape[1], dtype_size(a.src.dtype)).flops;
   OpTimer timer_(*this, op);
   scatter_add_rows_impl(a);
 }
@@ -459,6 +464,7 @@ void Backend::attention_merge(const AttentionMergeArgs& a) {
   check_same_dtype(op, "lse", a.lse, a.o);
   check_same_dtype(op, "lse_b", a.lse_b, a.o_b);
   check_float(op, "o_b", a.o_b);
+  flops_ += attention_merge_cost(B, T, NH, a.o.shape[3], dtype_size(a.o.dtype), dtype_size(a.o_b.dtype)).flops;
   OpTimer timer_(*this, op);
   attention_merge_impl(a);
 }
@@ -514,6 +520,7 @@ void Backend::latent_attention_fwd(const LatentAttentionArgs& a) {
     check_shape(op, "used", a.used, Shape{B, T});
     check_dtype(op, "used", a.used, DType::f64);
   }
+  flops_ += latent_attention_cost(B, T, S, NH, HS, dc, !a.mass.empty()).flops;
   OpTimer timer_(*this, op);
   latent_attention_fwd_impl(a);
 }
@@ -536,6 +543,7 @@ void Backend::attention_mass(const AttentionMassArgs& a) {
   check_shape(op, "mass", a.mass, Shape{B, S});
   check_dtype(op, "mass", a.mass, DType::f64);
   if (!(a.divisor > 0)) raise_input_error(detail::cat(op, ": divisor must be > 0, got ", a.divisor));
+  flops_ += attention_mass_cost(B, T, S, NH, HS).flops;
   OpTimer timer_(*this, op);
   attention_mass_impl(a);
 }
@@ -548,6 +556,7 @@ void Backend::topk(const TopKArgs& a) {
   check_dtype(op, "idx", a.idx, DType::i32);
   if (a.idx.shape[0] != a.x.shape[0] || a.idx.shape[1] > a.x.shape[1])
     raise_input_error(detail::cat(op, ": idx ", a.idx.str(), " must be (R, k <= N) for x ", a.x.str()));
+  flops_ += topk_cost(a.x.shape[0], a.x.shape[1], a.idx.shape[1], dtype_size(a.x.dtype)).flops;
   OpTimer timer_(*this, op);
   topk_impl(a);
 }
@@ -568,6 +577,7 @@ void Backend::kmeans_assign(const KMeansAssignArgs& a) {
   }
   if (a.clusters < 0 || a.clusters > M || (a.clusters == 0 && M == 0))
     raise_input_error(detail::cat(op, ": clusters ", a.clusters, " outside [1, ", M, "]"));
+  flops_ += kmeans_assign_cost(G, N, M, D, dtype_size(a.x.dtype)).flops;
   OpTimer timer_(*this, op);
   kmeans_assign_impl(a);
 }
@@ -582,6 +592,7 @@ void Backend::sym_eigen(const SymEigenArgs& a) {
   check_dtype(op, "vals", a.vals, DType::f64);
   check_shape(op, "vecs", a.vecs, Shape{n, n});
   check_dtype(op, "vecs", a.vecs, DType::f64);
+  flops_ += sym_eigen_cost(n).flops;
   OpTimer timer_(*this, op);
   sym_eigen_impl(a);
 }
@@ -593,6 +604,7 @@ void Backend::gram(const GramArgs& a) {
   const std::int64_t C = a.x.shape[1];
   check_shape(op, "g", a.g, Shape{C, C});
   check_dtype(op, "g", a.g, DType::f64);
+  flops_ += gram_cost(a.x.shape[0], C).flops;
   OpTimer timer_(*this, op);
   gram_impl(a);
 }
@@ -612,6 +624,7 @@ void check_recon(const char* op, const TensorView& x, const TensorView& p, const
 
 double Backend::lowrank_recon_fwd(const LowRankReconArgs& a) {
   check_recon("lowrank_recon_fwd", a.x, a.p, a.u);
+  flops_ += lowrank_recon_cost(a.x.shape[0], a.x.shape[1], a.p.shape[0], false).flops;
   OpTimer timer_(*this, "lowrank_recon_fwd");
   return lowrank_recon_fwd_impl(a);
 }
@@ -623,6 +636,7 @@ void Backend::lowrank_recon_bwd(const LowRankReconGradArgs& a) {
   check_shape(op, "du", a.du, a.u.shape);
   check_dtype(op, "dp", a.dp, DType::f32);
   check_dtype(op, "du", a.du, DType::f32);
+  flops_ += lowrank_recon_cost(a.x.shape[0], a.x.shape[1], a.p.shape[0], true).flops;
   OpTimer timer_(*this, op);
   lowrank_recon_bwd_impl(a);
 }
@@ -644,6 +658,7 @@ void Backend::conv_project_fwd(const ConvProjectArgs& a) {
   check_conv(op, a.e, a.taps, a.w);
   check_shape(op, "r", a.r, Shape{a.e.shape[0], a.w.shape[0]});
   check_dtype(op, "r", a.r, DType::f64);
+  flops_ += conv_project_cost(a.e.shape[0], a.e.shape[1], a.taps.shape[0], a.w.shape[0], false).flops;
   OpTimer timer_(*this, op);
   conv_project_fwd_impl(a);
 }
@@ -657,6 +672,7 @@ void Backend::conv_project_bwd(const ConvProjectGradArgs& a) {
   check_shape(op, "dtaps", a.dtaps, a.taps.shape);
   check_dtype(op, "dw", a.dw, DType::f32);
   check_dtype(op, "dtaps", a.dtaps, DType::f32);
+  flops_ += conv_project_cost(a.e.shape[0], a.e.shape[1], a.taps.shape[0], a.w.shape[0], true).flops;
   OpTimer timer_(*this, op);
   conv_project_bwd_impl(a);
 }

@@ -332,6 +332,15 @@ class Backend {
  public:
   virtual ~Backend() = default;
   void set_profiling(bool on) { profiling_ = on; }
+  // FLOPs of every counted op run since the last reset, from the ops' cost
+  // functions (matrix products, attention, the methods' ops: latent attention,
+  // attention mass and merge, top-k, k-means assignment, eigensolver, Gram,
+  // low-rank reconstruction, convolution + projection). Elementwise ops
+  // (LayerNorm, GELU, RoPE, embedding, cross-entropy, AdamW) are not counted,
+  // as in MFU conventions. Host work outside the ops adds itself (count_flops).
+  double flops_counted() const { return flops_; }
+  void reset_flops() { flops_ = 0; }
+  void count_flops(double f) { flops_ += f; }
   bool profiling() const { return profiling_; }
   std::vector<OpProfileEntry> profile() const;
   void reset_profile();
@@ -428,6 +437,7 @@ class Backend {
   friend class OpTimer;
   bool profiling_ = false;
   std::vector<OpProfileEntry> prof_;
+  double flops_ = 0;
 };
 
 // The process's CPU backend (OpenBLAS + OpenMP).

@@ -17,17 +17,10 @@ std::int32_t argmax_last_row(const TensorView& logits) {
   return static_cast<std::int32_t>(std::max_element(row, row + V) - row);
 }
 
-// Forward FLOPs of the linear layers for n tokens (attention counted apart).
-double dense_flops(const ModelConfig& c, std::int64_t n) {
-  const double C = static_cast<double>(c.d_model), F = static_cast<double>(c.d_ff);
-  return static_cast<double>(n) * (static_cast<double>(c.n_layers) * (8 * C * C + 4 * C * F) + 2 * C * static_cast<double>(c.vocab));
-}
-
 }  // namespace
 
 ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer& tok, const data::Example& ex,
                           const EvalConfig& cfg) {
-  const ModelConfig& mc = model.config();
   Arena& act = model.activation_arena();
   ExampleEval r;
   r.id = ex.id;
@@ -39,6 +32,10 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   r.context_tokens = enc.context_tokens;
   r.truncated_tokens = enc.truncated;
 
+  // FLOPs: the Backend's meter over everything this example runs (selection,
+  // scoring, clustering, reconstruction, the model), from the ops' cost functions.
+  Backend& be = model.backend();
+  const double flops0 = be.flops_counted();
   Timer t;
   std::vector<std::int32_t> pos;
   if (cfg.select) {
@@ -79,9 +76,6 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   std::size_t peak_act = act.peak_bytes();
   double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
   double time_total = r.ttft_s;
-  r.flops = dense_flops(mc, n_in) +
-            attention_cost(1, n_in, n_in, mc.n_heads, mc.head_size(), true, false).flops *
-                static_cast<double>(mc.n_layers);
 
   std::vector<std::int32_t> gen;
   double itl_sum = 0, full_keys_sum = 0;
@@ -102,8 +96,8 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
     peak_act = std::max(peak_act, act.peak_bytes());
     bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill) * dt;
     time_total += dt;
-    r.flops += dense_flops(mc, 1) + 4.0 * static_cast<double>(mc.n_layers * mc.d_model) * policy.attended_tokens();
   }
+  r.flops = be.flops_counted() - flops0;
   r.serve_s = time_total;
   r.generated_tokens = static_cast<std::int64_t>(gen.size());
   r.itl_s = gen.size() > 1 ? itl_sum / static_cast<double>(gen.size() - 1) : 0.0;

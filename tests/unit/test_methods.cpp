@@ -162,3 +162,31 @@ BOOST_AUTO_TEST_CASE(every_method_and_variant_plans_and_decodes) {
     }
   }
 }
+
+// The Backend's FLOP meter over one prefill equals what the model's shape
+// implies (linear layers 8C^2 + 4CF per token and layer, the LM head 2CV per
+// token, causal attention from attention_cost): every product is counted once.
+// Exact: every term is an integer below 2^53.
+BOOST_AUTO_TEST_CASE(flop_meter_counts_the_model_exactly) {
+  const ModelConfig mc = tiny();
+  Transformer model(mc, cpu_backend());
+  model.init_weights(3);
+  const std::int64_t N = 37;
+  std::vector<std::int32_t> tok(N), pos(N);
+  for (std::int64_t i = 0; i < N; ++i) {
+    tok[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(1 + i % 30);
+    pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  }
+  auto full = make_kv_policy(KVPolicySpec{"full"}, mc, cpu_backend());
+  SequenceInfo info;
+  info.prompt_len = N;
+  full->begin(info, KVBudget{});
+  const double f0 = cpu_backend().flops_counted();
+  model.extend(*full, TensorView(tok.data(), Shape{1, N}), TensorView(pos.data(), Shape{1, N}));
+  const double got = cpu_backend().flops_counted() - f0;
+  const double C = static_cast<double>(mc.d_model), F = static_cast<double>(mc.d_ff), V = static_cast<double>(mc.vocab);
+  const double want = static_cast<double>(N) * (static_cast<double>(mc.n_layers) * (8 * C * C + 4 * C * F) + 2 * C * V) +
+                      static_cast<double>(mc.n_layers) *
+                          attention_cost(1, N, N, mc.n_heads, mc.head_size(), true, false).flops;
+  BOOST_TEST(got == want);
+}
