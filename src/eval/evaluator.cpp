@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <map>
@@ -225,7 +226,9 @@ std::vector<ExampleEval> evaluate_reuse(Transformer& model, KVPolicy& policy, co
       r.meta["reuse_group"] = std::to_string(g);
       r.meta["reuse_group_size"] = std::to_string(members.size());
       r.meta["shared_context_tokens"] = std::to_string(n_ctx);
-      r.meta["shared_prefill_s"] = std::to_string(shared_s);
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.9g", shared_s);
+      r.meta["shared_prefill_s"] = secs;
       r.meta["snapshot_bytes"] = std::to_string(snap_bytes);
       r.meta["reuse_extra_truncated"] = std::to_string(extra);
 
