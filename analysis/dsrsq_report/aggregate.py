@@ -205,7 +205,10 @@ def _seed_rule(groups):
 def _protocol_note(runs):
     protocols = sorted({r.protocol for r in runs if r.protocol})
     names = {"query_aware": "query-aware (the question is in the prompt every method compresses)",
-             "context_only": "query-agnostic (the context is compressed before the question is appended)"}
+             "context_only": "query-agnostic (the context is compressed before the question is appended)",
+             "reuse": "reuse, compress once and ask many (a context shared by several questions is compressed once, "
+                      "without them, and each question is answered from a copy of that cache; latency = restore + "
+                      "question + first token, the compression counted once per context in serving time)"}
     if not protocols:
         return ""
     return "Protocol: " + "; ".join(names.get(p, p) for p in protocols) + "."

@@ -200,6 +200,18 @@ def test_method_order_backbones_and_protocol_from_the_file(real_runs, tmp_path):
     assert f"full: {bb}" in md
 
 
+def test_reuse_protocol_caption(real_runs, copy_run, tmp_path):
+    """A --protocol reuse run says so in the caption, with what its latency means."""
+    path = copy_run(real_runs["tiny"])
+    with h5py.File(path, "r+") as f:
+        f.attrs["protocol"] = "reuse"
+    res = run_report(path, "-o", tmp_path, "--no-figures")
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "report.md").read_text()
+    assert "Protocol: reuse, compress once and ask many" in md
+    assert "latency = restore + question + first token" in md
+
+
 def test_bleu_not_applicable_prints_na(real_runs, copy_run, tmp_path):
     """BLEU-4 that cannot be computed (no gold answer of >= 4 tokens: NaN in the file) prints as n/a in the
     markdown and LaTeX tables and as an empty cell in the CSV: never 0 and never a 1e-231 artefact."""

@@ -87,7 +87,7 @@ po::options_description describe(Options& o) {
   po::options_description eval("Evaluation");
   eval.add_options()
     ("methods", po::value(&o.methods)->multitoken(), "methods to evaluate, in the table's names (default: the trained method if it has its own weights, then every training-free method)")
-    ("protocol", po::value(&o.protocol)->default_value(o.protocol), "how the question reaches a method: query_aware (the question is part of the prompt every method compresses) | context_only (query-agnostic: the method compresses the context knowing nothing of the question, then the question is appended)")
+    ("protocol", po::value(&o.protocol)->default_value(o.protocol), "how the question reaches a method: query_aware (the question is part of the prompt every method compresses) | context_only (query-agnostic: the method compresses the context knowing nothing of the question, then the question is appended) | reuse (compress once, ask many: examples sharing a context get it compressed once, and every question is answered from a copy of that cache)")
     ("kv_budget", po::value(&o.kv_budget)->default_value(o.kv_budget), "KV budget of every method: a fraction of the full cache in (0, 1] (0.125) or bytes with a unit (65536B, 64KiB, 2MiB, 2MB)")
     ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens), "longest generated answer")
     ("ablation", po::bool_switch(&o.ablation), "also evaluate the trained method's ablation variants into /ablation/<variant>")
@@ -198,16 +198,16 @@ void validate(const Options& o) {
                     " reads real files: pass --data_dir FOLDER (see datasets/README.md)");
   DSRSQ_INPUT_CHECK(o.tokenizer == "byte" || o.tokenizer == "sentencepiece", "option --tokenizer: unknown value '",
                     o.tokenizer, "' (valid: byte, sentencepiece)");
-  DSRSQ_INPUT_CHECK(o.protocol == "query_aware" || o.protocol == "context_only", "option --protocol: unknown value '",
-                    o.protocol, "' (valid: query_aware, context_only)");
+  DSRSQ_INPUT_CHECK(o.protocol == "query_aware" || o.protocol == "context_only" || o.protocol == "reuse",
+                    "option --protocol: unknown value '", o.protocol, "' (valid: query_aware, context_only, reuse)");
   DSRSQ_INPUT_CHECK(!o.methods.empty(), "option --methods: give at least one method");
   for (const auto& m : o.methods) {
     const methods::MethodInfo& info = methods::find_method(m, "--methods");
     // A method with its own trained weights exists only in the run that trains it.
     DSRSQ_INPUT_CHECK(info.backbone == methods::Backbone::standard || m == o.model, "option --methods: '", m,
                       "' runs on its own trained weights; it needs --model ", m);
-    DSRSQ_INPUT_CHECK(o.protocol != "context_only" || info.query_agnostic, "option --protocol context_only: method '", m,
-                      "' has no query-agnostic form (", info.needs_question, ")");
+    DSRSQ_INPUT_CHECK(o.protocol == "query_aware" || info.query_agnostic, "option --protocol ", o.protocol,
+                      ": method '", m, "' has no query-agnostic form (", info.needs_question, ")");
   }
   for (std::size_t i = 0; i < o.methods.size(); ++i)
     for (std::size_t j = i + 1; j < o.methods.size(); ++j)

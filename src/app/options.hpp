@@ -76,7 +76,7 @@ struct Options {
   // Evaluation
   std::vector<std::string> methods;  // empty: default_methods(model)
   static std::vector<std::string> default_methods(const std::string& model);
-  std::string protocol = "query_aware";  // query_aware | context_only
+  std::string protocol = "query_aware";  // query_aware | context_only | reuse
   std::string kv_budget = "0.5";  // fraction of the full cache, or bytes with a unit (e.g. 512KiB)
   std::int64_t max_new_tokens = 12;
   bool ablation = false;

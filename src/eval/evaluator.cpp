@@ -2,8 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <limits>
+#include <map>
+#include <memory>
 
+#include "core/error.hpp"
 #include "core/timer.hpp"
 #include "eval/metrics.hpp"
 
@@ -15,6 +20,61 @@ std::int32_t argmax_last_row(const TensorView& logits) {
   const std::int64_t N = logits.shape[0], V = logits.shape[1];
   const float* row = logits.ptr<float>() + (N - 1) * V;
   return static_cast<std::int32_t>(std::max_element(row, row + V) - row);
+}
+
+// What serving an example cost up to its first token.
+struct DecodeCost {
+  std::size_t peak_act = 0;  // activation high-water mark so far
+  double bytes_time = 0;     // integral of held bytes over time so far
+  double time_total = 0;     // serving time so far (ttft)
+  std::size_t held_bytes = 0;  // bytes held beside the policy's cache throughout (a reuse snapshot)
+};
+
+// Greedy decoding after end_prefill() (the first token `next` is known, the
+// prompt ends at position prompt_len), then the example's final cost and KV
+// figures.
+void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, const EvalConfig& cfg,
+                   std::int32_t next, std::int64_t prompt_len, DecodeCost c, ExampleEval& r) {
+  Arena& act = model.activation_arena();
+  std::size_t peak_act = c.peak_act;
+  double bytes_time = c.bytes_time, time_total = c.time_total;
+  std::vector<std::int32_t> gen;
+  double itl_sum = 0, full_keys_sum = 0;
+  std::int64_t p = prompt_len, decode_steps = 0;
+  const double flops0 = model.backend().flops_counted();
+  while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
+    gen.push_back(next);
+    if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
+    std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
+    Timer ts;
+    act.reset();
+    act.reset_peak();
+    model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
+    next = argmax_last_row(model.logits());
+    const double dt = ts.seconds();
+    itl_sum += dt;
+    full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
+    ++decode_steps;
+    peak_act = std::max(peak_act, act.peak_bytes());
+    bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill + c.held_bytes) * dt;
+    time_total += dt;
+  }
+  r.flops += model.backend().flops_counted() - flops0;  // decoding, from the Backend's meter
+  r.serve_s = time_total;
+  r.generated_tokens = static_cast<std::int64_t>(gen.size());
+  r.itl_s = gen.size() > 1 ? itl_sum / static_cast<double>(gen.size() - 1) : 0.0;
+  r.prediction = tok.decode(gen);
+  r.kv = policy.memory();
+  r.budget_requested = policy.budget_requested_bytes();
+  r.budget_achieved = policy.budget_achieved_bytes();
+  // A budget the policy cannot meet (its fixed minimum is larger, or it cannot
+  // shrink at all): the cell is infeasible, recorded per example (meta).
+  r.infeasible = policy.infeasible();
+  if (r.infeasible) r.meta["kv_infeasible"] = "true";
+  r.attended_tokens = policy.attended_tokens();
+  r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
+  r.peak_bytes = peak_act + r.kv.peak_prefill + c.held_bytes;
+  r.avg_bytes = time_total > 0 ? bytes_time / time_total : 0.0;
 }
 
 }  // namespace
@@ -34,8 +94,7 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
 
   // FLOPs: the Backend's meter over everything this example runs (selection,
   // scoring, clustering, reconstruction, the model), from the ops' cost functions.
-  Backend& be = model.backend();
-  const double flops0 = be.flops_counted();
+  const double flops0 = model.backend().flops_counted();
   Timer t;
   std::vector<std::int32_t> pos;
   if (cfg.select) {
@@ -76,44 +135,121 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   std::size_t peak_act = act.peak_bytes();
   double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
   double time_total = r.ttft_s;
+  r.flops = model.backend().flops_counted() - flops0;
 
-  std::vector<std::int32_t> gen;
-  double itl_sum = 0, full_keys_sum = 0;
-  std::int64_t p = enc.prompt_len, decode_steps = 0;
-  while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
-    gen.push_back(next);
-    if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
-    std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
+  decode_answer(model, policy, tok, cfg, next, enc.prompt_len, DecodeCost{peak_act, bytes_time, time_total, 0}, r);
+  return r;
+}
+
+std::vector<ExampleEval> evaluate_reuse(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
+                                        const std::vector<data::Example>& test, const EvalConfig& cfg) {
+  DSRSQ_INPUT_CHECK(!cfg.select, "--protocol reuse: method '", cfg.name,
+                    "' selects context tokens with the question; it has no query-agnostic form");
+  Arena& act = model.activation_arena();
+  // Groups: examples with the same context string, in order of first appearance.
+  std::vector<std::vector<std::size_t>> groups;
+  {
+    std::map<std::string, std::size_t> at;
+    for (std::size_t i = 0; i < test.size(); ++i) {
+      auto [it, fresh] = at.try_emplace(test[i].context, groups.size());
+      if (fresh) groups.emplace_back();
+      groups[it->second].push_back(i);
+    }
+  }
+  std::vector<ExampleEval> out(test.size());
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const auto& members = groups[g];
+    std::vector<Encoded> enc;
+    std::int64_t keep = std::numeric_limits<std::int64_t>::max(), longest_q = 0;
+    for (const std::size_t i : members) {
+      const data::Example& ex = test[i];
+      enc.push_back(encode_example(
+          ex, tok, cfg.max_seq_len - cfg.max_new_tokens + static_cast<std::int64_t>(tok.encode(ex.answers.front()).size()) + 1));
+      keep = std::min(keep, enc.back().context_tokens);
+      longest_q = std::max(longest_q, enc.back().query_len);
+    }
+    // [BOS] + the context suffix every member keeps (left truncation keeps suffixes).
+    const Encoded& e0 = enc.front();
+    std::vector<std::int32_t> ctx{e0.tokens.front()};
+    ctx.insert(ctx.end(), e0.tokens.begin() + 1 + (e0.context_tokens - keep), e0.tokens.begin() + 1 + e0.context_tokens);
+    const auto n_ctx = static_cast<std::int64_t>(ctx.size());
+    std::vector<std::int32_t> ctx_pos(ctx.size());
+    for (std::size_t i = 0; i < ctx.size(); ++i) ctx_pos[i] = static_cast<std::int32_t>(i);
+
+    // Compress once: begin, prefill the context, snapshot.
+    SequenceInfo info;
+    info.batch = 1;
+    info.prompt_len = n_ctx + longest_q;
+    info.query_len = 0;
+    info.max_new_tokens = cfg.max_new_tokens;
+    info.budget_tokens = info.prompt_len + cfg.max_new_tokens;
+    const double shared_flops0 = model.backend().flops_counted();
     Timer ts;
+    policy.begin(info, cfg.budget);
     act.reset();
     act.reset_peak();
-    model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
-    next = argmax_last_row(model.logits());
-    const double dt = ts.seconds();
-    itl_sum += dt;
-    full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
-    ++decode_steps;
-    peak_act = std::max(peak_act, act.peak_bytes());
-    bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill) * dt;
-    time_total += dt;
+    model.extend(policy, TensorView(ctx.data(), Shape{1, n_ctx}), TensorView(ctx_pos.data(), Shape{1, n_ctx}));
+    const std::unique_ptr<KVSnapshot> snap = policy.snapshot();
+    const double shared_s = ts.seconds();
+    const std::size_t shared_act = act.peak_bytes();
+    const std::size_t snap_bytes = snap->bytes();
+    const double shared_bytes_time = static_cast<double>(shared_act + policy.memory().peak_prefill + snap_bytes) * shared_s;
+    const double shared_flops = model.backend().flops_counted() - shared_flops0;
+    const auto size = static_cast<double>(members.size());
+
+    for (std::size_t m = 0; m < members.size(); ++m) {
+      const data::Example& ex = test[members[m]];
+      const Encoded& e = enc[m];
+      ExampleEval& r = out[members[m]];
+      r.id = ex.id;
+      r.golds = ex.answers;
+      r.meta = ex.meta;
+      r.task = ex.meta.count("task") ? ex.meta.at("task") : "";
+      const std::int64_t extra = e.context_tokens - keep;
+      r.context_tokens = keep;
+      r.truncated_tokens = e.truncated + extra;
+      r.prompt_tokens = n_ctx + e.query_len;
+      std::vector<std::int32_t> q(e.tokens.begin() + (e.prompt_len - e.query_len), e.tokens.begin() + e.prompt_len);
+      std::vector<std::int32_t> qpos(q.size());
+      for (std::size_t i = 0; i < q.size(); ++i) qpos[i] = static_cast<std::int32_t>(n_ctx + static_cast<std::int64_t>(i));
+      const auto nq = static_cast<std::int64_t>(q.size());
+      r.prompt_tokens_in = nq;
+      r.shared_tokens = static_cast<double>(n_ctx) / size;
+      r.meta["prompt_tokens_in"] = std::to_string(nq);
+      r.meta["reuse_group"] = std::to_string(g);
+      r.meta["reuse_group_size"] = std::to_string(members.size());
+      r.meta["shared_context_tokens"] = std::to_string(n_ctx);
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.9g", shared_s);
+      r.meta["shared_prefill_s"] = secs;
+      r.meta["snapshot_bytes"] = std::to_string(snap_bytes);
+      r.meta["reuse_extra_truncated"] = std::to_string(extra);
+
+      // Ask: restore, the question, the first token.
+      const double ask_flops0 = model.backend().flops_counted();
+      Timer t;
+      policy.restore(*snap);
+      act.reset();
+      act.reset_peak();
+      model.extend(policy, TensorView(q.data(), Shape{1, nq}), TensorView(qpos.data(), Shape{1, nq}));
+      policy.end_prefill();
+      const std::int32_t next = argmax_last_row(model.logits());
+      r.ttft_s = t.seconds();
+      r.shared_serve_s = shared_s / size;
+      r.flops = shared_flops / size + (model.backend().flops_counted() - ask_flops0);
+      DecodeCost c;
+      c.peak_act = std::max(shared_act, act.peak_bytes());
+      c.time_total = r.ttft_s;
+      c.held_bytes = snap_bytes;
+      c.bytes_time = shared_bytes_time / size +
+                     static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill + snap_bytes) * r.ttft_s;
+      decode_answer(model, policy, tok, cfg, next, n_ctx + nq, c, r);
+      // avg_bytes is over this example's own time plus its share of the compression.
+      const double own = r.serve_s;
+      r.avg_bytes = own + r.shared_serve_s > 0 ? r.avg_bytes * own / (own + r.shared_serve_s) : 0.0;
+    }
   }
-  r.flops = be.flops_counted() - flops0;
-  r.serve_s = time_total;
-  r.generated_tokens = static_cast<std::int64_t>(gen.size());
-  r.itl_s = gen.size() > 1 ? itl_sum / static_cast<double>(gen.size() - 1) : 0.0;
-  r.prediction = tok.decode(gen);
-  r.kv = policy.memory();
-  r.budget_requested = policy.budget_requested_bytes();
-  r.budget_achieved = policy.budget_achieved_bytes();
-  // A budget the policy cannot meet (its fixed minimum is larger, or it cannot
-  // shrink at all): the cell is infeasible, recorded per example (meta).
-  r.infeasible = policy.infeasible();
-  if (r.infeasible) r.meta["kv_infeasible"] = "true";
-  r.attended_tokens = policy.attended_tokens();
-  r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
-  r.peak_bytes = peak_act + r.kv.peak_prefill;
-  r.avg_bytes = time_total > 0 ? bytes_time / time_total : 0.0;
-  return r;
+  return out;
 }
 
 void score_and_aggregate(MethodEval& me) {
@@ -149,9 +285,9 @@ void score_and_aggregate(MethodEval& me) {
     me.itl_s += r.itl_s / n;
     me.flops += r.flops;
     me.infeasible_examples += r.infeasible ? 1 : 0;
-    me.tokens_run += static_cast<double>(r.prompt_tokens_in + r.generated_tokens);
+    me.tokens_run += static_cast<double>(r.prompt_tokens_in + r.generated_tokens) + r.shared_tokens;
     me.context_tokens_served += static_cast<double>(r.prompt_tokens);
-    me.serve_s += r.serve_s;
+    me.serve_s += r.serve_s + r.shared_serve_s;
   }
   me.throughput_tok_s = me.serve_s > 0 ? me.tokens_run / me.serve_s : 0.0;
   me.context_tokens_per_s = me.serve_s > 0 ? me.context_tokens_served / me.serve_s : 0.0;
@@ -162,7 +298,10 @@ MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer
   MethodEval me;
   me.method = cfg.name.empty() ? policy.name() : cfg.name;
   Timer wall;
-  for (const auto& ex : test) me.examples.push_back(serve_example(model, policy, tok, ex, cfg));
+  if (cfg.reuse)
+    me.examples = evaluate_reuse(model, policy, tok, test, cfg);
+  else
+    for (const auto& ex : test) me.examples.push_back(serve_example(model, policy, tok, ex, cfg));
   score_and_aggregate(me);
   me.wall_s = wall.seconds();
   me.process_peak_rss_bytes = static_cast<double>(peak_rss_bytes());

@@ -26,6 +26,10 @@ struct ExampleEval {
   std::int64_t context_tokens = 0, prompt_tokens = 0, generated_tokens = 0, truncated_tokens = 0;
   std::int64_t prompt_tokens_in = 0;  // prompt tokens the method fed to the model (a selector keeps fewer)
   double serve_s = 0;                 // wall time of selection + prefill + decode (ttft + the decode steps)
+  // Reuse protocol (--protocol reuse): this example's equal share of its
+  // group's shared context compression (wall time, tokens run) -- summed over
+  // a group's examples they count the compression once. 0 otherwise.
+  double shared_serve_s = 0, shared_tokens = 0;
   double attended_tokens = 0;  // keys one decode query attended to (mean over decode steps)
   double full_keys = 0;        // keys a full cache would hold at those steps (mean): token-efficiency denominator
   double ttft_s = 0, itl_s = 0;  // time to first token; mean inter-token latency
@@ -45,6 +49,9 @@ struct ExampleEval {
 //                        selection) / serve_s: the context served per second;
 //  serve_s               sum over examples of selection + prefill + decode wall time
 //                        (tokenisation and scoring are not the method's work: excluded);
+//                        under --protocol reuse plus each group's shared context
+//                        compression, once per group (ExampleEval::shared_serve_s);
+//                        tokens_run then counts a group's context once too;
 //  peak_mem_bytes        max over this method's examples of the activation arena's
 //                        high-water mark (reset at every example) + the policy's KV
 //                        peak during prefill: this method's own figure;
@@ -79,10 +86,43 @@ struct EvalConfig {
   // then the question arrives in a second call, then decoding. Off: the
   // question is part of the one prefill call (query-aware).
   bool query_agnostic = false;
+  // Reuse protocol (--protocol reuse, "compress once, ask many"; implies
+  // query_agnostic, refuses a selector): examples whose context is the same
+  // string form a group (order of first appearance); the policy compresses
+  // the group's context ONCE (as in context_only: query_len 0), takes a
+  // snapshot (KVPolicy::snapshot), and answers every question of the group
+  // from a restore of it. See evaluate_reuse.
+  bool reuse = false;
 };
 
 MethodEval evaluate_method(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
                            const std::vector<data::Example>& test, const EvalConfig& cfg);
+
+// The reuse protocol (cfg.reuse; evaluate_method calls it). Per group:
+//  * the shared context: [BOS] + the context tokens every member keeps (members
+//    are encoded as usual; when the left-truncation rule kept different amounts
+//    for different question lengths, the group keeps the shortest suffix and a
+//    member that lost more records it: truncated_tokens and meta
+//    "reuse_extra_truncated");
+//  * the sequence the policy begins: prompt_len = shared context + the group's
+//    longest question, query_len 0, and the budget basis = that + max_new_tokens
+//    (the fraction refers to the group's longest sequence);
+//  * begin + context prefill + snapshot are timed once: meta "shared_prefill_s"
+//    on every member, and each member's shared_serve_s = that / group size
+//    (so the method's serve_s counts it once per group);
+//  * each member: ttft_s = restore + question prefill + end_prefill + first
+//    token; then greedy decoding as in serve_example; its KV numbers are the
+//    policy's after the question (resident after its prefill, peak over
+//    context + question prefill, bytes read per decode step);
+//  * peak_bytes also counts the snapshot the group holds while its questions
+//    are answered (meta "snapshot_bytes"), and the shared prefill's activations;
+//  * meta: "reuse_group" (0-based, order of first appearance), "reuse_group_size",
+//    "shared_context_tokens", "shared_prefill_s", "snapshot_bytes",
+//    "reuse_extra_truncated"; prompt_tokens_in = the question tokens this example
+//    ran (shared_tokens carries its share of the context).
+// The examples come back in the order of `test`.
+std::vector<ExampleEval> evaluate_reuse(Transformer& model, KVPolicy& policy, const Tokenizer& tok,
+                                        const std::vector<data::Example>& test, const EvalConfig& cfg);
 
 // The two halves of evaluate_method.
 // Serving one example: encode, select, prefill, greedy decode through the policy, with

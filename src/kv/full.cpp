@@ -24,6 +24,7 @@ void FullPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   scratch_.reset();
   stats_.clear();
   info_ = info;
+  budget_ = budget;
   decoding_ = false;
   cap_ = total;
   requested_ = requested;
@@ -98,6 +99,50 @@ void FullPolicy::end_prefill() {
   decoding_ = true;
   resident_ = kv_arena_->used_bytes();
   peak_ = std::max(peak_, kv_arena_->peak_bytes());
+}
+
+struct FullPolicy::State {
+  SequenceInfo info;
+  KVBudget budget;
+  bool decoding = false;
+  std::vector<std::vector<std::int32_t>> pos;
+  std::vector<std::int64_t> len;
+  std::size_t requested = 0, achieved = 0, resident = 0, peak = 0;
+  kvdetail::DecodeStats stats;
+};
+
+TensorView FullPolicy::block() const {
+  // k_[0] starts the block: layer 0's K, then its V, then layer 1's ... (begin()).
+  return TensorView(k_.front().data, Shape{2 * cfg_.n_layers * info_.batch * cap_ * cfg_.n_heads * cfg_.head_size()},
+                    DType::f32, k_.front().device);
+}
+
+std::unique_ptr<KVSnapshot> FullPolicy::snapshot() const {
+  DSRSQ_INPUT_CHECK(begun_, "KV policy 'full': snapshot() before begin()");
+  auto s = std::make_unique<kvdetail::PolicySnapshot<State>>();
+  s->owner = this;
+  s->state = State{info_, budget_, decoding_, pos_, len_, requested_, achieved_, resident_, peak_, stats_};
+  s->blocks.resize(1);
+  s->blocks[0].save(be_, block());
+  s->host_bytes = pos_.size() * (pos_.empty() ? 0 : pos_.front().size()) * sizeof(std::int32_t);
+  return s;
+}
+
+void FullPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::snapshot_of<kvdetail::PolicySnapshot<State>>(snap, this, "full");
+  const State& st = s.state;
+  // The layout follows from the sequence and the budget: rebuild it only when
+  // another sequence was begun since (the arena's peak is its one block either way).
+  if (!begun_ || !kvdetail::same_sequence(info_, st.info) || requested_ != st.requested) begin(st.info, st.budget);
+  s.blocks[0].load(be_, block());
+  decoding_ = st.decoding;
+  pos_ = st.pos;
+  len_ = st.len;
+  requested_ = st.requested;
+  achieved_ = st.achieved;
+  resident_ = st.resident;
+  peak_ = st.peak;
+  stats_ = st.stats;
 }
 
 KVMemory FullPolicy::memory() const {

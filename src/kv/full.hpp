@@ -33,15 +33,21 @@ class FullPolicy final : public KVPolicy {
   // Full keeps every token: any budget below the full cache is unmet.
   bool infeasible() const override { return achieved_ > requested_; }
   double attended_tokens() const override { return stats_.attended(); }
+  // A copy of the K/V block (the whole arena allocation: resident bytes) and
+  // the host positions, lengths and statistics.
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
 
   std::int64_t capacity() const { return cap_; }
   std::int64_t cached_tokens(std::int64_t layer) const { return len_.at(static_cast<std::size_t>(layer)); }
   std::size_t kv_bytes_allocated() const { return kv_arena_ ? kv_arena_->used_bytes() : 0; }
 
  private:
+  struct State;
   ModelConfig cfg_;
   Backend& be_;
   SequenceInfo info_;
+  KVBudget budget_;
   bool begun_ = false, decoding_ = false;
   std::int64_t cap_ = 0;
   std::unique_ptr<Arena> kv_arena_;
@@ -51,6 +57,7 @@ class FullPolicy final : public KVPolicy {
   std::vector<std::int64_t> len_;               // per layer cached tokens
   std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;
   kvdetail::DecodeStats stats_;
+  TensorView block() const;  // the one K/V allocation (every layer's K and V)
 };
 
 }  // namespace dsrsq

@@ -1,5 +1,10 @@
 #pragma once
 // Helpers shared by the KV policies (not part of the public API).
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "core/error.hpp"
 #include "kv/kv_policy.hpp"
 
 namespace dsrsq::kvdetail {
@@ -35,6 +40,51 @@ inline KVMemory arena_memory(const Arena* arena, bool decoding, std::size_t resi
   m.read_per_step = stats.read_per_step();
   m.total = m.resident_after_prefill;  // nothing is offloaded
   return m;
+}
+
+// A copy of one contiguous block of a policy's KV arena, in memory from the
+// same allocator (so on the device for a device backend), for snapshots.
+struct BlockCopy {
+  std::unique_ptr<Arena> arena;
+  TensorView data;
+  void save(Backend& be, const TensorView& src) {
+    const std::size_t n = static_cast<std::size_t>(src.numel()) * dtype_size(src.dtype);
+    arena = std::make_unique<Arena>("kv_snapshot", std::max<std::size_t>(n, 64), be.allocator());
+    data = arena->allocate(src.shape, src.dtype);
+    be.copy(src, data);
+  }
+  void load(Backend& be, const TensorView& dst) const { be.copy(data, dst); }
+  std::size_t bytes() const { return arena ? arena->used_bytes() : 0; }
+};
+
+// The snapshot of a policy whose state is POD-like: `State` holds every
+// scalar and host vector, `blocks` the arena contents.
+template <class State>
+struct PolicySnapshot final : KVSnapshot {
+  const void* owner = nullptr;
+  State state;
+  std::vector<BlockCopy> blocks;
+  std::size_t host_bytes = 0;
+  std::size_t bytes() const override {
+    std::size_t n = host_bytes;
+    for (const auto& b : blocks) n += b.bytes();
+    return n;
+  }
+};
+
+// The snapshot `snap` was taken by `owner` (a policy restores only its own),
+// as the concrete type T: throws naming the policy otherwise.
+template <class T>
+const T& snapshot_of(const KVSnapshot& snap, const void* owner, const char* policy) {
+  const auto* s = dynamic_cast<const T*>(&snap);
+  DSRSQ_INPUT_CHECK(s != nullptr && s->owner == owner, "KV policy '", policy,
+                    "': restore() of a snapshot this policy object did not take");
+  return *s;
+}
+
+inline bool same_sequence(const SequenceInfo& a, const SequenceInfo& b) {
+  return a.batch == b.batch && a.prompt_len == b.prompt_len && a.query_len == b.query_len &&
+         a.max_new_tokens == b.max_new_tokens && a.budget_tokens == b.budget_tokens;
 }
 
 }  // namespace dsrsq::kvdetail

@@ -13,6 +13,15 @@
 
 namespace dsrsq {
 
+std::unique_ptr<KVSnapshot> KVPolicy::snapshot() const {
+  raise_input_error(detail::cat("policy ", name(), " cannot snapshot its cache: it does not support --protocol reuse"));
+}
+
+void KVPolicy::restore(const KVSnapshot&) {
+  raise_input_error(
+      detail::cat("policy ", name(), " cannot restore a cache snapshot: it does not support --protocol reuse"));
+}
+
 // f32 K and V of every layer, all heads (MHA: Hkv = NH, so NH * HS = d_model).
 // Position ids and other index arrays are NOT counted (see kv/full.hpp).
 std::size_t KVBudget::full_bytes(const ModelConfig& cfg, std::int64_t tokens) {

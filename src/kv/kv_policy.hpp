@@ -63,6 +63,17 @@ struct SequenceInfo {
   std::int64_t budget_basis() const { return budget_tokens > 0 ? budget_tokens : prompt_len + max_new_tokens; }
 };
 
+// An opaque copy of a policy's whole state (KVPolicy::snapshot): its cache
+// contents, index structures, importance, RNG state and statistics. Only the
+// policy object that took it can restore it.
+class KVSnapshot {
+ public:
+  virtual ~KVSnapshot() = default;
+  // Bytes the snapshot holds: the copied KV arena (same allocator, so device
+  // memory on a device backend) plus the host index state (positions, ...).
+  virtual std::size_t bytes() const = 0;
+};
+
 class KVPolicy {
  public:
   virtual ~KVPolicy() = default;
@@ -90,6 +101,15 @@ class KVPolicy {
   // fixed minimum is larger, so budget_achieved_bytes() > requested). The
   // evaluator records such a cell as `infeasible` (DESIGN.md section 9).
   virtual bool infeasible() const { return false; }
+
+  // The reuse protocol ("compress once, ask many", DESIGN.md section 9): after
+  // a context has been prefilled, snapshot() copies the policy's whole state;
+  // restore() puts this policy back into exactly that state (as many times as
+  // asked), so a question extended after restore() gives bitwise what a fresh
+  // policy that prefilled the context and then that question gives, memory
+  // figures included. Default: throws a dsrsq::Error naming the policy.
+  virtual std::unique_ptr<KVSnapshot> snapshot() const;
+  virtual void restore(const KVSnapshot& snap);
 };
 
 // The one factory of KV-cache policies. Kinds (policy names, not method

@@ -227,6 +227,8 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   scratch_.reset_peak();
   stats_.clear();
   info_ = info;
+  budget_ = budget;
+  scratch_floor_ = 0;
   decoding_ = false;
   sqa_active_ = false;
   requested_ = requested;
@@ -271,6 +273,10 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   float* fb = arena_->zeros(Shape{nf}, DType::f32).ptr<float>();
   std::int32_t* ib = arena_->allocate(Shape{ni}, DType::i32).ptr<std::int32_t>();
   std::fill_n(ib, ni, -1);
+  fbase_ = fb;
+  ibase_ = ib;
+  nf_ = nf;
+  ni_ = ni;
   positions_.assign(static_cast<std::size_t>(L * B * (S_ + W_)), -1);
   std::int32_t* pb = positions_.data();
   ck_.clear(); cv_.clear(); wimp_.clear(); wk_.clear(); wv_.clear(); bpos_.clear(); wpos_.clear();
@@ -701,14 +707,75 @@ void RckvPolicy::end_prefill() {
   decoding_ = true;
   resident_ = arena_->used_bytes();
   peak_ = std::max(peak_, arena_->peak_bytes());
-  prefill_scratch_ = scratch_.peak_bytes();
+  prefill_scratch_ = std::max(scratch_.peak_bytes(), scratch_floor_);
 }
 
 KVMemory RckvPolicy::memory() const {
   KVMemory m = kvdetail::arena_memory(arena_.get(), decoding_, resident_, peak_, stats_);
   // Prefill scratch (every key a prompt's queries attended) counts in the peak.
-  m.peak_prefill += decoding_ ? prefill_scratch_ : scratch_.peak_bytes();
+  m.peak_prefill += decoding_ ? prefill_scratch_ : std::max(scratch_.peak_bytes(), scratch_floor_);
   return m;
+}
+
+struct RckvPolicy::State {
+  SequenceInfo info;
+  KVBudget budget;
+  bool decoding = false, sqa_active = false;
+  std::vector<std::int32_t> positions;
+  std::vector<std::int64_t> m_eff;
+  std::vector<LayerState> layers;
+  std::vector<Rng> rng;
+  std::vector<float> new_mass;
+  std::size_t requested = 0, achieved = 0, resident = 0, peak = 0, prefill_scratch = 0, scratch_peak = 0;
+  bool infeasible = false;
+  kvdetail::DecodeStats stats;
+};
+
+std::unique_ptr<KVSnapshot> RckvPolicy::snapshot() const {
+  DSRSQ_INPUT_CHECK(begun_, "KV policy 'rckv': snapshot() before begin()");
+  auto s = std::make_unique<kvdetail::PolicySnapshot<State>>();
+  s->owner = this;
+  s->state = State{info_, budget_, decoding_, sqa_active_, positions_, m_eff_, st_, rng_, new_mass_,
+                   requested_, achieved_, resident_, peak_, prefill_scratch_,
+                   std::max(scratch_.peak_bytes(), scratch_floor_), infeasible_, stats_};
+  s->blocks.resize(2);
+  s->blocks[0].save(be_, TensorView(fbase_, Shape{nf_}));
+  s->blocks[1].save(be_, TensorView(ibase_, Shape{ni_}));
+  s->host_bytes = positions_.size() * sizeof(std::int32_t) + rng_.size() * sizeof(Rng) +
+                  st_.size() * sizeof(LayerState) + m_eff_.size() * sizeof(std::int64_t) +
+                  new_mass_.size() * sizeof(float);
+  return s;
+}
+
+void RckvPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::snapshot_of<kvdetail::PolicySnapshot<State>>(snap, this, "rckv");
+  const State& st = s.state;
+  // Same sequence and budget: the same layout (slots, window, clusters), so
+  // the arena and the views into it and into positions_ are reused;
+  // otherwise begin() rebuilds them as they were.
+  if (!begun_ || !kvdetail::same_sequence(info_, st.info) || requested_ != st.requested) begin(st.info, st.budget);
+  s.blocks[0].load(be_, TensorView(fbase_, Shape{nf_}));
+  s.blocks[1].load(be_, TensorView(ibase_, Shape{ni_}));
+  // Element-wise into the existing storage: bpos_/wpos_ point into positions_.
+  DSRSQ_REQUIRE(positions_.size() == st.positions.size(), "rckv restore: positions layout mismatch");
+  std::copy(st.positions.begin(), st.positions.end(), positions_.begin());
+  decoding_ = st.decoding;
+  sqa_active_ = st.sqa_active;
+  m_eff_ = st.m_eff;
+  st_ = st.layers;
+  rng_ = st.rng;
+  new_mass_ = st.new_mass;
+  requested_ = st.requested;
+  achieved_ = st.achieved;
+  resident_ = st.resident;
+  peak_ = st.peak;
+  prefill_scratch_ = st.prefill_scratch;
+  infeasible_ = st.infeasible;
+  stats_ = st.stats;
+  // The scratch held nothing between calls; its high-water mark so far is the snapshot's.
+  scratch_.reset();
+  scratch_.reset_peak();
+  scratch_floor_ = st.scratch_peak;
 }
 
 std::vector<std::int32_t> RckvPolicy::slot_positions(std::int64_t layer, std::int64_t b) const {

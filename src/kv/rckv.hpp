@@ -208,6 +208,11 @@ class RckvPolicy final : public KVPolicy {
   double attended_tokens() const override { return stats_.attended(); }
   // The window, the SQA index and one slot exceed the requested bytes.
   bool infeasible() const override { return infeasible_; }
+  // A copy of the arena's two blocks (latents, importance, window, SQA index:
+  // the resident bytes) and the host state (positions_, layer lengths, RNG
+  // streams, statistics, the prefill scratch high-water mark).
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
 
   // Per-sequence, per-layer costs (see the top of this file).
   std::size_t slot_bytes() const;
@@ -254,12 +259,18 @@ class RckvPolicy final : public KVPolicy {
   void reconstruct_keys(std::int64_t layer, std::int64_t b, std::int64_t n, float* dst) const;  // (n, C) post-RoPE
   void assign_slot(std::int64_t layer, std::int64_t b, std::int64_t slot);  // SQA: nearest centroid per head
   void build_clusters();
+  struct State;
 
   ModelConfig mc_;
   Backend& be_;
   const RckvProjections& proj_;
   RckvConfig cfg_;
   SequenceInfo info_;
+  KVBudget budget_;
+  float* fbase_ = nullptr;           // the arena's f32 block (nf_ floats) ...
+  std::int32_t* ibase_ = nullptr;    // ... and its i32 block (ni_ ints)
+  std::int64_t nf_ = 0, ni_ = 0;
+  std::size_t scratch_floor_ = 0;    // prefill scratch high-water mark carried over by restore()
   bool begun_ = false, decoding_ = false, sqa_active_ = false;
   std::int64_t S_ = 0, W_ = 0, m_ = 0;
   std::unique_ptr<Arena> arena_;

@@ -27,6 +27,7 @@ void SlidingWindowPolicy::begin(const SequenceInfo& info, const KVBudget& budget
   scratch_.reset_peak();
   stats_.clear();
   info_ = info;
+  budget_ = budget;
   decoding_ = false;
   requested_ = requested;
 
@@ -159,6 +160,51 @@ void SlidingWindowPolicy::end_prefill() {
   decoding_ = true;
   resident_ = kv_arena_->used_bytes();
   peak_ = std::max(peak_, kv_arena_->peak_bytes());
+}
+
+struct SlidingWindowPolicy::State {
+  SequenceInfo info;
+  KVBudget budget;
+  bool decoding = false;
+  std::vector<std::vector<std::int32_t>> orig;
+  std::vector<LayerState> layers;
+  std::size_t requested = 0, achieved = 0, resident = 0, peak = 0;
+  kvdetail::DecodeStats stats;
+};
+
+TensorView SlidingWindowPolicy::block() const {
+  // k_[0] starts the block: layer 0's K, then its V, then layer 1's ... (begin()).
+  return TensorView(k_.front().data, Shape{2 * cfg_.n_layers * info_.batch * cap_ * cfg_.n_heads * cfg_.head_size()},
+                    DType::f32, k_.front().device);
+}
+
+std::unique_ptr<KVSnapshot> SlidingWindowPolicy::snapshot() const {
+  DSRSQ_INPUT_CHECK(begun_, "KV policy 'sliding_window': snapshot() before begin()");
+  auto s = std::make_unique<kvdetail::PolicySnapshot<State>>();
+  s->owner = this;
+  s->state = State{info_, budget_, decoding_, orig_, state_, requested_, achieved_, resident_, peak_, stats_};
+  s->blocks.resize(1);
+  s->blocks[0].save(be_, block());
+  s->host_bytes = orig_.size() * (orig_.empty() ? 0 : orig_.front().size()) * sizeof(std::int32_t) +
+                  state_.size() * sizeof(LayerState);
+  return s;
+}
+
+void SlidingWindowPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::snapshot_of<kvdetail::PolicySnapshot<State>>(snap, this, "sliding_window");
+  const State& st = s.state;
+  // Same sequence and budget: same layout (cap, sinks, question_kept), so the
+  // arena is reused; otherwise begin() rebuilds it as it was.
+  if (!begun_ || !kvdetail::same_sequence(info_, st.info) || requested_ != st.requested) begin(st.info, st.budget);
+  s.blocks[0].load(be_, block());
+  decoding_ = st.decoding;
+  orig_ = st.orig;
+  state_ = st.layers;
+  requested_ = st.requested;
+  achieved_ = st.achieved;
+  resident_ = st.resident;
+  peak_ = st.peak;
+  stats_ = st.stats;
 }
 
 KVMemory SlidingWindowPolicy::memory() const {

@@ -54,6 +54,10 @@ class SlidingWindowPolicy final : public KVPolicy {
   // It keeps at least one token: a budget below one token is unmet.
   bool infeasible() const override { return achieved_ > requested_; }
   double attended_tokens() const override { return stats_.attended(); }
+  // A copy of the K/V block (the whole arena allocation: resident bytes) and
+  // the host ring state, positions and statistics.
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
 
   // Inspection (tests, logs).
   std::int64_t capacity() const { return cap_; }  // K = S + W
@@ -78,10 +82,14 @@ class SlidingWindowPolicy final : public KVPolicy {
   void process(std::int64_t layer, std::int64_t t0, std::int64_t c, const TensorView& q, const TensorView& k,
                const TensorView& v, const TensorView& pos, const TensorView& out);
 
+  struct State;
+  TensorView block() const;  // the one K/V allocation (every layer's K and V)
+
   ModelConfig cfg_;
   Backend& be_;
   std::int64_t default_sinks_;
   SequenceInfo info_;
+  KVBudget budget_;
   bool begun_ = false, decoding_ = false, question_kept_ = true;
   std::int64_t cap_ = 0, sinks_ = 0;
   std::unique_ptr<Arena> kv_arena_;

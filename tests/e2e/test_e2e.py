@@ -5,6 +5,7 @@ temporary output directories and reads run.h5 / checkpoints back with h5py,
 following the layout in results/README.md.
 """
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -898,6 +899,63 @@ def test_query_agnostic_protocol(tmp_path, baseline):
     assert preds["qa"] == preds["qc"]
     assert (out / "qa" / "config.hash").read_text() != (out / "qc" / "config.hash").read_text()
     r = run(args(out, "--model", "dsrsq", "--protocol", "context_only", name="qd"), tmp_path)
+    expect_input_error(r, "--protocol", "dsrsq", "question")
+
+
+@pytest.mark.dsrsq
+def test_reuse_protocol(tmp_path, baseline):
+    """--protocol reuse (compress once, ask many) on fact_stream, whose query
+    points ask several questions about one context: the context is compressed
+    once per group and every question is answered from a restore of the
+    policy's snapshot. With a budget holding everything the full cache and the
+    sliding window decode what --protocol context_only decodes (the same
+    computation, the context compressed once instead of per question); the
+    protocol is recorded; DSRSQ, whose retriever needs the question, is refused."""
+    out = tmp_path / "out"
+    ck = baseline["dir"] / f"ckpt_{STEPS}.h5"
+    common = ["--init_from", ck, "--dataset", "fact_stream", "--num_test", "12", "--no-report"]
+    # Room for every context whole (tiny's 160 would truncate them, by how long each question is).
+    room = ["--max_seq_len", "1536"]
+    ok(run(args(out, *common, *room, "--kv_budget", "1", "--protocol", "context_only", name="fc", command="eval"),
+           tmp_path))
+    ok(run(args(out, *common, *room, "--kv_budget", "1", "--protocol", "reuse", name="fr", command="eval"), tmp_path))
+    ok(run(args(out, *common, "--kv_budget", "0.5", "--protocol", "reuse", name="fh", command="eval"), tmp_path))
+    tables = {}
+    for name in ("fc", "fr", "fh"):
+        with h5open(out / name / "run.h5") as f:
+            p = f.attrs["protocol"]
+            assert (p.decode() if isinstance(p, bytes) else p) == ("context_only" if name == "fc" else "reuse")
+            tables[name] = {m: eval_table(f, m) for m in METHODS}
+    for name in ("fr", "fh"):
+        for m in METHODS:
+            rows_ = tables[name][m]
+            meta = [json.loads(x["meta"]) for x in rows_]
+            assert all(float(x["shared_prefill_s"]) > 0 for x in meta)
+            assert all(int(x["snapshot_bytes"]) > 0 for x in meta)
+            groups = {}
+            for x, r in zip(meta, rows_):
+                groups.setdefault(int(x["reuse_group"]), []).append(r)
+            # One context per group, and the recorded group sizes add up.
+            for g, members in groups.items():
+                assert len({json.loads(r["meta"])["stream_id"] + json.loads(r["meta"])["query_point"]
+                            for r in members}) == 1, g
+                assert all(int(json.loads(r["meta"])["reuse_group_size"]) == len(members) for r in members)
+            assert len(groups) < len(rows_), "no context was shared: the test says nothing"
+            print(f"reuse {name}/{m}: {len(rows_)} examples, {len(groups)} shared contexts "
+                  f"({len(rows_) / len(groups):.2f} questions per compression)")
+    # Every context whole: reuse decodes what context_only decodes, example by example.
+    assert all(int(json.loads(x["meta"])["reuse_extra_truncated"]) == 0 for x in tables["fr"]["full"])
+    for m in METHODS:
+        assert [x["id"] for x in tables["fc"][m]] == [x["id"] for x in tables["fr"][m]]
+        assert [x["context_tokens"] for x in tables["fc"][m]] == [x["context_tokens"] for x in tables["fr"][m]]
+        assert [x["prediction"] for x in tables["fc"][m]] == [x["prediction"] for x in tables["fr"][m]], m
+    # tiny's max_seq_len truncates the contexts, by how long each question is: a
+    # group shares the shortest kept suffix, and an example that kept more under
+    # its own truncation records what it lost.
+    fh = [(json.loads(x["meta"]), x) for x in tables["fh"]["full"]]
+    assert any(int(mt["reuse_extra_truncated"]) > 0 for mt, _ in fh)
+    assert all(x["context_tokens"] + 1 == int(mt["shared_context_tokens"]) for mt, x in fh)
+    r = run(args(out, "--model", "dsrsq", "--protocol", "reuse", name="rd"), tmp_path)
     expect_input_error(r, "--protocol", "dsrsq", "question")
 
 

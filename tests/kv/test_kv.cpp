@@ -17,6 +17,7 @@
 #include "kv/kv_policy.hpp"
 #include "kv/sliding_window.hpp"
 #include "model/transformer.hpp"
+#include "snapshot_check.hpp"
 
 using namespace dsrsq;
 
@@ -481,6 +482,51 @@ BOOST_AUTO_TEST_CASE(begin_starts_clean) {
       BOOST_TEST(reused->budget_achieved_bytes() == fresh->budget_achieved_bytes());
     }
   }
+}
+
+// (g) the reuse protocol: snapshot after the context, every question from a
+// restore equals a fresh prefill of context + question (bitwise, memory too).
+BOOST_AUTO_TEST_CASE(snapshot_restore_equals_fresh_prefill) {
+  const ModelConfig cfg = small_cfg();
+  auto m = make_model(cfg, 16);
+  for (const std::string name : {"full", "window"})
+    for (const double f : {1.0, 0.4})
+      for (const std::int64_t B : {1, 2}) {
+        BOOST_TEST_CONTEXT(name << ", budget " << f << ", batch " << B) {
+          const auto ctx = random_tokens(B * 30, cfg.vocab, 41), q1 = random_tokens(B * 4, cfg.vocab, 42),
+                     q2 = random_tokens(B * 6, cfg.vocab, 43);
+          testing::check_snapshot_reuse(
+              *m, [&] { return make_kv_policy(name, cfg, cpu_backend()); }, frac(f), B, ctx, q1, q2, 6, 2);
+        }
+      }
+}
+
+// A policy without snapshot support says so by name; a snapshot restores only
+// into the policy object that took it.
+BOOST_AUTO_TEST_CASE(snapshot_errors) {
+  struct NoSnapshot final : KVPolicy {
+    std::string name() const override { return "nosnap"; }
+    void begin(const SequenceInfo&, const KVBudget&) override {}
+    void attend(std::int64_t, TensorView, TensorView, TensorView, TensorView, TensorView) override {}
+    KVMemory memory() const override { return {}; }
+    std::size_t budget_requested_bytes() const override { return 0; }
+    std::size_t budget_achieved_bytes() const override { return 0; }
+    double attended_tokens() const override { return 0; }
+  } none;
+  BOOST_CHECK_EXCEPTION(none.snapshot(), dsrsq::Error, [](const dsrsq::Error& e) {
+    return msg_has(e, "policy nosnap cannot snapshot its cache") && msg_has(e, "--protocol reuse");
+  });
+  const ModelConfig cfg = small_cfg();
+  auto a = make_kv_policy("full", cfg, cpu_backend()), b = make_kv_policy("full", cfg, cpu_backend()),
+       w = make_kv_policy("window", cfg, cpu_backend());
+  BOOST_CHECK_THROW(a->snapshot(), dsrsq::Error);  // before begin()
+  a->begin(SequenceInfo{1, 8, 0, 2}, frac(1.0));
+  w->begin(SequenceInfo{1, 8, 0, 2}, frac(1.0));
+  auto sa = a->snapshot();
+  BOOST_CHECK_THROW(none.restore(*sa), dsrsq::Error);
+  BOOST_CHECK_EXCEPTION(b->restore(*sa), dsrsq::Error, [](const dsrsq::Error& e) { return msg_has(e, "did not take"); });
+  BOOST_CHECK_THROW(w->restore(*sa), dsrsq::Error);
+  a->restore(*sa);
 }
 
 // (f) errors.

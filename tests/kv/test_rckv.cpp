@@ -19,6 +19,7 @@
 #include "core/rng.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
+#include "snapshot_check.hpp"
 
 using namespace dsrsq;
 using compress::RckvConfig;
@@ -965,6 +966,43 @@ BOOST_AUTO_TEST_CASE(begin_restarts_clean) {
   const Run a = run_policy(*m, pol, seq, 1, 30, 10, true, 5);
   const Run b = run_policy(*m, pol, seq, 1, 30, 10, true, 5);
   BOOST_TEST(a.logits == b.logits);
+}
+
+// The reuse protocol: snapshot after the context (buffers, window, importance,
+// SQA index, positions, RNG state, statistics), every question from a restore
+// equals a fresh prefill of context + question, bitwise, memory figures too.
+BOOST_AUTO_TEST_CASE(snapshot_restore_equals_fresh_prefill) {
+  const ModelConfig cfg = tiny_cfg(2);
+  auto m = random_model(cfg, 21);
+  struct Case {
+    const char* what;
+    std::int64_t buffer, window;
+    double tau, budget;
+    bool sqa, observe;
+  };
+  for (const Case c : {Case{"sampled eviction", 12, 3, 0.5, 1.0, false, false},
+                       Case{"sqa top-1", 14, 4, 0.0, 1.0, true, false},
+                       Case{"budget-derived buffer, observation window", 0, 4, 0.0, 0.5, false, true}})
+    for (const std::int64_t B : {1, 2}) {
+      BOOST_TEST_CONTEXT(c.what << ", batch " << B) {
+        RckvConfig rc;
+        rc.d_c = 8;
+        rc.buffer = c.buffer;
+        rc.window = c.window;
+        rc.tau = c.tau;
+        rc.sqa = c.sqa;
+        rc.sqa_cfg.clusters = 3;
+        rc.sqa_cfg.top_clusters = 1;
+        rc.observe_prefill = c.observe;
+        Proj pr(cfg, rc);
+        pr.r->init_orthonormal(5);
+        const auto ctx = rand_tokens(B * 36, cfg.vocab, 22), q1 = rand_tokens(B * 5, cfg.vocab, 23),
+                   q2 = rand_tokens(B * 7, cfg.vocab, 24);
+        testing::check_snapshot_reuse(
+            *m, [&] { return std::make_unique<RckvPolicy>(cfg, cpu_backend(), *pr.r, rc); }, frac(c.budget), B, ctx,
+            q1, q2, 8, 3);
+      }
+    }
 }
 
 // The eigen-solver behind init_pca: LAPACK (when linked) and the Jacobi fallback.
