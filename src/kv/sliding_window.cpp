@@ -10,7 +10,7 @@ namespace dsrsq {
 SlidingWindowPolicy::SlidingWindowPolicy(const ModelConfig& cfg, Backend& backend, std::int64_t default_sinks)
     : cfg_(cfg), be_(backend), default_sinks_(default_sinks),
       scratch_("kv_scratch", std::size_t{1} << 20, backend.allocator()) {
-  DSRSQ_INPUT_CHECK(default_sinks >= 0, "sliding_window: sink count must be >= 0, got ", default_sinks);
+  DSRSQ_INPUT_CHECK(default_sinks >= 0, "KV policy window: sink count must be >= 0, got ", default_sinks);
 }
 
 void SlidingWindowPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
@@ -45,7 +45,7 @@ void SlidingWindowPolicy::begin(const SequenceInfo& info, const KVBudget& budget
   const std::int64_t L = cfg_.n_layers, B = info.batch, NH = cfg_.n_heads, HS = cfg_.head_size();
   const std::int64_t per = B * cap_ * NH * HS;
   const std::size_t block = static_cast<std::size_t>(2 * L * per) * sizeof(float);
-  kv_arena_ = std::make_unique<Arena>("kv_cache_sliding_window", block, be_.allocator());
+  kv_arena_ = std::make_unique<Arena>("kv_cache_window", block, be_.allocator());
   TensorView all = kv_arena_->allocate(Shape{2 * L * per}, DType::f32);
   be_.fill(all, 0.0);  // empty slots are masked but must not hold NaN
   float* base = all.ptr<float>();
@@ -69,7 +69,7 @@ std::int64_t SlidingWindowPolicy::logical(const LayerState& st, std::int64_t s) 
 
 void SlidingWindowPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorView v, TensorView pos,
                                  TensorView out) {
-  kvdetail::check_attend("KV policy 'sliding_window'", begun_, cfg_, info_.batch, layer, q, k, v, pos, out);
+  kvdetail::check_attend("KV policy 'window'", begun_, cfg_, info_.batch, layer, q, k, v, pos, out);
   const std::int64_t Tn = q.shape[1];
   const LayerState& st = state_[static_cast<std::size_t>(layer)];
   std::int64_t t = 0;
@@ -156,7 +156,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
 }
 
 void SlidingWindowPolicy::end_prefill() {
-  DSRSQ_INPUT_CHECK(begun_, "KV policy 'sliding_window': end_prefill() before begin()");
+  DSRSQ_INPUT_CHECK(begun_, "KV policy 'window': end_prefill() before begin()");
   decoding_ = true;
   resident_ = kv_arena_->used_bytes();
   peak_ = std::max(peak_, kv_arena_->peak_bytes());
@@ -179,7 +179,7 @@ TensorView SlidingWindowPolicy::block() const {
 }
 
 std::unique_ptr<KVSnapshot> SlidingWindowPolicy::snapshot() const {
-  DSRSQ_INPUT_CHECK(begun_, "KV policy 'sliding_window': snapshot() before begin()");
+  DSRSQ_INPUT_CHECK(begun_, "KV policy 'window': snapshot() before begin()");
   auto s = std::make_unique<kvdetail::PolicySnapshot<State>>();
   s->owner = this;
   s->state = State{info_, budget_, decoding_, orig_, state_, requested_, achieved_, resident_, peak_, stats_};
@@ -191,7 +191,7 @@ std::unique_ptr<KVSnapshot> SlidingWindowPolicy::snapshot() const {
 }
 
 void SlidingWindowPolicy::restore(const KVSnapshot& snap) {
-  const auto& s = kvdetail::snapshot_of<kvdetail::PolicySnapshot<State>>(snap, this, "sliding_window");
+  const auto& s = kvdetail::snapshot_of<kvdetail::PolicySnapshot<State>>(snap, this, "window");
   const State& st = s.state;
   // Same sequence and budget: same layout (cap, sinks, question_kept), so the
   // arena is reused; otherwise begin() rebuilds it as it was.
@@ -213,7 +213,7 @@ KVMemory SlidingWindowPolicy::memory() const {
 
 std::vector<std::int32_t> SlidingWindowPolicy::kept_positions(std::int64_t layer, std::int64_t b) const {
   DSRSQ_INPUT_CHECK(begun_ && layer >= 0 && layer < cfg_.n_layers && b >= 0 && b < info_.batch,
-                    "sliding_window: kept_positions(", layer, ", ", b, ") out of range");
+                    "KV policy window: kept_positions(", layer, ", ", b, ") out of range");
   const LayerState& st = state_[static_cast<std::size_t>(layer)];
   std::vector<std::pair<std::int64_t, std::int32_t>> v;
   for (std::int64_t s = 0; s < st.len; ++s)
