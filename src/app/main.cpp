@@ -8,8 +8,10 @@
 #include "app/options.hpp"
 #include "core/error.hpp"
 #include "app/experiment.hpp"
+#include "io/h5.hpp"
 
 int main(int argc, char** argv) {
+  dsrsq::h5::take_over_shutdown();
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   int rank = 0, world = 1;
@@ -25,9 +27,10 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "dsrsq: %s\n", e.what());
-    if (world > 1) MPI_Abort(MPI_COMM_WORLD, 2);
-    rc = 2;
+    rc = dynamic_cast<const dsrsq::RunFailed*>(&e) ? dsrsq::kExitFailed : dsrsq::kExitBadInput;
+    if (world > 1) MPI_Abort(MPI_COMM_WORLD, rc);
   }
+  dsrsq::h5::shutdown();
   MPI_Finalize();
   return rc;
 }
