@@ -52,6 +52,9 @@ class ResultsSink {
   void method_done(const MethodEval& r, const std::string& kind = "eval");
   void method_failed(const std::string& method, const std::string& message, const std::string& kind = "eval");
   void finish();
+  // A fatal error after the run directory exists: the run (and training, if
+  // it was running) become "failed" with the message; never throws.
+  void failed(const std::string& message);
 
  private:
   struct Impl;
