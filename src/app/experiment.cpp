@@ -611,7 +611,9 @@ int run_experiment(const Options& opt, int rank, int world) {
     if (opt.command != "train" && !opt.no_report && rank == 0) write_report(sink.path());
     return 0;
   } catch (const std::exception& e) {
-    sink.failed(e.what());
+    // Refused before run.h5 was opened (a foreign run.h5, a checkpoint of
+    // another config): nothing ran, the error stays an input error (exit 2).
+    if (!sink.failed(e.what())) throw;
     throw RunFailed(e.what());
   }
 }

@@ -146,7 +146,28 @@ const std::string& ResultsSink::path() const { return impl_->h5_path; }
 void ResultsSink::open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
-  const bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
+  bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
+  if (resuming) {
+    // A results file that does not open (a write failed half-way: disk full)
+    // cannot be continued: it is moved aside and the run starts over, since
+    // its training rows are lost.
+    std::string why;
+    try {
+      const results::ResultsReader prior(I.h5_path, /*swmr=*/true);
+      (void)prior.layout();
+    } catch (const Error& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      const std::string aside = I.h5_path + ".corrupt";
+      std::error_code ec;
+      fs::rename(I.h5_path, aside, ec);
+      DSRSQ_INPUT_CHECK(!ec, "cannot move the unreadable results file '", I.h5_path, "' aside: ", ec.message());
+      std::fprintf(stderr, "dsrsq: warning: the results file %s does not open (%s); it was renamed to %s and the run "
+                   "starts over from step 0\n", I.h5_path.c_str(), why.c_str(), aside.c_str());
+      resuming = false;
+    }
+  }
   if (resuming) {
     {
       // The identity must agree three ways: this config, the directory's
@@ -420,10 +441,10 @@ void ResultsSink::method_failed(const std::string& method, const std::string& me
   if (I.opt.dataset == "fact_stream" && kind == "eval") I.file->set_status("adaptation/" + method, "failed", message);
 }
 
-void ResultsSink::failed(const std::string& message) {
-  if (impl_->rank != 0) return;
+bool ResultsSink::failed(const std::string& message) {
+  if (impl_->rank != 0) return false;
   Impl& I = *impl_;
-  if (!I.file) return;
+  if (!I.file) return false;
   try {
     I.train_buf.clear();  // rows of a failed state are not worth another failing write
     if (I.training) I.file->set_status("train", "failed", message);
@@ -439,6 +460,7 @@ void ResultsSink::failed(const std::string& message) {
   } catch (...) {
   }
   I.file.reset();
+  return true;
 }
 
 void ResultsSink::finish() {
