@@ -132,7 +132,12 @@ RunLock::RunLock(const std::string& dir) : dir_(dir) {
                         "); one writer per run directory: wait for it to finish, stop it, or choose another "
                         "--run_name / --output_dir");
     }
-    raise_input_error("cannot lock run directory '" + dir + "' (flock): " + std::strerror(e));
+    // A file system without flock (some NFS / Lustre mounts): run unprotected, and say so.
+    std::fprintf(stderr,
+                 "dsrsq: warning: cannot lock run directory '%s' (flock: %s); nothing stops a second process from "
+                 "writing it at the same time\n",
+                 dir.c_str(), std::strerror(e));
+    return;
   }
   fd_ = fd;
 }
