@@ -53,6 +53,9 @@ std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, 
       opt.dataset == "codesearchnet" || opt.dataset == "s2orc" || opt.dataset == "longbench") {
     data::ReadOptions ro;
     auto all = data::load_dataset(opt.dataset, opt.data_dir, ro);
+    // Refused here, before the run directory exists (an empty file used to fail in the trainer).
+    DSRSQ_INPUT_CHECK(!all.empty(), "option --data_dir: the ", opt.dataset, " files under '", opt.data_dir,
+                      "' hold no records");
     Rng rng(seed);
     std::vector<data::Example> out;
     for (std::int64_t i = 0; i < n && !all.empty(); ++i) out.push_back(all[rng.below(all.size())]);

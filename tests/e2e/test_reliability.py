@@ -220,6 +220,16 @@ def test_option_ranges(tmp_path, case):
     assert not out.exists()
 
 
+def test_empty_dataset_file_refused_before_run_dir(tmp_path):
+    data = tmp_path / "nq"
+    data.mkdir()
+    (data / "nq-simplified.jsonl").write_text("")
+    out = tmp_path / "out"
+    r = run(args(out, "--dataset", "nq", "--data_dir", data), tmp_path)
+    expect_input_error(r, "--data_dir", str(data), "no records")
+    assert r.returncode == 2 and snapshot(out) is None
+
+
 # ---------------------------------------------------------------- 4. options as users expect
 
 def test_config_precedence_and_aliases(tmp_path):
