@@ -3,7 +3,9 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
+#include <thread>
 
 #include "app/options.hpp"
 #include "core/error.hpp"
@@ -28,6 +30,9 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     std::fprintf(stderr, "dsrsq: %s\n", e.what());
     rc = dynamic_cast<const dsrsq::RunFailed*>(&e) ? dsrsq::kExitFailed : dsrsq::kExitBadInput;
+    // An error every rank sees at once (a non-finite loss): let rank 0 record
+    // the failure in run.h5 and abort the job with its code first.
+    if (world > 1 && rank != 0) std::this_thread::sleep_for(std::chrono::seconds(5));
     if (world > 1) MPI_Abort(MPI_COMM_WORLD, rc);
   }
   dsrsq::h5::shutdown();

@@ -176,6 +176,21 @@ def test_nonfinite_loss_stops_the_run(tmp_path):
     assert not (d / "finished").exists()
 
 
+def test_nonfinite_loss_under_data_parallel(tmp_path):
+    """Every rank sees the same non-finite loss: rank 0 records the failure before the job is aborted, exit 1."""
+    mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
+    out = tmp_path / "out"
+    env = dict(ENV, DSRSQ_TEST_NAN_AT_STEP="15", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl_vader_single_copy_mechanism="none", OMPI_MCA_rmaps_base_oversubscribe="1")
+    argv = [mpiexec, "-np", "2", "--oversubscribe", "-x", "DSRSQ_TEST_NAN_AT_STEP"] + args(out, "--dp", 2, "--no-report")
+    r = subprocess.run(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=180)
+    assert r.returncode == 1, r.stderr[-2000:]
+    d = out / "r"
+    assert ckpts(d) == [10]
+    assert state(d / "run.h5") == "failed" and "step 15" in state(d / "run.h5", "run_message")
+
+
 def test_failed_method_exits_nonzero(tmp_path):
     """Training works but every evaluation fails (prompt does not fit): exit 1, run 'failed', not finished."""
     out = tmp_path / "out"
