@@ -53,6 +53,9 @@ std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, 
       opt.dataset == "codesearchnet" || opt.dataset == "s2orc" || opt.dataset == "longbench") {
     data::ReadOptions ro;
     auto all = data::load_dataset(opt.dataset, opt.data_dir, ro);
+    // Refused here, before the run directory exists (an empty file used to fail in the trainer).
+    DSRSQ_INPUT_CHECK(!all.empty(), "option --data_dir: the ", opt.dataset, " files under '", opt.data_dir,
+                      "' hold no records");
     Rng rng(seed);
     std::vector<data::Example> out;
     for (std::int64_t i = 0; i < n && !all.empty(); ++i) out.push_back(all[rng.below(all.size())]);
@@ -361,7 +364,7 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
 bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model, methods::Method& trained_method,
                   Transformer* standard_backbone, const std::map<std::string, std::string>& backbones,
                   const KVBudget& budget, const Tokenizer& tok, const std::vector<data::Example>& test,
-                  ResultsSink& sink) {
+                  ResultsSink& sink, std::vector<std::string>& failed) {
   EvalConfig ec;
   ec.budget = budget;
   ec.max_new_tokens = opt.max_new_tokens;
@@ -395,6 +398,7 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
     } catch (const std::exception& ex) {
       std::printf("dsrsq: %s %s FAILED: %s\n", kind.c_str(), name.c_str(), ex.what());
       sink.method_failed(name, ex.what(), kind);
+      failed.push_back(kind == "eval" ? name : kind + "/" + name);
     }
   };
   const std::string caption =
@@ -504,96 +508,121 @@ int run_experiment(const Options& opt, int rank, int world) {
 
   ResultsSink sink(opt, mc, *tok, rank);
   if (sink.skip()) return 0;
-  sink.open(dataset_hash(data.test), backbones);
-  std::printf("dsrsq: %zu training pools, %zu validation, %zu test examples (%.1f s)\n", data.pools.size(),
-              data.val.size(), data.test.size(), total.seconds());
+  // From here on the run directory exists: a fatal error is recorded in run.h5
+  // (run_state "failed" with the message) before it reaches main (exit 1).
+  try {
+    sink.open(dataset_hash(data.test), backbones);
+    std::printf("dsrsq: %zu training pools, %zu validation, %zu test examples (%.1f s)\n", data.pools.size(),
+                data.val.size(), data.test.size(), total.seconds());
 
-  // ---- model: the backbone and the trained method (its extension, if any) ----
-  Transformer model(mc, cpu_backend());
-  model.init_weights(opt.seed);
-  AdamWConfig ac;
-  ac.lr = opt.learning_rate;
-  ac.weight_decay = opt.weight_decay;
-  ac.clip_norm = opt.clip_norm;
-  AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
-  methods::MethodContext ctx{model, cpu_backend(), nullptr, ac, opt.seed};
-  if (auto it = opt.knobs.find(opt.model); it != opt.knobs.end()) ctx.knobs = it->second.get();
-  std::unique_ptr<methods::Method> method = trained.make(ctx);
-  methods::TrainingExtension* ext = method->training();
+    // ---- model: the backbone and the trained method (its extension, if any) ----
+    Transformer model(mc, cpu_backend());
+    model.init_weights(opt.seed);
+    AdamWConfig ac;
+    ac.lr = opt.learning_rate;
+    ac.weight_decay = opt.weight_decay;
+    ac.clip_norm = opt.clip_norm;
+    AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
+    methods::MethodContext ctx{model, cpu_backend(), nullptr, ac, opt.seed};
+    if (auto it = opt.knobs.find(opt.model); it != opt.knobs.end()) ctx.knobs = it->second.get();
+    std::unique_ptr<methods::Method> method = trained.make(ctx);
+    methods::TrainingExtension* ext = method->training();
 
-  std::map<std::string, std::vector<float>> extra_ck;
-  std::int64_t start = sink.restore(model, adam, &extra_ck);
-  if (ext && !extra_ck.empty())
-    DSRSQ_INPUT_CHECK(ext->restore(extra_ck) || start == 0, "checkpoint of this ", opt.model, " run holds no ",
-                      opt.model, " state");
-  if (grid) {
-    // Rank 0 read the checkpoint (if any): every rank starts from its state.
-    std::int64_t st[2] = {start, adam.steps()};
-    grid->world().broadcast(std::span<std::int64_t>(st, 2), 0);
-    start = st[0];
-    adam.set_steps(st[1]);
-    for (TensorView t : {model.flat_params(), adam.m(), adam.v()})
-      grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
-    if (ext) ext->broadcast(grid->world(), 0);
-  }
-  // The standard backbone of training-free methods when this run trains a
-  // method with its own weights from a standard checkpoint.
-  std::unique_ptr<Transformer> standard;
-  if (init && init_is_standard && trained.backbone == methods::Backbone::own && rank == 0 && opt.command != "train") {
-    standard = std::make_unique<Transformer>(mc, cpu_backend());
-    std::memcpy(standard->flat_params().data, init->params.data(), init->params.size() * sizeof(float));
-  }
-  if (init && start == 0) {
-    std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
-    std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
-  }
-  // A checkpoint of the trained method also carries its own parameters (e.g.
-  // evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).
-  const bool method_init = ext && init && start == 0 && ext->load_params(init->extra);
-  if (method_init) std::printf("dsrsq: the %s parameters come from %s too\n", opt.model.c_str(), opt.init_from.c_str());
-  init.reset();
-  if (ext && start == 0 && !data.pools.empty() && !method_init) {
-    std::vector<const Encoded*> calib;
-    for (const auto& e : data.pools.back()) {
-      if (calib.size() >= 16) break;
-      calib.push_back(&e);
+    std::map<std::string, std::vector<float>> extra_ck;
+    std::int64_t start = sink.restore(model, adam, &extra_ck);
+    if (ext && !extra_ck.empty())
+      DSRSQ_INPUT_CHECK(ext->restore(extra_ck) || start == 0, "checkpoint of this ", opt.model, " run holds no ",
+                        opt.model, " state");
+    if (grid) {
+      // Rank 0 read the checkpoint (if any): every rank starts from its state.
+      std::int64_t st[2] = {start, adam.steps()};
+      grid->world().broadcast(std::span<std::int64_t>(st, 2), 0);
+      start = st[0];
+      adam.set_steps(st[1]);
+      for (TensorView t : {model.flat_params(), adam.m(), adam.v()})
+        grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
+      if (ext) ext->broadcast(grid->world(), 0);
     }
-    ext->init_from_data(calib, tok->pad_id());
-  }
-
-  if (opt.command != "eval") {
-    std::int64_t steps = 0;
-    const std::int64_t done = train(opt, model, adam, ext, data, *tok, grid.get(), sink, start, steps);
-    if (done < steps) {
-      std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
-                  static_cast<long long>(done), static_cast<long long>(steps));
-      sink.interrupted(done);
-      // Leave together: a launcher that kills the job when one rank exits non-zero
-      // (srun --kill-on-bad-exit) must not cut rank 0's checkpoint short.
-      if (grid) MPI_Barrier(MPI_COMM_WORLD);
-      return 3;
+    // The standard backbone of training-free methods when this run trains a
+    // method with its own weights from a standard checkpoint.
+    std::unique_ptr<Transformer> standard;
+    if (init && init_is_standard && trained.backbone == methods::Backbone::own && rank == 0 && opt.command != "train") {
+      standard = std::make_unique<Transformer>(mc, cpu_backend());
+      std::memcpy(standard->flat_params().data, init->params.data(), init->params.size() * sizeof(float));
     }
-  }
+    if (init && start == 0) {
+      std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
+      std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
+    }
+    // A checkpoint of the trained method also carries its own parameters (e.g.
+    // evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).
+    const bool method_init = ext && init && start == 0 && ext->load_params(init->extra);
+    if (method_init) std::printf("dsrsq: the %s parameters come from %s too\n", opt.model.c_str(), opt.init_from.c_str());
+    init.reset();
+    if (ext && start == 0 && !data.pools.empty() && !method_init) {
+      std::vector<const Encoded*> calib;
+      for (const auto& e : data.pools.back()) {
+        if (calib.size() >= 16) break;
+        calib.push_back(&e);
+      }
+      ext->init_from_data(calib, tok->pad_id());
+    }
 
-  // ---- evaluation ----
-  // Rank 0 evaluates (every rank holds the same parameters); the others wait.
-  bool eval_stopped = false;
-  if (opt.command != "train" && rank == 0)
-    eval_stopped = !evaluate_all(opt, mc, model, *method, standard.get(), backbones, budget, *tok, data.test, sink);
-  if (eval_stopped) {
-    std::printf("dsrsq: stopped by a signal during evaluation; finished methods are kept, rerun to evaluate the rest\n");
-    sink.interrupted_eval();
+    if (opt.command != "eval") {
+      std::int64_t steps = 0;
+      const std::int64_t done = train(opt, model, adam, ext, data, *tok, grid.get(), sink, start, steps);
+      if (done < steps) {
+        std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
+                    static_cast<long long>(done), static_cast<long long>(steps));
+        sink.interrupted(done);
+        // Leave together: a launcher that kills the job when one rank exits non-zero
+        // (srun --kill-on-bad-exit) must not cut rank 0's checkpoint short.
+        if (grid) MPI_Barrier(MPI_COMM_WORLD);
+        return 3;
+      }
+    }
+
+    // ---- evaluation ----
+    // Rank 0 evaluates (every rank holds the same parameters); the others wait.
+    bool eval_stopped = false;
+    std::vector<std::string> failed;
+    if (opt.command != "train" && rank == 0)
+      eval_stopped = !evaluate_all(opt, mc, model, *method, standard.get(), backbones, budget, *tok, data.test, sink,
+                                   failed);
+    if (eval_stopped) {
+      std::printf("dsrsq: stopped by a signal during evaluation; finished methods are kept, rerun to evaluate the rest\n");
+      sink.interrupted_eval();
+    }
+    int stop_all = eval_stopped ? 1 : 0;
+    if (grid) {
+      MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
+      MPI_Bcast(&stop_all, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    }
+    if (stop_all) return 3;
+    if (!failed.empty()) {
+      // Not finished: rerunning the same command keeps the methods that are
+      // done and evaluates the failed ones again.
+      std::string names;
+      for (const auto& f : failed) names += (names.empty() ? "" : ", ") + f;
+      const std::string msg = detail::cat(failed.size(), " of the requested evaluations failed: ", names,
+                                          " (messages in /status/eval/<method>/message); rerun the same command to "
+                                          "retry them");
+      sink.failed(msg);
+      std::fflush(stdout);
+      std::fprintf(stderr, "dsrsq: %s\n", msg.c_str());
+      if (opt.command != "train" && !opt.no_report && rank == 0) write_report(sink.path());
+      return 1;
+    }
+    sink.finish();
+    std::printf("dsrsq: done in %.1f s; results in %s\n", total.seconds(), sink.path().c_str());
+    if (opt.command != "train" && !opt.no_report && rank == 0) write_report(sink.path());
+    return 0;
+  } catch (const std::exception& e) {
+    // Refused before run.h5 was opened (a foreign run.h5, a checkpoint of
+    // another config): nothing ran, the error stays an input error (exit 2).
+    if (!sink.failed(e.what())) throw;
+    throw RunFailed(e.what());
   }
-  int stop_all = eval_stopped ? 1 : 0;
-  if (grid) {
-    MPI_Barrier(MPI_COMM_WORLD);  // no timeout: evaluation on rank 0 may take long
-    MPI_Bcast(&stop_all, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  }
-  if (stop_all) return 3;
-  sink.finish();
-  std::printf("dsrsq: done in %.1f s; results in %s\n", total.seconds(), sink.path().c_str());
-  if (opt.command != "train" && !opt.no_report && rank == 0) write_report(sink.path());
-  return 0;
 }
 
 }  // namespace dsrsq

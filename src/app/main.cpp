@@ -3,13 +3,17 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
+#include <thread>
 
 #include "app/options.hpp"
 #include "core/error.hpp"
 #include "app/experiment.hpp"
+#include "io/h5.hpp"
 
 int main(int argc, char** argv) {
+  dsrsq::h5::take_over_shutdown();
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   int rank = 0, world = 1;
@@ -25,9 +29,13 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "dsrsq: %s\n", e.what());
-    if (world > 1) MPI_Abort(MPI_COMM_WORLD, 2);
-    rc = 2;
+    rc = dynamic_cast<const dsrsq::RunFailed*>(&e) ? dsrsq::kExitFailed : dsrsq::kExitBadInput;
+    // An error every rank sees at once (a non-finite loss): let rank 0 record
+    // the failure in run.h5 and abort the job with its code first.
+    if (world > 1 && rank != 0) std::this_thread::sleep_for(std::chrono::seconds(5));
+    if (world > 1) MPI_Abort(MPI_COMM_WORLD, rc);
   }
+  dsrsq::h5::shutdown();
   MPI_Finalize();
   return rc;
 }

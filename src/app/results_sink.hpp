@@ -52,6 +52,10 @@ class ResultsSink {
   void method_done(const MethodEval& r, const std::string& kind = "eval");
   void method_failed(const std::string& method, const std::string& message, const std::string& kind = "eval");
   void finish();
+  // A fatal error after the run directory exists: the run (and training, if
+  // it was running) become "failed" with the message; never throws. False
+  // when there was no results file open to record it in (e.g. a refused resume).
+  bool failed(const std::string& message);
 
  private:
   struct Impl;

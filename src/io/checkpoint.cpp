@@ -10,6 +10,7 @@
 
 #include "core/error.hpp"
 #include "io/h5.hpp"
+#include "io/run_dir.hpp"
 
 namespace dsrsq::io {
 
@@ -19,15 +20,40 @@ namespace {
 
 constexpr hsize_t kChunk = 1 << 20;  // elements per checksummed chunk (4 MiB of f32)
 
-void fsync_path(const fs::path& p, bool dir) {
-  const int fd = ::open(p.c_str(), dir ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
-  if (fd < 0) return;
-  ::fsync(fd);
-  ::close(fd);
+// An error's text without its "[rank/host] error: " prefix, to nest it in another message.
+std::string bare(const std::exception& e) {
+  const std::string m = e.what();
+  const auto p = m.find("error: ");
+  return p == std::string::npos ? m : m.substr(p + 7);
 }
 
 [[noreturn]] void bad(const std::string& path, const std::string& what) {
   raise_input_error("cannot load checkpoint '" + path + "': " + what);
+}
+
+// Reads every buffer of a just-written checkpoint back, one checksummed chunk
+// at a time (no second copy of the model in memory), and checks the sizes.
+void verify_written(const std::string& path, const CheckpointState& s) {
+  h5::File f(path, h5::File::Mode::read);
+  const auto& root = f.root();
+  auto same = [&](const std::string& what, std::size_t got, std::size_t want) {
+    DSRSQ_INPUT_CHECK(got == want, "checkpoint '", path, "' reads back ", got, " values of ", what, ", ", want,
+                      " were written");
+  };
+  DSRSQ_INPUT_CHECK(root.attr_int("step") == s.step, "checkpoint '", path, "' reads back another step");
+  same("data_cursor", root.dataset("data_cursor").read_all<std::int64_t>().size(), s.data_cursor.size());
+  same("rng_states", root.dataset("rng_states").read_all<std::uint64_t>().size(), s.rng_states.size());
+  auto floats = [&](const std::string& name, std::size_t want) {
+    const h5::Dataset d = root.dataset(name);
+    const hsize_t n = d.size();
+    same(name, static_cast<std::size_t>(n), want);
+    for (hsize_t b = 0; b < n; b += kChunk) (void)d.read_range<float>(b, std::min<hsize_t>(kChunk, n - b));
+  };
+  floats("buffers/params", s.params.size());
+  floats("buffers/adam_m", s.adam_m.size());
+  floats("buffers/adam_v", s.adam_v.size());
+  for (const auto& [k, v] : s.extra) floats("extra/" + k, v.size());
+  f.close();
 }
 
 }  // namespace
@@ -40,43 +66,58 @@ void save_checkpoint(const std::string& path, const CheckpointState& s) {
                     " values, adam_m ", s.adam_m.size());
   const std::string tmp = path + ".tmp";
   try {
-    h5::File f(tmp, h5::File::Mode::truncate);
-    const auto& root = f.root();
-    root.set_attr("format", std::string(kCheckpointFormat));
-    root.set_attr("format_version", kCheckpointVersion);
-    root.set_attr("config_hash", s.config_hash);
-    root.set_attr("step", s.step);
-    root.set_attr("epoch", s.epoch);
-    root.set_attr("adam_steps", s.adam_steps);
-    root.set_attr("n_params", static_cast<std::int64_t>(n));
-    auto mc = root.create_group("model_config");
-    for (const auto& [k, v] : s.model_config) mc.set_attr(k, v);
-    root.write_checked("data_cursor", s.data_cursor.data(), s.data_cursor.size(), kChunk);
-    root.write_checked("rng_states", s.rng_states.data(), s.rng_states.size(), kChunk);
-    auto b = root.create_group("buffers");
-    b.write_checked("params", s.params.data(), n, kChunk);
-    b.write_checked("adam_m", s.adam_m.data(), s.adam_m.size(), kChunk);
-    b.write_checked("adam_v", s.adam_v.data(), s.adam_v.size(), kChunk);
-    auto e = root.create_group("extra");
-    for (const auto& [k, v] : s.extra) {
-      DSRSQ_INPUT_CHECK(!k.empty() && k.find('/') == std::string::npos, "save_checkpoint: invalid extra buffer name '",
-                        k, "'");
-      e.write_checked(k, v.data(), v.size(), kChunk);
+    {
+      h5::File f(tmp, h5::File::Mode::truncate);
+      {
+        // Every group closes before the file (an open child postpones the
+        // real close, and its write errors would be lost).
+        const auto& root = f.root();
+        root.set_attr("format", std::string(kCheckpointFormat));
+        root.set_attr("format_version", kCheckpointVersion);
+        root.set_attr("config_hash", s.config_hash);
+        root.set_attr("step", s.step);
+        root.set_attr("epoch", s.epoch);
+        root.set_attr("adam_steps", s.adam_steps);
+        root.set_attr("n_params", static_cast<std::int64_t>(n));
+        {
+          auto mc = root.create_group("model_config");
+          for (const auto& [k, v] : s.model_config) mc.set_attr(k, v);
+        }
+        root.write_checked("data_cursor", s.data_cursor.data(), s.data_cursor.size(), kChunk);
+        root.write_checked("rng_states", s.rng_states.data(), s.rng_states.size(), kChunk);
+        {
+          auto b = root.create_group("buffers");
+          b.write_checked("params", s.params.data(), n, kChunk);
+          b.write_checked("adam_m", s.adam_m.data(), s.adam_m.size(), kChunk);
+          b.write_checked("adam_v", s.adam_v.data(), s.adam_v.size(), kChunk);
+        }
+        {
+          auto e = root.create_group("extra");
+          for (const auto& [k, v] : s.extra) {
+            DSRSQ_INPUT_CHECK(!k.empty() && k.find('/') == std::string::npos,
+                              "save_checkpoint: invalid extra buffer name '", k, "'");
+            e.write_checked(k, v.data(), v.size(), kChunk);
+          }
+        }
+      }
+      f.close();  // flush + close, both checked
     }
-    f.close();
-  } catch (...) {
+    sync_path(tmp, false);
+    // Read it back before it gets its final name: a file named ckpt_N.h5 is
+    // always complete (every buffer passes its Fletcher-32 checksums).
+    verify_written(tmp, s);
+  } catch (const std::exception& e) {
     std::remove(tmp.c_str());
-    throw;
+    raise_input_error(std::string("cannot write checkpoint '") + path + "' (nothing was renamed; the previous "
+                      "checkpoints are untouched): " + bare(e));
   }
-  fsync_path(tmp, false);
   std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) {
     std::remove(tmp.c_str());
     raise_input_error("save_checkpoint: cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
   }
-  const fs::path parent = fs::path(path).parent_path();
-  fsync_path(parent.empty() ? fs::path(".") : parent, true);
+  sync_parent(path);
 }
 
 CheckpointState load_checkpoint(const std::string& path) {

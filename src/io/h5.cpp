@@ -30,6 +30,49 @@ template <> hid_t type_of<std::uint64_t>() { return H5T_NATIVE_UINT64; }
 
 void silence_errors() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
 
+namespace {
+bool g_close_failed = false;  // an H5Fclose failed: the library holds a half-closed file
+}  // namespace
+
+void take_over_shutdown() { H5dont_atexit(); }
+
+void shutdown() {
+  // HDF5 1.10 keeps the id of a file whose H5Fclose failed (e.g. disk full)
+  // and crashes closing it again at termination (H5F__close_cb, rc 139).
+  // After such a failure the library is left alone: every file this program
+  // writes was closed (or reported) explicitly before.
+  if (!g_close_failed) H5close();
+}
+
+namespace {
+herr_t find_os_error(unsigned, const H5E_error2_t* e, void* out) {
+  auto* s = static_cast<std::string*>(out);
+  if (!s->empty() || !e->desc) return 0;
+  // The sec2 driver reports a failed system call as "..., errno = 28, error message = 'No space left on device'".
+  const std::string d = e->desc;
+  const std::string key = "error message = '";
+  const auto b = d.find(key);
+  if (b == std::string::npos) return 0;
+  const auto e2 = d.find('\'', b + key.size());
+  *s = d.substr(b + key.size(), e2 == std::string::npos ? std::string::npos : e2 - b - key.size());
+  return 0;
+}
+}  // namespace
+
+std::string os_error_text() {
+  std::string s;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, find_os_error, &s);
+  return s;
+}
+
+namespace {
+// ": <system error>" when the HDF5 error stack of the call that just failed names one.
+std::string os_suffix() {
+  const std::string s = os_error_text();
+  return s.empty() ? "" : ": " + s;
+}
+}  // namespace
+
 std::string library_version() {
   unsigned maj = 0, min = 0, rel = 0;
   H5get_libversion(&maj, &min, &rel);
@@ -48,7 +91,7 @@ Id checked(hid_t id, const Group& g, const std::string& what) {
 }  // namespace
 
 void Group::fail(const std::string& what) const {
-  raise_input_error(detail::cat("HDF5 file '", file_, "', group '", path_.empty() ? "/" : path_, "': ", what));
+  raise_input_error(detail::cat("HDF5 file '", file_, "', group '", path_.empty() ? "/" : path_, "': ", what, os_suffix()));
 }
 
 bool Group::exists(const std::string& name) const {
@@ -249,7 +292,7 @@ void Group::write_checked(const std::string& name, const T* data, std::size_t n,
 // ---- Dataset ----
 
 void Dataset::fail(const std::string& what) const {
-  raise_input_error(detail::cat("HDF5 file '", file_, "', dataset '", path_, "': ", what));
+  raise_input_error(detail::cat("HDF5 file '", file_, "', dataset '", path_, "': ", what, os_suffix()));
 }
 
 std::vector<hsize_t> Dataset::dims() const {
@@ -512,27 +555,47 @@ File::File(const std::string& path, Mode mode, bool swmr) : path_(path) {
       id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
       break;
   }
-  if (id < 0)
+  if (id < 0) {
+    const std::string os = os_error_text();
     raise_input_error(detail::cat("HDF5 file '", path, "': cannot ",
                                   mode == Mode::read || mode == Mode::read_write ? "open" : "create",
+                                  os.empty() ? "" : ": " + os,
                                   " (missing, truncated, not HDF5, or locked; on NFS/Lustre without locks set "
                                   "HDF5_USE_FILE_LOCKING=FALSE; a file whose SWMR writer was killed opens only "
                                   "for SWMR reading, or after `h5clear -s`)"));
+  }
   id_ = Id(id);
   hid_t g = H5Gopen2(id, "/", H5P_DEFAULT);
   root_ = Group(Id(g), path, "/");
 }
 
 void File::flush() const {
-  if (H5Fflush(id(), H5F_SCOPE_GLOBAL) < 0) raise_input_error("HDF5 file '" + path_ + "': flush failed");
+  if (H5Fflush(id(), H5F_SCOPE_GLOBAL) < 0)
+    raise_input_error("HDF5 file '" + path_ + "': flush failed" + os_suffix());
 }
 
 void File::close() {
   root_ = Group();
-  if (id_) {
-    const hid_t id = id_.release();
-    if (H5Fclose(id) < 0) raise_input_error("HDF5 file '" + path_ + "': close failed (data may not be on disk)");
-  }
+  if (!id_) return;
+  const hid_t id = id_.release();
+  // H5Fclose with objects still open only marks the file for closing: the
+  // real close (and its write errors) would happen later, unchecked, when the
+  // last object goes. Every child must be closed first.
+  const ssize_t open = H5Fget_obj_count(id, H5F_OBJ_DATASET | H5F_OBJ_GROUP | H5F_OBJ_DATATYPE | H5F_OBJ_ATTR |
+                                                H5F_OBJ_LOCAL);
+  // Write everything while the file is still whole, so a failure is reported with its cause.
+  const bool flushed = H5Fflush(id, H5F_SCOPE_LOCAL) >= 0;
+  const std::string flush_error = flushed ? "" : os_suffix();
+  const bool closed = H5Fclose(id) >= 0;
+  const std::string close_error = closed ? "" : os_suffix();
+  if (!closed) g_close_failed = true;
+  if (open > 0)
+    raise_input_error(detail::cat("HDF5 file '", path_, "': closed with ", open,
+                                  " objects still open (internal error: its close was postponed)"));
+  if (!flushed)
+    raise_input_error("HDF5 file '" + path_ + "': cannot write (data not on disk)" + flush_error);
+  if (!closed)
+    raise_input_error("HDF5 file '" + path_ + "': close failed (data may not be on disk)" + close_error);
 }
 
 void File::start_swmr_write() const {

@@ -138,7 +138,10 @@ class File {
   File(const std::string& path, Mode mode, bool swmr = false);
   File(File&&) noexcept = default;
   File& operator=(File&&) noexcept = default;
-  void close();  // explicit close (the destructor also closes)
+  // Explicit close: flushes, then closes; throws naming the file and the
+  // system error when either fails. Close every Group / Dataset of the file
+  // first (open children postpone HDF5's real close and hide its errors).
+  void close();
   bool is_open() const { return static_cast<bool>(id_); }
   Group& root() { return root_; }
   const Group& root() const { return root_; }
@@ -155,6 +158,14 @@ class File {
 
 // Quiet HDF5's automatic error stack printing (we report errors ourselves).
 void silence_errors();
+// Call first thing in main: HDF5 then does not close itself at exit; call
+// shutdown() before returning from main instead. It skips the library's
+// clean-up after a failed file close, which would crash in HDF5 1.10.
+void take_over_shutdown();
+void shutdown();
+// The system error (strerror text, e.g. "No space left on device") on the
+// HDF5 error stack of the call that just failed; "" if none.
+std::string os_error_text();
 std::string library_version();
 
 }  // namespace dsrsq::h5

@@ -521,6 +521,7 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
   auto status = root.create_group("status");
   status.create_fixed_string("run_state", kStateChars, "running");
   status.create_fixed_string("end_time", kTimeChars, "");
+  status.create_fixed_string("run_message", kMessageChars, "");
   create_status(status, "train");
   for (const auto& m : layout.methods) create_status(status, "eval/" + m);
   for (const auto& v : layout.ablation_variants) create_status(status, "ablation/" + v);
@@ -732,13 +733,15 @@ void ResultsFile::set_status(const std::string& name, const std::string& state, 
   flush();
 }
 
-void ResultsFile::set_run_state(const std::string& state, const std::string& end_time) {
+void ResultsFile::set_run_state(const std::string& state, const std::string& end_time, const std::string& message) {
   DSRSQ_INPUT_CHECK(file_, "results: file is closed");
   DSRSQ_INPUT_CHECK(state == "running" || state == "done" || state == "failed" || state == "interrupted",
                     "results: run state must be running|done|failed|interrupted, got '", state, "'");
   const auto g = file_->root().group("status");
   g.dataset("run_state").write_fixed_string(state);
   g.dataset("end_time").write_fixed_string(fit(end_time, kTimeChars));
+  // Files made before run_message existed (schema 2 without it) keep only the state.
+  if (g.exists("run_message")) g.dataset("run_message").write_fixed_string(fit(message, kMessageChars));
   flush();
 }
 

@@ -165,7 +165,8 @@ class ResultsFile {
   // state: pending | running | done | failed.
   void set_status(const std::string& name, const std::string& state, const std::string& message = "");
   // state: running | done | failed; end_time: ISO 8601 text (empty while running).
-  void set_run_state(const std::string& state, const std::string& end_time = "");
+  // message: why the run failed (/status/run_message; "" otherwise).
+  void set_run_state(const std::string& state, const std::string& end_time = "", const std::string& message = "");
   void flush();
   void close();  // flush and close; also done by the destructor (errors there are swallowed)
 

@@ -5,6 +5,7 @@
 // same hash and finished -> skip; different hash -> refuse unless
 // --overwrite. Slurm requeues rerun the same command line, so --overwrite
 // never discards a directory whose hash matches (that is a resume / skip).
+#include <memory>
 #include <string>
 
 namespace dsrsq::io {
@@ -12,6 +13,27 @@ namespace dsrsq::io {
 inline constexpr const char* kConfigHashFile = "config.hash";
 inline constexpr const char* kConfigTextFile = "config.ini";
 inline constexpr const char* kFinishedFile = "finished";
+inline constexpr const char* kLockFile = "lock";  // who holds the directory: "pid <pid> host <host> since <time>"
+
+// One writer per run directory: an advisory lock (flock) on the directory
+// itself, held for the life of this object (the kernel drops it when the
+// process dies, so a stale lock never blocks). acquire() throws naming the
+// holder's pid and host (from <dir>/lock) when another process holds it.
+class RunLock {
+ public:
+  RunLock() = default;
+  explicit RunLock(const std::string& dir);  // acquires
+  ~RunLock();
+  RunLock(const RunLock&) = delete;
+  RunLock& operator=(const RunLock&) = delete;
+  // Record this process as the holder in <dir>/lock (once the directory is ours to write).
+  void write_holder() const;
+  bool held() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+  std::string dir_;
+};
 
 // Stable 64-bit FNV-1a of the text, as 16 lower-case hex digits.
 std::string config_hash(const std::string& text);
@@ -31,11 +53,16 @@ struct RunDecision {
   std::string message;  // one line for the log
   std::string old_hash; // overwrite_pending: the hash found in the directory
   std::string config_hash, config_text;  // what prepare() was given (commit_overwrite writes them)
+  // The directory's lock, held for every action but finished_skip; keep the
+  // decision (or this pointer) alive for the whole run.
+  std::shared_ptr<RunLock> lock;
 };
 
 class RunDirectory {
  public:
-  // Decide what to do with <output_dir>/<run_name>. Creates the directory
+  // Decide what to do with <output_dir>/<run_name>, under the directory's
+  // lock (RunLock; refused naming the holder when another process has it).
+  // Creates the directory
   // and writes config.hash / config.ini only for `fresh`. Throws
   // dsrsq::Error when the directory holds another config (or unknown files)
   // and overwrite is false: the message names the directory and says to pass
@@ -53,7 +80,13 @@ class RunDirectory {
   static std::string stored_hash(const std::string& run_path);
 };
 
-// Write a small file atomically: <path>.tmp, fsync, rename.
+// Write a small file atomically: <path>.tmp, fsync, rename, fsync of the
+// directory. Every step is checked: the error names the path and the system
+// error ("No space left on device").
 void write_file_atomic(const std::string& path, const std::string& content);
+// fsync a file or directory; throws naming the path and the system error.
+void sync_path(const std::string& path, bool directory);
+// fsync the directory holding path (a rename into it is then durable).
+void sync_parent(const std::string& path);
 
 }  // namespace dsrsq::io

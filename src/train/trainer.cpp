@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 
 #include "core/rng.hpp"
 #include "dist/dp_reducer.hpp"
@@ -77,6 +78,9 @@ double Trainer::validation_loss() {
 }
 
 std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
+  // Test hook (tests only): the loss of this 1-based step reads as NaN.
+  const char* nan_env = std::getenv("DSRSQ_TEST_NAN_AT_STEP");
+  const std::int64_t nan_step = nan_env ? std::atoll(nan_env) : -1;
   Timer wall;
   double ema_dt = 0;
   std::int64_t s = start_step;
@@ -134,6 +138,15 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
       st.answer_tokens = static_cast<std::int64_t>(local[2]);
       st.tokens = static_cast<std::int64_t>(local[3]);
     }
+    if (s + 1 == nan_step) st.loss = loss = std::nan("");
+    // A non-finite loss or gradient norm poisons the parameters (the update
+    // is already applied): stop before anything records or checkpoints it.
+    // Every rank sees the same all-reduced values, so all stop together.
+    if (!std::isfinite(loss) || !std::isfinite(norm))
+      raise_input_error(detail::cat("training diverged at step ", s + 1, ": ", std::isfinite(loss) ? "" : "non-finite ",
+                                    "loss ", loss, ", ", std::isfinite(norm) ? "" : "non-finite ", "gradient norm ",
+                                    norm, " (lr ", lr, "); no checkpoint was written from this state (try a lower "
+                                    "--learning_rate, a longer --warmup or --clip_norm)"));
     st.comm_seconds = dp_.last_comm_seconds ? dp_.last_comm_seconds() : 0.0;
     st.lr = lr;
     st.grad_norm = norm;

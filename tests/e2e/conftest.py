@@ -1,6 +1,6 @@
-# Markers select one group of test_e2e.py per CTest entry (tests/e2e/CMakeLists.txt).
+# Markers select one group of test_e2e.py (reliability: test_reliability.py) per CTest entry (tests/e2e/CMakeLists.txt).
 GROUPS = ["bad_input", "tiny_run", "resume", "skip_overwrite", "determinism", "clean_state", "swmr", "sigterm",
-          "dry_run_version", "data_parallel", "dsrsq"]
+          "dry_run_version", "data_parallel", "dsrsq", "reliability"]
 
 
 def pytest_configure(config):

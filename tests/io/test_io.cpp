@@ -309,11 +309,19 @@ BOOST_AUTO_TEST_CASE(run_directory_decisions) {
   BOOST_TEST(d.path == s / "r1");
   BOOST_TEST(io::RunDirectory::stored_hash(d.path) == ha);
   std::ofstream(s / "r1/run.h5") << "progress";
+  // One writer per directory: while d holds the lock, another prepare is
+  // refused naming the holder (this process: flock conflicts across open files).
+  BOOST_TEST(d.lock);
+  expect_error([&] { io::RunDirectory::prepare(out, "r1", ha, text_a, false); },
+               {d.path, "in use", "pid " + std::to_string(::getpid()), "host "});
+  d.lock.reset();  // released: the next prepare takes it
 
   d = io::RunDirectory::prepare(out, "r1", ha, text_a, false);
   BOOST_TEST(io::to_string(d.action) == "resume");
+  d.lock.reset();
   d = io::RunDirectory::prepare(out, "r1", ha, text_a, true);  // --overwrite never discards a matching run
   BOOST_TEST(io::to_string(d.action) == "resume");
+  d.lock.reset();
 
   expect_error([&] { io::RunDirectory::prepare(out, "r1", hb, text_b, false); },
                {d.path, "--overwrite", "--output_dir", ha, hb});
@@ -336,8 +344,11 @@ BOOST_AUTO_TEST_CASE(run_directory_decisions) {
   expect_error([&] { io::RunDirectory::commit_overwrite(p); }, {"not overwrite_pending"});
 
   io::RunDirectory::mark_finished(p.path);
+  // A finished run is skipped without taking the lock (nothing is written).
   d = io::RunDirectory::prepare(out, "r1", hb, text_b, false);
   BOOST_TEST(io::to_string(d.action) == "finished_skip");
+  BOOST_TEST(!d.lock);
+  p.lock.reset();
   BOOST_TEST(d.message.find("finished") != std::string::npos);
 
   // An empty existing directory is fresh; one with unknown files is refused.
