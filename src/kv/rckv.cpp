@@ -260,6 +260,9 @@ void RckvPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   const std::size_t sqa_row = cfg_.sqa ? static_cast<std::size_t>(NH * m_ * HS + NH * S_ + NH * m_) * 4 : 0;
   achieved_ = Lz * (static_cast<std::size_t>(S_) * slot_bytes() + static_cast<std::size_t>(W_) * window_token_bytes() +
                     sqa_row);
+  // Over budget for any reason (its fixed minimum, or an explicit --rckv_buffer
+  // larger than the budget allows) is over budget: the cell is infeasible.
+  infeasible_ = infeasible_ || achieved_ > requested;
 
   // Two blocks (f32, i32) for all layers and rows.
   const std::int64_t f_row = 2 * S_ * dc + S_ + 2 * W_ * C + NH * m_ * HS;  // per (layer, row)

@@ -896,6 +896,13 @@ BOOST_AUTO_TEST_CASE(budget_accounting) {
   RckvPolicy fixed(cfg, cpu_backend(), *pr.r, rc);
   fixed.begin(SequenceInfo{1, N, 0, T}, frac(0.1));
   BOOST_TEST(fixed.slots() == 17);
+  // ... and a buffer the budget cannot pay for makes the cell infeasible too.
+  BOOST_TEST((fixed.budget_achieved_bytes() > fixed.budget_requested_bytes()) == fixed.infeasible());
+  rc.buffer = 1000;
+  RckvPolicy huge(cfg, cpu_backend(), *pr.r, rc);
+  huge.begin(SequenceInfo{1, N, 0, T}, frac(0.1));
+  BOOST_TEST(huge.budget_achieved_bytes() > huge.budget_requested_bytes());
+  BOOST_TEST(huge.infeasible());
 }
 
 // ---- (g) SQA over the buffer ---------------------------------------------------------------
