@@ -45,20 +45,71 @@ data::TaskParams task_params(const Options& opt) {
   return p;
 }
 
-// Examples of one split. Synthetic tasks: `n` examples spread over the context
-// sizes (and, for needle, over a depth grid); real datasets: read from --data_dir.
+bool is_real_dataset(const std::string& name) {
+  const auto& names = data::dataset_names();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+// The records of a real dataset, read once per run. Records no split can use
+// are dropped with ONE warning naming how many of how many: those whose query
+// and first answer alone leave no room under --max_seq_len (training needs
+// [BOS] [SEP] query [ANS] answer [EOS] < max_seq_len; evaluation needs
+// [BOS] [SEP] query [ANS] + max_new_tokens < max_seq_len). The readers warn
+// about the records they skip themselves. `talk`: this rank prints warnings.
+std::vector<data::Example> load_real(const Options& opt, const Tokenizer& tok, bool talk) {
+  data::ReadOptions ro;
+  ro.warn = [talk](const std::string& w) {
+    if (talk) std::fprintf(stderr, "dsrsq: warning: %s\n", w.c_str());
+  };
+  auto all = data::load_dataset(opt.dataset, opt.data_dir, ro);
+  // Refused here, before the run directory exists (an empty file used to fail in the trainer).
+  DSRSQ_INPUT_CHECK(!all.empty(), "option --data_dir: the ", opt.dataset, " files under '", opt.data_dir,
+                    "' hold no records");
+  const std::size_t total = all.size();
+  std::vector<data::Example> keep;
+  keep.reserve(total);
+  for (auto& e : all) {
+    const auto q = static_cast<std::int64_t>(tok.encode(e.query).size());
+    const auto a = static_cast<std::int64_t>(tok.encode(e.answers.front()).size());
+    if (q + a + 4 < opt.max_seq_len && q + 3 + opt.max_new_tokens < opt.max_seq_len) keep.push_back(std::move(e));
+  }
+  if (keep.size() < total && talk)
+    std::fprintf(stderr,
+                 "dsrsq: warning: dataset %s: skipped %zu of %zu records whose query and answer alone (or query and "
+                 "--max_new_tokens %lld) leave no room for context under --max_seq_len %lld\n",
+                 opt.dataset.c_str(), total - keep.size(), total, static_cast<long long>(opt.max_new_tokens),
+                 static_cast<long long>(opt.max_seq_len));
+  DSRSQ_INPUT_CHECK(!keep.empty(), "option --data_dir: none of the ", total, " ", opt.dataset, " records under '",
+                    opt.data_dir, "' fits --max_seq_len ", opt.max_seq_len, " (query and answer alone are too long)");
+  return keep;
+}
+
+// Examples of one split: `n` examples spread over the context sizes (the first
+// n % sizes sizes get one more). Synthetic tasks build contexts of each size
+// (and, for needle, over a depth grid). Real datasets (`real`: load_real)
+// draw records with replacement (seeded) and cut each context to its size by
+// the truncation rule (oldest tokens dropped); a shorter context stays as is.
+// meta context_size: the size asked for; context_tokens_read: the record's
+// context tokens before the cut.
 std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, std::int64_t n, std::uint64_t seed,
-                                      bool grid) {
-  if (opt.dataset == "nq" || opt.dataset == "eli5" || opt.dataset == "cnn_dm" || opt.dataset == "github" ||
-      opt.dataset == "codesearchnet" || opt.dataset == "s2orc" || opt.dataset == "longbench") {
-    data::ReadOptions ro;
-    auto all = data::load_dataset(opt.dataset, opt.data_dir, ro);
-    // Refused here, before the run directory exists (an empty file used to fail in the trainer).
-    DSRSQ_INPUT_CHECK(!all.empty(), "option --data_dir: the ", opt.dataset, " files under '", opt.data_dir,
-                      "' hold no records");
+                                      bool grid, const std::vector<data::Example>* real = nullptr) {
+  if (is_real_dataset(opt.dataset)) {
+    DSRSQ_REQUIRE(real && !real->empty(), "make_split: real dataset records not loaded");
     Rng rng(seed);
     std::vector<data::Example> out;
-    for (std::int64_t i = 0; i < n && !all.empty(); ++i) out.push_back(all[rng.below(all.size())]);
+    const auto nsizes = static_cast<std::int64_t>(opt.context_sizes.size());
+    for (std::int64_t si = 0; si < nsizes; ++si) {
+      const std::int64_t per_size = n / nsizes + (si < n % nsizes ? 1 : 0);
+      const auto size = static_cast<std::size_t>(opt.context_sizes[static_cast<std::size_t>(si)]);
+      for (std::int64_t i = 0; i < per_size; ++i) {
+        data::Example e = (*real)[rng.below(real->size())];
+        std::size_t before = 0;
+        e.context = data::keep_last_tokens(e.context, tok, size, &before);
+        e.meta["context_size"] = std::to_string(size);
+        e.meta["context_tokens_read"] = std::to_string(before);
+        out.push_back(std::move(e));
+      }
+    }
     return out;
   }
   const data::TokenCounter count = [&tok](std::string_view s) { return tok.encode(s).size(); };
@@ -152,9 +203,12 @@ struct Splits {
   std::vector<Encoded> val;
 };
 
-Splits build_data(const Options& opt, const Tokenizer& tok) {
+Splits build_data(const Options& opt, const Tokenizer& tok, bool talk) {
   Splits d;
-  d.test = make_split(opt, tok, opt.num_test, opt.seed * 3 + 2, true);
+  std::vector<data::Example> real_records;
+  if (is_real_dataset(opt.dataset)) real_records = load_real(opt, tok, talk);
+  const std::vector<data::Example>* real = real_records.empty() ? nullptr : &real_records;
+  d.test = make_split(opt, tok, opt.num_test, opt.seed * 3 + 2, true, real);
   if (!opt.gpt2_dir.empty()) {
     // Context lengths also in GPT-2 tokens, as the literature reports them.
     const Gpt2Bpe bpe(opt.gpt2_dir);
@@ -172,12 +226,12 @@ Splits build_data(const Options& opt, const Tokenizer& tok) {
     Options one = opt;
     one.context_sizes = {opt.context_sizes[si]};
     const auto ex = make_split(one, tok, std::max<std::int64_t>(1, opt.num_train / static_cast<std::int64_t>(opt.context_sizes.size())),
-                               opt.seed * 3 + 0 + 7919 * si, false);
+                               opt.seed * 3 + 0 + 7919 * si, false, real);
     std::vector<Encoded> enc;
     for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len));
     d.pools.push_back(std::move(enc));
   }
-  for (const auto& e : make_split(opt, tok, opt.num_val, opt.seed * 3 + 1, false))
+  for (const auto& e : make_split(opt, tok, opt.num_val, opt.seed * 3 + 1, false, real))
     d.val.push_back(encode_example(e, tok, opt.max_seq_len));
   return d;
 }
@@ -494,7 +548,7 @@ int run_experiment(const Options& opt, int rank, int world) {
               static_cast<long long>(mc.vocab));
   for (auto c : opt.context_sizes) std::printf(" %lld", static_cast<long long>(c));
   std::printf(", max_seq_len %lld\n", static_cast<long long>(opt.max_seq_len));
-  const Splits data = build_data(opt, *tok);
+  const Splits data = build_data(opt, *tok, rank == 0);
   std::optional<io::CheckpointState> init;
   if (!opt.init_from.empty()) {
     init = io::load_checkpoint(opt.init_from);

@@ -1,9 +1,11 @@
 #include "data/readers.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <sstream>
 
 #include "core/error.hpp"
@@ -145,7 +147,39 @@ std::string strip_docstrings(const std::string& src) {
   return out + src.substr(at);
 }
 
+// What one reader call skipped or kept with a caveat, by reason, in order of
+// first occurrence; report() sends it as ONE warning naming the counts.
+struct Tally {
+  Tally(std::string r, fs::path f) : reader(std::move(r)), file(std::move(f)) {}
+  std::string reader;
+  fs::path file;
+  std::size_t records = 0;
+  std::vector<std::pair<std::string, std::size_t>> notes;
+  void note(const std::string& why) {
+    for (auto& [w, n] : notes)
+      if (w == why) {
+        ++n;
+        return;
+      }
+    notes.emplace_back(why, 1);
+  }
+  void report(const ReadOptions& opt, const char* unit = "records") const {
+    if (notes.empty()) return;
+    std::string msg = reader + " reader, " + file.string() + ":";
+    for (std::size_t i = 0; i < notes.size(); ++i)
+      msg += detail::cat(i ? ";" : "", " ", notes[i].second, " of ", records, " ", unit, " ", notes[i].first);
+    warn(opt, msg);
+  }
+};
+
 }  // namespace
+
+void warn(const ReadOptions& opt, const std::string& msg) {
+  if (opt.warn)
+    opt.warn(msg);
+  else
+    std::fprintf(stderr, "dsrsq: warning: %s\n", msg.c_str());
+}
 
 std::string read_file(const fs::path& file) {
   DSRSQ_INPUT_CHECK(fs::exists(file), "file not found: ", file.string());
@@ -236,7 +270,9 @@ std::vector<std::vector<std::string>> parse_csv(std::string_view text, const std
 
 std::vector<Example> read_nq(const fs::path& file, const ReadOptions& opt) {
   std::vector<Example> out;
+  Tally t("nq", file);
   for_each_jsonl(file, opt.max_examples, out, [&](const json& j, std::size_t) {
+    ++t.records;
     Example ex;
     const auto toks = split_ws(need_str(j, "document_text"));
     ex.id = str_or(j, "example_id");
@@ -261,6 +297,9 @@ std::vector<Example> read_nq(const fs::path& file, const ReadOptions& opt) {
         }
       }
     }
+    if (ex.answers.empty() && (yes_no != "NONE" || !long_answer.empty()))
+      t.note(yes_no != "NONE" ? "have no short answer (kept: scored on the yes/no answer)"
+                              : "have no short answer (kept: scored on the long answer)");
     if (ex.answers.empty() && yes_no != "NONE") {
       std::string yn = yes_no;
       std::transform(yn.begin(), yn.end(), yn.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -272,14 +311,19 @@ std::vector<Example> read_nq(const fs::path& file, const ReadOptions& opt) {
     ex.meta["example_id"] = ex.id;
     ex.meta["document_url"] = str_or(j, "document_url");
     ex.meta["format"] = "nq";
+    if (ex.answers.empty()) return t.note("skipped: no short, yes/no or long answer");
+    if (ex.context.empty()) t.note("have an empty document (kept: a zero-token context)");
     out.push_back(std::move(ex));
   });
+  t.report(opt);
   return out;
 }
 
 std::vector<Example> read_eli5(const fs::path& file, const ReadOptions& opt) {
   std::vector<Example> out;
+  Tally t("eli5", file);
   for_each_jsonl(file, opt.max_examples, out, [&](const json& j, std::size_t) {
+    ++t.records;
     Example ex;
     ex.id = need_str(j, "q_id");
     ex.query = need_str(j, "title");
@@ -299,8 +343,11 @@ std::vector<Example> read_eli5(const fs::path& file, const ReadOptions& opt) {
     for (auto i : order) ex.answers.push_back(texts[i]);
     ex.meta["format"] = "eli5";
     ex.meta["subreddit"] = str_or(j, "subreddit");
+    if (ex.answers.empty() || trim(ex.answers.front()).empty()) return t.note("skipped: no answer text");
+    if (trim(ex.context).empty()) t.note("have an empty selftext (kept: a zero-token context)");
     out.push_back(std::move(ex));
   });
+  t.report(opt);
   return out;
 }
 
@@ -371,21 +418,32 @@ std::vector<Example> read_cnn_dm_csv(const fs::path& file, const ReadOptions& op
   };
   const std::size_t ci = col("id"), ca = col("article"), ch = col("highlights");
   std::vector<Example> out;
+  Tally t("cnn_dm", file);
   for (std::size_t r = 1; r < rows.size(); ++r) {
     if (opt.max_examples && out.size() >= opt.max_examples) break;
+    ++t.records;
     DSRSQ_INPUT_CHECK(rows[r].size() == hdr.size(), file.string(), ": record ", r + 1, " has ", rows[r].size(),
                       " fields, the header ", hdr.size());
     std::vector<std::string> hl;
     std::istringstream hs(rows[r][ch]);
     for (std::string l; std::getline(hs, l);) hl.push_back(l);
-    out.push_back(cnn_example(rows[r][ci], rows[r][ca], hl));
+    Example ex = cnn_example(rows[r][ci], rows[r][ca], hl);
+    if (ex.answers.front().empty()) {
+      t.note("skipped: no highlight text");
+      continue;
+    }
+    if (trim(ex.context).empty()) t.note("have an empty article (kept: a zero-token context)");
+    out.push_back(std::move(ex));
   }
+  t.report(opt);
   return out;
 }
 
 std::vector<Example> read_s2orc(const fs::path& file, const ReadOptions& opt) {
   std::vector<Example> out;
+  Tally t("s2orc", file);
   for_each_jsonl(file, opt.max_examples, out, [&](const json& j, std::size_t) {
+    ++t.records;
     Example ex;
     ex.id = str_or(j, "paper_id");
     DSRSQ_INPUT_CHECK(!ex.id.empty(), "missing field 'paper_id'");
@@ -410,15 +468,20 @@ std::vector<Example> read_s2orc(const fs::path& file, const ReadOptions& opt) {
     ex.meta["num_bib_entries"] = std::to_string(j.contains("bib_entries") && j.at("bib_entries").is_object()
                                                     ? j.at("bib_entries").size()
                                                     : 0);
+    if (trim(ex.answers.front()).empty()) return t.note("skipped: no abstract");
+    if (trim(ex.context).empty()) t.note("have no title or body text (kept: a zero-token context)");
     out.push_back(std::move(ex));
   });
+  t.report(opt);
   return out;
 }
 
 std::vector<Example> read_github(const fs::path& file, const ReadOptions& opt) {
   std::vector<Example> out;
   std::size_t rec = 0;
+  Tally t("github", file);
   for_each_jsonl(file, opt.max_examples, out, [&](const json& j, std::size_t) {
+    ++t.records;
     const std::string content = need_str(j, "content");
     const std::string path = str_or(j, "path", str_or(j, "max_stars_repo_path"));
     const std::string repo = str_or(j, "repo_name", str_or(j, "max_stars_repo_name"));
@@ -433,7 +496,9 @@ std::vector<Example> read_github(const fs::path& file, const ReadOptions& opt) {
     };
     std::vector<PyFunc> fns;
     if (lang == "Python" || lang == "python" || ends_with(path, ".py")) fns = python_functions(content);
-    if (fns.empty()) {
+    if (fns.empty() && trim(lang).empty()) {
+      t.note("skipped: no Python function with a docstring and no language to ask about");
+    } else if (fns.empty()) {
       Example ex;
       ex.id = base.empty() ? "github-" + std::to_string(rec) : base;
       ex.context = content;
@@ -451,8 +516,10 @@ std::vector<Example> read_github(const fs::path& file, const ReadOptions& opt) {
       fill_meta(ex);
       out.push_back(std::move(ex));
     }
+    if (trim(content).empty()) t.note("have empty content (kept: a zero-token context)");
     ++rec;
   });
+  t.report(opt);
   return out;
 }
 
@@ -482,9 +549,14 @@ std::vector<Example> read_codesearchnet(const fs::path& file, const ReadOptions&
     m += (m.empty() ? "" : "\n\n") + (f.lang == "python" ? strip_docstrings(f.code) : f.code);
   }
   std::vector<Example> out;
+  Tally t("codesearchnet", file);
   for (const auto& f : fns) {
     if (opt.max_examples && out.size() >= opt.max_examples) break;
-    if (f.doc.empty()) continue;
+    ++t.records;
+    if (f.doc.empty()) {
+      t.note("skipped: no docstring");
+      continue;
+    }
     Example ex;
     ex.id = f.repo + "/" + f.path + "#" + f.name;
     ex.context = module_text[{f.repo, f.path}];
@@ -498,12 +570,15 @@ std::vector<Example> read_codesearchnet(const fs::path& file, const ReadOptions&
     ex.meta["language"] = f.lang;
     out.push_back(std::move(ex));
   }
+  t.report(opt, "functions");
   return out;
 }
 
 std::vector<Example> read_longbench(const fs::path& file, const ReadOptions& opt) {
   std::vector<Example> out;
+  Tally t("longbench", file);
   for_each_jsonl(file, opt.max_examples, out, [&](const json& j, std::size_t) {
+    ++t.records;
     Example ex;
     ex.id = need_str(j, "_id");
     ex.context = need_str(j, "context");
@@ -514,9 +589,29 @@ std::vector<Example> read_longbench(const fs::path& file, const ReadOptions& opt
     ex.meta["dataset"] = str_or(j, "dataset");
     ex.meta["language"] = str_or(j, "language");
     ex.meta["all_classes"] = j.contains("all_classes") ? j.at("all_classes").dump() : "null";
+    if (ex.answers.empty() || trim(ex.answers.front()).empty()) return t.note("skipped: no answers");
+    if (trim(ex.context).empty()) t.note("have an empty context (kept: a zero-token context)");
     out.push_back(std::move(ex));
   });
+  t.report(opt);
   return out;
+}
+
+std::string keep_last_tokens(std::string_view text, const Tokenizer& tok, std::size_t n, std::size_t* before) {
+  const std::vector<std::int32_t> ids = tok.encode(text);
+  if (before) *before = ids.size();
+  if (ids.size() <= n) return std::string(text);
+  std::size_t k = n;
+  for (;;) {
+    std::string s = tok.decode(std::span<const std::int32_t>(ids).last(k));
+    // A byte-level cut can land inside a UTF-8 character: drop its continuation bytes.
+    std::size_t b = 0;
+    while (b < s.size() && (static_cast<unsigned char>(s[b]) & 0xC0) == 0x80) ++b;
+    s.erase(0, b);
+    const std::size_t got = tok.encode(s).size();
+    if (got <= n || k == 0) return s;
+    k -= std::min(k, got - n);  // a subword tokenizer may re-split the cut text into more tokens
+  }
 }
 
 const std::vector<std::string>& dataset_names() {

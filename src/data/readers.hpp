@@ -26,19 +26,36 @@
 //                 dataset, language, all_classes (JSON), _id.
 // Errors (dsrsq::Error): a missing path names it; a malformed line names the
 // file and its 1-based line number.
+// Skipped and degenerate records: a record that gives no answer to score (nq
+// with no short, yes/no or long answer; eli5 with no answer text; s2orc with no
+// abstract; cnn_dm with no highlight text; longbench with no answers; github
+// with no language to ask about) is skipped, codesearchnet functions without a
+// docstring are skipped, and records kept with an empty context (eli5's
+// selftext is often empty: a zero-token context) or without a short answer
+// (nq) are counted. Each reader call (one file) reports these ONCE, as one
+// warning with the counts ("skipped 2 of 40 records: no answer; ..."),
+// through ReadOptions::warn.
 #include <cstddef>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "data/example.hpp"
+#include "data/tokenizer.hpp"
 
 namespace dsrsq::data {
 
 struct ReadOptions {
   std::size_t max_examples = 0;  // 0: all
+  // Receives each reader's one warning (see above); empty: printed to stderr
+  // as "dsrsq: warning: ...".
+  std::function<void(const std::string&)> warn;
 };
+
+// Sends `msg` to opt.warn, or prints it to stderr when opt.warn is empty.
+void warn(const ReadOptions& opt, const std::string& msg);
 
 std::vector<Example> read_nq(const std::filesystem::path& file, const ReadOptions& opt = {});
 std::vector<Example> read_eli5(const std::filesystem::path& file, const ReadOptions& opt = {});
@@ -61,6 +78,14 @@ std::string read_file(const std::filesystem::path& file);
 // recursively, sorted by path. Error if the path does not exist or nothing matches.
 std::vector<std::filesystem::path> list_files(const std::filesystem::path& path,
                                               const std::vector<std::string>& exts);
+
+// The last `n` tokens of `text` under `tok` (the truncation rule: the oldest
+// tokens are dropped), as text that encodes to at most n tokens; a text of at
+// most n tokens is returned as is. A byte-level cut inside a UTF-8 character
+// drops that character's remaining bytes. *before (if given): text's tokens.
+// Real datasets' contexts are cut to --context_sizes with it.
+std::string keep_last_tokens(std::string_view text, const Tokenizer& tok, std::size_t n,
+                             std::size_t* before = nullptr);
 
 // nq|eli5|cnn_dm|github|codesearchnet|s2orc|longbench; data_dir is a file or a
 // directory searched recursively (.jsonl/.json; cnn_dm: .story and .csv).

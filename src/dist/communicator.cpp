@@ -88,9 +88,10 @@ int checked_count(std::size_t n, const char* op) {
 // MPI_Wait would block forever on a peer that died without taking the job down.
 class MpiRequest final : public Request::Impl {
  public:
-  MpiRequest(MPI_Request req, std::string what, double timeout, int world_rank, int rank, int size, std::string comm)
+  MpiRequest(MPI_Request req, std::string what, double timeout, int world_rank, int rank, int size, std::string comm,
+             const std::string& peers)
       : req_(req), what_(std::move(what)), timeout_(timeout), world_rank_(world_rank), rank_(rank), size_(size),
-        comm_(std::move(comm)) {}
+        comm_(std::move(comm)), peers_(peers) {}
   ~MpiRequest() override {
     if (req_ == MPI_REQUEST_NULL) return;
     int flag = 0;
@@ -123,7 +124,7 @@ class MpiRequest final : public Request::Impl {
         throw Error(detail::cat(error_context(), "communication timeout: world rank ", world_rank_, " (rank ", rank_,
                                 " of ", size_, " in communicator '", comm_, "') waited ", waited, " s (limit ",
                                 timeout_, " s, --comm_timeout) for ", what_,
-                                " to complete; a peer rank has probably died or stalled"));
+                                " to complete; a peer rank has probably died or stalled: ", peers_));
       }
       if (clock::now() < spin_until) {
         sched_yield();
@@ -139,7 +140,7 @@ class MpiRequest final : public Request::Impl {
   std::string what_;
   double timeout_;
   int world_rank_, rank_, size_;
-  std::string comm_;
+  std::string comm_, peers_;
 };
 
 }  // namespace
@@ -204,7 +205,32 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout
   DSRSQ_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
   DSRSQ_MPI_CHECK(MPI_Comm_size(comm_, &size_));
   DSRSQ_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_));
+  // Which peers a timed-out collective may be waiting for, built once.
+  auto who = [&](int r) { return detail::cat("rank ", r, " (world rank ", world_rank_of(r), ")"); };
+  if (size_ == 2) {
+    peers_text_ = detail::cat("this rank posted it, so the one that did not is the other member, ", who(1 - rank_));
+  } else {
+    std::string list;
+    int listed = 0;
+    for (int r = 0; r < size_ && listed < 8; ++r)
+      if (r != rank_) list += (listed++ ? ", " : "") + who(r);
+    if (size_ - 1 > listed) list += detail::cat(", ... (", size_ - 1 - listed, " more)");
+    peers_text_ = detail::cat("MPI cannot tell which of the other members has not posted it: ", list);
+  }
 }
+
+int MpiCommunicator::world_rank_of(int r) const {
+  MPI_Group mine = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
+  DSRSQ_MPI_CHECK(MPI_Comm_group(comm_, &mine));
+  DSRSQ_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
+  int w = MPI_UNDEFINED;
+  DSRSQ_MPI_CHECK(MPI_Group_translate_ranks(mine, 1, &r, world, &w));
+  MPI_Group_free(&mine);
+  MPI_Group_free(&world);
+  return w;
+}
+
+std::string MpiCommunicator::missing_peers_text() const { return peers_text_; }
 
 void MpiCommunicator::set_timeout(double seconds) {
   DSRSQ_INPUT_CHECK(std::isfinite(seconds) && seconds > 0, "--comm_timeout must be a positive number of seconds, got ",
@@ -213,7 +239,7 @@ void MpiCommunicator::set_timeout(double seconds) {
 }
 
 Request MpiCommunicator::make_request(MPI_Request req, std::string what) {
-  return Request(std::make_unique<MpiRequest>(req, std::move(what), timeout_, world_rank_, rank_, size_, name_));
+  return Request(std::make_unique<MpiRequest>(req, std::move(what), timeout_, world_rank_, rank_, size_, name_, peers_text_));
 }
 
 Request MpiCommunicator::iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) {

@@ -103,6 +103,13 @@ class MpiCommunicator final : public Communicator {
   double timeout_seconds() const override { return timeout_; }
   void set_timeout(double seconds);
   MPI_Comm comm() const { return comm_; }
+  // The MPI_COMM_WORLD rank of this communicator's rank r.
+  int world_rank_of(int r) const;
+  // For timeout messages: who a collective on this communicator waits for.
+  // MPI cannot tell which members have not posted a collective, so this names
+  // them all ("rank 1 (world rank 3)", at most 8), and with two members says
+  // that the other one is the rank that did not arrive.
+  std::string missing_peers_text() const;
 
  protected:
   Request iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) override;
@@ -116,6 +123,7 @@ class MpiCommunicator final : public Communicator {
   std::string name_;
   double timeout_;
   int rank_ = 0, size_ = 1, world_rank_ = 0;
+  std::string peers_text_;  // missing_peers_text(), built once
 };
 
 // Launch self-test (STYLE.md habit 4): every rank contributes r + 1 (as f32,

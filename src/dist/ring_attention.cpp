@@ -47,8 +47,10 @@ int byte_count(std::size_t n) {
 }
 
 // Waits for all requests with the communicator's deadline (a dead or stalled
-// peer ends in an Error naming this rank and the step, not a hang).
-void wait_all(std::vector<MPI_Request>& reqs, const MpiCommunicator& comm, const std::string& what) {
+// peer ends in an Error naming this rank, the step and the peer(s) whose
+// transfer is still pending, not a hang). reqs come in pairs from post_bytes:
+// even entries receive from `from`, odd ones send to `to`.
+void wait_all(std::vector<MPI_Request>& reqs, const MpiCommunicator& comm, const std::string& what, int to, int from) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   const auto deadline =
@@ -64,10 +66,23 @@ void wait_all(std::vector<MPI_Request>& reqs, const MpiCommunicator& comm, const
     }
     if (clock::now() >= deadline) {
       const double waited = std::chrono::duration<double>(clock::now() - start).count();
+      bool recv_pending = false, send_pending = false;
+      for (std::size_t i = 0; i < reqs.size(); ++i) {
+        int done = 0;
+        DSRSQ_MPI_CHECK(MPI_Test(&reqs[i], &done, MPI_STATUS_IGNORE));
+        if (!done) (i % 2 == 0 ? recv_pending : send_pending) = true;
+      }
+      std::string peers;
+      if (recv_pending)
+        peers = detail::cat("nothing arrived from rank ", from, " (world rank ", comm.world_rank_of(from), ")");
+      if (send_pending)
+        peers += detail::cat(peers.empty() ? "" : "; ", "rank ", to, " (world rank ", comm.world_rank_of(to),
+                             ") did not take what this rank sent");
+      if (peers.empty()) peers = "every transfer completed at the deadline";
       throw Error(detail::cat(error_context(), "communication timeout: rank ", comm.rank(), " of ", comm.size(),
-                              " in communicator '", comm.name(), "' waited ", waited, " s (limit ",
-                              comm.timeout_seconds(), " s, --comm_timeout) for ", what,
-                              "; a peer rank has probably died or stalled"));
+                              " (world rank ", comm.world_rank_of(comm.rank()), ") in communicator '", comm.name(),
+                              "' waited ", waited, " s (limit ", comm.timeout_seconds(), " s, --comm_timeout) for ",
+                              what, "; a peer rank has probably died or stalled: ", peers));
     }
     if (clock::now() < spin_until) {
       sched_yield();
@@ -171,7 +186,7 @@ void ring_attention_fwd(Backend& be, MpiCommunicator& comm, const AttentionArgs&
     a.lse = lse_b;
     be.attention_fwd(a);
     merge_attention_partial(local.o, local.lse, o_b, lse_b);
-    if (!reqs.empty()) wait_all(reqs, comm, detail::cat(op, " K/V exchange of step ", s + 1, " of ", P - 1));
+    if (!reqs.empty()) wait_all(reqs, comm, detail::cat(op, " K/V exchange of step ", s + 1, " of ", P - 1), to, from);
   }
 }
 
@@ -206,8 +221,8 @@ void ring_attention_bwd(Backend& be, MpiCommunicator& comm, const AttentionGradA
     // previous contents were sent at step s-1 and that exchange has completed.
     post_bytes(grad_reqs, cur.dk.data(), nxt.dk.data(), cur.dk.size(), to, from, kTagDK, c);
     post_bytes(grad_reqs, cur.dv.data(), nxt.dv.data(), cur.dv.size(), to, from, kTagDV, c);
-    if (!kv_reqs.empty()) wait_all(kv_reqs, comm, detail::cat(op, " K/V exchange of step ", s + 1, " of ", P - 1));
-    wait_all(grad_reqs, comm, detail::cat(op, " dK/dV exchange of step ", s + 1, " of ", P));
+    if (!kv_reqs.empty()) wait_all(kv_reqs, comm, detail::cat(op, " K/V exchange of step ", s + 1, " of ", P - 1), to, from);
+    wait_all(grad_reqs, comm, detail::cat(op, " dK/dV exchange of step ", s + 1, " of ", P), to, from);
   }
   // After P steps the block at index P % 2 holds this rank's own dk/dv.
   Block& home = blocks[P % 2];

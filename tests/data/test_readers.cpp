@@ -6,6 +6,8 @@
 #include "core/error.hpp"
 #include "data/readers.hpp"
 
+#include <nlohmann/json.hpp>
+
 namespace fs = std::filesystem;
 using namespace dsrsq::data;
 
@@ -147,8 +149,131 @@ BOOST_AUTO_TEST_CASE(dispatcher) {
     BOOST_TEST_INFO(n);
     BOOST_TEST(!load_dataset(n, kFix / dir).empty());
   }
-  BOOST_TEST(load_dataset("nq", kFix / "nq", {2}).size() == 2u);
+  ReadOptions two;
+  two.max_examples = 2;
+  BOOST_TEST(load_dataset("nq", kFix / "nq", two).size() == 2u);
   const std::string msg = error_of([] { load_dataset("squad", kFix); });
   BOOST_TEST(msg.find("squad") != std::string::npos);
   BOOST_TEST(msg.find("longbench") != std::string::npos);
+}
+
+// ---- skipped and degenerate records: one warning per reader call, with counts
+
+struct Warnings {
+  std::vector<std::string> got;
+  ReadOptions opt() {
+    ReadOptions o;
+    o.warn = [this](const std::string& w) { got.push_back(w); };
+    return o;
+  }
+};
+
+static fs::path write_lines(const std::string& name, const std::vector<std::string>& lines) {
+  const fs::path p = fs::temp_directory_path() / name;
+  std::ofstream out(p);
+  for (const auto& l : lines) out << l << "\n";
+  return p;
+}
+
+static std::vector<std::string> lines_of(const fs::path& f) {
+  std::ifstream in(f);
+  std::vector<std::string> v;
+  for (std::string l; std::getline(in, l);)
+    if (!l.empty()) v.push_back(l);
+  return v;
+}
+
+BOOST_AUTO_TEST_CASE(eli5_empty_selftext_warned_once_with_counts) {
+  Warnings w;
+  const auto v = read_eli5(kFix / "eli5" / "eli5.jsonl", w.opt());
+  BOOST_TEST(v.size() == 3u);  // kept
+  BOOST_TEST_REQUIRE(w.got.size() == 1u);
+  BOOST_TEST_INFO(w.got[0]);
+  BOOST_TEST(w.got[0].find("eli5.jsonl") != std::string::npos);
+  BOOST_TEST(w.got[0].find("2 of 3 records have an empty selftext") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(nq_no_short_answer_and_no_answer) {
+  Warnings w;
+  BOOST_TEST(read_nq(kFix / "nq" / "nq-simplified.jsonl", w.opt()).size() == 4u);
+  BOOST_TEST_REQUIRE(w.got.size() == 1u);
+  BOOST_TEST(w.got[0].find("1 of 4 records have no short answer (kept: scored on the yes/no answer)") !=
+             std::string::npos);
+
+  // Two copies of record 4 with no yes/no and no long answer either: skipped, counted once.
+  auto lines = lines_of(kFix / "nq" / "nq-simplified.jsonl");
+  auto no_answer = nlohmann::json::parse(lines.at(3));
+  for (auto& a : no_answer["annotations"]) {
+    a["yes_no_answer"] = "NONE";
+    a["long_answer"] = {{"start_token", -1}, {"end_token", -1}, {"candidate_index", -1}};
+  }
+  lines.push_back(no_answer.dump());
+  lines.push_back(no_answer.dump());
+  const auto f = write_lines("dsrsq_nq_no_answer.jsonl", lines);
+  Warnings w2;
+  const auto v = read_nq(f, w2.opt());
+  BOOST_TEST(v.size() == 4u);
+  for (const auto& e : v) BOOST_TEST(!e.answers.empty());
+  BOOST_TEST_REQUIRE(w2.got.size() == 1u);
+  BOOST_TEST_INFO(w2.got[0]);
+  BOOST_TEST(w2.got[0].find("1 of 6 records have no short answer") != std::string::npos);
+  BOOST_TEST(w2.got[0].find("2 of 6 records skipped: no short, yes/no or long answer") != std::string::npos);
+  fs::remove(f);
+}
+
+BOOST_AUTO_TEST_CASE(skips_counted_in_other_readers) {
+  // longbench: empty answers skipped, empty context kept.
+  auto lb = lines_of(kFix / "longbench" / "longbench.jsonl");
+  auto j = nlohmann::json::parse(lb.at(0));
+  j["answers"] = nlohmann::json::array();
+  auto k = nlohmann::json::parse(lb.at(1));
+  k["context"] = "";
+  lb.push_back(j.dump());
+  lb.push_back(k.dump());
+  const auto f = write_lines("dsrsq_lb_skips.jsonl", lb);
+  Warnings w;
+  BOOST_TEST(read_longbench(f, w.opt()).size() == 4u);
+  BOOST_TEST_REQUIRE(w.got.size() == 1u);
+  BOOST_TEST_INFO(w.got[0]);
+  BOOST_TEST(w.got[0].find("1 of 5 records skipped: no answers; 1 of 5 records have an empty context") !=
+             std::string::npos);
+  fs::remove(f);
+
+  // codesearchnet: functions with no docstring.
+  auto cs = lines_of(kFix / "codesearchnet" / "python_test_0.jsonl");
+  auto d = nlohmann::json::parse(cs.at(0));
+  d["docstring"] = "  ";
+  cs[0] = d.dump();
+  const auto g = write_lines("dsrsq_cs_skips.jsonl", cs);
+  Warnings w2;
+  BOOST_TEST(read_codesearchnet(g, w2.opt()).size() == 4u);
+  BOOST_TEST_REQUIRE(w2.got.size() == 1u);
+  BOOST_TEST(w2.got[0].find("1 of 5 functions skipped: no docstring") != std::string::npos);
+  fs::remove(g);
+
+  // Clean fixtures: no warning.
+  Warnings none;
+  read_longbench(kFix / "longbench" / "longbench.jsonl", none.opt());
+  read_s2orc(kFix / "s2orc" / "s2orc.jsonl", none.opt());
+  read_github(kFix / "github" / "the_stack.jsonl", none.opt());
+  read_cnn_dm_csv(kFix / "cnn_dm" / "cnn_dm.csv", none.opt());
+  BOOST_TEST(none.got.empty());
+}
+
+BOOST_AUTO_TEST_CASE(keep_last_tokens_cuts_oldest) {
+  const dsrsq::ByteTokenizer tok;
+  std::size_t before = 0;
+  BOOST_TEST(keep_last_tokens("abcdef", tok, 3, &before) == "def");
+  BOOST_TEST(before == 6u);
+  BOOST_TEST(keep_last_tokens("abc", tok, 3) == "abc");
+  BOOST_TEST(keep_last_tokens("abc", tok, 0).empty());
+  // A cut inside a two-byte character drops its tail byte: at most n tokens, valid UTF-8.
+  BOOST_TEST(keep_last_tokens("x\xC3\xA9yz", tok, 3) == "yz");
+  BOOST_TEST(keep_last_tokens("x\xC3\xA9yz", tok, 4) == "\xC3\xA9yz");
+  // Real records: the NQ document cut to 64 tokens is its last 64 bytes.
+  const auto v = read_nq(kFix / "nq" / "nq-simplified.jsonl");
+  const std::string cut = keep_last_tokens(v[0].context, tok, 64, &before);
+  BOOST_TEST(before == v[0].context.size());
+  BOOST_TEST(tok.encode(cut).size() <= 64u);
+  BOOST_TEST(v[0].context.substr(v[0].context.size() - cut.size()) == cut);
 }

@@ -11,7 +11,9 @@ import time
 
 LIMIT_S = 60.0
 EXPECT = {  # text the job's output must contain, per mode
-    "stall": ["communication timeout", "world rank 0", "all_reduce_sum(f32 x 1024)"],
+    # rank 0 names the rank that did not arrive (rank 1, SIGSTOP-like: asleep)
+    "stall": ["communication timeout", "world rank 0", "all_reduce_sum(f32 x 1024)",
+              "the one that did not is the other member, rank 1 (world rank 1)"],
     "throw": ["rank 1", "injected fault"],
     "exit": [],
 }

@@ -164,6 +164,11 @@ BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
       BOOST_TEST(message_has(e, "world rank 0"), e.what());
       BOOST_TEST(message_has(e, "'late'"), e.what());
       BOOST_TEST(message_has(e, "all_reduce_sum(f32 x 10)"), e.what());
+      // The late rank is named: for certain with two ranks, among the candidates otherwise.
+      BOOST_TEST(message_has(e, "rank 1 (world rank 1)"), e.what());
+      BOOST_TEST(message_has(e, c.size() == 2 ? "the one that did not is the other member"
+                                              : "MPI cannot tell which of the other members"),
+                 e.what());
     }
     BOOST_TEST(threw);
     BOOST_TEST(req.pending());
@@ -176,6 +181,26 @@ BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
   while (!req.test() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   BOOST_TEST(!req.pending());
   BOOST_TEST(x[0] == static_cast<float>(c.size()));
+}
+
+// Timeout messages name peers by communicator rank AND world rank: a
+// communicator in reversed order maps its rank r to world rank size-1-r.
+BOOST_AUTO_TEST_CASE(missing_peers_named_by_world_rank) {
+  const int n = world().size(), w = world().rank();
+  MPI_Comm rev = MPI_COMM_NULL;
+  DSRSQ_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, 0, n - 1 - w, &rev));
+  dsrsq::mpi::Comm owned(rev);
+  dd::MpiCommunicator c(owned.get(), "reversed", 10.0);
+  BOOST_TEST(c.rank() == n - 1 - w);
+  for (int r = 0; r < n; ++r) BOOST_TEST(c.world_rank_of(r) == n - 1 - r);
+  const std::string t = c.missing_peers_text();
+  if (n == 2) {
+    BOOST_TEST(t.find(dsrsq::detail::cat("rank ", 1 - c.rank(), " (world rank ", 1 - w, ")")) != std::string::npos, t);
+  } else if (n > 2) {
+    for (int r = 0; r < n; ++r)
+      if (r != c.rank())
+        BOOST_TEST(t.find(dsrsq::detail::cat("rank ", r, " (world rank ", n - 1 - r, ")")) != std::string::npos, t);
+  }
 }
 
 BOOST_AUTO_TEST_CASE(process_grid_factorisations) {
