@@ -1,17 +1,26 @@
 // bench_long_context: inference cost of the standard transformer and of DSRSQ
 // on the same weights as the context grows, plus RCKV's memory while streaming.
 //
+// The two methods are entries of the method table (methods/registry.cpp),
+// found by name and made through MethodInfo::make with their own knobs: the
+// bench's options include each entry's options (knobs()->describe), so
+// --dsr_d_r, --sqa_clusters, ... are the dsrsq program's own options; only
+// their defaults differ: the bench starts DSRSQ's knobs at the paper's
+// settings (kPaperDefaults below, parsed into the knobs before the command
+// line, so --help shows them). Each is evaluated through Method::plan(""):
 // Per context size N (1K, 2K, ... --max_context; N = context tokens, the prompt
 // is [BOS] context [SEP] question [ANS]), each method does one prefill and then
 // --decode single-token decode steps (greedy; every step is run even if EOS
 // comes out, so both methods do the same number of steps):
-//   standard  the "full" KV policy; the whole prompt in one extend(), then the
-//             decode steps at positions prompt_len, prompt_len + 1, ...
-//   dsrsq     DsrsqModel::select_prompt (the DSR retriever scores EVERY context
-//             token; its time is included), the selected tokens at their
-//             original positions in one extend() through the RCKV policy (SQA
-//             clusters built at end_prefill, included), then the decode steps
-//             at the same positions as the standard model's.
+//   select    the plan's selector, if it has one (timed as "select"; dsrsq:
+//             the DSR retriever scores EVERY context token);
+//   prefill   the plan's KV policy (made by plan(), counted here), the
+//             selected tokens (the whole prompt without a selector) at their
+//             original positions in one extend(), then end_prefill (dsrsq:
+//             SQA clusters built there, included);
+//   decode    the decode steps at positions prompt_len, prompt_len + 1, ...
+//   standard  no selector, the "full" KV policy;
+//   dsrsq     the retriever's selection through the RCKV policy.
 // Time = wall clock of all of that (median of --repeats runs, each after an
 // untimed 1K warm-up in the same process). KV = the policy's K/V arena after
 // prefill (KVPolicy::memory(), bytes actually allocated). Peak (tracked) =
@@ -22,7 +31,8 @@
 // one measurement's memory never hides another's).
 // The time-growth exponent is the least-squares slope of log(time) on log(N).
 //
-// Streaming: an RckvPolicy (the DSRSQ settings) fed --stream_tokens tokens
+// Streaming (DSRSQ-specific): an RckvPolicy (the DSRSQ method's settings and
+// projections, through methods::dsrsq_model_of) fed --stream_tokens tokens
 // (haystack text, positions 0, 1, 2, ...) through Transformer::extend in chunks
 // of --stream_chunk; its memory (and the process's heap and RSS) is printed
 // after 10^4, 3*10^4, 10^5, 3*10^5, 10^6 tokens. By default through a SMALLER
@@ -30,7 +40,8 @@
 // C/d_c) for time; --stream_same_model uses the main model.
 //
 // Weights: random (init_weights(seed), DsrsqModel::init(seed)) unless
-// --init_from gives a checkpoint; a speed benchmark needs no trained weights,
+// --init_from gives a checkpoint (the backbone, and each method's parameters
+// through its TrainingExtension::load_params); a speed benchmark needs no trained weights,
 // but the retriever's selection (and so what DSRSQ attends to) is then arbitrary.
 //
 // Correctness column: logits finite and every decode step run; the prefill
@@ -62,10 +73,14 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <span>
+#include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kv/rckv.hpp"
@@ -75,7 +90,8 @@
 #include "io/checkpoint.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
-#include "methods/dsrsq_model.hpp"
+#include "methods/dsrsq.hpp"
+#include "methods/method.hpp"
 #include "train/encode.hpp"
 
 namespace {
@@ -94,11 +110,78 @@ struct Options {
   // through the main model take ~10-15 minutes on 2 cores. --stream_same_model restores it.
   std::int64_t stream_d_model = 64, stream_n_heads = 2, stream_n_layers = 1, stream_d_ff = 256;
   std::string haystack, init_from, question = "What did the President say about taxes, debt and the budget?";
-  // DSRSQ paper settings.
-  std::int64_t dsr_d_r = 128, dsr_span = 3, sqa_clusters = 32, sqa_top_clusters = 8, rckv_d_c = 64,
-               rckv_buffer = 1024, rckv_window = 16;
-  double dsr_base_budget = 512, dsr_alpha = 0.5;
 };
+
+namespace methods = dsrsq::methods;
+
+// The methods compared: the baseline (its ratios' denominator; the full cache)
+// and the method measured against it, both entries of the method table.
+constexpr std::string_view kBaseline = "standard", kCompared = "dsrsq";
+
+// The bench's defaults for a method's knobs (the program's defaults are the
+// debug size): DSRSQ at the paper's settings. Parsed into the knobs before
+// their options are described, so --help shows them and the command line
+// overrides them.
+const std::map<std::string_view, std::vector<std::string>> kPaperDefaults{
+    {"dsrsq",
+     {"--dsr_d_r=128", "--dsr_span=3", "--dsr_base_budget=512", "--dsr_alpha=0.5", "--sqa_clusters=32",
+      "--sqa_top_clusters=8", "--rckv_d_c=64", "--rckv_buffer=1024", "--rckv_window=16"}},
+};
+
+// One method of the comparison: its table entry and its knobs (null: none).
+struct Compared {
+  const methods::MethodInfo* info = nullptr;
+  std::shared_ptr<methods::MethodKnobs> knobs;
+  const char* name() const { return info->name.data(); }  // the table's names are literals
+};
+
+// `args` (command-line tokens) parsed into `knobs` alone.
+void set_knobs(methods::MethodKnobs& knobs, const std::vector<std::string>& args) {
+  namespace po = boost::program_options;
+  po::options_description d;
+  knobs.describe(d);
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(d).run(), vm);
+  po::notify(vm);
+}
+
+// A fresh knobs object of `info` holding `base`'s resolved values with
+// `changes` (name -> value) applied.
+std::shared_ptr<methods::MethodKnobs> knobs_with(const methods::MethodInfo& info, const methods::MethodKnobs& base,
+                                                 const std::map<std::string, std::string>& changes) {
+  namespace po = boost::program_options;
+  std::map<std::string, std::string> kv;
+  base.resolved(kv);
+  for (const auto& [k, v] : changes) kv[k] = v;
+  auto out = info.knobs();
+  po::options_description d;
+  out->describe(d);
+  std::vector<std::string> args;
+  for (const auto& [k, v] : kv) {
+    const po::option_description* od = d.find_nothrow(k, false);
+    if (od == nullptr) throw std::runtime_error("method " + std::string(info.name) + ": no option --" + k);
+    if (od->semantic()->max_tokens() == 0) {  // a switch
+      if (v == "true") args.push_back("--" + k);
+      continue;
+    }
+    args.push_back("--" + k);
+    std::istringstream is(v);  // multi-token values are space-separated
+    for (std::string t; is >> t;) args.push_back(t);
+  }
+  set_knobs(*out, args);
+  return out;
+}
+
+// A knob's resolved value.
+std::string knob(const methods::MethodKnobs& k, const std::string& name) {
+  std::map<std::string, std::string> kv;
+  k.resolved(kv);
+  const auto it = kv.find(name);
+  if (it == kv.end()) throw std::runtime_error("no knob '" + name + "'");
+  return it->second;
+}
+long long knob_int(const methods::MethodKnobs& k, const std::string& name) { return std::stoll(knob(k, name)); }
+double knob_num(const methods::MethodKnobs& k, const std::string& name) { return std::stod(knob(k, name)); }
 
 dsrsq::ModelConfig model_config(const Options& o, bool streaming = false) {
   dsrsq::ModelConfig c;
@@ -114,34 +197,18 @@ dsrsq::ModelConfig model_config(const Options& o, bool streaming = false) {
   return c;
 }
 
-dsrsq::DsrsqSettings dsrsq_settings(const Options& o, const dsrsq::ModelConfig& mc) {
-  dsrsq::DsrsqSettings s;
-  s.dsr.d_r = std::min(o.dsr_d_r, mc.d_model);
-  s.dsr.span = o.dsr_span;
-  s.dsr.base_budget = o.dsr_base_budget;
-  s.dsr.alpha = o.dsr_alpha;
-  s.dsr.validate();
-  s.sqa.clusters = o.sqa_clusters;
-  s.sqa.top_clusters = o.sqa_top_clusters;
-  s.sqa.seed = o.seed;
-  s.rckv.d_c = std::min(o.rckv_d_c, mc.d_model);
-  s.rckv.buffer = o.rckv_buffer;
-  s.rckv.window = o.rckv_window;
-  s.rckv.seed = o.seed;
-  s.rckv.sqa = true;
-  s.rckv.sqa_cfg = s.sqa;
-  s.rckv.validate(mc);
-  return s;
-}
-
 // What every measurement process inherits from the parent (read before any fork).
 struct Shared {
   Options o;
   dsrsq::ModelConfig mc, smc;     // main model, streaming model
-  dsrsq::DsrsqSettings ds, sds;
+  std::vector<Compared> methods;  // {baseline, compared}
+  // DSRSQ's knobs for the streaming model: the compared method's, RCKV's latent
+  // size scaled with d_model (same compression ratio), d_r at most d_model.
+  std::shared_ptr<methods::MethodKnobs> stream_knobs;
   std::vector<std::int32_t> hay;       // byte tokens of the haystack text, one pass
   std::vector<std::int32_t> question;  // byte tokens of the question
-  std::vector<float> ckpt_params, ckpt_extra;  // empty: random init
+  std::vector<float> ckpt_params;                        // empty: random init
+  std::map<std::string, std::vector<float>> ckpt_extra;  // the checkpoint's method state (load_params)
 };
 
 dsrsq::Encoded make_prompt(const Shared& sh, std::int64_t n) {
@@ -166,8 +233,19 @@ double median(std::vector<double> v) {
 
 // ---- one measurement (runs in a forked child) -----------------------------------------
 
-enum class Method { standard, dsrsq };
-const char* method_name(Method m) { return m == Method::standard ? "standard" : "dsrsq"; }
+// A method made on `model` (the run's seed; AdamW defaults: it only evaluates),
+// with the checkpoint's parameters of the method when there are any.
+// Returns whether they were loaded.
+std::unique_ptr<methods::Method> make_method(const Shared& sh, const Compared& c, methods::MethodKnobs* knobs,
+                                             dsrsq::Transformer& model, bool load, bool* loaded = nullptr) {
+  const methods::MethodContext ctx{model, dsrsq::cpu_backend(), knobs, dsrsq::AdamWConfig{}, sh.o.seed};
+  auto m = c.info->make(ctx);
+  bool got = false;
+  if (load && !sh.ckpt_extra.empty())
+    if (methods::TrainingExtension* t = m->training()) got = t->load_params(sh.ckpt_extra);
+  if (loaded) *loaded = got;
+  return m;
+}
 
 struct RunResult {  // plain data: sent through a pipe
   std::int32_t done = 0, ok = 0, sqa_active = 0;
@@ -221,82 +299,70 @@ double decode_loop(dsrsq::Transformer& model, dsrsq::KVPolicy& policy, std::int3
   return dt;
 }
 
-OneRun run_standard(dsrsq::Transformer& model, const dsrsq::Encoded& enc, std::int64_t decode) {
+// One evaluation through the method's plan: its selector (timed as "select";
+// none: the whole prompt), then its KV policy (made by plan(), counted in the
+// prefill) through prefill and the decode steps.
+OneRun run_method(methods::Method& method, dsrsq::Transformer& model, const dsrsq::Encoded& enc, std::int64_t decode) {
   OneRun r;
   dsrsq::Arena& act = model.activation_arena();
   act.reset();
   act.reset_peak();
-  const std::int64_t n = enc.prompt_len;
-  std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
-  std::iota(pos.begin(), pos.end(), 0);
-  dsrsq::Timer t;
-  auto policy = dsrsq::make_kv_policy("full", model.config(), model.backend());
+  dsrsq::Timer tp;
+  methods::EvalPlan plan = method.plan("");
+  const double plan_s = tp.seconds();
+  std::vector<std::int32_t> pos;
+  if (plan.select) {
+    dsrsq::Timer t;
+    r.idx = plan.select(enc);
+    r.select_s = t.seconds();
+    pos = r.idx;
+  }
+  dsrsq::Timer t2;
+  const bool whole = !plan.select;
+  if (whole) {
+    pos.resize(static_cast<std::size_t>(enc.prompt_len));
+    std::iota(pos.begin(), pos.end(), 0);
+  }
+  const auto n = static_cast<std::int64_t>(pos.size());
+  std::vector<std::int32_t> tok;
+  if (!whole) {
+    tok.resize(pos.size());
+    for (std::size_t i = 0; i < pos.size(); ++i) tok[i] = enc.tokens[static_cast<std::size_t>(pos[i])];
+  }
+  dsrsq::KVPolicy& policy = *plan.policy;
   dsrsq::SequenceInfo info;
   info.prompt_len = n;
   info.query_len = enc.query_len;
   info.max_new_tokens = decode;
-  policy->begin(info, dsrsq::KVBudget{});
-  model.extend(*policy, dsrsq::TensorView(enc.tokens.data(), dsrsq::Shape{1, n}),
+  // The budget is a fraction of the FULL sequence's cache, whatever a selector keeps (as the evaluator).
+  info.budget_tokens = enc.prompt_len + decode;
+  policy.begin(info, dsrsq::KVBudget{});
+  model.extend(policy, dsrsq::TensorView(whole ? enc.tokens.data() : tok.data(), dsrsq::Shape{1, n}),
                dsrsq::TensorView(pos.data(), dsrsq::Shape{1, n}));
-  policy->end_prefill();
+  policy.end_prefill();
   const std::int32_t next = argmax_last_row(model.logits(), r.finite);
-  r.prefill_s = t.seconds();
+  r.prefill_s = plan_s + t2.seconds();
   r.tokens_in = n;
   {
+    // With a selector every row (for vs_full), else the last row; copied untimed.
     const dsrsq::TensorView lg = model.logits();
     const std::int64_t V = lg.shape[1];
-    r.prefill_logits.assign(lg.ptr<float>() + (lg.shape[0] - 1) * V, lg.ptr<float>() + lg.shape[0] * V);
+    r.prefill_logits.assign(lg.ptr<float>() + (whole ? (lg.shape[0] - 1) * V : 0), lg.ptr<float>() + lg.shape[0] * V);
   }
-  r.decode_s = decode_loop(model, *policy, next, enc.prompt_len, decode, r);
-  r.kv = policy->memory();
-  r.achieved = policy->budget_achieved_bytes();
+  r.decode_s = decode_loop(model, policy, next, enc.prompt_len, decode, r);
+  r.kv = policy.memory();
+  r.achieved = policy.budget_achieved_bytes();
   r.act_peak = act.peak_bytes();
-  r.attended = policy->attended_tokens();
-  return r;
-}
-
-OneRun run_dsrsq(dsrsq::DsrsqModel& dm, dsrsq::Transformer& model, const dsrsq::Encoded& enc, std::int64_t decode) {
-  OneRun r;
-  const auto variant = dsrsq::DsrsqVariant::named("full_model");
-  dsrsq::Arena& act = model.activation_arena();
-  act.reset();
-  act.reset_peak();
-  dsrsq::Timer t;
-  r.idx = dm.select_prompt(enc, variant);
-  r.select_s = t.seconds();
-  dsrsq::Timer t2;
-  const auto n = static_cast<std::int64_t>(r.idx.size());
-  std::vector<std::int32_t> tok(r.idx.size());
-  for (std::size_t i = 0; i < r.idx.size(); ++i) tok[i] = enc.tokens[static_cast<std::size_t>(r.idx[i])];
-  auto policy = dm.make_policy(variant);
-  dsrsq::SequenceInfo info;
-  info.prompt_len = n;
-  info.query_len = enc.query_len;
-  info.max_new_tokens = decode;
-  info.budget_tokens = enc.prompt_len + decode;
-  policy->begin(info, dsrsq::KVBudget{});
-  model.extend(*policy, dsrsq::TensorView(tok.data(), dsrsq::Shape{1, n}),
-               dsrsq::TensorView(r.idx.data(), dsrsq::Shape{1, n}));
-  policy->end_prefill();
-  const std::int32_t next = argmax_last_row(model.logits(), r.finite);
-  r.prefill_s = t2.seconds();
-  r.tokens_in = n;
-  const dsrsq::TensorView lg = model.logits();
-  r.prefill_logits.assign(lg.ptr<float>(), lg.ptr<float>() + lg.numel());
-  r.decode_s = decode_loop(model, *policy, next, enc.prompt_len, decode, r);
-  r.kv = policy->memory();
-  r.achieved = policy->budget_achieved_bytes();
-  r.act_peak = act.peak_bytes();
-  r.attended = policy->attended_tokens();
-  if (const auto* rc = dynamic_cast<const dsrsq::compress::RckvPolicy*>(policy.get())) {
+  r.attended = policy.attended_tokens();
+  if (const auto* rc = dynamic_cast<const dsrsq::compress::RckvPolicy*>(&policy)) {
     r.scratch_peak = rc->scratch_peak_bytes();
     r.sqa = rc->sqa_active();
   }
   return r;
 }
 
-// Bytes of the retriever's forward record for this prompt (what select_prompt
-// holds while it runs): recomputed outside the timers.
+// DSRSQ-specific: bytes of the retriever's forward record for this prompt
+// (what its selector holds while it runs): recomputed outside the timers.
 std::size_t dsr_record_bytes(dsrsq::DsrsqModel& dm, dsrsq::Transformer& model, const dsrsq::Encoded& enc) {
   std::span<const std::int32_t> ctx(enc.tokens.data() + 1, static_cast<std::size_t>(enc.context_tokens));
   const std::int64_t q0 = enc.prompt_len - enc.query_len + 1, q1 = enc.prompt_len - 1;
@@ -312,25 +378,22 @@ void set_error(R& res, const std::string& msg) {
   std::snprintf(res.error, sizeof res.error, "%s", msg.c_str());
 }
 
-RunResult measure(const Shared& sh, Method m, std::int64_t n_ctx, int repeats) {
+RunResult measure(const Shared& sh, std::size_t mi, std::int64_t n_ctx, int repeats) {
   RunResult res;
   omp_set_num_threads(sh.o.threads);
   dsrsq::Transformer model(sh.mc, dsrsq::cpu_backend());
   model.init_weights(sh.o.seed);
   if (!sh.ckpt_params.empty())
     std::memcpy(model.flat_params().data, sh.ckpt_params.data(), sh.ckpt_params.size() * sizeof(float));
-  std::unique_ptr<dsrsq::DsrsqModel> dm;
-  if (m == Method::dsrsq) {
-    dm = std::make_unique<dsrsq::DsrsqModel>(model, sh.ds, dsrsq::cpu_backend());
-    dm->init(sh.o.seed);
-    if (!sh.ckpt_extra.empty())
-      std::memcpy(dm->extra_flat().data, sh.ckpt_extra.data(), sh.ckpt_extra.size() * sizeof(float));
-  }
+  const Compared& c = sh.methods.at(mi);
+  const bool baseline = mi == 0;
+  const auto method = make_method(sh, c, c.knobs.get(), model, true);
+  dsrsq::DsrsqModel* dm = methods::dsrsq_model_of(*method);  // DSRSQ only: its retriever's record (dsr_rec)
   const dsrsq::Encoded enc = make_prompt(sh, n_ctx);
   const dsrsq::Encoded warm = make_prompt(sh, std::min<std::int64_t>(n_ctx, 1024));
   const std::size_t rss0 = dsrsq::current_rss_bytes();
   auto run = [&](const dsrsq::Encoded& e) {
-    return m == Method::standard ? run_standard(model, e, sh.o.decode) : run_dsrsq(*dm, model, e, sh.o.decode);
+    return run_method(*method, model, e, sh.o.decode);
   };
   run(warm);
   std::vector<OneRun> runs;
@@ -373,15 +436,15 @@ RunResult measure(const Shared& sh, Method m, std::int64_t n_ctx, int repeats) {
       why = "repeats differ (prefill logits or generated tokens not bitwise identical)";
     }
   const std::size_t rounding = 64 * 2 * static_cast<std::size_t>(sh.mc.n_layers);
-  if (m == Method::standard) {
+  if (baseline) {  // the full cache: KV = full_bytes
     res.peak_bytes = static_cast<std::int64_t>(model_phase);
     const std::size_t want = dsrsq::KVBudget::full_bytes(sh.mc, enc.prompt_len + sh.o.decode);
     if (r.kv.resident_after_prefill < want || r.kv.resident_after_prefill > want + rounding) {
       ok = false;
       why = "KV bytes " + std::to_string(r.kv.resident_after_prefill) + " != full_bytes " + std::to_string(want);
     }
-  } else {
-    res.dsr_record = static_cast<std::int64_t>(dsr_record_bytes(*dm, model, enc));
+  } else {  // the compared method: it selects (DSRSQ); KV = its achieved budget
+    if (dm != nullptr) res.dsr_record = static_cast<std::int64_t>(dsr_record_bytes(*dm, model, enc));
     res.peak_bytes = static_cast<std::int64_t>(std::max<std::size_t>(model_phase, static_cast<std::size_t>(res.dsr_record)));
     const auto& idx = r.idx;
     bool sel_ok = !idx.empty() && idx.front() == 0 && std::is_sorted(idx.begin(), idx.end()) &&
@@ -398,8 +461,9 @@ RunResult measure(const Shared& sh, Method m, std::int64_t n_ctx, int repeats) {
       ok = false;
       why = "KV bytes " + std::to_string(kv) + " != achieved budget " + std::to_string(r.achieved);
     }
-    // The same selected tokens through the full cache (information, not a check).
-    auto full = dsrsq::make_kv_policy("full", sh.mc, dsrsq::cpu_backend());
+    // The same selected tokens through the baseline's (the full cache's) policy (information, not a check).
+    const auto base = make_method(sh, sh.methods.front(), sh.methods.front().knobs.get(), model, false);
+    const std::unique_ptr<dsrsq::KVPolicy> full = base->plan("").policy;
     dsrsq::SequenceInfo info;
     info.prompt_len = r.tokens_in;
     info.query_len = enc.query_len;
@@ -444,11 +508,11 @@ StreamResult stream(const Shared& sh, const std::vector<std::int64_t>& milestone
   const bool same = sh.smc.num_parameters() == sh.mc.num_parameters() && sh.smc.str() == sh.mc.str();
   if (same && !sh.ckpt_params.empty())
     std::memcpy(model.flat_params().data, sh.ckpt_params.data(), sh.ckpt_params.size() * sizeof(float));
-  dsrsq::DsrsqModel dm(model, sh.sds, dsrsq::cpu_backend());
-  dm.init(sh.o.seed);
-  if (same && !sh.ckpt_extra.empty())
-    std::memcpy(dm.extra_flat().data, sh.ckpt_extra.data(), sh.ckpt_extra.size() * sizeof(float));
-  dsrsq::compress::RckvPolicy policy(sh.smc, dsrsq::cpu_backend(), dm.projections(), sh.sds.rckv);
+  // DSRSQ-specific: its RCKV projections and settings, from the method made on the streaming model.
+  const auto method = make_method(sh, sh.methods.back(), sh.stream_knobs.get(), model, same);
+  dsrsq::DsrsqModel* dm = methods::dsrsq_model_of(*method);
+  if (dm == nullptr) throw std::runtime_error("streaming: method '" + std::string(sh.methods.back().name()) + "' is not DSRSQ");
+  dsrsq::compress::RckvPolicy policy(sh.smc, dsrsq::cpu_backend(), dm->projections(), dm->settings().rckv);
   const std::int64_t total = milestones.back();
   dsrsq::SequenceInfo info;
   info.prompt_len = total;
@@ -613,9 +677,18 @@ std::vector<std::int32_t> read_haystack(const std::string& dir) {
 
 // Options via Boost.Program_options (as the dsrsq program). Returns 0 to go on,
 // 1 when --help was printed, 2 on a bad option (message printed).
-int parse_args(int argc, char** argv, Options& o, bool& do_stream) {
+int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<Compared>& cmp) {
   namespace po = boost::program_options;
   bool no_stream = false, same_model = false;
+  for (const std::string_view name : {kBaseline, kCompared}) {
+    Compared c;
+    c.info = &methods::find_method(name, "bench_long_context");
+    if (c.info->knobs != nullptr) {
+      c.knobs = c.info->knobs();
+      if (const auto it = kPaperDefaults.find(name); it != kPaperDefaults.end()) set_knobs(*c.knobs, it->second);
+    }
+    cmp.push_back(std::move(c));
+  }
   po::options_description d("usage: bench_long_context [options]");
   d.add_options()
     ("help,h", "print this help")
@@ -639,15 +712,15 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream) {
     ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "heads")
     ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "layers")
     ("d_ff", po::value(&o.d_ff)->default_value(o.d_ff), "MLP width")
-    ("dsr_base_budget", po::value(&o.dsr_base_budget)->default_value(o.dsr_base_budget), "DSR base budget")
-    ("dsr_alpha", po::value(&o.dsr_alpha)->default_value(o.dsr_alpha), "DSR alpha")
-    ("dsr_span", po::value(&o.dsr_span)->default_value(o.dsr_span), "DSR span")
-    ("dsr_d_r", po::value(&o.dsr_d_r)->default_value(o.dsr_d_r), "DSR reduced dimension")
-    ("sqa_clusters", po::value(&o.sqa_clusters)->default_value(o.sqa_clusters), "SQA clusters")
-    ("sqa_top_clusters", po::value(&o.sqa_top_clusters)->default_value(o.sqa_top_clusters), "SQA clusters per query")
-    ("rckv_d_c", po::value(&o.rckv_d_c)->default_value(o.rckv_d_c), "RCKV latent size")
-    ("rckv_buffer", po::value(&o.rckv_buffer)->default_value(o.rckv_buffer), "RCKV slots")
-    ("rckv_window", po::value(&o.rckv_window)->default_value(o.rckv_window), "RCKV exact window");
+    ;
+  // Each method's own options (the dsrsq program's), bound to its knobs, which
+  // start at the bench's defaults (kPaperDefaults).
+  for (Compared& c : cmp) {
+    if (!c.knobs) continue;
+    po::options_description md(std::string(c.name()) + " options (the dsrsq program's; defaults: the bench's)");
+    c.knobs->describe(md);
+    d.add(md);
+  }
   try {
     po::variables_map vm;
     po::store(po::parse_command_line(argc, argv, d), vm);
@@ -660,13 +733,15 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream) {
              {"max_context", o.max_context}, {"min_context", o.min_context}, {"decode", o.decode},
              {"threads", o.threads}, {"stream_tokens", o.stream_tokens}, {"stream_chunk", o.stream_chunk},
              {"d_model", o.d_model}, {"n_heads", o.n_heads}, {"n_layers", o.n_layers}, {"d_ff", o.d_ff},
-             {"dsr_span", o.dsr_span + 1}, {"dsr_d_r", o.dsr_d_r}, {"sqa_clusters", o.sqa_clusters},
-             {"sqa_top_clusters", o.sqa_top_clusters}, {"rckv_d_c", o.rckv_d_c}, {"rckv_buffer", o.rckv_buffer},
-             {"rckv_window", o.rckv_window + 1}, {"repeats", o.repeats + 1}})
+             {"repeats", o.repeats + 1}})
       if (v <= 0) throw po::error(std::string("option --") + name + " is out of range");
-    if (!(o.dsr_base_budget > 0) || !(o.dsr_alpha >= 0)) throw po::error("options --dsr_base_budget > 0 and --dsr_alpha >= 0");
-  } catch (const po::error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
+    // The methods' own checks (the program's), against this bench's model.
+    const methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_context};
+    for (const Compared& c : cmp)
+      if (c.knobs) c.knobs->validate(shape);
+  } catch (const std::exception& e) {  // po::error, or a method's input error (its message starts "error: ")
+    const std::string w = e.what();
+    std::fprintf(stderr, "%s%s\n", w.rfind("error: ", 0) == 0 ? "" : "error: ", w.c_str());
     return 2;
   }
   do_stream = !no_stream;
@@ -679,19 +754,20 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream) {
 int main(int argc, char** argv) {
   Options o;
   bool do_stream = true;
-  if (const int rc = parse_args(argc, argv, o, do_stream); rc != 0) return rc == 1 ? 0 : 2;
+  std::vector<Compared> cmp;
+  if (const int rc = parse_args(argc, argv, o, do_stream, cmp); rc != 0) return rc == 1 ? 0 : 2;
   try {
     if (o.min_context > o.max_context) throw std::runtime_error("--min_context exceeds --max_context");
     Shared sh;
     sh.o = o;
     sh.mc = model_config(o);
-    sh.ds = dsrsq_settings(o, sh.mc);
     sh.smc = model_config(o, true);
-    {
-      Options so = o;  // RCKV latent size scaled with d_model (same compression ratio)
-      so.rckv_d_c = std::max<std::int64_t>(1, o.rckv_d_c * sh.smc.d_model / sh.mc.d_model);
-      sh.sds = dsrsq_settings(so, sh.smc);
-    }
+    sh.methods = cmp;
+    const methods::MethodKnobs& dk = *sh.methods.back().knobs;  // DSRSQ's (the header and the streaming study)
+    sh.stream_knobs = knobs_with(
+        *sh.methods.back().info, dk,
+        {{"rckv_d_c", std::to_string(std::max<long long>(1, knob_int(dk, "rckv_d_c") * sh.smc.d_model / sh.mc.d_model))},
+         {"dsr_d_r", std::to_string(std::min<long long>(knob_int(dk, "dsr_d_r"), sh.smc.d_model))}});
     if (o.haystack.empty()) o.haystack = std::string(DSRSQ_SOURCE_DIR) + "/datasets/sotu";
     sh.o = o;
     sh.hay = read_haystack(o.haystack);
@@ -706,15 +782,24 @@ int main(int argc, char** argv) {
                                  " (pass matching --d_model/--n_heads/--n_layers/--d_ff)");
       sh.ckpt_params = std::move(ck.params);
       weights = o.init_from + " (step " + std::to_string(ck.step) + ")";
-      const auto it = ck.extra.find("dsrsq.params");
-      const std::int64_t n_extra = dsrsq::retrieval::DsrScorer::num_parameters(sh.mc.d_model, sh.ds.dsr) +
-                                   dsrsq::compress::RckvProjections::num_parameters(sh.mc, sh.ds.rckv);
-      if (it != ck.extra.end() && static_cast<std::int64_t>(it->second.size()) == n_extra) {
-        sh.ckpt_extra = it->second;
-        weights += ", retriever and RCKV projections from it";
-      } else {
-        weights += ", retriever and RCKV projections random (no matching DSRSQ state in the checkpoint)";
-      }
+      sh.ckpt_extra = std::move(ck.extra);
+      // Whether the compared method's TrainingExtension::load_params takes them (in a child: no thread pool here).
+      struct Probe {
+        std::int32_t done = 0, loaded = 0;
+        char error[480] = {};
+      };
+      const Probe p = in_child<Probe>([&] {
+        Probe r;
+        dsrsq::Transformer model(sh.mc, dsrsq::cpu_backend());
+        bool loaded = false;
+        make_method(sh, sh.methods.back(), sh.methods.back().knobs.get(), model, true, &loaded);
+        r.loaded = loaded;
+        r.done = 1;
+        return r;
+      });
+      if (!p.done) throw std::runtime_error(std::string("--init_from: ") + p.error);
+      weights += p.loaded ? ", retriever and RCKV projections from it"
+                          : ", retriever and RCKV projections random (no DSRSQ state in the checkpoint)";
     }
 
     std::vector<std::int64_t> sizes;
@@ -740,11 +825,11 @@ int main(int argc, char** argv) {
     std::printf("# weights %s\n", weights.c_str());
     std::printf("# dsrsq: DSR d_r %lld conv %lld span %lld base_budget %.0f alpha %.2f | SQA clusters %lld top %lld "
                 "lloyd %d | RCKV d_c %lld buffer %lld window %lld tau %.1f sqa on\n",
-                static_cast<long long>(sh.ds.dsr.d_r), static_cast<long long>(sh.ds.dsr.conv_width),
-                static_cast<long long>(sh.ds.dsr.span), sh.ds.dsr.base_budget, sh.ds.dsr.alpha,
-                static_cast<long long>(sh.ds.sqa.clusters), static_cast<long long>(sh.ds.sqa.top_clusters),
-                sh.ds.sqa.lloyd_steps, static_cast<long long>(sh.ds.rckv.d_c),
-                static_cast<long long>(sh.ds.rckv.buffer), static_cast<long long>(sh.ds.rckv.window), sh.ds.rckv.tau);
+                knob_int(dk, "dsr_d_r"), knob_int(dk, "dsr_conv_width"), knob_int(dk, "dsr_span"),
+                knob_num(dk, "dsr_base_budget"), knob_num(dk, "dsr_alpha"), knob_int(dk, "sqa_clusters"),
+                knob_int(dk, "sqa_top_clusters"), static_cast<int>(knob_int(dk, "sqa_lloyd_steps")),
+                knob_int(dk, "rckv_d_c"), knob_int(dk, "rckv_buffer"), knob_int(dk, "rckv_window"),
+                knob_num(dk, "rckv_tau"));
     std::printf("# prompt [BOS] context(N haystack byte tokens, %s, %zu tokens one pass) [SEP] question(%zu) [ANS]; "
                 "prefill + %lld greedy decode steps\n",
                 o.haystack.c_str(), sh.hay.size(), sh.question.size(), static_cast<long long>(o.decode));
@@ -760,17 +845,17 @@ int main(int argc, char** argv) {
     std::vector<RunResult> stdr, dsr;
     for (const std::int64_t n : sizes) {
       const int rep = o.repeats > 0 ? o.repeats : (n >= 16384 ? 3 : 5);
-      for (Method m : {Method::standard, Method::dsrsq}) {
+      for (std::size_t m = 0; m < sh.methods.size(); ++m) {
         RunResult r = in_child<RunResult>([&] { return measure(sh, m, n, rep); });
         ++rows;
         if (!r.done) {
-          std::printf("  %7lld %-9s  ERROR %s\n", static_cast<long long>(n), method_name(m), r.error);
+          std::printf("  %7lld %-9s  ERROR %s\n", static_cast<long long>(n), sh.methods[m].name(), r.error);
           ++failed;
         } else {
           char vf[32] = "-";
           if (r.vs_full >= 0) std::snprintf(vf, sizeof vf, "%.1e", r.vs_full);
           std::printf("  %7lld %-9s %7lld %9.1f %9.1f %8.1f %9.1f %8.1f %7.0f %8.3f %8.2f %8.1f %8.2f %8s %6s\n",
-                      static_cast<long long>(n), method_name(m), static_cast<long long>(r.tokens_in), r.total_s * 1e3,
+                      static_cast<long long>(n), sh.methods[m].name(), static_cast<long long>(r.tokens_in), r.total_s * 1e3,
                       r.total_min * 1e3, r.select_s * 1e3, r.prefill_s * 1e3, r.decode_s * 1e3, r.attended,
                       mb(r.kv_bytes), mb(r.peak_bytes), mb(r.rss_delta), mb(r.dsr_record), vf, r.ok ? "ok" : "FAIL");
           if (!r.ok) {
@@ -779,7 +864,7 @@ int main(int argc, char** argv) {
           }
         }
         std::fflush(stdout);
-        (m == Method::standard ? stdr : dsr).push_back(r);
+        (m == 0 ? stdr : dsr).push_back(r);
       }
     }
     std::printf("# total: median over repeats (select/prefill/decode: the run closest to it); in_tok: tokens through\n"
@@ -827,8 +912,8 @@ int main(int argc, char** argv) {
       const bool same = sh.smc.str() == sh.mc.str();
       std::printf("#\n# streaming: RckvPolicy (d_c %lld, buffer %lld slots x %lld layers, window %lld), chunks of %lld "
                   "tokens, positions 0..; SQA off (no end_prefill while streaming)\n",
-                  static_cast<long long>(sh.sds.rckv.d_c), static_cast<long long>(sh.sds.rckv.buffer),
-                  static_cast<long long>(sh.smc.n_layers), static_cast<long long>(sh.sds.rckv.window),
+                  knob_int(*sh.stream_knobs, "rckv_d_c"), knob_int(*sh.stream_knobs, "rckv_buffer"),
+                  static_cast<long long>(sh.smc.n_layers), knob_int(*sh.stream_knobs, "rckv_window"),
                   static_cast<long long>(o.stream_chunk));
       std::printf("# streaming model: %s\n", same ? "the model above (same weights)"
                                                    : ("SMALLER than the model above, for time: " + sh.smc.str() +

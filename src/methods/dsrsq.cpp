@@ -10,8 +10,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
-#include "methods/dsrsq_model.hpp"
-#include "methods/method.hpp"
+#include "methods/dsrsq.hpp"
 
 namespace dsrsq::methods {
 namespace {
@@ -19,6 +18,15 @@ namespace {
 std::string num(double v) {
   std::ostringstream os;
   os.precision(17);
+  os << v;
+  return os.str();
+}
+
+// A double default as --help shows it (6 significant digits: "0.1", not
+// lexical_cast's "0.10000000000000001"), from the bound value, so a caller that
+// sets the knobs before describing them (bench_long_context) sees its own.
+std::string shown(double v) {
+  std::ostringstream os;
   os << v;
   return os.str();
 }
@@ -52,20 +60,20 @@ struct DsrsqKnobs final : MethodKnobs {
   void describe(po::options_description& d) override {
     d.add_options()
       ("dsr_d_r", po::value(&s.dsr.d_r)->default_value(s.dsr.d_r), "retriever: reduced dimension of the query and context projections")
-      ("dsr_base_budget", po::value(&s.dsr.base_budget)->default_value(s.dsr.base_budget, "0.25"), "retriever: base budget in tokens (a value below 1 is a fraction of the context)")
-      ("dsr_alpha", po::value(&s.dsr.alpha)->default_value(s.dsr.alpha, "0.5"), "retriever: budget = base * (1 + alpha * complexity)")
+      ("dsr_base_budget", po::value(&s.dsr.base_budget)->default_value(s.dsr.base_budget, shown(s.dsr.base_budget)), "retriever: base budget in tokens (a value below 1 is a fraction of the context)")
+      ("dsr_alpha", po::value(&s.dsr.alpha)->default_value(s.dsr.alpha, shown(s.dsr.alpha)), "retriever: budget = base * (1 + alpha * complexity)")
       ("dsr_span", po::value(&s.dsr.span)->default_value(s.dsr.span), "retriever: tokens kept after each top token")
       ("dsr_conv_width", po::value(&s.dsr.conv_width)->default_value(s.dsr.conv_width), "retriever: taps of the causal local-context convolution")
-      ("dsr_lambda", po::value(&s.dsr.lambda)->default_value(s.dsr.lambda, "0.1"), "retriever: reward = task score - lambda * selected fraction")
+      ("dsr_lambda", po::value(&s.dsr.lambda)->default_value(s.dsr.lambda, shown(s.dsr.lambda)), "retriever: reward = task score - lambda * selected fraction")
       ("dsr_ppo_epochs", po::value(&s.dsr.ppo_epochs)->default_value(s.dsr.ppo_epochs), "retriever: PPO update epochs per sampled batch: the same sampled subsets are re-scored (retriever forward only, not the backbone) and updated this many times against the log-probabilities stored at sampling time, clipped at dsr_clip; 1 = REINFORCE (one on-policy update: ratio 1, the clip never acts)")
-      ("dsr_clip", po::value(&s.dsr.clip)->default_value(s.dsr.clip, "0.2"), "retriever: PPO clip epsilon (ratios outside [1 - clip, 1 + clip] in the direction of the advantage give no gradient; 0: no clipping)")
+      ("dsr_clip", po::value(&s.dsr.clip)->default_value(s.dsr.clip, shown(s.dsr.clip)), "retriever: PPO clip epsilon (ratios outside [1 - clip, 1 + clip] in the direction of the advantage give no gradient; 0: no clipping)")
       ("sqa_clusters", po::value(&s.sqa.clusters)->default_value(s.sqa.clusters), "SQA: k-means clusters of keys per head")
       ("sqa_top_clusters", po::value(&s.sqa.top_clusters)->default_value(s.sqa.top_clusters), "SQA: clusters each query attends to")
       ("sqa_lloyd_steps", po::value(&s.sqa.lloyd_steps)->default_value(s.sqa.lloyd_steps), "SQA: Lloyd iterations of k-means")
       ("rckv_d_c", po::value(&s.rckv.d_c)->default_value(s.rckv.d_c), "RCKV: latent size of keys and of values (<= d_model)")
       ("rckv_buffer", po::value(&s.rckv.buffer)->default_value(s.rckv.buffer), "RCKV: compressed slots per layer (0: sized from --kv_budget)")
       ("rckv_window", po::value(&s.rckv.window)->default_value(s.rckv.window), "RCKV: recent tokens kept uncompressed")
-      ("rckv_tau", po::value(&s.rckv.tau)->default_value(s.rckv.tau, "0"), "RCKV: eviction temperature (0: evict the least important slot)")
+      ("rckv_tau", po::value(&s.rckv.tau)->default_value(s.rckv.tau, shown(s.rckv.tau)), "RCKV: eviction temperature (0: evict the least important slot)")
       ("rckv_observe", po::bool_switch(&rckv_observe), "RCKV: a prompt token's importance comes from the attention the prompt's last window of queries gives it (SnapKV-style); off: from the attention every prompt query gives it at prefill")
       ("hof_weights", po::value(&hof_weights)->multitoken(), "HOF loss weights: task retrieval compression compute (default 1.0 0.5 0.3 0.2)")
       ("hof_ramp", po::value(&s.ramp)->default_value(s.ramp), "HOF: steps over which the efficiency weights ramp up from 0");
@@ -155,6 +163,7 @@ class Dsrsq final : public Method, public TrainingExtension {
   }
 
   TrainingExtension* training() override { return this; }
+  DsrsqModel& model() { return dm_; }
 
   EvalPlan plan(const std::string& variant) override {
     const DsrsqVariant v = DsrsqVariant::named(variant.empty() ? "full_model" : variant);
@@ -251,6 +260,11 @@ std::unique_ptr<Method> make(const MethodContext& c) {
 }
 
 }  // namespace
+
+DsrsqModel* dsrsq_model_of(Method& m) {
+  auto* d = dynamic_cast<Dsrsq*>(&m);
+  return d ? &d->model() : nullptr;
+}
 
 const MethodInfo& dsrsq_method() {
   static const MethodInfo info{"dsrsq",
