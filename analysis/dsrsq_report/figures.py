@@ -148,6 +148,15 @@ def fig_loss(runs, groups, outdir):
         ax.text(0.5, 0.5, "all four terms are zero", ha="center", transform=ax.transAxes)
     cap = ("Training loss (loss_total, the optimised objective) per logged step and validation loss; right: the "
            "hybrid-loss terms that are non-zero: " + (", ".join(plotted) or "none") + ".")
+    # A run whose loss turned non-finite: say so (its curve stops where it diverged).
+    for r in have:
+        lt = np.asarray(r.train.get("loss_total", []), dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(lt))
+        if bad.size:
+            step = int(np.asarray(r.train["step"])[bad[0]])
+            cap += f" Run {r.name} DIVERGED: non-finite training loss from step {step}."
+            axes[0].text(0.02, 0.95, f"{r.name}: diverged at step {step}", transform=axes[0].transAxes, color="red",
+                         va="top", fontsize=9)
     if zero:
         cap += " Not plotted because they are zero (or NaN) at every logged step: " + ", ".join(zero) + "."
     return Figure("loss", _save(fig, outdir, "loss"), cap)
@@ -215,7 +224,7 @@ def fig_memory(runs, groups, outdir):
     kv = [("resident after prefill", _ex_estimates(ents, "kv_resident_bytes", 1e-3)),
           ("peak during prefill", _ex_estimates(ents, "kv_peak_prefill_bytes", 1e-3)),
           ("read per decode step", _ex_estimates(ents, "kv_read_per_step_bytes", 1e-3)),
-          ("total (uncompressed)", _ex_estimates(ents, "kv_total_bytes", 1e-3))]
+          ("total (resident + offloaded)", _ex_estimates(ents, "kv_total_bytes", 1e-3))]
     _grouped(axes[2], labels, kv, failed, "KV cache (kB per example)", "KV-cache bytes (mean over examples)")
     cap = ("Left: peak and time-averaged arena memory (activations + KV) per method; middle: peak resident set size "
            "of the process (or device memory); MB = 10^6 bytes. Right: the four KV numbers per example (kB = 10^3 "
@@ -244,7 +253,10 @@ def _grouped(ax, labels, series, failed, ylabel, title, values=False):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper center", ncol=len(series), bbox_to_anchor=(0.5, 1.0))
+    # Headroom above the tallest bar (with its interval) so the legend never covers the data.
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.3 * (hi - lo))
+    ax.legend(loc="upper center", ncol=len(series), bbox_to_anchor=(0.5, 1.0), fontsize=8)
 
 
 def fig_throughput(runs, groups, outdir):

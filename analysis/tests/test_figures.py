@@ -99,3 +99,23 @@ def test_weak_scaling_classified(tmp_path):
     t2 = np.mean([max(0.11 * (1 + 0.01 * ((s + q) % 3)) for q in range(2)) for s in range(1, 11)])
     assert abs(float(m.group(2)) - t1 / t2) < 1e-3
     _check_png(out / "scaling.png")
+
+
+def test_diverged_run_is_named_in_the_loss_caption(tmp_path):
+    """A run whose training loss turned non-finite is said to have diverged (step named), never an empty plot."""
+    import h5py
+    p = tmp_path / "diverged" / "run.h5"
+    p.parent.mkdir()
+    syn.write_run(str(p))
+    with h5py.File(p, "r+") as f:
+        lt = f["train/loss_total"]
+        v = lt[...]
+        v[4:] = np.nan
+        lt[...] = v
+        step = int(f["train/step"][4])
+    out = tmp_path / "out"
+    res = run_report(p, "-o", out)
+    assert res.returncode == 0, res.stderr
+    md = (out / "report.md").read_text()
+    assert f"DIVERGED: non-finite training loss from step {step}" in md
+    _check_png(out / "loss.png")

@@ -156,10 +156,11 @@ void print_tables(const std::vector<MethodEval>& results, const std::string& cap
                 eval::format_metric(r.em).c_str(), eval::format_metric(r.rouge_l).c_str(),
                 eval::format_metric(r.bleu).c_str(), r.examples.size(), budget.c_str());
   }
-  std::printf("\nEfficiency (means over examples; memory = this method's activations + KV; tok/s = tokens it ran\n"
-              "through the model per second, ctx/s = context tokens served per second)\n");
-  std::printf("  %-16s %12s %12s %12s %12s %10s %10s %10s %10s\n", "method", "peak_MB", "avg_MB", "KV_resident", "KV_read/step",
-              "tok/s", "ctx/s", "TTFT_ms", "tok_eff");
+  std::printf("\nEfficiency (means over examples; MB = 10^6 bytes; memory = this method's activations + KV; KV per\n"
+              "example after prefill and read per decode step; tok/s = tokens it ran through the model per second,\n"
+              "ctx/s = context tokens served per second)\n");
+  std::printf("  %-16s %12s %12s %12s %12s %10s %10s %10s %10s\n", "method", "peak_MB", "avg_MB", "KV_res_MB",
+              "KV_read_MB", "tok/s", "ctx/s", "TTFT_ms", "tok_eff");
   for (const auto& r : results) {
     double kv_res = 0, kv_read = 0;
     for (const auto& e : r.examples) {
@@ -167,8 +168,8 @@ void print_tables(const std::vector<MethodEval>& results, const std::string& cap
       kv_read += static_cast<double>(e.kv.read_per_step);
     }
     const double n = std::max<double>(1.0, static_cast<double>(r.examples.size()));
-    std::printf("  %-16s %12.3f %12.3f %12.0f %12.0f %10.0f %10.0f %10.2f %10.3f\n", r.method.c_str(), r.peak_mem_bytes / 1e6,
-                r.avg_mem_bytes / 1e6, kv_res / n, kv_read / n, r.throughput_tok_s, r.context_tokens_per_s,
+    std::printf("  %-16s %12.3f %12.3f %12.4f %12.4f %10.0f %10.0f %10.2f %10.3f\n", r.method.c_str(), r.peak_mem_bytes / 1e6,
+                r.avg_mem_bytes / 1e6, kv_res / n / 1e6, kv_read / n / 1e6, r.throughput_tok_s, r.context_tokens_per_s,
                 r.latency_s * 1e3, r.token_efficiency);
   }
   bool any = false;
