@@ -509,13 +509,16 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
     if (name == o.model || std::find(o.methods.begin(), o.methods.end(), name) != o.methods.end()) continue;
     po::options_description own;
     o.knobs.at(name)->describe(own);
+    std::vector<std::string> given;
     for (const auto& opt : own.options()) {
       const std::string& key = opt->long_name();
-      if (vm.count(key) && !vm[key].defaulted())
-        o.warnings.push_back(detail::cat("option --", key, " is a setting of method '", name,
-                                         "', which this run does not use (--model ", o.model, ", --methods ",
-                                         join_words(o.methods), "); it is ignored"));
+      if (vm.count(key) && !vm[key].defaulted()) given.push_back("--" + key);
     }
+    if (!given.empty())  // one line per method
+      o.warnings.push_back(detail::cat(given.size() == 1 ? "option " : "options ", join_words(given),
+                                       given.size() == 1 ? " is a setting" : " are settings", " of method '", name,
+                                       "', which this run does not use (--model ", o.model, ", --methods ",
+                                       join_words(o.methods), "); ignored"));
   }
   validate(o);
   return true;
