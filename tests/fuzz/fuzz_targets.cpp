@@ -23,7 +23,8 @@ namespace {
 
 // One scratch folder per process (libFuzzer -jobs/-workers run several), in
 // /dev/shm when there is one: a disk-backed /tmp costs an order of magnitude
-// in executions per second. Removed at exit.
+// in executions per second. Removed at a normal exit (the replay test); libFuzzer
+// ends with _Exit, so after a fuzzing run the folder (one small file) stays.
 struct Scratch {
   fs::path dir;
   Scratch() {
