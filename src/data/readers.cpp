@@ -1,9 +1,11 @@
 #include "data/readers.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <sstream>
@@ -67,6 +69,20 @@ const json& need(const json& j, const char* key) {
 }
 
 std::string need_str(const json& j, const char* key) { return need(j, key).get<std::string>(); }
+
+// An integer field as a signed value. nlohmann's get<integer>() of a float
+// casts it unchecked (1e30 to std::size_t is undefined behaviour: found by
+// fuzzing), so a token index must be a JSON integer.
+long long need_int(const json& j, const char* key) {
+  const json& v = need(j, key);
+  DSRSQ_INPUT_CHECK(v.is_number_integer(), "field '", key, "' is not an integer: ", v.dump());
+  if (v.is_number_unsigned()) {
+    const auto u = v.get<std::uint64_t>();
+    DSRSQ_INPUT_CHECK(u <= static_cast<std::uint64_t>(std::numeric_limits<long long>::max()), "field '", key,
+                      "' is out of range: ", u);
+  }
+  return v.get<long long>();
+}
 
 std::vector<std::string> split_ws(std::string_view s) {
   std::vector<std::string> out;
@@ -281,16 +297,16 @@ std::vector<Example> read_nq(const fs::path& file, const ReadOptions& opt) {
     std::string long_answer, yes_no = "NONE";
     for (const auto& a : need(j, "annotations")) {
       for (const auto& s : a.value("short_answers", json::array())) {
-        const auto b = s.at("start_token").get<std::size_t>(), e = s.at("end_token").get<std::size_t>();
-        DSRSQ_INPUT_CHECK(b <= e && e <= toks.size(), "short answer span [", b, ",", e, ") outside the document (",
-                          toks.size(), " tokens)");
-        add_unique(ex.answers, join_tokens(toks, b, e, true));
+        const long long b = need_int(s, "start_token"), e = need_int(s, "end_token");
+        DSRSQ_INPUT_CHECK(0 <= b && b <= e && static_cast<std::size_t>(e) <= toks.size(), "short answer span [", b,
+                          ",", e, ") outside the document (", toks.size(), " tokens)");
+        add_unique(ex.answers, join_tokens(toks, static_cast<std::size_t>(b), static_cast<std::size_t>(e), true));
       }
       const std::string yn = a.value("yes_no_answer", std::string("NONE"));
       if (yn != "NONE") yes_no = yn;
       if (a.contains("long_answer") && long_answer.empty()) {
         const auto& la = a.at("long_answer");
-        const auto b = la.at("start_token").get<long long>(), e = la.at("end_token").get<long long>();
+        const long long b = need_int(la, "start_token"), e = need_int(la, "end_token");
         if (b >= 0 && e > b) {
           DSRSQ_INPUT_CHECK(static_cast<std::size_t>(e) <= toks.size(), "long answer span outside the document");
           long_answer = join_tokens(toks, static_cast<std::size_t>(b), static_cast<std::size_t>(e), true);

@@ -221,6 +221,30 @@ BOOST_AUTO_TEST_CASE(nq_no_short_answer_and_no_answer) {
   fs::remove(f);
 }
 
+// Token indices must be JSON integers: a float such as 1e30 was cast to
+// std::size_t unchecked (undefined behaviour, found by fuzz_readers; its input
+// is tests/fuzz/regressions/readers/nq_float_token_index). Now a clean error
+// naming the field and the line.
+BOOST_AUTO_TEST_CASE(nq_token_index_must_be_integer) {
+  const std::string doc = R"("document_text":"a b c","question_text":"q")";
+  for (const std::string& span : {std::string(R"("start_token":1e30,"end_token":2)"),
+                                  std::string(R"("start_token":0,"end_token":1.5)"),
+                                  std::string(R"("start_token":-1,"end_token":2)"),
+                                  std::string(R"("start_token":0,"end_token":18446744073709551615)")}) {
+    BOOST_TEST_CONTEXT(span) {
+      const auto f = write_lines("dsrsq_nq_float_index.jsonl",
+                                 {"{" + doc + R"(,"annotations":[{"short_answers":[{)" + span + "}]}]}"});
+      const std::string err = error_of([&] { read_nq(f); });
+      BOOST_TEST(err.find("dsrsq_nq_float_index.jsonl:1: ") != std::string::npos, err);
+      fs::remove(f);
+    }
+  }
+  const auto f = write_lines("dsrsq_nq_float_index.jsonl",
+                             {"{" + doc + R"(,"annotations":[{"long_answer":{"start_token":0.5,"end_token":2}}]})"});
+  BOOST_TEST(error_of([&] { read_nq(f); }).find("field 'start_token' is not an integer") != std::string::npos);
+  fs::remove(f);
+}
+
 BOOST_AUTO_TEST_CASE(skips_counted_in_other_readers) {
   // longbench: empty answers skipped, empty context kept.
   auto lb = lines_of(kFix / "longbench" / "longbench.jsonl");

@@ -789,11 +789,14 @@ BOOST_AUTO_TEST_CASE(observation_window_importance) {
     }
     BOOST_TEST(total > 0.0);
     BOOST_TEST(total <= 1.0 + 1e-5);  // masses of a softmax, minus the window's share
-    std::vector<std::int32_t> order(p.begin(), p.end());
-    std::stable_sort(order.begin(), order.end(), [&](std::int32_t x, std::int32_t y) {
-      return w[static_cast<std::size_t>(x)] > w[static_cast<std::size_t>(y)];
-    });
-    std::vector<std::int32_t> want(order.begin(), order.begin() + S), got = few->slot_positions(0, b);
+    // The filled slots by importance (w is indexed by slot, not by position;
+    // the unfilled slots' positions are -1: indexing w by them read outside it,
+    // found by ASan), then their positions.
+    std::vector<std::size_t> order(static_cast<std::size_t>(N - rc.window));
+    for (std::size_t j = 0; j < order.size(); ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) { return w[x] > w[y]; });
+    std::vector<std::int32_t> want, got = few->slot_positions(0, b);
+    for (std::int64_t k = 0; k < S; ++k) want.push_back(p[order[static_cast<std::size_t>(k)]]);
     std::sort(want.begin(), want.end());
     std::sort(got.begin(), got.end());
     BOOST_TEST(got == want);
