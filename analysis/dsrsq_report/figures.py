@@ -650,6 +650,78 @@ def fig_needle(runs, groups, outdir):
                   "cell. A failed method is shown as FAILED.")
 
 
+# --------------------------------------------------------------------------- Pareto (sweeps)
+def fig_pareto(sweep, outdir, name="pareto"):
+    """Per context size: mean F1 against mean KV bytes of every (method, budget) cell of a sweep."""
+    from . import sweep as SW
+    data = SW.pareto_data(sweep)
+    sizes = [c for c in sweep.context_sizes if data[c]["methods"]]
+    if not sizes:
+        return Figure(name, None, "", "no evaluation cells")
+    cols = min(3, len(sizes))
+    rows = (len(sizes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    marks = {}
+    for ax, c in zip(axes.ravel(), sizes):
+        d = data[c]
+        ref = d["reference"]
+        if ref is not None:
+            ax.axhline(ref["f1"], color="black", ls="--", lw=1.2, label=f"{SW.FULL} (reference)")
+            ax.axhspan(ref["lo"], ref["hi"], color="black", alpha=0.08)
+        notes = []
+        front = set(d["frontier"])
+        fx, fy = [], []
+        for i, m in enumerate(sweep.methods):
+            pts = d["methods"].get(m)
+            if not pts:
+                continue
+            st = _style(i)
+            ok = [p for p in pts if p["status"] in ("ok", "infeasible") and math.isfinite(p["kv_bytes"])]
+            if ok:
+                xs = [p["kv_bytes"] * 1e-6 for p in ok]
+                ys = [p["f1"] for p in ok]
+                err = np.array([[max(0.0, p["f1"] - p["lo"]) for p in ok], [max(0.0, p["hi"] - p["f1"]) for p in ok]])
+                ax.errorbar(xs, ys, yerr=err, capsize=3, label=m, color=st["color"], ls=st["ls"], lw=1.2,
+                            marker=st["marker"], ms=st["ms"])
+                for p, x, y in zip(ok, xs, ys):
+                    if p["status"] == "infeasible":  # held more than its budget: hollow red ring
+                        ax.plot([x], [y], "o", mfc="none", mec="red", ms=st["ms"] + 6, mew=1.5)
+                    if (m, p["budget"]) in front:
+                        fx.append(x), fy.append(y)
+                    ax.annotate(p["budget"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                                color=st["color"])
+            for p in pts:
+                if p["status"] == "failed":
+                    notes.append(f"{m} @ {p['budget']}: FAILED")
+                elif p["status"] == "missing":
+                    notes.append(f"{m} @ {p['budget']}: not done")
+                elif p["status"] == "infeasible":
+                    marks["infeasible"] = True
+        if fx:
+            order = np.argsort(fx)
+            ax.step(np.asarray(fx)[order], np.asarray(fy)[order], where="post", color="gray", lw=0.8, alpha=0.7,
+                    label="Pareto frontier")
+        if notes:
+            ax.text(0.02, 0.98, "\n".join(notes), transform=ax.transAxes, va="top", ha="left", color="red",
+                    fontsize=8, fontweight="bold")
+        ax.set_xscale("log")
+        ax.set_xlabel("KV bytes held after prefill (MB, mean over examples)")
+        ax.set_ylabel("F1 (0-1)")
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_title(f"context {c}" + (f" [{sweep.label}]" if sweep.label else ""))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in axes.ravel()[len(sizes):]:
+        ax.axis("off")
+    cap = ("Accuracy against KV bytes per context size: each point is one (method, KV budget) cell of the sweep "
+           "(label = the --kv_budget entry), mean F1 over the cell's examples with a 95% bootstrap interval "
+           "(examples resampled, fixed seed), at the mean KV bytes the method held after prefill (kv_total_bytes). "
+           "Dashed line and band: the full cache's F1 and its 95% interval on the same examples. Grey steps: the "
+           "Pareto frontier of the feasible cells. A red ring marks an infeasible cell (some example held more "
+           "than its budget); failed cells are named in red in the panel, never drawn.")
+    return Figure(name, _save(fig, outdir, name), cap)
+
+
 ALL = (fig_loss, fig_train_metrics, fig_memory, fig_throughput, fig_token_efficiency, fig_latency, fig_ablation,
        fig_baselines, fig_retention, fig_kv_sweep, fig_scaling, fig_needle)
 
