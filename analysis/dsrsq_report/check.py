@@ -199,5 +199,10 @@ def run_check(path, out):
     if problems:
         print(f"{path}: INVALID ({len(problems)} problem(s))", file=out)
         return 1
-    print(f"{path}: OK (format {S.FORMAT_NAME})", file=out)
+    try:
+        with open_h5(path) as f:
+            ver = _attr_value(f.attrs.get("schema_version"))
+    except ReportError:
+        ver = "?"
+    print(f"{path}: OK (format {S.FORMAT_NAME}, schema_version {ver})", file=out)
     return 0

@@ -108,6 +108,7 @@ class Run:
         self.cells_implicit = False
         self.cell_status = {}      # method -> {cell index: (state, message)}
         self.cell_efficiency = {}  # method -> {cell index: {field: value}}
+        self.cell_summary = {}     # method -> {cell index: {field: value}} (schema 3)
 
     # Convenience -----------------------------------------------------------
     def state(self, kind, name):
@@ -386,10 +387,11 @@ def _read(path, f):
         run.eval[m] = _examples(r, f"eval/{m}", version)
         run.efficiency[m] = r.scalars(f"efficiency/{m}", _EFF_FIELDS, S.EFFICIENCY_OLD_NAMES)
         if version >= 3:
-            run.cell_status[m], run.cell_efficiency[m] = {}, {}
+            run.cell_status[m], run.cell_efficiency[m], run.cell_summary[m] = {}, {}, {}
             for c in run.cells:
                 cg = f"eval/{m}/cells/{c.index}"
                 run.cell_status[m][c.index] = r.status(cg)
+                run.cell_summary[m][c.index] = r.scalars(cg + "/summary", S.SUMMARY_FLOAT + S.SUMMARY_INT)
                 run.cell_efficiency[m][c.index] = r.scalars(cg + "/efficiency", _EFF_FIELDS, S.EFFICIENCY_OLD_NAMES)
     for m in r.children("efficiency"):
         if m not in run.eval:

@@ -17,7 +17,7 @@ import numpy as np
 from . import schema as S
 from .aggregate import NON_IDENTITY_KEYS
 from .reader import ReportError
-from .stats import bootstrap_mean_ci, mcnemar_exact, paired_bootstrap
+from .stats import BOOTSTRAP_SAMPLES, bootstrap_mean_ci, mcnemar_exact, paired_bootstrap
 
 FULL = "full"          # the reference method: the full cache
 KEEP = 0.95            # "keeps >= 95% of the full cache's F1"
@@ -375,6 +375,18 @@ def _merge_efficiency(effs, ns):
     return out
 
 
+def _budget_summary(ex, cell_summaries):
+    """The summary scalars of a budget's rows: means from the rows, n_examples = rows; corpus BLEU-4 does not
+    decompose over cells: the cell's value when the budget has one cell, else NaN (shown n/a)."""
+    def mean(c):
+        a = np.asarray(ex.cols[c], dtype=np.float64)
+        return float(a.mean()) if a.size else math.nan
+    known = [s for s in cell_summaries if s is not None]
+    return {"f1_mean": mean("f1"), "em_mean": mean("em"), "rouge_l_mean": mean("rouge_l"), "bleu_mean": mean("bleu"),
+            "corpus_bleu": known[0].get("corpus_bleu", math.nan) if len(cell_summaries) == 1 and known else math.nan,
+            "n_examples": ex.n}
+
+
 def _subset(ex, mask):
     from .reader import Examples
     idx = np.nonzero(mask)[0]
@@ -407,6 +419,7 @@ def expand_budgets(runs):
             for m, ex in r.eval.items():
                 mask = np.isin(np.asarray(ex.cols["cell"]), ks)
                 p.eval[m] = _subset(ex, mask)
+                p.eval[m].summary = _budget_summary(p.eval[m], [r.cell_summary.get(m, {}).get(k) for k in ks])
                 states = [r.cell_status.get(m, {}).get(k) for k in ks if k in r.cell_status.get(m, {})]
                 failed = [s for s in states if s[0] == "failed"]
                 if failed:
@@ -493,8 +506,10 @@ def cells_markdown(sweep, stats=None):
                  math.isfinite(s["df1_lo"]) else ("n/a" if not math.isfinite(s["df1"]) else f"{s['df1']:+.4f}"))
             mc = ("n/a" if s["mcnemar_n01"] is None else
                   f"{s['mcnemar_n10']}, {s['mcnemar_n01']}, {_p(s['p_mcnemar'])}")
+            # A bootstrap p of 0: no resample crossed 0, i.e. p < 1 / resamples.
+            pb = f"<{1 / BOOTSTRAP_SAMPLES:.1g}" if s["p_bootstrap"] == 0 else _p(s["p_bootstrap"])
             vals = [f1, _f(s["kv_bytes"] * 1e-6, 4) if math.isfinite(s["kv_bytes"]) else "n/a",
-                    _f(s["ratio"], 3), d, _p(s["p_bootstrap"]), mc]
+                    _f(s["ratio"], 3), d, pb, mc]
         lines.append("| " + " | ".join([str(s["context_size"]), s["method"], s["kv_budget"],
                                         s["status"].replace("|", "/"), str(s["n"])] + vals) + " |")
     return "\n".join(lines) + "\n\n" + (

@@ -117,8 +117,8 @@ BOOST_AUTO_TEST_CASE(cells_round_trip) {
   BOOST_TEST(r.cell_status("full", 1).state == "done");
   BOOST_TEST(r.cell_status("full", 2).state == "failed");
   BOOST_TEST(r.cell_status("full", 2).message == "out of memory");
-  BOOST_TEST(r.cell_summary("full", 1) == sum);
-  BOOST_TEST(r.cell_efficiency("full", 1) == eff);
+  BOOST_TEST((r.cell_summary("full", 1) == sum));
+  BOOST_TEST((r.cell_efficiency("full", 1) == eff));
   BOOST_TEST(r.examples("eval/sliding_window").empty());
 }
 
