@@ -147,9 +147,11 @@ BOOST_AUTO_TEST_CASE(schema_2_reads_but_is_not_appended_to) {
   Scratch s("v2");
   const std::string path = s / "run.h5";
   { ResultsFile f = make(path, 2); }
-  ResultsReader r(path);
-  BOOST_TEST(r.schema_version() == 2);
-  BOOST_TEST(r.rows("eval/full") == 0u);
+  {
+    ResultsReader r(path);
+    BOOST_TEST(r.schema_version() == 2);
+    BOOST_TEST(r.rows("eval/full") == 0u);
+  }
   expect_error([&] { (void)ResultsFile::resume(path); }, {"schema_version 2", "cannot append"});
   Scratch t("v1");
   const std::string old = t / "run.h5";
