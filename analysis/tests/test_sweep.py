@@ -213,13 +213,11 @@ def test_efficiency_of_a_budget_merges_its_cells_exactly(tmp_path):
 
 
 def test_pareto_figure_is_written(one_file, tmp_path):
-    out = tmp_path / "figs"
-    res = run_report(one_file, "-o", out)
-    assert res.returncode == 0, res.stderr
-    assert (out / "pareto.png").stat().st_size > 10000
-    assert (out / "needle_heatmap.png").exists()
-    md = (out / "report.md").read_text()
-    assert "pareto.png" in md and "Pareto frontier" in md
+    from dsrsq_report.figures import fig_pareto
+    sw, = SW.build_sweeps([read_run(one_file)])
+    fig = fig_pareto(sw, str(tmp_path))
+    assert fig.path == str(tmp_path / "pareto.png") and (tmp_path / "pareto.png").stat().st_size > 10000
+    assert "Pareto frontier" in fig.caption and "failed cells are named" in fig.caption
 
 
 def test_real_run_reads_as_one_budget_sweep(real_runs, tmp_path):

@@ -499,6 +499,7 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
     std::vector<MethodEval> done(cells.size());
     std::vector<bool> ok(cells.size(), false);
     std::string errors;
+    std::int64_t group_base = 0;  // reuse protocol: groups of the cells before this one
     try {
       EvalConfig e = ec;
       e.name = name;
@@ -514,6 +515,19 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
         try {
           Timer t;
           done[k] = evaluate_method(weights, *p.policy, tok, by_size[k / nb], e);
+          if (ec.reuse) {
+            // Reuse groups are numbered per evaluation: continue the numbering
+            // over the method's cells so meta reuse_group names one shared
+            // compression among all of the method's rows.
+            std::int64_t next = group_base;
+            for (auto& x : done[k].examples)
+              if (auto it = x.meta.find("reuse_group"); it != x.meta.end()) {
+                const std::int64_t g = group_base + std::stoll(it->second);
+                it->second = std::to_string(g);
+                next = std::max(next, g + 1);
+              }
+            group_base = next;
+          }
           std::printf("dsrsq: evaluated %s%-16s context %lld, KV budget %s: F1 %.4f EM %.4f on %zu examples%s (%.1f s)\n",
                       kind == "eval" ? "" : "ablation variant ", name.c_str(),
                       static_cast<long long>(cells[k].context_size), cells[k].kv_budget.c_str(), done[k].f1, done[k].em,
