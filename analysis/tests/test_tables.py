@@ -178,7 +178,7 @@ def test_print_tables_to_stdout(real_runs, tmp_path):
     assert "Table 1: task performance" in res.stdout and "Table 2: efficiency" in res.stdout
     assert "Table 3" not in res.stdout
     # Tables 1 and 2 (the sweep tables of the run's cells follow them)
-    tables12 = res.stdout[res.stdout.index("Table 1: task performance"):]
+    tables12 = res.stdout[res.stdout.index("Table 1: task performance"):res.stdout.index("### Sweep 1")]
     assert tables12.count("| sliding_window |") == 2
     assert "Table 5, the budget at which each method first keeps >= 95%" in res.stdout
 
