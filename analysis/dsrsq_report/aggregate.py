@@ -163,7 +163,8 @@ T1_COLS = [Col("f1", "F1", "example", "f1"), Col("em", "EM", "example", "em"),
            Col("rouge_l", "ROUGE-L", "example", "rouge_l"),
            Col("bleu", "BLEU-4 (corpus)", "summary", "corpus_bleu"),
            Col("bleu_example", "BLEU (per-example mean)", "example", "bleu"),
-           Col("n_examples", "examples", "summary", "n_examples", digits=0, reduce="sum")]
+           Col("n_examples", "examples", "summary", "n_examples", digits=0, reduce="sum"),
+           Col("kv_infeasible", "share infeasible (held more than the KV budget)", "example", "kv_infeasible", 1.0, 3)]
 
 T2_COLS = [Col("peak_mem_mb", "peak memory (MB)", "efficiency", "peak_mem_bytes", MB, 3),
            Col("avg_mem_mb", "avg memory (MB)", "efficiency", "avg_mem_bytes", MB, 3),
@@ -242,7 +243,9 @@ def build_tables(runs):
                   "corpus_bleu (one value per run, no interval from one run). BLEU-4 is n/a where no gold answer "
                   "has 4 or more tokens (e.g. one-token answers): no 4-gram can match whatever is predicted, so "
                   "it measures nothing there (NaN in the file; the per-example mean skips n/a examples). "
-                  "examples = /eval/<method>/summary/n_examples, summed over merged runs.")
+                  "examples = /eval/<method>/summary/n_examples, summed over merged runs. Share infeasible: "
+                  "the examples whose KV budget the method could not meet (a full cache cannot shrink), so its "
+                  "scores there are not at the budget.")
     rules1 = " ".join(x for x in [one_run_ex, _protocol_note(runs), _backbone_note(runs), seed_rule, group_note] if x)
     tables.append(Table("table1_task_performance", "Table 1: task performance", "method", T1_COLS,
                         _entity_rows(groups, "eval", T1_COLS, eval_of), rules1,

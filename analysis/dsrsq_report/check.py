@@ -24,8 +24,12 @@ def check_file(path):
         if fmt != S.FORMAT_NAME:
             P(f"/: root attribute 'format' is {fmt!r}, expected '{S.FORMAT_NAME}'")
         ver = _attr_value(a["schema_version"]) if "schema_version" in a else None
-        if ver != S.SCHEMA_VERSION:
-            P(f"/: root attribute 'schema_version' is {ver!r}, this tool checks version {S.SCHEMA_VERSION}")
+        if ver not in S.READABLE_VERSIONS:
+            P(f"/: root attribute 'schema_version' is {ver!r}, this tool checks versions "
+              f"{', '.join(str(v) for v in S.READABLE_VERSIONS)}")
+        elif ver < S.SCHEMA_VERSION:
+            notes.append(f"/: schema_version {ver} (older layout, read without evaluation cells)")
+        v3 = isinstance(ver, int) and ver >= 3
         for k in S.ROOT_ATTRS:
             if k not in a:
                 P(f"/: missing root attribute '{k}'")
@@ -103,6 +107,22 @@ def check_file(path):
                 notes.append(f"/{g}: one column a row longer (live run); complete rows {min(lens)}")
             return min(lens) if lens else 0
 
+        n_cells = None
+        if v3:
+            cg = f.get("cells")
+            if not isinstance(cg, h5py.Group):
+                P("/cells: missing group (schema 3)")
+            else:
+                lens = []
+                for c in S.CELLS_INT + S.CELLS_FLOAT:
+                    d = ds(f"cells/{c}", "int" if c in S.CELLS_INT else "float")
+                    if d is not None:
+                        lens.append(d.shape[0] if d.ndim == 1 else -1)
+                texts = str(_attr_value(cg.attrs.get("kv_budget", ""))).split()
+                lens.append(len(texts))
+                if len(set(lens)) > 1:
+                    P(f"/cells: columns and the kv_budget attribute differ in length ({lens})")
+                n_cells = lens[0] if lens else 0
         n = table("train", S.TRAIN_INT, S.TRAIN_FLOAT)
         if n == 0:
             notes.append("/train: no rows")
@@ -124,8 +144,14 @@ def check_file(path):
         if not methods:
             notes.append("/eval: no methods")
         for m in methods:
-            table(f"eval/{m}", S.EXAMPLE_INT, S.EXAMPLE_FLOAT, S.EXAMPLE_STR)
+            table(f"eval/{m}", S.EXAMPLE_INT + (("cell",) if v3 else ()), S.EXAMPLE_FLOAT, S.EXAMPLE_STR)
             scalars(f"eval/{m}/summary", S.SUMMARY_INT, S.SUMMARY_FLOAT)
+            for k in range(n_cells or 0):
+                cg = f"eval/{m}/cells/{k}"
+                state(cg, S.CELL_STATES)
+                scalars(f"{cg}/summary", S.SUMMARY_INT, S.SUMMARY_FLOAT)
+                scalars(f"{cg}/efficiency", S.EFFICIENCY_INT + S.EFFICIENCY_MERGE_INT,
+                        S.EFFICIENCY_FLOAT + S.EFFICIENCY_MERGE_FLOAT)
             if not isinstance(f.get(f"efficiency/{m}"), h5py.Group):
                 P(f"/efficiency/{m}: missing group (method {m} is in /eval)")
             else:
@@ -138,7 +164,7 @@ def check_file(path):
         if not variants:
             notes.append("/ablation: no variants (Table 4 and the ablation figure will be skipped)")
         for v in variants:
-            table(f"ablation/{v}", S.EXAMPLE_INT, S.EXAMPLE_FLOAT, S.EXAMPLE_STR)
+            table(f"ablation/{v}", S.EXAMPLE_INT + (("cell",) if v3 else ()), S.EXAMPLE_FLOAT, S.EXAMPLE_STR)
             scalars(f"ablation/{v}/summary", S.SUMMARY_INT, S.SUMMARY_FLOAT)
             scalars(f"ablation/{v}/efficiency", S.EFFICIENCY_INT, S.EFFICIENCY_FLOAT)
             state(f"status/ablation/{v}", S.STATES)
@@ -173,5 +199,10 @@ def run_check(path, out):
     if problems:
         print(f"{path}: INVALID ({len(problems)} problem(s))", file=out)
         return 1
-    print(f"{path}: OK (format {S.FORMAT_NAME}, schema_version {S.SCHEMA_VERSION})", file=out)
+    try:
+        with open_h5(path) as f:
+            ver = _attr_value(f.attrs.get("schema_version"))
+    except ReportError:
+        ver = "?"
+    print(f"{path}: OK (format {S.FORMAT_NAME}, schema_version {ver})", file=out)
     return 0

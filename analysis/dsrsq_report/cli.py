@@ -17,6 +17,8 @@ def _parser():
     p.add_argument("--compare", nargs=2, metavar=("A.h5", "B.h5"), help="print the ratio B/A of every figure")
     p.add_argument("--force", action="store_true", help="--compare even across hardware or task splits")
     p.add_argument("--check", action="store_true", help="validate the files against the schema; list what is missing")
+    p.add_argument("--one-sweep", dest="one_sweep", action="store_true",
+                   help="the runs are the cells of one sweep (e.g. a Slurm array): refuse them unless they merge")
     return p
 
 
@@ -56,11 +58,14 @@ def main(argv=None):
         runs = [read_run(p) for p in args.runs]
         if args.output:
             from .report import write_report
-            write_report(runs, args.output, print_tables=args.print_tables, figures=args.figures)
+            write_report(runs, args.output, print_tables=args.print_tables, figures=args.figures,
+                         one_sweep=args.one_sweep)
             print(f"report: wrote {args.output}/report.md")
         else:
             from . import aggregate as A
-            tables, _ = A.build_tables(runs)
+            from . import sweep as SW
+            SW.build_sweeps(runs, one_sweep=args.one_sweep)  # the same refusals as with -o
+            tables, _ = A.build_tables(SW.expand_budgets(runs))
             for t in tables[:2]:
                 print(A.to_markdown(t))
         return 0

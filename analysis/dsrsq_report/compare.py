@@ -11,14 +11,16 @@ from . import schema as S
 def flat_figures(run):
     """Ordered {name: value} of every scalar the report derives from one run."""
     out = {}
-    tables, _ = A.build_tables([run])
+    from .sweep import expand_budgets
+    tables, _ = A.build_tables(expand_budgets([run]))  # a run with several budgets: rows per budget
     for t in tables:
         if not t.present:
             continue
         for r in t.rows:
             for c in t.cols:
                 v = math.nan if r.failed else r.estimates[c.key].mean
-                out[f"{t.slug.split('_')[0]}/{r.name}/{c.key}"] = v
+                name = f"{r.name} [{r.group}]" if r.group else r.name
+                out[f"{t.slug.split('_')[0]}/{name}/{c.key}"] = v
     for k in ("loss_total", "loss_task"):
         a = np.asarray(run.train.get(k, []), dtype=float)
         if a.size:

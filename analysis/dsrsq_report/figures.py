@@ -65,6 +65,12 @@ def _entities(groups, kind):
             usable = [r for r in runs if r.state(st, n)[0] != "failed"]
             failed = not usable
             label = n if not g.label else f"{n}\n[{g.label}]"
+            if kind in ("eval", "efficiency") and usable:
+                # Held more KV bytes than the budget on some examples: not a result at the budget.
+                inf = sum(int(np.nansum(r.eval[n].cols.get("kv_infeasible", []))) for r in usable if n in r.eval)
+                tot = sum(r.eval[n].n for r in usable if n in r.eval)
+                if inf:
+                    label += f"\n(INFEASIBLE {inf}/{tot})"
             out.append((label, usable, n, failed))
     return out
 
@@ -423,6 +429,7 @@ def fig_kv_sweep(runs, groups, outdir):
         xlabel = "KV budget (mixed units as given: fraction or bytes)"
     fig, ax = plt.subplots(figsize=(8, 4.6))
     col = Col("f1", "F1", "example", "f1")
+    infeasible_drawn = False
     for i, (m, pts) in enumerate(sorted(by_method.items())):
         xs, ys, es, fx = [], [], [], []
         for x in sorted(pts):
@@ -432,6 +439,10 @@ def fig_kv_sweep(runs, groups, outdir):
                 continue
             e = estimate(col, usable)
             xs.append(x), ys.append(e.mean), es.append(e.half if e.n > 1 and math.isfinite(e.half) else 0)
+            if any(np.nansum(ex.cols.get("kv_infeasible", [])) > 0 for ex in usable):
+                ax.plot([x], [e.mean], "o", mfc="none", mec="red", ms=14, mew=1.5,
+                        label=None if infeasible_drawn else "infeasible (over its budget)")
+                infeasible_drawn = True
         ax.errorbar(xs, ys, yerr=es, capsize=4, label=m, **_style(i))
         for x in fx:
             ax.plot([x], [0], "x", color="red", ms=10)
@@ -444,7 +455,8 @@ def fig_kv_sweep(runs, groups, outdir):
     ax.legend()
     return Figure("f1_vs_kv_budget", _save(fig, outdir, "f1_vs_kv_budget"),
                   "F1 (mean over examples, 95% intervals; seeds merged) of each method against the requested KV "
-                  "budget (--kv_budget), one point per budget of the sweep. A red x marks a failed method.")
+                  "budget (--kv_budget), one point per budget of the sweep. A red x marks a failed method, a red ring "
+                  "a method that held more than the budget (infeasible) on some examples.")
 
 
 # --------------------------------------------------------------------------- scaling
@@ -647,7 +659,83 @@ def fig_needle(runs, groups, outdir):
     return Figure("needle_heatmap", path,
                   "Needle-in-a-haystack: mean F1 per (requested depth, context length) cell of the needle "
                   "examples (meta JSON 'depth' and 'target_tokens'), examples of merged seeds pooled; n = examples per cell, — = empty "
-                  "cell. A failed method is shown as FAILED.")
+                  "cell. A failed method is shown as FAILED; a panel title says INFEASIBLE on k/n when k examples held "
+                  "more KV bytes than their budget (their F1 is not at the budget).")
+
+
+# --------------------------------------------------------------------------- Pareto (sweeps)
+def fig_pareto(sweep, outdir, name="pareto"):
+    """Per context size: mean F1 against mean KV bytes of every (method, budget) cell of a sweep."""
+    from . import sweep as SW
+    data = SW.pareto_data(sweep)
+    sizes = [c for c in sweep.context_sizes if data[c]["methods"]]
+    if not sizes:
+        return Figure(name, None, "", "no evaluation cells")
+    cols = min(3, len(sizes))
+    rows = (len(sizes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    for ax, c in zip(axes.ravel(), sizes):
+        marks = {}
+        d = data[c]
+        ref = d["reference"]
+        if ref is not None:
+            ax.axhline(ref["f1"], color="black", ls="--", lw=1.2, label=f"{SW.FULL} (reference)")
+            ax.axhspan(ref["lo"], ref["hi"], color="black", alpha=0.08)
+        notes = []
+        front = set(d["frontier"])
+        fx, fy = [], []
+        for i, m in enumerate(sweep.methods):
+            pts = d["methods"].get(m)
+            if not pts:
+                continue
+            st = _style(i)
+            ok = [p for p in pts if p["status"] in ("ok", "infeasible") and math.isfinite(p["kv_bytes"])]
+            if ok:
+                xs = [p["kv_bytes"] * 1e-6 for p in ok]
+                ys = [p["f1"] for p in ok]
+                err = np.array([[max(0.0, p["f1"] - p["lo"]) for p in ok], [max(0.0, p["hi"] - p["f1"]) for p in ok]])
+                ax.errorbar(xs, ys, yerr=err, capsize=3, label=m, color=st["color"], ls=st["ls"], lw=1.2,
+                            marker=st["marker"], ms=st["ms"])
+                labels = {}  # cells at the same point (a full cache at every budget) share one label
+                for p, x, y in zip(ok, xs, ys):
+                    if p["status"] == "infeasible":  # held more than its budget: hollow red ring
+                        ax.plot([x], [y], "o", mfc="none", mec="red", ms=st["ms"] + 6, mew=1.5,
+                                label=None if "infeasible" in marks else "infeasible (over its budget)")
+                        marks["infeasible"] = True
+                    if (m, p["budget"]) in front:
+                        fx.append(x), fy.append(y)
+                    labels.setdefault((x, y), []).append(p["budget"])
+                for (x, y), bs in labels.items():
+                    ax.annotate("/".join(bs), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                                color=st["color"])
+            for p in pts:
+                if p["status"] == "failed":
+                    notes.append(f"{m} @ {p['budget']}: FAILED")
+                elif p["status"] == "missing":
+                    notes.append(f"{m} @ {p['budget']}: not done")
+        if fx:
+            order = np.argsort(fx)
+            ax.step(np.asarray(fx)[order], np.asarray(fy)[order], where="post", color="gray", lw=0.8, alpha=0.7,
+                    label="Pareto frontier")
+        if notes:
+            ax.text(0.02, 0.98, "\n".join(notes), transform=ax.transAxes, va="top", ha="left", color="red",
+                    fontsize=8, fontweight="bold")
+        ax.set_xscale("log")
+        ax.set_xlabel("KV bytes held after prefill (MB, mean over examples)")
+        ax.set_ylabel("F1 (0-1)")
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_title(f"context {c}" + (f" [{sweep.label}]" if sweep.label else ""))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best", framealpha=0.7)
+    for ax in axes.ravel()[len(sizes):]:
+        ax.axis("off")
+    cap = ("Accuracy against KV bytes per context size: each point is one (method, KV budget) cell of the sweep "
+           "(label = the --kv_budget entry), mean F1 over the cell's examples with a 95% bootstrap interval "
+           "(examples resampled, fixed seed), at the mean KV bytes the method held after prefill (kv_total_bytes). "
+           "Dashed line and band: the full cache's F1 and its 95% interval on the same examples. Grey steps: the "
+           "Pareto frontier of the feasible cells. A red ring marks an infeasible cell (some example held more "
+           "than its budget); failed cells are named in red in the panel, never drawn.")
+    return Figure(name, _save(fig, outdir, name), cap)
 
 
 ALL = (fig_loss, fig_train_metrics, fig_memory, fig_throughput, fig_token_efficiency, fig_latency, fig_ablation,

@@ -102,6 +102,13 @@ class Run:
         self.adaptation = {}
         self.backbones = {}  # method -> the weights it ran on (attr "backbone" of /eval/<m>)
         self.protocol = ""   # root attr "protocol" (query_aware | context_only | ...)
+        # Evaluation cells (schema 3: /cells; older files: made up by _implicit_cells): a list of Cell,
+        # index = the rows' `cell` value; per method, each cell's (state, message) and efficiency dict.
+        self.cells = []
+        self.cells_implicit = False
+        self.cell_status = {}      # method -> {cell index: (state, message)}
+        self.cell_efficiency = {}  # method -> {cell index: {field: value}}
+        self.cell_summary = {}     # method -> {cell index: {field: value}} (schema 3)
 
     # Convenience -----------------------------------------------------------
     def state(self, kind, name):
@@ -124,6 +131,49 @@ class Run:
             if k.rsplit(".", 1)[-1] == key:
                 return v
         return default
+
+
+class Cell:
+    """One evaluation cell: the test examples of one context size at one KV budget."""
+
+    __slots__ = ("index", "context_size", "kv_budget", "fraction", "bytes")
+
+    def __init__(self, index, context_size, kv_budget, fraction=math.nan, nbytes=-1):
+        self.index, self.context_size, self.kv_budget = index, context_size, kv_budget
+        self.fraction, self.bytes = fraction, nbytes
+
+    def __repr__(self):
+        return f"Cell({self.index}, context {self.context_size}, budget {self.kv_budget})"
+
+
+def budget_fraction_bytes(text):
+    """(fraction, bytes) of a --kv_budget text as KVBudget::parse reads it (NaN / -1 for the other kind)."""
+    t = str(text).strip()
+    try:
+        return float(t), -1
+    except ValueError:
+        pass
+    units = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3, "kB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3}
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            try:
+                return math.nan, int(float(t[: -len(u)]) * units[u])
+            except ValueError:
+                break
+    return math.nan, -1
+
+
+def example_context_size(meta, default=-1):
+    """The context size an example was made for: meta context_size (every file since schema 3), else the task's
+    target_tokens / length (synthetic tasks of older files), else `default`."""
+    for k in ("context_size", "target_tokens", "length"):
+        v = meta.get(k)
+        if v is not None:
+            try:
+                return int(float(v))
+            except (TypeError, ValueError):
+                pass
+    return default
 
 
 def run_name_of(path):
@@ -318,14 +368,31 @@ def _read(path, f):
     if sorted(order) == sorted(names):
         names = order
     run.protocol = str(run.attrs.get("protocol", ""))
+    version = int(run.attrs.get("schema_version", 0))
+    if version >= 3:
+        g = r.group("cells")
+        cs = np.asarray(r.read(r.dataset(g, "context_size")), dtype=np.int64)
+        fr = np.asarray(r.read(r.dataset(g, "kv_budget_fraction")), dtype=np.float64)
+        by = np.asarray(r.read(r.dataset(g, "kv_budget_bytes")), dtype=np.int64)
+        texts = str(_attr_value(g.attrs.get("kv_budget", ""))).split()
+        if not (len(cs) == len(fr) == len(by) == len(texts)):
+            raise ReportError(path, "/cells", f"columns of different lengths ({len(cs)}, {len(fr)}, {len(by)}, "
+                                              f"{len(texts)} budget texts)")
+        run.cells = [Cell(k, int(cs[k]), texts[k], float(fr[k]), int(by[k])) for k in range(len(cs))]
     for m in names:
         bb = r.group(f"eval/{m}").attrs.get("backbone")
         if bb is not None:
             run.backbones[m] = str(_attr_value(bb))
         run.status["eval"][m] = r.status(f"status/eval/{m}")
-        run.eval[m] = _examples(r, f"eval/{m}")
-        run.efficiency[m] = r.scalars(f"efficiency/{m}", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT,
-                                      S.EFFICIENCY_OLD_NAMES)
+        run.eval[m] = _examples(r, f"eval/{m}", version)
+        run.efficiency[m] = r.scalars(f"efficiency/{m}", _EFF_FIELDS, S.EFFICIENCY_OLD_NAMES)
+        if version >= 3:
+            run.cell_status[m], run.cell_efficiency[m], run.cell_summary[m] = {}, {}, {}
+            for c in run.cells:
+                cg = f"eval/{m}/cells/{c.index}"
+                run.cell_status[m][c.index] = r.status(cg)
+                run.cell_summary[m][c.index] = r.scalars(cg + "/summary", S.SUMMARY_FLOAT + S.SUMMARY_INT)
+                run.cell_efficiency[m][c.index] = r.scalars(cg + "/efficiency", _EFF_FIELDS, S.EFFICIENCY_OLD_NAMES)
     for m in r.children("efficiency"):
         if m not in run.eval:
             raise ReportError(path, f"/eval/{m}", "missing group (present under /efficiency)")
@@ -335,9 +402,8 @@ def _read(path, f):
         variants = vorder
     for v in variants:
         run.status["ablation"][v] = r.status(f"status/ablation/{v}")
-        ex = _examples(r, f"ablation/{v}")
-        ex.efficiency = r.scalars(f"ablation/{v}/efficiency", S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT,
-                                  S.EFFICIENCY_OLD_NAMES)
+        ex = _examples(r, f"ablation/{v}", version)
+        ex.efficiency = r.scalars(f"ablation/{v}/efficiency", _EFF_FIELDS, S.EFFICIENCY_OLD_NAMES)
         run.ablation[v] = ex
     bins = int(run.attrs["retention_bins"])
     for a in r.children("adaptation"):
@@ -348,11 +414,52 @@ def _read(path, f):
             raise ReportError(path, g.name, f"retention_by_age / age_bin_edges do not match retention_bins={bins}")
         d.update({k: r.scalar(g, k) for k in S.ADAPTATION_FLOAT + S.ADAPTATION_INT})
         run.adaptation[a] = d
+    if version < 3:
+        _implicit_cells(run)
+    else:
+        for kind in (run.eval, run.ablation):
+            for name, ex in kind.items():
+                bad = [int(c) for c in set(ex.cols["cell"].tolist()) if not 0 <= c < len(run.cells)]
+                if bad:
+                    raise ReportError(path, f"/{'eval' if kind is run.eval else 'ablation'}/{name}",
+                                      f"rows with cell {bad[0]}, but /cells has {len(run.cells)} cells")
     return run
 
 
-def _examples(r, gname):
-    cols, strings, _ = r.table(gname, S.EXAMPLE_FLOAT + S.EXAMPLE_INT, S.EXAMPLE_STR)
+_EFF_FIELDS = S.EFFICIENCY_INT + S.EFFICIENCY_FLOAT + S.EFFICIENCY_MERGE_INT + S.EFFICIENCY_MERGE_FLOAT
+
+
+def _implicit_cells(run):
+    """Schema 1 and 2: one budget per run (config kv_budget); a cell per context size of the examples (meta
+    context_size / target_tokens / length). Each cell's state is its method's; its efficiency is the method's
+    when the method has one cell, else unknown (NaN)."""
+    budget = str(run.config_value("kv_budget", "")).strip() or "?"
+    fr, by = budget_fraction_bytes(budget)
+    sizes = []
+    for tables in (run.eval, run.ablation):
+        for ex in tables.values():
+            for m in ex.meta:
+                c = example_context_size(m)
+                if c not in sizes:
+                    sizes.append(c)
+    sizes.sort()
+    run.cells = [Cell(k, c, budget, fr, by) for k, c in enumerate(sizes)]
+    run.cells_implicit = True
+    index = {c: k for k, c in enumerate(sizes)}
+    for tables in (run.eval, run.ablation):
+        for ex in tables.values():
+            ex.cols["cell"] = np.array([index[example_context_size(m)] for m in ex.meta], dtype=np.int64)
+    for m, ex in run.eval.items():
+        used = sorted(set(ex.cols["cell"].tolist())) if ex.n else list(range(len(sizes)))
+        run.cell_status[m] = {k: run.state("eval", m) for k in used}
+        eff = run.efficiency.get(m, {})
+        run.cell_efficiency[m] = {k: (dict(eff) if len(used) == 1 else {f: math.nan for f in _EFF_FIELDS})
+                                  for k in used}
+
+
+def _examples(r, gname, version=3):
+    cols, strings, _ = r.table(gname, S.EXAMPLE_FLOAT + S.EXAMPLE_INT + (("cell",) if version >= 3 else ()),
+                               S.EXAMPLE_STR)
     summary = r.scalars(gname + "/summary", S.SUMMARY_FLOAT + S.SUMMARY_INT)
     ex = Examples(cols, strings, summary)
     # Examples whose KV budget the method could not meet (meta "kv_infeasible"): 1.0, else 0.0.

@@ -4,6 +4,7 @@ import os
 
 from . import aggregate as A
 from . import figures as F
+from . import sweep as SW
 
 PROVENANCE_KEYS = ("git_sha", "dsrsq_version", "build_type", "config_hash", "command_line", "start_time",
                    "hostname", "backend", "device", "blas", "compiler", "mpi_version", "hdf5_version", "cuda", "nccl",
@@ -91,9 +92,42 @@ def failures_md(runs):
     return "\n".join(["## Failures and incomplete parts", ""] + lines + [""])
 
 
-def write_report(runs, outdir, print_tables=False, figures=True):
+def sweeps_md(sweeps, outdir, figures):
+    """The cell sections: per sweep, the budget-to-95% table, the cell table with paired tests, the Pareto plot.
+    Returns (markdown, figures, the text --print shows)."""
+    out, figs, shown = ["## Sweeps: accuracy against KV bytes per context size", ""], [], []
+    for i, sw in enumerate(sweeps):
+        suffix = "" if len(sweeps) == 1 else f"_{i + 1}"
+        title = f"Sweep {i + 1}" + (f" ({sw.label})" if sw.label else "")
+        stats = SW.all_cell_stats(sw)
+        k95 = SW.keep95_markdown(sw)
+        cells = SW.cells_markdown(sw, stats)
+        out += [f"### {title}", "",
+                f"Runs: {', '.join('`' + r.name + '`' for r in sw.runs)}; context sizes "
+                f"{', '.join(str(c) for c in sw.context_sizes)}; KV budgets {', '.join(sw.budgets)}; methods "
+                f"{', '.join(sw.methods)}.", ""]
+        out += [f"#### Table 5{suffix}: the budget at which each method first keeps >= 95% of the full cache's F1", "",
+                k95, "", f"#### Table 6{suffix}: every cell, with paired tests against the full cache", "", cells, ""]
+        for n in sw.notes:
+            out.append(f"- note: {n}")
+        with open(os.path.join(outdir, f"table5_budget_to_95pct{suffix}.csv"), "w") as fh:
+            fh.write(SW.keep95_csv(sw))
+        with open(os.path.join(outdir, f"table6_sweep_cells{suffix}.csv"), "w") as fh:
+            fh.write(SW.cells_csv(sw, stats))
+        out.append(f"Files: `table5_budget_to_95pct{suffix}.csv`, `table6_sweep_cells{suffix}.csv`\n")
+        if figures:
+            figs.append(F.fig_pareto(sw, outdir, "pareto" + suffix))
+        shown += [f"### {title}: Table 5, the budget at which each method first keeps >= 95% of the full cache's F1\n",
+                  k95 + "\n", f"### {title}: Table 6, cells with paired tests against the full cache\n", cells + "\n"]
+    return "\n".join(out), figs, "\n".join(shown)
+
+
+def write_report(runs, outdir, print_tables=False, figures=True, one_sweep=False):
     os.makedirs(outdir, exist_ok=True)
-    tables, groups = A.build_tables(runs)
+    sweeps = SW.build_sweeps(runs, one_sweep=one_sweep)  # refuses conflicting cells before anything is written
+    # The per-method tables and figures read a run with several budgets as one run per budget.
+    table_runs = SW.expand_budgets(runs)
+    tables, groups = A.build_tables(table_runs)
     md = ["# dsrsq report", "",
           f"Runs: {', '.join('`' + r.name + '`' for r in runs)} ({len(runs)} file(s), "
           f"{len(groups)} group(s) after merging seeds).", ""]
@@ -114,7 +148,9 @@ def write_report(runs, outdir, print_tables=False, figures=True):
     sc = scaling_md(runs)
     if sc:
         md.append(sc)
-    figs = F.make_all(runs, outdir) if figures else []
+    sweep_text, sweep_figs, sweep_shown = sweeps_md(sweeps, outdir, figures)
+    md.append(sweep_text)
+    figs = (F.make_all(table_runs, outdir) + sweep_figs) if figures else []
     md.append("## Figures\n" if figures else "## Figures\n\nNot made (--no-figures).\n")
     for f in figs:
         if f.path:
@@ -126,4 +162,8 @@ def write_report(runs, outdir, print_tables=False, figures=True):
     if print_tables:
         for t in tables[:2]:
             print(A.to_markdown(t))
+        print(sweep_shown)
+        for f in sweep_figs:
+            if f.path:
+                print(f"figure {f.name}: {f.path}")
     return tables, figs

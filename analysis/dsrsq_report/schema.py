@@ -1,10 +1,12 @@
-"""The documented layout of a dsrsq results file (results/README.md), schema version 2."""
+"""The documented layout of a dsrsq results file (results/README.md), schema version 3."""
 
 FORMAT_NAME = "dsrsq-results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions this tool reads: 1 lacks process_peak_rss_bytes (named peak_rss_bytes),
 # context_tokens_per_s and the order/backbone/protocol attributes; the reader fills them in.
-READABLE_VERSIONS = (1, 2)
+# 1 and 2 lack the evaluation cells (/cells, the row column `cell`, /eval/<m>/cells/<k>): the reader
+# makes one cell per context size of the run's single budget (see reader._implicit_cells).
+READABLE_VERSIONS = (1, 2, 3)
 
 # Root attributes every file carries (provenance attributes are optional).
 ROOT_ATTRS = ("format", "schema_version", "world_size", "dp", "sp", "retention_bins")
@@ -31,7 +33,16 @@ EFFICIENCY_INT = ("peak_mem_bytes", "avg_mem_bytes", "process_peak_rss_bytes")
 EFFICIENCY_FLOAT = ("throughput_tok_s", "context_tokens_per_s", "latency_s", "itl_s", "token_efficiency", "flops")
 # Files written before the columns were made per-method-honest (same schema version):
 # new name -> old name; a field absent under both reads as NaN.
-EFFICIENCY_OLD_NAMES = {"process_peak_rss_bytes": "peak_rss_bytes", "context_tokens_per_s": None}
+EFFICIENCY_OLD_NAMES = {"process_peak_rss_bytes": "peak_rss_bytes", "context_tokens_per_s": None,
+                        "tokens_run": None, "context_tokens_served": None, "serve_s": None, "decode_examples": None}
+
+# Schema 3: the efficiency numerators that let cells (and runs) merge exactly.
+EFFICIENCY_MERGE_FLOAT = ("tokens_run", "context_tokens_served", "serve_s")
+EFFICIENCY_MERGE_INT = ("decode_examples",)
+# Schema 3: /cells (one row per cell; the attribute kv_budget holds the budget texts, space-separated).
+CELLS_INT = ("context_size", "kv_budget_bytes")
+CELLS_FLOAT = ("kv_budget_fraction",)
+CELL_STATES = ("pending", "running", "done", "failed", "interrupted")
 
 ADAPTATION_ARRAYS = ("age_bin_edges", "retention_by_age", "queries_per_bin")
 ADAPTATION_FLOAT = ("retention_auc", "temporal_consistency", "adaptation_speed")

@@ -56,3 +56,67 @@ def mean_ci(values):
         return Estimate(m, math.nan, 1)
     sd = float(a.std(ddof=1))
     return Estimate(m, t975(n - 1) * sd / math.sqrt(n), n)
+
+
+# --------------------------------------------------------------------------- sweeps: bootstrap and paired tests
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 20261207  # fixed: the same files give the same intervals
+
+
+def bootstrap_mean_ci(values, samples=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """(mean, lo, hi): the mean of the finite values and its 95% percentile bootstrap interval from resampling
+    the examples with replacement (fixed seed). One value: (v, v, v); none: NaNs."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(a.mean())
+    if a.size == 1:
+        return m, m, m
+    rng = np.random.default_rng(seed)
+    means = a[rng.integers(0, a.size, size=(samples, a.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return m, float(lo), float(hi)
+
+
+def paired_bootstrap(a, b, samples=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
+    """Paired bootstrap of mean(a - b) over the same examples (rows aligned): (mean difference, lo, hi, p).
+
+    The examples are resampled jointly; lo/hi is the 95% percentile interval of the resampled mean difference
+    and p the two-sided bootstrap p-value 2 min(P(d* <= 0), P(d* >= 0)), capped at 1 (p = 1 when every
+    difference is 0). Rows where either value is not finite are left out."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap: {a.size} against {b.size} values (not the same examples)")
+    ok = np.isfinite(a) & np.isfinite(b)
+    d = a[ok] - b[ok]
+    if d.size == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    m = float(d.mean())
+    if d.size == 1 or not np.any(d != 0):
+        return m, m, m, 1.0 if not np.any(d != 0) else math.nan
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    p = 2.0 * min(float(np.mean(means <= 0)), float(np.mean(means >= 0)))
+    return m, float(lo), float(hi), min(1.0, p)
+
+
+def mcnemar_exact(correct_a, correct_b):
+    """Exact McNemar test on paired 0/1 outcomes (EM of method a and b on the same examples).
+
+    Returns (n01, n10, p): n01 = examples only b got right, n10 = only a got right, p = the two-sided exact
+    binomial p-value min(1, 2 P(X <= min(n01, n10))), X ~ Binomial(n01 + n10, 1/2); p = 1 with no discordant pair."""
+    a = np.asarray(correct_a, dtype=np.float64).ravel() > 0.5
+    b = np.asarray(correct_b, dtype=np.float64).ravel() > 0.5
+    if a.shape != b.shape:
+        raise ValueError(f"mcnemar_exact: {a.size} against {b.size} values (not the same examples)")
+    n10 = int(np.sum(a & ~b))
+    n01 = int(np.sum(~a & b))
+    n = n01 + n10
+    if n == 0:
+        return n01, n10, 1.0
+    k = min(n01, n10)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return n01, n10, min(1.0, 2.0 * tail)

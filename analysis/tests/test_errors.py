@@ -42,11 +42,11 @@ def test_foreign_hdf5(tmp_path):
 
 
 def test_other_schema_version(real_runs, copy_run, tmp_path):
-    path = copy_run(real_runs["tiny"], "v3.h5")
+    path = copy_run(real_runs["tiny"], "v4.h5")
     with h5py.File(path, "r+") as f:
-        f.attrs["schema_version"] = np.int64(3)
+        f.attrs["schema_version"] = np.int64(4)  # a layout newer than this tool
     res = run_report(path, "-o", tmp_path / "out")
-    _assert_clean_error(res, path, "schema_version 3")
+    _assert_clean_error(res, path, "schema_version 4")
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.05])

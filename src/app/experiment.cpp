@@ -23,6 +23,7 @@
 #include "dist/ring_attention.hpp"
 #include "methods/method.hpp"
 #include "io/checkpoint.hpp"
+#include "io/results.hpp"
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
 #include "eval/evaluator.hpp"
@@ -84,23 +85,25 @@ std::vector<data::Example> load_real(const Options& opt, const Tokenizer& tok, b
   return keep;
 }
 
-// Examples of one split: `n` examples spread over the context sizes (the first
-// n % sizes sizes get one more). Synthetic tasks build contexts of each size
+// Examples of one split: `n` examples spread over `sizes` (the first
+// n % sizes sizes get one more). Every example's meta context_size is the size
+// it was made for (an evaluation cell's examples are those of its size). Synthetic tasks build contexts of each size
 // (and, for needle, over a depth grid). Real datasets (`real`: load_real)
 // draw records with replacement (seeded) and cut each context to its size by
 // the truncation rule (oldest tokens dropped); a shorter context stays as is.
 // meta context_size: the size asked for; context_tokens_read: the record's
 // context tokens before the cut.
-std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, std::int64_t n, std::uint64_t seed,
-                                      bool grid, const std::vector<data::Example>* real = nullptr) {
+std::vector<data::Example> make_split(const Options& opt, const std::vector<std::int64_t>& sizes, const Tokenizer& tok,
+                                      std::int64_t n, std::uint64_t seed, bool grid,
+                                      const std::vector<data::Example>* real = nullptr) {
   if (is_real_dataset(opt.dataset)) {
     DSRSQ_REQUIRE(real && !real->empty(), "make_split: real dataset records not loaded");
     Rng rng(seed);
     std::vector<data::Example> out;
-    const auto nsizes = static_cast<std::int64_t>(opt.context_sizes.size());
+    const auto nsizes = static_cast<std::int64_t>(sizes.size());
     for (std::int64_t si = 0; si < nsizes; ++si) {
       const std::int64_t per_size = n / nsizes + (si < n % nsizes ? 1 : 0);
-      const auto size = static_cast<std::size_t>(opt.context_sizes[static_cast<std::size_t>(si)]);
+      const auto size = static_cast<std::size_t>(sizes[static_cast<std::size_t>(si)]);
       for (std::int64_t i = 0; i < per_size; ++i) {
         data::Example e = (*real)[rng.below(real->size())];
         std::size_t before = 0;
@@ -114,14 +117,15 @@ std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, 
   }
   const data::TokenCounter count = [&tok](std::string_view s) { return tok.encode(s).size(); };
   std::vector<data::Example> out;
-  const std::size_t nsizes = opt.context_sizes.size();
+  const std::size_t nsizes = sizes.size();
   const std::vector<double> depths{0.1, 0.3, 0.5, 0.7, 0.9};
   std::uint64_t sub = 0;
   for (std::size_t si = 0; si < nsizes; ++si) {
     const std::int64_t per_size = n / static_cast<std::int64_t>(nsizes) + (static_cast<std::int64_t>(si) < n % static_cast<std::int64_t>(nsizes) ? 1 : 0);
     if (per_size == 0) continue;
     data::TaskParams p = task_params(opt);
-    p["length"] = std::to_string(opt.context_sizes[si]);
+    p["length"] = std::to_string(sizes[si]);
+    const std::size_t first = out.size();
     if (opt.dataset == "needle" && grid && !p.count("depth")) {
       for (std::size_t di = 0; di < depths.size(); ++di) {
         const std::int64_t k = per_size / static_cast<std::int64_t>(depths.size()) + (static_cast<std::int64_t>(di) < per_size % static_cast<std::int64_t>(depths.size()) ? 1 : 0);
@@ -139,6 +143,7 @@ std::vector<data::Example> make_split(const Options& opt, const Tokenizer& tok, 
       auto v = data::make_task(opt.dataset, p, seed * 1000 + sub++, count);
       out.insert(out.end(), v.begin(), v.end());
     }
+    for (std::size_t i = first; i < out.size(); ++i) out[i].meta["context_size"] = std::to_string(sizes[si]);
   }
   return out;
 }
@@ -209,7 +214,7 @@ Splits build_data(const Options& opt, const Tokenizer& tok, bool talk) {
   std::vector<data::Example> real_records;
   if (is_real_dataset(opt.dataset)) real_records = load_real(opt, tok, talk);
   const std::vector<data::Example>* real = real_records.empty() ? nullptr : &real_records;
-  d.test = make_split(opt, tok, opt.num_test, opt.seed * 3 + 2, true, real);
+  d.test = make_split(opt, opt.eval_context_sizes, tok, opt.num_test, opt.seed * 3 + 2, true, real);
   if (!opt.gpt2_dir.empty()) {
     // Context lengths also in GPT-2 tokens, as the literature reports them.
     const Gpt2Bpe bpe(opt.gpt2_dir);
@@ -224,15 +229,14 @@ Splits build_data(const Options& opt, const Tokenizer& tok, bool talk) {
   }
   if (opt.command == "eval") return d;
   for (std::size_t si = 0; si < opt.context_sizes.size(); ++si) {
-    Options one = opt;
-    one.context_sizes = {opt.context_sizes[si]};
-    const auto ex = make_split(one, tok, std::max<std::int64_t>(1, opt.num_train / static_cast<std::int64_t>(opt.context_sizes.size())),
+    const auto ex = make_split(opt, {opt.context_sizes[si]}, tok,
+                               std::max<std::int64_t>(1, opt.num_train / static_cast<std::int64_t>(opt.context_sizes.size())),
                                opt.seed * 3 + 0 + 7919 * si, false, real);
     std::vector<Encoded> enc;
     for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len));
     d.pools.push_back(std::move(enc));
   }
-  for (const auto& e : make_split(opt, tok, opt.num_val, opt.seed * 3 + 1, false, real))
+  for (const auto& e : make_split(opt, opt.context_sizes, tok, opt.num_val, opt.seed * 3 + 1, false, real))
     d.val.push_back(encode_example(e, tok, opt.max_seq_len));
   return d;
 }
@@ -248,7 +252,7 @@ std::string dataset_hash(const std::vector<data::Example>& test) {
 }
 
 // --dry-run: the resolved configuration, a memory estimate and the plan, from the table.
-void print_plan(const Options& opt, const ModelConfig& mc, const KVBudget& budget) {
+void print_plan(const Options& opt, const ModelConfig& mc, const std::vector<KVBudget>& budgets) {
   std::printf("# resolved configuration (hash %s)\n%s", opt.identity_hash().c_str(), opt.resolved_text().c_str());
   const double P = static_cast<double>(mc.num_parameters()) * 4;
   const double N = static_cast<double>(opt.batch_size * opt.max_seq_len);
@@ -261,10 +265,11 @@ void print_plan(const Options& opt, const ModelConfig& mc, const KVBudget& budge
   // cache) holds more and records it; one that cannot meet it is infeasible.
   const double full = static_cast<double>(KVBudget::full_bytes(mc, opt.max_seq_len));
   std::printf("kv_full_cache     %14.0f   (at max_seq_len %lld)\n", full, static_cast<long long>(opt.max_seq_len));
-  for (const auto& m : opt.methods)
-    std::printf("kv_budget[%s] %*s%14.0f   (%s)\n", m.c_str(),
-                static_cast<int>(std::max<std::size_t>(1, 6 - std::min<std::size_t>(6, m.size()))), "",
-                static_cast<double>(budget.resolve(mc, opt.max_seq_len)), budget.str().c_str());
+  for (const auto& budget : budgets)
+    for (const auto& m : opt.methods)
+      std::printf("kv_budget[%s] %*s%14.0f   (%s)\n", m.c_str(),
+                  static_cast<int>(std::max<std::size_t>(1, 6 - std::min<std::size_t>(6, m.size()))), "",
+                  static_cast<double>(budget.resolve(mc, opt.max_seq_len)), budget.str().c_str());
   std::printf("# plan\n");
   const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");
   if (opt.command != "eval") std::printf("train     %-16s %s\n", opt.model.c_str(), std::string(trained.summary).c_str());
@@ -273,6 +278,11 @@ void print_plan(const Options& opt, const ModelConfig& mc, const KVBudget& budge
     std::printf("evaluate  %-16s %s [%s]\n", m.c_str(), std::string(info.summary).c_str(),
                 info.backbone == methods::Backbone::own ? "own weights" : "standard checkpoint");
   }
+  std::printf("cells     %zu per method: eval context sizes", opt.eval_context_sizes.size() * opt.kv_budget.size());
+  for (auto c : opt.eval_context_sizes) std::printf(" %lld", static_cast<long long>(c));
+  std::printf(" x kv budgets");
+  for (const auto& b : opt.kv_budget) std::printf(" %s", b.c_str());
+  std::printf(" (max_pos %lld)\n", static_cast<long long>(mc.max_pos));
   if (opt.ablation)
     for (const auto& v : opt.ablation_variants) std::printf("ablation  %s/%s\n", opt.model.c_str(), v.c_str());
 }
@@ -413,23 +423,70 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
   return done;
 }
 
+// The run's evaluation cells: every eval context size x every KV budget
+// (context size major), the order of rows in every /eval/<m>.
+std::vector<results::Cell> eval_cells(const Options& opt) {
+  std::vector<results::Cell> out;
+  for (auto c : opt.eval_context_sizes)
+    for (const auto& b : opt.kv_budget) {
+      const KVBudget kb = KVBudget::parse(b);
+      results::Cell cell;
+      cell.context_size = c;
+      cell.kv_budget = b;
+      cell.kv_budget_fraction = kb.bytes > 0 ? std::nan("") : kb.fraction;
+      cell.kv_budget_bytes = kb.bytes > 0 ? static_cast<std::int64_t>(kb.bytes) : -1;
+      out.push_back(cell);
+    }
+  return out;
+}
+
+// Several evaluations of one method as one: its examples in order, scored and
+// aggregated again (the summary columns come from the examples alone).
+MethodEval merged(const std::string& name, const std::vector<const MethodEval*>& parts) {
+  MethodEval all;
+  all.method = name;
+  for (const MethodEval* p : parts) {
+    all.examples.insert(all.examples.end(), p->examples.begin(), p->examples.end());
+    all.wall_s += p->wall_s;
+    all.process_peak_rss_bytes = std::max(all.process_peak_rss_bytes, p->process_peak_rss_bytes);
+  }
+  score_and_aggregate(all);
+  return all;
+}
+
 // Evaluation on rank 0: every method of --methods on its backbone, then the
-// trained method's ablation variants on the same weights. Returns false when
-// a stop signal cut it short (finished methods are kept).
+// trained method's ablation variants on the same weights. Each method is
+// evaluated in every cell (eval context size x KV budget) on the same test
+// examples of that size; a failing cell is recorded and the others go on.
+// Returns false when a stop signal cut it short (finished methods are kept).
 bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model, methods::Method& trained_method,
                   Transformer* standard_backbone, const std::map<std::string, std::string>& backbones,
-                  const KVBudget& budget, const Tokenizer& tok, const std::vector<data::Example>& test,
-                  ResultsSink& sink, std::vector<std::string>& failed) {
+                  const Tokenizer& tok, const std::vector<data::Example>& test, ResultsSink& sink,
+                  std::vector<std::string>& failed) {
+  const std::vector<results::Cell> cells = eval_cells(opt);
+  const std::size_t nb = opt.kv_budget.size();
+  std::vector<KVBudget> budgets;
+  for (const auto& b : opt.kv_budget) budgets.push_back(KVBudget::parse(b));
+  // The test examples of each eval context size (meta context_size, set by make_split).
+  std::vector<std::vector<data::Example>> by_size(opt.eval_context_sizes.size());
+  for (const auto& e : test) {
+    const auto it = e.meta.find("context_size");
+    DSRSQ_REQUIRE(it != e.meta.end(), "test example '", e.id, "' has no meta context_size");
+    const auto pos = std::find(opt.eval_context_sizes.begin(), opt.eval_context_sizes.end(), std::stoll(it->second));
+    DSRSQ_REQUIRE(pos != opt.eval_context_sizes.end(), "test example '", e.id, "' has an unknown context size");
+    by_size[static_cast<std::size_t>(pos - opt.eval_context_sizes.begin())].push_back(e);
+  }
   EvalConfig ec;
-  ec.budget = budget;
   ec.max_new_tokens = opt.max_new_tokens;
   ec.max_seq_len = mc.max_pos;
   ec.query_agnostic = opt.protocol == "context_only" || opt.protocol == "reuse";
   ec.reuse = opt.protocol == "reuse";
   bool stopped = false;
+  // results[b]: per method, its evaluation at budget b over every context size (printed tables).
+  using PerBudget = std::vector<std::vector<MethodEval>>;
   auto evaluate = [&](const std::string& name, const std::string& kind, const std::function<methods::EvalPlan()>& plan,
-                      Transformer& weights, std::vector<MethodEval>& out) {
-    if (stopped || sink.should_stop()) {  // a stop signal during evaluation: stop between methods
+                      Transformer& weights, PerBudget& out) {
+    if (stopped || sink.should_stop()) {  // a stop signal during evaluation: stop between cells
       stopped = true;
       return;
     }
@@ -439,31 +496,87 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
       return;
     }
     sink.method_started(name, kind);
+    std::vector<MethodEval> done(cells.size());
+    std::vector<bool> ok(cells.size(), false);
+    std::string errors;
+    std::int64_t group_base = 0;  // reuse protocol: groups of the cells before this one
     try {
       EvalConfig e = ec;
       e.name = name;
       methods::EvalPlan p = plan();
       e.select = p.select;
-      Timer t;
-      out.push_back(evaluate_method(weights, *p.policy, tok, test, e));
-      std::printf("dsrsq: evaluated %s%-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n",
-                  kind == "eval" ? "" : "ablation variant ", name.c_str(), out.back().f1, out.back().em,
-                  out.back().examples.size(), t.seconds());
-      sink.method_done(out.back(), kind);
-    } catch (const std::exception& ex) {
+      for (std::size_t k = 0; k < cells.size() && !stopped; ++k) {
+        if (sink.should_stop()) {
+          stopped = true;
+          break;
+        }
+        e.budget = budgets[k % nb];
+        sink.cell_started(name, kind, k);
+        try {
+          Timer t;
+          done[k] = evaluate_method(weights, *p.policy, tok, by_size[k / nb], e);
+          if (ec.reuse) {
+            // Reuse groups are numbered per evaluation: continue the numbering
+            // over the method's cells so meta reuse_group names one shared
+            // compression among all of the method's rows.
+            std::int64_t next = group_base;
+            for (auto& x : done[k].examples)
+              if (auto it = x.meta.find("reuse_group"); it != x.meta.end()) {
+                const std::int64_t g = group_base + std::stoll(it->second);
+                it->second = std::to_string(g);
+                next = std::max(next, g + 1);
+              }
+            group_base = next;
+          }
+          std::printf("dsrsq: evaluated %s%-16s context %lld, KV budget %s: F1 %.4f EM %.4f on %zu examples%s (%.1f s)\n",
+                      kind == "eval" ? "" : "ablation variant ", name.c_str(),
+                      static_cast<long long>(cells[k].context_size), cells[k].kv_budget.c_str(), done[k].f1, done[k].em,
+                      done[k].examples.size(),
+                      done[k].infeasible_examples ? detail::cat(", infeasible on ", done[k].infeasible_examples).c_str()
+                                                  : "",
+                      t.seconds());
+          sink.cell_done(done[k], kind, k);
+          ok[k] = true;
+        } catch (const std::exception& ex) {
+          const std::string where = detail::cat("context ", cells[k].context_size, ", KV budget ", cells[k].kv_budget);
+          std::printf("dsrsq: %s %s (%s) FAILED: %s\n", kind.c_str(), name.c_str(), where.c_str(), ex.what());
+          sink.cell_failed(name, kind, k, ex.what());
+          errors += (errors.empty() ? "" : "; ") + where + ": " + ex.what();
+        }
+      }
+    } catch (const std::exception& ex) {  // the method could not be set up: every cell fails
+      errors = ex.what();
       std::printf("dsrsq: %s %s FAILED: %s\n", kind.c_str(), name.c_str(), ex.what());
-      sink.method_failed(name, ex.what(), kind);
+      for (std::size_t k = 0; k < cells.size(); ++k) sink.cell_failed(name, kind, k, ex.what());
+    }
+    if (stopped) return;  // the method stays "running": a rerun evaluates it again
+    std::vector<const MethodEval*> all;
+    for (std::size_t k = 0; k < cells.size(); ++k)
+      if (ok[k]) all.push_back(&done[k]);
+    if (!errors.empty()) {
+      sink.method_failed(name, errors, kind);
       failed.push_back(kind == "eval" ? name : kind + "/" + name);
+    } else {
+      sink.method_done(merged(name, all), kind);
+    }
+    for (std::size_t b = 0; b < nb; ++b) {
+      std::vector<const MethodEval*> parts;
+      for (std::size_t k = b; k < cells.size(); k += nb)
+        if (ok[k]) parts.push_back(&done[k]);
+      if (!parts.empty()) out[b].push_back(merged(name, parts));
     }
   };
-  const std::string caption =
-      "KV budget " + opt.kv_budget + " (" + budget.str() + " of each example's full cache), " +
-      (ec.reuse ? "reuse protocol (compress once, ask many): each method compresses a shared context once, without "
-                  "the questions, and answers each of its questions from a copy of that cache; latency = restore + "
-                  "question + first token, the compression counted once per context in serving time"
-       : ec.query_agnostic ? "query-agnostic protocol: each method compresses the context, then the question is appended"
-                           : "query-aware protocol: the question is in the prompt every method compresses");
-  std::vector<MethodEval> results;
+  auto caption = [&](std::size_t b) {
+    return "KV budget " + opt.kv_budget[b] + " (" + budgets[b].str() + " of each example's full cache), " +
+           (ec.reuse ? "reuse protocol (compress once, ask many): each method compresses a shared context once, "
+                       "without the questions, and answers each of its questions from a copy of that cache; latency "
+                       "= restore + question + first token, the compression counted once per context in serving time"
+            : ec.query_agnostic
+                ? "query-agnostic protocol: each method compresses the context, then the question is appended"
+                : "query-aware protocol: the question is in the prompt every method compresses") +
+           (opt.eval_context_sizes.size() > 1 ? ", all eval context sizes" : "");
+  };
+  PerBudget results(nb);
   for (const auto& m : opt.methods) {
     const methods::MethodInfo& info = methods::find_method(m);
     if (m == opt.model) {
@@ -479,13 +592,13 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
       return method->plan("");
     }, weights, results);
   }
-  print_tables(results, caption, backbones);
+  for (std::size_t b = 0; b < nb; ++b) print_tables(results[b], caption(b), backbones);
   if (opt.ablation) {
-    std::vector<MethodEval> ablation;
+    PerBudget ablation(nb);
     for (const auto& v : opt.ablation_variants)
       evaluate(v, "ablation", [&] { return trained_method.plan(v); }, model, ablation);
     std::printf("\nablation (%s variants on the same weights)\n", opt.model.c_str());
-    print_tables(ablation, caption);
+    for (std::size_t b = 0; b < nb; ++b) print_tables(ablation[b], caption(b));
   }
   return !stopped;
 }
@@ -519,13 +632,16 @@ int run_experiment(const Options& opt, int rank, int world) {
   mc.n_layers = opt.n_layers;
   mc.d_ff = opt.d_ff;
   // Sequence parallelism pads batches to a multiple of 2 sp tokens.
-  mc.max_pos = opt.max_pos ? opt.max_pos : (opt.max_seq_len + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);
+  // Sequence parallelism pads batches to a multiple of 2 sp tokens; the limit
+  // follows the eval context sizes when --max_pos is not given.
+  mc.max_pos = opt.max_pos ? opt.max_pos : (opt.auto_max_pos() + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);
   mc.validate();
-  const KVBudget budget = KVBudget::parse(opt.kv_budget);
+  std::vector<KVBudget> budgets;
+  for (const auto& b : opt.kv_budget) budgets.push_back(KVBudget::parse(b));
   const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");
 
   if (opt.dry_run) {
-    print_plan(opt, mc, budget);
+    print_plan(opt, mc, budgets);
     return 0;
   }
 
@@ -548,7 +664,13 @@ int run_experiment(const Options& opt, int rank, int world) {
   std::printf("dsrsq: dataset %s, tokenizer %s (vocab %lld), context sizes", opt.dataset.c_str(), tok->name().c_str(),
               static_cast<long long>(mc.vocab));
   for (auto c : opt.context_sizes) std::printf(" %lld", static_cast<long long>(c));
-  std::printf(", max_seq_len %lld\n", static_cast<long long>(opt.max_seq_len));
+  if (opt.eval_context_sizes != opt.context_sizes) {
+    std::printf(" (evaluation:");
+    for (auto c : opt.eval_context_sizes) std::printf(" %lld", static_cast<long long>(c));
+    std::printf(")");
+  }
+  std::printf(", max_seq_len %lld, max_pos %lld\n", static_cast<long long>(opt.max_seq_len),
+              static_cast<long long>(mc.max_pos));
   const Splits data = build_data(opt, *tok, rank == 0);
   std::optional<io::CheckpointState> init;
   if (!opt.init_from.empty()) {
@@ -566,7 +688,7 @@ int run_experiment(const Options& opt, int rank, int world) {
   // From here on the run directory exists: a fatal error is recorded in run.h5
   // (run_state "failed" with the message) before it reaches main (exit 1).
   try {
-    sink.open(dataset_hash(data.test), backbones);
+    sink.open(dataset_hash(data.test), backbones, eval_cells(opt));
     std::printf("dsrsq: %zu training pools, %zu validation, %zu test examples (%.1f s)\n", data.pools.size(),
                 data.val.size(), data.test.size(), total.seconds());
 
@@ -642,8 +764,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     bool eval_stopped = false;
     std::vector<std::string> failed;
     if (opt.command != "train" && rank == 0)
-      eval_stopped = !evaluate_all(opt, mc, model, *method, standard.get(), backbones, budget, *tok, data.test, sink,
-                                   failed);
+      eval_stopped = !evaluate_all(opt, mc, model, *method, standard.get(), backbones, *tok, data.test, sink, failed);
     if (eval_stopped) {
       std::printf("dsrsq: stopped by a signal during evaluation; finished methods are kept, rerun to evaluate the rest\n");
       sink.interrupted_eval();

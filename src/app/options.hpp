@@ -32,7 +32,7 @@ struct Options {
   // Model
   std::string model = "standard";
   std::int64_t d_model = 128, n_heads = 4, n_layers = 2, d_ff = 512;
-  std::int64_t max_pos = 0;  // 0: max_seq_len
+  std::int64_t max_pos = 0;  // 0: auto_max_pos()
   std::string init_from;     // checkpoint to start from
 
   // Data
@@ -42,8 +42,16 @@ struct Options {
   std::string tokenizer = "byte";
   std::string tokenizer_model;
   std::string gpt2_dir;  // encoder.json + vocab.bpe: also report context lengths in GPT-2 tokens
-  std::vector<std::int64_t> context_sizes{64, 128, 192};  // training curriculum and test lengths (tokens)
+  std::vector<std::int64_t> context_sizes{64, 128, 192};  // training curriculum (and the test lengths by default)
+  // Test lengths: one evaluation cell per size (and budget); empty on the
+  // command line: context_sizes (filled in by parse_options).
+  std::vector<std::int64_t> eval_context_sizes;
+  // Longest training prompt + answer. Not given and the largest training size
+  // does not fit under the default: largest size + kAutoHeadroom.
   std::int64_t max_seq_len = 256;
+  // Room for [BOS] [SEP] question [ANS] answer beside the context: what the
+  // defaults leave (256 - 192); used where max_seq_len / max_pos follow the sizes.
+  static constexpr std::int64_t kAutoHeadroom = 64;
   std::int64_t num_train = 6000, num_val = 64, num_test = 120;
   // key=value pairs passed to the task generator; the default applies to the
   // default dataset (needle) only: 4-digit magic numbers, learnable in minutes.
@@ -77,7 +85,9 @@ struct Options {
   std::vector<std::string> methods;  // empty: default_methods(model)
   static std::vector<std::string> default_methods(const std::string& model);
   std::string protocol = "query_aware";  // query_aware | context_only | reuse
-  std::string kv_budget = "0.5";  // fraction of the full cache, or bytes with a unit (e.g. 512KiB)
+  // KV budgets (one evaluation cell per budget and eval context size): each a
+  // fraction of the full cache or bytes with a unit (e.g. 512KiB).
+  std::vector<std::string> kv_budget{"0.5"};
   std::int64_t max_new_tokens = 12;
   bool ablation = false;
 
@@ -92,6 +102,10 @@ struct Options {
   // The resolved configuration as sorted "key = value" lines, and its hash
   // (run identity: everything that changes results; not output paths or --overwrite).
   std::string resolved_text() const;
+  // The model's position limit: --max_pos when given, else the larger of
+  // max_seq_len and the largest eval context size + the room training sizes
+  // have under max_seq_len (so evaluating longer contexts needs no option).
+  std::int64_t auto_max_pos() const;
   std::string identity_hash() const;
 };
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -143,7 +144,8 @@ ResultsSink::~ResultsSink() = default;
 bool ResultsSink::skip() const { return impl_->skip; }
 const std::string& ResultsSink::path() const { return impl_->h5_path; }
 
-void ResultsSink::open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones) {
+void ResultsSink::open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones,
+                       const std::vector<results::Cell>& cells) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
   bool resuming = I.decision.action == io::RunAction::resume && fs::exists(I.h5_path);
@@ -228,6 +230,7 @@ void ResultsSink::open(const std::string& dataset_hash, const std::map<std::stri
     layout.methods = I.opt.methods;
     layout.backbones = backbones;
     layout.protocol = I.opt.protocol;
+    layout.cells = cells;
     if (I.opt.ablation) layout.ablation_variants = I.opt.ablation_variants;
     if (I.opt.dataset == "fact_stream") layout.adaptation_methods = I.opt.methods;
     layout.world_size = I.opt.dp * I.opt.sp;
@@ -367,9 +370,9 @@ void ResultsSink::method_started(const std::string& method, const std::string& k
   I.file->set_status(kind + "/" + method, "running");
 }
 
-void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
-  if (impl_->rank != 0) return;
-  Impl& I = *impl_;
+namespace {
+
+std::vector<results::ExampleRecord> example_rows(const MethodEval& r, std::int64_t cell) {
   std::vector<results::ExampleRecord> rows;
   rows.reserve(r.examples.size());
   for (const auto& e : r.examples) {
@@ -393,10 +396,13 @@ void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
     x.kv_read_per_step_bytes = static_cast<std::int64_t>(e.kv.read_per_step);
     x.kv_total_bytes = static_cast<std::int64_t>(e.kv.total);
     x.meta = meta_json(e.meta);
+    x.cell = cell;
     rows.push_back(std::move(x));
   }
-  const std::string g = kind + "/" + r.method;
-  I.file->append_examples(g, rows);
+  return rows;
+}
+
+results::EvalSummary summary_of(const MethodEval& r) {
   results::EvalSummary s;
   s.f1_mean = r.f1;
   s.em_mean = r.em;
@@ -406,7 +412,10 @@ void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
   s.bleu_mean = r.examples.empty() ? 0.0 : bleu_mean / static_cast<double>(r.examples.size());
   s.corpus_bleu = r.bleu;
   s.n_examples = static_cast<std::int64_t>(r.examples.size());
-  I.file->set_summary(g, s);
+  return s;
+}
+
+results::EfficiencyRecord efficiency_of(const MethodEval& r) {
   results::EfficiencyRecord eff;
   eff.peak_mem_bytes = static_cast<std::int64_t>(r.peak_mem_bytes);
   eff.avg_mem_bytes = static_cast<std::int64_t>(r.avg_mem_bytes);
@@ -417,7 +426,42 @@ void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
   eff.itl_s = r.itl_s;
   eff.token_efficiency = r.token_efficiency;
   eff.flops = r.flops;
-  I.file->set_efficiency(kind == "eval" ? "efficiency/" + r.method : g, eff);
+  eff.tokens_run = r.tokens_run;
+  eff.context_tokens_served = r.context_tokens_served;
+  eff.serve_s = r.serve_s;
+  std::int64_t decode = 0;  // token_efficiency's examples (score_and_aggregate: those with full_keys > 0)
+  for (const auto& e : r.examples) decode += e.full_keys > 0 ? 1 : 0;
+  eff.decode_examples = decode;
+  return eff;
+}
+
+}  // namespace
+
+void ResultsSink::cell_started(const std::string& method, const std::string& kind, std::size_t cell) {
+  if (impl_->rank != 0 || kind != "eval") return;
+  impl_->file->set_cell_status(method, cell, "running");
+}
+
+void ResultsSink::cell_done(const MethodEval& r, const std::string& kind, std::size_t cell) {
+  if (impl_->rank != 0) return;
+  Impl& I = *impl_;
+  const auto rows = example_rows(r, static_cast<std::int64_t>(cell));
+  I.file->append_examples(kind + "/" + r.method, rows);
+  if (kind == "eval") I.file->set_cell_result(r.method, cell, summary_of(r), efficiency_of(r));
+}
+
+void ResultsSink::cell_failed(const std::string& method, const std::string& kind, std::size_t cell,
+                              const std::string& message) {
+  if (impl_->rank != 0 || kind != "eval") return;
+  impl_->file->set_cell_status(method, cell, "failed", message);
+}
+
+void ResultsSink::method_done(const MethodEval& r, const std::string& kind) {
+  if (impl_->rank != 0) return;
+  Impl& I = *impl_;
+  const std::string g = kind + "/" + r.method;
+  I.file->set_summary(g, summary_of(r));
+  I.file->set_efficiency(kind == "eval" ? "efficiency/" + r.method : g, efficiency_of(r));
   if (I.opt.dataset == "fact_stream" && kind == "eval") {
     const AdaptationMetrics a = adaptation_metrics(r, 8);
     results::AdaptationRecord ar;

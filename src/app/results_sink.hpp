@@ -11,6 +11,7 @@
 #include "data/tokenizer.hpp"
 #include "model/transformer.hpp"
 #include "eval/evaluator.hpp"
+#include "io/results.hpp"
 #include "train/trainer.hpp"
 #include "train/optimizer.hpp"
 
@@ -26,7 +27,9 @@ class ResultsSink {
   bool skip() const;               // the same configuration already finished
   // Creates the results file (or reopens it to resume) once the data is known.
   // backbones: per evaluated method, the weights it runs on (/eval/<m> attr).
-  void open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones = {});
+  // cells: the evaluation cells (eval context size x KV budget), /cells.
+  void open(const std::string& dataset_hash, const std::map<std::string, std::string>& backbones = {},
+            const std::vector<results::Cell>& cells = {});
   const std::string& path() const;  // the results file
   // Loads the newest checkpoint of this run, if any; returns the step to start from.
   // extra (may be null) receives the checkpoint's extra arrays (DSRSQ state).
@@ -49,6 +52,13 @@ class ResultsSink {
   // kind: "eval" (/eval/<method>) or "ablation" (/ablation/<variant>; r.method names the variant).
   bool method_done_before(const std::string& method, const std::string& kind = "eval") const;
   void method_started(const std::string& method, const std::string& kind = "eval");
+  // One cell of a method: its rows (tagged with the cell) and, for kind
+  // "eval", the cell's state, summary and efficiency (/eval/<m>/cells/<cell>).
+  void cell_started(const std::string& method, const std::string& kind, std::size_t cell);
+  void cell_done(const MethodEval& r, const std::string& kind, std::size_t cell);
+  void cell_failed(const std::string& method, const std::string& kind, std::size_t cell, const std::string& message);
+  // The method over all its cells (rows already written by cell_done): summary,
+  // efficiency, adaptation and status "done".
   void method_done(const MethodEval& r, const std::string& kind = "eval");
   void method_failed(const std::string& method, const std::string& message, const std::string& kind = "eval");
   void finish();

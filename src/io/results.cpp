@@ -83,7 +83,14 @@ const std::vector<Field<ExampleRecord>>& example_fields() {
       {"kv_read_per_step_bytes", &R::kv_read_per_step_bytes},
       {"kv_total_bytes", &R::kv_total_bytes},
       {"meta", &R::meta},
+      {"cell", &R::cell},
   };
+  return f;
+}
+
+// Schema 2 files: the same columns without `cell`.
+const std::vector<Field<ExampleRecord>>& example_fields_v2() {
+  static const std::vector<Field<ExampleRecord>> f(example_fields().begin(), example_fields().end() - 1);
   return f;
 }
 
@@ -105,7 +112,11 @@ const std::vector<Field<EfficiencyRecord>>& efficiency_fields() {
                                           {"latency_s", &R::latency_s},
                                           {"itl_s", &R::itl_s},
                                           {"token_efficiency", &R::token_efficiency},
-                                          {"flops", &R::flops}};
+                                          {"flops", &R::flops},
+                                          {"tokens_run", &R::tokens_run},
+                                          {"context_tokens_served", &R::context_tokens_served},
+                                          {"serve_s", &R::serve_s},
+                                          {"decode_examples", &R::decode_examples}};
   return f;
 }
 
@@ -380,9 +391,15 @@ void write_scalars(const h5::Group& g, const std::vector<Field<R>>& fields, cons
   }
 }
 
+// A field the group lacks (a schema 2 file's efficiency numerators) reads as unset.
 template <class R>
 void read_scalars(const h5::Group& g, const std::vector<Field<R>>& fields, R& r, bool refresh) {
   for (const auto& f : fields) {
+    if (!g.exists(f.name)) {
+      if (auto m = std::get_if<double R::*>(&f.member)) r.**m = kNaN;
+      else if (auto mi = std::get_if<std::int64_t R::*>(&f.member)) r.**mi = kUnsetInt;
+      continue;
+    }
     h5::Dataset ds = g.dataset(f.name);
     if (refresh) ds.refresh();
     if (auto m = std::get_if<double R::*>(&f.member)) r.**m = ds.read_all<double>().at(0);
@@ -409,14 +426,26 @@ void create_eval_group(const h5::Group& g) {
   create_scalars(g.create_group("summary"), summary_fields());
 }
 
-void check_format(const h5::Group& root, const std::string& path) {
+// Reading takes schema 2 and 3; writing into a file (resume) needs this build's.
+void check_format(const h5::Group& root, const std::string& path, bool writing) {
   if (!root.has_attr("format") || root.attr_string("format") != kFormatName)
     raise_input_error(detail::cat("results file '", path,
                                   "': not a dsrsq results file (root attribute 'format' is not '", kFormatName, "')"));
   const auto v = root.has_attr("schema_version") ? root.attr_int("schema_version") : -1;
-  if (v != kSchemaVersion)
-    raise_input_error(
-        detail::cat("results file '", path, "': schema_version ", v, ", this build reads ", kSchemaVersion));
+  if (writing && v != kSchemaVersion)
+    raise_input_error(detail::cat("results file '", path, "': schema_version ", v, ", this build writes ",
+                                  kSchemaVersion, " and cannot append to it"));
+  if (v < kOldestReadableSchema || v > kSchemaVersion)
+    raise_input_error(detail::cat("results file '", path, "': schema_version ", v, ", this build reads ",
+                                  kOldestReadableSchema, " to ", kSchemaVersion));
+}
+
+const std::vector<Field<ExampleRecord>>& example_fields_of(const h5::Group& root) {
+  return root.attr_int("schema_version") >= 3 ? example_fields() : example_fields_v2();
+}
+
+std::string cell_group(const std::string& method, std::size_t cell) {
+  return "eval/" + method + "/cells/" + std::to_string(cell);
 }
 
 RunLayout layout_of(const h5::Group& r) {
@@ -446,6 +475,19 @@ RunLayout layout_of(const h5::Group& r) {
       l.ablation_variants = ordered;
   }
   l.adaptation_methods = r.group("adaptation").children();
+  if (r.exists("cells")) {
+    const auto g = r.group("cells");
+    const auto cs = g.read<std::int64_t>("context_size");
+    const auto fr = g.read<double>("kv_budget_fraction");
+    const auto by = g.read<std::int64_t>("kv_budget_bytes");
+    std::vector<std::string> texts;
+    std::istringstream words(g.has_attr("kv_budget") ? g.attr_string("kv_budget") : "");
+    for (std::string w; words >> w;) texts.push_back(w);
+    if (cs.size() != fr.size() || cs.size() != by.size() || cs.size() != texts.size())
+      raise_input_error(detail::cat("results file: /cells columns have different lengths (", cs.size(), ", ",
+                                    fr.size(), ", ", by.size(), ", ", texts.size(), " budget texts)"));
+    for (std::size_t k = 0; k < cs.size(); ++k) l.cells.push_back(Cell{cs[k], texts[k], fr[k], by[k]});
+  }
   return l;
 }
 
@@ -475,6 +517,11 @@ ResultsFile ResultsFile::create(const std::string& path, const RunLayout& layout
                       layout.retention_bins);
     DSRSQ_INPUT_CHECK(layout.world_size >= 1 && layout.dp >= 1 && layout.sp >= 1,
                       "results: world_size, dp and sp must be >= 1");
+    for (const auto& c : layout.cells)
+      DSRSQ_INPUT_CHECK(c.context_size > 0 && !c.kv_budget.empty() &&
+                            c.kv_budget.find_first_of(" \t\n") == std::string::npos,
+                        "results: a cell needs a positive context size and a budget text without spaces, got ",
+                        c.context_size, " / '", c.kv_budget, "'");
   }
   ResultsFile rf;
   rf.layout_ = layout;
@@ -543,11 +590,41 @@ void ResultsFile::build(const Provenance& provenance, const ConfigRecord& config
     root.set_attr("ablation_order", variants);
     root.set_attr("protocol", layout.protocol);
   }
+  {
+    // The cell table, written once: cell k's context size and budget.
+    auto g = root.create_group("cells");
+    std::vector<std::int64_t> cs, by;
+    std::vector<double> fr;
+    std::string texts;
+    for (const auto& c : layout.cells) {
+      cs.push_back(c.context_size);
+      fr.push_back(c.kv_budget_fraction);
+      by.push_back(c.kv_budget_bytes);
+      texts += (texts.empty() ? "" : " ") + c.kv_budget;
+    }
+    if (cs.empty()) {  // no cells (a layout made by hand): empty columns
+      g.create_fixed<std::int64_t>("context_size", {0}, 0);
+      g.create_fixed<double>("kv_budget_fraction", {0}, kNaN);
+      g.create_fixed<std::int64_t>("kv_budget_bytes", {0}, kUnsetInt);
+    } else {
+      g.write("context_size", cs, {cs.size()});
+      g.write("kv_budget_fraction", fr, {fr.size()});
+      g.write("kv_budget_bytes", by, {by.size()});
+    }
+    g.set_attr("kv_budget", texts);
+  }
   for (const auto& m : layout.methods) {
     auto g = root.create_group("eval/" + m);
     create_eval_group(g);
     if (auto it = layout.backbones.find(m); it != layout.backbones.end()) g.set_attr("backbone", it->second);
     create_efficiency_group(root.create_group("efficiency/" + m));
+    for (std::size_t k = 0; k < layout.cells.size(); ++k) {
+      auto c = g.create_group("cells/" + std::to_string(k));
+      c.create_fixed_string("state", kStateChars, "pending");
+      c.create_fixed_string("message", kMessageChars, "");
+      create_scalars(c.create_group("summary"), summary_fields());
+      create_efficiency_group(c.create_group("efficiency"));
+    }
   }
   for (const auto& v : layout.ablation_variants) {
     auto g = root.create_group("ablation/" + v);
@@ -571,7 +648,7 @@ ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_throu
                                 const Provenance* update) {
   ResultsFile rf;
   rf.file_ = std::make_unique<h5::File>(path, h5::File::Mode::read_write, /*swmr=*/true);
-  check_format(rf.file_->root(), path);
+  check_format(rf.file_->root(), path, /*writing=*/true);
   rf.layout_ = layout_of(rf.file_->root());
   if (update) {
     const auto& root = rf.file_->root();
@@ -620,6 +697,12 @@ ResultsFile ResultsFile::resume(const std::string& path, std::int64_t keep_throu
       if (st == "done") continue;
       Table t = Table::open(rf.file_->root().group(kind + "/" + n), example_fields(), false);
       t.truncate(0);
+      if (kind == "eval")  // its cells are evaluated again too
+        for (std::size_t k = 0; k < rf.layout_.cells.size(); ++k) {
+          const auto c = rf.file_->root().group(cell_group(n, k));
+          c.dataset("state").write_fixed_string("pending");
+          c.dataset("message").write_fixed_string("");
+        }
     }
   };
   drop_unfinished("eval", rf.layout_.methods);
@@ -733,6 +816,32 @@ void ResultsFile::set_status(const std::string& name, const std::string& state, 
   flush();
 }
 
+void ResultsFile::set_cell_status(const std::string& method, std::size_t cell, const std::string& state,
+                                  const std::string& message) {
+  DSRSQ_INPUT_CHECK(file_, "results: file is closed");
+  static const std::set<std::string> states = {"pending", "running", "done", "failed", "interrupted"};
+  DSRSQ_INPUT_CHECK(states.count(state), "results: cell state must be pending|running|done|failed|interrupted, got '",
+                    state, "'");
+  DSRSQ_INPUT_CHECK(contains(layout_.methods, method) && cell < layout_.cells.size(), "results file '", path(),
+                    "': no cell ", cell, " of method '", method, "' in the run layout (methods: ", list(layout_.methods),
+                    "; ", layout_.cells.size(), " cells)");
+  const auto g = file_->root().group(cell_group(method, cell));
+  g.dataset("state").write_fixed_string(state);
+  g.dataset("message").write_fixed_string(fit(message, kMessageChars));
+  flush();
+}
+
+void ResultsFile::set_cell_result(const std::string& method, std::size_t cell, const EvalSummary& s,
+                                  const EfficiencyRecord& e) {
+  DSRSQ_INPUT_CHECK(file_, "results: file is closed");
+  DSRSQ_INPUT_CHECK(contains(layout_.methods, method) && cell < layout_.cells.size(), "results file '", path(),
+                    "': no cell ", cell, " of method '", method, "' in the run layout");
+  const auto g = file_->root().group(cell_group(method, cell));
+  write_scalars(g.group("summary"), summary_fields(), s);
+  write_scalars(g.group("efficiency"), efficiency_fields(), e);
+  set_cell_status(method, cell, "done");
+}
+
 void ResultsFile::set_run_state(const std::string& state, const std::string& end_time, const std::string& message) {
   DSRSQ_INPUT_CHECK(file_, "results: file is closed");
   DSRSQ_INPUT_CHECK(state == "running" || state == "done" || state == "failed" || state == "interrupted",
@@ -760,7 +869,7 @@ void ResultsFile::close() {
 // ---- ResultsReader ---------------------------------------------------------
 
 ResultsReader::ResultsReader(const std::string& path, bool swmr) : file_(path, h5::File::Mode::read, swmr) {
-  check_format(file_.root(), path);
+  check_format(file_.root(), path, /*writing=*/false);
 }
 
 ResultsReader::~ResultsReader() = default;
@@ -784,7 +893,7 @@ std::size_t ResultsReader::rows(const std::string& name) const {
   if (name == "train") return Table::open(g, train_fields(), rf).rows();
   if (name == "val") return Table::open(g, val_fields(), rf).rows();
   if (name == "ranks") return Table::open(g, rank_fields(), rf).rows();
-  return Table::open(g, example_fields(), rf).rows();
+  return Table::open(g, example_fields_of(root()), rf).rows();
 }
 
 std::vector<TrainRecord> ResultsReader::train() const {
@@ -797,7 +906,8 @@ std::vector<RankRecord> ResultsReader::ranks() const {
   return Table::open(root().group("ranks"), rank_fields(), swmr_open(file_)).read(rank_fields());
 }
 std::vector<ExampleRecord> ResultsReader::examples(const std::string& group) const {
-  return Table::open(root().group(group), example_fields(), swmr_open(file_)).read(example_fields());
+  const auto& fields = example_fields_of(root());
+  return Table::open(root().group(group), fields, swmr_open(file_)).read(fields);
 }
 
 EvalSummary ResultsReader::summary(const std::string& group) const {
@@ -834,6 +944,25 @@ Status ResultsReader::status(const std::string& name) const {
   auto s = g.dataset("state"), m = g.dataset("message");
   if (swmr_open(file_)) s.refresh(), m.refresh();
   return {s.read_fixed_string(), m.read_fixed_string()};
+}
+
+Status ResultsReader::cell_status(const std::string& method, std::size_t cell) const {
+  const auto g = root().group(cell_group(method, cell));
+  auto s = g.dataset("state"), m = g.dataset("message");
+  if (swmr_open(file_)) s.refresh(), m.refresh();
+  return {s.read_fixed_string(), m.read_fixed_string()};
+}
+
+EvalSummary ResultsReader::cell_summary(const std::string& method, std::size_t cell) const {
+  EvalSummary s;
+  read_scalars(root().group(cell_group(method, cell) + "/summary"), summary_fields(), s, swmr_open(file_));
+  return s;
+}
+
+EfficiencyRecord ResultsReader::cell_efficiency(const std::string& method, std::size_t cell) const {
+  EfficiencyRecord r;
+  read_scalars(root().group(cell_group(method, cell) + "/efficiency"), efficiency_fields(), r, swmr_open(file_));
+  return r;
 }
 
 Status ResultsReader::run_state() const {

@@ -25,7 +25,13 @@ inline constexpr const char* kFormatName = "dsrsq-results";
 // 2: /efficiency/<m>/process_peak_rss_bytes (was peak_rss_bytes) and
 // context_tokens_per_s; root attrs method_order, ablation_order, protocol;
 // /eval/<m> attr backbone; meta "kv_infeasible".
-inline constexpr std::int64_t kSchemaVersion = 2;
+// 3: evaluation cells (context size x KV budget): root group /cells, the row
+// column `cell`, /eval/<m>/cells/<k>/ (state, message, summary/, efficiency/),
+// and the efficiency numerators tokens_run, context_tokens_served, serve_s,
+// decode_examples (so cells merge exactly). Readers take 2 and 3 (a 2 file is
+// one run of one budget; its rows have no `cell`); writing (resume) needs 3.
+inline constexpr std::int64_t kSchemaVersion = 3;
+inline constexpr std::int64_t kOldestReadableSchema = 2;
 // Gold answers of one example are joined with this byte (ASCII unit
 // separator) into the `gold` string column; it may not occur in an answer.
 inline constexpr char kGoldSeparator = '\x1f';
@@ -33,6 +39,16 @@ inline constexpr std::size_t kStateChars = 16;     // status state strings
 inline constexpr std::size_t kMessageChars = 2048;  // status messages
 inline constexpr std::size_t kTimeChars = 64;       // end_time (ISO 8601)
 inline constexpr const char* kTruncatedMark = "...[truncated]";
+
+// One evaluation cell: every method is evaluated on the test examples of one
+// context size at one KV budget. Cell k is row k of /cells.
+struct Cell {
+  std::int64_t context_size = 0;  // the test examples generated at this size (meta context_size)
+  std::string kv_budget;          // the --kv_budget entry as given ("0.25", "64KiB")
+  double kv_budget_fraction = 0;  // the fraction of each example's full cache, NaN for a byte budget
+  std::int64_t kv_budget_bytes = -1;  // the byte budget, -1 for a fraction
+  bool operator==(const Cell&) const = default;
+};
 
 // Everything known from the resolved config when the run starts.
 struct RunLayout {
@@ -46,6 +62,9 @@ struct RunLayout {
   int world_size = 1;
   int dp = 1, sp = 1;
   int retention_bins = 8;  // /adaptation/<m>/retention_by_age length
+  // Evaluation cells, in row order of every /eval/<m> (context size major,
+  // budget minor); empty: no cell groups (rows carry cell 0).
+  std::vector<Cell> cells;
 };
 
 struct Provenance {  // root attributes
@@ -81,6 +100,7 @@ struct ExampleRecord {
   std::int64_t kv_budget_requested_bytes = 0, kv_budget_achieved_bytes = 0, kv_resident_bytes = 0,
                kv_peak_prefill_bytes = 0, kv_read_per_step_bytes = 0, kv_total_bytes = 0;
   std::string meta;  // JSON text
+  std::int64_t cell = 0;  // index into /cells (schema 3; 0 when read from a schema 2 file)
   bool operator==(const ExampleRecord&) const = default;
 };
 
@@ -96,6 +116,12 @@ struct EfficiencyRecord {
   std::int64_t peak_mem_bytes = 0, avg_mem_bytes = 0;
   std::int64_t process_peak_rss_bytes = 0;  // scope: process lifetime (attribute "scope" says so)
   double throughput_tok_s = 0, context_tokens_per_s = 0, latency_s = 0, itl_s = 0, token_efficiency = 0, flops = 0;
+  // The numerators and denominators above, so cells (or runs) merge exactly:
+  // throughput = tokens_run / serve_s, context_tokens_per_s = context_tokens_served /
+  // serve_s, token_efficiency is a mean over decode_examples examples (schema 3;
+  // NaN / -1 when read from a schema 2 file).
+  double tokens_run = 0, context_tokens_served = 0, serve_s = 0;
+  std::int64_t decode_examples = 0;
   bool operator==(const EfficiencyRecord&) const = default;
 };
 
@@ -159,6 +185,11 @@ class ResultsFile {
   // group: "efficiency/<method>" or "ablation/<variant>".
   void set_efficiency(const std::string& group, const EfficiencyRecord& r);
   void set_adaptation(const std::string& method, const AdaptationRecord& r);
+  // One cell of an evaluated method (/eval/<method>/cells/<cell>): its state
+  // (pending | running | done | failed), and once done its summary and efficiency.
+  void set_cell_status(const std::string& method, std::size_t cell, const std::string& state,
+                       const std::string& message = "");
+  void set_cell_result(const std::string& method, std::size_t cell, const EvalSummary& s, const EfficiencyRecord& e);
   void append_rank(const RankRecord& r) { append_ranks(std::span<const RankRecord>(&r, 1)); }
   void append_ranks(std::span<const RankRecord> rows);
   // name: "train", "eval/<method>", "ablation/<variant>" or "adaptation/<method>";
@@ -205,6 +236,10 @@ class ResultsReader {
   EfficiencyRecord efficiency(const std::string& group) const;
   AdaptationRecord adaptation(const std::string& method) const;
   Status status(const std::string& name) const;
+  // Cells (schema 3): /eval/<method>/cells/<cell>.
+  Status cell_status(const std::string& method, std::size_t cell) const;
+  EvalSummary cell_summary(const std::string& method, std::size_t cell) const;
+  EfficiencyRecord cell_efficiency(const std::string& method, std::size_t cell) const;
   Status run_state() const;  // {state, end_time}
   std::map<std::string, std::string> config_options() const;
   std::string config_text() const;

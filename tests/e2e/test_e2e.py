@@ -381,7 +381,7 @@ def test_tiny_run(tmp_path, baseline):
     with h5open(baseline["h5"]) as f:
         a = f.attrs
         assert a["format"] in (b"dsrsq-results", "dsrsq-results")
-        assert int(a["schema_version"]) == 2
+        assert int(a["schema_version"]) == 3
         for k in ("git_sha", "command_line", "dataset_hash", "tokenizer_hash", "hostname", "start_time",
                   "hdf5_version", "config_hash"):
             assert k in a and len(str(a[k])) > 0, k

@@ -38,7 +38,7 @@ def check(f, min_rows, states=(b"running",)):
     root_format = f.attrs["format"]
     root_format = root_format.decode() if isinstance(root_format, bytes) else root_format
     assert root_format == "dsrsq-results", root_format
-    assert int(f.attrs["schema_version"]) == 2
+    assert int(f.attrs["schema_version"]) == 3
     t = f["train"]
     for name in ("step", "loss_total", "lr"):
         t[name].refresh()

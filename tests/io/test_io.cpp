@@ -160,7 +160,7 @@ BOOST_AUTO_TEST_CASE(results_round_trip_every_record) {
   }
   ResultsReader r(path);
   BOOST_TEST(r.format_name() == "dsrsq-results");
-  BOOST_TEST(r.schema_version() == 2);
+  BOOST_TEST(r.schema_version() == results::kSchemaVersion);
   const auto l = r.layout();
   // The run's order (root attr method_order), not HDF5's name order; backbones and protocol kept.
   BOOST_TEST(l.methods == (std::vector<std::string>{"full", "dsrsq"}), boost::test_tools::per_element());
