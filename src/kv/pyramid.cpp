@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
+#include "kv/kv_detail.hpp"
 
 namespace dsrsq {
 namespace pyramid {
@@ -149,6 +150,39 @@ std::map<std::string, std::string> PyramidPolicy::meta() const {
   for (std::size_t l = 0; l < budgets_.prefix.size(); ++l) b << (l ? " " : "") << budgets_.prefix[l];
   m["pyramid_prefix_budgets"] = b.str();
   return m;
+}
+
+struct PyramidPolicy::Snap final : KVSnapshot {
+  const void* owner = nullptr;
+  std::unique_ptr<KVSnapshot> base;
+  std::int64_t row_slots = -1, window = 0, capacity = 0, planned_for = -1;
+  bool late_infeasible = false;
+  pyramid::Budgets budgets;
+  std::size_t bytes() const override { return base->bytes() + budgets.prefix.size() * sizeof(std::int64_t); }
+};
+
+std::unique_ptr<KVSnapshot> PyramidPolicy::snapshot() const {
+  auto s = std::make_unique<Snap>();
+  s->owner = this;
+  s->base = EvictingPolicy::snapshot();
+  s->row_slots = row_slots_;
+  s->window = window_;
+  s->capacity = capacity_;
+  s->planned_for = planned_for_;
+  s->late_infeasible = late_infeasible_;
+  s->budgets = budgets_;
+  return s;
+}
+
+void PyramidPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::snapshot_of<Snap>(snap, this, "pyramid");
+  EvictingPolicy::restore(*s.base);
+  row_slots_ = s.row_slots;
+  window_ = s.window;
+  capacity_ = s.capacity;
+  planned_for_ = s.planned_for;
+  late_infeasible_ = s.late_infeasible;
+  budgets_ = s.budgets;
 }
 
 }  // namespace dsrsq

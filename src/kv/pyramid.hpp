@@ -52,6 +52,9 @@ class PyramidPolicy final : public EvictingPolicy {
   PyramidPolicy(const ModelConfig& cfg, Backend& backend, pyramid::Settings settings);
   bool infeasible() const override { return EvictingPolicy::infeasible() || late_infeasible_; }
   std::map<std::string, std::string> meta() const override;
+  // The base's snapshot plus this policy's host state (budgets, window).
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
 
   // Introspection (tests): mean row slots per layer planned from the budget
   // (-1: everything fits), the last compression's window and budgets.
@@ -70,6 +73,7 @@ class PyramidPolicy final : public EvictingPolicy {
   pyramid::Budgets budgets_;
   std::int64_t planned_for_ = -1;  // the call size budgets_ was computed for
   std::int64_t window_for(std::int64_t tn) const;
+  struct Snap;
 };
 
 }  // namespace dsrsq

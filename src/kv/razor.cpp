@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "core/error.hpp"
+#include "kv/kv_detail.hpp"
 #include "core/rng.hpp"
 #include "core/timer.hpp"
 #include "model/transformer.hpp"
@@ -444,6 +445,40 @@ std::map<std::string, std::string> RazorPolicy::meta() const {
   m["razor_recent_tokens"] = std::to_string(recent_);
   m["razor_sinks"] = std::to_string(s_.sinks);
   return m;
+}
+
+struct RazorPolicy::Snap final : KVSnapshot {
+  const void* owner = nullptr;
+  std::unique_ptr<KVSnapshot> base;
+  Host host;
+  std::size_t bytes() const override {
+    std::size_t n = base->bytes() + host.protect_now.size() * sizeof(std::int32_t) + host.is_protected.size();
+    for (const auto& v : host.slot_of) n += v.size() * sizeof(std::int32_t);
+    for (const auto& v : host.dropped) n += v.size() * sizeof(std::int64_t);
+    return n;
+  }
+};
+
+std::unique_ptr<KVSnapshot> RazorPolicy::snapshot() const {
+  auto s = std::make_unique<Snap>();
+  s->owner = this;
+  s->base = EvictingPolicy::snapshot();
+  s->host = Host{protect_now_, is_protected_, demoted_, row_slots_, recent_, late_infeasible_, slot_of_, dropped_};
+  return s;
+}
+
+void RazorPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::snapshot_of<Snap>(snap, this, "razor");
+  EvictingPolicy::restore(*s.base);
+  const Host& h = s.host;
+  protect_now_ = h.protect_now;
+  is_protected_ = h.is_protected;
+  demoted_ = h.demoted;
+  row_slots_ = h.row_slots;
+  recent_ = h.recent;
+  late_infeasible_ = h.late_infeasible;
+  slot_of_ = h.slot_of;
+  dropped_ = h.dropped;
 }
 
 }  // namespace dsrsq

@@ -113,6 +113,10 @@ class RazorPolicy final : public EvictingPolicy {
   RazorPolicy(const ModelConfig& cfg, Backend& backend, razor::Settings settings);
   bool infeasible() const override { return EvictingPolicy::infeasible() || late_infeasible_; }
   std::map<std::string, std::string> meta() const override;
+  // The base's snapshot plus this policy's host state (protected heads, slot
+  // map, counts, recent length).
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
 
   // Introspection (tests): heads protected for this sequence (after demotion),
   // the planned slots of a non-protected row (sinks + L_h + tokens to come;
@@ -143,6 +147,15 @@ class RazorPolicy final : public EvictingPolicy {
   std::vector<TensorView> slots_;                // per layer (compressed rows, slot_floats) f32
   std::vector<std::vector<std::int32_t>> slot_of_;  // per layer and row: index into slots_, -1 none
   std::vector<std::vector<std::int64_t>> dropped_;  // per layer and row: |D|
+  struct Host {
+    std::vector<std::int32_t> protect_now;
+    std::vector<char> is_protected;
+    std::int64_t demoted = 0, row_slots = -1, recent = -1;
+    bool late_infeasible = false;
+    std::vector<std::vector<std::int32_t>> slot_of;
+    std::vector<std::vector<std::int64_t>> dropped;
+  };
+  struct Snap;
 };
 
 }  // namespace dsrsq
