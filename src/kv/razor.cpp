@@ -7,9 +7,9 @@
 #include <unordered_map>
 
 #include "core/error.hpp"
-#include "kv/kv_detail.hpp"
 #include "core/rng.hpp"
 #include "core/timer.hpp"
+#include "kv/kv_detail.hpp"
 #include "model/transformer.hpp"
 
 namespace dsrsq {
@@ -20,6 +20,13 @@ namespace {
 TensorView sub(const TensorView& t, std::int64_t offset, Shape s) {
   return TensorView(static_cast<char*>(t.data) + offset * static_cast<std::int64_t>(dtype_size(t.dtype)), s, t.dtype,
                     t.device);
+}
+
+// Index tensors live where the backend computes (a copy on the host backend).
+TensorView device_index(Backend& be, Arena& scratch, const std::vector<std::int32_t>& idx) {
+  TensorView t = scratch.allocate(Shape{static_cast<std::int64_t>(idx.size())}, DType::i32);
+  be.copy_from_host(std::as_bytes(std::span(idx)), t);
+  return t;
 }
 
 // The calibration run's KV policy: a full cache (the model must attend
@@ -129,7 +136,7 @@ void accumulate_layer_scores(Backend& be, Arena& scratch, const TensorView& q, c
   for (std::int64_t h = 0; h < NH; ++h)
     for (std::int64_t j = 0; j < S; ++j) idx[static_cast<std::size_t>(h * S + j)] = static_cast<std::int32_t>(j * NH + h);
   TensorView kh = scratch.allocate(Shape{NH, S, 1, HS}, DType::f32);
-  be.gather_rows({k.reshaped(Shape{S * NH, HS}), TensorView(idx.data(), Shape{NH * S}), kh.reshaped(Shape{NH * S, HS})});
+  be.gather_rows({k.reshaped(Shape{S * NH, HS}), device_index(be, scratch, idx), kh.reshaped(Shape{NH * S, HS})});
   std::vector<std::int32_t> kpos(static_cast<std::size_t>(NH * S));
   for (std::int64_t h = 0; h < NH; ++h)
     for (std::int64_t j = 0; j < S; ++j) kpos[static_cast<std::size_t>(h * S + j)] = static_cast<std::int32_t>(j);
@@ -149,7 +156,10 @@ void accumulate_layer_scores(Backend& be, Arena& scratch, const TensorView& q, c
         qidx[static_cast<std::size_t>(h)] = static_cast<std::int32_t>(i * NH + h);
         qpos[static_cast<std::size_t>(h)] = static_cast<std::int32_t>(g);
       }
-      be.gather_rows({q.reshaped(Shape{Tq * NH, HS}), TensorView(qidx.data(), Shape{NH}), qh.reshaped(Shape{NH, HS})});
+      {
+        ArenaScope s(scratch);
+        be.gather_rows({q.reshaped(Shape{Tq * NH, HS}), device_index(be, scratch, qidx), qh.reshaped(Shape{NH, HS})});
+      }
       be.attention_mass(AttentionMassArgs{qh, kh, TensorView(qpos.data(), Shape{NH, 1}),
                                           TensorView(kpos.data(), Shape{NH, S}), TensorView(&one, Shape{1}), mass, 1.0});
       be.copy_to_host(mass, std::as_writable_bytes(std::span<double>(mass_h)));
@@ -267,7 +277,7 @@ void fill_slot(Backend& be, Arena& scratch, const TensorView& k_rows, const Tens
   TensorView g = scratch.allocate(Shape{n, HS}, DType::f32);
   TensorView ones = scratch.allocate(Shape{1, n}, DType::f32);
   be.fill(ones, 1.0);
-  const TensorView ix(const_cast<std::int32_t*>(idx.data()), Shape{n});
+  const TensorView ix = device_index(be, scratch, idx);
   for (int kind = 0; kind < 2; ++kind) {
     be.gather_rows({kind == 0 ? k_rows : v_rows, ix, g});
     be.matmul_fwd(MatmulArgs{ones, g, sub(slot, kind * HS, Shape{1, HS}), {}, false, false, 1.0 / static_cast<double>(n), 0.0});
@@ -288,7 +298,7 @@ void merge_slot(Backend& be, Arena& scratch, const TensorView& q, const TensorVi
   // Its output is mean V for every query.
   TensorView o_b = scratch.allocate(Shape{Tq, HS}, DType::f32);
   std::vector<std::int32_t> zeros(static_cast<std::size_t>(Tq), 0);
-  be.gather_rows({sub(slot, HS, Shape{1, HS}), TensorView(zeros.data(), Shape{Tq}), o_b});
+  be.gather_rows({sub(slot, HS, Shape{1, HS}), device_index(be, scratch, zeros), o_b});
   be.attention_merge(AttentionMergeArgs{o.reshaped(Shape{1, Tq, 1, HS}), lse.reshaped(Shape{1, 1, Tq}),
                                         o_b.reshaped(Shape{1, Tq, 1, HS}), lse_b.reshaped(Shape{1, 1, Tq})});
 }
@@ -315,6 +325,7 @@ bool RazorPolicy::plan(const SequenceInfo& info, std::size_t requested) {
   slots_.assign(L, TensorView{});
   slot_of_.assign(L, std::vector<std::int32_t>(static_cast<std::size_t>(B * c.n_heads), -1));
   dropped_.assign(L, std::vector<std::int64_t>(static_cast<std::size_t>(B * c.n_heads), 0));
+  kblock_.assign(L, nullptr);
   protect_now_ = s_.protect;
   is_protected_.assign(static_cast<std::size_t>(heads), 0);
   const std::size_t full_row = static_cast<std::size_t>(total) * tb;
@@ -390,6 +401,7 @@ void RazorPolicy::after_select(const LayerPrefill& p, const std::vector<std::vec
   }
   if (n == 0) return;
   slots_[l] = layer_alloc(p.layer, Shape{n, razor::slot_floats(HS)}, DType::f32);
+  kblock_[l] = row_k(p.layer, 0).data;
   const std::int64_t B = p.k.shape[0];
   const TensorView kr = p.k.reshaped(Shape{B * Tn * NH, HS}), vr = p.v.reshaped(Shape{B * Tn * NH, HS});
   for (std::int64_t r = 0; r < R; ++r) {
@@ -451,8 +463,11 @@ struct RazorPolicy::Snap final : KVSnapshot {
   const void* owner = nullptr;
   std::unique_ptr<KVSnapshot> base;
   Host host;
+  std::vector<std::vector<float>> slots;  // per layer: the slot block's contents (host)
+  std::vector<TensorView> views;          // per layer: the slot block when the snapshot was taken
   std::size_t bytes() const override {
     std::size_t n = base->bytes() + host.protect_now.size() * sizeof(std::int32_t) + host.is_protected.size();
+    for (const auto& v : slots) n += v.size() * sizeof(float);
     for (const auto& v : host.slot_of) n += v.size() * sizeof(std::int32_t);
     for (const auto& v : host.dropped) n += v.size() * sizeof(std::int64_t);
     return n;
@@ -463,7 +478,12 @@ std::unique_ptr<KVSnapshot> RazorPolicy::snapshot() const {
   auto s = std::make_unique<Snap>();
   s->owner = this;
   s->base = EvictingPolicy::snapshot();
-  s->host = Host{protect_now_, is_protected_, demoted_, row_slots_, recent_, late_infeasible_, slot_of_, dropped_};
+  s->host = Host{protect_now_, is_protected_, demoted_, row_slots_, recent_, late_infeasible_, slot_of_, dropped_, kblock_};
+  s->views = slots_;
+  for (const TensorView& t : slots_) {
+    auto& h = s->slots.emplace_back(static_cast<std::size_t>(t.empty() ? 0 : t.numel()));
+    if (!t.empty()) backend().copy_to_host(t, std::as_writable_bytes(std::span<float>(h)));
+  }
   return s;
 }
 
@@ -479,6 +499,34 @@ void RazorPolicy::restore(const KVSnapshot& snap) {
   late_infeasible_ = h.late_infeasible;
   slot_of_ = h.slot_of;
   dropped_ = h.dropped;
+  kblock_ = h.kblock;
+  // The base reloads the slot blocks in place when it kept the layers'
+  // allocations; when it rebuilt them (another sequence was begun since), the
+  // blocks moved and the base has no accessor for them: copy the layer once
+  // (reselect keeping every token drops the old blocks) and allocate the slot
+  // block again from the snapshot's contents. Same bytes either way.
+  const std::int64_t R = rows();
+  for (std::size_t l = 0; l < slots_.size(); ++l) {
+    if (s.slots[l].empty()) {
+      slots_[l] = TensorView{};
+      continue;
+    }
+    const auto layer = static_cast<std::int64_t>(l);
+    if (row_k(layer, 0).data == kblock_[l]) {  // the same allocation (so the same layout): reloaded by the base
+      slots_[l] = s.views[l];
+      continue;
+    }
+    std::vector<std::vector<std::int32_t>> all(static_cast<std::size_t>(R));
+    for (std::int64_t r = 0; r < R; ++r) {
+      all[static_cast<std::size_t>(r)].resize(static_cast<std::size_t>(row_len(layer, r)));
+      std::iota(all[static_cast<std::size_t>(r)].begin(), all[static_cast<std::size_t>(r)].end(), 0);
+    }
+    reselect(layer, all);
+    const auto F = razor::slot_floats(config().head_size());
+    slots_[l] = layer_alloc(layer, Shape{static_cast<std::int64_t>(s.slots[l].size()) / F, F}, DType::f32);
+    backend().copy_from_host(std::as_bytes(std::span<const float>(s.slots[l])), slots_[l]);
+    kblock_[l] = row_k(layer, 0).data;
+  }
 }
 
 }  // namespace dsrsq

@@ -147,6 +147,7 @@ class RazorPolicy final : public EvictingPolicy {
   std::vector<TensorView> slots_;                // per layer (compressed rows, slot_floats) f32
   std::vector<std::vector<std::int32_t>> slot_of_;  // per layer and row: index into slots_, -1 none
   std::vector<std::vector<std::int64_t>> dropped_;  // per layer and row: |D|
+  std::vector<const void*> kblock_;                // per layer: the K block slots_ was allocated beside
   struct Host {
     std::vector<std::int32_t> protect_now;
     std::vector<char> is_protected;
@@ -154,6 +155,7 @@ class RazorPolicy final : public EvictingPolicy {
     bool late_infeasible = false;
     std::vector<std::vector<std::int32_t>> slot_of;
     std::vector<std::vector<std::int64_t>> dropped;
+    std::vector<const void*> kblock;
   };
   struct Snap;
 };
