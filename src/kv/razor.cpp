@@ -325,7 +325,7 @@ bool RazorPolicy::plan(const SequenceInfo& info, std::size_t requested) {
   slots_.assign(L, TensorView{});
   slot_of_.assign(L, std::vector<std::int32_t>(static_cast<std::size_t>(B * c.n_heads), -1));
   dropped_.assign(L, std::vector<std::int64_t>(static_cast<std::size_t>(B * c.n_heads), 0));
-  kblock_.assign(L, nullptr);
+  ++epoch_;
   protect_now_ = s_.protect;
   is_protected_.assign(static_cast<std::size_t>(heads), 0);
   const std::size_t full_row = static_cast<std::size_t>(total) * tb;
@@ -393,6 +393,7 @@ std::vector<std::vector<std::int32_t>> RazorPolicy::select(const LayerPrefill& p
 void RazorPolicy::after_select(const LayerPrefill& p, const std::vector<std::vector<std::int32_t>>& kept) {
   const std::int64_t NH = config().n_heads, HS = config().head_size(), Tn = p.tokens, R = rows();
   const auto l = static_cast<std::size_t>(p.layer);
+  ++epoch_;
   std::int32_t n = 0;
   for (std::int64_t r = 0; r < R; ++r) {
     const auto d = Tn - static_cast<std::int64_t>(kept[static_cast<std::size_t>(r)].size());
@@ -401,7 +402,6 @@ void RazorPolicy::after_select(const LayerPrefill& p, const std::vector<std::vec
   }
   if (n == 0) return;
   slots_[l] = layer_alloc(p.layer, Shape{n, razor::slot_floats(HS)}, DType::f32);
-  kblock_[l] = row_k(p.layer, 0).data;
   const std::int64_t B = p.k.shape[0];
   const TensorView kr = p.k.reshaped(Shape{B * Tn * NH, HS}), vr = p.v.reshaped(Shape{B * Tn * NH, HS});
   for (std::int64_t r = 0; r < R; ++r) {
@@ -464,7 +464,7 @@ struct RazorPolicy::Snap final : KVSnapshot {
   std::unique_ptr<KVSnapshot> base;
   Host host;
   std::vector<std::vector<float>> slots;  // per layer: the slot block's contents (host)
-  std::vector<TensorView> views;          // per layer: the slot block when the snapshot was taken
+  std::uint64_t epoch = 0;
   std::size_t bytes() const override {
     std::size_t n = base->bytes() + host.protect_now.size() * sizeof(std::int32_t) + host.is_protected.size();
     for (const auto& v : slots) n += v.size() * sizeof(float);
@@ -478,8 +478,8 @@ std::unique_ptr<KVSnapshot> RazorPolicy::snapshot() const {
   auto s = std::make_unique<Snap>();
   s->owner = this;
   s->base = EvictingPolicy::snapshot();
-  s->host = Host{protect_now_, is_protected_, demoted_, row_slots_, recent_, late_infeasible_, slot_of_, dropped_, kblock_};
-  s->views = slots_;
+  s->host = Host{protect_now_, is_protected_, demoted_, row_slots_, recent_, late_infeasible_, slot_of_, dropped_};
+  s->epoch = epoch_;
   for (const TensorView& t : slots_) {
     auto& h = s->slots.emplace_back(static_cast<std::size_t>(t.empty() ? 0 : t.numel()));
     if (!t.empty()) backend().copy_to_host(t, std::as_writable_bytes(std::span<float>(h)));
@@ -489,6 +489,14 @@ std::unique_ptr<KVSnapshot> RazorPolicy::snapshot() const {
 
 void RazorPolicy::restore(const KVSnapshot& snap) {
   const auto& s = kvdetail::snapshot_of<Snap>(snap, this, "razor");
+  // Same epoch: only appends since the snapshot (or since a restore of it), so
+  // the base reloads the layers in place, slot blocks included, and slots_
+  // still points at them. Otherwise the base may have rebuilt the layers: the
+  // slot blocks moved and the base has no accessor for them, so each layer
+  // with slots is copied once (reselect keeping every token drops the old
+  // blocks) and its slot block allocated again from the snapshot's contents.
+  // Same bytes either way.
+  const bool same = s.epoch == epoch_;
   EvictingPolicy::restore(*s.base);
   const Host& h = s.host;
   protect_now_ = h.protect_now;
@@ -499,23 +507,13 @@ void RazorPolicy::restore(const KVSnapshot& snap) {
   late_infeasible_ = h.late_infeasible;
   slot_of_ = h.slot_of;
   dropped_ = h.dropped;
-  kblock_ = h.kblock;
-  // The base reloads the slot blocks in place when it kept the layers'
-  // allocations; when it rebuilt them (another sequence was begun since), the
-  // blocks moved and the base has no accessor for them: copy the layer once
-  // (reselect keeping every token drops the old blocks) and allocate the slot
-  // block again from the snapshot's contents. Same bytes either way.
+  epoch_ = s.epoch;
+  if (same) return;
   const std::int64_t R = rows();
-  for (std::size_t l = 0; l < slots_.size(); ++l) {
-    if (s.slots[l].empty()) {
-      slots_[l] = TensorView{};
-      continue;
-    }
+  slots_.assign(s.slots.size(), TensorView{});
+  for (std::size_t l = 0; l < s.slots.size(); ++l) {
+    if (s.slots[l].empty()) continue;
     const auto layer = static_cast<std::int64_t>(l);
-    if (row_k(layer, 0).data == kblock_[l]) {  // the same allocation (so the same layout): reloaded by the base
-      slots_[l] = s.views[l];
-      continue;
-    }
     std::vector<std::vector<std::int32_t>> all(static_cast<std::size_t>(R));
     for (std::int64_t r = 0; r < R; ++r) {
       all[static_cast<std::size_t>(r)].resize(static_cast<std::size_t>(row_len(layer, r)));
@@ -525,7 +523,6 @@ void RazorPolicy::restore(const KVSnapshot& snap) {
     const auto F = razor::slot_floats(config().head_size());
     slots_[l] = layer_alloc(layer, Shape{static_cast<std::int64_t>(s.slots[l].size()) / F, F}, DType::f32);
     backend().copy_from_host(std::as_bytes(std::span<const float>(s.slots[l])), slots_[l]);
-    kblock_[l] = row_k(layer, 0).data;
   }
 }
 

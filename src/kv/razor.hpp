@@ -147,7 +147,10 @@ class RazorPolicy final : public EvictingPolicy {
   std::vector<TensorView> slots_;                // per layer (compressed rows, slot_floats) f32
   std::vector<std::vector<std::int32_t>> slot_of_;  // per layer and row: index into slots_, -1 none
   std::vector<std::vector<std::int64_t>> dropped_;  // per layer and row: |D|
-  std::vector<const void*> kblock_;                // per layer: the K block slots_ was allocated beside
+  // Bumped whenever the base's layer layout may change (plan(): begin();
+  // after_select(): a layer filled): a restore from a snapshot of the same
+  // epoch finds the layers the slot views point into.
+  std::uint64_t epoch_ = 0;
   struct Host {
     std::vector<std::int32_t> protect_now;
     std::vector<char> is_protected;
@@ -155,7 +158,6 @@ class RazorPolicy final : public EvictingPolicy {
     bool late_infeasible = false;
     std::vector<std::vector<std::int32_t>> slot_of;
     std::vector<std::vector<std::int64_t>> dropped;
-    std::vector<const void*> kblock;
   };
   struct Snap;
 };

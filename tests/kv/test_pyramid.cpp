@@ -216,6 +216,23 @@ BOOST_AUTO_TEST_CASE(layers_budgets_bytes_and_infeasible) {
   BOOST_TEST(!p.infeasible());
   p.begin(SequenceInfo{1, N, q, T}, KVBudget{1.0, min_bytes - 1});
   BOOST_TEST(p.infeasible());
+  // Query-agnostic: planned with the decode slots only (w = 8: no question
+  // known); the 16 question tokens arriving after the context take 16 more
+  // slots per row: C = that minimum - 16 < w + 1 is reported infeasible.
+  {
+    PyramidPolicy pa(c, cpu_backend(), pyramid::Settings{});
+    pa.begin(SequenceInfo{1, N, 0, T}, KVBudget{1.0, min_bytes});
+    BOOST_TEST(!pa.infeasible());
+    testing::prefill_context(*m, pa, std::vector<std::int32_t>(prompt.begin(), prompt.begin() + 80), 1, 1);
+    const auto a = testing::answer_question(*m, pa, std::vector<std::int32_t>(prompt.begin() + 80, prompt.end()), 1, 80, T);
+    BOOST_TEST(a.infeasible);
+    PyramidPolicy pb(c, cpu_backend(), pyramid::Settings{});
+    pb.begin(SequenceInfo{1, N, 0, T}, KVBudget{1.0, min_bytes + static_cast<std::size_t>(4 * c.n_heads * 16) * tb});
+    testing::prefill_context(*m, pb, std::vector<std::int32_t>(prompt.begin(), prompt.begin() + 80), 1, 1);
+    const auto b = testing::answer_question(*m, pb, std::vector<std::int32_t>(prompt.begin() + 80, prompt.end()), 1, 80, T);
+    BOOST_TEST(!b.infeasible);
+    BOOST_TEST(b.achieved <= b.requested);
+  }
   std::vector<std::int32_t> ctx(prompt.begin(), prompt.begin() + 80), q1(prompt.begin() + 80, prompt.end()), q2(q1);
   std::reverse(q2.begin(), q2.end());
   testing::check_snapshot_reuse(*m, [&] { return std::make_unique<PyramidPolicy>(c, cpu_backend(), pyramid::Settings{}); },

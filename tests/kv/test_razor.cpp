@@ -374,6 +374,39 @@ BOOST_AUTO_TEST_CASE(demotion_and_infeasible) {
 
 namespace {
 
+std::unique_ptr<Transformer> model(const ModelConfig& c, std::uint64_t seed);
+
+}  // namespace
+
+// Query-agnostic protocol: begin() plans with the decode slots only; when the
+// context arrives alone, the question's tokens take recent slots. A budget
+// that fits the minimum for one prefill call then leaves no room for them:
+// the policy reports infeasible (recent clamped at 0), not a budget it missed
+// silently; with room for the question it stays feasible and within budget.
+BOOST_AUTO_TEST_CASE(query_agnostic_question_slots) {
+  const ModelConfig c = one_layer(2);
+  auto m = model(c, 5);
+  const std::int64_t N = 40, T = 2, q = 10, HS = c.head_size();
+  const std::size_t tb = 2 * HS * 4, slot_b = razor::slot_floats(HS) * 4, reserve = 2 * 2 * 64;
+  std::vector<std::int32_t> ctx(static_cast<std::size_t>(N - q)), question(static_cast<std::size_t>(q));
+  for (std::size_t i = 0; i < ctx.size(); ++i) ctx[i] = static_cast<std::int32_t>(1 + i % 30);
+  for (std::size_t i = 0; i < question.size(); ++i) question[i] = static_cast<std::int32_t>(2 + i);
+  for (std::int64_t extra : {0, 12}) {
+    BOOST_TEST_CONTEXT("recent slots beyond the minimum: " << extra) {
+      RazorPolicy p(c, cpu_backend(), razor::Settings{4, {}, {}});
+      p.begin(SequenceInfo{1, N, 0, T}, KVBudget{1.0, reserve + 4 * ((4 + T + extra) * tb + slot_b)});
+      BOOST_TEST(!p.infeasible());  // as planned at begin()
+      testing::prefill_context(*m, p, ctx, 1, 1);
+      const auto a = testing::answer_question(*m, p, question, 1, N - q, T);
+      BOOST_TEST(a.infeasible == (extra < q));
+      BOOST_TEST(p.recent() == std::max<std::int64_t>(extra - q, 0));
+      if (extra >= q) BOOST_TEST(a.achieved <= a.requested);
+    }
+  }
+}
+
+namespace {
+
 std::unique_ptr<Transformer> model(const ModelConfig& c, std::uint64_t seed) {
   auto m = std::make_unique<Transformer>(c, cpu_backend());
   Rng rng(seed, 7);
