@@ -71,6 +71,7 @@ void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, c
   // shrink at all): the cell is infeasible, recorded per example (meta).
   r.infeasible = policy.infeasible();
   if (r.infeasible) r.meta["kv_infeasible"] = "true";
+  for (const auto& [k, v] : policy.meta()) r.meta[k] = v;
   r.attended_tokens = policy.attended_tokens();
   r.full_keys = decode_steps ? full_keys_sum / static_cast<double>(decode_steps) : 0.0;
   r.peak_bytes = peak_act + r.kv.peak_prefill + c.held_bytes;

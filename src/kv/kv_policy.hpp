@@ -14,6 +14,7 @@
 //   read_per_step           KV bytes read by one decode step (mean over steps)
 //   total                   resident plus anything offloaded (none for GPU/CPU-resident policies)
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -101,6 +102,10 @@ class KVPolicy {
   // fixed minimum is larger, so budget_achieved_bytes() > requested). The
   // evaluator records such a cell as `infeasible` (DESIGN.md section 9).
   virtual bool infeasible() const { return false; }
+  // After a sequence: the policy's own per-example records (e.g. Razor's
+  // protected heads), "key" -> "value", merged into the example's results
+  // meta by the evaluator. Default: none.
+  virtual std::map<std::string, std::string> meta() const { return {}; }
 
   // The reuse protocol ("compress once, ask many", DESIGN.md section 9): after
   // a context has been prefilled, snapshot() copies the policy's whole state;
