@@ -11,6 +11,9 @@ namespace dsrsq::methods {
 const MethodInfo& standard_method();
 const MethodInfo& full_method();
 const MethodInfo& sliding_window_method();
+const MethodInfo& dynamic_kv_method();
+const MethodInfo& rocket_kv_method();
+const MethodInfo& atskv_method();
 const MethodInfo& dsrsq_method();
 
 const std::vector<const MethodInfo*>& all_methods() {
@@ -18,6 +21,9 @@ const std::vector<const MethodInfo*>& all_methods() {
       &standard_method(),
       &full_method(),
       &sliding_window_method(),
+      &dynamic_kv_method(),
+      &rocket_kv_method(),
+      &atskv_method(),
       &dsrsq_method(),
   };
   return table;
