@@ -44,6 +44,7 @@ namespace dsrsq {
 class EvictingPolicy : public KVPolicy {
  public:
   EvictingPolicy(const ModelConfig& cfg, Backend& backend, std::string name);
+  ~EvictingPolicy() override;
   std::string name() const override { return name_; }
   void begin(const SequenceInfo& info, const KVBudget& budget) override;
   void attend(std::int64_t layer, TensorView q, TensorView k, TensorView v, TensorView pos, TensorView out) override;
