@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "core/error.hpp"
+#include "kv/wrapped_snapshot.hpp"
 
 namespace dsrsq {
 
@@ -214,6 +215,34 @@ KVMemory DynamicKVPolicy::memory() const {
   // last layer's reallocation, beside the uncut candidate blocks (the base's peak).
   m.peak_prefill += score_peak_;
   return m;
+}
+
+// The prefill's own figures (the score rows' peak, the layers' shares) beside the base's snapshot.
+namespace {
+struct DynamicExtra {
+  std::size_t score_peak = 0;
+  std::int64_t reallocations = 0;
+  std::vector<std::vector<std::int64_t>> budgets;
+};
+}  // namespace
+
+std::unique_ptr<KVSnapshot> DynamicKVPolicy::snapshot() const {
+  auto s = std::make_unique<kvdetail::WrappedSnapshot<DynamicExtra>>();
+  s->owner = this;
+  s->base = EvictingPolicy::snapshot();
+  s->extra = DynamicExtra{score_peak_, reallocations_, budgets_};
+  for (const auto& b : budgets_) s->extra_host_bytes += b.size() * sizeof(std::int64_t);
+  return s;
+}
+
+void DynamicKVPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::wrapped_of<DynamicExtra>(snap, this, "dynamic_kv");
+  EvictingPolicy::restore(*s.base);
+  score_peak_ = s.extra.score_peak;
+  reallocations_ = s.extra.reallocations;
+  budgets_ = s.extra.budgets;
+  score_bytes_ = 0;
+  pending_.clear();
 }
 
 }  // namespace dsrsq

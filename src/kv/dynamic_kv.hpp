@@ -41,6 +41,8 @@ class DynamicKVPolicy final : public EvictingPolicy {
  public:
   DynamicKVPolicy(const ModelConfig& cfg, Backend& backend, const DynamicKVConfig& c);
   KVMemory memory() const override;
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
 
   // Introspection (tests): per sequence b, the prefix-token share of every
   // layer after the last reallocation (-1: not cut yet), and the number of

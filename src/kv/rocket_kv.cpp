@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "core/error.hpp"
+#include "kv/wrapped_snapshot.hpp"
 
 namespace dsrsq {
 
@@ -109,6 +110,8 @@ bool RocketKVPolicy::plan(const SequenceInfo& info, std::size_t requested_bytes)
   const std::int64_t S = info.prompt_len + info.max_new_tokens, T = info.max_new_tokens;
   bool fits = false;
   prm_ = RocketKVParams::for_budget(row_tokens, S, T, cfg.head_size(), fits);
+  arenas_.clear();
+  arenas_.resize(static_cast<std::size_t>(cfg.n_layers));
   bounds_.assign(static_cast<std::size_t>(cfg.n_layers), TensorView{});
   pages_.assign(static_cast<std::size_t>(cfg.n_layers), 0);
   bounded_.assign(static_cast<std::size_t>(cfg.n_layers), {});
@@ -152,9 +155,41 @@ void RocketKVPolicy::after_select(const LayerPrefill& p, const std::vector<std::
   for (const auto& k : kept) cap = std::max(cap, static_cast<std::int64_t>(k.size()));
   cap += slots_after(p.tokens);
   pages_[l] = (cap + prm_.g - 1) / prm_.g;
-  bounds_[l] = layer_alloc(p.layer, Shape{rows, pages_[l], 2, config().head_size()}, DType::f32);
+  alloc_bounds(p.layer);
   std::vector<float> host;
   for (std::int64_t r = 0; r < rows; ++r) update_bounds(p.layer, r, host);
+}
+
+void RocketKVPolicy::alloc_bounds(std::int64_t layer) {
+  const auto l = static_cast<std::size_t>(layer);
+  const Shape shape{rows(), pages_[l], 2, config().head_size()};
+  arenas_[l] = std::make_unique<Arena>("rocket_kv_bounds", std::max<std::size_t>(static_cast<std::size_t>(shape.numel()) * sizeof(float), 64),
+                                       backend().allocator());
+  bounds_[l] = arenas_[l]->allocate(shape, DType::f32);
+  backend().fill(bounds_[l], 0.0);
+}
+
+std::size_t RocketKVPolicy::own_bytes() const {
+  std::size_t n = 0;
+  for (const auto& a : arenas_)
+    if (a) n += a->used_bytes();
+  return n;
+}
+
+KVMemory RocketKVPolicy::memory() const {
+  // The bounds are built at each layer's compression and never grow, so they
+  // are held from then on: with the layers' blocks (which only accumulate
+  // here) the peak is the base's plus all of them.
+  KVMemory m = EvictingPolicy::memory();
+  const std::size_t own = own_bytes();
+  m.resident_after_prefill += own;
+  m.peak_prefill += own;
+  m.total += own;
+  return m;
+}
+
+std::size_t RocketKVPolicy::budget_achieved_bytes() const {
+  return EvictingPolicy::budget_achieved_bytes() + own_bytes() / static_cast<std::size_t>(std::max<std::int64_t>(info().batch, 1));
 }
 
 // Brings row r's bounds up to its current keys (the new tokens only: their
@@ -229,44 +264,58 @@ std::size_t RocketKVPolicy::aux_read_bytes(std::int64_t layer, std::int64_t r) c
   return static_cast<std::size_t>(pages * prm_.r) * sizeof(float);
 }
 
-// The base's snapshot plus this policy's host state; the bound tensors live in
-// the layers' arenas, which the base copies and restores.
+// The base's snapshot plus the bounds and this policy's host state.
 namespace {
-struct RocketSnapshot final : KVSnapshot {
-  const void* owner = nullptr;
-  std::unique_ptr<KVSnapshot> base;
+struct RocketExtra {
   RocketKVParams prm;
   std::int64_t min_keep = 0;
   std::vector<std::int64_t> pages;
   std::vector<std::vector<std::int64_t>> bounded;
-  std::size_t bytes() const override {
-    std::size_t n = base->bytes() + pages.size() * sizeof(std::int64_t);
-    for (const auto& b : bounded) n += b.size() * sizeof(std::int64_t);
-    return n;
-  }
+  std::vector<char> has_bounds;
 };
 }  // namespace
 
 std::unique_ptr<KVSnapshot> RocketKVPolicy::snapshot() const {
-  auto s = std::make_unique<RocketSnapshot>();
+  auto s = std::make_unique<kvdetail::WrappedSnapshot<RocketExtra>>();
   s->owner = this;
   s->base = EvictingPolicy::snapshot();
-  s->prm = prm_;
-  s->min_keep = min_keep_;
-  s->pages = pages_;
-  s->bounded = bounded_;
+  s->extra.prm = prm_;
+  s->extra.min_keep = min_keep_;
+  s->extra.pages = pages_;
+  s->extra.bounded = bounded_;
+  for (std::size_t l = 0; l < bounds_.size(); ++l) {
+    s->extra.has_bounds.push_back(bounds_[l].data ? 1 : 0);
+    if (bounds_[l].data) s->blocks.emplace_back().save(backend(), bounds_[l]);
+  }
+  s->extra_host_bytes = pages_.size() * sizeof(std::int64_t);
+  for (const auto& b : bounded_) s->extra_host_bytes += b.size() * sizeof(std::int64_t);
   return s;
 }
 
 void RocketKVPolicy::restore(const KVSnapshot& snap) {
-  const auto* s = dynamic_cast<const RocketSnapshot*>(&snap);
-  DSRSQ_INPUT_CHECK(s != nullptr && s->owner == this,
-                    "KV policy 'rocket_kv': restore() of a snapshot this policy object did not take");
-  EvictingPolicy::restore(*s->base);
-  prm_ = s->prm;
-  min_keep_ = s->min_keep;
-  pages_ = s->pages;
-  bounded_ = s->bounded;
+  const auto& s = kvdetail::wrapped_of<RocketExtra>(snap, this, "rocket_kv");
+  EvictingPolicy::restore(*s.base);
+  const RocketExtra& e = s.extra;
+  const bool same = pages_ == e.pages && bounds_.size() == e.has_bounds.size();
+  prm_ = e.prm;
+  min_keep_ = e.min_keep;
+  pages_ = e.pages;
+  bounded_ = e.bounded;
+  if (!same) {
+    arenas_.clear();
+    arenas_.resize(e.has_bounds.size());
+    bounds_.assign(e.has_bounds.size(), TensorView{});
+  }
+  std::size_t bi = 0;
+  for (std::size_t l = 0; l < e.has_bounds.size(); ++l) {
+    if (!e.has_bounds[l]) {
+      arenas_[l].reset();
+      bounds_[l] = TensorView{};
+      continue;
+    }
+    if (!bounds_[l].data) alloc_bounds(static_cast<std::int64_t>(l));
+    s.blocks[bi++].load(backend(), bounds_[l]);
+  }
 }
 
 }  // namespace dsrsq

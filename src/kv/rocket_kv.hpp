@@ -74,6 +74,8 @@ class RocketKVPolicy final : public EvictingPolicy {
   // (page size g, top-r channels). Exposed for tests.
   static std::vector<std::int32_t> stage2_select(const float* q, const float* bounds, std::int64_t n, std::int64_t hs,
                                                  std::int64_t g, std::int64_t r, std::int64_t k);
+  KVMemory memory() const override;
+  std::size_t budget_achieved_bytes() const override;
   std::unique_ptr<KVSnapshot> snapshot() const override;
   void restore(const KVSnapshot& snap) override;
 
@@ -90,12 +92,18 @@ class RocketKVPolicy final : public EvictingPolicy {
   RocketKVConfig c_;
   RocketKVParams prm_;
   std::int64_t min_keep_ = 0;
-  // Per layer: the bound tensor (rows, pages, 2, HS) (g >= 2), pages per row,
-  // and per row how many of its keys the bounds include.
+  // Per layer: the bound tensor (rows, pages, 2, HS) (g >= 2) in its own
+  // arena (resident, counted in every figure beside the base's K/V blocks;
+  // not layer_alloc(): a restore into another layout reallocates those blocks
+  // where this policy cannot see them), pages per row, and per row how many of
+  // its keys the bounds include.
+  std::vector<std::unique_ptr<Arena>> arenas_;
   std::vector<TensorView> bounds_;
   std::vector<std::int64_t> pages_;
   std::vector<std::vector<std::int64_t>> bounded_;
   void update_bounds(std::int64_t layer, std::int64_t r, std::vector<float>& host);
+  void alloc_bounds(std::int64_t layer);
+  std::size_t own_bytes() const;
 };
 
 }  // namespace dsrsq

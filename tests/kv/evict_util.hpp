@@ -55,11 +55,13 @@ struct EvictRun {
 
 // begin, prefill the (B, N) prompt in one call, end_prefill, T greedy steps.
 // `after_prefill` runs between end_prefill and the first decode step.
+// `room`: generated tokens the sequence announces beyond the T decoded here.
 template <class F>
 EvictRun evict_run(Transformer& m, KVPolicy& pol, const std::vector<std::int32_t>& prompt, std::int64_t B,
-                   std::int64_t N, std::int64_t query_len, std::int64_t T, const KVBudget& budget, F&& after_prefill) {
+                   std::int64_t N, std::int64_t query_len, std::int64_t T, const KVBudget& budget, F&& after_prefill,
+                   std::int64_t room = 0) {
   const std::int64_t V = m.config().vocab;
-  pol.begin(SequenceInfo{B, N, query_len, T}, budget);
+  pol.begin(SequenceInfo{B, N, query_len, T + room}, budget);
   std::vector<std::int32_t> tok = prompt, pos(static_cast<std::size_t>(B * N));
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t t = 0; t < N; ++t) pos[static_cast<std::size_t>(b * N + t)] = static_cast<std::int32_t>(t);
