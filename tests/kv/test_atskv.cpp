@@ -85,7 +85,7 @@ BOOST_AUTO_TEST_CASE(trained_keeps_more_answer_evidence_than_random) {
   BOOST_REQUIRE(random.load(ck, false));  // "trained" as far as the policy asks: a loaded random predictor
   const KVBudget budget{0.3, 0};
   double hits_trained = 0, hits_random = 0, evidence = 0;
-  for (std::uint64_t i = 0; i < 8; ++i) {
+  for (std::uint64_t i = 0; i < 16; ++i) {
     const Encoded e = example(N, Q, A, cfg.vocab, 900 + i);
     const atskv::Sample s = atskv::record(*m, e, 0);
     const std::vector<std::int32_t> prompt(e.tokens.begin(), e.tokens.begin() + N);
