@@ -9,6 +9,7 @@
 #include "core/rng.hpp"
 #include "kv/full.hpp"
 #include "kv/snapkv.hpp"
+#include "kv/wrapped_snapshot.hpp"
 #include "model/transformer.hpp"
 #include "train/encode.hpp"
 
@@ -312,9 +313,10 @@ TrainStats train(Predictor& pred, const std::vector<Sample>& samples, std::int64
 void AtskvConfig::validate() const {
   DSRSQ_INPUT_CHECK(window >= 0, "option --atskv_window: must be >= 0 (0: max(question, 8)), got ", window);
   DSRSQ_INPUT_CHECK(beta > 0 && std::isfinite(beta), "option --atskv_beta: must be > 0 and finite, got ", beta);
-  DSRSQ_INPUT_CHECK(q_min >= 0 && q_min <= q_max && q_max < 1, "options --atskv_q_min, --atskv_q_max: need 0 <= q_min <= q_max < 1, got ",
-                    q_min, " ", q_max);
+  DSRSQ_INPUT_CHECK(q_min >= 0 && q_min <= q_max && q_max < 1,
+                    "options --atskv_q_min, --atskv_q_max: need 0 <= q_min <= q_max < 1, got ", q_min, " ", q_max);
   DSRSQ_INPUT_CHECK(ema >= 0 && ema < 1, "option --atskv_ema: must lie in [0, 1), got ", ema);
+  DSRSQ_INPUT_CHECK(promote_slots >= 0, "option --atskv_promote_slots: must be >= 0, got ", promote_slots);
 }
 
 AtskvPolicy::AtskvPolicy(const ModelConfig& cfg, Backend& backend, const AtskvConfig& c, const atskv::Predictor& pred)
@@ -327,15 +329,45 @@ bool AtskvPolicy::plan(const SequenceInfo& info, std::size_t requested_bytes) {
   row_tokens_ = static_cast<std::int64_t>(requested_bytes / KVBudget::full_bytes(cfg, 1));
   q_.assign(static_cast<std::size_t>(cfg.n_layers), 0.7);  // the seed's initial sparsity
   passive_.assign(static_cast<std::size_t>(cfg.n_layers), {});
+  arenas_.clear();
+  arenas_.resize(static_cast<std::size_t>(cfg.n_layers));
+  slot_k_.assign(static_cast<std::size_t>(cfg.n_layers), TensorView{});
+  slot_v_ = slot_k_;
   passive_bytes_ = 0;
+  slots_ = 0;
+  promotions_ = 0;
+  decoding_ = false;
   const std::int64_t n = info.prompt_len;
   const std::int64_t w = c_.window > 0 ? std::min(c_.window, std::max<std::int64_t>(1, n - 1)) : snapkv::default_window(info.query_len, n);
   return row_tokens_ >= std::min(n, w) + info.max_new_tokens;
 }
 
+double AtskvPolicy::quantile_of(std::vector<double> r, double q) {
+  if (r.empty()) return 0.0;
+  std::sort(r.begin(), r.end());
+  const double at = q * static_cast<double>(r.size() - 1);
+  const auto lo = static_cast<std::size_t>(std::floor(at));
+  return r[lo] + (at - std::floor(at)) * (r[std::min(lo + 1, r.size() - 1)] - r[lo]);
+}
+
+std::vector<std::int32_t> AtskvPolicy::keep_prefix(const std::vector<double>& r, double q, double beta, std::int64_t cap) {
+  const auto P = static_cast<std::int64_t>(r.size());
+  if (P == 0) return {};
+  const double tau = beta * quantile_of(r, q);
+  // Above the threshold, at most `cap` of them (the highest scores; ties to the earlier token).
+  std::vector<double> s(r.size());
+  std::int64_t above = 0;
+  for (std::size_t i = 0; i < r.size(); ++i) {
+    s[i] = r[i] > tau ? r[i] : -1.0;
+    above += r[i] > tau ? 1 : 0;
+  }
+  return snapkv::top_in_order(s.data(), P, std::min(above, cap));
+}
+
 std::vector<std::vector<std::int32_t>> AtskvPolicy::select(const LayerPrefill& p) {
   const ModelConfig& cfg = config();
-  const std::int64_t tn = p.tokens, rows = this->rows(), NH = cfg.n_heads, HS = cfg.head_size(), l = p.layer;
+  const std::int64_t tn = p.tokens, rows = this->rows(), NH = cfg.n_heads, HS = cfg.head_size(), C = cfg.d_model;
+  const std::int64_t l = p.layer;
   std::vector<std::vector<std::int32_t>> out(static_cast<std::size_t>(rows));
   const std::int64_t keep_row = row_tokens_ - slots_after(tn);  // active tokens of the call per row
   if (tn <= 1 || keep_row >= tn) {
@@ -347,73 +379,294 @@ std::vector<std::vector<std::int32_t>> AtskvPolicy::select(const LayerPrefill& p
   DSRSQ_INPUT_CHECK(pred_.trained(), "method atskv: its relevance predictor is untrained; train it with --model atskv "
                                      "(from a standard --init_from checkpoint) or load a checkpoint that holds it with --init_from");
   const std::int64_t w = c_.window > 0 ? std::min(c_.window, tn - 1) : snapkv::default_window(info().query_len, tn);
-  const std::int64_t P = tn - w, cap = std::max<std::int64_t>(0, keep_row - w), D = pred_.dim();
+  const std::int64_t P = tn - w, D = pred_.dim();
+  // The promotion slots come out of the prefix's share of the budget.
+  slots_ = std::min(c_.promote_slots, std::max<std::int64_t>(0, keep_row - w));
+  const std::int64_t cap = std::max<std::int64_t>(0, keep_row - w - slots_);
   const std::vector<float> x = atskv::features(backend(), scratch(), cfg, p.q, p.k, p.v, p.pos, w);
   // The quantile follows the memory target: M_cur / M_target is what this
   // layer would hold keeping everything over what the budget allows.
   const double ratio = static_cast<double>(tn + slots_after(tn)) / static_cast<double>(std::max<std::int64_t>(1, row_tokens_));
-  const double target = c_.q_min + (c_.q_max - c_.q_min) * std::min(1.0, ratio);
   double& q = q_[static_cast<std::size_t>(l)];
-  q = c_.ema * q + (1.0 - c_.ema) * target;
-  std::vector<float> kh, vh;
+  q = c_.ema * q + (1.0 - c_.ema) * (c_.q_min + (c_.q_max - c_.q_min) * std::min(1.0, ratio));
+  auto& tier = passive_[static_cast<std::size_t>(l)];
+  tier.assign(static_cast<std::size_t>(info().batch), Passive{});
+  std::vector<float> kh(static_cast<std::size_t>(tn * C)), vh(kh.size());
   for (std::int64_t b = 0; b < info().batch; ++b) {
     const std::vector<double> z = pred_.logits(l, x.data() + b * P * D, P);
     std::vector<double> r(z.size());
     for (std::size_t i = 0; i < z.size(); ++i) r[i] = 1.0 / (1.0 + std::exp(-z[i]));
     std::vector<std::int32_t> keep = keep_prefix(r, q, c_.beta, cap);
+    Passive& ps = tier[static_cast<std::size_t>(b)];
+    ps.tau = c_.beta * quantile_of(r, q);
+    for (std::int32_t j : keep) ps.r_active.push_back(r[static_cast<std::size_t>(j)]);
+    // The demoted prefix tokens go to the passive tier (host copies).
+    std::vector<char> kept(static_cast<std::size_t>(P), 0);
+    for (std::int32_t j : keep) kept[static_cast<std::size_t>(j)] = 1;
+    backend().copy_to_host(p.k.reshaped(Shape{info().batch * tn, C}).rows(b * tn, tn), std::as_writable_bytes(std::span<float>(kh)));
+    backend().copy_to_host(p.v.reshaped(Shape{info().batch * tn, C}).rows(b * tn, tn), std::as_writable_bytes(std::span<float>(vh)));
+    const auto* pp = p.pos.ptr<std::int32_t>() + b * tn;
+    ps.k.assign(static_cast<std::size_t>(NH), {});
+    ps.v.assign(static_cast<std::size_t>(NH), {});
+    for (std::int64_t j = 0; j < P; ++j) {
+      if (kept[static_cast<std::size_t>(j)]) continue;
+      ps.pos.push_back(pp[j]);
+      ps.r.push_back(r[static_cast<std::size_t>(j)]);
+      ps.x.insert(ps.x.end(), x.begin() + (b * P + j) * D, x.begin() + (b * P + j + 1) * D);
+      for (std::int64_t h = 0; h < NH; ++h) {
+        ps.k[static_cast<std::size_t>(h)].insert(ps.k[static_cast<std::size_t>(h)].end(), kh.begin() + j * C + h * HS,
+                                                 kh.begin() + j * C + (h + 1) * HS);
+        ps.v[static_cast<std::size_t>(h)].insert(ps.v[static_cast<std::size_t>(h)].end(), vh.begin() + j * C + h * HS,
+                                                 vh.begin() + j * C + (h + 1) * HS);
+      }
+      // K and V of every head plus the features, on the host.
+      passive_bytes_ += static_cast<std::size_t>(NH) * token_bytes() + static_cast<std::size_t>(D) * sizeof(float);
+    }
+    ps.slot_of.assign(ps.pos.size(), -1);
+    ps.in_slot.assign(static_cast<std::size_t>(slots_), -1);
+    ps.a_step.assign(ps.pos.size() * static_cast<std::size_t>(NH), 0.0);
     for (std::int64_t j = P; j < tn; ++j) keep.push_back(static_cast<std::int32_t>(j));
     for (std::int64_t h = 0; h < NH; ++h) out[static_cast<std::size_t>(b * NH + h)] = keep;
-    // The demoted prefix tokens go to the passive tier (host copies of K and V).
-    std::vector<char> kept(static_cast<std::size_t>(P), 0);
-    for (std::int32_t j : keep)
-      if (j < P) kept[static_cast<std::size_t>(j)] = 1;
-    kh.resize(static_cast<std::size_t>(tn * NH * HS));
-    vh.resize(kh.size());
-    const TensorView kb = p.k.reshaped(Shape{info().batch * tn, NH * HS}).rows(b * tn, tn);
-    const TensorView vb = p.v.reshaped(Shape{info().batch * tn, NH * HS}).rows(b * tn, tn);
-    backend().copy_to_host(kb, std::as_writable_bytes(std::span<float>(kh)));
-    backend().copy_to_host(vb, std::as_writable_bytes(std::span<float>(vh)));
-    const auto* pp = p.pos.ptr<std::int32_t>() + b * tn;
-    auto& tier = passive_[static_cast<std::size_t>(l)];
-    tier.resize(static_cast<std::size_t>(rows));
-    for (std::int64_t h = 0; h < NH; ++h) {
-      Passive& ps = tier[static_cast<std::size_t>(b * NH + h)];
-      for (std::int64_t j = 0; j < P; ++j) {
-        if (kept[static_cast<std::size_t>(j)]) continue;
-        ps.pos.push_back(pp[j]);
-        ps.k.insert(ps.k.end(), kh.begin() + (j * NH + h) * HS, kh.begin() + (j * NH + h + 1) * HS);
-        ps.v.insert(ps.v.end(), vh.begin() + (j * NH + h) * HS, vh.begin() + (j * NH + h + 1) * HS);
-        passive_bytes_ += token_bytes();
-      }
-    }
   }
   return out;
 }
 
-std::vector<std::int32_t> AtskvPolicy::keep_prefix(const std::vector<double>& r, double q, double beta, std::int64_t cap) {
-  const auto P = static_cast<std::int64_t>(r.size());
-  if (P == 0) return {};
-  // The q-quantile of r (linear interpolation between order statistics).
-  std::vector<double> sorted = r;
-  std::sort(sorted.begin(), sorted.end());
-  const double at = q * static_cast<double>(P - 1);
-  const auto lo = static_cast<std::size_t>(std::floor(at));
-  const double quant = sorted[lo] + (at - std::floor(at)) * (sorted[std::min(lo + 1, sorted.size() - 1)] - sorted[lo]);
-  const double tau = beta * quant;
-  // Above the threshold, at most `cap` of them (the highest scores; ties to the earlier token).
-  std::vector<double> s(r.size());
-  std::int64_t above = 0;
-  for (std::size_t i = 0; i < r.size(); ++i) {
-    s[i] = r[i] > tau ? r[i] : -1.0;
-    above += r[i] > tau ? 1 : 0;
+void AtskvPolicy::after_select(const LayerPrefill& p, const std::vector<std::vector<std::int32_t>>&) {
+  if (slots_ > 0 && !passive_[static_cast<std::size_t>(p.layer)].empty()) alloc_slots(p.layer);
+}
+
+void AtskvPolicy::alloc_slots(std::int64_t layer) {
+  const auto l = static_cast<std::size_t>(layer);
+  const Shape shape{rows() * slots_, config().head_size()};
+  arenas_[l] = std::make_unique<Arena>("atskv_slots", std::max<std::size_t>(2 * static_cast<std::size_t>(shape.numel()) * sizeof(float), 64),
+                                       backend().allocator());
+  slot_k_[l] = arenas_[l]->allocate(shape, DType::f32);
+  slot_v_[l] = arenas_[l]->allocate(shape, DType::f32);
+  backend().fill(slot_k_[l], 0.0);
+  backend().fill(slot_v_[l], 0.0);
+}
+
+std::size_t AtskvPolicy::own_bytes() const {
+  std::size_t n = 0;
+  for (const auto& a : arenas_)
+    if (a) n += a->used_bytes();
+  return n;
+}
+
+std::vector<std::int32_t> AtskvPolicy::promoted(std::int64_t layer, std::int64_t r) const {
+  std::vector<std::int32_t> out;
+  const auto& tier = passive_.at(static_cast<std::size_t>(layer));
+  if (tier.empty()) return out;
+  const Passive& ps = tier[static_cast<std::size_t>(r / config().n_heads)];
+  for (std::int32_t t : ps.in_slot)
+    if (t >= 0) out.push_back(ps.pos[static_cast<std::size_t>(t)]);
+  return out;
+}
+
+void AtskvPolicy::end_prefill() {
+  EvictingPolicy::end_prefill();
+  decoding_ = true;
+}
+
+void AtskvPolicy::attend_row(std::int64_t layer, std::int64_t r, TensorView q, TensorView qpos, TensorView o,
+                             TensorView lse) {
+  EvictingPolicy::attend_row(layer, r, q, qpos, o, lse);  // exact over the active row
+  const auto l = static_cast<std::size_t>(layer);
+  if (passive_[l].empty()) return;
+  const std::int64_t NH = config().n_heads, HS = config().head_size(), Tn = q.shape[0], b = r / NH, h = r % NH;
+  Passive& ps = passive_[l][static_cast<std::size_t>(b)];
+  // The promoted slots of this row, merged into the result.
+  std::vector<std::int32_t> used, spos;
+  for (std::size_t s = 0; s < ps.in_slot.size(); ++s)
+    if (ps.in_slot[s] >= 0) {
+      used.push_back(static_cast<std::int32_t>(s));
+      spos.push_back(ps.pos[static_cast<std::size_t>(ps.in_slot[s])]);
+    }
+  if (!used.empty()) {
+    ArenaScope scope(scratch());
+    const auto n = static_cast<std::int64_t>(used.size());
+    std::vector<std::int32_t> src(used.size());
+    for (std::size_t i = 0; i < used.size(); ++i) src[i] = static_cast<std::int32_t>(r * slots_ + used[i]);
+    TensorView idx = scratch().allocate(Shape{n}, DType::i32);
+    backend().copy_from_host(std::as_bytes(std::span<const std::int32_t>(src)), idx);
+    TensorView ks = scratch().allocate(Shape{n, HS}, DType::f32), vs = scratch().allocate(Shape{n, HS}, DType::f32);
+    backend().gather_rows(GatherRowsArgs{slot_k_[l], idx, ks});
+    backend().gather_rows(GatherRowsArgs{slot_v_[l], idx, vs});
+    TensorView o2 = scratch().allocate(Shape{1, Tn, 1, HS}, DType::f32), l2 = scratch().allocate(Shape{1, 1, Tn}, DType::f32);
+    backend().attention_fwd(AttentionArgs{q.reshaped(Shape{1, Tn, 1, HS}), ks.reshaped(Shape{1, n, 1, HS}),
+                                          vs.reshaped(Shape{1, n, 1, HS}), o2, l2, qpos.reshaped(Shape{1, Tn}),
+                                          TensorView(spos.data(), Shape{1, n}), true, 0.0});
+    backend().attention_merge(AttentionMergeArgs{o.reshaped(Shape{1, Tn, 1, HS}), lse.reshaped(Shape{1, 1, Tn}), o2, l2});
   }
-  return snapkv::top_in_order(s.data(), P, std::min(above, cap));
+  if (!decoding_ || Tn != 1 || ps.pos.empty()) return;
+  // This step's probability of each passive token (against the normaliser of
+  // what the query attended to), for head h.
+  std::vector<float> qh(static_cast<std::size_t>(HS));
+  float lh = 0;
+  backend().copy_to_host(q.reshaped(Shape{HS}), std::as_writable_bytes(std::span<float>(qh)));
+  backend().copy_to_host(lse.reshaped(Shape{1}), std::as_writable_bytes(std::span<float>(&lh, 1)));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(HS));
+  const auto& kp = ps.k[static_cast<std::size_t>(h)];
+  for (std::size_t j = 0; j < ps.pos.size(); ++j) {
+    double d = 0;
+    for (std::int64_t e = 0; e < HS; ++e) d += static_cast<double>(qh[static_cast<std::size_t>(e)]) * kp[j * static_cast<std::size_t>(HS) + static_cast<std::size_t>(e)];
+    ps.a_step[j * static_cast<std::size_t>(NH) + static_cast<std::size_t>(h)] = std::isfinite(lh) ? std::exp(d * scale - lh) : 0.0;
+  }
+  if (h == NH - 1) rescore(layer, b);  // every head of the sequence has its probabilities
+}
+
+// A decode step of sequence b in `layer`: the passive tokens' attention
+// features follow this step's probabilities, their scores are recomputed, the
+// quantile follows the memory ratio, and promotions swap slots.
+void AtskvPolicy::rescore(std::int64_t layer, std::int64_t b) {
+  const auto l = static_cast<std::size_t>(layer);
+  Passive& ps = passive_[l][static_cast<std::size_t>(b)];
+  const std::int64_t NH = config().n_heads, C = config().d_model, D = pred_.dim();
+  const std::size_t n = ps.pos.size();
+  for (std::size_t j = 0; j < n; ++j)
+    for (std::int64_t h = 0; h < NH; ++h) {
+      float& a = ps.x[j * static_cast<std::size_t>(D) + static_cast<std::size_t>(C + h)];
+      a = static_cast<float>(c_.ema * a + (1.0 - c_.ema) * ps.a_step[j * static_cast<std::size_t>(NH) + static_cast<std::size_t>(h)]);
+    }
+  const std::vector<double> z = pred_.logits(layer, ps.x.data(), static_cast<std::int64_t>(n));
+  for (std::size_t j = 0; j < n; ++j) ps.r[j] = 1.0 / (1.0 + std::exp(-z[j]));
+  // M_cur / M_target: the row's active tokens and used slots over the budget.
+  std::int64_t used = 0;
+  for (std::int32_t t : ps.in_slot) used += t >= 0 ? 1 : 0;
+  const double ratio = static_cast<double>(row_len(layer, b * NH) + used) / static_cast<double>(std::max<std::int64_t>(1, row_tokens_));
+  double& q = q_[l];
+  q = c_.ema * q + (1.0 - c_.ema) * (c_.q_min + (c_.q_max - c_.q_min) * std::min(1.0, ratio));
+  // The threshold over every scored prefix token of the layer: the active ones
+  // keep their prefill scores (they are not re-scored), the passive ones move.
+  std::vector<double> all = ps.r_active;
+  all.insert(all.end(), ps.r.begin(), ps.r.end());
+  ps.tau = c_.beta * quantile_of(std::move(all), q);
+  if (ps.in_slot.empty()) return;
+  // Promoted tokens that fell to the threshold return to the passive tier.
+  for (std::size_t s = 0; s < ps.in_slot.size(); ++s) {
+    const std::int32_t t = ps.in_slot[s];
+    if (t >= 0 && ps.r[static_cast<std::size_t>(t)] <= ps.tau) {
+      ps.slot_of[static_cast<std::size_t>(t)] = -1;
+      ps.in_slot[s] = -1;
+    }
+  }
+  // Candidates above the threshold, highest first; each takes a free slot or
+  // the slot of the lowest promoted token scoring below it.
+  std::vector<std::int32_t> cand;
+  for (std::size_t j = 0; j < n; ++j)
+    if (ps.slot_of[j] < 0 && ps.r[j] > ps.tau) cand.push_back(static_cast<std::int32_t>(j));
+  std::stable_sort(cand.begin(), cand.end(), [&](std::int32_t x, std::int32_t y) { return ps.r[static_cast<std::size_t>(x)] > ps.r[static_cast<std::size_t>(y)]; });
+  const std::int64_t HS = config().head_size();
+  for (std::int32_t t : cand) {
+    std::int64_t slot = -1;
+    double low = ps.r[static_cast<std::size_t>(t)];
+    for (std::size_t s = 0; s < ps.in_slot.size(); ++s) {
+      if (ps.in_slot[s] < 0) {
+        slot = static_cast<std::int64_t>(s);
+        break;
+      }
+      const double rs = ps.r[static_cast<std::size_t>(ps.in_slot[s])];
+      if (rs < low) {
+        low = rs;
+        slot = static_cast<std::int64_t>(s);
+      }
+    }
+    if (slot < 0) break;  // every slot holds a better token
+    const auto ss = static_cast<std::size_t>(slot);
+    if (ps.in_slot[ss] >= 0) ps.slot_of[static_cast<std::size_t>(ps.in_slot[ss])] = -1;
+    ps.in_slot[ss] = t;
+    ps.slot_of[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(slot);
+    ++promotions_;
+    for (std::int64_t h = 0; h < NH; ++h) {
+      const std::int64_t row = (b * NH + h) * slots_ + slot;
+      const auto at = static_cast<std::size_t>(t) * static_cast<std::size_t>(HS);
+      backend().copy_from_host(std::as_bytes(std::span<const float>(ps.k[static_cast<std::size_t>(h)].data() + at, static_cast<std::size_t>(HS))),
+                               slot_k_[l].rows(row, 1));
+      backend().copy_from_host(std::as_bytes(std::span<const float>(ps.v[static_cast<std::size_t>(h)].data() + at, static_cast<std::size_t>(HS))),
+                               slot_v_[l].rows(row, 1));
+    }
+  }
+}
+
+double AtskvPolicy::row_keys_read(std::int64_t layer, std::int64_t r) const {
+  return static_cast<double>(row_len(layer, r) + static_cast<std::int64_t>(promoted(layer, r).size()));
+}
+
+std::size_t AtskvPolicy::aux_read_bytes(std::int64_t layer, std::int64_t r) const {
+  // The passive keys scored against the query (host memory).
+  const auto& tier = passive_.at(static_cast<std::size_t>(layer));
+  if (tier.empty()) return 0;
+  return tier[static_cast<std::size_t>(r / config().n_heads)].pos.size() * static_cast<std::size_t>(config().head_size()) * sizeof(float);
 }
 
 KVMemory AtskvPolicy::memory() const {
   KVMemory m = EvictingPolicy::memory();
-  m.total += passive_bytes_;  // the passive tier (host memory) counts in the total
+  const std::size_t own = own_bytes();  // the promotion slots: resident from their layer's compression on
+  m.resident_after_prefill += own;
+  m.peak_prefill += own;
+  m.total = m.resident_after_prefill + passive_bytes_;  // the passive tier (host memory) counts in the total
   return m;
+}
+
+std::size_t AtskvPolicy::budget_achieved_bytes() const {
+  return EvictingPolicy::budget_achieved_bytes() + own_bytes() / static_cast<std::size_t>(std::max<std::int64_t>(info().batch, 1));
+}
+
+namespace {
+struct AtskvExtra {
+  std::int64_t slots = 0, promotions = 0;
+  bool decoding = false;
+  std::vector<double> q;
+  std::size_t passive_bytes = 0;
+  std::vector<char> has_slots;
+};
+}  // namespace
+
+std::unique_ptr<KVSnapshot> AtskvPolicy::snapshot() const {
+  // The passive tier is copied by value (host state) with the slots' blocks.
+  auto s = std::make_unique<kvdetail::WrappedSnapshot<std::pair<AtskvExtra, std::vector<std::vector<Passive>>>>>();
+  s->owner = this;
+  s->base = EvictingPolicy::snapshot();
+  s->extra.first = AtskvExtra{slots_, promotions_, decoding_, q_, passive_bytes_, {}};
+  s->extra.second = passive_;
+  for (std::size_t l = 0; l < slot_k_.size(); ++l) {
+    s->extra.first.has_slots.push_back(slot_k_[l].data ? 1 : 0);
+    if (!slot_k_[l].data) continue;
+    s->blocks.emplace_back().save(backend(), slot_k_[l]);
+    s->blocks.emplace_back().save(backend(), slot_v_[l]);
+  }
+  s->extra_host_bytes = passive_bytes_;
+  return s;
+}
+
+void AtskvPolicy::restore(const KVSnapshot& snap) {
+  const auto& s = kvdetail::wrapped_of<std::pair<AtskvExtra, std::vector<std::vector<Passive>>>>(snap, this, "atskv");
+  EvictingPolicy::restore(*s.base);
+  const AtskvExtra& e = s.extra.first;
+  const bool same = slots_ == e.slots && slot_k_.size() == e.has_slots.size();
+  slots_ = e.slots;
+  promotions_ = e.promotions;
+  decoding_ = e.decoding;
+  q_ = e.q;
+  passive_bytes_ = e.passive_bytes;
+  passive_ = s.extra.second;
+  if (!same) {
+    arenas_.clear();
+    arenas_.resize(e.has_slots.size());
+    slot_k_.assign(e.has_slots.size(), TensorView{});
+    slot_v_ = slot_k_;
+  }
+  std::size_t bi = 0;
+  for (std::size_t l = 0; l < e.has_slots.size(); ++l) {
+    if (!e.has_slots[l]) {
+      arenas_[l].reset();
+      slot_k_[l] = slot_v_[l] = TensorView{};
+      continue;
+    }
+    if (!slot_k_[l].data) alloc_slots(static_cast<std::int64_t>(l));
+    s.blocks[bi++].load(backend(), slot_k_[l]);
+    s.blocks[bi++].load(backend(), slot_v_[l]);
+  }
 }
 
 }  // namespace dsrsq

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -101,44 +102,85 @@ struct AtskvConfig {
   std::int64_t window = 0;  // observation window (0: max(question, 8))
   double beta = 1.0;        // tau = beta * quantile(r, q)
   double q_min = 0.1, q_max = 0.5;  // the quantile's range (the seed's run passes [0.1, 0.5])
-  double ema = 0.8;                 // moving average of the quantile
+  double ema = 0.8;                 // moving average of the quantile and of the passive tokens' attention
+  std::int64_t promote_slots = 4;   // per row: room for passive tokens promoted back (taken from the budget)
   void validate() const;
 };
 
-// The two-tier policy: at each layer's compression call the predictor scores
+// The two-tier policy. At each layer's compression call the predictor scores
 // the prefix tokens (one score per token, shared by the heads of a sequence);
 // a token stays active when r > tau = beta * quantile(r, q) with
 //   q = ema * q_prev + (1 - ema) * (q_min + (q_max - q_min) * min(1, M_cur / M_target))
-// (fix 1: q is the dropped fraction, so memory pressure keeps fewer), under a
-// hard cap from the byte budget; the window (question included) always stays.
-// Demoted tokens' K and V move to the passive tier (host memory), counted in
-// memory().total. A passive token is promoted back ... (see atskv.cpp).
+// (fix 1: q is the dropped fraction, so memory pressure keeps fewer; q starts
+// at the seed's initial sparsity 0.7), at most the hard cap the byte budget
+// leaves after the window (question included: always active), the slots of
+// the tokens still to come and `promote_slots` promotion slots.
+// Demoted tokens move to the passive tier (host memory: their K, V and
+// features), counted in memory().total, not in the resident figures.
+// At every decode step each passive token's attention feature follows, as a
+// moving average (ema), the probability the step's query gives it against
+// the active keys' normaliser (the passive keys are read: that traffic is in
+// read_per_step); its score is recomputed, the layer's quantile follows the
+// memory ratio again, and passive tokens whose score rises above the
+// threshold are promoted into the promotion slots (resident, counted), the
+// highest first, displacing promoted tokens that fell below it (which return
+// to the passive tier). Decode attention is exact over the active row and
+// the promoted slots (merged by log-sum-exp). The tokens kept at prefill are
+// not demoted during decoding (the base's rows only shrink by reselect(),
+// which would rebuild every row of the layer at each step).
 class AtskvPolicy final : public EvictingPolicy {
  public:
   AtskvPolicy(const ModelConfig& cfg, Backend& backend, const AtskvConfig& c, const atskv::Predictor& pred);
+  void end_prefill() override;
   KVMemory memory() const override;
+  std::size_t budget_achieved_bytes() const override;
+  std::unique_ptr<KVSnapshot> snapshot() const override;
+  void restore(const KVSnapshot& snap) override;
   std::size_t passive_bytes() const { return passive_bytes_; }
   double quantile(std::int64_t layer) const { return q_.at(static_cast<std::size_t>(layer)); }
+  // Positions promoted into row r's slots of `layer`, and promotions so far.
+  std::vector<std::int32_t> promoted(std::int64_t layer, std::int64_t r) const;
+  std::int64_t promotions() const { return promotions_; }
   // The kept prefix tokens given their scores r: those with r > beta *
   // quantile(r, q), at most `cap` of them (the highest), ascending.
   static std::vector<std::int32_t> keep_prefix(const std::vector<double>& r, double q, double beta, std::int64_t cap);
+  static double quantile_of(std::vector<double> r, double q);
 
  protected:
   bool plan(const SequenceInfo& info, std::size_t requested_bytes) override;
   std::vector<std::vector<std::int32_t>> select(const LayerPrefill& p) override;
+  void after_select(const LayerPrefill& p, const std::vector<std::vector<std::int32_t>>& kept) override;
+  void attend_row(std::int64_t layer, std::int64_t r, TensorView q, TensorView qpos, TensorView o,
+                  TensorView lse) override;
+  double row_keys_read(std::int64_t layer, std::int64_t r) const override;
+  std::size_t aux_read_bytes(std::int64_t layer, std::int64_t r) const override;
 
  private:
   AtskvConfig c_;
   const atskv::Predictor& pred_;
-  std::int64_t row_tokens_ = 0;
+  std::int64_t row_tokens_ = 0, slots_ = 0, promotions_ = 0;
+  bool decoding_ = false;
   std::vector<double> q_;  // per layer, the smoothed quantile
   std::size_t passive_bytes_ = 0;
-  // Passive tier: per layer, per row, the demoted tokens' positions and K, V (host).
+  // Passive tier of one sequence and layer: the demoted tokens' features (rows
+  // x dim, the attention part updated), scores, positions, and per head K, V.
   struct Passive {
+    std::vector<float> x;
+    std::vector<double> r, a_step;  // a_step: this step's probabilities (tokens x heads)
+    std::vector<double> r_active;   // the prefill scores of the prefix tokens kept active
     std::vector<std::int32_t> pos;
-    std::vector<float> k, v;
+    std::vector<std::vector<float>> k, v;  // per head: tokens x HS
+    std::vector<std::int32_t> slot_of;     // per token: its promotion slot, -1: none
+    std::vector<std::int32_t> in_slot;     // per slot: the token in it, -1: empty
+    double tau = 0;
   };
-  std::vector<std::vector<Passive>> passive_;
+  std::vector<std::vector<Passive>> passive_;  // per layer, per sequence
+  // Promotion slots: per layer, K and V (rows, slots, HS) in their own arena.
+  std::vector<std::unique_ptr<Arena>> arenas_;
+  std::vector<TensorView> slot_k_, slot_v_;
+  void alloc_slots(std::int64_t layer);
+  std::size_t own_bytes() const;
+  void rescore(std::int64_t layer, std::int64_t b);
 };
 
 }  // namespace dsrsq

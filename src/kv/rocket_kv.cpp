@@ -108,18 +108,23 @@ bool RocketKVPolicy::plan(const SequenceInfo& info, std::size_t requested_bytes)
   const ModelConfig& cfg = config();
   const auto row_tokens = static_cast<std::int64_t>(requested_bytes / KVBudget::full_bytes(cfg, 1));
   const std::int64_t S = info.prompt_len + info.max_new_tokens, T = info.max_new_tokens;
+  // Fixed minimum: stage 1 keeps at least the engine's window (or the whole
+  // prompt if shorter) beside the generated tokens; the smallest traffic
+  // budget whose Pcap holds that sets the minimum resident tokens. Below it the
+  // policy keeps that minimum with that B (infeasible), not B = 1 (k = 1).
+  const std::int64_t n = info.prompt_len;
+  min_keep_ = n <= 1 ? n : std::min(n, snapkv::default_window(info.query_len, n));
+  std::int64_t b_min = 1;
+  while (b_min < 2 * S && RocketKVParams::derive(b_min, S, T, cfg.head_size()).Pcap - T < min_keep_) ++b_min;
+  const std::int64_t r_min = RocketKVParams::derive(b_min, S, T, cfg.head_size()).resident_tokens();
   bool fits = false;
-  prm_ = RocketKVParams::for_budget(row_tokens, S, T, cfg.head_size(), fits);
+  prm_ = RocketKVParams::for_budget(std::max(row_tokens, r_min), S, T, cfg.head_size(), fits);
   arenas_.clear();
   arenas_.resize(static_cast<std::size_t>(cfg.n_layers));
   bounds_.assign(static_cast<std::size_t>(cfg.n_layers), TensorView{});
   pages_.assign(static_cast<std::size_t>(cfg.n_layers), 0);
   bounded_.assign(static_cast<std::size_t>(cfg.n_layers), {});
-  // Fixed minimum: stage 1 keeps at least the engine's window (or the whole
-  // prompt if shorter) beside the generated tokens.
-  const std::int64_t n = info.prompt_len;
-  min_keep_ = n <= 1 ? n : std::min(n, snapkv::default_window(info.query_len, n));
-  return fits && prm_.Pcap - T >= min_keep_;
+  return fits && row_tokens >= r_min;
 }
 
 std::vector<std::vector<std::int32_t>> RocketKVPolicy::select(const LayerPrefill& p) {

@@ -40,6 +40,7 @@ struct AtskvKnobs final : MethodKnobs {
       ("atskv_q_min", po::value(&c.q_min)->default_value(c.q_min, "0.1"), "ATSKV: dropped-fraction quantile without memory pressure")
       ("atskv_q_max", po::value(&c.q_max)->default_value(c.q_max, "0.5"), "ATSKV: dropped-fraction quantile at or above the memory target")
       ("atskv_ema", po::value(&c.ema)->default_value(c.ema, "0.8"), "ATSKV: moving average of the quantile (from the seed's initial sparsity 0.7)")
+      ("atskv_promote_slots", po::value(&c.promote_slots)->default_value(c.promote_slots), "ATSKV: promotion slots per row and layer for passive tokens whose score rises (taken from the budget)")
       ("atskv_hidden", po::value(&hidden)->default_value(hidden), "ATSKV: hidden units of the predictor's MLP")
       ("atskv_lr", po::value(&lr)->default_value(lr, "0.003"), "ATSKV: Adam learning rate of the predictor")
       ("atskv_train_seqs", po::value(&train_seqs)->default_value(train_seqs), "ATSKV: sequences of each training step recorded through the frozen backbone for the predictor");
@@ -56,6 +57,7 @@ struct AtskvKnobs final : MethodKnobs {
     kv["atskv_q_min"] = num(c.q_min);
     kv["atskv_q_max"] = num(c.q_max);
     kv["atskv_ema"] = num(c.ema);
+    kv["atskv_promote_slots"] = std::to_string(c.promote_slots);
     kv["atskv_hidden"] = std::to_string(hidden);
     kv["atskv_lr"] = num(lr);
     kv["atskv_train_seqs"] = std::to_string(train_seqs);

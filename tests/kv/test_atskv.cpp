@@ -90,7 +90,9 @@ BOOST_AUTO_TEST_CASE(trained_keeps_more_answer_evidence_than_random) {
     const atskv::Sample s = atskv::record(*m, e, 0);
     const std::vector<std::int32_t> prompt(e.tokens.begin(), e.tokens.begin() + N);
     for (const atskv::Predictor* p : {&trained, &random}) {
-      AtskvPolicy pol(cfg, cpu_backend(), AtskvConfig{}, *p);
+      AtskvConfig ac;
+      ac.promote_slots = 0;  // the prefill's choice alone, the whole prefix share for it
+      AtskvPolicy pol(cfg, cpu_backend(), ac, *p);
       double hits = 0;
       testing::evict_run(*m, pol, prompt, 1, N, Q, A, budget, [&] {
         for (std::int64_t l = 0; l < cfg.n_layers; ++l) {
@@ -125,17 +127,36 @@ BOOST_AUTO_TEST_CASE(quantile_passive_tier_and_untrained_refusal) {
   atskv::train(pred, train, 20, 3e-3);
   AtskvPolicy pol(cfg, cpu_backend(), AtskvConfig{}, pred);
   const auto prompt = testing::evict_tokens(N, cfg.vocab, 54);
-  const auto r = testing::evict_run(*m, pol, prompt, 1, N, Q, T, KVBudget{0.25, 0});
+  std::size_t passive = 0;
+  const std::size_t per_token = static_cast<std::size_t>(cfg.n_heads) * pol.token_bytes() +
+                                static_cast<std::size_t>(atskv::feature_dim(cfg)) * sizeof(float);
+  const auto r = testing::evict_run(*m, pol, prompt, 1, N, Q, T, KVBudget{0.25, 0}, [&] {
+    for (std::int64_t l = 0; l < cfg.n_layers; ++l) {
+      BOOST_TEST(pol.quantile(l) == 0.8 * 0.7 + 0.2 * 0.5, boost::test_tools::tolerance(1e-12));
+      passive += static_cast<std::size_t>(N - pol.row_len(l, 0)) * per_token;  // K, V of every head + features
+    }
+  });
   BOOST_TEST(!pol.infeasible());
-  for (std::int64_t l = 0; l < cfg.n_layers; ++l)
-    BOOST_TEST(pol.quantile(l) == 0.8 * 0.7 + 0.2 * 0.5, boost::test_tools::tolerance(1e-12));
-  std::size_t dropped = 0;
-  for (std::int64_t l = 0; l < cfg.n_layers; ++l)
-    for (std::int64_t row = 0; row < pol.rows(); ++row)
-      dropped += static_cast<std::size_t>(N + T - pol.row_len(l, row));
-  BOOST_TEST(pol.passive_bytes() == dropped * pol.token_bytes());
+  BOOST_TEST_MESSAGE("atskv promotions over " << T << " decode steps: " << pol.promotions());
+  BOOST_TEST(passive > 0u);
+  BOOST_TEST(pol.passive_bytes() == passive);
   BOOST_TEST(r.mem_end.total == r.mem_end.resident_after_prefill + pol.passive_bytes());
+  // Resident: the rows plus the promotion slots (4 per row and layer), within the budget.
   BOOST_TEST(r.mem_end.resident_after_prefill <= pol.budget_requested_bytes());
+  std::size_t rows_bytes = 0;
+  for (std::int64_t l = 0; l < cfg.n_layers; ++l)
+    for (std::int64_t row = 0; row < pol.rows(); ++row) {
+      rows_bytes += static_cast<std::size_t>(pol.row_len(l, row)) * pol.token_bytes();
+      // Promoted tokens are demoted ones, at most the slots.
+      const auto act = pol.row_positions(l, row), pro = pol.promoted(l, row);
+      BOOST_TEST(pro.size() <= 4u);
+      for (std::int32_t t : pro) {
+        BOOST_TEST((std::find(act.begin(), act.end(), t) == act.end()), t);
+        BOOST_TEST(t < N - 8);
+      }
+    }
+  BOOST_TEST(r.mem_end.resident_after_prefill ==
+             rows_bytes + static_cast<std::size_t>(cfg.n_layers * pol.rows() * 4) * pol.token_bytes());
 
   atskv::Predictor fresh(cfg, 16, 8);
   AtskvPolicy untrained(cfg, cpu_backend(), AtskvConfig{}, fresh);

@@ -195,6 +195,9 @@ BOOST_AUTO_TEST_CASE(infeasible_below_minimum) {
   testing::evict_run(*m, pol, testing::evict_tokens(N, cfg.vocab, 36), 1, N, 3, T, KVBudget{0, 10 * KVBudget::full_bytes(cfg, 1)});
   BOOST_TEST(pol.infeasible());
   BOOST_TEST(pol.budget_achieved_bytes() > pol.budget_requested_bytes());
+  // It keeps its minimum (the window beside the generated tokens), with the stage-2 parameters of that memory.
+  BOOST_TEST(pol.params().Pcap - T >= 8);
+  BOOST_TEST(pol.row_len(0, 0) == pol.params().Pcap);
 }
 
 BOOST_AUTO_TEST_CASE(snapshot_restore_equals_fresh_prefill) {
