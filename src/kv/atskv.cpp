@@ -412,15 +412,15 @@ std::vector<std::vector<std::int32_t>> AtskvPolicy::select(const LayerPrefill& p
       if (kept[static_cast<std::size_t>(j)]) continue;
       ps.pos.push_back(pp[j]);
       ps.r.push_back(r[static_cast<std::size_t>(j)]);
-      ps.x.insert(ps.x.end(), x.begin() + (b * P + j) * D, x.begin() + (b * P + j + 1) * D);
+      ps.f.insert(ps.f.end(), x.begin() + (b * P + j) * D + C, x.begin() + (b * P + j + 1) * D);
       for (std::int64_t h = 0; h < NH; ++h) {
         ps.k[static_cast<std::size_t>(h)].insert(ps.k[static_cast<std::size_t>(h)].end(), kh.begin() + j * C + h * HS,
                                                  kh.begin() + j * C + (h + 1) * HS);
         ps.v[static_cast<std::size_t>(h)].insert(ps.v[static_cast<std::size_t>(h)].end(), vh.begin() + j * C + h * HS,
                                                  vh.begin() + j * C + (h + 1) * HS);
       }
-      // K and V of every head plus the features, on the host.
-      passive_bytes_ += static_cast<std::size_t>(NH) * token_bytes() + static_cast<std::size_t>(D) * sizeof(float);
+      // K and V of every head plus the other features, on the host.
+      passive_bytes_ += static_cast<std::size_t>(NH) * token_bytes() + static_cast<std::size_t>(D - C) * sizeof(float);
     }
     ps.slot_of.assign(ps.pos.size(), -1);
     ps.in_slot.assign(static_cast<std::size_t>(slots_), -1);
@@ -523,12 +523,20 @@ void AtskvPolicy::rescore(std::int64_t layer, std::int64_t b) {
   Passive& ps = passive_[l][static_cast<std::size_t>(b)];
   const std::int64_t NH = config().n_heads, C = config().d_model, D = pred_.dim();
   const std::size_t n = ps.pos.size();
-  for (std::size_t j = 0; j < n; ++j)
+  const std::int64_t F = D - C, HS = config().head_size();
+  std::vector<float> x(n * static_cast<std::size_t>(D));
+  for (std::size_t j = 0; j < n; ++j) {
+    float* row = x.data() + j * static_cast<std::size_t>(D);
     for (std::int64_t h = 0; h < NH; ++h) {
-      float& a = ps.x[j * static_cast<std::size_t>(D) + static_cast<std::size_t>(C + h)];
+      const float* vj = ps.v[static_cast<std::size_t>(h)].data() + j * static_cast<std::size_t>(HS);
+      std::copy(vj, vj + HS, row + h * HS);
+      float& a = ps.f[j * static_cast<std::size_t>(F) + static_cast<std::size_t>(h)];
       a = static_cast<float>(c_.ema * a + (1.0 - c_.ema) * ps.a_step[j * static_cast<std::size_t>(NH) + static_cast<std::size_t>(h)]);
     }
-  const std::vector<double> z = pred_.logits(layer, ps.x.data(), static_cast<std::int64_t>(n));
+    std::copy(ps.f.begin() + static_cast<std::ptrdiff_t>(j * static_cast<std::size_t>(F)),
+              ps.f.begin() + static_cast<std::ptrdiff_t>((j + 1) * static_cast<std::size_t>(F)), row + C);
+  }
+  const std::vector<double> z = pred_.logits(layer, x.data(), static_cast<std::int64_t>(n));
   for (std::size_t j = 0; j < n; ++j) ps.r[j] = 1.0 / (1.0 + std::exp(-z[j]));
   // M_cur / M_target: the row's active tokens and used slots over the budget.
   std::int64_t used = 0;
@@ -555,8 +563,7 @@ void AtskvPolicy::rescore(std::int64_t layer, std::int64_t b) {
   std::vector<std::int32_t> cand;
   for (std::size_t j = 0; j < n; ++j)
     if (ps.slot_of[j] < 0 && ps.r[j] > ps.tau) cand.push_back(static_cast<std::int32_t>(j));
-  std::stable_sort(cand.begin(), cand.end(), [&](std::int32_t x, std::int32_t y) { return ps.r[static_cast<std::size_t>(x)] > ps.r[static_cast<std::size_t>(y)]; });
-  const std::int64_t HS = config().head_size();
+  std::stable_sort(cand.begin(), cand.end(), [&](std::int32_t a, std::int32_t b2) { return ps.r[static_cast<std::size_t>(a)] > ps.r[static_cast<std::size_t>(b2)]; });
   for (std::int32_t t : cand) {
     std::int64_t slot = -1;
     double low = ps.r[static_cast<std::size_t>(t)];

@@ -162,10 +162,11 @@ class AtskvPolicy final : public EvictingPolicy {
   bool decoding_ = false;
   std::vector<double> q_;  // per layer, the smoothed quantile
   std::size_t passive_bytes_ = 0;
-  // Passive tier of one sequence and layer: the demoted tokens' features (rows
-  // x dim, the attention part updated), scores, positions, and per head K, V.
+  // Passive tier of one sequence and layer: the demoted tokens' features
+  // beyond their values (tokens x (heads + 3): the attention part updated; the
+  // value part is their V, held once), scores, positions, and per head K, V.
   struct Passive {
-    std::vector<float> x;
+    std::vector<float> f;
     std::vector<double> r, a_step;  // a_step: this step's probabilities (tokens x heads)
     std::vector<double> r_active;   // the prefill scores of the prefix tokens kept active
     std::vector<std::int32_t> pos;

@@ -128,12 +128,13 @@ BOOST_AUTO_TEST_CASE(quantile_passive_tier_and_untrained_refusal) {
   AtskvPolicy pol(cfg, cpu_backend(), AtskvConfig{}, pred);
   const auto prompt = testing::evict_tokens(N, cfg.vocab, 54);
   std::size_t passive = 0;
+  // K, V of every head and the features beyond the value (attention per head, 3 handcrafted).
   const std::size_t per_token = static_cast<std::size_t>(cfg.n_heads) * pol.token_bytes() +
-                                static_cast<std::size_t>(atskv::feature_dim(cfg)) * sizeof(float);
+                                static_cast<std::size_t>(cfg.n_heads + 3) * sizeof(float);
   const auto r = testing::evict_run(*m, pol, prompt, 1, N, Q, T, KVBudget{0.25, 0}, [&] {
     for (std::int64_t l = 0; l < cfg.n_layers; ++l) {
       BOOST_TEST(pol.quantile(l) == 0.8 * 0.7 + 0.2 * 0.5, boost::test_tools::tolerance(1e-12));
-      passive += static_cast<std::size_t>(N - pol.row_len(l, 0)) * per_token;  // K, V of every head + features
+      passive += static_cast<std::size_t>(N - pol.row_len(l, 0)) * per_token;
     }
   });
   BOOST_TEST(!pol.infeasible());
