@@ -12,6 +12,7 @@
 #include "core/error.hpp"
 #include "evict_util.hpp"
 #include "kv/atskv.hpp"
+#include "snapshot_check.hpp"
 #include "train/encode.hpp"
 
 using namespace dsrsq;
@@ -171,6 +172,26 @@ BOOST_AUTO_TEST_CASE(quantile_passive_tier_and_untrained_refusal) {
   AtskvPolicy tiny(cfg, cpu_backend(), AtskvConfig{}, pred);
   testing::evict_run(*m, tiny, prompt, 1, N, Q, T, KVBudget{0, 5 * KVBudget::full_bytes(cfg, 1)});
   BOOST_TEST(tiny.infeasible());
+}
+
+// The reuse protocol: the passive tier, the promotion slots and the quantiles
+// come back with the rows (query-agnostic: the context is compressed alone).
+BOOST_AUTO_TEST_CASE(snapshot_restore_equals_fresh_prefill) {
+  const ModelConfig cfg = evict_cfg();
+  auto m = testing::evict_model(cfg, 57);
+  std::vector<atskv::Sample> train;
+  for (std::uint64_t i = 0; i < 3; ++i) train.push_back(atskv::record(*m, example(60, 5, 3, cfg.vocab, 500 + i), 0));
+  atskv::Predictor pred(cfg, 16, 9);
+  atskv::train(pred, train, 20, 3e-3);
+  for (const std::int64_t B : {1, 2}) {
+    BOOST_TEST_CONTEXT("batch " << B) {
+      const auto ctx = testing::evict_tokens(B * 70, cfg.vocab, 41), q1 = testing::evict_tokens(B * 4, cfg.vocab, 42),
+                 q2 = testing::evict_tokens(B * 6, cfg.vocab, 43);
+      testing::check_snapshot_reuse(
+          *m, [&] { return std::make_unique<AtskvPolicy>(cfg, cpu_backend(), AtskvConfig{}, pred); }, KVBudget{0.4, 0},
+          B, ctx, q1, q2, 5, 1);
+    }
+  }
 }
 
 BOOST_AUTO_TEST_CASE(checkpoint_round_trip) {
