@@ -132,6 +132,13 @@ double Predictor::adam_step(std::int64_t layer, const float* x, const double* y,
   return loss / static_cast<double>(std::max<std::int64_t>(n, 1));
 }
 
+double Predictor::mse(std::int64_t layer, const float* x, const double* y, std::int64_t n) const {
+  const std::vector<double> z = logits(layer, x, n);
+  double loss = 0;
+  for (std::int64_t i = 0; i < n; ++i) loss += (z[static_cast<std::size_t>(i)] - y[i]) * (z[static_cast<std::size_t>(i)] - y[i]);
+  return loss / static_cast<double>(std::max<std::int64_t>(n, 1));
+}
+
 double Predictor::flops(std::int64_t n, bool backward) const {
   const double f = 2.0 * static_cast<double>(n) * static_cast<double>(hidden_) * static_cast<double>(dim_ + 1);
   return backward ? 3.0 * f : f;
@@ -304,6 +311,23 @@ TrainStats train(Predictor& pred, const std::vector<Sample>& samples, std::int64
   }
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return st;
+}
+
+double mse(const Predictor& pred, const std::vector<Sample>& samples) {
+  if (samples.empty()) return 0.0;
+  const auto L = static_cast<std::int64_t>(samples.front().x.size());
+  double total = 0;
+  for (std::int64_t l = 0; l < L; ++l) {
+    double sum = 0;
+    std::int64_t rows = 0;
+    for (const Sample& s : samples) {
+      sum += pred.mse(l, s.x[static_cast<std::size_t>(l)].data(), s.y[static_cast<std::size_t>(l)].data(), s.rows) *
+             static_cast<double>(s.rows);
+      rows += s.rows;
+    }
+    total += sum / static_cast<double>(std::max<std::int64_t>(rows, 1));
+  }
+  return total / static_cast<double>(L);
 }
 
 }  // namespace atskv

@@ -55,6 +55,8 @@ class Predictor {
   // One full-batch Adam step of the mean squared error of z against y on n
   // rows of `layer`; returns the loss before the step.
   double adam_step(std::int64_t layer, const float* x, const double* y, std::int64_t n, double lr);
+  // Mean squared error of z against y on n rows of `layer` (no update).
+  double mse(std::int64_t layer, const float* x, const double* y, std::int64_t n) const;
   // Checkpoint entries "atskv.params" (and "atskv.adam_m", "atskv.adam_v", "atskv.step").
   void save(std::map<std::string, std::vector<float>>& extra, bool with_optimizer) const;
   bool load(const std::map<std::string, std::vector<float>>& extra, bool with_optimizer);
@@ -95,6 +97,8 @@ struct TrainStats {
 // Fits the predictor on the recorded samples: `epochs` full-batch Adam steps
 // per layer (a fresh layer's output bias starts at its targets' mean).
 TrainStats train(Predictor& pred, const std::vector<Sample>& samples, std::int64_t epochs, double lr);
+// Mean over layers of the predictor's mean squared error on the samples.
+double mse(const Predictor& pred, const std::vector<Sample>& samples);
 
 }  // namespace atskv
 

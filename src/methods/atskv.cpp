@@ -112,9 +112,19 @@ class Atskv final : public Method, public TrainingExtension {
     frozen_.assign(flat.ptr<float>(), flat.ptr<float>() + flat.numel());
     hooks.task_weight = 0.0;
     const std::int32_t pad = env.pad_id;
-    hooks.make_batch = [this, pad](const std::vector<const Encoded*>& seqs, std::int64_t, float lm, std::int64_t mult,
-                                   bool training) {
-      if (training) pending_ = seqs;
+    hooks.make_batch = [this, pad](const std::vector<const Encoded*>& seqs, std::int64_t step, float lm,
+                                   std::int64_t mult, bool training) {
+      if (training) {
+        pending_ = seqs;
+        train_step_ = step + 1;
+      } else if (train_step_ != last_val_step_) {  // the trainer validates with step 0: one line per round
+        // Validation: the predictor's error on up to 8 validation sequences
+        // (recorded once: the backbone is frozen), a held-out measure of its fit.
+        last_val_step_ = train_step_;
+        for (std::size_t i = 0; i < seqs.size() && val_.size() < 8; ++i) val_.push_back(atskv::record(model_, *seqs[i], k_.c.window));
+        std::printf("dsrsq: atskv predictor held-out MSE %.4f at step %lld (%zu validation sequences)\n",
+                    atskv::mse(pred_, val_), static_cast<long long>(train_step_), val_.size());
+      }
       return make_batch(seqs, pad, lm, mult);
     };
     hooks.before_forward = [this](const HostBatch&, bool training) {
@@ -155,6 +165,8 @@ class Atskv final : public Method, public TrainingExtension {
   bool trained_ = false;
   std::vector<float> frozen_;
   std::vector<const Encoded*> pending_;
+  std::vector<atskv::Sample> val_;
+  std::int64_t last_val_step_ = -1, train_step_ = 0;
   double last_loss_ = 0, seconds_ = 0, flops_ = 0, rows_ = 0;
 };
 
