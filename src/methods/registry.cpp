@@ -13,6 +13,9 @@ const MethodInfo& full_method();
 const MethodInfo& sliding_window_method();
 const MethodInfo& razor_method();
 const MethodInfo& pyramid_method();
+const MethodInfo& dynamic_kv_method();
+const MethodInfo& rocket_kv_method();
+const MethodInfo& atskv_method();
 const MethodInfo& dsrsq_method();
 
 const std::vector<const MethodInfo*>& all_methods() {
@@ -22,6 +25,9 @@ const std::vector<const MethodInfo*>& all_methods() {
       &sliding_window_method(),
       &razor_method(),
       &pyramid_method(),
+      &dynamic_kv_method(),
+      &rocket_kv_method(),
+      &atskv_method(),
       &dsrsq_method(),
   };
   return table;
