@@ -25,7 +25,7 @@
 // untimed 1K warm-up in the same process). KV = the policy's K/V arena after
 // prefill (KVPolicy::memory(), bytes actually allocated). Peak (tracked) =
 // activation-arena peak + KV peak (+ RCKV scratch peak) over the whole run; for
-// DSRSQ the larger of that and the retriever's forward record, which is alive
+// DSRSQ the larger of that and the selector's memory (inference path), which is alive
 // only during select_prompt. rss = peak resident set growth of the process
 // that ran the measurement (every (method, N) runs in its own forked child, so
 // one measurement's memory never hides another's).
@@ -372,16 +372,18 @@ OneRun run_method(methods::Method& method, dsrsq::Transformer& model, const dsrs
   return r;
 }
 
-// DSRSQ-specific: bytes of the retriever's forward record for this prompt
-// (what its selector holds while it runs): recomputed outside the timers.
+// DSRSQ-specific: bytes its selector holds while it runs, recomputed outside
+// the timers: the inference path's block buffers and seed heap
+// (DsrScorer::select_inference, what select_prompt runs) plus the selection.
+// (Before that path existed this was the training forward record, ~1.56 KB per
+// context token at d_model 128, d_r 128.)
 std::size_t dsr_record_bytes(dsrsq::DsrsqModel& dm, dsrsq::Transformer& model, const dsrsq::Encoded& enc) {
   std::span<const std::int32_t> ctx(enc.tokens.data() + 1, static_cast<std::size_t>(enc.context_tokens));
   const std::int64_t q0 = enc.prompt_len - enc.query_len + 1, q1 = enc.prompt_len - 1;
   std::span<const std::int32_t> q(enc.tokens.data() + q0, static_cast<std::size_t>(q1 - q0));
-  const auto f = dm.scorer().forward_tokens(model.param("wte").value, ctx, q);
-  return 8 * (f.scores.capacity() + f.features.capacity() + f.query.capacity() + f.u.capacity() + f.r.capacity() +
-              f.r_norm.capacity() + f.cosine.capacity()) +
-         4 * f.context.capacity();
+  dsrsq::retrieval::DsrInferenceStats st;
+  const auto sel = dm.scorer().select_inference(model.param("wte").value, ctx, q, &st);
+  return st.scratch_bytes + 4 * (sel.seeds.capacity() + sel.positions.capacity());
 }
 
 template <class R>
@@ -1026,7 +1028,8 @@ int main(int argc, char** argv) {
     std::printf("# total: median over repeats (select/prefill/decode: the run closest to it); in_tok: tokens through\n"
                 "# the model at prefill; keys/q: mean keys one decode query attends to;\n"
                 "# kv: K/V bytes held after prefill; peak: tracked (activations + KV + RCKV scratch, or the DSR\n"
-                "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR forward record;\n"
+                "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR selector memory\n"
+                "# (inference path: block buffers + seed heap + selection);\n"
                 "# vs_full: DSRSQ prefill logits vs the full cache on the same selected tokens (max rel. difference).\n");
     std::printf("#\n# %7s %11s %9s %11s %10s %15s %15s\n", "context", "time_ratio", "kv_ratio", "peak_ratio",
                 "rss_ratio", "dsrsq_total_ms", "of_it_select_%");
