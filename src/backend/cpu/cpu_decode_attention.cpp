@@ -14,7 +14,8 @@
 //   - per block of kDB keys: all scores of the block (every head, every query)
 //     from K, the online-softmax update, then P V from the same block of V:
 //     K and V each leave memory once, the block stays in L1/L2 between passes;
-//   - dot products and the P V update are simd loops over the head dimension;
+//   - dot products (fixed lane partial sums and tree) and the P V update are
+//     simd loops over the head dimension;
 //   - the P partial results (running max m, sum l, unnormalised output) are
 //     combined with the log-sum-exp rule in thread order 0..P-1 after the
 //     parallel region: the result is deterministic for a given thread count
@@ -33,6 +34,27 @@ namespace dsrsq::cpu {
 namespace {
 
 constexpr std::int64_t kDB = 64;  // keys per block (K block of 64 x 128 f32 = 32 KiB)
+constexpr std::int64_t kLanes = 16;  // dot-product lanes (one AVX-512 register of f32)
+
+// q . k over n elements: kLanes independent partial sums (one vector FMA per
+// kLanes elements), then a fixed pairwise tree, then the tail. A plain
+// `omp simd reduction` loop here compiled to a serial 16-add chain per dot
+// product, which dominated the kernel; the order below is fixed, so results
+// do not depend on the compiler's choice of vector width.
+template <class T>
+inline T dot(const T* q, const T* k, std::int64_t n) {
+  T acc[kLanes] = {};
+  std::int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+#pragma omp simd
+    for (std::int64_t l = 0; l < kLanes; ++l) acc[l] += q[e + l] * k[e + l];
+  T tail = 0;
+  for (; e < n; ++e) tail += q[e] * k[e];
+  for (std::int64_t w = kLanes / 2; w >= 1; w /= 2)
+#pragma omp simd
+    for (std::int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0] + tail;
+}
 
 // One thread's partial result over its key range, for every (b, query, head).
 template <class T>
@@ -77,12 +99,7 @@ void decode_range(const AttentionArgs& a, T scale, std::int64_t s0, std::int64_t
           for (std::int64_t h = 0; h < NH; ++h) {
             T s = neg_inf;
             if (vis) {
-              const T* qr = Q + qi * ld + h * HS;
-              const T* kr = Kr + h * HS;
-              T d = 0;
-#pragma omp simd reduction(+ : d)
-              for (std::int64_t e = 0; e < HS; ++e) d += qr[e] * kr[e];
-              s = d * scale;
+              s = dot(Q + qi * ld + h * HS, Kr + h * HS, HS) * scale;
               any = true;
             }
             sc[static_cast<std::size_t>((qi * NH + h) * kDB + jj)] = s;
