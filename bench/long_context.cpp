@@ -25,7 +25,7 @@
 // untimed 1K warm-up in the same process). KV = the policy's K/V arena after
 // prefill (KVPolicy::memory(), bytes actually allocated). Peak (tracked) =
 // activation-arena peak + KV peak (+ RCKV scratch peak) over the whole run; for
-// DSRSQ the larger of that and the retriever's forward record, which is alive
+// DSRSQ the larger of that and the selector's memory (inference path), which is alive
 // only during select_prompt. rss = peak resident set growth of the process
 // that ran the measurement (every (method, N) runs in its own forked child, so
 // one measurement's memory never hides another's).
@@ -54,8 +54,12 @@
 // cache on the same selected tokens at the same positions (0 up to rounding
 // when RCKV prefills a single call exactly; larger when the policy attends
 // through SQA clusters or reconstructions during prefill, as it trains).
-// Output: nccl-tests style tables; last line
+// Decode bandwidth (DecodeBwResult below): the contiguous caches' decode
+// steps (full, window) in GB/s against a STREAM-like yardstick measured in the
+// same process, and each policy's time to first token.
+// Output: nccl-tests style tables; last lines
 //   dsrsq_vs_standard_time_32k=<x> kv_32k=<y> exponent=<z>
+//   decode_of_bandwidth=<w>
 // (z = DSRSQ's exponent). Exit code 1 when a correctness check failed; targets
 // are reported met / MISSED and do not change the exit code.
 #include <malloc.h>
@@ -67,6 +71,7 @@
 #include <boost/program_options.hpp>
 #include <algorithm>
 #include <iostream>
+#include <limits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -83,7 +88,9 @@
 #include <string_view>
 #include <vector>
 
+#include "backend/cpu/cpu_backend.hpp"
 #include "kv/rckv.hpp"
+#include "core/omp_wait.hpp"
 #include "core/timer.hpp"
 #include "data/tokenizer.hpp"
 #include "dsrsq/build_info.hpp"
@@ -110,6 +117,11 @@ struct Options {
   // through the main model take ~10-15 minutes on 2 cores. --stream_same_model restores it.
   std::int64_t stream_d_model = 64, stream_n_heads = 2, stream_n_layers = 1, stream_d_ff = 256;
   std::string haystack, init_from, question = "What did the President say about taxes, debt and the budget?";
+  // Decode bandwidth section: the window policy's budget (fraction of the full
+  // cache), and the yardstick arrays' size.
+  double window_budget = 0.5;
+  std::int64_t bw_mb = 64;
+  bool decode_bw = true, only_decode_bw = false;
 };
 
 namespace methods = dsrsq::methods;
@@ -361,16 +373,18 @@ OneRun run_method(methods::Method& method, dsrsq::Transformer& model, const dsrs
   return r;
 }
 
-// DSRSQ-specific: bytes of the retriever's forward record for this prompt
-// (what its selector holds while it runs): recomputed outside the timers.
+// DSRSQ-specific: bytes its selector holds while it runs, recomputed outside
+// the timers: the inference path's block buffers and seed heap
+// (DsrScorer::select_inference, what select_prompt runs) plus the selection.
+// (Before that path existed this was the training forward record, ~1.56 KB per
+// context token at d_model 128, d_r 128.)
 std::size_t dsr_record_bytes(dsrsq::DsrsqModel& dm, dsrsq::Transformer& model, const dsrsq::Encoded& enc) {
   std::span<const std::int32_t> ctx(enc.tokens.data() + 1, static_cast<std::size_t>(enc.context_tokens));
   const std::int64_t q0 = enc.prompt_len - enc.query_len + 1, q1 = enc.prompt_len - 1;
   std::span<const std::int32_t> q(enc.tokens.data() + q0, static_cast<std::size_t>(q1 - q0));
-  const auto f = dm.scorer().forward_tokens(model.param("wte").value, ctx, q);
-  return 8 * (f.scores.capacity() + f.features.capacity() + f.query.capacity() + f.u.capacity() + f.r.capacity() +
-              f.r_norm.capacity() + f.cosine.capacity()) +
-         4 * f.context.capacity();
+  dsrsq::retrieval::DsrInferenceStats st;
+  const auto sel = dm.scorer().select_inference(model.param("wte").value, ctx, q, &st);
+  return st.scratch_bytes + 4 * (sel.seeds.capacity() + sel.positions.capacity());
 }
 
 template <class R>
@@ -557,6 +571,188 @@ StreamResult stream(const Shared& sh, const std::vector<std::int64_t>& milestone
   return res;
 }
 
+// ---- decode bandwidth (runs in a forked child) -------------------------------------------
+//
+// Per context N in 8K..32K (within --min/--max_context; the largest one alone
+// when none is), in one process:
+//   yardstick  STREAM-like kernels through the Backend on --bw_mb MiB f32 arrays
+//              (well beyond the last-level cache): copy (memcpy; 2 x bytes),
+//              axpy y += a x (the triad's traffic; 3 x bytes), read (sum of
+//              squares; 1 x bytes); median of 5 each. The yardstick is the
+//              LARGEST of the three (a conservative denominator);
+//   policies   "full" and "window" (StreamingLLM sinks + window at
+//              --window_budget of the full cache): the prompt of make_prompt(N)
+//              through Transformer::extend in one call (time to first token:
+//              prefill + end_prefill), then --decode greedy steps. A forwarding
+//              policy times every attend() call during decoding: one decode
+//              step's attention = the sum over layers (RoPE of the new token,
+//              its append, and the attention over the cache); the median over
+//              steps is taken. GB/s = KVPolicy::memory().read_per_step (K/V bytes
+//              one step reads, all layers) / that time.
+class TimedPolicy final : public dsrsq::KVPolicy {
+ public:
+  explicit TimedPolicy(dsrsq::KVPolicy& p) : p_(p) {}
+  std::string name() const override { return p_.name(); }
+  void begin(const dsrsq::SequenceInfo& i, const dsrsq::KVBudget& b) override { p_.begin(i, b); }
+  void attend(std::int64_t layer, dsrsq::TensorView q, dsrsq::TensorView k, dsrsq::TensorView v, dsrsq::TensorView pos,
+              dsrsq::TensorView out) override {
+    dsrsq::Timer t;
+    p_.attend(layer, q, k, v, pos, out);
+    step_s += t.seconds();
+  }
+  void end_prefill() override { p_.end_prefill(); }
+  dsrsq::KVMemory memory() const override { return p_.memory(); }
+  std::size_t budget_requested_bytes() const override { return p_.budget_requested_bytes(); }
+  std::size_t budget_achieved_bytes() const override { return p_.budget_achieved_bytes(); }
+  double attended_tokens() const override { return p_.attended_tokens(); }
+  bool infeasible() const override { return p_.infeasible(); }
+  double step_s = 0;  // attend() seconds since the caller last reset it
+
+ private:
+  dsrsq::KVPolicy& p_;
+};
+
+struct BwRow {
+  double ttft_s = 0, step_s = 0, attend_s = 0, gbs = 0, attend_min_s = 0;
+  std::int64_t cache_tokens = 0, read_bytes = 0;
+};
+struct DecodeBwResult {  // plain data: sent through a pipe
+  std::int32_t done = 0, ok = 0;
+  char error[480] = {};
+  double copy_gbs = 0, axpy_gbs = 0, read_gbs = 0, best_gbs = 0;  // best: the fastest single run of any
+  BwRow rows[2];  // full, window
+  // Kernel alone, one layer's full cache (1, N, NH, HS), one query: the
+  // blockwise attention_fwd kernel (the path decode took before) and the
+  // backend's attention_fwd (the decode kernel), interleaved, medians of 21.
+  double kernel_old_s = 0, kernel_new_s = 0, kernel_bytes = 0, kernel_diff = 0, kernel_old_min = 0, kernel_new_min = 0;
+};
+
+double median_of(std::vector<double> v) { return median(std::move(v)); }
+
+DecodeBwResult measure_decode_bw(const Shared& sh, std::int64_t n_ctx) {
+  DecodeBwResult res;
+  omp_set_num_threads(sh.o.threads);
+  dsrsq::Backend& be = dsrsq::cpu_backend();
+  {
+    const std::int64_t n = sh.o.bw_mb * (1 << 20) / 4;
+    std::vector<float> a(static_cast<std::size_t>(n), 1.0f), b(static_cast<std::size_t>(n), 2.0f);
+    const dsrsq::TensorView ta(a.data(), dsrsq::Shape{n}), tb(b.data(), dsrsq::Shape{n});
+    const double bytes = 4.0 * static_cast<double>(n);
+    std::vector<double> tc, tx, tr;
+    double sink = 0;
+    for (int r = 0; r < 6; ++r) {  // the first round warms the pages and the team
+      dsrsq::Timer t;
+      be.copy(ta, tb);
+      const double c = t.seconds();
+      t.reset();
+      be.axpy(dsrsq::AxpyArgs{ta, tb, 1e-3});
+      const double x = t.seconds();
+      t.reset();
+      sink += be.sum_squares(tb);
+      const double rd = t.seconds();
+      if (r == 0) continue;
+      tc.push_back(c);
+      tx.push_back(x);
+      tr.push_back(rd);
+    }
+    res.copy_gbs = 2 * bytes / median_of(tc) / 1e9;
+    res.axpy_gbs = 3 * bytes / median_of(tx) / 1e9;
+    res.read_gbs = bytes / median_of(tr) / 1e9 + (sink < 0 ? 1 : 0);  // sink keeps the read
+    res.best_gbs = std::max({2 * bytes / *std::min_element(tc.begin(), tc.end()),
+                             3 * bytes / *std::min_element(tx.begin(), tx.end()),
+                             bytes / *std::min_element(tr.begin(), tr.end())}) / 1e9;
+  }
+  {
+    const std::int64_t NH = sh.mc.n_heads, HS = sh.mc.head_size(), S = n_ctx;
+    dsrsq::Rng rng(sh.o.seed, 77);
+    std::vector<float> q(static_cast<std::size_t>(NH * HS)), k(static_cast<std::size_t>(S * NH * HS)), v(k.size());
+    for (auto* x : {&q, &k, &v})
+      for (auto& e : *x) e = static_cast<float>(rng.normal());
+    std::vector<float> o1(q.size()), o2(q.size()), l1(static_cast<std::size_t>(NH)), l2(l1.size());
+    std::vector<std::int32_t> qp{static_cast<std::int32_t>(S)}, kp(static_cast<std::size_t>(S));
+    std::iota(kp.begin(), kp.end(), 0);
+    auto args = [&](std::vector<float>& o, std::vector<float>& l) {
+      return dsrsq::AttentionArgs{dsrsq::TensorView(q.data(), dsrsq::Shape{1, 1, NH, HS}),
+                                  dsrsq::TensorView(k.data(), dsrsq::Shape{1, S, NH, HS}),
+                                  dsrsq::TensorView(v.data(), dsrsq::Shape{1, S, NH, HS}),
+                                  dsrsq::TensorView(o.data(), dsrsq::Shape{1, 1, NH, HS}),
+                                  dsrsq::TensorView(l.data(), dsrsq::Shape{1, NH, 1}),
+                                  dsrsq::TensorView(qp.data(), dsrsq::Shape{1, 1}),
+                                  dsrsq::TensorView(kp.data(), dsrsq::Shape{1, S}), true, 0.0};
+    };
+    std::vector<double> told, tnew;
+    for (int r = 0; r < 22; ++r) {
+      dsrsq::Timer t;
+      dsrsq::cpu::attention_fwd_kernel<float>(args(o1, l1));
+      const double a = t.seconds();
+      t.reset();
+      be.attention_fwd(args(o2, l2));
+      const double b = t.seconds();
+      if (r == 0) continue;
+      told.push_back(a);
+      tnew.push_back(b);
+    }
+    res.kernel_old_s = median_of(told);
+    res.kernel_new_s = median_of(tnew);
+    res.kernel_old_min = *std::min_element(told.begin(), told.end());
+    res.kernel_new_min = *std::min_element(tnew.begin(), tnew.end());
+    res.kernel_bytes = 2.0 * static_cast<double>(k.size()) * sizeof(float);
+    for (std::size_t i = 0; i < o1.size(); ++i)
+      res.kernel_diff = std::max(res.kernel_diff, static_cast<double>(std::fabs(o1[i] - o2[i])));
+  }
+  dsrsq::Transformer model(sh.mc, be);
+  model.init_weights(sh.o.seed);
+  if (!sh.ckpt_params.empty())
+    std::memcpy(model.flat_params().data, sh.ckpt_params.data(), sh.ckpt_params.size() * sizeof(float));
+  const dsrsq::Encoded enc = make_prompt(sh, n_ctx);
+  bool ok = true;
+  for (int pi = 0; pi < 2; ++pi) {
+    auto inner = dsrsq::make_kv_policy(pi == 0 ? "full" : "window", sh.mc, be);
+    TimedPolicy policy(*inner);
+    dsrsq::SequenceInfo info;
+    info.prompt_len = enc.prompt_len;
+    info.query_len = enc.query_len;
+    info.max_new_tokens = sh.o.decode;
+    dsrsq::KVBudget budget;
+    budget.fraction = pi == 0 ? 1.0 : sh.o.window_budget;
+    std::vector<std::int32_t> pos(static_cast<std::size_t>(enc.prompt_len));
+    std::iota(pos.begin(), pos.end(), 0);
+    model.activation_arena().reset();
+    dsrsq::Timer t;
+    policy.begin(info, budget);
+    model.extend(policy, dsrsq::TensorView(const_cast<std::int32_t*>(enc.tokens.data()), dsrsq::Shape{1, enc.prompt_len}),
+                 dsrsq::TensorView(pos.data(), dsrsq::Shape{1, enc.prompt_len}));
+    policy.end_prefill();
+    BwRow& row = res.rows[pi];
+    row.ttft_s = t.seconds();
+    bool finite = true;
+    std::int32_t tk = argmax_last_row(model.logits(), finite);
+    std::vector<double> steps, attends;
+    for (std::int64_t s = 0; s < sh.o.decode; ++s) {
+      std::int32_t p = static_cast<std::int32_t>(enc.prompt_len + s);
+      policy.step_s = 0;
+      dsrsq::Timer ts;
+      model.extend(policy, dsrsq::TensorView(&tk, dsrsq::Shape{1, 1}), dsrsq::TensorView(&p, dsrsq::Shape{1, 1}));
+      steps.push_back(ts.seconds());
+      attends.push_back(policy.step_s);
+      tk = argmax_last_row(model.logits(), finite);
+    }
+    ok = ok && finite;
+    row.step_s = median_of(steps);
+    row.attend_s = median_of(attends);
+    row.attend_min_s = *std::min_element(attends.begin(), attends.end());
+    row.read_bytes = static_cast<std::int64_t>(policy.memory().read_per_step);
+    row.gbs = static_cast<double>(row.read_bytes) / row.attend_s / 1e9;
+    row.cache_tokens = pi == 0 ? enc.prompt_len + sh.o.decode
+                               : static_cast<std::int64_t>(policy.budget_achieved_bytes() /
+                                                           dsrsq::KVBudget::full_bytes(sh.mc, 1));
+  }
+  res.ok = ok;
+  if (!ok) set_error(res, "non-finite logits");
+  res.done = 1;
+  return res;
+}
+
 // ---- fork helper ---------------------------------------------------------------------
 // The parent never starts an OpenMP (or OpenMP-BLAS) thread pool, so every
 // child starts its own cleanly after fork().
@@ -679,7 +875,7 @@ std::vector<std::int32_t> read_haystack(const std::string& dir) {
 // 1 when --help was printed, 2 on a bad option (message printed).
 int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<Compared>& cmp) {
   namespace po = boost::program_options;
-  bool no_stream = false, same_model = false;
+  bool no_stream = false, same_model = false, no_bw = false;
   for (const std::string_view name : {kBaseline, kCompared}) {
     Compared c;
     c.info = &methods::find_method(name, "bench_long_context");
@@ -701,6 +897,11 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
     ("stream_tokens", po::value(&o.stream_tokens)->default_value(o.stream_tokens), "tokens streamed through RCKV")
     ("stream_chunk", po::value(&o.stream_chunk)->default_value(o.stream_chunk), "tokens per streaming call")
     ("no-stream", po::bool_switch(&no_stream), "skip the streaming part")
+    ("no-decode-bw", po::bool_switch(&no_bw), "skip the decode-bandwidth part")
+    ("only-decode-bw", po::bool_switch(&o.only_decode_bw), "only the decode-bandwidth part")
+    ("window_budget", po::value(&o.window_budget)->default_value(o.window_budget),
+     "decode-bandwidth part: the window policy's budget (fraction of the full cache)")
+    ("bw_mb", po::value(&o.bw_mb)->default_value(o.bw_mb), "decode-bandwidth part: MiB per yardstick array")
     ("stream_same_model", po::bool_switch(&same_model), "stream through the main model (slow)")
     ("stream_d_model", po::value(&o.stream_d_model)->default_value(o.stream_d_model), "streaming model width")
     ("stream_n_heads", po::value(&o.stream_n_heads)->default_value(o.stream_n_heads), "streaming model heads")
@@ -733,9 +934,10 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
              {"max_context", o.max_context}, {"min_context", o.min_context}, {"decode", o.decode},
              {"threads", o.threads}, {"stream_tokens", o.stream_tokens}, {"stream_chunk", o.stream_chunk},
              {"d_model", o.d_model}, {"n_heads", o.n_heads}, {"n_layers", o.n_layers}, {"d_ff", o.d_ff},
-             {"repeats", o.repeats + 1}})
+             {"repeats", o.repeats + 1}, {"bw_mb", o.bw_mb}})
       if (v <= 0) throw po::error(std::string("option --") + name + " is out of range");
     // The methods' own checks (the program's), against this bench's model.
+    if (!(o.window_budget > 0 && o.window_budget <= 1)) throw po::error("option --window_budget must be in (0, 1]");
     const methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_context};
     for (const Compared& c : cmp)
       if (c.knobs) c.knobs->validate(shape);
@@ -744,7 +946,8 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
     std::fprintf(stderr, "%s%s\n", w.rfind("error: ", 0) == 0 ? "" : "error: ", w.c_str());
     return 2;
   }
-  do_stream = !no_stream;
+  do_stream = !no_stream && !o.only_decode_bw;
+  o.decode_bw = !no_bw;
   if (same_model) o.stream_d_model = o.stream_n_heads = o.stream_n_layers = o.stream_d_ff = 0;
   return 0;
 }
@@ -752,6 +955,7 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
 }  // namespace
 
 int main(int argc, char** argv) {
+  dsrsq::ensure_passive_omp_wait(argv);  // the engine's wait policy (core/omp_wait.hpp), before any OpenMP
   Options o;
   bool do_stream = true;
   std::vector<Compared> cmp;
@@ -818,8 +1022,9 @@ int main(int argc, char** argv) {
     gethostname(host, sizeof host);
     std::printf("# dsrsq bench_long_context %s  git %s  %s  %s\n", dsrsq::build::version, dsrsq::build::git_sha,
                 dsrsq::build::build_type, dsrsq::build::blas);
-    std::printf("# host %s  cpu %s  threads %d  loadavg at start %s\n", host,
-                read_first("/proc/cpuinfo", "model name").c_str(), o.threads, loadavg().c_str());
+    std::printf("# host %s  cpu %s  threads %d  OMP_WAIT_POLICY=%s  loadavg at start %s\n", host,
+                read_first("/proc/cpuinfo", "model name").c_str(), o.threads,
+                std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)", loadavg().c_str());
     std::printf("# model %s  params %lld  fp32\n", sh.mc.str().c_str(),
                 static_cast<long long>(sh.mc.num_parameters()));
     std::printf("# weights %s\n", weights.c_str());
@@ -843,7 +1048,7 @@ int main(int argc, char** argv) {
                 "(ms)", "(ms)", "(ms)", "(ms)", "", "(MB)", "(MB)", "(MB)", "(MB)", "", "");
     int failed = 0, rows = 0;
     std::vector<RunResult> stdr, dsr;
-    for (const std::int64_t n : sizes) {
+    for (const std::int64_t n : o.only_decode_bw ? std::vector<std::int64_t>{} : sizes) {
       const int rep = o.repeats > 0 ? o.repeats : (n >= 16384 ? 3 : 5);
       for (std::size_t m = 0; m < sh.methods.size(); ++m) {
         RunResult r = in_child<RunResult>([&] { return measure(sh, m, n, rep); });
@@ -870,7 +1075,8 @@ int main(int argc, char** argv) {
     std::printf("# total: median over repeats (select/prefill/decode: the run closest to it); in_tok: tokens through\n"
                 "# the model at prefill; keys/q: mean keys one decode query attends to;\n"
                 "# kv: K/V bytes held after prefill; peak: tracked (activations + KV + RCKV scratch, or the DSR\n"
-                "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR forward record;\n"
+                "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR selector memory\n"
+                "# (inference path: block buffers + seed heap + selection);\n"
                 "# vs_full: DSRSQ prefill logits vs the full cache on the same selected tokens (max rel. difference).\n");
     std::printf("#\n# %7s %11s %9s %11s %10s %15s %15s\n", "context", "time_ratio", "kv_ratio", "peak_ratio",
                 "rss_ratio", "dsrsq_total_ms", "of_it_select_%");
@@ -878,7 +1084,7 @@ int main(int argc, char** argv) {
                 "", "");
     double time32 = std::nan(""), kv32 = std::nan("");
     std::vector<double> xs, ts_std, ts_dsr;
-    for (std::size_t i = 0; i < sizes.size(); ++i) {
+    for (std::size_t i = 0; i < std::min(stdr.size(), dsr.size()); ++i) {
       const RunResult &s = stdr[i], &d = dsr[i];
       if (!s.done || !d.done) continue;
       const double tr = d.total_s / s.total_s, kr = static_cast<double>(d.kv_bytes) / static_cast<double>(s.kv_bytes);
@@ -967,6 +1173,70 @@ int main(int argc, char** argv) {
       }
     }
 
+    // Decode bandwidth (decode steps of the contiguous caches against the same process's memory bandwidth).
+    double decode_of_bw = std::nan(""), ttft_ratio = std::nan("");
+    if (o.decode_bw) {
+      std::vector<std::int64_t> bw_sizes;
+      for (const std::int64_t n : sizes)
+        if (n >= 8192 && n <= 32768) bw_sizes.push_back(n);
+      if (bw_sizes.empty()) bw_sizes.push_back(sizes.back());
+      std::printf("#\n# decode bandwidth: one decode step's attention (every layer: RoPE + append + attention over the "
+                  "cache, median of %lld steps)\n# against the same process's STREAM-like yardstick on %lld MiB f32 "
+                  "arrays through the Backend (copy 2x bytes, axpy y+=ax 3x bytes,\n# read = sum of squares 1x bytes; "
+                  "median of 5; yardstick = the largest). window = StreamingLLM sinks + window at %.3f of the\n# full "
+                  "cache. ttft = prefill of the whole prompt in one extend() + end_prefill.\n",
+                  static_cast<long long>(o.decode), static_cast<long long>(o.bw_mb), o.window_budget);
+      std::printf("# %7s %-7s %8s %8s %8s %8s %9s %9s %8s %9s %8s %8s %9s %9s %7s %6s\n", "context", "policy", "cache",
+                  "copy", "axpy", "read", "ttft", "ttft/full", "step", "attend", "kv_read", "GB/s", "of_bw", "of_bw_min",
+                  "load1", "check");
+      std::printf("# %7s %-7s %8s %8s %8s %8s %9s %9s %8s %9s %8s %8s %9s %9s %7s %6s\n", "(tok)", "", "(tok)", "(GB/s)",
+                  "(GB/s)", "(GB/s)", "(ms)", "", "(ms)", "(ms)", "(MB)", "", "", "", "", "");
+      double worst = std::numeric_limits<double>::infinity();
+      for (const std::int64_t n : bw_sizes) {
+        const DecodeBwResult r = in_child<DecodeBwResult>([&] { return measure_decode_bw(sh, n); });
+        ++rows;
+        if (!r.done) {
+          std::printf("  %7lld ERROR %s\n", static_cast<long long>(n), r.error);
+          ++failed;
+          continue;
+        }
+        const double yard = std::max({r.copy_gbs, r.axpy_gbs, r.read_gbs});
+        std::string load = loadavg();
+        load = load.substr(0, load.find(' '));
+        for (int pi = 0; pi < 2; ++pi) {
+          const BwRow& w = r.rows[pi];
+          const double of = w.gbs / yard;
+          worst = std::min(worst, of);
+          const double of_min = static_cast<double>(w.read_bytes) / w.attend_min_s / 1e9 / r.best_gbs;
+          std::printf("  %7lld %-7s %8lld %8.2f %8.2f %8.2f %9.1f %9.3f %8.3f %9.3f %8.2f %8.2f %9.3f %9.3f %7s %6s\n",
+                      static_cast<long long>(n), pi == 0 ? "full" : "window", static_cast<long long>(w.cache_tokens),
+                      r.copy_gbs, r.axpy_gbs, r.read_gbs, w.ttft_s * 1e3, w.ttft_s / r.rows[0].ttft_s, w.step_s * 1e3,
+                      w.attend_s * 1e3, mb(w.read_bytes), w.gbs, of, of_min, load.c_str(), r.ok ? "ok" : "FAIL");
+        }
+        for (int kk = 0; kk < 2; ++kk) {
+          const double ts = kk == 0 ? r.kernel_old_s : r.kernel_new_s, g = r.kernel_bytes / ts / 1e9;
+          const double gmin = r.kernel_bytes / (kk == 0 ? r.kernel_old_min : r.kernel_new_min) / 1e9;
+          std::printf("  %7lld %-7s %8lld %8.2f %8.2f %8.2f %9s %9s %8s %9.3f %8.2f %8.2f %9.3f %9.3f %7s %6s\n",
+                      static_cast<long long>(n), kk == 0 ? "k_block" : "k_decode", static_cast<long long>(n), r.copy_gbs,
+                      r.axpy_gbs, r.read_gbs, "-", "-", "-", ts * 1e3, r.kernel_bytes / 1e6, g, g / yard, gmin / r.best_gbs,
+                      load.c_str(), r.kernel_diff < 1e-4 ? "ok" : "DIFF");
+        }
+        if (n == bw_sizes.back()) ttft_ratio = r.rows[1].ttft_s / r.rows[0].ttft_s;
+        if (!r.ok) {
+          std::printf("#   ^ %s\n", r.error);
+          ++failed;
+        }
+        std::fflush(stdout);
+      }
+      if (std::isfinite(worst)) decode_of_bw = worst;
+      std::printf("# of_bw = GB/s / max(copy, axpy, read); decode_of_bandwidth = the smallest of_bw over the full and\n"
+                  "# window rows. k_block / k_decode: the attention kernel alone on one layer's full cache, one query\n"
+                  "# (the blockwise kernel decode used before / the decode kernel attention_fwd now dispatches to),\n"
+                  "# interleaved, median of 21; check: their outputs agree within 1e-4. of_bw_min: the fastest step\n"
+                  "# (or kernel call) against the fastest yardstick run: on a loaded machine the medians measure the\n"
+                  "# scheduler as much as the memory.\n");
+    }
+
     // Targets (reported, never tuned toward).
     auto verdict = [](bool measured, bool met) { return !measured ? "not measured" : (met ? "met" : "MISSED"); };
     std::printf("#\n# targets:\n");
@@ -977,8 +1247,13 @@ int main(int argc, char** argv) {
                 std::isnan(stream_change) ? std::nan("") : 100 * stream_change,
                 verdict(!std::isnan(stream_change), stream_change <= 0.01), 100 * rss_change,
                 std::isnan(rss_change) ? "not measured" : (rss_change <= 0.01 ? "within" : "not within"));
+    std::printf("#   decode of bandwidth >= 0.60    : %-8.3f %s\n", decode_of_bw,
+                verdict(!std::isnan(decode_of_bw), decode_of_bw >= 0.60));
+    std::printf("#   window ttft / full <= 1.2      : %-8.3f %s\n", ttft_ratio,
+                verdict(!std::isnan(ttft_ratio), ttft_ratio <= 1.2));
     std::printf("# rows %d  failed %d  loadavg at end %s\n", rows, failed, loadavg().c_str());
     std::printf("dsrsq_vs_standard_time_32k=%.4f kv_32k=%.4f exponent=%.3f\n", time32, kv32, e_dsr);
+    std::printf("decode_of_bandwidth=%.3f\n", decode_of_bw);
     return failed ? 1 : 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_long_context: %s\n", e.what());

@@ -9,10 +9,12 @@
 
 #include "app/options.hpp"
 #include "core/error.hpp"
+#include "core/omp_wait.hpp"
 #include "app/experiment.hpp"
 #include "io/h5.hpp"
 
 int main(int argc, char** argv) {
+  dsrsq::ensure_passive_omp_wait(argv);  // before anything (re-executes when OMP_WAIT_POLICY is unset)
   dsrsq::h5::take_over_shutdown();
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);

@@ -74,9 +74,10 @@ void SlidingWindowPolicy::attend(std::int64_t layer, TensorView q, TensorView k,
   const LayerState& st = state_[static_cast<std::size_t>(layer)];
   std::int64_t t = 0;
   while (t < Tn) {
-    // Room left: a whole chunk at once (no eviction inside it). Full: one
-    // token at a time, each evicting the oldest window token first.
-    const std::int64_t c = st.len < cap_ ? std::min(Tn - t, cap_ - st.len) : 1;
+    // Room left: a whole chunk at once (no eviction inside it). Full: chunks of
+    // at most W tokens (kFullChunk), each token evicting the oldest window token.
+    const std::int64_t c = st.len < cap_ ? std::min(Tn - t, cap_ - st.len)
+                                         : std::min({Tn - t, cap_ - sinks_, kFullChunk});
     process(layer, t, c, q, k, v, pos, out);
     t += c;
   }
@@ -86,65 +87,121 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
                                   const TensorView& k, const TensorView& v, const TensorView& pos,
                                   const TensorView& out) {
   const std::int64_t B = info_.batch, Tn = q.shape[1], NH = cfg_.n_heads, HS = cfg_.head_size();
-  const std::int64_t W = cap_ - sinks_;
+  const std::int64_t W = cap_ - sinks_, S = sinks_;
   const auto l = static_cast<std::size_t>(layer);
   LayerState& st = state_[l];
   ArenaScope scope(scratch_);
+  auto idx = [](std::int64_t x) { return static_cast<std::size_t>(x); };
 
-  // 1. Store the new pre-RoPE keys and values (evicting the oldest window
-  //    token when full: its slot is overwritten).
-  const bool room = st.len < cap_;
-  const std::int64_t slot0 = room ? st.len : st.head;
   const TensorView kc = k_[l].reshaped(Shape{B * cap_, NH, HS}), vc = v_[l].reshaped(Shape{B * cap_, NH, HS});
   const TensorView kn = k.reshaped(Shape{B * Tn, NH, HS}), vn = v.reshaped(Shape{B * Tn, NH, HS});
   const TensorView qn = q.reshaped(Shape{B * Tn, NH, HS}), on = out.reshaped(Shape{B * Tn, NH, HS});
   const auto* pp = pos.ptr<std::int32_t>();
+  const Shape rows{B * c, NH, HS}, bshape{B, c, NH, HS};
+
+  // The chunk's tokens have stream indices tau = seen .. seen + c - 1; keys
+  // are rotated by tau once, here (see the header: relative positions).
+  const std::int64_t tau0 = st.seen;
+  std::vector<std::int32_t> tau(idx(B * c));
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t i = 0; i < c; ++i) tau[idx(b * c + i)] = static_cast<std::int32_t>(tau0 + i);
+  const TensorView tau_v(tau.data(), Shape{B * c});
+  TensorView kr = scratch_.allocate(rows, DType::f32), vr = scratch_.allocate(rows, DType::f32);
+  TensorView qw = scratch_.allocate(rows, DType::f32);
   for (std::int64_t b = 0; b < B; ++b) {
-    be_.copy(kn.rows(b * Tn + t0, c), kc.rows(b * cap_ + slot0, c));
-    be_.copy(vn.rows(b * Tn + t0, c), vc.rows(b * cap_ + slot0, c));
-    std::copy(pp + b * Tn + t0, pp + b * Tn + t0 + c, orig_[l].begin() + b * cap_ + slot0);
+    be_.copy(kn.rows(b * Tn + t0, c), kr.rows(b * c, c));
+    be_.copy(vn.rows(b * Tn + t0, c), vr.rows(b * c, c));
+    be_.copy(qn.rows(b * Tn + t0, c), qw.rows(b * c, c));
   }
+  be_.rope_fwd(RopeArgs{kr, tau_v, cfg_.rope_theta});
+  TensorView oc = scratch_.allocate(rows, DType::f32);
+  TensorView lse = scratch_.allocate(Shape{B, NH, c}, DType::f32);
+  // Stores the chunk into slots [slot, slot + n) of every row (contiguous).
+  auto store = [&](std::int64_t i0, std::int64_t slot, std::int64_t n) {
+    for (std::int64_t b = 0; b < B; ++b) {
+      be_.copy(kr.rows(b * c + i0, n), kc.rows(b * cap_ + slot, n));
+      be_.copy(vr.rows(b * c + i0, n), vc.rows(b * cap_ + slot, n));
+      std::copy(pp + b * Tn + t0 + i0, pp + b * Tn + t0 + i0 + n, orig_[l].begin() + b * cap_ + slot);
+    }
+  };
+
+  const bool room = st.len < cap_;
   if (room) {
+    // While the cache has room, cache index = stream index: store the chunk,
+    // then causal attention over the filled slots (the plain model).
+    const std::int64_t slot0 = st.len;
+    store(0, slot0, c);
     st.len += c;
     if (st.len == cap_) st.head = sinks_;  // oldest window token, once full
+    std::vector<std::int32_t> kpos(idx(B * cap_));
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t s = 0; s < cap_; ++s)
+        kpos[idx(b * cap_ + s)] = s < st.len ? static_cast<std::int32_t>(s) : KVCache::kEmptyPos;
+    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta});
+    be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse, tau_v.reshaped(Shape{B, c}),
+                                    TensorView(kpos.data(), Shape{B, cap_}), true, 0.0});
   } else {
-    st.head = sinks_ + (st.head - sinks_ + 1) % W;
+    // Full: token tau sees the sinks at cache indices 0..S-1 from query index
+    // cap - 1, and the window tau - W + 1 .. tau. Three disjoint key sets,
+    // merged by log-sum-exp (each query's own softmax over its S + W keys):
+    //   A  the ring as it is before this chunk: token u (stream index tau_u)
+    //      is visible to tau iff tau_u >= tau - W + 1, written for the causal
+    //      rule k_pos <= q_pos as k_pos = base - (tau_u + W - 1), q_pos = base - tau;
+    //   B  the chunk's own keys, causal by stream index (c <= W: none too old);
+    //   C  the sinks, the query rotated by cache index cap - 1 instead of tau.
+    // A and B use keys and queries rotated by stream index: q_tau . k_u
+    // depends on tau - u only, which is the distance of their cache indices.
+    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta});
+    const std::int64_t base = tau0 + c + W;
+    std::vector<std::int32_t> kpos(idx(B * cap_)), qpos(idx(B * c));
+    for (std::int64_t s = 0; s < cap_; ++s) {
+      // Window slot s holds stream index seen - cap + logical(s) (the oldest, at S, is seen - W).
+      const std::int64_t tu = tau0 - cap_ + logical(st, s);
+      const std::int32_t kp = s < S ? KVCache::kEmptyPos : static_cast<std::int32_t>(base - (tu + W - 1));
+      for (std::int64_t b = 0; b < B; ++b) kpos[idx(b * cap_ + s)] = kp;
+    }
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t i = 0; i < c; ++i) qpos[idx(b * c + i)] = static_cast<std::int32_t>(base - (tau0 + i));
+    be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse,
+                                    TensorView(qpos.data(), Shape{B, c}), TensorView(kpos.data(), Shape{B, cap_}), true,
+                                    0.0});
+    TensorView ob = scratch_.allocate(rows, DType::f32);
+    TensorView lb = scratch_.allocate(Shape{B, NH, c}, DType::f32);
+    be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), kr.reshaped(bshape), vr.reshaped(bshape), ob.reshaped(bshape), lb,
+                                    tau_v.reshaped(Shape{B, c}), tau_v.reshaped(Shape{B, c}), true, 0.0});
+    be_.attention_merge(AttentionMergeArgs{oc.reshaped(bshape), lse, ob.reshaped(bshape), lb});
+    if (S > 0) {
+      TensorView qs = scratch_.allocate(rows, DType::f32);
+      TensorView ks = scratch_.allocate(Shape{B * S, NH, HS}, DType::f32), vs = scratch_.allocate(Shape{B * S, NH, HS}, DType::f32);
+      for (std::int64_t b = 0; b < B; ++b) {
+        be_.copy(qn.rows(b * Tn + t0, c), qs.rows(b * c, c));
+        be_.copy(kc.rows(b * cap_, S), ks.rows(b * S, S));  // rotated by stream index = cache index s
+        be_.copy(vc.rows(b * cap_, S), vs.rows(b * S, S));
+      }
+      std::vector<std::int32_t> qsp(idx(B * c), static_cast<std::int32_t>(cap_ - 1)), ksp(idx(B * S));
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t s = 0; s < S; ++s) ksp[idx(b * S + s)] = static_cast<std::int32_t>(s);
+      be_.rope_fwd(RopeArgs{qs, TensorView(qsp.data(), Shape{B * c}), cfg_.rope_theta});
+      const Shape sshape{B, S, NH, HS};
+      be_.attention_fwd(AttentionArgs{qs.reshaped(bshape), ks.reshaped(sshape), vs.reshaped(sshape), ob.reshaped(bshape), lb,
+                                      TensorView(qsp.data(), Shape{B, c}), TensorView(ksp.data(), Shape{B, S}), true, 0.0});
+      be_.attention_merge(AttentionMergeArgs{oc.reshaped(bshape), lse, ob.reshaped(bshape), lb});
+    }
+    // Evict: the chunk overwrites the c oldest window slots (ring order, at
+    // most two contiguous runs).
+    const std::int64_t first = std::min(c, cap_ - st.head);
+    store(0, st.head, first);
+    if (first < c) store(first, S, c - first);
+    st.head = S + (st.head - S + c) % W;
   }
   st.seen += c;
-
-  // 2. Cache indices: keys rotated by their index in the cache, empty slots masked.
-  std::vector<std::int32_t> rope_pos(static_cast<std::size_t>(B * cap_)), kpos(static_cast<std::size_t>(B * cap_));
-  for (std::int64_t s = 0; s < cap_; ++s) {
-    const std::int64_t li = logical(st, s);
-    for (std::int64_t b = 0; b < B; ++b) {
-      rope_pos[static_cast<std::size_t>(b * cap_ + s)] = li < 0 ? 0 : static_cast<std::int32_t>(li);
-      kpos[static_cast<std::size_t>(b * cap_ + s)] = li < 0 ? KVCache::kEmptyPos : static_cast<std::int32_t>(li);
-    }
-  }
-  std::vector<std::int32_t> qpos(static_cast<std::size_t>(B * c));
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t i = 0; i < c; ++i)
-      qpos[static_cast<std::size_t>(b * c + i)] = static_cast<std::int32_t>(room ? slot0 + i : cap_ - 1);
-
-  TensorView krot = scratch_.allocate(Shape{B * cap_, NH, HS}, DType::f32);
-  be_.copy(kc, krot);
-  be_.rope_fwd(RopeArgs{krot, TensorView(rope_pos.data(), Shape{B * cap_}), cfg_.rope_theta});
-  TensorView qc = scratch_.allocate(Shape{B * c, NH, HS}, DType::f32);
-  for (std::int64_t b = 0; b < B; ++b) be_.copy(qn.rows(b * Tn + t0, c), qc.rows(b * c, c));
-  be_.rope_fwd(RopeArgs{qc, TensorView(qpos.data(), Shape{B * c}), cfg_.rope_theta});
-
-  // 3. Attention over the kept tokens, causal by cache index.
-  TensorView oc = scratch_.allocate(Shape{B * c, NH, HS}, DType::f32);
-  TensorView lse = scratch_.allocate(Shape{B, NH, c}, DType::f32);
-  be_.attention_fwd(AttentionArgs{qc.reshaped(Shape{B, c, NH, HS}), krot.reshaped(Shape{B, cap_, NH, HS}), v_[l],
-                                  oc.reshaped(Shape{B, c, NH, HS}), lse, TensorView(qpos.data(), Shape{B, c}),
-                                  TensorView(kpos.data(), Shape{B, cap_}), true, 0.0});
   for (std::int64_t b = 0; b < B; ++b) be_.copy(oc.rows(b * c, c), on.rows(b * Tn + t0, c));
 
   if (decoding_) {
     const std::size_t tok_bytes = 2 * static_cast<std::size_t>(NH * HS) * sizeof(float);
     for (std::int64_t i = 0; i < c; ++i) {
-      const std::int64_t keys = room ? slot0 + i + 1 : cap_;
+      // Keys of query i: every kept token up to itself (min(K, its stream index + 1)).
+      const std::int64_t keys = std::min(cap_, tau0 + i + 1);
       stats_.read_bytes += static_cast<std::size_t>(B * keys) * tok_bytes;
       stats_.keys += static_cast<double>(keys * B);
       stats_.queries += B;

@@ -3,11 +3,22 @@
 // (the first S tokens) plus a window of the W most recent tokens; the middle is
 // evicted. Plain sliding window is S = 0.
 //
-// Positions ("pos_shift"): the cache holds PRE-RoPE keys. For every query the
-// cached keys are rotated by their index inside the cache (sinks 0..S-1, then
-// the window from oldest to newest) and the query by its own cache index, so
-// the model never sees a position beyond S + W - 1, whatever the original
-// positions were. The original positions are kept only for inspection.
+// Positions ("pos_shift"): every query sees its keys as if the cached keys
+// were rotated by their index inside the cache (sinks 0..S-1, then the window
+// from oldest to newest) and the query by its own cache index, so the model
+// never sees a distance beyond S + W - 1, whatever the original positions
+// were. The original positions are kept only for inspection.
+// How (same scores, no per-step re-rotation of the cache): RoPE scores depend
+// only on the difference of the two rotations. Token number tau of the stream
+// (0, 1, 2, ...: its cache index as long as nothing was evicted) is cached with
+// its key rotated by tau, once. A window key u seen from token t has cache
+// distance t - u (both slide together), so the window is attended with the
+// query rotated by t. A sink s is at distance cap - 1 - s from a token that has
+// filled the cache, so the sinks are attended in a separate call with the query
+// rotated by cap - 1; the two partial results are merged by log-sum-exp
+// (backend attention_merge). ALGORITHMS.md section 8's pre-RoPE cache gives
+// these scores up to rounding (tests/kv/test_kv.cpp compares with a
+// brute-force reference that re-rotates every key at every step).
 //
 // Budget rule (begin()): K = max(1, floor(resolve(budget) / bytes_per_token)),
 // bytes_per_token = KVBudget::full_bytes(cfg, 1), capped at N + T (a larger
@@ -20,18 +31,22 @@
 // K kept tokens. While the cache has room (the first K tokens) a chunk of new
 // tokens is attended in one call, causally; while all kept tokens fit this is
 // the normal model (cache index = position for a sequence starting at 0). After
-// that, tokens are processed one at a time: before each token the oldest window
-// token is evicted (ring buffer, no copying), so every such token attends to
-// the S sinks, the W - 1 tokens before it and itself, exactly as in token-by-
-// token StreamingLLM. The question is in the window at the end of prefill when
-// K >= query_len. During decoding the window keeps sliding, so a long answer
-// can push the question out (StreamingLLM semantics; nothing is pinned).
+// that, tokens are processed in chunks of c <= min(W, kFullChunk) tokens with
+// token-by-token StreamingLLM semantics: token t attends to the S sinks, the
+// W - 1 tokens before it and itself (keys evicted by earlier tokens of the
+// same chunk are masked for it, keys of later tokens are not visible), and the
+// chunk then overwrites the c oldest window slots (ring buffer, no copying).
+// The result equals one token at a time up to rounding, at the cost of one
+// pass over the window per chunk instead of per token. The question is in the
+// window at the end of prefill when K >= query_len. During decoding the window
+// keeps sliding, so a long answer can push the question out (StreamingLLM
+// semantics; nothing is pinned).
 //
 // Bytes counted: the K/V arena (pre-RoPE K and V, f32, K tokens, every layer)
 // = B * K * bytes_per_token, allocated at begin() and constant afterwards.
 // Not counted: slot-index/position arrays (host i32) and the per-call scratch
-// holding the rotated keys of one layer (transient, like activations; see
-// scratch_peak_bytes()). memory() is for the whole batch; budget_* per sequence.
+// holding one chunk's rotated queries, keys and partial outputs (transient,
+// like activations; see scratch_peak_bytes()). memory() is for the whole batch; budget_* per sequence.
 #include <memory>
 #include <vector>
 
@@ -43,6 +58,10 @@ namespace dsrsq {
 class SlidingWindowPolicy final : public KVPolicy {
  public:
   static constexpr std::int64_t kDefaultSinks = 4;
+  // Most tokens per attention call once the cache is full: the window pass
+  // costs c x W scores per chunk whatever c is, the chunk's own keys c^2 / 2,
+  // so moderate chunks are cheapest; scratch is O(c) rows.
+  static constexpr std::int64_t kFullChunk = 512;
   SlidingWindowPolicy(const ModelConfig& cfg, Backend& backend, std::int64_t default_sinks = kDefaultSinks);
   std::string name() const override { return "window"; }
   void begin(const SequenceInfo& info, const KVBudget& budget) override;
@@ -94,7 +113,7 @@ class SlidingWindowPolicy final : public KVPolicy {
   std::int64_t cap_ = 0, sinks_ = 0;
   std::unique_ptr<Arena> kv_arena_;
   Arena scratch_;
-  std::vector<TensorView> k_, v_;                 // per layer (B, cap, NH, HS), pre-RoPE keys
+  std::vector<TensorView> k_, v_;                 // per layer (B, cap, NH, HS), keys rotated by stream index
   std::vector<std::vector<std::int32_t>> orig_;  // per layer (B, cap) original positions
   std::vector<LayerState> state_;
   std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;

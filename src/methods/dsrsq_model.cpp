@@ -419,8 +419,17 @@ HofTerms DsrsqModel::hof_terms(std::int64_t step, const HostBatch& local, const 
 
 std::vector<std::int32_t> DsrsqModel::select_prompt(const Encoded& enc, const DsrsqVariant& v) {
   std::vector<std::int32_t> ctx;
-  if (v.dsr && enc.context_tokens > 0) {
-    ctx = score(enc, nullptr).sel.positions;
+  if (v.dsr && enc.context_tokens > 0 && sp_comm_ && sp_comm_->size() > 1) {
+    ctx = score(enc, nullptr).sel.positions;  // sharded top-k over the ranks
+  } else if (v.dsr && enc.context_tokens > 0) {
+    // Inference: the same selection as score(enc, nullptr) without the training record.
+    const std::int64_t n = enc.context_tokens;
+    const std::int64_t q0 = enc.prompt_len - enc.query_len + 1, q1 = enc.prompt_len - 1;
+    std::span<const std::int32_t> query = q1 > q0 ? std::span<const std::int32_t>(enc.tokens.data() + q0, static_cast<std::size_t>(q1 - q0))
+                                                  : std::span<const std::int32_t>(enc.tokens.data() + q0 - 1, 2);
+    ctx = scorer_.select_inference(model_.param("wte").value,
+                                   std::span<const std::int32_t>(enc.tokens.data() + 1, static_cast<std::size_t>(n)), query)
+              .positions;
   } else {
     for (std::int64_t i = 0; i < enc.context_tokens; ++i) ctx.push_back(static_cast<std::int32_t>(i));
   }

@@ -17,6 +17,28 @@ constexpr double kNormEps = 1e-12;  // |x|_e = sqrt(|x|^2 + kNormEps)
 
 std::size_t sz(std::int64_t v) { return static_cast<std::size_t>(v); }
 
+// Score of one projected row r_i (R values): |r_i|_e, cos(u, r_i) and
+// s_i = scale * cos. The one definition for the training forward and the
+// inference path, so both give the same bits.
+struct RowScore {
+  double norm, cosine, score;
+};
+inline RowScore row_score(const double* ri, std::int64_t R, const double* u, double u_norm, double scale) {
+  double rr = 0, ur = 0;
+  for (std::int64_t j = 0; j < R; ++j) {
+    rr += ri[j] * ri[j];
+    ur += ri[j] * u[j];
+  }
+  const double nr = std::sqrt(rr + kNormEps);
+  const double cs = ur / (u_norm * nr);
+  return {nr, cs, scale * cs};
+}
+
+// The top-k order of dsr_policy's top_k (score descending, ties to the lower index).
+inline bool ranks_before(double sa, std::int32_t ia, double sb, std::int32_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
 }  // namespace
 
 void DsrConfig::validate() const {
@@ -253,22 +275,115 @@ void DsrScorer::encode(DsrForward& f) const {
   cpu_backend().conv_project_fwd(ConvProjectArgs{TensorView(E, Shape{N, C}), TensorView(a, Shape{W, C}),
                                                  TensorView(wc, Shape{R, C}), TensorView(f.r.data(), Shape{N, R})});
   for (std::int64_t i = 0; i < N; ++i) {
-    const double* ri = f.r.data() + i * R;
-    double rr = 0, ur = 0;
-    for (std::int64_t j = 0; j < R; ++j) {
-      rr += ri[j] * ri[j];
-      ur += ri[j] * f.u[sz(j)];
-    }
-    const double nr = std::sqrt(rr + kNormEps);
-    f.r_norm[sz(i)] = nr;
-    f.cosine[sz(i)] = ur / (f.u_norm * nr);
-    f.scores[sz(i)] = f.scale * f.cosine[sz(i)];
+    const RowScore rs = row_score(f.r.data() + i * R, R, f.u.data(), f.u_norm, f.scale);
+    f.r_norm[sz(i)] = rs.norm;
+    f.cosine[sz(i)] = rs.cosine;
+    f.scores[sz(i)] = rs.score;
   }
 
   f.features.resize(sz(cfg_.num_features()));
   for (std::int64_t j = 0; j < R; ++j) f.features[sz(j)] = f.u[sz(j)] / f.u_norm;
   f.features[sz(R)] = std::log(static_cast<double>(N)) / 10.0;
   f.head = budget_head(N);
+}
+
+DsrSelection DsrScorer::select_inference(const TensorView& wte, std::span<const std::int32_t> context_tokens,
+                                         std::span<const std::int32_t> query_tokens, DsrInferenceStats* stats) const {
+  const char* op = "DsrScorer::select_inference";
+  check_dtype(op, "wte", wte, DType::f32);
+  DSRSQ_REQUIRE(wte.device == Device::cpu, op, ": wte must be on the CPU");
+  DSRSQ_REQUIRE(wte.shape.rank == 2 && wte.dim(1) == c_, op, ": wte must be (V, ", c_, "), got ", wte.shape.str());
+  DSRSQ_REQUIRE(!context_tokens.empty() && !query_tokens.empty(), op, ": empty context or query");
+  DSRSQ_REQUIRE(p_ != nullptr, op, ": bind() first");
+  const std::int64_t V = wte.dim(0), N = static_cast<std::int64_t>(context_tokens.size()), C = c_, R = cfg_.d_r,
+                     W = cfg_.conv_width;
+  const float* table = wte.ptr<float>();
+  auto row = [&](std::int32_t t) {
+    DSRSQ_REQUIRE(t >= 0 && t < V, op, ": token id ", t, " out of range [0, ", V, ")");
+    return table + static_cast<std::int64_t>(t) * C;
+  };
+  // The query side exactly as forward_tokens + encode (same operation order).
+  std::vector<double> query(sz(C), 0.0);
+  for (const std::int32_t t : query_tokens) {
+    const float* r = row(t);
+    for (std::int64_t c = 0; c < C; ++c) query[sz(c)] += r[c];
+  }
+  for (auto& v : query) v /= static_cast<double>(query_tokens.size());
+  const float* wq = p_ + o_wq_;
+  std::vector<double> u(sz(R), 0.0);
+  double uu = 0;
+  for (std::int64_t j = 0; j < R; ++j) {
+    double acc = 0;
+    for (std::int64_t c = 0; c < C; ++c) acc += static_cast<double>(wq[j * C + c]) * query[sz(c)];
+    u[sz(j)] = acc;
+    uu += acc * acc;
+  }
+  const double u_norm = std::sqrt(uu + kNormEps);
+  std::vector<double> features(sz(cfg_.num_features()));
+  for (std::int64_t j = 0; j < R; ++j) features[sz(j)] = u[sz(j)] / u_norm;
+  features[sz(R)] = std::log(static_cast<double>(N)) / 10.0;
+  const double scale = std::exp(static_cast<double>(p_[o_scale_]));
+
+  DsrSelection sel;
+  sel.budget = sample_budget(budget_head(N), features, N, nullptr);
+  if (sel.budget.budget >= N) {  // the whole context: nothing to score
+    sel.full = true;
+    sel.positions.resize(sz(N));
+    std::iota(sel.positions.begin(), sel.positions.end(), 0);
+    sel.selected_fraction = 1.0;
+    if (stats) *stats = DsrInferenceStats{};
+    return sel;
+  }
+  sel.k = seeds_for_budget(sel.budget.budget, cfg_.span);
+  const std::int64_t k = std::min(sel.k, N);
+
+  // One pass over the context in blocks: the block's embedding rows (with the
+  // W - 1 rows before it, so the causal convolution sees its left neighbours),
+  // r = conv + projection (the Backend op the training forward uses; its rows
+  // are independent, so a block's rows equal the whole context's), scores,
+  // and a bounded heap of the k best (worst on top).
+  const std::int64_t blk = std::min(N, kInferenceBlock);
+  std::vector<float> ebuf(sz((blk + W - 1) * C));
+  std::vector<double> rbuf(sz((blk + W - 1) * R));
+  struct Cand {
+    double s;
+    std::int32_t i;
+  };
+  auto worse_on_top = [](const Cand& a, const Cand& b) { return ranks_before(a.s, a.i, b.s, b.i); };
+  std::vector<Cand> heap;
+  heap.reserve(sz(k));
+  for (std::int64_t i0 = 0; i0 < N; i0 += blk) {
+    const std::int64_t i1 = std::min(N, i0 + blk), e0 = std::max<std::int64_t>(0, i0 - (W - 1)), m = i1 - e0;
+    for (std::int64_t i = e0; i < i1; ++i) {
+      const float* r = row(context_tokens[sz(i)]);
+      std::copy(r, r + C, ebuf.begin() + (i - e0) * C);
+    }
+    cpu_backend().conv_project_fwd(ConvProjectArgs{TensorView(ebuf.data(), Shape{m, C}),
+                                                   TensorView(p_ + o_conv_, Shape{W, C}),
+                                                   TensorView(p_ + o_wc_, Shape{R, C}),
+                                                   TensorView(rbuf.data(), Shape{m, R})});
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const double s = row_score(rbuf.data() + (i - e0) * R, R, u.data(), u_norm, scale).score;
+      const Cand c{s, static_cast<std::int32_t>(i)};
+      if (static_cast<std::int64_t>(heap.size()) < k) {
+        heap.push_back(c);
+        std::push_heap(heap.begin(), heap.end(), worse_on_top);
+      } else if (ranks_before(c.s, c.i, heap.front().s, heap.front().i)) {
+        std::pop_heap(heap.begin(), heap.end(), worse_on_top);
+        heap.back() = c;
+        std::push_heap(heap.begin(), heap.end(), worse_on_top);
+      }
+    }
+  }
+  std::sort(heap.begin(), heap.end(), worse_on_top);  // best first: top_k's order
+  sel.seeds.reserve(heap.size());
+  for (const Cand& c : heap) sel.seeds.push_back(c.i);
+  sel.positions = expand_spans(sel.seeds, cfg_.span, N);
+  sel.selected_fraction = static_cast<double>(sel.positions.size()) / static_cast<double>(N);
+  if (stats)
+    *stats = DsrInferenceStats{ebuf.capacity() * sizeof(float) + rbuf.capacity() * sizeof(double) +
+                               heap.capacity() * sizeof(Cand)};
+  return sel;
 }
 
 void DsrScorer::backward(const DsrForward& fwd, std::span<const double> dscores, const BudgetGrad* dbudget,

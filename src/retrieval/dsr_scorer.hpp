@@ -111,6 +111,11 @@ struct DsrSelection {
 using TopK = std::function<std::vector<std::int32_t>(std::span<const double> values, std::int64_t k)>;
 DsrSelection select(const DsrForward& fwd, Rng* rng, const TopK& top = {});
 
+// Bytes the inference path allocated (its block buffers and the seed heap).
+struct DsrInferenceStats {
+  std::size_t scratch_bytes = 0;
+};
+
 // ---- training records ---------------------------------------------------------------
 // One sampled selection of one forward (several records may share a forward), with its
 // reward (e.g. dsr_reward(task_score, sel.positions.size(), N, cfg.lambda)). The
@@ -168,6 +173,20 @@ class DsrScorer {
   // Same with the rows gathered from an embedding table wte f32 (V, C) by token id.
   DsrForward forward_tokens(const TensorView& wte, std::span<const std::int32_t> context_tokens,
                             std::span<const std::int32_t> query_tokens) const;
+
+  // Inference-only selection: what select(forward_tokens(...), nullptr) selects
+  // (the same budget, seeds in the same order, the same positions), without
+  // the training record. One pass over the context in blocks of
+  // kInferenceBlock tokens (embedding rows, convolution + projection, scores)
+  // feeding a bounded heap of the k best seeds; no score vector and no (N, C)
+  // or (N, d_r) buffer is kept, so memory is O(block + budget) instead of the
+  // record's ~(4 C + 8 d_r + 24) bytes per context token. selection_log_prob
+  // stays 0 (no gradient or PPO ratio is taken at inference), as does the
+  // budget's log_prob (z = mu). A budget >= N keeps everything and scores
+  // nothing. Sharded contexts (sequence parallelism) use forward + select.
+  static constexpr std::int64_t kInferenceBlock = 2048;
+  DsrSelection select_inference(const TensorView& wte, std::span<const std::int32_t> context_tokens,
+                                std::span<const std::int32_t> query_tokens, DsrInferenceStats* stats = nullptr) const;
 
   // forward() only reads the parameters (safe to call from several threads); backward() and
   // policy_step() add into the bound grads without locking (one caller at a time).

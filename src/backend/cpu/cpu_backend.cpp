@@ -386,7 +386,12 @@ void CpuBackend::gelu_fwd_impl(const GeluArgs& a) {
 void CpuBackend::gelu_bwd_impl(const GeluGradArgs& a) {
   dispatch_float(a.x.dtype, [&](auto t) { gelu_bwd_t<decltype(t)>(a); });
 }
+// cpu_decode_attention.cpp: a few queries over many keys (decode steps).
+template <class T> void decode_attention_kernel(const AttentionArgs& a);
+constexpr std::int64_t kDecodeMaxQ = 4;
 void CpuBackend::attention_fwd_impl(const AttentionArgs& a) {
+  if (a.q.shape[1] <= kDecodeMaxQ)
+    return dispatch_float(a.q.dtype, [&](auto t) { decode_attention_kernel<decltype(t)>(a); });
   dispatch_float(a.q.dtype, [&](auto t) { attention_fwd_kernel<decltype(t)>(a); });
 }
 void CpuBackend::attention_bwd_impl(const AttentionGradArgs& a) {

@@ -12,6 +12,7 @@ namespace dsrsq::cpu {
 namespace {
 std::size_t sz(std::int64_t v) { return static_cast<std::size_t>(v); }
 constexpr std::int64_t kChannelBlock = 16;
+constexpr std::int64_t kRowTile = 4, kLaneTile = 16;  // forward register tile: 4 x 16 f64 = 8 AVX-512 registers
 }  // namespace
 
 void CpuBackend::conv_project_fwd_impl(const ConvProjectArgs& a) {
@@ -25,23 +26,52 @@ void CpuBackend::conv_project_fwd_impl(const ConvProjectArgs& a) {
   std::vector<double> wct(sz(C * R));
   for (std::int64_t j = 0; j < R; ++j)
     for (std::int64_t c = 0; c < C; ++c) wct[sz(c * R + j)] = wc[j * C + c];
+  // Register tiles of kRowTile rows x kLaneTile lanes j: each W_c^T load
+  // feeds kRowTile rows (the loop was bound by loading and storing r_i for
+  // every channel). Every r_i[j] is still 0 + sum over c = 0, 1, ... in
+  // order, the same operations as one row at a time, so the tiling (and the
+  // thread count) changes no bit.
+  const std::int64_t ntiles = (N + kRowTile - 1) / kRowTile;
 #pragma omp parallel if (N * R * C > (1 << 16))
   {
-    std::vector<double> e(sz(C));
+    std::vector<double> e(sz(kRowTile * C));
 #pragma omp for schedule(static)
-    for (std::int64_t i = 0; i < N; ++i) {
-      std::fill(e.begin(), e.end(), 0.0);
-      for (std::int64_t t = 0; t < W && t <= i; ++t) {
-        const float* row = E + (i - t) * C;
-        const float* tap = at + t * C;
-        for (std::int64_t c = 0; c < C; ++c) e[sz(c)] += static_cast<double>(tap[c]) * row[c];
+    for (std::int64_t tile = 0; tile < ntiles; ++tile) {
+      const std::int64_t i0 = tile * kRowTile, nr = std::min(kRowTile, N - i0);
+      for (std::int64_t r = 0; r < nr; ++r) {
+        const std::int64_t i = i0 + r;
+        double* er = e.data() + r * C;
+        std::fill(er, er + C, 0.0);
+        for (std::int64_t t = 0; t < W && t <= i; ++t) {
+          const float* row = E + (i - t) * C;
+          const float* tap = at + t * C;
+          for (std::int64_t c = 0; c < C; ++c) er[c] += static_cast<double>(tap[c]) * row[c];
+        }
       }
-      double* ri = rout + i * R;
-      std::fill(ri, ri + R, 0.0);
-      for (std::int64_t c = 0; c < C; ++c) {
-        const double ec = e[sz(c)];
-        const double* w = wct.data() + c * R;
-        for (std::int64_t j = 0; j < R; ++j) ri[j] += ec * w[j];
+      for (std::int64_t j0 = 0; j0 < R; j0 += kLaneTile) {
+        const std::int64_t nj = std::min(kLaneTile, R - j0);
+        if (nr == kRowTile && nj == kLaneTile) {
+          double acc[kRowTile][kLaneTile] = {};
+          for (std::int64_t c = 0; c < C; ++c) {
+            const double* w = wct.data() + c * R + j0;
+            for (std::int64_t r = 0; r < kRowTile; ++r) {
+              const double ec = e[sz(r * C + c)];
+#pragma omp simd
+              for (std::int64_t jj = 0; jj < kLaneTile; ++jj) acc[r][jj] += ec * w[jj];
+            }
+          }
+          for (std::int64_t r = 0; r < kRowTile; ++r) std::copy(acc[r], acc[r] + kLaneTile, rout + (i0 + r) * R + j0);
+        } else {  // edge tiles: the same sums, one row at a time
+          for (std::int64_t r = 0; r < nr; ++r) {
+            double* ri = rout + (i0 + r) * R + j0;
+            std::fill(ri, ri + nj, 0.0);
+            for (std::int64_t c = 0; c < C; ++c) {
+              const double ec = e[sz(r * C + c)];
+              const double* w = wct.data() + c * R + j0;
+              for (std::int64_t jj = 0; jj < nj; ++jj) ri[jj] += ec * w[jj];
+            }
+          }
+        }
       }
     }
   }
