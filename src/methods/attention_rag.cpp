@@ -84,6 +84,7 @@ class AttentionRag final : public Method {
 
     std::vector<rt::TokenSpan> kept;
     std::int64_t passes = 0, scored_tokens = 0;
+    scoring_peak_ = 0;
     if (room >= enc.context_tokens) {
       if (enc.context_tokens > 0) kept.push_back({0, enc.context_tokens});  // everything fits: nothing to prune
     } else if (room >= smallest) {
@@ -102,8 +103,11 @@ class AttentionRag final : public Method {
     s.notes["attention_rag_sentences"] = std::to_string(units.size());
     s.notes["attention_rag_context_kept"] = std::to_string(kept_tokens);
     s.notes["attention_rag_context_room"] = std::to_string(room);
+    s.notes["selector_kept_spans"] = rt::spans_text(kept);
     s.notes["attention_rag_scoring_passes"] = std::to_string(passes);
     s.notes["attention_rag_scoring_tokens"] = std::to_string(scored_tokens);
+    // Not in the example's peak memory (the evaluator measures from generation on): here instead.
+    s.notes["attention_rag_scoring_peak_bytes"] = std::to_string(scoring_peak_);
     return s;
   }
 
@@ -113,6 +117,7 @@ class AttentionRag final : public Method {
   std::vector<std::vector<double>> score_passes(const Encoded& enc, const std::vector<rt::TokenSpan>& chunks,
                                                 std::int64_t& scored_tokens) {
     std::vector<std::vector<double>> out;
+    model_.activation_arena().reset_peak();  // the evaluator resets it again before generation
     const auto q_begin = enc.tokens.begin() + (enc.prompt_len - enc.query_len);
     for (const rt::TokenSpan& c : chunks) {
       std::vector<std::int32_t> tokens{enc.tokens.front()};  // [BOS]
@@ -129,6 +134,7 @@ class AttentionRag final : public Method {
       out.push_back(scorer_.focal_mass());
       scored_tokens += n;
     }
+    scoring_peak_ = model_.activation_arena().peak_bytes();
     return out;
   }
 
@@ -136,6 +142,7 @@ class AttentionRag final : public Method {
   Backend& be_;
   AttentionRagKnobs k_;
   rt::FocalAttentionScorer scorer_;
+  std::size_t scoring_peak_ = 0;  // activation high-water mark of the last example's scoring passes
 };
 
 std::shared_ptr<MethodKnobs> knobs() { return std::make_shared<AttentionRagKnobs>(); }

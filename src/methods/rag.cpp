@@ -9,7 +9,6 @@
 // retrieved text is the prompt the model reads) or, as an option, their
 // original positions. Training-free, on the standard checkpoint; the
 // retrieval runs inside the time-to-first-token clock.
-#include <sstream>
 
 #include "core/error.hpp"
 #include "methods/method.hpp"
@@ -77,6 +76,7 @@ class Rag final : public Method {
     s.notes["rag_chunks_kept"] = std::to_string(kept.size());
     s.notes["rag_context_kept"] = std::to_string(kept_tokens);
     s.notes["rag_context_room"] = std::to_string(room);
+    s.notes["selector_kept_spans"] = rt::spans_text(kept);
     return s;
   }
 

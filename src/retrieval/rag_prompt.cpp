@@ -61,6 +61,17 @@ std::vector<TokenSpan> keep_best_units(const std::vector<TokenSpan>& units, cons
   return keep_top(units, best, room);
 }
 
+std::string spans_text(const std::vector<TokenSpan>& spans) {
+  std::string out;
+  for (const TokenSpan& s : spans) {
+    if (!out.empty()) out += ',';
+    out += std::to_string(s.begin);
+    out += '-';
+    out += std::to_string(s.end);
+  }
+  return out;
+}
+
 RagPrompt rag_prompt(const Encoded& enc, const std::vector<TokenSpan>& kept, bool contiguous) {
   RagPrompt p;
   p.idx.push_back(0);  // [BOS]

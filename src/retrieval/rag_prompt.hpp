@@ -4,6 +4,7 @@
 // budget leaves, which ranked units fit, and the prompt
 // [BOS] kept context [SEP] question [ANS] they are read as.
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kv/kv_policy.hpp"
@@ -42,6 +43,9 @@ std::vector<double> focal_token_scores(const std::vector<TokenSpan>& chunks,
 // then keep_top. A unit holding the top token is kept whole.
 std::vector<TokenSpan> keep_best_units(const std::vector<TokenSpan>& units, const std::vector<double>& token_scores,
                                        std::int64_t room);
+
+// "b-e,b-e,...": kept context-relative spans [b, e), for an example's notes.
+std::string spans_text(const std::vector<TokenSpan>& spans);
 
 // The retrieved prompt: indices into enc.tokens of [BOS], the kept context
 // spans (context-relative, ascending, disjoint), [SEP] question [ANS]; and

@@ -307,6 +307,7 @@ BOOST_AUTO_TEST_CASE(rag_keeps_the_chunk_with_the_question_words_within_the_budg
       const std::vector<rt::TokenSpan> only{needle};
       BOOST_TEST(kept_runs(s, enc) == only, boost::test_tools::per_element());
       BOOST_TEST(s.notes.at("rag_chunks_kept") == "1");
+      BOOST_TEST(s.notes.at("selector_kept_spans") == std::to_string(needle.begin) + "-" + std::to_string(needle.end));
       BOOST_TEST(s.notes.at("selector_positions") == positions);
       // [BOS] chunk [SEP] question [ANS]
       BOOST_TEST(s.idx.front() == 0);
