@@ -24,7 +24,7 @@ std::vector<TokenSpan> keep_top(const std::vector<TokenSpan>& units, const std::
   std::vector<TokenSpan> kept;
   std::int64_t used = 0;
   for (const std::size_t u : order) {
-    if (used + units[u].size() > room) break;
+    if (used + units[u].size() > room) continue;
     used += units[u].size();
     kept.push_back(units[u]);
   }

@@ -22,10 +22,11 @@ namespace dsrsq::retrieval {
 std::int64_t context_room(const ModelConfig& cfg, const KVBudget& budget, const Encoded& enc,
                           std::int64_t max_new_tokens);
 
-// The units to keep: in decreasing score (ties: the earlier unit first), the
-// longest prefix of that ranking whose sizes sum to at most `room` tokens
-// (top-k with k set by the budget; the first unit that does not fit ends
-// it). Returned in document order.
+// The units to keep: taken in decreasing score (ties: the earlier unit
+// first), each one that still fits in `room` tokens, until none is left (a
+// unit too large for what is left is skipped, so one long top unit does not
+// leave the budget empty: the budget is filled in score order). Returned in
+// document order.
 std::vector<TokenSpan> keep_top(const std::vector<TokenSpan>& units, const std::vector<double>& scores,
                                 std::int64_t room);
 

@@ -255,14 +255,22 @@ BOOST_AUTO_TEST_CASE(chunks_pack_whole_sentences_and_cut_long_ones) {
 
 // ---- budget and prompt -------------------------------------------------------------
 
-BOOST_AUTO_TEST_CASE(keep_top_takes_the_ranked_prefix_that_fits_in_document_order) {
+BOOST_AUTO_TEST_CASE(keep_top_fills_the_room_in_score_order_and_returns_document_order) {
+  // Sizes 10, 4, 16, 5; ranking: 1, 3 (tie: the earlier first), 2, 0.
   const std::vector<rt::TokenSpan> u{{0, 10}, {10, 14}, {14, 30}, {30, 35}};
-  const std::vector<double> s{0.5, 2.0, 1.0, 2.0};  // ranking: 1, 3 (tie: the earlier first), 2, 0
+  const std::vector<double> s{0.5, 2.0, 1.0, 2.0};
   const std::vector<rt::TokenSpan> two{{10, 14}, {30, 35}};
   BOOST_TEST(rt::keep_top(u, s, 9) == two, boost::test_tools::per_element());
-  BOOST_TEST(rt::keep_top(u, s, 24) == two, boost::test_tools::per_element());  // unit 2 (16) does not fit: stop
-  const std::vector<rt::TokenSpan> three{{10, 14}, {14, 30}, {30, 35}};
-  BOOST_TEST(rt::keep_top(u, s, 25) == three, boost::test_tools::per_element());
+  BOOST_TEST(rt::keep_top(u, s, 18) == two, boost::test_tools::per_element());  // 16 and 10 do not fit in 9 left
+  // 4 + 5 = 9, unit 2 (16) does not fit in 10 left, unit 0 (10) does.
+  const std::vector<rt::TokenSpan> three{{0, 10}, {10, 14}, {30, 35}};
+  BOOST_TEST(rt::keep_top(u, s, 19) == three, boost::test_tools::per_element());
+  const std::vector<rt::TokenSpan> other{{10, 14}, {14, 30}, {30, 35}};
+  BOOST_TEST(rt::keep_top(u, s, 25) == other, boost::test_tools::per_element());
+  BOOST_TEST(rt::keep_top(u, s, 35).size() == 4u);
+  // A top unit too large for the room is skipped, the next that fits is taken.
+  const std::vector<rt::TokenSpan> small{{10, 14}};
+  BOOST_TEST(rt::keep_top(u, std::vector<double>{0.5, 1.0, 3.0, 0.1}, 4) == small, boost::test_tools::per_element());
   BOOST_TEST(rt::keep_top(u, s, 3).empty());
   BOOST_TEST(rt::keep_top(u, s, -4).empty());
 }
@@ -433,11 +441,16 @@ BOOST_AUTO_TEST_CASE(sentence_rule_keeps_whole_sentences_of_the_top_tokens) {
   // Sinks (-inf) at 0..2; the top token (0.9) sits in unit 1, the next (0.5) in unit 2.
   std::vector<double> s{ninf, ninf, ninf, 0.1, 0.2, 0.05, 0.05, 0.9, 0.01, 0.01, 0.01, 0.01,
                         0.01, 0.01, 0.5, 0.01, 0.01, 0.01, 0.01, 0.01};
+  // Unit scores 0.2, 0.9, 0.5 (sizes 5, 7, 8).
   const std::vector<rt::TokenSpan> one{{5, 12}};
-  BOOST_TEST(rt::keep_best_units(units, s, 14) == one, boost::test_tools::per_element());  // 7 + 8 > 14: stop
+  BOOST_TEST(rt::keep_best_units(units, s, 11) == one, boost::test_tools::per_element());  // 8 and 5 do not fit in 4
+  const std::vector<rt::TokenSpan> top_and_first{{0, 5}, {5, 12}};
+  BOOST_TEST(rt::keep_best_units(units, s, 14) == top_and_first, boost::test_tools::per_element());  // 8 skipped
   const std::vector<rt::TokenSpan> two{{5, 12}, {12, 20}};
   BOOST_TEST(rt::keep_best_units(units, s, 15) == two, boost::test_tools::per_element());
-  BOOST_TEST(rt::keep_best_units(units, s, 6).empty());  // the top sentence does not fit
+  const std::vector<rt::TokenSpan> first{{0, 5}};
+  BOOST_TEST(rt::keep_best_units(units, s, 6) == first, boost::test_tools::per_element());  // the top ones do not fit
+  BOOST_TEST(rt::keep_best_units(units, s, 4).empty());
   BOOST_TEST(rt::keep_best_units(units, s, 20).size() == 3u);
 }
 
@@ -657,16 +670,23 @@ BOOST_AUTO_TEST_CASE(attention_rag_selection_on_a_tiny_model) {
               score[static_cast<std::size_t>(t)] = pass_mass[ci][static_cast<std::size_t>(1 + t - chunks[ci].begin)];
         std::vector<double> best;
         for (const auto& u : units) best.push_back(*std::max_element(score.begin() + u.begin, score.begin() + u.end));
-        // Only the order of the first k + 1 ranked sentences decides the prefix of k.
-        std::vector<double> sorted = best;
-        std::sort(sorted.begin(), sorted.end(), std::greater<>());
-        const std::size_t k = rt::keep_top(units, best, room).size();
+        // Ambiguous when two sentences adjacent in the ranking lie within the
+        // reference's error and swapping them changes what fits.
+        const auto want = rt::keep_top(units, best, room);
+        std::vector<std::size_t> order(best.size());
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) { return best[x] > best[y]; });
         bool close = false;
-        for (std::size_t i = 1; i < sorted.size() && i <= k + 1; ++i)
-          close = close || (std::isfinite(sorted[i - 1]) && sorted[i - 1] - sorted[i] < 1e-4 * static_cast<double>(L * NH));
+        for (std::size_t i = 1; i < order.size(); ++i) {
+          const double hi = best[order[i - 1]], lo = best[order[i]];
+          if (!std::isfinite(hi) || hi - lo >= 1e-4 * static_cast<double>(L * NH)) continue;
+          std::vector<double> swapped = best;
+          std::swap(swapped[order[i - 1]], swapped[order[i]]);
+          close = close || rt::keep_top(units, swapped, room) != want;
+        }
         if (!close) {
           ++compared;
-          BOOST_TEST(runs == merged(rt::keep_top(units, best, room)), boost::test_tools::per_element());
+          BOOST_TEST(runs == merged(want), boost::test_tools::per_element());
         }
       }
     }
