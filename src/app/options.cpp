@@ -413,9 +413,10 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
   const methods::MethodInfo& trained = methods::find_method(o.model, "--model");
   if (o.methods.empty()) {
     o.methods = Options::default_methods(o.model);
-    // Under a query-agnostic protocol the default leaves out the methods that need the question.
+    // Under a query-agnostic protocol the default leaves out the training-free
+    // methods that need the question (the trained method stays: refused below if it needs it).
     if (o.protocol != "query_aware")
-      std::erase_if(o.methods, [](const std::string& m) { return !methods::find_method(m).query_agnostic; });
+      std::erase_if(o.methods, [&](const std::string& m) { return m != o.model && !methods::find_method(m).query_agnostic; });
   }
   if (o.ablation_variants.empty() && o.ablation) o.ablation_variants = trained.variants;
   // A method's option given for a method this run does not use: warn, naming both.
