@@ -23,8 +23,7 @@ BIN = Path(os.environ.get("DSRSQ_BIN", SRC / "build-e2e" / "dsrsq"))
 TINY = SRC / "configs" / "tiny.ini"
 STEPS = 20          # configs/tiny.ini
 NUM_TEST = 6        # configs/tiny.ini
-METHODS = ["full", "sliding_window", "rag", "attention_rag"]  # the table's training-free methods: --methods' default
-QUERY_AGNOSTIC = ["full", "sliding_window"]  # those with a query-agnostic form: the default under context_only / reuse
+METHODS = ["full", "sliding_window"]
 # A slower run for the live-read and signal tests: enough steps that /train
 # grows visibly (rows are flushed every 10 steps) while a reader watches.
 SLOW = ["--steps", "300", "--batch_size", "8", "--log_every", "50", "--val_every", "100", "--checkpoint_every", "100",
@@ -896,10 +895,10 @@ def test_query_agnostic_protocol(tmp_path, baseline):
         with h5open(out / name / "run.h5") as f:
             p = f.attrs["protocol"]
             assert (p.decode() if isinstance(p, bytes) else p) == {"qa": "query_aware", "qc": "context_only"}[name]
-            preds[name] = {m: [x["prediction"] for x in eval_table(f, m)] for m in QUERY_AGNOSTIC}
+            preds[name] = {m: [x["prediction"] for x in eval_table(f, m)] for m in METHODS}
     assert preds["qa"] == preds["qc"]
     assert (out / "qa" / "config.hash").read_text() != (out / "qc" / "config.hash").read_text()
-    r = run(args(out, "--model", "dsrsq", "--protocol", "context_only", name="qd"), tmp_path)
+    r = run(args(out, "--model", "dsrsq", "--methods", "dsrsq", "--protocol", "context_only", name="qd"), tmp_path)
     expect_input_error(r, "--protocol", "dsrsq", "question")
 
 
@@ -926,9 +925,9 @@ def test_reuse_protocol(tmp_path, baseline):
         with h5open(out / name / "run.h5") as f:
             p = f.attrs["protocol"]
             assert (p.decode() if isinstance(p, bytes) else p) == ("context_only" if name == "fc" else "reuse")
-            tables[name] = {m: eval_table(f, m) for m in QUERY_AGNOSTIC}
+            tables[name] = {m: eval_table(f, m) for m in METHODS}
     for name in ("fr", "fh"):
-        for m in QUERY_AGNOSTIC:
+        for m in METHODS:
             rows_ = tables[name][m]
             meta = [json.loads(x["meta"]) for x in rows_]
             assert all(float(x["shared_prefill_s"]) > 0 for x in meta)
@@ -946,7 +945,7 @@ def test_reuse_protocol(tmp_path, baseline):
                   f"({len(rows_) / len(groups):.2f} questions per compression)")
     # Every context whole: reuse decodes what context_only decodes, example by example.
     assert all(int(json.loads(x["meta"])["reuse_extra_truncated"]) == 0 for x in tables["fr"]["full"])
-    for m in QUERY_AGNOSTIC:
+    for m in METHODS:
         assert [x["id"] for x in tables["fc"][m]] == [x["id"] for x in tables["fr"][m]]
         assert [x["context_tokens"] for x in tables["fc"][m]] == [x["context_tokens"] for x in tables["fr"][m]]
         assert [x["prediction"] for x in tables["fc"][m]] == [x["prediction"] for x in tables["fr"][m]], m
@@ -956,7 +955,7 @@ def test_reuse_protocol(tmp_path, baseline):
     fh = [(json.loads(x["meta"]), x) for x in tables["fh"]["full"]]
     assert any(int(mt["reuse_extra_truncated"]) > 0 for mt, _ in fh)
     assert all(x["context_tokens"] + 1 == int(mt["shared_context_tokens"]) for mt, x in fh)
-    r = run(args(out, "--model", "dsrsq", "--protocol", "reuse", name="rd"), tmp_path)
+    r = run(args(out, "--model", "dsrsq", "--methods", "dsrsq", "--protocol", "reuse", name="rd"), tmp_path)
     expect_input_error(r, "--protocol", "dsrsq", "question")
 
 
