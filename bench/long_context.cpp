@@ -325,7 +325,7 @@ OneRun run_method(methods::Method& method, dsrsq::Transformer& model, const dsrs
   std::vector<std::int32_t> pos;
   if (plan.select) {
     dsrsq::Timer t;
-    r.idx = plan.select(enc);
+    r.idx = plan.select(enc, dsrsq::SelectionEnv{ByteTokenizer(), dsrsq::KVBudget{}, decode}).idx;
     r.select_s = t.seconds();
     pos = r.idx;
   }

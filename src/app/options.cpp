@@ -107,7 +107,7 @@ po::options_description describe(Options& o) {
     ("max_walltime", po::value(&o.max_walltime)->default_value(o.max_walltime, shortest(o.max_walltime)), "seconds: checkpoint and stop (exit code 3) before this much wall time has passed, leaving room for a checkpoint (0: off)");
   po::options_description eval("Evaluation");
   eval.add_options()
-    ("methods", po::value(&o.methods)->multitoken()->default_value({}, "the trained method if it has its own weights, then every training-free method"), "methods to evaluate, in the table's names")
+    ("methods", po::value(&o.methods)->multitoken()->default_value({}, "the trained method if it has its own weights, then every training-free method (under a query-agnostic protocol: those that do not need the question)"), "methods to evaluate, in the table's names")
     ("protocol", po::value(&o.protocol)->default_value(o.protocol), "how the question reaches a method: query_aware (the question is part of the prompt every method compresses) | context_only (query-agnostic: the method compresses the context knowing nothing of the question, then the question is appended)")
     ("kv_budget", po::value(&o.kv_budget)->multitoken()->default_value(o.kv_budget, join_words(o.kv_budget)), "KV budgets of every method, one evaluation cell per budget and eval context size: each a fraction of the full cache in (0, 1] (0.125) or bytes with a unit (65536B, 64KiB, 2MiB, 2MB)")
     ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens), "longest generated answer")
@@ -444,7 +444,13 @@ bool parse_options(int argc, const char* const* argv, Options& o) {
   }
   // Defaults that come from the method table.
   const methods::MethodInfo& trained = methods::find_method(o.model, "--model");
-  if (o.methods.empty()) o.methods = Options::default_methods(o.model);
+  if (o.methods.empty()) {
+    o.methods = Options::default_methods(o.model);
+    // Under a query-agnostic protocol the default leaves out the training-free
+    // methods that need the question (the trained method stays: refused below if it needs it).
+    if (o.protocol != "query_aware")
+      std::erase_if(o.methods, [&](const std::string& m) { return m != o.model && !methods::find_method(m).query_agnostic; });
+  }
   if (o.ablation_variants.empty() && o.ablation) o.ablation_variants = trained.variants;
   // A method's option given for a method this run does not use: warn, naming both.
   for (const methods::MethodInfo* m : methods::all_methods()) {

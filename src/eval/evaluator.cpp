@@ -33,8 +33,10 @@ struct DecodeCost {
 // Greedy decoding after end_prefill() (the first token `next` is known, the
 // prompt ends at position prompt_len), then the example's final cost and KV
 // figures.
+// pos_shift: the decode positions run that much below prompt_len (a selector's renumbered prompt).
 void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, const EvalConfig& cfg,
-                   std::int32_t next, std::int64_t prompt_len, DecodeCost c, ExampleEval& r) {
+                   std::int32_t next, std::int64_t prompt_len, DecodeCost c, ExampleEval& r,
+                   std::int64_t pos_shift = 0) {
   Arena& act = model.activation_arena();
   std::size_t peak_act = c.peak_act;
   double bytes_time = c.bytes_time, time_total = c.time_total;
@@ -45,7 +47,7 @@ void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, c
   while (static_cast<std::int64_t>(gen.size()) < cfg.max_new_tokens && next != tok.eos_id()) {
     gen.push_back(next);
     if (static_cast<std::int64_t>(gen.size()) == cfg.max_new_tokens) break;
-    std::int32_t tk = next, ps = static_cast<std::int32_t>(p++);
+    std::int32_t tk = next, ps = static_cast<std::int32_t>(p++ - pos_shift);
     Timer ts;
     act.reset();
     act.reset_peak();
@@ -97,16 +99,22 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   // scoring, clustering, reconstruction, the model), from the ops' cost functions.
   const double flops0 = model.backend().flops_counted();
   Timer t;
-  std::vector<std::int32_t> pos;
+  std::vector<std::int32_t> pos, idx;  // the positions the prompt tokens take; their indices in enc.tokens
   if (cfg.select) {
-    pos = cfg.select(enc);
+    Selection s = cfg.select(enc, SelectionEnv{tok, cfg.budget, cfg.max_new_tokens});
+    DSRSQ_REQUIRE(!s.idx.empty() && (s.pos.empty() || s.pos.size() == s.idx.size()),
+                  "method '", cfg.name, "': its selector returned ", s.idx.size(), " indices and ", s.pos.size(), " positions");
+    idx = std::move(s.idx);
+    pos = s.pos.empty() ? idx : std::move(s.pos);
+    for (auto& [k, v] : s.notes) r.meta[k] = v;
   } else {
     pos.resize(static_cast<std::size_t>(enc.prompt_len));
     for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+    idx = pos;
   }
   const auto n_in = static_cast<std::int64_t>(pos.size());
   std::vector<std::int32_t> prompt(pos.size());
-  for (std::size_t i = 0; i < pos.size(); ++i) prompt[i] = enc.tokens[static_cast<std::size_t>(pos[i])];
+  for (std::size_t i = 0; i < pos.size(); ++i) prompt[i] = enc.tokens[static_cast<std::size_t>(idx[i])];
   r.prompt_tokens_in = n_in;
   r.meta["prompt_tokens_in"] = std::to_string(n_in);
   SequenceInfo info;
@@ -123,7 +131,7 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   // then the question; query-aware: one call.
   const std::int64_t question_at = enc.prompt_len - enc.query_len;
   const auto n_ctx = cfg.query_agnostic
-                         ? static_cast<std::int64_t>(std::lower_bound(pos.begin(), pos.end(), question_at) - pos.begin())
+                         ? static_cast<std::int64_t>(std::lower_bound(idx.begin(), idx.end(), question_at) - idx.begin())
                          : n_in;
   if (n_ctx > 0)
     model.extend(policy, TensorView(prompt.data(), Shape{1, n_ctx}), TensorView(pos.data(), Shape{1, n_ctx}));
@@ -138,7 +146,8 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   double time_total = r.ttft_s;
   r.flops = model.backend().flops_counted() - flops0;
 
-  decode_answer(model, policy, tok, cfg, next, enc.prompt_len, DecodeCost{peak_act, bytes_time, time_total, 0}, r);
+  decode_answer(model, policy, tok, cfg, next, enc.prompt_len, DecodeCost{peak_act, bytes_time, time_total, 0}, r,
+                enc.prompt_len - (pos.back() + 1));
   return r;
 }
 

@@ -12,6 +12,7 @@
 
 #include "data/example.hpp"
 #include "data/tokenizer.hpp"
+#include "eval/context_selector.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
 #include "train/encode.hpp"
@@ -73,10 +74,10 @@ struct MethodEval {
 };
 
 struct EvalConfig {
-  // A context selector (DSRSQ's retriever): the prompt indices that enter the
-  // model, sorted; each keeps its original position. Null: the whole prompt.
-  // It runs inside the time-to-first-token clock.
-  std::function<std::vector<std::int32_t>(const Encoded&)> select;
+  // A context selector (DSRSQ's retriever, RAG): the prompt indices that enter
+  // the model and optionally their positions (eval/context_selector.hpp).
+  // Null: the whole prompt. It runs inside the time-to-first-token clock.
+  ContextSelector select;
   std::string name;  // the method's name in the results (empty: the policy's)
   KVBudget budget;
   std::int64_t max_new_tokens = 16;

@@ -169,7 +169,7 @@ class Dsrsq final : public Method, public TrainingExtension {
     const DsrsqVariant v = DsrsqVariant::named(variant.empty() ? "full_model" : variant);
     EvalPlan p;
     p.policy = dm_.make_policy(v);
-    p.select = [this, v](const Encoded& enc) { return dm_.select_prompt(enc, v); };
+    p.select = [this, v](const Encoded& enc, const SelectionEnv&) { return Selection{dm_.select_prompt(enc, v), {}, {}}; };
     return p;
   }
 

@@ -22,6 +22,7 @@
 
 #include "backend/backend.hpp"
 #include "dist/communicator.hpp"
+#include "eval/context_selector.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
 #include "train/encode.hpp"
@@ -54,9 +55,9 @@ class MethodKnobs {
 // One evaluation of a method (or of one of its variants).
 struct EvalPlan {
   std::unique_ptr<KVPolicy> policy;
-  // Prompt indices that enter the model (sorted; original positions kept).
-  // Null: the whole prompt.
-  std::function<std::vector<std::int32_t>(const Encoded&)> select;
+  // Prompt indices that enter the model and, optionally, the positions they
+  // take (eval/context_selector.hpp). Null: the whole prompt.
+  ContextSelector select;
 };
 
 // Where a trained method plugs into the trainer and the checkpoints.

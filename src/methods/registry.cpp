@@ -11,6 +11,8 @@ namespace dsrsq::methods {
 const MethodInfo& standard_method();
 const MethodInfo& full_method();
 const MethodInfo& sliding_window_method();
+const MethodInfo& rag_method();
+const MethodInfo& attention_rag_method();
 const MethodInfo& razor_method();
 const MethodInfo& pyramid_method();
 const MethodInfo& dynamic_kv_method();
@@ -23,6 +25,8 @@ const std::vector<const MethodInfo*>& all_methods() {
       &standard_method(),
       &full_method(),
       &sliding_window_method(),
+      &rag_method(),
+      &attention_rag_method(),
       &razor_method(),
       &pyramid_method(),
       &dynamic_kv_method(),

@@ -898,7 +898,7 @@ def test_query_agnostic_protocol(tmp_path, baseline):
             preds[name] = {m: [x["prediction"] for x in eval_table(f, m)] for m in METHODS}
     assert preds["qa"] == preds["qc"]
     assert (out / "qa" / "config.hash").read_text() != (out / "qc" / "config.hash").read_text()
-    r = run(args(out, "--model", "dsrsq", "--protocol", "context_only", name="qd"), tmp_path)
+    r = run(args(out, "--model", "dsrsq", "--methods", "dsrsq", "--protocol", "context_only", name="qd"), tmp_path)
     expect_input_error(r, "--protocol", "dsrsq", "question")
 
 
@@ -955,7 +955,7 @@ def test_reuse_protocol(tmp_path, baseline):
     fh = [(json.loads(x["meta"]), x) for x in tables["fh"]["full"]]
     assert any(int(mt["reuse_extra_truncated"]) > 0 for mt, _ in fh)
     assert all(x["context_tokens"] + 1 == int(mt["shared_context_tokens"]) for mt, x in fh)
-    r = run(args(out, "--model", "dsrsq", "--protocol", "reuse", name="rd"), tmp_path)
+    r = run(args(out, "--model", "dsrsq", "--methods", "dsrsq", "--protocol", "reuse", name="rd"), tmp_path)
     expect_input_error(r, "--protocol", "dsrsq", "question")
 
 

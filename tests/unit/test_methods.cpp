@@ -36,12 +36,17 @@ ModelConfig tiny() {
 // Greedy decode of `steps` tokens after a prompt, through the plan's selector and policy.
 std::vector<std::int32_t> decode(Transformer& model, m::EvalPlan& plan, const Encoded& enc, std::int64_t steps,
                                  const KVBudget& budget) {
-  std::vector<std::int32_t> pos;
-  if (plan.select) pos = plan.select(enc);
-  else
+  std::vector<std::int32_t> pos, idx;  // positions the prompt tokens take; their indices
+  if (plan.select) {
+    Selection s = plan.select(enc, SelectionEnv{ByteTokenizer(), budget, steps});
+    idx = s.idx;
+    pos = s.pos.empty() ? s.idx : s.pos;
+  } else {
     for (std::int64_t i = 0; i < enc.prompt_len; ++i) pos.push_back(static_cast<std::int32_t>(i));
+    idx = pos;
+  }
   std::vector<std::int32_t> tok;
-  for (auto p : pos) tok.push_back(enc.tokens[static_cast<std::size_t>(p)]);
+  for (auto i : idx) tok.push_back(enc.tokens[static_cast<std::size_t>(i)]);
   SequenceInfo info;
   info.prompt_len = static_cast<std::int64_t>(pos.size());
   info.query_len = enc.query_len;
@@ -52,7 +57,7 @@ std::vector<std::int32_t> decode(Transformer& model, m::EvalPlan& plan, const En
   model.extend(*plan.policy, TensorView(tok.data(), Shape{1, n}), TensorView(pos.data(), Shape{1, n}));
   plan.policy->end_prefill();
   std::vector<std::int32_t> out;
-  std::int32_t p = static_cast<std::int32_t>(enc.prompt_len);
+  std::int32_t p = pos.back() + 1;
   for (std::int64_t s = 0; s < steps; ++s) {
     const TensorView lg = model.logits();
     const float* row = lg.ptr<float>() + (lg.shape[0] - 1) * lg.shape[1];
