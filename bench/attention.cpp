@@ -18,7 +18,10 @@
 // the sgemm peak).
 #include <cblas.h>
 #include <omp.h>
+#include <time.h>
 #include <unistd.h>
+
+#include <chrono>
 
 #include <algorithm>
 #include <array>
@@ -290,6 +293,25 @@ std::string loadavg() {
   return a + " " + b + " " + c;
 }
 
+// Wall clock by default; --clock cpu divides the process CPU time by the thread
+// count instead (for a loaded machine: it leaves out the time other processes
+// hold the cores, not the cache and frequency they cost). Both yardstick and
+// kernels use the same clock.
+bool g_cpu_clock = false;
+int g_threads = 1;
+struct Clock {
+  double t0 = now();
+  static double now() {
+    if (!g_cpu_clock)
+      return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec)) / g_threads;
+  }
+  void reset() { t0 = now(); }
+  double seconds() const { return now() - t0; }
+};
+
 struct GemmResult {
   double gflops, max_rel_err;
 };
@@ -301,7 +323,7 @@ GemmResult sgemm_peak(int n, int repeats) {
   for (auto& x : b) x = static_cast<float>(rng.normal());
   std::vector<double> t;
   for (int r = 0; r < repeats + 1; ++r) {
-    dsrsq::Timer tm;
+    Clock tm;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
     if (r > 0) t.push_back(tm.seconds());
   }
@@ -488,7 +510,7 @@ Row time_impl(const std::string& name, const Problem& P, const Slice& sl, int wa
   out.dv.assign(n, 0.0f);
   std::vector<double> tf, tb;
   for (int it = 0; it < warmup + repeats; ++it) {
-    dsrsq::Timer t;
+    Clock t;
     fwd(out);
     const double f = t.seconds();
     std::fill(out.dq.begin(), out.dq.end(), 0.0f);
@@ -594,7 +616,7 @@ struct Options {
   std::vector<std::int64_t> hs = {32, 64, 128};
   std::vector<std::int64_t> ts = {1024, 2048, 4096, 8192, 16384, 32768};
   std::int64_t ref_max_t = 8192, torch_max_t = 4096;
-  bool peer = true, reference = true;
+  bool peer = true, reference = true, cpu_clock = false;
   std::string python = "/usr/bin/python3";
 };
 
@@ -602,9 +624,10 @@ void usage() {
   std::puts(
       "usage: bench_attention [--threads N] [--repeats N] [--warmup N] [--d_model C] [--hs 32,64,128]\n"
       "                       [--t 1024,...,32768] [--ref_max_t N] [--torch_max_t N] [--no-peer] [--no-reference]\n"
-      "                       [--python PATH]\n"
+      "                       [--python PATH] [--clock wall|cpu]\n"
       "  heads = d_model / hs (batch 1); the old BLAS-tile kernels run up to --ref_max_t (default 8192),\n"
-      "  PyTorch's materialised attention up to --torch_max_t (default 4096: its T x T matrices).");
+      "  PyTorch's materialised attention up to --torch_max_t (default 4096: its T x T matrices).\n"
+      "  --clock cpu: times are process CPU seconds / threads (for a loaded machine; default wall).");
 }
 
 std::vector<std::int64_t> parse_list(const std::string& opt, const std::string& v) {
@@ -664,6 +687,14 @@ int main(int argc, char** argv) {
     else if (a == "--torch_max_t") o.torch_max_t = num();
     else if (a == "--no-peer") o.peer = false;
     else if (a == "--no-reference") o.reference = false;
+    else if (a == "--clock") {
+      const std::string v = next();
+      if (v != "wall" && v != "cpu") {
+        std::fprintf(stderr, "error: option --clock expects wall or cpu, got '%s'\n", v.c_str());
+        return 2;
+      }
+      o.cpu_clock = v == "cpu";
+    }
     else if (a == "--python") o.python = next();
     else if (a == "--help" || a == "-h") {
       usage();
@@ -682,12 +713,14 @@ int main(int argc, char** argv) {
     }
   try {
     omp_set_num_threads(o.threads);
+    g_cpu_clock = o.cpu_clock;
+    g_threads = o.threads;
     std::printf("# dsrsq bench_attention %s  git %s  %s  %s\n", dsrsq::build::version, dsrsq::build::git_sha,
                 dsrsq::build::build_type, dsrsq::build::blas);
     std::printf("# causal self-attention, batch 1, d_model %lld (heads = d_model / HS), positions 0..T-1, fp32\n",
                 static_cast<long long>(o.d_model));
-    std::printf("# threads %d  warmup %d  repeats %d  time = median over repeats; fwd and bwd timed separately\n",
-                o.threads, o.warmup, o.repeats);
+    std::printf("# threads %d  warmup %d  repeats %d  time = median over repeats (%s clock); fwd and bwd timed separately\n",
+                o.threads, o.warmup, o.repeats, o.cpu_clock ? "process CPU / threads" : "wall");
     std::printf("# FLOPs: fwd = 4*HS*(visible query-key pairs) per head (causal: T(T+1)/2 pairs), bwd = 2.5 x fwd\n");
     std::printf("# loadavg at start: %s\n", loadavg().c_str());
     const GemmResult peak0 = sgemm_peak(2048, 5);
