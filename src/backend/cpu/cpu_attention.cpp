@@ -341,10 +341,22 @@ inline vf load_reg(const float* p) {
 #endif
   return x;
 }
+// Maximum over the lanes, halving the width at each step (cheaper than
+// full-width rotations).
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
-  return m;
+  vf8 m8;
+  if constexpr (VL == 16) {
+    const vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    m8 = lo > hi ? lo : hi;
+  } else {
+    std::memcpy(&m8, &v, sizeof m8);
+  }
+  const vf4 lo4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), hi4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const vf4 m4 = lo4 > hi4 ? lo4 : hi4;
+  return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
 }
 inline float hsum(vf v) {
   float s = v[0];
@@ -410,6 +422,7 @@ inline void accum_rows(std::int64_t kdim, const float* A, std::int64_t ars, std:
 #pragma GCC unroll 4
       for (int c = 0; c < CV; ++c) acc[r][c] = ldv(C + r * ldc + (c0 + c) * VL);
     const float* Bc = Bm + c0 * VL;
+#pragma GCC unroll 2
     for (std::int64_t kk = 0; kk < kdim; ++kk) {
       const vf b0 = load_reg(Bc + kk * ldb);
       const vf b1 = CV > 1 ? load_reg(Bc + kk * ldb + VL) : b0;
@@ -546,7 +559,9 @@ void attention_fwd_micro(const AttentionArgs& a) {
 #pragma omp parallel if (tasks > 1 && B * T_ * S * NH > 4096)
   {
     std::vector<float> qs(static_cast<std::size_t>(kBQ * HS)), acc(static_cast<std::size_t>(kBQ * HS));
-    std::vector<float> mrow(static_cast<std::size_t>(kBQ)), lrow(static_cast<std::size_t>(kBQ));
+    // Running max per row, and the running sum kept as a vector per row (one
+    // horizontal add at the end instead of one per key block).
+    std::vector<float> mrow(static_cast<std::size_t>(kBQ)), lrow(static_cast<std::size_t>(kBQ * VL));
     alignas(64) float pt[kR][kBK];
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t task = 0; task < tasks; ++task) {
@@ -595,7 +610,7 @@ void attention_fwd_micro(const AttentionArgs& a) {
                 stv(pt[r] + vv * VL, p);
                 sum += p;
               }
-              lrow[ri] = lrow[ri] * corr + hsum(sum);
+              stv(lrow.data() + ri * VL, vfma(ldv(lrow.data() + ri * VL), bc(corr), sum));
               mrow[ri] = mnew;
               if (corr != 1.0f) {
                 float* ar = acc.data() + ri * HS;
@@ -609,7 +624,7 @@ void attention_fwd_micro(const AttentionArgs& a) {
       float* O = o + (b * T_ + i0) * ld + h * HS;
       float* Ls = lse + (b * NH + h) * T_ + i0;
       for (std::int64_t r = 0; r < nq; ++r) {
-        const float l = lrow[static_cast<std::size_t>(r)];
+        const float l = hsum(ldv(lrow.data() + r * VL));
         float* orow = O + r * ld;
         if (l == 0.0f) {
           std::fill(orow, orow + HS, 0.0f);
