@@ -571,7 +571,7 @@ Row run_torch(const std::string& python, int threads, int warmup, int repeats, c
   std::ostringstream cmd;
   cmd << "OMP_NUM_THREADS=" << threads << " " << python << " " << script.string() << " --dir " << dir.string()
       << " --t " << P.T << " --nh " << P.NH << " --hs " << P.HS << " --threads " << threads << " --warmup " << warmup
-      << " --repeats " << repeats << " 2>&1";
+      << " --repeats " << repeats << " --clock " << (g_cpu_clock ? "cpu" : "wall") << " 2>&1";
   FILE* p = popen(cmd.str().c_str(), "r");
   std::string text;
   if (p) {

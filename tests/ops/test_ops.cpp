@@ -399,16 +399,17 @@ BOOST_AUTO_TEST_CASE(attention_fwd_bwd_f32) {
           {1, 100, 60, 2, 8, true, K::late_keys, 0.0, true},             // rows 0..39 see no key
           {1, 300, 200, 1, 8, true, K::late_keys, 0.0, false},
           {3, 70, 300, 2, 8, true, K::per_batch, 0.0, true},             // B > 1, different positions per batch
-          // Head sizes of the f32 micro-kernels (HS a multiple of the vector width)
-          // at sizes that are not multiples of their 64-query / 64-key blocks, and HS
-          // 24, which takes the BLAS path.
+          // Head sizes of the f32 micro-kernels (HS a multiple of the vector width,
+          // >= 16 queries) at sizes that are not multiples of their 64-query / 64-key
+          // blocks, and HS 24 and decode-sized calls, which take the BLAS path.
           {1, 200, 200, 2, 32, true, K::contiguous_end, 0.0, true},
           {1, 333, 333, 1, 64, true, K::contiguous_end, 0.0, true},
           {1, 129, 131, 1, 128, true, K::contiguous_end, 0.0, true},
           {1, 1100, 1100, 1, 64, true, K::contiguous_end, 0.0, true},    // 18 key blocks, partial dQ groups
           {2, 77, 333, 2, 64, true, K::contiguous_end, 0.0, true},       // T != S: a prefill chunk after a cache
-          {1, 1, 1000, 2, 64, true, K::contiguous_end, 0.0, true},       // decode: one query, 1000 keys
-          {1, 3, 517, 1, 128, true, K::contiguous_end, 0.0, true},
+          {1, 1, 1000, 2, 64, true, K::contiguous_end, 0.0, true},       // decode: one query, 1000 keys (BLAS path)
+          {1, 3, 517, 1, 128, true, K::contiguous_end, 0.0, true},       // < 16 queries: BLAS path
+          {1, 16, 1000, 2, 64, true, K::contiguous_end, 0.0, true},      // 16 queries: the micro-kernels' smallest call
           {1, 130, 517, 2, 64, true, K::shuffled, 0.0, true},            // keys in shuffled position order
           {1, 100, 60, 1, 32, true, K::late_keys, 0.0, true},            // rows 0..39 see no key
           {1, 150, 90, 1, 64, true, K::late_keys, 0.3, true},

@@ -6,8 +6,9 @@
 // scaled scores; -inf for a row that sees no key, whose output is 0).
 //
 // Two paths. f32 with HS a multiple of the vector width (16 with AVX-512: HS
-// 16..256) runs hand-written register-tiled micro-kernels; double (gradient
-// tests) and other head sizes run the same schedule on BLAS tiles. BLAS on
+// 16..256) and at least 16 queries runs hand-written register-tiled
+// micro-kernels; double (gradient tests), other head sizes and decode-sized
+// calls run the same schedule on BLAS tiles. BLAS on
 // tiles lost to the micro-kernels at every size measured (bench/attention.cpp
 // keeps the BLAS schedule at 64x128 and 256x256 tiles for that comparison):
 // each call packs both operands again and the K = HS products are too short
@@ -792,19 +793,33 @@ bool with_head_vectors(std::int64_t hs, F&& f) {
   }
 }
 
+// The micro-kernel path copies K (and V in backward) into transposed panels once
+// per call; with fewer than 16 queries per sequence (decode steps) that copy
+// costs as much as the attention itself, so those calls stay on the BLAS path,
+// which reads the cache in place.
+constexpr std::int64_t kMinQueriesForPanels = 16;
+
+bool use_micro(const TensorView& q, const TensorView& k) {
+  return q.shape[1] >= kMinQueriesForPanels && k.shape[1] > 0;
+}
+
 }  // namespace
 
 template <class T>
 void attention_fwd_kernel(const AttentionArgs& a) {
   if constexpr (sizeof(T) == 4)
-    if (with_head_vectors(a.q.shape[3], [&](auto hv) { attention_fwd_micro<decltype(hv)::value>(a); })) return;
+    if (use_micro(a.q, a.k) &&
+        with_head_vectors(a.q.shape[3], [&](auto hv) { attention_fwd_micro<decltype(hv)::value>(a); }))
+      return;
   attention_fwd_blas<T>(a);
 }
 
 template <class T>
 void attention_bwd_kernel(const AttentionGradArgs& a) {
   if constexpr (sizeof(T) == 4)
-    if (with_head_vectors(a.q.shape[3], [&](auto hv) { attention_bwd_micro<decltype(hv)::value>(a); })) return;
+    if (use_micro(a.q, a.k) &&
+        with_head_vectors(a.q.shape[3], [&](auto hv) { attention_bwd_micro<decltype(hv)::value>(a); }))
+      return;
   attention_bwd_blas<T>(a);
 }
 
