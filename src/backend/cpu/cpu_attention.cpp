@@ -8,11 +8,12 @@
 // Two paths. f32 with HS a multiple of the vector width (16 with AVX-512: HS
 // 16..256) and at least 16 queries runs hand-written register-tiled
 // micro-kernels; double (gradient tests), other head sizes and decode-sized
-// calls run the same schedule on BLAS tiles. BLAS on
-// tiles lost to the micro-kernels at every size measured (bench/attention.cpp
-// keeps the BLAS schedule at 64x128 and 256x256 tiles for that comparison):
-// each call packs both operands again and the K = HS products are too short
-// for it to amortise that.
+// calls run the same schedule on BLAS tiles. Measured with bench/attention.cpp
+// (which keeps the BLAS schedule at 64x128 and 256x256 tiles): BLAS tiles lose
+// in the forward at every size (each call packs both operands again for a
+// K = HS product, and the softmax goes through memory between the gemms); in
+// the backward 256x256 BLAS tiles are within 10% at HS 64 and slower at HS 32
+// and 128, and could only be parallelised deterministically over (b, h).
 //
 // Micro-kernel path, forward: K is first packed per (b, h, 4V-key block) as a
 // transposed HS x 4V panel (V = vector width), so a score tile of 4 query rows
@@ -26,7 +27,7 @@
 // position exceeds the group's smallest query position (or at the ragged end).
 //
 // Backward (+= into dq, dk, dv), FA-2 order: per key block, dK and dV
-// accumulate in registers/L1 over the query blocks that see it, with P
+// accumulate in a per-thread buffer over the query blocks that see it, with P
 // recomputed from lse, dP = dO V^T, dS = P (dP - D) where D_i = dO_i . O_i.
 // dQ needs a sum over key blocks, which different tasks own: each task adds
 // into its own partial dQ (key blocks are dealt round-robin to G groups per
@@ -288,8 +289,10 @@ void attention_bwd_blas(const AttentionGradArgs& a) {
 // ---- micro-kernel path (f32) ----------------------------------------------------
 #if defined(__AVX512F__)
 constexpr int VL = 16;
-#else
+#elif defined(__AVX__)
 constexpr int VL = 8;
+#else
+constexpr int VL = 4;
 #endif
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef std::int32_t vi __attribute__((vector_size(VL * sizeof(std::int32_t))));
@@ -347,17 +350,23 @@ inline vf load_reg(const float* p) {
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 inline float hmax(vf v) {
+#if defined(__AVX__)
   vf8 m8;
-  if constexpr (VL == 16) {
-    const vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    const vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    m8 = lo > hi ? lo : hi;
-  } else {
-    std::memcpy(&m8, &v, sizeof m8);
-  }
+#if defined(__AVX512F__)
+  const vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  m8 = lo > hi ? lo : hi;
+#else
+  std::memcpy(&m8, &v, sizeof m8);
+#endif
   const vf4 lo4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), hi4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
   const vf4 m4 = lo4 > hi4 ? lo4 : hi4;
   return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+#else
+  float m = v[0];
+  for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
+  return m;
+#endif
 }
 inline float hsum(vf v) {
   float s = v[0];
