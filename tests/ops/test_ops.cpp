@@ -23,6 +23,8 @@
 #include <array>
 #include <span>
 #include <algorithm>
+#include <cstring>
+#include <omp.h>
 #include "core/error.hpp"
 
 #include "../common/reference.hpp"
@@ -397,6 +399,24 @@ BOOST_AUTO_TEST_CASE(attention_fwd_bwd_f32) {
           {1, 100, 60, 2, 8, true, K::late_keys, 0.0, true},             // rows 0..39 see no key
           {1, 300, 200, 1, 8, true, K::late_keys, 0.0, false},
           {3, 70, 300, 2, 8, true, K::per_batch, 0.0, true},             // B > 1, different positions per batch
+          // Head sizes of the f32 micro-kernels (HS a multiple of the vector width,
+          // >= 16 queries) at sizes that are not multiples of their 64-query / 64-key
+          // blocks, and HS 24 and decode-sized calls, which take the BLAS path.
+          {1, 200, 200, 2, 32, true, K::contiguous_end, 0.0, true},
+          {1, 333, 333, 1, 64, true, K::contiguous_end, 0.0, true},
+          {1, 129, 131, 1, 128, true, K::contiguous_end, 0.0, true},
+          {1, 1100, 1100, 1, 64, true, K::contiguous_end, 0.0, true},    // 18 key blocks, partial dQ groups
+          {2, 77, 333, 2, 64, true, K::contiguous_end, 0.0, true},       // T != S: a prefill chunk after a cache
+          {1, 1, 1000, 2, 64, true, K::contiguous_end, 0.0, true},       // decode: one query, 1000 keys (BLAS path)
+          {1, 3, 517, 1, 128, true, K::contiguous_end, 0.0, true},       // < 16 queries: BLAS path
+          {1, 16, 1000, 2, 64, true, K::contiguous_end, 0.0, true},      // 16 queries: the micro-kernels' smallest call
+          {1, 130, 517, 2, 64, true, K::shuffled, 0.0, true},            // keys in shuffled position order
+          {1, 100, 60, 1, 32, true, K::late_keys, 0.0, true},            // rows 0..39 see no key
+          {1, 150, 90, 1, 64, true, K::late_keys, 0.3, true},
+          {2, 90, 200, 1, 128, false, K::contiguous_end, 0.0, true},     // non-causal, ragged last key block
+          {3, 70, 300, 1, 64, true, K::per_batch, 0.0, true},
+          {1, 113, 300, 2, 24, true, K::shuffled, 0.0, true},            // HS 24: BLAS path
+          {1, 65, 129, 1, 24, true, K::contiguous_end, 0.0, true},
       };
       for (const AttnCase& c : cases) {
         BOOST_TEST_CONTEXT(ref::name("attention B=", c.B, " T=", c.T, " S=", c.S, " NH=", c.NH, " HS=", c.HS,
@@ -461,6 +481,50 @@ BOOST_AUTO_TEST_CASE(attention_fwd_bwd_f32) {
         }
       }
     }
+}
+
+// The CPU attention is deterministic by construction (fixed partition of work,
+// partial dQ per key-block group summed in group order, no float atomics): the
+// same inputs give bitwise the same o, lse, dq, dk, dv for any thread count.
+BOOST_AUTO_TEST_CASE(attention_cpu_same_bits_for_any_thread_count) {
+  dsrsq::Backend& be = dsrsq::cpu_backend();
+  for (std::int64_t HS : {std::int64_t{24}, std::int64_t{64}}) {
+    const AttnCase c{2, 300, 300, 3, HS, true, PosKind::per_batch, 0.0, true};
+    BOOST_TEST_CONTEXT(ref::name("attention threads HS=", HS)) {
+      dsrsq::Rng rng(19, static_cast<std::uint64_t>(HS));
+      IVec qpos, kpos;
+      make_positions(c, rng, qpos, kpos);
+      const std::int64_t nq = c.B * c.T * c.NH * c.HS, nk = c.B * c.S * c.NH * c.HS;
+      const std::vector<float> q = ref::normal<float>(nq, rng, 1.2), k = ref::normal<float>(nk, rng, 1.2),
+                               v = ref::normal<float>(nk, rng), dout = ref::normal<float>(nq, rng);
+      const Shape qs{c.B, c.T, c.NH, c.HS}, ks{c.B, c.S, c.NH, c.HS};
+      auto run = [&](int threads) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        std::vector<float> qq = q, kk = k, vv = v, dd = dout, o(static_cast<std::size_t>(nq)),
+                           lse(static_cast<std::size_t>(c.B * c.NH * c.T)), dq(static_cast<std::size_t>(nq), 0.0f),
+                           dk(static_cast<std::size_t>(nk), 0.0f), dv(static_cast<std::size_t>(nk), 0.0f);
+        IVec qp = qpos, kp = kpos;
+        be.attention_fwd({TensorView(qq.data(), qs), TensorView(kk.data(), ks), TensorView(vv.data(), ks),
+                          TensorView(o.data(), qs), TensorView(lse.data(), Shape{c.B, c.NH, c.T}),
+                          TensorView(qp.data(), Shape{c.B, c.T}), TensorView(kp.data(), Shape{c.B, c.S}), true, 0.0});
+        be.attention_bwd({TensorView(dd.data(), qs), TensorView(qq.data(), qs), TensorView(kk.data(), ks),
+                          TensorView(vv.data(), ks), TensorView(o.data(), qs), TensorView(lse.data(), Shape{c.B, c.NH, c.T}),
+                          TensorView(qp.data(), Shape{c.B, c.T}), TensorView(kp.data(), Shape{c.B, c.S}),
+                          TensorView(dq.data(), qs), TensorView(dk.data(), ks), TensorView(dv.data(), ks), true, 0.0});
+        omp_set_num_threads(saved);
+        std::vector<float> all;
+        for (const auto* x : {&o, &lse, &dq, &dk, &dv}) all.insert(all.end(), x->begin(), x->end());
+        return all;
+      };
+      const std::vector<float> one = run(1);
+      for (int threads : {2, 3}) {
+        const std::vector<float> many = run(threads);
+        BOOST_TEST(std::memcmp(one.data(), many.data(), one.size() * sizeof(float)) == 0,
+                   threads << " threads differ from 1 thread");
+      }
+    }
+  }
 }
 
 // ---- cross-entropy ------------------------------------------------------------
