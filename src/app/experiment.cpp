@@ -223,17 +223,24 @@ Splits build_data(const Options& opt, const Tokenizer& tok, bool talk) {
                 d.test.empty() ? 0.0 : sum / static_cast<double>(d.test.size()));
   }
   if (opt.command == "eval") return d;
+  // Training and validation: --train_dataset when set (every query of a
+  // multi-query sequence supervised), else --dataset.
+  Options tr = opt;
+  if (!opt.train_dataset.empty()) {
+    tr.dataset = opt.train_dataset;
+    tr.task_params = opt.train_task_params;
+  }
   for (std::size_t si = 0; si < opt.context_sizes.size(); ++si) {
-    Options one = opt;
+    Options one = tr;
     one.context_sizes = {opt.context_sizes[si]};
     const auto ex = make_split(one, tok, std::max<std::int64_t>(1, opt.num_train / static_cast<std::int64_t>(opt.context_sizes.size())),
                                opt.seed * 3 + 0 + 7919 * si, false, real);
     std::vector<Encoded> enc;
-    for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len));
+    for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len, true));
     d.pools.push_back(std::move(enc));
   }
-  for (const auto& e : make_split(opt, tok, opt.num_val, opt.seed * 3 + 1, false, real))
-    d.val.push_back(encode_example(e, tok, opt.max_seq_len));
+  for (const auto& e : make_split(tr, tok, opt.num_val, opt.seed * 3 + 1, false, real))
+    d.val.push_back(encode_example(e, tok, opt.max_seq_len, true));
   return d;
 }
 
@@ -317,6 +324,8 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
   tc.lr = opt.learning_rate;
   tc.curriculum = opt.curriculum;
   tc.lm_weight = opt.lm_weight;
+  tc.random_positions = opt.random_positions;
+  tc.position_range = opt.position_range > 0 ? opt.position_range : model.config().max_pos;
   tc.val_every = opt.val_every;
   tc.log_every = opt.log_every;
   tc.seed = opt.seed;
@@ -444,6 +453,7 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
       e.name = name;
       methods::EvalPlan p = plan();
       e.select = p.select;
+      e.positions = p.positions;
       Timer t;
       out.push_back(evaluate_method(weights, *p.policy, tok, test, e));
       std::printf("dsrsq: evaluated %s%-16s F1 %.4f EM %.4f on %zu examples (%.1f s)\n",
