@@ -124,11 +124,14 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   const auto n_ctx = cfg.query_agnostic
                          ? static_cast<std::int64_t>(std::lower_bound(pos.begin(), pos.end(), question_at) - pos.begin())
                          : n_in;
+  // pos indexes the prompt; mpos are the positions the model sees.
+  std::vector<std::int32_t> mpos = cfg.positions ? cfg.positions(pos) : pos;
+  DSRSQ_REQUIRE(mpos.size() == pos.size(), "evaluator: ", mpos.size(), " positions for ", pos.size(), " selected tokens");
   if (n_ctx > 0)
-    model.extend(policy, TensorView(prompt.data(), Shape{1, n_ctx}), TensorView(pos.data(), Shape{1, n_ctx}));
+    model.extend(policy, TensorView(prompt.data(), Shape{1, n_ctx}), TensorView(mpos.data(), Shape{1, n_ctx}));
   if (n_ctx < n_in)
     model.extend(policy, TensorView(prompt.data() + n_ctx, Shape{1, n_in - n_ctx}),
-                 TensorView(pos.data() + n_ctx, Shape{1, n_in - n_ctx}));
+                 TensorView(mpos.data() + n_ctx, Shape{1, n_in - n_ctx}));
   policy.end_prefill();
   std::int32_t next = argmax_last_row(model.logits());
   r.ttft_s = t.seconds();
@@ -137,7 +140,10 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   double time_total = r.ttft_s;
   r.flops = model.backend().flops_counted() - flops0;
 
-  decode_answer(model, policy, tok, cfg, next, enc.prompt_len, DecodeCost{peak_act, bytes_time, time_total, 0}, r);
+  // The answer's positions follow the last prompt position (prompt_len with
+  // original positions: the selection always keeps the question).
+  decode_answer(model, policy, tok, cfg, next, mpos.empty() ? enc.prompt_len : mpos.back() + 1,
+                DecodeCost{peak_act, bytes_time, time_total, 0}, r);
   return r;
 }
 

@@ -77,6 +77,9 @@ struct EvalConfig {
   // model, sorted; each keeps its original position. Null: the whole prompt.
   // It runs inside the time-to-first-token clock.
   std::function<std::vector<std::int32_t>(const Encoded&)> select;
+  // Model positions of the selected indices (methods::EvalPlan::positions);
+  // null: each index keeps its own position. Decoding continues after the last.
+  std::function<std::vector<std::int32_t>(const std::vector<std::int32_t>&)> positions;
   std::string name;  // the method's name in the results (empty: the policy's)
   KVBudget budget;
   std::int64_t max_new_tokens = 16;

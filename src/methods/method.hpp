@@ -57,6 +57,9 @@ struct EvalPlan {
   // Prompt indices that enter the model (sorted; original positions kept).
   // Null: the whole prompt.
   std::function<std::vector<std::int32_t>(const Encoded&)> select;
+  // Model positions of the selected indices (same length, increasing). Null:
+  // each index is its own position (original positions).
+  std::function<std::vector<std::int32_t>(const std::vector<std::int32_t>&)> positions;
 };
 
 // Where a trained method plugs into the trainer and the checkpoints.

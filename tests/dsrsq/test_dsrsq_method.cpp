@@ -446,3 +446,63 @@ BOOST_AUTO_TEST_CASE(prefill_matches_training_forward) {
   model.extend(*full, TensorView(hb.tokens.data(), Shape{1, P}), TensorView(hb.pos.data(), Shape{1, P}));
   BOOST_CHECK_GT(rel_err(logits_copy(model).data(), want.data(), want.size()), 1e-2);  // above the 2e-4 tolerance
 }
+
+// --dsr_positions: compact numbers the selected tokens 0..n-1 in selection
+// order (inference and training batch alike); original keeps each token's
+// index in the full prompt. The selection itself does not change.
+BOOST_AUTO_TEST_CASE(dsr_positions_compact_and_original) {
+  const ModelConfig mc = small_cfg();
+  const Encoded a = make_example(120, 4), b = make_example(100, 5);
+  std::vector<std::int32_t> sel_orig;
+  HostBatch hb_orig;
+  for (bool compact : {false, true}) {
+    BOOST_TEST_CONTEXT("compact " << compact) {
+      Transformer model(mc, cpu_backend());
+      randomise(model, 5);
+      DsrsqSettings s = identity_settings(mc);
+      s.dsr.base_budget = 0.25;
+      s.compact_positions = compact;
+      DsrsqModel dm(model, s, cpu_backend());
+      dm.init(7);
+      BOOST_CHECK_EQUAL(dm.compact_positions(), compact);
+      const auto sel = dm.select_prompt(a, DsrsqVariant::named("full_model"));
+      BOOST_REQUIRE_LT(static_cast<std::int64_t>(sel.size()), a.prompt_len);  // a real selection, with gaps
+      const auto pos = dsr_positions(sel, compact);
+      BOOST_REQUIRE_EQUAL(pos.size(), sel.size());
+      for (std::size_t i = 0; i < pos.size(); ++i) BOOST_CHECK_EQUAL(pos[i], compact ? static_cast<std::int32_t>(i) : sel[i]);
+      const HostBatch hb = dm.training_batch({&a, &b}, kPad, 0.0f, std::uint64_t{42}, 1);
+      if (!compact) {
+        sel_orig = sel;
+        hb_orig = hb;
+        // Original: each kept token sits at its index in the full sequence.
+        for (std::int64_t r = 0; r < hb.B; ++r) {
+          const Encoded& e = r == 0 ? a : b;
+          for (std::int64_t t = 0; t < hb.T; ++t) {
+            const auto i = static_cast<std::size_t>(r * hb.T + t);
+            if (hb.pos[i] == mc.max_pos - 1) continue;  // padding
+            BOOST_CHECK_EQUAL(hb.tokens[i], e.tokens[static_cast<std::size_t>(hb.pos[i])]);
+          }
+        }
+        continue;
+      }
+      BOOST_CHECK(sel == sel_orig);  // positions do not change what is selected
+      BOOST_REQUIRE_EQUAL(hb.T, hb_orig.T);
+      BOOST_CHECK(hb.tokens == hb_orig.tokens);
+      BOOST_CHECK(hb.targets == hb_orig.targets);
+      bool gaps = false;
+      for (std::int64_t r = 0; r < hb.B; ++r) {
+        std::int32_t expect = 0;
+        for (std::int64_t t = 0; t < hb.T; ++t) {
+          const auto i = static_cast<std::size_t>(r * hb.T + t);
+          if (hb_orig.pos[i] == mc.max_pos - 1) {  // padding stays last
+            BOOST_CHECK_EQUAL(hb.pos[i], mc.max_pos - 1);
+            continue;
+          }
+          BOOST_CHECK_EQUAL(hb.pos[i], expect++);
+          gaps = gaps || hb_orig.pos[i] != hb.pos[i];
+        }
+      }
+      BOOST_CHECK(gaps);  // the selection dropped tokens, so compact differs from original
+    }
+  }
+}
