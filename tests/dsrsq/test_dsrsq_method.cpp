@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "data/tokenizer.hpp"
+#include "eval/evaluator.hpp"
 #include "core/rng.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
@@ -505,4 +507,55 @@ BOOST_AUTO_TEST_CASE(dsr_positions_compact_and_original) {
       BOOST_CHECK(gaps);  // the selection dropped tokens, so compact differs from original
     }
   }
+}
+
+// The evaluator's positions seam (EvalConfig::positions, from EvalPlan):
+// serving a selection at compact positions is serving the selected tokens as
+// a prompt of their own (same tokens, positions 0..n-1, decoding after them),
+// bit for bit (one process, identical inputs and shapes); at original
+// positions the same tokens give other logits.
+BOOST_AUTO_TEST_CASE(evaluator_compact_positions_seam) {
+  ModelConfig mc = small_cfg();
+  mc.vocab = static_cast<std::int64_t>(ByteTokenizer::kVocabSize);
+  Transformer model(mc, cpu_backend());
+  randomise(model, 8);
+  const ByteTokenizer tok;
+  data::Example ex;
+  ex.id = "seam";
+  ex.context = "The quick brown fox jumps over the lazy dog near 42 river banks.";
+  ex.query = "Which dog?";
+  ex.answers = {"lazy"};
+  EvalConfig cfg;
+  cfg.max_new_tokens = 5;
+  cfg.max_seq_len = 200;
+  cfg.budget = KVBudget::parse("1.0");
+  // BOS, every other context token, the whole question.
+  cfg.select = [](const Encoded& e) {
+    std::vector<std::int32_t> idx{0};
+    for (std::int64_t i = 1; i <= e.context_tokens; i += 2) idx.push_back(static_cast<std::int32_t>(i));
+    for (std::int64_t i = 1 + e.context_tokens; i < e.prompt_len; ++i) idx.push_back(static_cast<std::int32_t>(i));
+    return idx;
+  };
+  auto run = [&](const data::Example& e, const EvalConfig& c) {
+    auto policy = make_kv_policy("full", mc, cpu_backend());
+    const ExampleEval r = serve_example(model, *policy, tok, e, c);
+    const TensorView l = model.logits();
+    return std::make_pair(r, std::vector<float>(l.ptr<float>(), l.ptr<float>() + l.numel()));
+  };
+  EvalConfig compact = cfg;
+  compact.positions = [](const std::vector<std::int32_t>& sel) { return dsr_positions(sel, true); };
+  const auto [a, la] = run(ex, compact);
+  data::Example cut = ex;
+  cut.context.clear();
+  for (std::size_t i = 0; i < ex.context.size(); i += 2) cut.context += ex.context[i];  // byte tokens: index i+1
+  EvalConfig plain = cfg;
+  plain.select = nullptr;
+  const auto [b, lb] = run(cut, plain);
+  BOOST_TEST(a.prompt_tokens_in == b.prompt_tokens_in);
+  BOOST_TEST(a.prediction == b.prediction);
+  BOOST_TEST(a.generated_tokens == b.generated_tokens);
+  BOOST_TEST(la == lb);
+  const auto [c, lc] = run(ex, cfg);  // original positions: gaps in the positions
+  BOOST_TEST(c.prompt_tokens_in == a.prompt_tokens_in);
+  BOOST_TEST((lc.size() != la.size() || lc != la));
 }
