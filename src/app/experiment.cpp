@@ -531,6 +531,8 @@ int run_experiment(const Options& opt, int rank, int world) {
   // Sequence parallelism pads batches to a multiple of 2 sp tokens.
   mc.max_pos = opt.max_pos ? opt.max_pos : (opt.max_seq_len + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);
   mc.validate();
+  DSRSQ_INPUT_CHECK(opt.position_range <= mc.max_pos, "option --position_range: ", opt.position_range,
+                    " exceeds the model's max_pos ", mc.max_pos, " (raise --max_pos)");
   const KVBudget budget = KVBudget::parse(opt.kv_budget);
   const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");
 

@@ -277,6 +277,8 @@ void validate(const Options& o) {
                     o.random_positions);
   DSRSQ_INPUT_CHECK(o.position_range >= 0, "option --position_range: must be >= 0, got ", o.position_range);
   DSRSQ_INPUT_CHECK(o.position_range == 0 || o.random_positions > 0, "option --position_range: needs --random_positions > 0");
+  DSRSQ_INPUT_CHECK(o.position_range == 0 || o.position_range >= o.max_seq_len, "option --position_range: ",
+                    o.position_range, " positions cannot hold a training sequence of max_seq_len=", o.max_seq_len);
   DSRSQ_INPUT_CHECK(o.train_dataset.empty() ||
                         std::find(data::task_names().begin(), data::task_names().end(), o.train_dataset) != data::task_names().end(),
                     "option --train_dataset: '", o.train_dataset, "' is not a synthetic task (valid: ",
