@@ -228,16 +228,23 @@ Splits build_data(const Options& opt, const Tokenizer& tok, bool talk) {
                 d.test.empty() ? 0.0 : sum / static_cast<double>(d.test.size()));
   }
   if (opt.command == "eval") return d;
+  // Training and validation: --train_dataset when set (every query of a
+  // multi-query sequence supervised), else --dataset.
+  Options tr = opt;
+  if (!opt.train_dataset.empty()) {
+    tr.dataset = opt.train_dataset;
+    tr.task_params = opt.train_task_params;
+  }
   for (std::size_t si = 0; si < opt.context_sizes.size(); ++si) {
-    const auto ex = make_split(opt, {opt.context_sizes[si]}, tok,
+    const auto ex = make_split(tr, {opt.context_sizes[si]}, tok,
                                std::max<std::int64_t>(1, opt.num_train / static_cast<std::int64_t>(opt.context_sizes.size())),
                                opt.seed * 3 + 0 + 7919 * si, false, real);
     std::vector<Encoded> enc;
-    for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len));
+    for (const auto& e : ex) enc.push_back(encode_example(e, tok, opt.max_seq_len, true));
     d.pools.push_back(std::move(enc));
   }
-  for (const auto& e : make_split(opt, opt.context_sizes, tok, opt.num_val, opt.seed * 3 + 1, false, real))
-    d.val.push_back(encode_example(e, tok, opt.max_seq_len));
+  for (const auto& e : make_split(tr, opt.context_sizes, tok, opt.num_val, opt.seed * 3 + 1, false, real))
+    d.val.push_back(encode_example(e, tok, opt.max_seq_len, true));
   return d;
 }
 
@@ -327,6 +334,8 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
   tc.lr = opt.learning_rate;
   tc.curriculum = opt.curriculum;
   tc.lm_weight = opt.lm_weight;
+  tc.random_positions = opt.random_positions;
+  tc.position_range = opt.position_range > 0 ? opt.position_range : model.config().max_pos;
   tc.val_every = opt.val_every;
   tc.log_every = opt.log_every;
   tc.seed = opt.seed;
@@ -631,11 +640,12 @@ int run_experiment(const Options& opt, int rank, int world) {
   mc.n_heads = opt.n_heads;
   mc.n_layers = opt.n_layers;
   mc.d_ff = opt.d_ff;
-  // Sequence parallelism pads batches to a multiple of 2 sp tokens.
   // Sequence parallelism pads batches to a multiple of 2 sp tokens; the limit
   // follows the eval context sizes when --max_pos is not given.
   mc.max_pos = opt.max_pos ? opt.max_pos : (opt.auto_max_pos() + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);
   mc.validate();
+  DSRSQ_INPUT_CHECK(opt.position_range <= mc.max_pos, "option --position_range: ", opt.position_range,
+                    " exceeds the model's max_pos ", mc.max_pos, " (raise --max_pos)");
   std::vector<KVBudget> budgets;
   for (const auto& b : opt.kv_budget) budgets.push_back(KVBudget::parse(b));
   const methods::MethodInfo& trained = methods::find_method(opt.model, "--model");

@@ -24,6 +24,7 @@
 #include "io/run_dir.hpp"
 #include "kv/kv_policy.hpp"
 #include "methods/method.hpp"
+#include "data/tasks.hpp"
 #include "dsrsq/build_info.hpp"
 
 namespace po = boost::program_options;
@@ -74,7 +75,7 @@ po::options_description describe(Options& o) {
     ("init_from", po::value(&o.init_from), "initialise the model from this checkpoint");
   po::options_description data("Data");
   data.add_options()
-    ("dataset", po::value(&o.dataset)->default_value(o.dataset), "needle | kv_recall | fact_stream | var_track | multi_hop | nq | eli5 | cnn_dm | github | codesearchnet | s2orc | longbench")
+    ("dataset", po::value(&o.dataset)->default_value(o.dataset), "needle | kv_recall | fact_stream | var_track | multi_hop | mq_recall | nq | eli5 | cnn_dm | github | codesearchnet | s2orc | longbench")
     ("data_dir", po::value(&o.data_dir), "folder with the real dataset files (needed for nq, eli5, cnn_dm, github, codesearchnet, s2orc, longbench)")
     ("datasets_dir", po::value(&o.datasets_dir)->default_value(o.datasets_dir), "committed fixtures and haystack text")
     ("tokenizer", po::value(&o.tokenizer)->default_value(o.tokenizer), "byte | sentencepiece")
@@ -86,7 +87,9 @@ po::options_description describe(Options& o) {
     ("num_train", po::value(&o.num_train)->default_value(o.num_train), "training examples")
     ("num_val", po::value(&o.num_val)->default_value(o.num_val), "validation examples")
     ("num_test", po::value(&o.num_test)->default_value(o.num_test), "test examples")
-    ("task_param", po::value(&o.task_params)->composing(), "key=value passed to the task generator (repeatable; default digits=4 for needle, none for the other tasks)");
+    ("task_param", po::value(&o.task_params)->composing(), "key=value passed to the task generator (repeatable; default digits=4 for needle, none for the other tasks)")
+    ("train_dataset", po::value(&o.train_dataset), "synthetic task of the training and validation splits (default: --dataset; the test split is always --dataset), e.g. mq_recall: several key-value statements and queries per sequence, every answer supervised")
+    ("train_task_param", po::value(&o.train_task_params)->composing(), "key=value passed to the --train_dataset generator (repeatable; only with --train_dataset)");
   po::options_description train("Training");
   train.add_options()
     ("num_epochs", po::value(&o.num_epochs)->default_value(o.num_epochs), "epochs over the training set (0: use --steps)")
@@ -98,6 +101,8 @@ po::options_description describe(Options& o) {
     ("clip_norm", po::value(&o.clip_norm)->default_value(o.clip_norm, shortest(o.clip_norm)), "global gradient-norm clip (0: off)")
     ("curriculum", po::value(&o.curriculum)->default_value(o.curriculum, shortest(o.curriculum)), "fraction of steps over which longer contexts are phased in")
     ("lm_weight", po::value(&o.lm_weight)->default_value(o.lm_weight, shortest(o.lm_weight)), "weight of the language-modelling loss on context and query tokens (answer tokens weigh 1; 0: answer-only)")
+    ("random_positions", po::value(&o.random_positions)->default_value(o.random_positions, shortest(o.random_positions)), "probability in [0, 1] that a training sequence gets sorted random position ids from [0, --position_range) instead of 0..T-1, so short sequences show long relative distances (Ruoss et al. 2023); validation and evaluation use 0..T-1 (0: off)")
+    ("position_range", po::value(&o.position_range)->default_value(o.position_range), "with --random_positions: positions are drawn from [0, position_range), at least the longest training sequence and at most max_pos (0: max_pos)")
     ("checkpoint_every", po::value(&o.checkpoint_every)->default_value(o.checkpoint_every), "checkpoint every N steps (and at the end)")
     ("keep_checkpoints", po::value(&o.keep_checkpoints)->default_value(o.keep_checkpoints), "rolling checkpoints kept")
     ("val_every", po::value(&o.val_every)->default_value(o.val_every), "validation loss every N steps")
@@ -283,6 +288,20 @@ void validate(const Options& o) {
   DSRSQ_INPUT_CHECK(o.learning_rate > 0, "option --learning_rate: must be > 0, got ", o.learning_rate);
   DSRSQ_INPUT_CHECK(o.curriculum >= 0 && o.curriculum <= 1, "option --curriculum: must lie in [0, 1]");
   DSRSQ_INPUT_CHECK(o.lm_weight >= 0 && o.lm_weight <= 1, "option --lm_weight: must lie in [0, 1]");
+  DSRSQ_INPUT_CHECK(o.random_positions >= 0 && o.random_positions <= 1, "option --random_positions: must lie in [0, 1], got ",
+                    o.random_positions);
+  DSRSQ_INPUT_CHECK(o.position_range >= 0, "option --position_range: must be >= 0, got ", o.position_range);
+  DSRSQ_INPUT_CHECK(o.position_range == 0 || o.random_positions > 0, "option --position_range: needs --random_positions > 0");
+  DSRSQ_INPUT_CHECK(o.position_range == 0 || o.position_range >= o.max_seq_len, "option --position_range: ",
+                    o.position_range, " positions cannot hold a training sequence of max_seq_len=", o.max_seq_len);
+  DSRSQ_INPUT_CHECK(o.train_dataset.empty() ||
+                        std::find(data::task_names().begin(), data::task_names().end(), o.train_dataset) != data::task_names().end(),
+                    "option --train_dataset: '", o.train_dataset, "' is not a synthetic task (valid: ",
+                    join_words(data::task_names()), ")");
+  DSRSQ_INPUT_CHECK(o.train_task_params.empty() || !o.train_dataset.empty(), "option --train_task_param: needs --train_dataset");
+  for (const auto& kv : o.train_task_params)
+    DSRSQ_INPUT_CHECK(kv.find('=') != std::string::npos && kv.find('=') > 0, "option --train_task_param: '", kv,
+                      "' is not key=value");
   DSRSQ_INPUT_CHECK(o.max_pos == 0 || o.max_pos >= o.max_seq_len, "option --max_pos: ", o.max_pos,
                     " is smaller than max_seq_len=", o.max_seq_len);
   DSRSQ_INPUT_CHECK(o.dp >= 1 && o.sp >= 1, "options --dp and --sp must be >= 1");
@@ -506,6 +525,8 @@ std::string Options::resolved_text() const {
   kv["num_val"] = std::to_string(num_val);
   kv["num_test"] = std::to_string(num_test);
   kv["task_param"] = join(task_params);
+  kv["train_dataset"] = train_dataset;
+  kv["train_task_param"] = join(train_task_params);
   kv["num_epochs"] = std::to_string(num_epochs);
   kv["steps"] = std::to_string(steps);
   kv["batch_size"] = std::to_string(batch_size);
@@ -522,6 +543,8 @@ std::string Options::resolved_text() const {
   kv["curriculum"] = num(curriculum);
   kv["checkpoint_every"] = std::to_string(checkpoint_every);
   kv["lm_weight"] = num(lm_weight);
+  kv["random_positions"] = num(random_positions);
+  kv["position_range"] = std::to_string(position_range);
   kv["keep_checkpoints"] = std::to_string(keep_checkpoints);
   kv["val_every"] = std::to_string(val_every);
   kv["log_every"] = std::to_string(log_every);

@@ -56,6 +56,10 @@ struct Options {
   // key=value pairs passed to the task generator; the default applies to the
   // default dataset (needle) only: 4-digit magic numbers, learnable in minutes.
   std::vector<std::string> task_params{"digits=4"};
+  // Training and validation data from another synthetic task (empty: --dataset),
+  // with its own generator parameters (issue 13: train on mq_recall, test on needle).
+  std::string train_dataset;
+  std::vector<std::string> train_task_params;
 
   // Training
   std::int64_t num_epochs = 0;  // > 0: train for epochs instead of steps
@@ -67,6 +71,8 @@ struct Options {
   double clip_norm = 1.0;
   double curriculum = 0.5;
   double lm_weight = 0.1;   // weight of the LM loss on context and query tokens  // fraction of steps over which longer contexts are phased in
+  double random_positions = 0.0;    // probability a training sequence gets sampled positions (Ruoss et al. 2023)
+  std::int64_t position_range = 0;  // positions are sampled from [0, position_range) (0: the model's max_pos)
   std::int64_t checkpoint_every = 200;
   std::int64_t keep_checkpoints = 2;
   std::int64_t val_every = 100;

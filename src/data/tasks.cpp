@@ -504,6 +504,133 @@ std::vector<Example> needle_task(Params& P, std::uint64_t seed, const TokenCount
   return out;
 }
 
+// ---------------------------------------------------------------- multi-query recall
+// Multi-query associative recall (Arora et al. 2023, "Zoology") over real
+// text: `pairs` key -> value statements at random depths, `queries` of them
+// asked. The first query is the example's query; the others ride in meta
+// more_queries / more_answers (joined by kListSep) so training can put every
+// query after the context and supervise every answer (encode_example with
+// all_queries). value=digits states values as the needle task does (same
+// sentence and question), value=phrase takes `words` consecutive words of the
+// haystack as the value, so answers are phrases that ROUGE-L and BLEU can score.
+std::vector<std::string> phrase_words(const std::string& sentence) {
+  std::vector<std::string> out;
+  std::istringstream ws(sentence);
+  for (std::string w; ws >> w;) {
+    std::string clean;
+    for (char c : w)
+      if (std::isalnum(static_cast<unsigned char>(c)) || c == '\'' || c == '-') clean += c;
+    // Words carrying sentence punctuation or nothing alphabetic are cut out:
+    // a phrase is a run of plain words.
+    const bool plain = !clean.empty() && clean.size() == w.size() && std::isalpha(static_cast<unsigned char>(clean[0]));
+    out.push_back(plain ? clean : std::string());
+  }
+  return out;
+}
+
+std::vector<Example> mq_task(Params& P, std::uint64_t seed, const TokenCounter& ct) {
+  const auto n = P.integer("n", 1, 1, 1000000);
+  const auto length = static_cast<std::size_t>(P.integer("length", 2000, 0, 100000000));
+  auto pairs = P.integer("pairs", 16, 1, 10000);
+  auto queries = P.integer("queries", 4, 1, 10000);
+  DSRSQ_INPUT_CHECK(queries <= pairs, "task mq_recall: queries (", queries, ") must be <= pairs (", pairs, ")");
+  // pair_tokens > 0: one statement per pair_tokens of context, at most
+  // `pairs` (and as many queries, at most `queries`), so short and long
+  // contexts of a curriculum hold statements at the same density.
+  const auto pair_tokens = P.integer("pair_tokens", 0, 0, 100000000);
+  if (pair_tokens > 0) {
+    pairs = std::clamp<long long>(static_cast<long long>(length) / pair_tokens, 1, pairs);
+    queries = std::min(queries, pairs);
+  }
+  const std::string value = P.str("value", "digits");
+  DSRSQ_INPUT_CHECK(value == "digits" || value == "phrase", "task mq_recall: value must be digits or phrase, not '",
+                    value, "'");
+  const auto ndigits = static_cast<int>(P.integer("digits", 4, 1, 18));
+  const auto nwords = static_cast<std::size_t>(P.integer("words", 3, 1, 12));
+  const Haystack hay = P.haystack();
+  P.finish();
+  // Phrase candidates: every run of nwords plain words in the haystack.
+  std::vector<std::string> phrases;
+  if (value == "phrase") {
+    for (const auto& s : hay.sentences) {
+      const auto w = phrase_words(s);
+      for (std::size_t i = 0; i + nwords <= w.size(); ++i) {
+        bool ok = true;
+        std::string ph;
+        for (std::size_t j = i; j < i + nwords && ok; ++j) {
+          ok = !w[j].empty();
+          ph += (j > i ? " " : "") + w[j];
+        }
+        if (ok) phrases.push_back(std::move(ph));
+      }
+    }
+    DSRSQ_INPUT_CHECK(phrases.size() >= static_cast<std::size_t>(pairs), "task mq_recall: the haystack has only ",
+                      phrases.size(), " phrases of ", nwords, " plain words for ", pairs, " pairs");
+  }
+  std::vector<Example> out;
+  for (long long e = 0; e < n; ++e) {
+    Rng rng(seed, static_cast<std::uint64_t>(e));
+    std::set<std::string> keys_used, vals_used;
+    std::vector<std::string> keys, vals;
+    std::vector<Insert> ins;
+    for (long long i = 0; i < pairs; ++i) {
+      std::string k;
+      do k = std::string(pick(kAdj, rng)) + "-" + pick(kNoun, rng) + "-" + std::to_string(10 + rng.below(90));
+      while (!keys_used.insert(k).second);
+      // Distinct values, so every answer names one statement (the tries bound
+      // protects tiny value spaces: 1 digit has 9 values).
+      std::string v;
+      for (int tries = 0; tries < 1000; ++tries) {
+        v = value == "digits" ? digits(rng, ndigits) : phrases[rng.below(phrases.size())];
+        if (vals_used.insert(v).second) break;
+      }
+      keys.push_back(k);
+      vals.push_back(v);
+      ins.push_back({value == "digits" ? "The special magic number for " + k + " is " + v + "."
+                                       : "The passphrase for " + k + " is \"" + v + "\".",
+                     rng.uniform()});
+    }
+    // Queried pairs: a random subset, asked in random order.
+    std::vector<std::size_t> order(static_cast<std::size_t>(pairs));
+    std::iota(order.begin(), order.end(), 0);
+    for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+    order.resize(static_cast<std::size_t>(queries));
+    auto question = [&](std::size_t i) {
+      return value == "digits" ? "What is the special magic number for " + keys[i] + "?"
+                               : "What is the passphrase for " + keys[i] + "?";
+    };
+    const Assembled a = assemble(hay, rng, length, ins, ct);
+    Example ex;
+    ex.id = "mq_recall-" + std::to_string(seed) + "-" + std::to_string(e);
+    ex.context = a.context;
+    const std::size_t q0 = order[0];
+    ex.query = question(q0);
+    ex.answers.push_back(vals[q0]);
+    mark_answer(ex, a.offsets[q0], ins[q0].text, vals[q0]);
+    common_meta(ex, "mq_recall", seed, length, ct);
+    std::vector<std::string> mq, ma;
+    std::vector<std::size_t> qoff;
+    for (std::size_t j = 0; j < order.size(); ++j) {
+      qoff.push_back(a.offsets[order[j]]);
+      if (j == 0) continue;
+      mq.push_back(question(order[j]));
+      ma.push_back(vals[order[j]]);
+    }
+    ex.meta["more_queries"] = join(mq, kListSep);
+    ex.meta["more_answers"] = join(ma, kListSep);
+    ex.meta["num_pairs"] = std::to_string(pairs);
+    ex.meta["num_queries"] = std::to_string(queries);
+    ex.meta["value"] = value;
+    ex.meta["pair_offsets"] = join_num(a.offsets);
+    ex.meta["query_offsets"] = join_num(qoff);
+    ex.meta["actual_depth"] = fmt_double(ex.context.empty() ? 0.0
+                                         : static_cast<double>(tok_at(ex.context, a.offsets[q0], ct)) /
+                                               static_cast<double>(std::max<std::size_t>(1, ct(ex.context))));
+    out.push_back(std::move(ex));
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------- kv recall
 std::vector<Example> kv_task(Params& P, std::uint64_t seed, const TokenCounter& ct) {
   const auto n = P.integer("n", 1, 1, 1000000);
@@ -854,7 +981,8 @@ std::vector<Example> stream_task(Params& P, std::uint64_t seed, const TokenCount
 }  // namespace
 
 const std::vector<std::string>& task_names() {
-  static const std::vector<std::string> names{"needle", "kv_recall", "fact_stream", "var_track", "multi_hop"};
+  static const std::vector<std::string> names{"needle", "kv_recall", "fact_stream", "var_track", "multi_hop",
+                                              "mq_recall"};
   return names;
 }
 
@@ -867,6 +995,7 @@ std::vector<Example> make_task(const std::string& name, const TaskParams& params
   if (name == "fact_stream") return stream_task(P, seed, count_tokens);
   if (name == "var_track") return var_task(P, seed, count_tokens);
   if (name == "multi_hop") return hop_task(P, seed, count_tokens);
+  if (name == "mq_recall") return mq_task(P, seed, count_tokens);
   raise_input_error(detail::cat("unknown task '", name, "'; valid names: ", join(task_names(), ", ")));
 }
 

@@ -19,6 +19,9 @@
 
 namespace dsrsq::data {
 
+// Separator of meta lists whose items may hold commas (more_queries, more_answers).
+inline constexpr const char* kListSep = "\x1f";
+
 using TokenCounter = std::function<std::size_t(std::string_view)>;
 // One token per byte (the default job's tokenizer).
 TokenCounter byte_counter();
@@ -57,6 +60,12 @@ using TaskParams = std::map<std::string, std::string>;
 //              source (synthetic|pres)
 //  var_track:  chain (4), distractor_chains (2)
 //  multi_hop:  hops (2), chain (pres|capital), distractors (4)
+//  mq_recall:  pairs (16 key -> value statements), queries (4 asked; the first is
+//              the example's query, the rest in meta more_queries/more_answers,
+//              joined by kListSep), value (digits|phrase), digits (4), words (3:
+//              words of a phrase value, a run of plain words of the haystack),
+//              pair_tokens (0; > 0: pairs = clamp(length / pair_tokens, 1, pairs)
+//              and queries = min(queries, pairs))
 std::vector<Example> make_task(const std::string& name, const TaskParams& params, std::uint64_t seed,
                                const TokenCounter& count_tokens);
 const std::vector<std::string>& task_names();

@@ -37,6 +37,7 @@ struct DsrsqKnobs final : MethodKnobs {
   DsrsqSettings s;
   std::vector<double> hof_weights{1.0, 0.5, 0.3, 0.2};  // task, retrieval, compression, compute
   bool rckv_observe = false;
+  std::string dsr_positions = "original";
 
   DsrsqKnobs() {
     s.dsr.d_r = 32;
@@ -76,7 +77,8 @@ struct DsrsqKnobs final : MethodKnobs {
       ("rckv_tau", po::value(&s.rckv.tau)->default_value(s.rckv.tau, shown(s.rckv.tau)), "RCKV: eviction temperature (0: evict the least important slot)")
       ("rckv_observe", po::bool_switch(&rckv_observe), "RCKV: a prompt token's importance comes from the attention the prompt's last window of queries gives it (SnapKV-style); off: from the attention every prompt query gives it at prefill")
       ("hof_weights", po::value(&hof_weights)->multitoken(), "HOF loss weights: task retrieval compression compute (default 1.0 0.5 0.3 0.2)")
-      ("hof_ramp", po::value(&s.ramp)->default_value(s.ramp), "HOF: steps over which the efficiency weights ramp up from 0");
+      ("hof_ramp", po::value(&s.ramp)->default_value(s.ramp), "HOF: steps over which the efficiency weights ramp up from 0")
+      ("dsr_positions", po::value(&dsr_positions)->default_value(dsr_positions), "positions of the retriever's selected tokens, in training and inference: original (each keeps its position in the full prompt) | compact (0..n-1 in selection order: relative distances no longer than the selection)");
   }
 
   void validate(const RunShape& shape) const override {
@@ -109,6 +111,8 @@ struct DsrsqKnobs final : MethodKnobs {
     for (double w : hof_weights)
       DSRSQ_INPUT_CHECK(w >= 0 && std::isfinite(w), "option --hof_weights: weights must be >= 0 and finite, got ", w);
     DSRSQ_INPUT_CHECK(s.ramp >= 0, "option --hof_ramp: must be >= 0, got ", s.ramp);
+    DSRSQ_INPUT_CHECK(dsr_positions == "original" || dsr_positions == "compact",
+                      "option --dsr_positions: must be original or compact, got '", dsr_positions, "'");
   }
 
   void resolved(std::map<std::string, std::string>& kv) const override {
@@ -132,6 +136,7 @@ struct DsrsqKnobs final : MethodKnobs {
     for (std::size_t i = 0; i < hof_weights.size(); ++i) w << (i ? " " : "") << hof_weights[i];
     kv["hof_weights"] = w.str();
     kv["hof_ramp"] = std::to_string(s.ramp);
+    kv["dsr_positions"] = dsr_positions;
   }
 
   // The parts' settings of this run: the bound values plus what follows from them.
@@ -141,6 +146,7 @@ struct DsrsqKnobs final : MethodKnobs {
     out.ppo_adam = adam;  // the retriever's inner PPO updates: the backbone's hyper-parameters
     out.sqa.seed = seed;
     out.rckv.observe_prefill = rckv_observe;
+    out.compact_positions = dsr_positions == "compact";
     out.rckv.seed = seed;
     out.rckv.sqa = true;
     out.rckv.sqa_cfg = out.sqa;
@@ -169,7 +175,13 @@ class Dsrsq final : public Method, public TrainingExtension {
     const DsrsqVariant v = DsrsqVariant::named(variant.empty() ? "full_model" : variant);
     EvalPlan p;
     p.policy = dm_.make_policy(v);
-    p.select = [this, v](const Encoded& enc, const SelectionEnv&) { return Selection{dm_.select_prompt(enc, v), {}, {}}; };
+    const bool compact = dm_.compact_positions();
+    p.select = [this, v, compact](const Encoded& enc, const SelectionEnv&) {
+      Selection s{dm_.select_prompt(enc, v), {}, {}};
+      if (compact) s.pos = dsr_positions(s.idx, true);  // 0..n-1 in selection order
+      s.notes["selector_positions"] = compact ? "compact" : "original";
+      return s;
+    };
     return p;
   }
 

@@ -204,6 +204,13 @@ std::vector<std::int32_t> kept_indices(const Encoded& enc, const std::vector<std
 
 }  // namespace
 
+std::vector<std::int32_t> dsr_positions(const std::vector<std::int32_t>& selected, bool compact) {
+  if (!compact) return selected;
+  std::vector<std::int32_t> out(selected.size());
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<std::int32_t>(i);
+  return out;
+}
+
 HostBatch DsrsqModel::training_batch(const std::vector<const Encoded*>& seqs, std::int32_t pad_id, float lm_weight,
                                      std::optional<std::uint64_t> sample_seed, std::int64_t pad_multiple) {
   batch_.clear();
@@ -239,7 +246,7 @@ HostBatch DsrsqModel::training_batch(const std::vector<const Encoded*>& seqs, st
     for (std::size_t t = 0; t + 1 < k.size(); ++t) {
       const std::size_t i = static_cast<std::size_t>(b * hb.T) + t;
       hb.tokens[i] = e.tokens[static_cast<std::size_t>(k[t])];
-      hb.pos[i] = k[t];
+      hb.pos[i] = s_.compact_positions ? static_cast<std::int32_t>(t) : k[t];  // as inference will (dsr_positions)
       hb.targets[i] = e.tokens[static_cast<std::size_t>(k[t + 1])];
       if (k[t + 1] >= e.prompt_len) {
         hb.mask[i] = 1.0f;

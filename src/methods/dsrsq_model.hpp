@@ -68,7 +68,15 @@ struct DsrsqSettings {
   // AdamW of the retriever's inner PPO epochs (dsr.ppo_epochs > 1); its lr is
   // the step's scheduled rate, passed to hof_terms.
   AdamWConfig ppo_adam;
+  // Positions of the selected tokens (--dsr_positions): false keeps each
+  // token's original position; true numbers them 0..n-1 in selection order,
+  // so the backbone never sees a relative distance longer than it read.
+  bool compact_positions = false;
 };
+
+// The model positions of selected prompt indices (sorted): the indices
+// themselves (original) or 0..n-1 in selection order (compact).
+std::vector<std::int32_t> dsr_positions(const std::vector<std::int32_t>& selected, bool compact);
 
 // Which parts run at inference.
 struct DsrsqVariant {
@@ -190,6 +198,7 @@ class DsrsqModel {
   // Prompt indices that enter the model (sorted; [BOS] and the question always).
   std::vector<std::int32_t> select_prompt(const Encoded& enc, const DsrsqVariant& v);
   std::unique_ptr<KVPolicy> make_policy(const DsrsqVariant& v);
+  bool compact_positions() const { return s_.compact_positions; }
 
   // Checkpoint: extra parameters, their AdamW state and the baseline.
   void save(std::map<std::string, std::vector<float>>& extra, const TensorView& adam_m, const TensorView& adam_v,

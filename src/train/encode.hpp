@@ -25,10 +25,21 @@ struct Encoded {
   std::int64_t query_len = 0;        // [SEP] query [ANS]
   std::int64_t context_tokens = 0;   // context tokens kept
   std::int64_t truncated = 0;        // context tokens dropped by the truncation rule
+  // Multi-query training sequences (all_queries): 1 at every token that is an
+  // answer or its EOS, of every query. Empty: the answer is everything from
+  // prompt_len on (one query).
+  std::vector<std::uint8_t> answer_mask;
+  std::int64_t queries = 1;  // queries in the sequence
 };
 
 // answer_budget: tokens reserved for the answer and EOS (the first answer is encoded).
-Encoded encode_example(const data::Example& ex, const Tokenizer& tok, std::int64_t max_seq_len);
+// all_queries (training a multi-query task, data::make_task's mq_recall): the
+// example's further queries (meta more_queries / more_answers) follow the
+// first answer, each as [SEP] query [ANS] answer [EOS], so one sequence
+// supervises every answer; prompt_len and query_len still describe the first
+// query (what evaluation asks).
+Encoded encode_example(const data::Example& ex, const Tokenizer& tok, std::int64_t max_seq_len,
+                       bool all_queries = false);
 
 // Host buffers of one training batch.
 struct HostBatch {
@@ -43,7 +54,7 @@ struct HostBatch {
 };
 
 // Right-pads the sequences to the longest one; padding has mask 0. Answer and
-// EOS targets get weight 1; the other targets (context and query: a language-
+// EOS targets (of every query, see Encoded::answer_mask) get weight 1; the other targets (context and query: a language-
 // modelling term that teaches the copying that retrieval needs) get lm_weight.
 // pad_multiple > 1 pads T up to a multiple of it (sequence parallelism needs
 // T divisible by 2 sp); padding positions continue 0..T-1.

@@ -20,6 +20,17 @@ Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vec
   DSRSQ_INPUT_CHECK(cfg_.batch_size % dp_.size() == 0, "option --batch_size ", cfg_.batch_size,
                     " must be divisible by --dp ", dp_.size(), " (each rank takes an equal shard)");
   DSRSQ_INPUT_CHECK(!pools_.empty(), "trainer: no training data");
+  DSRSQ_INPUT_CHECK(cfg_.random_positions >= 0 && cfg_.random_positions <= 1,
+                    "option --random_positions: must lie in [0, 1], got ", cfg_.random_positions);
+  if (cfg_.random_positions > 0) {
+    std::int64_t longest = 0;
+    for (const auto& p : pools_)
+      for (const auto& e : p) longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(e.tokens.size()));
+    DSRSQ_INPUT_CHECK(cfg_.position_range <= model_.config().max_pos, "option --position_range: ",
+                      cfg_.position_range, " exceeds the model's max_pos ", model_.config().max_pos);
+    DSRSQ_INPUT_CHECK(cfg_.position_range >= longest, "option --position_range: ", cfg_.position_range,
+                      " positions cannot hold a training sequence of ", longest, " tokens");
+  }
   for (const auto& p : pools_) DSRSQ_INPUT_CHECK(!p.empty(), "trainer: an empty training pool");
 }
 
@@ -51,6 +62,8 @@ HostBatch Trainer::local_batch(const std::vector<const Encoded*>& seqs, float lm
   const std::int64_t multiple = P > 1 ? 2 * P : 1;
   HostBatch hb = hooks_.make_batch ? hooks_.make_batch(seqs, step, lm_weight, multiple, training)
                                    : make_batch(seqs, pad_, lm_weight, multiple);
+  if (training && cfg_.random_positions > 0)
+    randomize_positions(hb, cfg_.random_positions, cfg_.position_range, cfg_.seed, step);
   if (P == 1) return hb;
   return shard_batch(hb, dist::zigzag_shard(hb.T, P, dp_.sp_rank()));
 }
@@ -175,6 +188,42 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
   }
   if (cb.on_checkpoint) cb.on_checkpoint(s);
   return s;
+}
+
+std::vector<std::int32_t> sample_positions(std::int64_t T, std::int64_t range, Rng& rng) {
+  DSRSQ_REQUIRE(T >= 0 && T <= range, "sample_positions: ", T, " positions out of ", range);
+  // Floyd: for j in [range - T, range) add a uniform draw of [0, j], or j if
+  // it was drawn; every T-subset is equally likely.
+  std::vector<std::int32_t> out;
+  out.reserve(static_cast<std::size_t>(T));
+  std::vector<std::uint8_t> taken;
+  const bool dense = range <= 64 * T + 4096;  // a bitmap when it is small, else a sorted probe
+  if (dense) taken.assign(static_cast<std::size_t>(range), 0);
+  std::vector<std::int32_t> sorted;
+  for (std::int64_t j = range - T; j < range; ++j) {
+    auto v = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(j) + 1));
+    bool hit;
+    if (dense) {
+      hit = taken[static_cast<std::size_t>(v)] != 0;
+    } else {
+      hit = std::binary_search(sorted.begin(), sorted.end(), v);
+    }
+    if (hit) v = static_cast<std::int32_t>(j);
+    if (dense) taken[static_cast<std::size_t>(v)] = 1;
+    else sorted.insert(std::upper_bound(sorted.begin(), sorted.end(), v), v);
+    out.push_back(v);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void randomize_positions(HostBatch& hb, double p, std::int64_t range, std::uint64_t seed, std::int64_t step) {
+  Rng rng(seed ^ 0x706F736974696F6Eull, static_cast<std::uint64_t>(step));  // "position": not the batch stream
+  for (std::int64_t b = 0; b < hb.B; ++b) {
+    if (rng.uniform() >= p) continue;
+    const auto pos = sample_positions(hb.T, range, rng);
+    std::copy(pos.begin(), pos.end(), hb.pos.begin() + b * hb.T);
+  }
 }
 
 double measure_sgemm_peak() {

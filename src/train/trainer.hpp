@@ -13,6 +13,7 @@
 #include <functional>
 #include <vector>
 
+#include "core/rng.hpp"
 #include "dist/communicator.hpp"
 #include "model/transformer.hpp"
 #include "train/encode.hpp"
@@ -24,6 +25,12 @@ struct TrainConfig {
   std::int64_t steps = 100, batch_size = 8, warmup = 10;
   double lr = 1e-3, curriculum = 0.5;
   double lm_weight = 0.0;  // weight of the context/query LM term (answer tokens weigh 1)
+  // Randomized positions (Ruoss et al. 2023): each training sequence, with
+  // probability random_positions, gets sorted distinct position ids drawn
+  // uniformly from [0, position_range) instead of 0..T-1, so short sequences
+  // show the relative distances of long ones. Validation keeps 0..T-1.
+  double random_positions = 0.0;
+  std::int64_t position_range = 0;
   std::int64_t val_every = 50, log_every = 10;
   std::uint64_t seed = 0;
   double peak_gflops = 0;  // sgemm peak measured at start (progress line)
@@ -119,6 +126,14 @@ class Trainer {
   // The batch of these sequences this rank computes (its sp shard).
   HostBatch local_batch(const std::vector<const Encoded*>& seqs, float lm_weight, std::int64_t step, bool training) const;
 };
+
+// Sorted distinct positions, T of [0, range), uniform over such subsets
+// (Floyd's sampling), from rng. Needs T <= range.
+std::vector<std::int32_t> sample_positions(std::int64_t T, std::int64_t range, Rng& rng);
+// Replaces, with probability p per row (all from Rng(seed, step)), the row's
+// positions by sample_positions(T, range): padding columns included, so they
+// stay after the row's real tokens and the causal mask keeps them unseen.
+void randomize_positions(HostBatch& hb, double p, std::int64_t range, std::uint64_t seed, std::int64_t step);
 
 // sgemm GFLOP/s of this machine now (square 1024 products, best of 3), for
 // the progress line's "of peak" figure.

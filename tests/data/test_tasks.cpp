@@ -1,5 +1,6 @@
 #define BOOST_TEST_MODULE data_tasks
 #include <boost/test/unit_test.hpp>
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -42,6 +43,7 @@ static const std::map<std::string, TaskParams> kCases = {
     {"fact_stream", {{"length", "5000"}, {"events", "20"}, {"entities", "5"}, {"queries", "4"}}},
     {"var_track", {{"length", "2500"}, {"chain", "5"}, {"n", "3"}}},
     {"multi_hop", {{"length", "2500"}, {"hops", "3"}, {"n", "3"}}},
+    {"mq_recall", {{"length", "2500"}, {"pairs", "12"}, {"queries", "5"}, {"n", "3"}}},
 };
 
 BOOST_AUTO_TEST_CASE(determinism_and_answers) {
@@ -77,7 +79,7 @@ BOOST_AUTO_TEST_CASE(target_length_respected) {
     return n + (s == " " ? 0 : 0);
   };
   for (std::size_t len : {1000u, 4000u, 16000u}) {
-    for (const auto& name : {"needle", "var_track", "multi_hop", "fact_stream"}) {
+    for (const auto& name : {"needle", "var_track", "multi_hop", "fact_stream", "mq_recall"}) {
       BOOST_TEST_INFO(name << " " << len);
       auto p = kCases.at(name);
       p["length"] = std::to_string(len);
@@ -245,4 +247,66 @@ BOOST_AUTO_TEST_CASE(bad_names_and_params) {
              std::string::npos);
   BOOST_TEST(msg([] { make_task("needle", with_dir({{"depth", "2"}}), 1, byte_counter()); }).find("depth") !=
              std::string::npos);
+}
+
+static std::vector<std::string> split_sep(const std::string& s) {
+  std::vector<std::string> out;
+  if (s.empty()) return out;
+  for (std::size_t b = 0;;) {
+    const std::size_t e = s.find(kListSep, b);
+    out.push_back(s.substr(b, e == std::string::npos ? std::string::npos : e - b));
+    if (e == std::string::npos) return out;
+    b = e + 1;
+  }
+}
+
+// Multi-query recall: every queried value is stated once in the context, in
+// the statement of its key; phrase values are runs of words of the real text
+// (several words, so ROUGE-L and BLEU score partial answers).
+BOOST_AUTO_TEST_CASE(mq_recall_queries_and_phrases) {
+  for (const std::string value : {"digits", "phrase"}) {
+    BOOST_TEST_CONTEXT(value) {
+      const TaskParams p = with_dir({{"length", "3000"}, {"pairs", "10"}, {"queries", "6"}, {"value", value},
+                                     {"n", "4"}, {"words", "4"}});
+      const auto ex = make_task("mq_recall", p, 21, byte_counter());
+      BOOST_TEST(same(ex, make_task("mq_recall", p, 21, byte_counter())));
+      BOOST_TEST(!same(ex, make_task("mq_recall", p, 22, byte_counter())));
+      BOOST_TEST_REQUIRE(ex.size() == 4u);
+      for (const auto& e : ex) {
+        check_answer_at(e);
+        BOOST_TEST(e.context.size() <= 3002u);
+        BOOST_TEST(e.context.size() >= 2900u);
+        const auto qs = split_sep(e.meta.at("more_queries")), as = split_sep(e.meta.at("more_answers"));
+        BOOST_TEST_REQUIRE(qs.size() == 5u);
+        BOOST_TEST_REQUIRE(as.size() == 5u);
+        std::vector<std::string> all_q{e.query}, all_a{e.answers[0]};
+        all_q.insert(all_q.end(), qs.begin(), qs.end());
+        all_a.insert(all_a.end(), as.begin(), as.end());
+        for (std::size_t i = 0; i < all_q.size(); ++i) {
+          // The key of the question, its statement in the context, the value in it.
+          const std::string key = all_q[i].substr(all_q[i].find(" for ") + 5, all_q[i].size() - all_q[i].find(" for ") - 6);
+          const std::string stmt = value == "digits" ? "The special magic number for " + key + " is " + all_a[i] + "."
+                                                     : "The passphrase for " + key + " is \"" + all_a[i] + "\".";
+          BOOST_TEST(e.context.find(stmt) != std::string::npos, stmt);
+          BOOST_TEST(e.context.find(key) == e.context.rfind(key));  // every key is stated once
+          for (std::size_t j = 0; j < i; ++j) BOOST_TEST(all_q[j] != all_q[i]);  // distinct questions
+          if (value == "phrase") {
+            BOOST_TEST(std::count(all_a[i].begin(), all_a[i].end(), ' ') == 3);  // 4 words
+            BOOST_TEST(all_a[i].find_first_of(".,;:!?\"") == std::string::npos);
+          } else {
+            BOOST_TEST(all_a[i].size() == 4u);
+          }
+        }
+      }
+    }
+  }
+  // Phrases come from the haystack's real sentences.
+  const auto e = make_task("mq_recall", with_dir({{"length", "500"}, {"pairs", "2"}, {"queries", "1"}, {"value", "phrase"},
+                                                  {"haystack", kData + "/text"}}), 3, byte_counter())[0];
+  const Haystack h = Haystack::from_path(kData + "/text");
+  bool found = false;
+  for (const auto& s : h.sentences) found = found || s.find(e.answers[0]) != std::string::npos;
+  BOOST_TEST(found, e.answers[0]);
+  BOOST_CHECK_THROW(make_task("mq_recall", with_dir({{"pairs", "2"}, {"queries", "3"}}), 1, byte_counter()), dsrsq::Error);
+  BOOST_CHECK_THROW(make_task("mq_recall", with_dir({{"value", "words"}}), 1, byte_counter()), dsrsq::Error);
 }

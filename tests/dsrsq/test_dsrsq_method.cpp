@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "data/tokenizer.hpp"
+#include "eval/evaluator.hpp"
 #include "core/rng.hpp"
 #include "kv/kv_policy.hpp"
 #include "model/transformer.hpp"
@@ -445,4 +447,119 @@ BOOST_AUTO_TEST_CASE(prefill_matches_training_forward) {
   full->begin(info, KVBudget{});
   model.extend(*full, TensorView(hb.tokens.data(), Shape{1, P}), TensorView(hb.pos.data(), Shape{1, P}));
   BOOST_CHECK_GT(rel_err(logits_copy(model).data(), want.data(), want.size()), 1e-2);  // above the 2e-4 tolerance
+}
+
+// --dsr_positions: compact numbers the selected tokens 0..n-1 in selection
+// order (inference and training batch alike); original keeps each token's
+// index in the full prompt. The selection itself does not change.
+BOOST_AUTO_TEST_CASE(dsr_positions_compact_and_original) {
+  const ModelConfig mc = small_cfg();
+  const Encoded a = make_example(120, 4), b = make_example(100, 5);
+  std::vector<std::int32_t> sel_orig;
+  HostBatch hb_orig;
+  for (bool compact : {false, true}) {
+    BOOST_TEST_CONTEXT("compact " << compact) {
+      Transformer model(mc, cpu_backend());
+      randomise(model, 5);
+      DsrsqSettings s = identity_settings(mc);
+      s.dsr.base_budget = 0.25;
+      s.compact_positions = compact;
+      DsrsqModel dm(model, s, cpu_backend());
+      dm.init(7);
+      BOOST_CHECK_EQUAL(dm.compact_positions(), compact);
+      const auto sel = dm.select_prompt(a, DsrsqVariant::named("full_model"));
+      BOOST_REQUIRE_LT(static_cast<std::int64_t>(sel.size()), a.prompt_len);  // a real selection, with gaps
+      const auto pos = dsr_positions(sel, compact);
+      BOOST_REQUIRE_EQUAL(pos.size(), sel.size());
+      for (std::size_t i = 0; i < pos.size(); ++i) BOOST_CHECK_EQUAL(pos[i], compact ? static_cast<std::int32_t>(i) : sel[i]);
+      const HostBatch hb = dm.training_batch({&a, &b}, kPad, 0.0f, std::uint64_t{42}, 1);
+      if (!compact) {
+        sel_orig = sel;
+        hb_orig = hb;
+        // Original: each kept token sits at its index in the full sequence.
+        for (std::int64_t r = 0; r < hb.B; ++r) {
+          const Encoded& e = r == 0 ? a : b;
+          for (std::int64_t t = 0; t < hb.T; ++t) {
+            const auto i = static_cast<std::size_t>(r * hb.T + t);
+            if (hb.pos[i] == mc.max_pos - 1) continue;  // padding
+            BOOST_CHECK_EQUAL(hb.tokens[i], e.tokens[static_cast<std::size_t>(hb.pos[i])]);
+          }
+        }
+        continue;
+      }
+      BOOST_CHECK(sel == sel_orig);  // positions do not change what is selected
+      BOOST_REQUIRE_EQUAL(hb.T, hb_orig.T);
+      BOOST_CHECK(hb.tokens == hb_orig.tokens);
+      BOOST_CHECK(hb.targets == hb_orig.targets);
+      bool gaps = false;
+      for (std::int64_t r = 0; r < hb.B; ++r) {
+        std::int32_t expect = 0;
+        for (std::int64_t t = 0; t < hb.T; ++t) {
+          const auto i = static_cast<std::size_t>(r * hb.T + t);
+          if (hb_orig.pos[i] == mc.max_pos - 1) {  // padding stays last
+            BOOST_CHECK_EQUAL(hb.pos[i], mc.max_pos - 1);
+            continue;
+          }
+          BOOST_CHECK_EQUAL(hb.pos[i], expect++);
+          gaps = gaps || hb_orig.pos[i] != hb.pos[i];
+        }
+      }
+      BOOST_CHECK(gaps);  // the selection dropped tokens, so compact differs from original
+    }
+  }
+}
+
+// The evaluator's positions seam (EvalConfig::positions, from EvalPlan):
+// serving a selection at compact positions is serving the selected tokens as
+// a prompt of their own (same tokens, positions 0..n-1, decoding after them),
+// bit for bit (one process, identical inputs and shapes); at original
+// positions the same tokens give other logits.
+BOOST_AUTO_TEST_CASE(evaluator_compact_positions_seam) {
+  ModelConfig mc = small_cfg();
+  mc.vocab = static_cast<std::int64_t>(ByteTokenizer::kVocabSize);
+  Transformer model(mc, cpu_backend());
+  randomise(model, 8);
+  const ByteTokenizer tok;
+  data::Example ex;
+  ex.id = "seam";
+  ex.context = "The quick brown fox jumps over the lazy dog near 42 river banks.";
+  ex.query = "Which dog?";
+  ex.answers = {"lazy"};
+  EvalConfig cfg;
+  cfg.max_new_tokens = 5;
+  cfg.max_seq_len = 200;
+  cfg.budget = KVBudget::parse("1.0");
+  // BOS, every other context token, the whole question.
+  auto every_other = [](const Encoded& e) {
+    std::vector<std::int32_t> idx{0};
+    for (std::int64_t i = 1; i <= e.context_tokens; i += 2) idx.push_back(static_cast<std::int32_t>(i));
+    for (std::int64_t i = 1 + e.context_tokens; i < e.prompt_len; ++i) idx.push_back(static_cast<std::int32_t>(i));
+    return idx;
+  };
+  cfg.select = [every_other](const Encoded& e, const SelectionEnv&) { return Selection{every_other(e), {}, {}}; };
+  auto run = [&](const data::Example& e, const EvalConfig& c) {
+    auto policy = make_kv_policy("full", mc, cpu_backend());
+    const ExampleEval r = serve_example(model, *policy, tok, e, c);
+    const TensorView l = model.logits();
+    return std::make_pair(r, std::vector<float>(l.ptr<float>(), l.ptr<float>() + l.numel()));
+  };
+  EvalConfig compact = cfg;
+  compact.select = [every_other](const Encoded& e, const SelectionEnv&) {
+    const auto idx = every_other(e);
+    return Selection{idx, dsr_positions(idx, true), {}};
+  };
+  const auto [a, la] = run(ex, compact);
+  data::Example cut = ex;
+  cut.context.clear();
+  for (std::size_t i = 0; i < ex.context.size(); i += 2) cut.context += ex.context[i];  // byte tokens: index i+1
+  EvalConfig plain = cfg;
+  plain.select = nullptr;
+  const auto [b, lb] = run(cut, plain);
+  BOOST_TEST(a.prompt_tokens_in == b.prompt_tokens_in);
+  BOOST_TEST(a.prediction == b.prediction);
+  BOOST_TEST(a.generated_tokens == b.generated_tokens);
+  BOOST_TEST(la == lb);
+  const auto [c, lc] = run(ex, cfg);  // original positions: gaps in the positions
+  BOOST_TEST(c.prompt_tokens_in == a.prompt_tokens_in);
+  BOOST_TEST((lc.size() != la.size() || lc != la));
 }
