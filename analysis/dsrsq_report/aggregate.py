@@ -21,13 +21,19 @@ def _bare(k):
 class Group:
     """Runs that differ only in seed (or bookkeeping options): their values merge, seeds give the interval."""
 
-    def __init__(self, key, runs):
+    def __init__(self, key, runs, shown=None):
         self.key = key          # tuple of (option, value) that tells this group from the others
         self.runs = runs
+        self.shown = shown      # the options the label names (None: all of key)
 
     @property
     def label(self):
-        return ", ".join(f"{k}={v}" for k, v in self.key)
+        return ", ".join(f"{k}={v}" for k, v in self.key if self.shown is None or k in self.shown)
+
+
+# Not named in a group's label: the rows already name the method, and a method's
+# own knobs are set only in the runs that train it (the label names the model).
+_UNLABELLED = {"methods", "ablation", "ablation_variants"}
 
 
 def group_runs(runs):
@@ -42,7 +48,14 @@ def group_runs(runs):
     for r, i in zip(runs, idents):
         key = tuple((k, i.get(k, "")) for k in differing)
         groups.setdefault(key, []).append(r)
-    return [Group(k, v) for k, v in groups.items()], differing
+    # A pipeline of runs (the main job: the standard model, GCA, DSRSQ) differs in
+    # each method's knobs, unset in the other runs: name the model and the
+    # options every run sets instead of every knob.
+    shown = None
+    if "model" in differing:
+        shown = {k for k in differing
+                 if k not in _UNLABELLED and (k == "model" or all(i.get(k, "") != "" for i in idents))}
+    return [Group(k, v, shown) for k, v in groups.items()], differing
 
 
 # --------------------------------------------------------------------------- column specs
@@ -117,6 +130,11 @@ class Table:
     def __init__(self, slug, title, entity_header, cols, rows, rules, present=True, absent_note=""):
         self.slug, self.title, self.entity_header, self.cols, self.rows = slug, title, entity_header, cols, rows
         self.rules, self.present, self.absent_note = rules, present, absent_note
+
+
+def printed_tables(tables):
+    """What --print shows: Tables 1 and 2, and Table 4 (the ablation) when the runs have one."""
+    return tables[:2] + [t for t in tables if t.slug == "table4_ablation" and t.present and t.rows]
 
 
 def _status_text(states):

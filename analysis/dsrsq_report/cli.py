@@ -12,7 +12,7 @@ def _parser():
         description="Regenerate the dsrsq tables and figures from run.h5 files (results/README.md layout).")
     p.add_argument("runs", nargs="*", metavar="RUN.h5", help="results files; several merge (seeds -> intervals)")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder for report.md, CSV, LaTeX and PNG files")
-    p.add_argument("--print", dest="print_tables", action="store_true", help="also print Tables 1 and 2 to stdout")
+    p.add_argument("--print", dest="print_tables", action="store_true", help="also print Tables 1 and 2 (and Table 4 when the runs have an ablation) to stdout")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="write the tables and report.md only")
     p.add_argument("--compare", nargs=2, metavar=("A.h5", "B.h5"), help="print the ratio B/A of every figure")
     p.add_argument("--force", action="store_true", help="--compare even across hardware or task splits")
@@ -66,7 +66,7 @@ def main(argv=None):
             from . import sweep as SW
             SW.build_sweeps(runs, one_sweep=args.one_sweep)  # the same refusals as with -o
             tables, _ = A.build_tables(SW.expand_budgets(runs))
-            for t in tables[:2]:
+            for t in A.printed_tables(tables):
                 print(A.to_markdown(t))
         return 0
     except ReportError as e:

@@ -160,7 +160,7 @@ def write_report(runs, outdir, print_tables=False, figures=True, one_sweep=False
     with open(os.path.join(outdir, "report.md"), "w") as fh:
         fh.write("\n".join(md))
     if print_tables:
-        for t in tables[:2]:
+        for t in A.printed_tables(tables):
             print(A.to_markdown(t))
         print(sweep_shown)
         for f in sweep_figs:

@@ -170,6 +170,11 @@ def test_table4_ablation_and_failures_synthetic(tmp_path):
     tex = (out / "table4_ablation.tex").read_text()
     assert r"\textit{failed}" in tex and "no\\_sqa" in tex
     assert os.path.getsize(out / "ablation.png") > 5000
+    # --print shows Table 4 beside Tables 1 and 2 when the run has an ablation (the main job's summary).
+    res = run_report(p, "--print")
+    assert res.returncode == 0, res.stderr
+    assert "Table 1: task performance" in res.stdout and "Table 4: ablation" in res.stdout
+    assert "| no_sqa | FAILED: synthetic failure of no_sqa |" in res.stdout
 
 
 def test_print_tables_to_stdout(real_runs, tmp_path):
