@@ -77,6 +77,9 @@ struct EvalConfig {
   // model, sorted; each keeps its original position. Null: the whole prompt.
   // It runs inside the time-to-first-token clock.
   std::function<std::vector<std::int32_t>(const Encoded&)> select;
+  // A method with its own model (GCA): tokens (1, n), positions (1, n) ->
+  // logits (n, V), run instead of the backbone; the policy reports its memory.
+  std::function<TensorView(TensorView tokens, TensorView pos)> extend;
   std::string name;  // the method's name in the results (empty: the policy's)
   KVBudget budget;
   std::int64_t max_new_tokens = 16;

@@ -663,6 +663,12 @@ void GcaModel::backward(double dloss) {
   be_.embedding_bwd(EmbeddingGradArgs{ids_, dx, dwte_});
 }
 
+std::string GcaModel::config_str() const {
+  return detail::cat(cfg_.base.str(), " gca_chunk=", cfg_.chunk, " gca_topk=", cfg_.topk, " gca_window=", cfg_.window,
+                     " gca_lower=", cfg_.n_lower, " gca_upper=", cfg_.n_upper, " gca_encoder_layers=", cfg_.n_enc,
+                     " gca_encoder_d_ff=", cfg_.enc_d_ff);
+}
+
 double GcaModel::train_flops(std::int64_t B, std::int64_t T) const {
   const auto& mc = cfg_.base;
   const std::int64_t C = mc.d_model, F = mc.d_ff, S = cfg_.chunk, R = S + 1, K = cfg_.topk, P = cfg_.window + 1;

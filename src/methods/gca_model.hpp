@@ -79,6 +79,7 @@ class GcaModel final : public TrainableModel {
   TensorView row_losses() const override { return losses_; }
   TensorView logits() const { return logits_; }  // (B*T, V) of the last forward
   double train_flops(std::int64_t B, std::int64_t T) const override;
+  std::string config_str() const override;
 
   // Gumbel noise on the choice of the next training forwards (seeded), or none.
   void set_noise(std::optional<std::uint64_t> seed) { noise_ = seed; }

@@ -11,6 +11,7 @@ namespace dsrsq::methods {
 const MethodInfo& standard_method();
 const MethodInfo& full_method();
 const MethodInfo& sliding_window_method();
+const MethodInfo& gca_method();
 const MethodInfo& dsrsq_method();
 
 const std::vector<const MethodInfo*>& all_methods() {
@@ -18,6 +19,7 @@ const std::vector<const MethodInfo*>& all_methods() {
       &standard_method(),
       &full_method(),
       &sliding_window_method(),
+      &gca_method(),
       &dsrsq_method(),
   };
   return table;

@@ -42,6 +42,8 @@ class TrainableModel {
   virtual TensorView row_losses() const = 0;
   // Training FLOPs of one forward+backward over (B, T) (cost functions only).
   virtual double train_flops(std::int64_t B, std::int64_t T) const = 0;
+  // "vocab=256 d_model=128 ..." (checkpoints record it).
+  virtual std::string config_str() const = 0;
 };
 
 }  // namespace dsrsq

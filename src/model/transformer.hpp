@@ -125,6 +125,7 @@ class Transformer : public TrainableModel {
 
   // Training FLOPs of one forward+backward over (B, T) (cost functions only).
   double train_flops(std::int64_t B, std::int64_t T) const override;
+  std::string config_str() const override { return cfg_.str(); }
 
  private:
   struct Layer {

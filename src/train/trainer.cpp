@@ -13,7 +13,7 @@
 
 namespace dsrsq {
 
-Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
+Trainer::Trainer(TrainableModel& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
                  const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp, MethodHooks hooks)
     : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id), dp_(std::move(dp)),
       hooks_(std::move(hooks)) {
