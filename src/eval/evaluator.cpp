@@ -152,6 +152,7 @@ std::vector<ExampleEval> evaluate_reuse(Transformer& model, KVPolicy& policy, co
                                         const std::vector<data::Example>& test, const EvalConfig& cfg) {
   DSRSQ_INPUT_CHECK(!cfg.select, "--protocol reuse: method '", cfg.name,
                     "' selects context tokens with the question; it has no query-agnostic form");
+  DSRSQ_INPUT_CHECK(!cfg.extend, "--protocol reuse: method '", cfg.name, "' runs its own model, which takes no snapshot");
   Arena& act = model.activation_arena();
   // Groups: examples with the same context string, in order of first appearance.
   std::vector<std::vector<std::size_t>> groups;
