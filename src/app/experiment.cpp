@@ -560,6 +560,12 @@ int run_experiment(const Options& opt, int rank, int world) {
   }
   // A checkpoint with no method state beside the backbone is a standard one.
   const bool init_is_standard = init && init->extra.empty();
+  // A method with its own architecture (GCA) never trains the Transformer:
+  // the other methods need a standard checkpoint to run on.
+  for (const auto& m : opt.methods)
+    DSRSQ_INPUT_CHECK(!trained.own_architecture || m == opt.model || init_is_standard, "option --methods: '", m,
+                      "' runs on the standard model, which --model ", opt.model, " does not train: pass a standard ",
+                      "checkpoint with --init_from, or --methods ", opt.model);
   const auto backbones = backbone_texts(opt, init_is_standard);
 
   ResultsSink sink(opt, mc, *tok, rank);
