@@ -319,7 +319,7 @@ std::map<std::string, std::string> backbone_texts(const Options& opt, bool init_
 
 // Training: the trainer with the trained method's extension attached, checkpoints,
 // per-rank timings and stop requests. Returns the last completed step + 1.
-std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods::TrainingExtension* ext,
+std::int64_t train(const Options& opt, Transformer& model, TrainableModel& tm, AdamW& adam, methods::TrainingExtension* ext,
                    const Splits& data, const Tokenizer& tok, dist::ProcessGrid* grid, ResultsSink& sink,
                    std::int64_t start, std::int64_t& total_steps) {
   const int world = grid ? grid->world().size() : 1;
@@ -340,9 +340,8 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
   tc.log_every = opt.log_every;
   tc.seed = opt.seed;
   tc.peak_gflops = measure_sgemm_peak();
-  const ModelConfig& mc = model.config();
   std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm peak now %.0f GFLOP/s\n",
-              mc.str().c_str(), static_cast<long long>(mc.num_parameters()), static_cast<long long>(tc.steps),
+              tm.config_str().c_str(), static_cast<long long>(tm.flat_params().numel()), static_cast<long long>(tc.steps),
               static_cast<long long>(start), tc.peak_gflops);
   DataParallel dp;
   std::unique_ptr<dist::GradReducer> reducer;
@@ -375,14 +374,14 @@ std::int64_t train(const Options& opt, Transformer& model, AdamW& adam, methods:
     env.lr_at = [tc](std::int64_t step) { return lr_schedule(step, tc.steps, tc.warmup, tc.lr); };
     ext->attach(hooks, env);
   }
-  Trainer trainer(model, adam, tc, data.pools, data.val, tok.pad_id(), dp, hooks);
+  Trainer trainer(tm, adam, tc, data.pools, data.val, tok.pad_id(), dp, hooks);
   TrainCallbacks cb;
   cb.on_val = [&](std::int64_t step, double vl) { sink.val(step, vl); };
   cb.checkpoint_every = opt.checkpoint_every;
   cb.on_checkpoint = [&](std::int64_t step) {
     std::map<std::string, std::vector<float>> extra;
     if (ext) ext->save(extra);
-    sink.checkpoint(step, model, adam, extra);
+    sink.checkpoint(step, tm, adam, extra);
   };
   std::int64_t step_now = start;
   std::int64_t bytes_before = 0, ring_bytes_before = 0;
@@ -514,6 +513,7 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
       e.name = name;
       methods::EvalPlan p = plan();
       e.select = p.select;
+      e.extend = p.extend;
       for (std::size_t k = 0; k < cells.size() && !stopped; ++k) {
         if (sink.should_stop()) {
           stopped = true;
@@ -685,12 +685,19 @@ int run_experiment(const Options& opt, int rank, int world) {
   std::optional<io::CheckpointState> init;
   if (!opt.init_from.empty()) {
     init = io::load_checkpoint(opt.init_from);
-    DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(init->params.size()) == mc.num_parameters(), "option --init_from: '",
+    // An own-architecture method (GCA) also accepts its own checkpoints (checked once its model exists).
+    DSRSQ_INPUT_CHECK(trained.own_architecture || static_cast<std::int64_t>(init->params.size()) == mc.num_parameters(), "option --init_from: '",
                       opt.init_from, "' holds ", init->params.size(), " parameters, this model has ",
                       mc.num_parameters());
   }
   // A checkpoint with no method state beside the backbone is a standard one.
   const bool init_is_standard = init && init->extra.empty();
+  // A method with its own architecture (GCA) never trains the Transformer:
+  // the other methods need a standard checkpoint to run on.
+  for (const auto& m : opt.methods)
+    DSRSQ_INPUT_CHECK(!trained.own_architecture || m == opt.model || init_is_standard, "option --methods: '", m,
+                      "' runs on the standard model, which --model ", opt.model, " does not train: pass a standard ",
+                      "checkpoint with --init_from, or --methods ", opt.model);
   const auto backbones = backbone_texts(opt, init_is_standard);
 
   ResultsSink sink(opt, mc, *tok, rank);
@@ -709,14 +716,22 @@ int run_experiment(const Options& opt, int rank, int world) {
     ac.lr = opt.learning_rate;
     ac.weight_decay = opt.weight_decay;
     ac.clip_norm = opt.clip_norm;
-    AdamW adam(model.params(), model.flat_params(), ac, cpu_backend());
     methods::MethodContext ctx{model, cpu_backend(), nullptr, ac, opt.seed};
     if (auto it = opt.knobs.find(opt.model); it != opt.knobs.end()) ctx.knobs = it->second.get();
     std::unique_ptr<methods::Method> method = trained.make(ctx);
     methods::TrainingExtension* ext = method->training();
+    // A method with an architecture of its own (GCA) trains, checkpoints and
+    // evaluates that model; the Transformer then only serves the other methods.
+    TrainableModel& tm = method->own_model() ? *method->own_model() : static_cast<TrainableModel&>(model);
+    DSRSQ_INPUT_CHECK(!method->own_model() || !grid, "--model ", opt.model, ": its own model trains in one process (--dp 1 --sp 1)");
+    AdamW adam(tm.params(), tm.flat_params(), ac, cpu_backend());
+    DSRSQ_INPUT_CHECK(!init || static_cast<std::int64_t>(init->params.size()) == mc.num_parameters() ||
+                          static_cast<std::int64_t>(init->params.size()) == tm.flat_params().numel(),
+                      "option --init_from: '", opt.init_from, "' holds ", init->params.size(), " parameters, neither a ",
+                      "standard model (", mc.num_parameters(), ") nor this ", opt.model, " model (", tm.flat_params().numel(), ")");
 
     std::map<std::string, std::vector<float>> extra_ck;
-    std::int64_t start = sink.restore(model, adam, &extra_ck);
+    std::int64_t start = sink.restore(tm, adam, &extra_ck);
     if (ext && !extra_ck.empty())
       DSRSQ_INPUT_CHECK(ext->restore(extra_ck) || start == 0, "checkpoint of this ", opt.model, " run holds no ",
                         opt.model, " state");
@@ -737,8 +752,10 @@ int run_experiment(const Options& opt, int rank, int world) {
       standard = std::make_unique<Transformer>(mc, cpu_backend());
       std::memcpy(standard->flat_params().data, init->params.data(), init->params.size() * sizeof(float));
     }
-    if (init && start == 0) {
-      std::memcpy(model.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
+    // An own-architecture method started from a standard checkpoint keeps its
+    // own initialisation (the checkpoint is the other methods' backbone).
+    if (init && start == 0 && static_cast<std::int64_t>(init->params.size()) == tm.flat_params().numel()) {
+      std::memcpy(tm.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
       std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
     }
     // A checkpoint of the trained method also carries its own parameters (e.g.
@@ -757,7 +774,7 @@ int run_experiment(const Options& opt, int rank, int world) {
 
     if (opt.command != "eval") {
       std::int64_t steps = 0;
-      const std::int64_t done = train(opt, model, adam, ext, data, *tok, grid.get(), sink, start, steps);
+      const std::int64_t done = train(opt, model, tm, adam, ext, data, *tok, grid.get(), sink, start, steps);
       if (done < steps) {
         std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                     static_cast<long long>(done), static_cast<long long>(steps));

@@ -253,7 +253,7 @@ void ResultsSink::open(const std::string& dataset_hash, const std::map<std::stri
   I.training = I.opt.command != "eval";
 }
 
-std::int64_t ResultsSink::restore(Transformer& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra) {
+std::int64_t ResultsSink::restore(TrainableModel& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra) {
   if (impl_->rank != 0) return 0;
   Impl& I = *impl_;
   if (!I.pending) return 0;
@@ -305,7 +305,7 @@ void ResultsSink::val(std::int64_t step, double loss) {
   I.file->append_val(results::ValRecord{step, loss});
 }
 
-void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt,
+void ResultsSink::checkpoint(std::int64_t step, TrainableModel& model, AdamW& opt,
                              const std::map<std::string, std::vector<float>>& extra) {
   if (impl_->rank != 0) return;
   Impl& I = *impl_;
@@ -315,7 +315,7 @@ void ResultsSink::checkpoint(std::int64_t step, Transformer& model, AdamW& opt,
   }
   io::CheckpointState ck;
   ck.config_hash = I.opt.identity_hash();
-  ck.model_config = {{"model", model.config().str()}};
+  ck.model_config = {{"model", model.config_str()}};
   ck.step = step;
   ck.data_cursor = {step};
   const float* p = model.flat_params().ptr<float>();

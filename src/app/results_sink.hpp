@@ -33,12 +33,12 @@ class ResultsSink {
   const std::string& path() const;  // the results file
   // Loads the newest checkpoint of this run, if any; returns the step to start from.
   // extra (may be null) receives the checkpoint's extra arrays (DSRSQ state).
-  std::int64_t restore(Transformer& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra = nullptr);
+  std::int64_t restore(TrainableModel& model, AdamW& opt, std::map<std::string, std::vector<float>>* extra = nullptr);
 
   void train_step(const StepStats& s);
   void val(std::int64_t step, double loss);
   // extra: arrays stored beside the model (DSRSQ's retriever, projections, their optimizer).
-  void checkpoint(std::int64_t step, Transformer& model, AdamW& opt,
+  void checkpoint(std::int64_t step, TrainableModel& model, AdamW& opt,
                   const std::map<std::string, std::vector<float>>& extra = {});
   bool should_stop();
   // Per-rank timings of one step, gathered: (step_time_s, comm_time_s, bytes) per world rank.

@@ -22,6 +22,13 @@ std::int32_t argmax_last_row(const TensorView& logits) {
   return static_cast<std::int32_t>(std::max_element(row, row + V) - row);
 }
 
+// The tokens' logits: the method's own model when it has one, else the backbone through the policy.
+TensorView run_model(Transformer& model, KVPolicy& policy, const EvalConfig& cfg, TensorView tokens, TensorView pos) {
+  if (cfg.extend) return cfg.extend(tokens, pos);
+  model.extend(policy, tokens, pos);
+  return model.logits();
+}
+
 // What serving an example cost up to its first token.
 struct DecodeCost {
   std::size_t peak_act = 0;  // activation high-water mark so far
@@ -51,8 +58,7 @@ void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, c
     Timer ts;
     act.reset();
     act.reset_peak();
-    model.extend(policy, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1}));
-    next = argmax_last_row(model.logits());
+    next = argmax_last_row(run_model(model, policy, cfg, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1})));
     const double dt = ts.seconds();
     itl_sum += dt;
     full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
@@ -133,13 +139,14 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   const auto n_ctx = cfg.query_agnostic
                          ? static_cast<std::int64_t>(std::lower_bound(idx.begin(), idx.end(), question_at) - idx.begin())
                          : n_in;
+  TensorView logits;
   if (n_ctx > 0)
-    model.extend(policy, TensorView(prompt.data(), Shape{1, n_ctx}), TensorView(pos.data(), Shape{1, n_ctx}));
+    logits = run_model(model, policy, cfg, TensorView(prompt.data(), Shape{1, n_ctx}), TensorView(pos.data(), Shape{1, n_ctx}));
   if (n_ctx < n_in)
-    model.extend(policy, TensorView(prompt.data() + n_ctx, Shape{1, n_in - n_ctx}),
-                 TensorView(pos.data() + n_ctx, Shape{1, n_in - n_ctx}));
+    logits = run_model(model, policy, cfg, TensorView(prompt.data() + n_ctx, Shape{1, n_in - n_ctx}),
+                       TensorView(pos.data() + n_ctx, Shape{1, n_in - n_ctx}));
   policy.end_prefill();
-  std::int32_t next = argmax_last_row(model.logits());
+  std::int32_t next = argmax_last_row(logits);
   r.ttft_s = t.seconds();
   std::size_t peak_act = act.peak_bytes();
   double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
@@ -155,6 +162,7 @@ std::vector<ExampleEval> evaluate_reuse(Transformer& model, KVPolicy& policy, co
                                         const std::vector<data::Example>& test, const EvalConfig& cfg) {
   DSRSQ_INPUT_CHECK(!cfg.select, "--protocol reuse: method '", cfg.name,
                     "' selects context tokens with the question; it has no query-agnostic form");
+  DSRSQ_INPUT_CHECK(!cfg.extend, "--protocol reuse: method '", cfg.name, "' runs its own model, which takes no snapshot");
   Arena& act = model.activation_arena();
   // Groups: examples with the same context string, in order of first appearance.
   std::vector<std::vector<std::size_t>> groups;

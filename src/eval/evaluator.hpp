@@ -78,6 +78,9 @@ struct EvalConfig {
   // the model and optionally their positions (eval/context_selector.hpp).
   // Null: the whole prompt. It runs inside the time-to-first-token clock.
   ContextSelector select;
+  // A method with its own model (GCA): tokens (1, n), positions (1, n) ->
+  // logits (n, V), run instead of the backbone; the policy reports its memory.
+  std::function<TensorView(TensorView tokens, TensorView pos)> extend;
   std::string name;  // the method's name in the results (empty: the policy's)
   KVBudget budget;
   std::int64_t max_new_tokens = 16;

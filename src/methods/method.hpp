@@ -58,6 +58,10 @@ struct EvalPlan {
   // Prompt indices that enter the model and, optionally, the positions they
   // take (eval/context_selector.hpp). Null: the whole prompt.
   ContextSelector select;
+  // A method with an architecture of its own (GCA) runs its own model: tokens
+  // (1, n) at positions (1, n) -> their logits (n, V), after policy->begin();
+  // the policy then only reports its memory. Null: the backbone runs through the policy.
+  std::function<TensorView(TensorView tokens, TensorView pos)> extend;
 };
 
 // Where a trained method plugs into the trainer and the checkpoints.
@@ -94,6 +98,10 @@ class Method {
  public:
   virtual ~Method() = default;
   virtual TrainingExtension* training() { return nullptr; }
+  // A method with an architecture of its own (MethodInfo::own_architecture):
+  // the model the run trains, checkpoints and evaluates in place of the
+  // standard Transformer. Null: the method runs on the Transformer.
+  virtual TrainableModel* own_model() { return nullptr; }
   // variant "": the method itself; else one of MethodInfo::variants.
   virtual EvalPlan plan(const std::string& variant) = 0;
 };
@@ -138,6 +146,10 @@ struct MethodInfo {
   std::string_view needs_question;
   std::shared_ptr<MethodKnobs> (*knobs)() = nullptr;  // its settings; null: none
   std::unique_ptr<Method> (*make)(const MethodContext&) = nullptr;
+  // Its own architecture, not the standard Transformer (GCA): it decodes
+  // through EvalPlan::extend, and at a full budget it is NOT the full cache
+  // of the standard model (the registry's identity check exempts it).
+  bool own_architecture = false;
 };
 
 // The table, in report order.

@@ -18,6 +18,7 @@ const MethodInfo& pyramid_method();
 const MethodInfo& dynamic_kv_method();
 const MethodInfo& rocket_kv_method();
 const MethodInfo& atskv_method();
+const MethodInfo& gca_method();
 const MethodInfo& dsrsq_method();
 
 const std::vector<const MethodInfo*>& all_methods() {
@@ -32,6 +33,7 @@ const std::vector<const MethodInfo*>& all_methods() {
       &dynamic_kv_method(),
       &rocket_kv_method(),
       &atskv_method(),
+      &gca_method(),
       &dsrsq_method(),
   };
   return table;

@@ -15,6 +15,7 @@
 #include "backend/backend.hpp"
 #include "core/arena.hpp"
 #include "model/config.hpp"
+#include "model/trainable.hpp"
 
 namespace dsrsq {
 
@@ -30,20 +31,6 @@ class AttentionOverride {
   virtual ~AttentionOverride() = default;
   virtual void forward(std::int64_t layer, const AttentionArgs& a) = 0;
   virtual void backward(std::int64_t layer, const AttentionGradArgs& a) = 0;
-};
-
-struct Param {
-  std::string name;  // "h.0.attn.wq", "wte", ...
-  TensorView value, grad;
-  bool decay;  // weight decay applies (matrices and embeddings, not biases or norms)
-};
-
-// A (B, T) batch on the host. targets/mask may be empty (logits only).
-struct Batch {
-  TensorView tokens;   // i32 (B, T)
-  TensorView pos;      // i32 (B, T)
-  TensorView targets;  // i32 (B, T): next token to predict at each position
-  TensorView mask;     // f32 (B, T): loss weight (1 on answer tokens, 0 elsewhere)
 };
 
 // Key/value cache for incremental decoding: per layer k, v (B, capacity, NH, HS)
@@ -72,7 +59,7 @@ class KVTransform {
   virtual void backward(std::int64_t layer, TensorView dk, TensorView dv) = 0;
 };
 
-class Transformer {
+class Transformer : public TrainableModel {
  public:
   Transformer(const ModelConfig& cfg, Backend& backend);
   Transformer(const Transformer&) = delete;
@@ -85,18 +72,18 @@ class Transformer {
   // zero biases, unit LayerNorm weights. Deterministic given the seed.
   void init_weights(std::uint64_t seed);
 
-  std::span<Param> params() { return params_; }
+  std::span<Param> params() override { return params_; }
   const Param& param(const std::string& name) const;
-  TensorView flat_params() { return flat_params_; }
-  TensorView flat_grads() { return flat_grads_; }
-  void zero_grad();
+  TensorView flat_params() override { return flat_params_; }
+  TensorView flat_grads() override { return flat_grads_; }
+  void zero_grad() override;
 
   // Training forward over a batch; saves what backward needs. Returns the
   // masked mean loss (sum of mask-weighted token losses * inv_norm; inv_norm
   // <= 0 means 1 / sum(mask)). With no targets, computes logits only (returns 0).
-  double forward(const Batch& batch, double inv_norm = 0.0);
+  double forward(const Batch& batch, double inv_norm = 0.0) override;
   // Backward of the last forward: gradients += d(loss)/d(params) * dloss.
-  void backward(double dloss = 1.0);
+  void backward(double dloss = 1.0) override;
   // Gradient-ready hook (data parallel: src/dist/dp_reducer.hpp). When set,
   // backward() calls it with layer l as soon as the gradients of layer l
   // ("h.<l>.*") are final (layers finish from last to first), and once more
@@ -118,7 +105,7 @@ class Transformer {
   // Logits of the last forward / decode call: (B*T, V).
   TensorView logits() const { return logits_; }
   // Unweighted per-row losses (B*T) of the last training forward (0 where mask is 0).
-  TensorView row_losses() const { return losses_; }
+  TensorView row_losses() const override { return losses_; }
 
   // Incremental decoding. new_cache allocates a cache in `arena`. extend()
   // runs the model on new tokens (B, Tn) at positions pos (B, Tn), appends
@@ -137,7 +124,8 @@ class Transformer {
   Arena& activation_arena() { return act_arena_; }
 
   // Training FLOPs of one forward+backward over (B, T) (cost functions only).
-  double train_flops(std::int64_t B, std::int64_t T) const;
+  double train_flops(std::int64_t B, std::int64_t T) const override;
+  std::string config_str() const override { return cfg_.str(); }
 
  private:
   struct Layer {

@@ -13,7 +13,7 @@
 
 namespace dsrsq {
 
-Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
+Trainer::Trainer(TrainableModel& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
                  const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp, MethodHooks hooks)
     : model_(model), opt_(opt), cfg_(cfg), pools_(pools), val_(val), pad_(pad_id), dp_(std::move(dp)),
       hooks_(std::move(hooks)) {
@@ -26,8 +26,7 @@ Trainer::Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vec
     std::int64_t longest = 0;
     for (const auto& p : pools_)
       for (const auto& e : p) longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(e.tokens.size()));
-    DSRSQ_INPUT_CHECK(cfg_.position_range <= model_.config().max_pos, "option --position_range: ",
-                      cfg_.position_range, " exceeds the model's max_pos ", model_.config().max_pos);
+    // position_range <= max_pos is checked where the model's shape is known (experiment.cpp).
     DSRSQ_INPUT_CHECK(cfg_.position_range >= longest, "option --position_range: ", cfg_.position_range,
                       " positions cannot hold a training sequence of ", longest, " tokens");
   }

@@ -104,7 +104,7 @@ struct TrainCallbacks {
 class Trainer {
  public:
   // pools: training sequences grouped by context length, shortest first.
-  Trainer(Transformer& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
+  Trainer(TrainableModel& model, AdamW& opt, TrainConfig cfg, const std::vector<std::vector<Encoded>>& pools,
           const std::vector<Encoded>& val, std::int32_t pad_id, DataParallel dp = {}, MethodHooks hooks = {});
 
   // Runs steps [start_step, cfg.steps). Returns the last completed step + 1.
@@ -115,7 +115,7 @@ class Trainer {
   std::int64_t steps_per_epoch() const;
 
  private:
-  Transformer& model_;
+  TrainableModel& model_;
   AdamW& opt_;
   TrainConfig cfg_;
   const std::vector<std::vector<Encoded>>& pools_;
