@@ -20,13 +20,6 @@
 namespace dsrsq::methods {
 namespace {
 
-std::string num(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
 struct AtskvKnobs final : MethodKnobs {
   AtskvConfig c;
   std::int64_t hidden = 32;
@@ -53,13 +46,13 @@ struct AtskvKnobs final : MethodKnobs {
   }
   void resolved(std::map<std::string, std::string>& kv) const override {
     kv["atskv_window"] = std::to_string(c.window);
-    kv["atskv_beta"] = num(c.beta);
-    kv["atskv_q_min"] = num(c.q_min);
-    kv["atskv_q_max"] = num(c.q_max);
-    kv["atskv_ema"] = num(c.ema);
+    kv["atskv_beta"] = exact_str(c.beta);
+    kv["atskv_q_min"] = exact_str(c.q_min);
+    kv["atskv_q_max"] = exact_str(c.q_max);
+    kv["atskv_ema"] = exact_str(c.ema);
     kv["atskv_promote_slots"] = std::to_string(c.promote_slots);
     kv["atskv_hidden"] = std::to_string(hidden);
-    kv["atskv_lr"] = num(lr);
+    kv["atskv_lr"] = exact_str(lr);
     kv["atskv_train_seqs"] = std::to_string(train_seqs);
   }
 };

@@ -15,13 +15,6 @@
 namespace dsrsq::methods {
 namespace {
 
-std::string num(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
 // A double default as --help shows it (6 significant digits: "0.1", not
 // lexical_cast's "0.10000000000000001"), from the bound value, so a caller that
 // sets the knobs before describing them (bench_long_context) sees its own.
@@ -117,20 +110,20 @@ struct DsrsqKnobs final : MethodKnobs {
 
   void resolved(std::map<std::string, std::string>& kv) const override {
     kv["dsr_d_r"] = std::to_string(s.dsr.d_r);
-    kv["dsr_base_budget"] = num(s.dsr.base_budget);
-    kv["dsr_alpha"] = num(s.dsr.alpha);
+    kv["dsr_base_budget"] = exact_str(s.dsr.base_budget);
+    kv["dsr_alpha"] = exact_str(s.dsr.alpha);
     kv["dsr_span"] = std::to_string(s.dsr.span);
     kv["dsr_conv_width"] = std::to_string(s.dsr.conv_width);
-    kv["dsr_lambda"] = num(s.dsr.lambda);
+    kv["dsr_lambda"] = exact_str(s.dsr.lambda);
     kv["dsr_ppo_epochs"] = std::to_string(s.dsr.ppo_epochs);
-    kv["dsr_clip"] = num(s.dsr.clip);
+    kv["dsr_clip"] = exact_str(s.dsr.clip);
     kv["sqa_clusters"] = std::to_string(s.sqa.clusters);
     kv["sqa_top_clusters"] = std::to_string(s.sqa.top_clusters);
     kv["sqa_lloyd_steps"] = std::to_string(s.sqa.lloyd_steps);
     kv["rckv_d_c"] = std::to_string(s.rckv.d_c);
     kv["rckv_buffer"] = std::to_string(s.rckv.buffer);
     kv["rckv_window"] = std::to_string(s.rckv.window);
-    kv["rckv_tau"] = num(s.rckv.tau);
+    kv["rckv_tau"] = exact_str(s.rckv.tau);
     kv["rckv_observe"] = rckv_observe ? "true" : "false";
     std::ostringstream w;
     for (std::size_t i = 0; i < hof_weights.size(); ++i) w << (i ? " " : "") << hof_weights[i];

@@ -13,13 +13,6 @@
 namespace dsrsq::methods {
 namespace {
 
-std::string num(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
 struct DynamicKVKnobs final : MethodKnobs {
   DynamicKVConfig c;
   std::string pool = "avg";
@@ -40,10 +33,10 @@ struct DynamicKVKnobs final : MethodKnobs {
     kv["dynamic_kv_window"] = std::to_string(c.window);
     kv["dynamic_kv_kernel"] = std::to_string(c.kernel);
     kv["dynamic_kv_pool"] = pool;
-    kv["dynamic_kv_r_max"] = num(c.r_max);
+    kv["dynamic_kv_r_max"] = exact_str(c.r_max);
     kv["dynamic_kv_interval"] = std::to_string(c.interval);
   }
-  DynamicKVConfig config() const {
+  DynamicKVConfig settings() const {
     validate(RunShape{});
     DynamicKVConfig out = c;
     out.pool = pool == "max" ? snapkv::Pool::max : snapkv::Pool::avg;
@@ -51,25 +44,8 @@ struct DynamicKVKnobs final : MethodKnobs {
   }
 };
 
-class DynamicKV final : public Method {
- public:
-  explicit DynamicKV(const MethodContext& c)
-      : mc_(c.model.config()), be_(c.backend),
-        cfg_(c.knobs ? static_cast<const DynamicKVKnobs*>(c.knobs)->config() : DynamicKVKnobs{}.config()) {}
-  EvalPlan plan(const std::string&) override {
-    EvalPlan p;
-    p.policy = std::make_unique<DynamicKVPolicy>(mc_, be_, cfg_);
-    return p;
-  }
-
- private:
-  ModelConfig mc_;
-  Backend& be_;
-  DynamicKVConfig cfg_;
-};
-
 std::shared_ptr<MethodKnobs> knobs() { return std::make_shared<DynamicKVKnobs>(); }
-std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<DynamicKV>(c); }
+std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<SettingsPolicyMethod<DynamicKVPolicy, DynamicKVKnobs>>(c); }
 
 }  // namespace
 

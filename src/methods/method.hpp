@@ -134,6 +134,31 @@ class KVPolicyMethod final : public Method {
   std::string kind_;
 };
 
+// A training-free method that is one KV policy built from its knobs'
+// settings (pyramid, dynamic_kv, rocket_kv): Knobs::settings() (validated)
+// gives what Policy(model config, backend, settings) takes.
+template <class Policy, class Knobs>
+class SettingsPolicyMethod final : public Method {
+ public:
+  explicit SettingsPolicyMethod(const MethodContext& c)
+      : mc_(c.model.config()), be_(c.backend),
+        s_(c.knobs ? static_cast<const Knobs*>(c.knobs)->settings() : Knobs{}.settings()) {}
+  EvalPlan plan(const std::string&) override {
+    EvalPlan p;
+    p.policy = std::make_unique<Policy>(mc_, be_, s_);
+    return p;
+  }
+
+ private:
+  ModelConfig mc_;
+  Backend& be_;
+  decltype(std::declval<const Knobs&>().settings()) s_;
+};
+
+// A number with 17 significant digits (it round-trips exactly): knob values in
+// the run's identity, figures in meta.
+std::string exact_str(double v);
+
 struct MethodInfo {
   std::string_view name;
   std::string_view summary;    // one line for --help and --dry-run

@@ -12,13 +12,6 @@
 namespace dsrsq::methods {
 namespace {
 
-std::string num(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
 struct PyramidKnobs final : MethodKnobs {
   std::int64_t window = 0;
   std::int64_t kernel = 7;
@@ -42,7 +35,7 @@ struct PyramidKnobs final : MethodKnobs {
     kv["pyramid_window"] = std::to_string(window);
     kv["pyramid_kernel"] = std::to_string(kernel);
     kv["pyramid_pool"] = pool;
-    kv["pyramid_beta"] = num(beta);
+    kv["pyramid_beta"] = exact_str(beta);
   }
   pyramid::Settings settings() const {
     pyramid::Settings s;
@@ -54,25 +47,8 @@ struct PyramidKnobs final : MethodKnobs {
   }
 };
 
-class Pyramid final : public Method {
- public:
-  explicit Pyramid(const MethodContext& c)
-      : mc_(c.model.config()), be_(c.backend),
-        s_(c.knobs ? static_cast<const PyramidKnobs*>(c.knobs)->settings() : PyramidKnobs{}.settings()) {}
-  EvalPlan plan(const std::string&) override {
-    EvalPlan p;
-    p.policy = std::make_unique<PyramidPolicy>(mc_, be_, s_);
-    return p;
-  }
-
- private:
-  ModelConfig mc_;
-  Backend& be_;
-  pyramid::Settings s_;
-};
-
 std::shared_ptr<MethodKnobs> knobs() { return std::make_shared<PyramidKnobs>(); }
-std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<Pyramid>(c); }
+std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<SettingsPolicyMethod<PyramidPolicy, PyramidKnobs>>(c); }
 
 }  // namespace
 

@@ -22,13 +22,6 @@ std::string shown(double v) {
   return os.str();
 }
 
-std::string num(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
 struct RazorKnobs final : MethodKnobs {
   std::int64_t sinks = 4;        // N0 (the prototype's default)
   double induction = 0.14;       // fraction of all (layer, head) pairs
@@ -55,8 +48,8 @@ struct RazorKnobs final : MethodKnobs {
   }
   void resolved(std::map<std::string, std::string>& kv) const override {
     kv["razor_sinks"] = std::to_string(sinks);
-    kv["razor_induction_fraction"] = num(induction);
-    kv["razor_echo_fraction"] = num(echo);
+    kv["razor_induction_fraction"] = exact_str(induction);
+    kv["razor_echo_fraction"] = exact_str(echo);
     kv["razor_calib_segment"] = std::to_string(segment);
     kv["razor_calib_repeats"] = std::to_string(repeats);
   }
@@ -83,8 +76,8 @@ class Razor final : public Method {
     s_.protect = razor::protected_heads(hs, k.induction, k.echo);
     auto& m = s_.calibration_meta;
     m["razor_calibration_tokens"] = std::to_string(hs.tokens);
-    m["razor_calibration_s"] = num(hs.seconds);
-    m["razor_calibration_flops"] = num(hs.flops);
+    m["razor_calibration_s"] = exact_str(hs.seconds);
+    m["razor_calibration_flops"] = exact_str(hs.flops);
     m["razor_calibrated_heads"] = razor::head_list(s_.protect, mc_.n_heads);
     m["razor_induction_scores"] = scores_str(hs.induction);
     m["razor_echo_scores"] = scores_str(hs.echo);

@@ -1,5 +1,6 @@
 // The method table (DESIGN.md section 4). Report order: the standard model's
 // full cache first, then the training-free baselines, then trained methods.
+#include <sstream>
 #include <string>
 
 #include "core/error.hpp"
@@ -43,6 +44,13 @@ EvalPlan KVPolicyMethod::plan(const std::string&) {
   EvalPlan p;
   p.policy = make_kv_policy(KVPolicySpec{kind_}, mc_, be_);
   return p;
+}
+
+std::string exact_str(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  return os.str();
 }
 
 std::string method_names(bool trainable_only) {

@@ -25,29 +25,14 @@ struct RocketKVKnobs final : MethodKnobs {
     kv["rocket_kv_window"] = std::to_string(c.window);
     kv["rocket_kv_kernel"] = std::to_string(c.kernel);
   }
-};
-
-class RocketKV final : public Method {
- public:
-  explicit RocketKV(const MethodContext& c)
-      : mc_(c.model.config()), be_(c.backend),
-        cfg_(c.knobs ? static_cast<const RocketKVKnobs*>(c.knobs)->c : RocketKVConfig{}) {
-    cfg_.validate();
+  RocketKVConfig settings() const {
+    c.validate();
+    return c;
   }
-  EvalPlan plan(const std::string&) override {
-    EvalPlan p;
-    p.policy = std::make_unique<RocketKVPolicy>(mc_, be_, cfg_);
-    return p;
-  }
-
- private:
-  ModelConfig mc_;
-  Backend& be_;
-  RocketKVConfig cfg_;
 };
 
 std::shared_ptr<MethodKnobs> knobs() { return std::make_shared<RocketKVKnobs>(); }
-std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<RocketKV>(c); }
+std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<SettingsPolicyMethod<RocketKVPolicy, RocketKVKnobs>>(c); }
 
 }  // namespace
 
