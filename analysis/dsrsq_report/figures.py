@@ -738,6 +738,71 @@ def fig_pareto(sweep, outdir, name="pareto"):
     return Figure(name, _save(fig, outdir, name), cap)
 
 
+def context_curves(sweep):
+    """Per budget and method: [(context size, point)] in context order, the points of pareto_data (the full
+    cache's reference cell under FULL)."""
+    from . import sweep as SW
+    data = SW.pareto_data(sweep)
+    out = {}
+    for b in sweep.budgets:
+        per = {}
+        for c in sweep.context_sizes:
+            for m, pts in data[c]["methods"].items():
+                for p in pts:
+                    if p["budget"] == b:
+                        per.setdefault(m, []).append((c, p))
+        out[b] = {m: per[m] for m in sweep.methods if m in per}
+    return out
+
+
+def fig_f1_vs_context(sweep, outdir, name="f1_vs_context"):
+    """Per KV budget: mean F1 against the eval context size, one line per method."""
+    from . import sweep as SW
+    curves = context_curves(sweep)
+    budgets = [b for b in sweep.budgets if curves[b]]
+    if len(sweep.context_sizes) < 2 or not budgets:
+        return Figure(name, None, "", "fewer than two context sizes")
+    cols = min(2, len(budgets))
+    rows = (len(budgets) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), squeeze=False)
+    for ax, b in zip(axes.ravel(), budgets):
+        notes = []
+        for i, m in enumerate(sweep.methods):
+            pts = curves[b].get(m)
+            if not pts:
+                continue
+            st = _style(i)
+            done = [(c, p) for c, p in pts if p["status"] in ("ok", "infeasible") and math.isfinite(p["f1"])]
+            if done:
+                xs = [c for c, _ in done]
+                ys = [p["f1"] for _, p in done]
+                err = np.array([[max(0.0, p["f1"] - p["lo"]) for _, p in done],
+                                [max(0.0, p["hi"] - p["f1"]) for _, p in done]])
+                ax.errorbar(xs, ys, yerr=err, capsize=3, label=m, color="black" if m == SW.FULL else st["color"],
+                            ls="--" if m == SW.FULL else st["ls"], lw=1.2, marker=st["marker"], ms=st["ms"])
+                inf = [(c, p["f1"]) for c, p in done if p["status"] == "infeasible" and m != SW.FULL]
+                if inf:
+                    ax.plot(*zip(*inf), "o", mfc="none", mec="red", ms=st["ms"] + 6, mew=1.5)
+            notes += [f"{m} @ {c}: FAILED" for c, p in pts if p["status"] == "failed"]
+        if notes:
+            ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, va="bottom", ha="left", color="red",
+                    fontsize=7, fontweight="bold")
+        ax.set_xticks(sweep.context_sizes)
+        ax.set_xlabel("eval context size (model tokens)")
+        ax.set_ylabel("F1 (0-1)")
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_title(f"KV budget {b}" + (f" [{sweep.label}]" if sweep.label else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right", framealpha=0.7, ncol=2)
+    for ax in axes.ravel()[len(budgets):]:
+        ax.axis("off")
+    cap = ("F1 against context length per KV budget: mean F1 of each method's cell at each eval context size with "
+           "its 95% bootstrap interval (examples resampled, fixed seed); dashed black: the full cache on the same "
+           "examples. A red ring marks an infeasible cell (some example held more than its budget); failed cells "
+           "are named in red, never drawn.")
+    return Figure(name, _save(fig, outdir, name), cap)
+
+
 ALL = (fig_loss, fig_train_metrics, fig_memory, fig_throughput, fig_token_efficiency, fig_latency, fig_ablation,
        fig_baselines, fig_retention, fig_kv_sweep, fig_scaling, fig_needle)
 

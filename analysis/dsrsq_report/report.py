@@ -117,6 +117,7 @@ def sweeps_md(sweeps, outdir, figures):
         out.append(f"Files: `table5_budget_to_95pct{suffix}.csv`, `table6_sweep_cells{suffix}.csv`\n")
         if figures:
             figs.append(F.fig_pareto(sw, outdir, "pareto" + suffix))
+            figs.append(F.fig_f1_vs_context(sw, outdir, "f1_vs_context" + suffix))
         shown += [f"### {title}: Table 5, the budget at which each method first keeps >= 95% of the full cache's F1\n",
                   k95 + "\n", f"### {title}: Table 6, cells with paired tests against the full cache\n", cells + "\n"]
     return "\n".join(out), figs, "\n".join(shown)

@@ -22,7 +22,10 @@ from .stats import BOOTSTRAP_SAMPLES, bootstrap_mean_ci, mcnemar_exact, paired_b
 FULL = "full"          # the reference method: the full cache
 KEEP = 0.95            # "keeps >= 95% of the full cache's F1"
 # Options a sweep varies between runs (cells), and options that do not change what a cell measures.
-SWEPT_KEYS = {"kv_budget", "methods", "eval_context_sizes", "command", "ablation", "ablation_variants"}
+# `model` is swept too: a trained method (dsrsq, atskv) is evaluated in a run of its own model, on its own
+# checkpoint, and its cells join the standard model's cells of the same examples; _merge refuses a method whose
+# cells come from runs of different models (a full cache on a fine-tuned backbone is another method).
+SWEPT_KEYS = {"kv_budget", "methods", "eval_context_sizes", "command", "ablation", "ablation_variants", "model"}
 FREE_KEYS = (SWEPT_KEYS | NON_IDENTITY_KEYS) - {"seed"}
 
 
@@ -188,9 +191,17 @@ def _group_label(rep, reps):
 def _merge(label, runs):
     sw = Sweep(label, runs)
     examples = {}  # context size -> (ids, golds, run path)
+    model_of = {}  # method -> (model, run path) of the first run that gave its cells
     for r in runs:
+        model = r.config_value("model")
         for key, res in run_cells(r).items():
             m, c, b = key
+            prev_model = model_of.setdefault(m, (model, r.path))
+            if prev_model[0] != model:
+                raise MergeError(
+                    f"method '{m}' has cells in {prev_model[1]} (--model {prev_model[0]}) and {r.path} (--model "
+                    f"{model}): on different weights it is not one method; evaluate it in runs of one model "
+                    "(--methods) only")
             if res.n:
                 prev = examples.get(c)
                 if prev is None:

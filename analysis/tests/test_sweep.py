@@ -257,3 +257,41 @@ def test_bootstrap_is_seeded_and_brackets_the_mean():
     assert ST.bootstrap_mean_ci([0.3] * 5) == (0.3, 0.3, 0.3)
     m, lo, hi, p = ST.paired_bootstrap([1.0] * 8, [0.5] * 8)
     assert (m, lo, hi) == (0.5, 0.5, 0.5) and p == 0.0
+
+
+def test_merge_takes_a_trained_method_from_its_own_models_run(tmp_path):
+    """--model is swept: a trained method's run (its own checkpoint, its cells only) joins the standard runs'
+    sweep; a method whose cells come from runs of two models is refused."""
+    specs = _specs()
+
+    def make(name, keep, methods, model):
+        p = tmp_path / name / "run.h5"
+        p.parent.mkdir()
+        sub = {k: v for k, v in _subset_specs(specs, keep).items() if k[0] in methods}
+        write_sweep_run(str(p), [CELLS[k] for k in keep], sub, n_examples=N, config_extra={"model": model})
+        return str(p)
+    std = make("std", [0, 1, 2, 3, 4, 5], ("full", "b", "c"), "standard")
+    own = make("own", [0, 1, 2, 3, 4, 5], ("a",), "dsrsq")
+    out = tmp_path / "merged"
+    res = run_report(std, own, "-o", out, "--no-figures", "--one-sweep")
+    assert res.returncode == 0, res.stderr
+    _check_95(_table5(out))  # a's row is worked out against the standard runs' full cache
+    # full from both models: refused, naming both files.
+    both = make("both", [0, 3], ("full", "a"), "dsrsq")
+    res = run_report(std, both, "-o", tmp_path / "o2", "--no-figures")
+    assert res.returncode == 2 and "method 'full'" in res.stderr and std in res.stderr and both in res.stderr, \
+        res.stderr
+
+
+def test_f1_vs_context_figure(one_file, tmp_path):
+    """The curves are the cells of each budget in context order (known F1s of _specs); the figure is written."""
+    from dsrsq_report.figures import context_curves, fig_f1_vs_context
+    sw, = SW.build_sweeps([read_run(one_file)])
+    cur = context_curves(sw)
+    assert [c for c, _ in cur["0.25"]["a"]] == [64, 128]
+    assert [p["f1"] for _, p in cur["0.25"]["a"]] == pytest.approx([0.77, 0.5])
+    assert [p["status"] for _, p in cur["0.125"]["c"]] == ["infeasible", "failed"]
+    assert [p["f1"] for _, p in cur["0.5"]["full"]] == pytest.approx([0.8, 0.5])
+    fig = fig_f1_vs_context(sw, str(tmp_path))
+    assert fig.path == str(tmp_path / "f1_vs_context.png") and (tmp_path / "f1_vs_context.png").stat().st_size > 10000
+    assert "F1 against context length" in fig.caption
