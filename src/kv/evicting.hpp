@@ -52,7 +52,10 @@ class EvictingPolicy : public KVPolicy {
   KVMemory memory() const override;
   std::size_t budget_requested_bytes() const override { return requested_; }
   std::size_t budget_achieved_bytes() const override;
-  bool infeasible() const override { return infeasible_; }
+  // The plan's verdict, or, once prefill has ended, bytes held beyond the
+  // budget: under the query-agnostic protocols the question arrives after the
+  // compression call, and its tokens can push a plan that fit the context over.
+  bool infeasible() const override { return infeasible_ || (decoding_ && budget_achieved_bytes() > requested_); }
   double attended_tokens() const override { return stats_.attended(); }
   std::unique_ptr<KVSnapshot> snapshot() const override;
   void restore(const KVSnapshot& snap) override;
