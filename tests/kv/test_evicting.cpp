@@ -311,3 +311,24 @@ BOOST_AUTO_TEST_CASE(reselect_shrinks_rows) {
       BOOST_TEST(nv[i * HS + c] == before_v[static_cast<std::size_t>(keep[2][static_cast<std::size_t>(i)] * HS + c)]);
   BOOST_TEST(pol.budget_achieved_bytes() < before);
 }
+
+// A plan that fit the compression call but not what followed (the question
+// appended under context_only) is marked infeasible once prefill ends: the
+// bytes held decide, not only the plan.
+BOOST_AUTO_TEST_CASE(bytes_held_beyond_the_budget_are_infeasible) {
+  const ModelConfig cfg = small_cfg();
+  Transformer m(cfg, cpu_backend());
+  const std::int64_t B = 1, N = 20, T = 3;
+  std::vector<std::int32_t> ctx(static_cast<std::size_t>(B * N), 5), q(static_cast<std::size_t>(B * 4), 7);
+  for (const double f : {1.0, 0.5}) {
+    KeepAllPolicy pol(cfg, cpu_backend(), "keep_all");
+    KVBudget budget;
+    budget.fraction = f;
+    pol.begin(SequenceInfo{B, N + 4, 0, T}, budget);
+    testing::prefill_context(m, pol, ctx, B, 1);
+    BOOST_TEST(!pol.infeasible());  // the plan accepted the budget
+    const auto a = testing::answer_question(m, pol, q, B, N, T);
+    BOOST_TEST(a.infeasible == (f < 1.0), "fraction " << f);
+    BOOST_TEST((a.achieved > a.requested) == (f < 1.0));
+  }
+}
