@@ -640,6 +640,8 @@ int run_experiment(const Options& opt, int rank, int world) {
   mc.n_heads = opt.n_heads;
   mc.n_layers = opt.n_layers;
   mc.d_ff = opt.d_ff;
+  mc.rope_theta = opt.rope_theta;
+  mc.attn_log_base = opt.attn_log_scale;
   // Sequence parallelism pads batches to a multiple of 2 sp tokens; the limit
   // follows the eval context sizes when --max_pos is not given.
   mc.max_pos = opt.max_pos ? opt.max_pos : (opt.auto_max_pos() + 2 * opt.sp - 1) / (2 * opt.sp) * (2 * opt.sp);

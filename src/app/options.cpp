@@ -71,6 +71,8 @@ po::options_description describe(Options& o) {
     ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "attention heads")
     ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "transformer blocks")
     ("d_ff", po::value(&o.d_ff)->default_value(o.d_ff), "MLP hidden width")
+    ("rope_theta", po::value(&o.rope_theta)->default_value(o.rope_theta, shortest(o.rope_theta)), "RoPE base: frequencies theta^(-2i/head_size); a larger base rotates the slow dimensions less over long distances")
+    ("attn_log_scale", po::value(&o.attn_log_scale)->default_value(o.attn_log_scale, shortest(o.attn_log_scale)), "log-length attention scaling: a query at position p gets its logits scaled by max(1, ln(p+1)/ln(N)) with N this value, the trained length (Su 2021; Qwen's logn attention); an inference-time setting that leaves positions below N unchanged (0: off)")
     ("max_pos", po::value(&o.max_pos)->default_value(o.max_pos), "largest position + 1 (0: automatic: max_seq_len, or more when --eval_context_sizes go beyond the training sizes: the largest eval size + the room the training sizes have under max_seq_len)")
     ("init_from", po::value(&o.init_from), "initialise the model from this checkpoint");
   po::options_description data("Data");
@@ -189,6 +191,9 @@ void check_ranges(const Options& o) {
   in("max_new_tokens", o.max_new_tokens, 1, o.max_seq_len - 1, " (below --max_seq_len: the prompt needs room)");
   in("dp", o.dp, 1, 1 << 20);
   in("sp", o.sp, 1, 1 << 20);
+  real("rope_theta", o.rope_theta, 1, 1e12, true);
+  DSRSQ_INPUT_CHECK(std::isfinite(o.attn_log_scale) && (o.attn_log_scale == 0 || (o.attn_log_scale >= 2 && o.attn_log_scale <= 1e9)),
+                    "option --attn_log_scale: must be 0 (off) or a length in [2, 1e9], got ", o.attn_log_scale);
   real("learning_rate", o.learning_rate, 0, 10, true);
   real("weight_decay", o.weight_decay, 0, 1, false);
   real("clip_norm", o.clip_norm, 0, 1e6, false, " (0: off)");
@@ -536,6 +541,8 @@ std::string Options::resolved_text() const {
     os << v;
     return os.str();
   };
+  kv["rope_theta"] = num(rope_theta);
+  kv["attn_log_scale"] = num(attn_log_scale);
   kv["learning_rate"] = num(learning_rate);
   kv["warmup"] = std::to_string(warmup);
   kv["weight_decay"] = num(weight_decay);

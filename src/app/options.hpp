@@ -33,6 +33,8 @@ struct Options {
   std::string model = "standard";
   std::int64_t d_model = 128, n_heads = 4, n_layers = 2, d_ff = 512;
   std::int64_t max_pos = 0;  // 0: auto_max_pos()
+  double rope_theta = 10000.0;  // RoPE base
+  double attn_log_scale = 0.0;  // log-length query scaling base (0: off)
   std::string init_from;     // checkpoint to start from
 
   // Data

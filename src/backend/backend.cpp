@@ -154,6 +154,8 @@ static void check_rope(const char* op, const RopeArgs& a) {
   check_shape(op, "pos", a.pos, Shape{a.x.shape[0]});
   check_positions(op, "pos", a.pos);
   if (!(a.theta > 0)) raise_input_error(detail::cat(op, ": theta must be > 0, got ", a.theta));
+  if (!(a.log_base == 0 || a.log_base > 1))
+    raise_input_error(detail::cat(op, ": log_base must be 0 (off) or > 1, got ", a.log_base));
 }
 
 void Backend::rope_fwd(const RopeArgs& a) {

@@ -41,10 +41,16 @@ struct EmbeddingGradArgs {
 // In place on x (N, NH, HS), HS even: for i < HS/2, angle = pos * theta^(-2i/HS),
 // (x[i], x[i+HS/2]) -> (x[i] cos - x[i+HS/2] sin, x[i+HS/2] cos + x[i] sin).
 // Backward is the inverse rotation applied in place to the gradient.
+// log_base > 1 (queries only): each row is also scaled by
+// s(pos) = max(1, ln(pos + 1) / ln(log_base)), the log-length attention scaling
+// (Su 2021; Qwen's logn attention): a query that sees more keys than the
+// trained length log_base gets proportionally sharper logits. The backward
+// scales by the same s (s R is linear). 0: off.
 struct RopeArgs {
   TensorView x;    // (N, NH, HS), in place
   TensorView pos;  // i32 (N): the token's position in the full sequence
   double theta = 10000.0;
+  double log_base = 0.0;
 };
 
 // ---- layernorm --------------------------------------------------------------

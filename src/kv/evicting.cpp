@@ -211,7 +211,7 @@ void EvictingPolicy::attend(std::int64_t layer, TensorView q, TensorView k, Tens
   const std::int64_t B = info_.batch, Tn = q.shape[1], NH = cfg_.n_heads, HS = cfg_.head_size(), R = rows();
   Layer& L = *layers_[static_cast<std::size_t>(layer)];
   const TensorView pos_flat = pos.reshaped(Shape{B * Tn});
-  be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos_flat, cfg_.rope_theta});
+  be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos_flat, cfg_.rope_theta, cfg_.attn_log_base});
   be_.rope_fwd(RopeArgs{k.reshaped(Shape{B * Tn, NH, HS}), pos_flat, cfg_.rope_theta});
 
   if (!L.ready) {

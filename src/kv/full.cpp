@@ -61,7 +61,7 @@ void FullPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
 
   // RoPE with the original positions, in place (the model does not reuse q, k).
   TensorView pos_flat = pos.reshaped(Shape{B * Tn});
-  be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos_flat, cfg_.rope_theta});
+  be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos_flat, cfg_.rope_theta, cfg_.attn_log_base});
   be_.rope_fwd(RopeArgs{k.reshaped(Shape{B * Tn, NH, HS}), pos_flat, cfg_.rope_theta});
 
   // Append post-RoPE keys and values and the positions.

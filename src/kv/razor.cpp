@@ -67,7 +67,7 @@ class CalibrationPolicy final : public KVPolicy {
     const TensorView pf = pos.reshaped(Shape{Tn});
     for (std::int64_t i = 0; i < Tn; ++i)
       DSRSQ_REQUIRE(pf.ptr<std::int32_t>()[i] == len + i, "razor calibration: positions must run 0, 1, ...");
-    be_.rope_fwd(RopeArgs{q.reshaped(Shape{Tn, NH, HS}), pf, cfg_.rope_theta});
+    be_.rope_fwd(RopeArgs{q.reshaped(Shape{Tn, NH, HS}), pf, cfg_.rope_theta, cfg_.attn_log_base});
     be_.rope_fwd(RopeArgs{k.reshaped(Shape{Tn, NH, HS}), pf, cfg_.rope_theta});
     const std::int64_t S = len + Tn;
     const TensorView kc = k_[l].reshaped(Shape{k_[l].shape[1], NH, HS}), vc = v_[l].reshaped(Shape{v_[l].shape[1], NH, HS});

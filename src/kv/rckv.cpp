@@ -355,7 +355,7 @@ void RckvPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
   const std::int64_t B = info_.batch, Tn = q.shape[1], NH = mc_.n_heads, HS = mc_.head_size();
   ArenaScope scope(scratch_);
   // 1. Queries rotated at their original positions (in place: caller's scratch).
-  be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos.reshaped(Shape{B * Tn}), mc_.rope_theta});
+  be_.rope_fwd(RopeArgs{q.reshaped(Shape{B * Tn, NH, HS}), pos.reshaped(Shape{B * Tn}), mc_.rope_theta, mc_.attn_log_base});
   // 2. Window + new tokens: exact keys (rotated copies; k stays pre-RoPE for push()).
   const ExactKV w = gather_exact(layer, k, v, pos);
   // 3. Importance of the call's tokens from the attention they receive.

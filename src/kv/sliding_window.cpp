@@ -137,7 +137,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t s = 0; s < cap_; ++s)
         kpos[idx(b * cap_ + s)] = s < st.len ? static_cast<std::int32_t>(s) : KVCache::kEmptyPos;
-    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta});
+    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta, cfg_.attn_log_base});
     be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse, tau_v.reshaped(Shape{B, c}),
                                     TensorView(kpos.data(), Shape{B, cap_}), true, 0.0});
   } else {
@@ -151,7 +151,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
     //   C  the sinks, the query rotated by cache index cap - 1 instead of tau.
     // A and B use keys and queries rotated by stream index: q_tau . k_u
     // depends on tau - u only, which is the distance of their cache indices.
-    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta});
+    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta, cfg_.attn_log_base});
     const std::int64_t base = tau0 + c + W;
     std::vector<std::int32_t> kpos(idx(B * cap_)), qpos(idx(B * c));
     for (std::int64_t s = 0; s < cap_; ++s) {
@@ -181,7 +181,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
       std::vector<std::int32_t> qsp(idx(B * c), static_cast<std::int32_t>(cap_ - 1)), ksp(idx(B * S));
       for (std::int64_t b = 0; b < B; ++b)
         for (std::int64_t s = 0; s < S; ++s) ksp[idx(b * S + s)] = static_cast<std::int32_t>(s);
-      be_.rope_fwd(RopeArgs{qs, TensorView(qsp.data(), Shape{B * c}), cfg_.rope_theta});
+      be_.rope_fwd(RopeArgs{qs, TensorView(qsp.data(), Shape{B * c}), cfg_.rope_theta, cfg_.attn_log_base});
       const Shape sshape{B, S, NH, HS};
       be_.attention_fwd(AttentionArgs{qs.reshaped(bshape), ks.reshaped(sshape), vs.reshaped(sshape), ob.reshaped(bshape), lb,
                                       TensorView(qsp.data(), Shape{B, c}), TensorView(ksp.data(), Shape{B, S}), true, 0.0});

@@ -309,7 +309,7 @@ void GcaModel::block_fwd(Arena& ar, const Block& p, Acts& A, TensorView x, Tenso
   be_.linear_fwd(LinearArgs{A.ln1, p.wk, p.bk, A.k});
   be_.linear_fwd(LinearArgs{A.ln1, p.wv, p.bv, A.v});
   TensorView pos = kind == Kind::chunk ? epos_ : spos_;
-  be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta});
+  be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta, cfg_.base.attn_log_base});
   be_.rope_fwd(RopeArgs{A.k.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta});
   self_attn_fwd(ar, A, kind);
   A.x1 = ar.allocate(Shape{n, C}, dt_);
@@ -356,7 +356,7 @@ void GcaModel::block_bwd(Arena& ar, const Block& p, const Block& g, const Acts& 
   TensorView dq = ar.zeros(Shape{n, C}, dt_), dk = ar.zeros(Shape{n, C}, dt_), dv = ar.zeros(Shape{n, C}, dt_);
   self_attn_bwd(ar, A, datt, dq, dk, dv, kind);
   TensorView pos = kind == Kind::chunk ? epos_ : spos_;
-  be_.rope_bwd(RopeArgs{dq.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta});
+  be_.rope_bwd(RopeArgs{dq.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta, cfg_.base.attn_log_base});
   be_.rope_bwd(RopeArgs{dk.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta});
   TensorView dln1 = ar.allocate(Shape{n, C}, dt_);
   be_.linear_bwd(LinearGradArgs{dq, A.ln1, p.wq, dln1, g.wq, g.bq, false});
@@ -807,7 +807,7 @@ TensorView GcaDecoder::step(std::int32_t id, std::int64_t e, bool landmark) {
     be.linear_fwd(LinearArgs{ln1, p.wk, p.bk, k});
     be.linear_fwd(LinearArgs{ln1, p.wv, p.bv, v});
     TensorView pf = pos1.reshaped(Shape{1});
-    be.rope_fwd(RopeArgs{q.reshaped(Shape{1, NH, HS}), pf, c.base.rope_theta});
+    be.rope_fwd(RopeArgs{q.reshaped(Shape{1, NH, HS}), pf, c.base.rope_theta, c.base.attn_log_base});
     be.rope_fwd(RopeArgs{k.reshaped(Shape{1, NH, HS}), pf, c.base.rope_theta});
     const std::int64_t slot = e % P;
     const auto li = static_cast<std::size_t>(l);
@@ -886,7 +886,7 @@ void GcaDecoder::close_chunk() {
     be.linear_fwd(LinearArgs{ln1, p.wq, p.bq, q});
     be.linear_fwd(LinearArgs{ln1, p.wk, p.bk, k});
     be.linear_fwd(LinearArgs{ln1, p.wv, p.bv, v});
-    be.rope_fwd(RopeArgs{q.reshaped(Shape{R, NH, HS}), epos, c.base.rope_theta});
+    be.rope_fwd(RopeArgs{q.reshaped(Shape{R, NH, HS}), epos, c.base.rope_theta, c.base.attn_log_base});
     be.rope_fwd(RopeArgs{k.reshaped(Shape{R, NH, HS}), epos, c.base.rope_theta});
     TensorView att = ar.allocate(Shape{R, C}, dt), lse = ar.allocate(Shape{1, NH, R}, dt);
     const Shape s{1, R, NH, HS};

@@ -22,6 +22,8 @@ void ModelConfig::validate() const {
   DSRSQ_INPUT_CHECK(vocab < (std::int64_t{1} << 31), "model config: vocab=", vocab, " too large");
   DSRSQ_INPUT_CHECK(max_pos <= (std::int64_t{1} << 30) - 1, "model config: max_pos=", max_pos, " too large (limit 2^30-1)");
   DSRSQ_INPUT_CHECK(rope_theta > 0, "model config: rope_theta must be > 0, got ", rope_theta);
+  DSRSQ_INPUT_CHECK(attn_log_base == 0 || attn_log_base > 1, "model config: attn_log_base must be 0 (off) or > 1, got ",
+                    attn_log_base);
   DSRSQ_INPUT_CHECK(ln_eps > 0, "model config: ln_eps must be > 0, got ", ln_eps);
 }
 
@@ -34,7 +36,9 @@ std::int64_t ModelConfig::num_parameters() const {
 std::string ModelConfig::str() const {
   std::ostringstream os;
   os << "vocab=" << vocab << " d_model=" << d_model << " n_heads=" << n_heads << " n_layers=" << n_layers
-     << " d_ff=" << d_ff << " max_pos=" << max_pos << " tied_embedding=" << (tied_embedding ? "true" : "false");
+     << " d_ff=" << d_ff << " max_pos=" << max_pos << " tied_embedding=" << (tied_embedding ? "true" : "false")
+     << " rope_theta=" << rope_theta;
+  if (attn_log_base > 0) os << " attn_log_base=" << attn_log_base;
   return os.str();
 }
 

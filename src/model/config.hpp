@@ -15,6 +15,9 @@ struct ModelConfig {
   std::int64_t max_pos = 4096;  // positions must lie in [0, max_pos)
   bool tied_embedding = true;
   double rope_theta = 10000.0;
+  // > 1: queries at position p are scaled by max(1, ln(p+1)/ln(attn_log_base))
+  // (log-length attention scaling; RopeArgs::log_base). 0: off.
+  double attn_log_base = 0.0;
   double ln_eps = 1e-5;
 
   std::int64_t head_size() const { return d_model / n_heads; }

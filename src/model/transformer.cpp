@@ -180,7 +180,7 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
       if (save_pre_rope_keys) A.v_pre = copy_into(arena, A.v);
       kv_transform->forward(l, A.k, A.v);
     }
-    be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
+    be_.rope_fwd(RopeArgs{A.q.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta, cfg_.attn_log_base});
     be_.rope_fwd(RopeArgs{A.k.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     A.lse = arena.allocate(Shape{B, NH, T}, f);
     if (cache) {
@@ -299,7 +299,7 @@ void Transformer::backward(double dloss) {
                                dv.reshaped(qs), true, 0.0};
     if (attention_override) attention_override->backward(l, ga);
     else be_.attention_bwd(ga);
-    be_.rope_bwd(RopeArgs{dq.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
+    be_.rope_bwd(RopeArgs{dq.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta, cfg_.attn_log_base});
     be_.rope_bwd(RopeArgs{dk.reshaped(Shape{N, NH, HS}), pos_flat, cfg_.rope_theta});
     if (kv_transform) kv_transform->backward(l, dk, dv);
     TensorView dln1 = ar.allocate(Shape{N, C}, f);

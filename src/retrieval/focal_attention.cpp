@@ -24,7 +24,7 @@ void FocalAttentionScorer::attend(std::int64_t layer, TensorView q, TensorView k
   DSRSQ_INPUT_CHECK(Tn == n_ && layer == layers_done_, "focal attention scorer: the prompt of ", n_,
                     " tokens must come in one call (got ", Tn, " tokens at layer ", layer, ")");
   ArenaScope scope(scratch_);
-  be_.rope_fwd(RopeArgs{q.reshaped(Shape{Tn, NH, HS}), pos.reshaped(Shape{Tn}), cfg_.rope_theta});
+  be_.rope_fwd(RopeArgs{q.reshaped(Shape{Tn, NH, HS}), pos.reshaped(Shape{Tn}), cfg_.rope_theta, cfg_.attn_log_base});
   be_.rope_fwd(RopeArgs{k.reshaped(Shape{Tn, NH, HS}), pos.reshaped(Shape{Tn}), cfg_.rope_theta});
   TensorView lse = scratch_.allocate(Shape{1, NH, Tn}, DType::f32);
   be_.attention_fwd(AttentionArgs{q, k, v, out, lse, pos, pos, true, 0.0});

@@ -142,18 +142,20 @@ inline void embedding_bwd(const IVec& tokens, const Vec& dout, std::int64_t C, V
 
 // x (N, NH, HS), pair (i, i + HS/2) rotated by angle pos * theta^(-2i/HS);
 // inverse rotates by the negative angle.
+// log_base > 0 also scales row n by max(1, ln(pos + 1) / ln(log_base)).
 inline Vec rope(const Vec& x, std::int64_t N, std::int64_t NH, std::int64_t HS, const IVec& pos, double theta,
-                bool inverse = false) {
+                bool inverse = false, double log_base = 0.0) {
   Vec out = x;
   const std::int64_t half = HS / 2;
   for (std::int64_t n = 0; n < N; ++n)
     for (std::int64_t h = 0; h < NH; ++h)
       for (std::int64_t i = 0; i < half; ++i) {
+        const double s = log_base > 0 ? std::max(1.0, std::log(static_cast<double>(pos[static_cast<std::size_t>(n)]) + 1.0) / std::log(log_base)) : 1.0;
         const double ang = (inverse ? -1.0 : 1.0) * static_cast<double>(pos[static_cast<std::size_t>(n)]) *
                            std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(HS));
         const std::size_t a = static_cast<std::size_t>((n * NH + h) * HS + i), b = a + static_cast<std::size_t>(half);
-        out[a] = x[a] * std::cos(ang) - x[b] * std::sin(ang);
-        out[b] = x[b] * std::cos(ang) + x[a] * std::sin(ang);
+        out[a] = s * (x[a] * std::cos(ang) - x[b] * std::sin(ang));
+        out[b] = s * (x[b] * std::cos(ang) + x[a] * std::sin(ang));
       }
   return out;
 }

@@ -240,6 +240,27 @@ BOOST_AUTO_TEST_CASE(full_matches_forward) {
   }
 }
 
+// (a') with log-length query scaling (attn_log_base 8 < N + T = 32) the cache's
+// decode still equals the training forward (both scale queries by position),
+// and the scaling acts: the logits differ from the unscaled model's by far
+// more than the rounding bound.
+BOOST_AUTO_TEST_CASE(full_matches_forward_log_scaled) {
+  ModelConfig cfg = small_cfg();
+  cfg.attn_log_base = 8;
+  auto m = make_model(cfg, 11);
+  const std::int64_t B = 2, N = 23, T = 9;
+  auto seq = random_tokens(B * (N + T), cfg.vocab, 102);
+  auto pol = make_kv_policy("full", cfg, cpu_backend());
+  Run r = run_policy(*m, *pol, seq, B, N, T, frac(1.0), 5, true, 3);
+  BOOST_TEST(r.seq == seq);
+  const auto want = forward_logits(*m, r.seq, B, N + T);
+  BOOST_TEST(rel_err(r.logits, want) <= 1e-4);  // the bound of full_matches_forward
+  ModelConfig plain = cfg;
+  plain.attn_log_base = 0;
+  auto m0 = make_model(plain, 11);  // same weights (same seed), no scaling
+  BOOST_TEST(rel_err(forward_logits(*m0, r.seq, B, N + T), want) > 1e-2);
+}
+
 // (b) sliding_window with S + W >= N + T is the full model.
 BOOST_AUTO_TEST_CASE(sliding_window_large_budget_equals_full) {
   const ModelConfig cfg = small_cfg();

@@ -123,6 +123,44 @@ BOOST_AUTO_TEST_CASE(rope_fwd_bwd_f32) {
     }
 }
 
+// Log-length query scaling: rows at positions below the base are only rotated,
+// rows beyond it also scaled by ln(pos + 1) / ln(base); the backward (the
+// transposed map s R^T) is checked against the reference, whose backward is
+// checked to be the adjoint of its forward: <g, fwd(x)> == <bwd(g), x>.
+BOOST_AUTO_TEST_CASE(rope_log_scale_f32) {
+  for (dsrsq::Backend* backend : dsrsq::available_backends())
+    BOOST_TEST_CONTEXT("backend " << backend->name()) {
+      dsrsq::Backend& be = *backend;
+      for (double base : {2.0, 64.0, 1024.0}) {
+        BOOST_TEST_CONTEXT("log_base " << base) {
+          const std::int64_t N = 301, NH = 3, HS = 16, n = N * NH * HS;
+          dsrsq::Rng rng(41, static_cast<std::uint64_t>(base));
+          IVec pos = ref::randint(N, rng, 20000);
+          pos[0] = 0;
+          pos[1] = static_cast<std::int32_t>(base) - 1;  // s = 1 exactly at the base
+          Guarded<std::int32_t> gpos(pos);
+          const std::vector<float> x0 = ref::normal<float>(n, rng), g0 = ref::normal<float>(n, rng);
+          Guarded<float> x(x0), g(g0);
+          be.rope_fwd({tv(x, Shape{N, NH, HS}), tv(gpos, Shape{N}), 10000.0, base});
+          expect_close("rope_fwd log-scaled", x, ref::rope(round_trip(x0), N, NH, HS, pos, 10000.0, false, base));
+          be.rope_bwd({tv(g, Shape{N, NH, HS}), tv(gpos, Shape{N}), 10000.0, base});
+          const auto want_g = ref::rope(round_trip(g0), N, NH, HS, pos, 10000.0, true, base);
+          expect_close("rope_bwd log-scaled", g, want_g);
+          double lhs = 0, rhs = 0;
+          const auto fx = ref::rope(round_trip(x0), N, NH, HS, pos, 10000.0, false, base);
+          for (std::int64_t i = 0; i < n; ++i) {
+            lhs += static_cast<double>(g0[static_cast<std::size_t>(i)]) * fx[static_cast<std::size_t>(i)];
+            rhs += want_g[static_cast<std::size_t>(i)] * static_cast<double>(x0[static_cast<std::size_t>(i)]);
+          }
+          BOOST_TEST(std::abs(lhs - rhs) <= 1e-9 * (std::abs(lhs) + 1.0));
+        }
+      }
+      Guarded<float> x(std::vector<float>(8, 1.0f));
+      Guarded<std::int32_t> p(IVec{0, 1});
+      BOOST_CHECK_THROW(be.rope_fwd({tv(x, Shape{2, 1, 4}), tv(p, Shape{2}), 10000.0, 0.5}), dsrsq::Error);
+    }
+}
+
 // ---- layernorm ----------------------------------------------------------------
 BOOST_AUTO_TEST_CASE(layernorm_fwd_bwd_f32) {
   for (dsrsq::Backend* backend : dsrsq::available_backends())

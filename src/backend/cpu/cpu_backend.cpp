@@ -119,6 +119,7 @@ void rope_t(const RopeArgs& a, bool inverse) {
     std::vector<T> cs(static_cast<std::size_t>(half)), sn(static_cast<std::size_t>(half));
 #pragma omp for schedule(static)
     for (std::int64_t n = 0; n < N; ++n) {
+      const double scale = a.log_base > 0 ? std::max(1.0, std::log(static_cast<double>(pos[n]) + 1.0) / std::log(a.log_base)) : 1.0;
       for (std::int64_t i = 0; i < half; ++i) {
         double c, s_;
         if (tab) {
@@ -129,8 +130,8 @@ void rope_t(const RopeArgs& a, bool inverse) {
           c = std::cos(ang);
           s_ = std::sin(ang);
         }
-        cs[static_cast<std::size_t>(i)] = static_cast<T>(c);
-        sn[static_cast<std::size_t>(i)] = sign * static_cast<T>(s_);
+        cs[static_cast<std::size_t>(i)] = static_cast<T>(c * scale);
+        sn[static_cast<std::size_t>(i)] = sign * static_cast<T>(s_ * scale);
       }
       for (std::int64_t h = 0; h < NH; ++h) {
         T* r = x + (n * NH + h) * HS;
