@@ -178,8 +178,11 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     }
     if (cfg_.val_every > 0 && ((s + 1) % cfg_.val_every == 0 || s + 1 == cfg_.steps) && !val_.empty()) {
       const double vl = validation_loss();  // every rank, on the whole validation set: identical
-      if (dp_.rank() == 0) std::printf("step %5lld/%lld | validation loss %.4f\n", static_cast<long long>(s + 1),
-                  static_cast<long long>(cfg_.steps), vl);
+      if (dp_.rank() == 0) {
+        std::printf("step %5lld/%lld | validation loss %.4f\n", static_cast<long long>(s + 1),
+                    static_cast<long long>(cfg_.steps), vl);
+        std::fflush(stdout);  // a log read while the run goes on shows it at once
+      }
       if (cb.on_val) cb.on_val(s + 1, vl);
     }
     if (cb.on_checkpoint && cb.checkpoint_every > 0 && (s + 1) % cb.checkpoint_every == 0 && s + 1 < cfg_.steps)
