@@ -14,7 +14,8 @@
 # The ATSKV predictor is trained here first (backbone frozen) unless
 # OUT_DIR/atskv_train already holds its last checkpoint.
 # Env: STUDY_SIZES (default "64 128 192 256"), STUDY_BUDGETS (default
-# "0.5 0.25 0.125 0.0625"), STUDY_PER_SIZE (test examples per context size,
+# "0.5 0.25 0.125 0.0625"), STUDY_CONFIG (the model's config, default
+# configs/debug.ini; configs/long.ini for the long model), STUDY_PER_SIZE (test examples per context size,
 # default 200), STUDY_ATSKV_STEPS (default 300), STUDY_PROTOCOLS (default
 # "query_aware context_only"), DSRSQ_BIN (default build/dsrsq), STUDY_NICE (5).
 set -euo pipefail
@@ -35,7 +36,8 @@ run() { echo "[$(date -u +%H:%M:%S)] $*"; nice -n "${STUDY_NICE:-5}" "$bin" "$@"
 # Every evaluation shares these: the same config, seed, eval sizes and example
 # count, so every run scores the same test examples (make_split spreads
 # --num_test evenly over --eval_context_sizes); the report refuses otherwise.
-common=(--config configs/debug.ini --eval_context_sizes "${sizes[@]}" --num_test $((per_size * ${#sizes[@]}))
+config="${STUDY_CONFIG:-configs/debug.ini}"
+common=(--config "$config" --eval_context_sizes "${sizes[@]}" --num_test $((per_size * ${#sizes[@]}))
         --kv_budget "${budgets[@]}" --output_dir "$out" --no_report)
 # DSRSQ's own settings, as configs/dsrsq_debug.ini trained it (its training
 # options, steps and learning rate, are not repeated: this is evaluation).
@@ -49,7 +51,7 @@ training_free=(full standard sliding_window rag attention_rag razor pyramid dyna
 atskv_ckpt="$out/atskv_train/ckpt_${atskv_steps}.h5"
 if [ ! -f "$atskv_ckpt" ]; then
   t0=$(date +%s)
-  run train --config configs/debug.ini --model atskv --init_from "$std_ckpt" --steps "$atskv_steps" \
+  run train --config "$config" --model atskv --init_from "$std_ckpt" --steps "$atskv_steps" \
     --checkpoint_every "$atskv_steps" --output_dir "$out" --run_name atskv_train --no_report
   echo "ATSKV predictor: $atskv_steps steps in $(($(date +%s) - t0)) s"
 fi
