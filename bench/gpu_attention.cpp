@@ -8,8 +8,10 @@
 // T(T+1)/2 pairs; bwd = 2.5 x fwd, FlashAttention-2's count; our backward runs
 // 3.5 x fwd of tile products, see kernels/attention_bwd.cu, but is credited
 // with 2.5 as every implementation is). Time: CUDA events on the backend's
-// stream around the Backend call (which includes its boundary check: a
-// device-to-host copy of the positions), median over repeats after warm-up.
+// stream, median over repeats after warm-up, of the kernels alone (the
+// launchers of kernels/attention_*.cu, which GFLOP/s and %peak use) and of the
+// whole Backend call (fwd_call, bwd_call: adds the boundary check, which copies
+// the positions to the host and so synchronises the stream).
 // Check column: relative RMS error on a slice against a double reference
 // computed here on the host (head 0: o, lse and dq of 8 query rows; dk, dv of
 // the last 4 key rows), ok when fwd <= 10 sqrt(T) eps32, bwd <= 100 sqrt(T) eps32
@@ -28,6 +30,7 @@
 #include "backend/backend.hpp"
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_device.hpp"
+#include "backend/cuda/kernels/kernels.hpp"
 #include "core/rng.hpp"
 #include "dsrsq/build_info.hpp"
 
@@ -147,7 +150,7 @@ RowRef ref_row(const std::vector<float>& q, const std::vector<float>& k, const s
 
 struct Row {
   std::int64_t T;
-  double fwd_ms, bwd_ms, fwd_err, bwd_err, fwd_flops;
+  double fwd_ms, bwd_ms, fwd_err, bwd_err, fwd_flops, fwd_call_ms, bwd_call_ms;
 };
 
 Row run(dsrsq::cuda::CudaBackend& be, std::int64_t T, std::int64_t NH, std::int64_t HS, int warmup, int repeats) {
@@ -234,9 +237,22 @@ Row run(dsrsq::cuda::CudaBackend& be, std::int64_t T, std::int64_t NH, std::int6
     }
 
   Row row{T, 0, 0, std::sqrt(fe2 / fr2), std::sqrt(be2 / br2),
-          dsrsq::attention_cost(1, T, T, NH, HS, true, false).flops};
-  row.fwd_ms = time_ms(be.stream(), warmup, repeats, [&] { be.attention_fwd(fa); });
-  row.bwd_ms = time_ms(be.stream(), warmup, repeats, [&] { be.attention_bwd(ba); });
+          dsrsq::attention_cost(1, T, T, NH, HS, true, false).flops, 0, 0};
+  // The kernels alone (as CudaBackend::attention_*_impl launches them).
+  const dsrsq::cuda::AttentionDims d{1, T, T, NH, HS, true, static_cast<float>(scale)};
+  DevBuf Dv(be, sizeof(float) * static_cast<std::size_t>(NH * T));
+  auto fp = [](const TensorView& t) { return t.device_ptr<float>(); };
+  const auto* pp = tp.device_ptr<std::int32_t>();
+  row.fwd_ms = time_ms(be.stream(), warmup, repeats, [&] {
+    dsrsq::cuda::attention_fwd(fp(tq), fp(tk), fp(tv), fp(to), fp(tl), pp, pp, d, be.stream());
+  });
+  row.bwd_ms = time_ms(be.stream(), warmup, repeats, [&] {
+    dsrsq::cuda::attention_bwd(fp(tdo), fp(tq), fp(tk), fp(tv), fp(to), fp(tl), pp, pp, fp(tdq), fp(tdk), fp(tdv),
+                               static_cast<float*>(Dv.p), d, be.stream());
+  });
+  // The Backend calls (boundary checks included).
+  row.fwd_call_ms = time_ms(be.stream(), 1, repeats, [&] { be.attention_fwd(fa); });
+  row.bwd_call_ms = time_ms(be.stream(), 1, repeats, [&] { be.attention_bwd(ba); });
   return row;
 }
 
@@ -273,7 +289,7 @@ int main(int argc, char** argv) {
                 dsrsq::build::git_sha, dsrsq::build::build_type, dsrsq::cuda::runtime_version().c_str());
     std::printf("# device %s (%s)\n", std::string(be->name()).c_str(), dsrsq::cuda::device_name(be->device_index()).c_str());
     std::printf("# causal self-attention, batch 1, NH %lld, HS %lld, positions 0..T-1, fp32; warmup 2, repeats %d,\n"
-                "#   time = median of CUDA-event times around the Backend call\n",
+                "#   time = median of CUDA-event times of the kernels; *_call = the Backend call (boundary checks too)\n",
                 static_cast<long long>(NH), static_cast<long long>(HS), repeats);
     std::printf("# FLOPs (cost model): fwd = 4*HS*T(T+1)/2 per head, bwd = 2.5 x fwd\n");
     const Peak peak = sgemm_peak(*be, 4096);
@@ -281,10 +297,10 @@ int main(int argc, char** argv) {
                 peak.gflops, peak.max_rel_err);
     std::printf("# check: relative RMS error on a slice (head 0: o, lse, dq of 8 rows; dk, dv of the last 4 keys)\n"
                 "#   against a double reference; ok when fwd <= 10 sqrt(T) eps32 and bwd <= 100 sqrt(T) eps32\n#\n");
-    std::printf("#  %6s %10s %9s %7s %10s %9s %7s %9s %9s %6s\n", "T", "fwd_time", "fwd", "fwd", "bwd_time", "bwd", "bwd",
-                "fwd_err", "bwd_err", "check");
-    std::printf("#  %6s %10s %9s %7s %10s %9s %7s %9s %9s %6s\n", "(tok)", "(ms)", "GFLOP/s", "%peak", "(ms)", "GFLOP/s",
-                "%peak", "(rel)", "(rel)", "");
+    std::printf("#  %6s %10s %9s %7s %10s %9s %7s %9s %9s %9s %9s %6s\n", "T", "fwd_time", "fwd", "fwd", "bwd_time",
+                "bwd", "bwd", "fwd_call", "bwd_call", "fwd_err", "bwd_err", "check");
+    std::printf("#  %6s %10s %9s %7s %10s %9s %7s %9s %9s %9s %9s %6s\n", "(tok)", "(ms)", "GFLOP/s", "%peak", "(ms)",
+                "GFLOP/s", "%peak", "(ms)", "(ms)", "(rel)", "(rel)", "");
     int rows = 0, failed = 0;
     std::vector<double> ff, bf;
     for (std::int64_t T = 1024; T <= max_t; T *= 2) {
@@ -294,8 +310,9 @@ int main(int argc, char** argv) {
       const double gf = r.fwd_flops / (r.fwd_ms * 1e-3) / 1e9, gb = 2.5 * r.fwd_flops / (r.bwd_ms * 1e-3) / 1e9;
       ++rows;
       failed += !ok;
-      std::printf("   %6lld %10.3f %9.1f %7.1f %10.3f %9.1f %7.1f %9.1e %9.1e %6s\n", static_cast<long long>(T), r.fwd_ms, gf,
-                  100 * gf / peak.gflops, r.bwd_ms, gb, 100 * gb / peak.gflops, r.fwd_err, r.bwd_err, ok ? "ok" : "FAIL");
+      std::printf("   %6lld %10.3f %9.1f %7.1f %10.3f %9.1f %7.1f %9.3f %9.3f %9.1e %9.1e %6s\n",
+                  static_cast<long long>(T), r.fwd_ms, gf, 100 * gf / peak.gflops, r.bwd_ms, gb, 100 * gb / peak.gflops,
+                  r.fwd_call_ms, r.bwd_call_ms, r.fwd_err, r.bwd_err, ok ? "ok" : "FAIL");
       std::fflush(stdout);
       if (T >= 4096) {
         ff.push_back(gf / peak.gflops);
