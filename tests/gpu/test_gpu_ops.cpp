@@ -386,6 +386,27 @@ void select_ops(Backend& cpu, Backend& gpu) {
               return Outs{back(as_), dist};
             });
   }
+  for (auto [B, T, S, NH, HS] : {std::array<std::int64_t, 5>{1, 7, 13, 3, 5}, {2, 65, 300, 4, 64}}) {
+    dsrsq::Rng rng(16, static_cast<std::uint64_t>(S));
+    const auto q = normals(B * T * NH * HS, rng), k = normals(B * S * NH * HS, rng);
+    std::vector<std::int32_t> qp(static_cast<std::size_t>(B * T)), kp(static_cast<std::size_t>(B * S));
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t i = 0; i < T; ++i) qp[static_cast<std::size_t>(b * T + i)] = static_cast<std::int32_t>(S / 2 + i);
+      for (std::int64_t j = 0; j < S; ++j) kp[static_cast<std::size_t>(b * S + j)] = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(S)));
+    }
+    std::vector<double> rw(static_cast<std::size_t>(T));
+    for (auto& x : rw) x = rng.below(4) == 0 ? 0.0 : rng.uniform();  // some rows skipped
+    compare(cpu, gpu, "attention_mass", cat({{"B", B}, {"T", T}, {"S", S}, {"NH", NH}, {"HS", HS}}), {"mass"},
+            [&](Backend& be, auto) {
+              auto Q = as<float>(q), K = as<float>(k);  // f32 in, f64 out on every run
+              auto QP = qp, KP = kp;
+              auto W = rw;
+              std::vector<double> mass(static_cast<std::size_t>(B * S), NAN);
+              be.attention_mass({tv(Q, Shape{B, T, NH, HS}), tv(K, Shape{B, S, NH, HS}), tv(QP, Shape{B, T}),
+                                 tv(KP, Shape{B, S}), tv(W, Shape{T}), tv(mass, Shape{B, S}), static_cast<double>(NH)});
+              return Outs{mass};
+            });
+  }
   for (auto [N, C] : {std::array<std::int64_t, 2>{13, 7}, {4097, 65}}) {
     dsrsq::Rng rng(15, static_cast<std::uint64_t>(N));
     const auto x = normals(N * C, rng);

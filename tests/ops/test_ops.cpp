@@ -848,8 +848,6 @@ BOOST_AUTO_TEST_CASE(latent_attention_and_mass_every_backend) {
     for (auto [B, T, S, NH, HS, dc] : {std::array<std::int64_t, 6>{1, 7, 13, 3, 5, 7}, {2, 1, 33, 2, 7, 13}, {1, 13, 7, 1, 13, 33}}) {
       BOOST_TEST_CONTEXT(be->name() << " latent B=" << B << " T=" << T << " S=" << S << " NH=" << NH << " HS=" << HS
                                     << " dc=" << dc) {
-        if (skip_unsupported(*be, dsrsq::OpId::latent_attention) || skip_unsupported(*be, dsrsq::OpId::attention_mass))
-          continue;
         dsrsq::Rng rng(9, static_cast<std::uint64_t>(S * dc));
         const std::int64_t Sp = S + 2;  // latent rows beyond S are not read
         auto q = ref::normal<float>(B * T * NH * HS, rng), k = ref::normal<float>(B * S * NH * HS, rng);
@@ -877,86 +875,90 @@ BOOST_AUTO_TEST_CASE(latent_attention_and_mass_every_backend) {
         a.row_weight = TensorView(rw.data(), Shape{T});
         a.mass = TensorView(mass.data(), Shape{B, S});
         a.used = TensorView(used.data(), Shape{B, T});
-        be->latent_attention_fwd(a);
         const double scale = 1.0 / std::sqrt(static_cast<double>(HS));
-        std::vector<double> wmass(static_cast<std::size_t>(B * S), 0.5);
-        for (std::int64_t bb = 0; bb < B; ++bb)
-          for (std::int64_t i = 0; i < T; ++i) {
-            double nvis = 0;
-            for (std::int64_t h = 0; h < NH; ++h) {
-              std::vector<double> s;
-              std::vector<std::int64_t> js;
-              for (std::int64_t j = 0; j < S; ++j)
-                if (kp[static_cast<std::size_t>(bb * Sp + j)] <= qp[static_cast<std::size_t>(bb * T + i)]) {
-                  double d = 0;
-                  for (std::int64_t x = 0; x < HS; ++x)
-                    d += static_cast<double>(q[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + x)]) *
-                         k[static_cast<std::size_t>(((bb * S + j) * NH + h) * HS + x)];
-                  s.push_back(d * scale);
-                  js.push_back(j);
+        if (!skip_unsupported(*be, dsrsq::OpId::latent_attention)) {
+          be->latent_attention_fwd(a);
+          std::vector<double> wmass(static_cast<std::size_t>(B * S), 0.5);
+          for (std::int64_t bb = 0; bb < B; ++bb)
+            for (std::int64_t i = 0; i < T; ++i) {
+              double nvis = 0;
+              for (std::int64_t h = 0; h < NH; ++h) {
+                std::vector<double> s;
+                std::vector<std::int64_t> js;
+                for (std::int64_t j = 0; j < S; ++j)
+                  if (kp[static_cast<std::size_t>(bb * Sp + j)] <= qp[static_cast<std::size_t>(bb * T + i)]) {
+                    double d = 0;
+                    for (std::int64_t x = 0; x < HS; ++x)
+                      d += static_cast<double>(q[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + x)]) *
+                           k[static_cast<std::size_t>(((bb * S + j) * NH + h) * HS + x)];
+                    s.push_back(d * scale);
+                    js.push_back(j);
+                  }
+                nvis += static_cast<double>(s.size());
+                const std::size_t li = static_cast<std::size_t>((bb * NH + h) * T + i);
+                if (s.empty()) {
+                  BOOST_TEST(lse[li] == -INFINITY);
+                  continue;
                 }
-              nvis += static_cast<double>(s.size());
-              const std::size_t li = static_cast<std::size_t>((bb * NH + h) * T + i);
-              if (s.empty()) {
-                BOOST_TEST(lse[li] == -INFINITY);
-                continue;
-              }
-              const double mx = *std::max_element(s.begin(), s.end());
-              double Z = 0;
-              for (double x : s) Z += std::exp(x - mx);
-              const double L = mx + std::log(Z);
-              BOOST_TEST(std::abs(lse[li] - L) <= 1e-12 * (1 + std::abs(L)));
-              const double lw = lo[li], m = std::max(L, lw);
-              const double fb = std::exp(L - m) / (std::exp(L - m) + std::exp(lw - m));
-              for (std::int64_t r = 0; r < HS; ++r) {
-                double want = 0;
-                for (std::size_t t = 0; t < s.size(); ++t) {
-                  double proj = 0;
-                  for (std::int64_t x = 0; x < dc; ++x)
-                    proj += static_cast<double>(up[static_cast<std::size_t>((h * HS + r) * dc + x)]) *
-                            lat[static_cast<std::size_t>((bb * Sp + js[t]) * dc + x)];
-                  want += std::exp(s[t] - L) * proj;
+                const double mx = *std::max_element(s.begin(), s.end());
+                double Z = 0;
+                for (double x : s) Z += std::exp(x - mx);
+                const double L = mx + std::log(Z);
+                BOOST_TEST(std::abs(lse[li] - L) <= 1e-12 * (1 + std::abs(L)));
+                const double lw = lo[li], m = std::max(L, lw);
+                const double fb = std::exp(L - m) / (std::exp(L - m) + std::exp(lw - m));
+                for (std::int64_t r = 0; r < HS; ++r) {
+                  double want = 0;
+                  for (std::size_t t = 0; t < s.size(); ++t) {
+                    double proj = 0;
+                    for (std::int64_t x = 0; x < dc; ++x)
+                      proj += static_cast<double>(up[static_cast<std::size_t>((h * HS + r) * dc + x)]) *
+                              lat[static_cast<std::size_t>((bb * Sp + js[t]) * dc + x)];
+                    want += std::exp(s[t] - L) * proj;
+                  }
+                  const double got = o[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + r)];
+                  BOOST_TEST(std::abs(got - want) <= 1e-12 * (1 + std::abs(want)));
                 }
-                const double got = o[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + r)];
-                BOOST_TEST(std::abs(got - want) <= 1e-12 * (1 + std::abs(want)));
+                for (std::size_t t = 0; t < s.size(); ++t)
+                  wmass[static_cast<std::size_t>(bb * S + js[t])] += rw[static_cast<std::size_t>(i)] * fb * std::exp(s[t] - L) / NH;
               }
-              for (std::size_t t = 0; t < s.size(); ++t)
-                wmass[static_cast<std::size_t>(bb * S + js[t])] += rw[static_cast<std::size_t>(i)] * fb * std::exp(s[t] - L) / NH;
+              BOOST_TEST(used[static_cast<std::size_t>(bb * T + i)] == nvis);
             }
-            BOOST_TEST(used[static_cast<std::size_t>(bb * T + i)] == nvis);
-          }
-        for (std::size_t j = 0; j < wmass.size(); ++j) BOOST_TEST(std::abs(mass[j] - wmass[j]) <= 1e-12 * (1 + wmass[j]));
+          for (std::size_t j = 0; j < wmass.size(); ++j) BOOST_TEST(std::abs(mass[j] - wmass[j]) <= 1e-12 * (1 + wmass[j]));
+        }
 
-        // attention_mass on the same q, k (dense causal softmax, divisor NH).
-        std::vector<double> am(static_cast<std::size_t>(B * S), kNaN);
-        std::vector<std::int32_t> kp2(static_cast<std::size_t>(B * S));
-        for (std::int64_t bb = 0; bb < B; ++bb)
-          for (std::int64_t j = 0; j < S; ++j) kp2[static_cast<std::size_t>(bb * S + j)] = kp[static_cast<std::size_t>(bb * Sp + j)];
-        be->attention_mass({a.q, a.k, a.q_pos, TensorView(kp2.data(), Shape{B, S}), a.row_weight,
-                            TensorView(am.data(), Shape{B, S}), static_cast<double>(NH)});
-        std::vector<double> want_am(static_cast<std::size_t>(B * S), 0.0);
-        for (std::int64_t bb = 0; bb < B; ++bb)
-          for (std::int64_t i = 0; i < T; ++i)
-            for (std::int64_t h = 0; h < NH; ++h) {
-              std::vector<double> s(static_cast<std::size_t>(S), -INFINITY);
-              double mx = -INFINITY;
-              for (std::int64_t j = 0; j < S; ++j)
-                if (kp2[static_cast<std::size_t>(bb * S + j)] <= qp[static_cast<std::size_t>(bb * T + i)]) {
-                  double d = 0;
-                  for (std::int64_t x = 0; x < HS; ++x)
-                    d += static_cast<double>(q[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + x)]) *
-                         k[static_cast<std::size_t>(((bb * S + j) * NH + h) * HS + x)];
-                  s[static_cast<std::size_t>(j)] = d * scale;
-                  mx = std::max(mx, d * scale);
-                }
-              if (mx == -INFINITY) continue;
-              double Z = 0;
-              for (double x : s) Z += x == -INFINITY ? 0 : std::exp(x - mx);
-              for (std::int64_t j = 0; j < S; ++j)
-                if (s[static_cast<std::size_t>(j)] != -INFINITY)
-                  want_am[static_cast<std::size_t>(bb * S + j)] += rw[static_cast<std::size_t>(i)] * std::exp(s[static_cast<std::size_t>(j)] - mx) / Z / NH;
-            }
-        for (std::size_t j = 0; j < am.size(); ++j) BOOST_TEST(std::abs(am[j] - want_am[j]) <= 1e-12 * (1 + want_am[j]));
+        if (!skip_unsupported(*be, dsrsq::OpId::attention_mass)) {
+          // attention_mass on the same q, k (dense causal softmax, divisor NH).
+          std::vector<double> am(static_cast<std::size_t>(B * S), kNaN);
+          std::vector<std::int32_t> kp2(static_cast<std::size_t>(B * S));
+          for (std::int64_t bb = 0; bb < B; ++bb)
+            for (std::int64_t j = 0; j < S; ++j) kp2[static_cast<std::size_t>(bb * S + j)] = kp[static_cast<std::size_t>(bb * Sp + j)];
+          be->attention_mass({a.q, a.k, a.q_pos, TensorView(kp2.data(), Shape{B, S}), a.row_weight,
+                              TensorView(am.data(), Shape{B, S}), static_cast<double>(NH)});
+          std::vector<double> want_am(static_cast<std::size_t>(B * S), 0.0);
+          for (std::int64_t bb = 0; bb < B; ++bb)
+            for (std::int64_t i = 0; i < T; ++i)
+              for (std::int64_t h = 0; h < NH; ++h) {
+                std::vector<double> s(static_cast<std::size_t>(S), -INFINITY);
+                double mx = -INFINITY;
+                for (std::int64_t j = 0; j < S; ++j)
+                  if (kp2[static_cast<std::size_t>(bb * S + j)] <= qp[static_cast<std::size_t>(bb * T + i)]) {
+                    double d = 0;
+                    for (std::int64_t x = 0; x < HS; ++x)
+                      d += static_cast<double>(q[static_cast<std::size_t>(((bb * T + i) * NH + h) * HS + x)]) *
+                           k[static_cast<std::size_t>(((bb * S + j) * NH + h) * HS + x)];
+                    s[static_cast<std::size_t>(j)] = d * scale;
+                    mx = std::max(mx, d * scale);
+                  }
+                if (mx == -INFINITY) continue;
+                double Z = 0;
+                for (double x : s) Z += x == -INFINITY ? 0 : std::exp(x - mx);
+                for (std::int64_t j = 0; j < S; ++j)
+                  if (s[static_cast<std::size_t>(j)] != -INFINITY)
+                    want_am[static_cast<std::size_t>(bb * S + j)] += rw[static_cast<std::size_t>(i)] * std::exp(s[static_cast<std::size_t>(j)] - mx) / Z / NH;
+              }
+          for (std::size_t j = 0; j < am.size(); ++j) BOOST_TEST(std::abs(am[j] - want_am[j]) <= 1e-12 * (1 + want_am[j]));
+        }
       }
     }
 }

@@ -67,7 +67,6 @@ void CudaBackend::synchronize() { DSRSQ_CUDA_CHECK(cudaStreamSynchronize(stream_
 bool CudaBackend::supports(OpId op) const {
   switch (op) {
     case OpId::latent_attention:
-    case OpId::attention_mass:
     case OpId::sym_eigen:
     case OpId::lowrank_recon:
     case OpId::conv_project:
@@ -401,6 +400,16 @@ void CudaBackend::kmeans_assign_impl(const KMeansAssignArgs& a) {
   });
 }
 
+void CudaBackend::attention_mass_impl(const AttentionMassArgs& a) {
+  require_device("attention_mass", {&a.q, &a.k, &a.q_pos, &a.k_pos, &a.row_weight, &a.mass});
+  const std::int64_t B = a.q.shape[0], T = a.q.shape[1], NH = a.q.shape[2], HS = a.q.shape[3], S = a.k.shape[1];
+  const double scale = a.scale > 0 ? a.scale : 1.0 / std::sqrt(static_cast<double>(HS));
+  Scratch rows(*this, sizeof(double) * static_cast<std::size_t>(2 * B * T * NH));
+  kern::attention_mass(P<float>(a.q), P<float>(a.k), P<std::int32_t>(a.q_pos), P<std::int32_t>(a.k_pos),
+                       P<double>(a.row_weight), P<double>(a.mass), rows.as<double>(), B, T, S, NH, HS, scale, a.divisor,
+                       stream_);
+}
+
 // g = X^T X in f64: X converted to f64 (exact), then cublasDsyrk on the upper
 // triangle (column-major), mirrored so g is exactly symmetric as on the CPU.
 void CudaBackend::gram_impl(const GramArgs& a) {
@@ -419,7 +428,6 @@ void CudaBackend::gram_impl(const GramArgs& a) {
 
 // ---- ops this backend does not implement (supports() == false) ---------------------
 void CudaBackend::latent_attention_fwd_impl(const LatentAttentionArgs&) { unsupported(OpId::latent_attention); }
-void CudaBackend::attention_mass_impl(const AttentionMassArgs&) { unsupported(OpId::attention_mass); }
 void CudaBackend::sym_eigen_impl(const SymEigenArgs&) { unsupported(OpId::sym_eigen); }
 double CudaBackend::lowrank_recon_fwd_impl(const LowRankReconArgs&) { unsupported(OpId::lowrank_recon); }
 void CudaBackend::lowrank_recon_bwd_impl(const LowRankReconGradArgs&) { unsupported(OpId::lowrank_recon); }

@@ -88,6 +88,11 @@ void attention_bwd(const float* dout, const float* q, const float* k, const floa
                    const std::int32_t* qpos, const std::int32_t* kpos, float* dq, float* dk, float* dv, float* scratch,
                    const AttentionDims& d, cudaStream_t s);
 
+// attention_mass.cu (f32 q, k; f64 scores, weights and mass). scratch: 2*B*T*NH doubles.
+void attention_mass(const float* q, const float* k, const std::int32_t* qpos, const std::int32_t* kpos,
+                    const double* row_weight, double* mass, double* scratch, i64 B, i64 T, i64 S, i64 NH, i64 HS,
+                    double scale, double divisor, cudaStream_t s);
+
 // select.cu: top-k per row (f32) and k-means assignment.
 // topk scratch: topk_scratch_bytes(R, N) bytes.
 std::size_t topk_scratch_bytes(i64 R, i64 N);
