@@ -386,6 +386,62 @@ void select_ops(Backend& cpu, Backend& gpu) {
               return Outs{back(as_), dist};
             });
   }
+  // Latent attention (RCKV's buffer), with and without clusters (SQA at decode),
+  // with the mass statistic merged against another partial, and the used counts.
+  for (auto [B, T, S, NH, HS, dc, M] : {std::array<std::int64_t, 7>{1, 7, 13, 3, 5, 7, 0}, {2, 3, 300, 4, 64, 33, 0},
+                                        {2, 5, 257, 3, 32, 16, 9}, {1, 1, 1000, 2, 64, 64, 40}}) {
+    dsrsq::Rng rng(17, static_cast<std::uint64_t>(S * dc + M));
+    const std::int64_t Sp = S + 3, clusters = M > 0 ? M - 1 : 0, top = M > 0 ? 3 : 0;
+    const auto q = normals(B * T * NH * HS, rng), k = normals(B * S * NH * HS, rng), lat = normals(B * Sp * dc, rng),
+               up = normals(NH * HS * dc, rng), lo = normals(B * NH * T, rng), cen = normals(B * NH * std::max<std::int64_t>(M, 1) * HS, rng);
+    std::vector<std::int32_t> qp(static_cast<std::size_t>(B * T)), kp(static_cast<std::size_t>(B * Sp), 1 << 29);
+    std::vector<std::int32_t> assign(static_cast<std::size_t>(B * NH * Sp), -1), sizes(static_cast<std::size_t>(B * NH * std::max<std::int64_t>(M, 1)), 0);
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t i = 0; i < T; ++i) qp[static_cast<std::size_t>(b * T + i)] = static_cast<std::int32_t>(S / 2 + i);
+      for (std::int64_t j = 0; j < S; ++j) kp[static_cast<std::size_t>(b * Sp + j)] = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(S)));
+    }
+    if (M > 0)
+      for (std::int64_t g = 0; g < B * NH; ++g)
+        for (std::int64_t j = 0; j < S; ++j) {
+          const std::int64_t c = static_cast<std::int64_t>(rng.below(static_cast<std::uint64_t>(M + 1))) - 1;  // -1: unassigned
+          assign[static_cast<std::size_t>(g * Sp + j)] = static_cast<std::int32_t>(c);
+          if (c >= 0 && c != 2) ++sizes[static_cast<std::size_t>(g * M + c)];  // cluster 2 stays empty
+        }
+    std::vector<double> rw(static_cast<std::size_t>(T));
+    for (auto& x : rw) x = rng.uniform();
+    compare(cpu, gpu, "latent_attention",
+            cat({{"B", B}, {"T", T}, {"S", S}, {"NH", NH}, {"HS", HS}, {"dc", dc}, {"M", M}}),
+            {"o", "lse", "mass", "used"}, [&](Backend& be, auto) {
+              auto Q = as<float>(q), K = as<float>(k), Lt = as<float>(lat), U = as<float>(up), Lo = as<float>(lo),
+                   Cn = as<float>(cen);
+              auto QP = qp, KP = kp, As = assign, Sz = sizes;
+              auto W = rw;
+              std::vector<double> o(static_cast<std::size_t>(B * T * NH * HS), NAN), lse(static_cast<std::size_t>(B * NH * T), NAN),
+                  mass(static_cast<std::size_t>(B * S), 0.25), used(static_cast<std::size_t>(B * T), NAN);
+              dsrsq::LatentAttentionArgs a;
+              a.q = tv(Q, Shape{B, T, NH, HS});
+              a.k = tv(K, Shape{B, S, NH, HS});
+              a.q_pos = tv(QP, Shape{B, T});
+              a.k_pos = tv(KP, Shape{B, Sp});
+              a.latent = tv(Lt, Shape{B, Sp, dc});
+              a.up = tv(U, Shape{NH * HS, dc});
+              a.o = tv(o, Shape{B, T, NH, HS});
+              a.lse = tv(lse, Shape{B, NH, T});
+              a.lse_other = tv(Lo, Shape{B, NH, T});
+              a.row_weight = tv(W, Shape{T});
+              a.mass = tv(mass, Shape{B, S});
+              a.used = tv(used, Shape{B, T});
+              if (M > 0) {
+                a.centroids = tv(Cn, Shape{B, NH, M, HS});
+                a.assign = tv(As, Shape{B, NH, Sp});
+                a.sizes = tv(Sz, Shape{B, NH, M});
+                a.clusters = clusters;
+                a.top_clusters = top;
+              }
+              be.latent_attention_fwd(a);
+              return Outs{o, lse, mass, used};
+            });
+  }
   for (auto [B, T, S, NH, HS] : {std::array<std::int64_t, 5>{1, 7, 13, 3, 5}, {2, 65, 300, 4, 64}}) {
     dsrsq::Rng rng(16, static_cast<std::uint64_t>(S));
     const auto q = normals(B * T * NH * HS, rng), k = normals(B * S * NH * HS, rng);

@@ -4,6 +4,7 @@
 // boundary checks have run before any *_impl here.
 #include "backend/cuda/cuda_backend.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -66,7 +67,6 @@ void CudaBackend::synchronize() { DSRSQ_CUDA_CHECK(cudaStreamSynchronize(stream_
 
 bool CudaBackend::supports(OpId op) const {
   switch (op) {
-    case OpId::latent_attention:
     case OpId::sym_eigen:
     case OpId::lowrank_recon:
     case OpId::conv_project:
@@ -400,6 +400,43 @@ void CudaBackend::kmeans_assign_impl(const KMeansAssignArgs& a) {
   });
 }
 
+void CudaBackend::latent_attention_fwd_impl(const LatentAttentionArgs& a) {
+  require_device("latent_attention_fwd", {&a.q, &a.k, &a.q_pos, &a.k_pos, &a.latent, &a.up, &a.o, &a.lse, &a.centroids,
+                                          &a.assign, &a.sizes, &a.lse_other, &a.row_weight, &a.mass, &a.used});
+  const bool sqa = !a.centroids.empty();
+  kern::LatentAttentionDev d{};
+  d.q = P<float>(a.q);
+  d.k = P<float>(a.k);
+  d.latent = P<float>(a.latent);
+  d.up = P<float>(a.up);
+  d.cent = sqa ? P<float>(a.centroids) : nullptr;
+  d.lse_other = a.lse_other.empty() ? nullptr : P<float>(a.lse_other);
+  d.qpos = P<std::int32_t>(a.q_pos);
+  d.kpos = P<std::int32_t>(a.k_pos);
+  d.assign = sqa ? P<std::int32_t>(a.assign) : nullptr;
+  d.sizes = sqa ? P<std::int32_t>(a.sizes) : nullptr;
+  d.rw = a.mass.empty() ? nullptr : P<double>(a.row_weight);
+  d.o = P<double>(a.o);
+  d.lse = P<double>(a.lse);
+  d.mass = a.mass.empty() ? nullptr : P<double>(a.mass);
+  d.used = a.used.empty() ? nullptr : P<double>(a.used);
+  d.B = a.q.shape[0];
+  d.T = a.q.shape[1];
+  d.NH = a.q.shape[2];
+  d.HS = a.q.shape[3];
+  d.n = a.k.shape[1];
+  d.Sp = a.latent.shape[1];
+  d.dc = a.latent.shape[2];
+  d.M = sqa ? a.centroids.shape[2] : 0;
+  d.me = sqa ? a.clusters : 0;
+  d.Sa = sqa ? a.assign.shape[2] : 0;
+  d.kc = sqa ? std::min<std::int64_t>(a.top_clusters, std::max<std::int64_t>(d.me, 1)) : 0;
+  d.scale = a.scale > 0 ? a.scale : 1.0 / std::sqrt(static_cast<double>(d.HS));
+  DSRSQ_INPUT_CHECK(d.dc <= kern::kLatentMaxDc, "latent_attention_fwd: latent size ", d.dc, " exceeds the CUDA kernel's ",
+                    kern::kLatentMaxDc);
+  kern::latent_attention(d, stream_);
+}
+
 void CudaBackend::attention_mass_impl(const AttentionMassArgs& a) {
   require_device("attention_mass", {&a.q, &a.k, &a.q_pos, &a.k_pos, &a.row_weight, &a.mass});
   const std::int64_t B = a.q.shape[0], T = a.q.shape[1], NH = a.q.shape[2], HS = a.q.shape[3], S = a.k.shape[1];
@@ -427,7 +464,6 @@ void CudaBackend::gram_impl(const GramArgs& a) {
 }
 
 // ---- ops this backend does not implement (supports() == false) ---------------------
-void CudaBackend::latent_attention_fwd_impl(const LatentAttentionArgs&) { unsupported(OpId::latent_attention); }
 void CudaBackend::sym_eigen_impl(const SymEigenArgs&) { unsupported(OpId::sym_eigen); }
 double CudaBackend::lowrank_recon_fwd_impl(const LowRankReconArgs&) { unsupported(OpId::lowrank_recon); }
 void CudaBackend::lowrank_recon_bwd_impl(const LowRankReconGradArgs&) { unsupported(OpId::lowrank_recon); }

@@ -12,9 +12,8 @@
 // first, which synchronises the stream: a cost paid per op call (small
 // tensors), kept for the same error messages on every backend.
 //
-// supports() is false for the ops it does not implement (latent attention,
-// the eigensolver, low-rank reconstruction, convolution + projection, host
-// tasks); calling one raises an error naming the op. It never
+// supports() is false for the ops it does not implement (the eigensolver,
+// low-rank reconstruction, convolution + projection, host tasks); calling one raises an error naming the op. It never
 // runs an op on the host instead.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>

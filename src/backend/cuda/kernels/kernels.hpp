@@ -93,6 +93,20 @@ void attention_mass(const float* q, const float* k, const std::int32_t* qpos, co
                     const double* row_weight, double* mass, double* scratch, i64 B, i64 T, i64 S, i64 NH, i64 HS,
                     double scale, double divisor, cudaStream_t s);
 
+// latent_attention.cu: LatentAttentionArgs as raw device pointers (optional
+// ones nullptr; centroids nullptr: no clusters). n = S keys read; me = clusters
+// in use (0 without), kc = min(top_clusters, max(me, 1)). dc <= kLatentMaxDc.
+constexpr int kLatentMaxDc = 512;
+struct LatentAttentionDev {
+  const float *q, *k, *latent, *up, *cent, *lse_other;
+  const std::int32_t *qpos, *kpos, *assign, *sizes;
+  const double* rw;
+  double *o, *lse, *mass, *used;
+  i64 B, T, NH, HS, n, Sp, dc, M, me, Sa, kc;
+  double scale;
+};
+void latent_attention(const LatentAttentionDev& a, cudaStream_t s);
+
 // select.cu: top-k per row (f32) and k-means assignment.
 // topk scratch: topk_scratch_bytes(R, N) bytes.
 std::size_t topk_scratch_bytes(i64 R, i64 N);
