@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: configure and build with CUDA for the present GPU's
-# architecture, run the gpu-labelled tests and the ops tests (every CUDA op
-# against the f64 reference), run the GPU attention benchmark, print one
-# summary line. Needs no network and nothing outside the repository (the build
+# architecture, run the gpu-labelled tests and the ops tests (test_ops and
+# test_decode_attention: every CUDA op against the f64 reference), run the GPU
+# attention benchmark, print one summary line. Needs no network and nothing outside the repository (the build
 # goes to build-gpu/, logs to build-gpu/gpu_check/). Exit 0 when everything
 # passed, 77 when no GPU answered (built, GPU tests skipped), 1 otherwise.
 #
@@ -47,7 +47,7 @@ stamp "GPU '${gpu:-none}', building for sm_$cc into $BUILD with -j$JOBS"
 
 # ---- configure and build ----
 build_ok=1
-targets=(test_ops test_gpu_axpy test_gpu_ops bench_gpu_attention)
+targets=(test_ops test_decode_attention test_gpu_axpy test_gpu_ops bench_gpu_attention)
 if ! timeout 330 bash -c "
   cmake -S '$ROOT' -B '$BUILD' -DCMAKE_BUILD_TYPE=Release -DDSRSQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES='$cc' \
     > '$LOGS/configure.log' 2>&1 || exit 1
@@ -62,12 +62,13 @@ fi
 tb=$(( $(date +%s) - t0 ))
 stamp "build done (ok=$build_ok)"
 
-# ---- tests: the gpu label (test_gpu_axpy, test_gpu_ops, test_nccl) and test_ops ----
+# ---- tests: the gpu label (test_gpu_axpy, test_gpu_ops, test_nccl) and the ops tests (test_ops,
+# test_decode_attention), which run every case on the CUDA backend too when a GPU answers ----
 tests_ok=0
 tests_summary="not run"
 if [ "$build_ok" = 1 ]; then
   # test_nccl is registered whenever NCCL was found; skip it in ctest when its target was not built.
-  regex='^(test_ops|test_gpu_axpy|test_gpu_ops'
+  regex='^(test_ops|test_decode_attention|test_gpu_axpy|test_gpu_ops'
   [ -x "$BUILD/tests/gpu/test_nccl" ] && regex+='|test_nccl'
   regex+=')$'
   (cd "$BUILD" && timeout 90 ctest -R "$regex" --output-on-failure --timeout 80) > "$LOGS/ctest.log" 2>&1
