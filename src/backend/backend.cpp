@@ -52,19 +52,43 @@ void check_rank(const char* op, const char* arg, const TensorView& t, int rank) 
     raise_input_error(detail::cat(op, ": argument '", arg, "' has shape ", t.shape.str(), ", expected ", rank, " dims"));
 }
 
+// A host-readable view of a small tensor that a boundary check reads
+// (positions, tokens, targets, mask, row indices): the tensor itself when it
+// is in host memory; for a device tensor, a copy made by the backend that owns
+// it (copy_to_host synchronises the stream: a cost per op call on a GPU, paid
+// for the same error messages on every backend). A tensor on a device the
+// backend does not own fails in copy_to_host with both devices named.
+class HostView {
+ public:
+  HostView(Backend& be, const TensorView& t) : view_(t) {
+    if (t.empty() || t.device == Device::cpu) return;
+    buf_.resize(t.bytes());
+    be.copy_to_host(t, buf_);
+    view_.data = buf_.data();
+    view_.device = Device::cpu;
+  }
+  const TensorView& operator*() const { return view_; }
+
+ private:
+  std::vector<std::byte> buf_;
+  TensorView view_;
+};
+
 // Positions must lie in [0, 2^30) so they never overflow or alias.
-void check_positions(const char* op, const char* arg, const TensorView& pos) {
+void check_positions(Backend& be, const char* op, const char* arg, const TensorView& pos) {
   check_dtype(op, arg, pos, DType::i32);
-  const auto* p = pos.ptr<std::int32_t>();
+  const HostView hv(be, pos);
+  const auto* p = (*hv).ptr<std::int32_t>();
   for (std::int64_t i = 0; i < pos.numel(); ++i)
     if (p[i] < 0 || p[i] >= (1 << 30))
       raise_input_error(detail::cat(op, ": argument '", arg, "' holds position ", p[i], " at index ", i,
                                     ", outside [0, 2^30)"));
 }
 
-void check_tokens(const char* op, const TensorView& tokens, std::int64_t vocab) {
+void check_tokens(Backend& be, const char* op, const TensorView& tokens, std::int64_t vocab) {
   check_dtype(op, "tokens", tokens, DType::i32);
-  const auto* p = tokens.ptr<std::int32_t>();
+  const HostView hv(be, tokens);
+  const auto* p = (*hv).ptr<std::int32_t>();
   for (std::int64_t i = 0; i < tokens.numel(); ++i)
     if (p[i] < 0 || p[i] >= vocab)
       raise_input_error(detail::cat(op, ": token id ", p[i], " at index ", i, " outside the vocabulary [0, ", vocab, ")"));
@@ -100,7 +124,7 @@ MatDims matmul_dims(const char* op, const TensorView& a, const TensorView& b, co
   return {batch, m, n, k};
 }
 
-void check_attention(const char* op, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+void check_attention(Backend& be, const char* op, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                      const TensorView& lse, const TensorView& q_pos, const TensorView& k_pos) {
   check_rank(op, "q", q, 4);
   check_float(op, "q", q);
@@ -116,8 +140,8 @@ void check_attention(const char* op, const TensorView& q, const TensorView& k, c
   check_same_dtype(op, "lse", lse, q);
   check_shape(op, "q_pos", q_pos, Shape{B, T});
   check_shape(op, "k_pos", k_pos, Shape{B, S});
-  check_positions(op, "q_pos", q_pos);
-  check_positions(op, "k_pos", k_pos);
+  check_positions(be, op, "q_pos", q_pos);
+  check_positions(be, op, "k_pos", k_pos);
 }
 
 }  // namespace
@@ -129,7 +153,7 @@ void Backend::embedding_fwd(const EmbeddingArgs& a) {
   check_rank(op, "tokens", a.tokens, 1);
   check_shape(op, "out", a.out, Shape{a.tokens.shape[0], a.table.shape[1]});
   check_same_dtype(op, "out", a.out, a.table);
-  check_tokens(op, a.tokens, a.table.shape[0]);
+  check_tokens(*this, op, a.tokens, a.table.shape[0]);
   OpTimer timer_(*this, "embedding_fwd");
   embedding_fwd_impl(a);
 }
@@ -141,31 +165,31 @@ void Backend::embedding_bwd(const EmbeddingGradArgs& a) {
   check_rank(op, "tokens", a.tokens, 1);
   check_shape(op, "dout", a.dout, Shape{a.tokens.shape[0], a.dtable.shape[1]});
   check_same_dtype(op, "dout", a.dout, a.dtable);
-  check_tokens(op, a.tokens, a.dtable.shape[0]);
+  check_tokens(*this, op, a.tokens, a.dtable.shape[0]);
   OpTimer timer_(*this, "embedding_bwd");
   embedding_bwd_impl(a);
 }
 
-static void check_rope(const char* op, const RopeArgs& a) {
+static void check_rope(Backend& be, const char* op, const RopeArgs& a) {
   check_rank(op, "x", a.x, 3);
   check_float(op, "x", a.x);
   if (a.x.shape[2] % 2 != 0)
     raise_input_error(detail::cat(op, ": head size ", a.x.shape[2], " of x ", a.x.shape.str(), " must be even"));
   check_shape(op, "pos", a.pos, Shape{a.x.shape[0]});
-  check_positions(op, "pos", a.pos);
+  check_positions(be, op, "pos", a.pos);
   if (!(a.theta > 0)) raise_input_error(detail::cat(op, ": theta must be > 0, got ", a.theta));
   if (!(a.log_base == 0 || a.log_base > 1))
     raise_input_error(detail::cat(op, ": log_base must be 0 (off) or > 1, got ", a.log_base));
 }
 
 void Backend::rope_fwd(const RopeArgs& a) {
-  check_rope("rope_fwd", a);
+  check_rope(*this, "rope_fwd", a);
   OpTimer timer_(*this, "rope_fwd");
   rope_impl(a, false);
 }
 
 void Backend::rope_bwd(const RopeArgs& a) {
-  check_rope("rope_bwd", a);
+  check_rope(*this, "rope_bwd", a);
   OpTimer timer_(*this, "rope_bwd");
   rope_impl(a, true);
 }
@@ -296,7 +320,7 @@ void Backend::gelu_bwd(const GeluGradArgs& a) {
 }
 
 void Backend::attention_fwd(const AttentionArgs& a) {
-  check_attention("attention_fwd", a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
+  check_attention(*this, "attention_fwd", a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
   flops_ += attention_cost(a.q.shape[0], a.q.shape[1], a.k.shape[1], a.q.shape[2], a.q.shape[3], a.causal, false).flops;
   OpTimer timer_(*this, "attention_fwd");
   attention_fwd_impl(a);
@@ -304,7 +328,7 @@ void Backend::attention_fwd(const AttentionArgs& a) {
 
 void Backend::attention_bwd(const AttentionGradArgs& a) {
   const char* op = "attention_bwd";
-  check_attention(op, a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
+  check_attention(*this, op, a.q, a.k, a.v, a.o, a.lse, a.q_pos, a.k_pos);
   check_shape(op, "dout", a.dout, a.q.shape);
   check_shape(op, "dq", a.dq, a.q.shape);
   check_shape(op, "dk", a.dk, a.k.shape);
@@ -315,7 +339,8 @@ void Backend::attention_bwd(const AttentionGradArgs& a) {
   attention_bwd_impl(a);
 }
 
-static void check_ce(const char* op, const TensorView& logits, const TensorView& targets, const TensorView& mask) {
+static void check_ce(Backend& be, const char* op, const TensorView& logits, const TensorView& targets,
+                     const TensorView& mask) {
   check_rank(op, "logits", logits, 2);
   check_float(op, "logits", logits);
   const std::int64_t N = logits.shape[0], V = logits.shape[1];
@@ -323,16 +348,17 @@ static void check_ce(const char* op, const TensorView& logits, const TensorView&
   check_shape(op, "mask", mask, Shape{N});
   check_same_dtype(op, "mask", mask, logits);
   check_dtype(op, "targets", targets, DType::i32);
-  const auto* t = targets.ptr<std::int32_t>();
+  const HostView ht(be, targets), hm(be, mask);
+  const auto* t = (*ht).ptr<std::int32_t>();
   for (std::int64_t i = 0; i < N; ++i) {
-    const double w = mask.dtype == DType::f32 ? mask.ptr<float>()[i] : mask.ptr<double>()[i];
+    const double w = mask.dtype == DType::f32 ? (*hm).ptr<float>()[i] : (*hm).ptr<double>()[i];
     if (w != 0 && (t[i] < 0 || t[i] >= V))
       raise_input_error(detail::cat(op, ": target ", t[i], " at row ", i, " outside the vocabulary [0, ", V, ")"));
   }
 }
 
 double Backend::cross_entropy_fwd(const CrossEntropyArgs& a) {
-  check_ce("cross_entropy_fwd", a.logits, a.targets, a.mask);
+  check_ce(*this, "cross_entropy_fwd", a.logits, a.targets, a.mask);
   check_shape("cross_entropy_fwd", "losses", a.losses, Shape{a.logits.shape[0]});
   check_same_dtype("cross_entropy_fwd", "losses", a.losses, a.logits);
   OpTimer timer_(*this, "cross_entropy_fwd");
@@ -340,7 +366,7 @@ double Backend::cross_entropy_fwd(const CrossEntropyArgs& a) {
 }
 
 void Backend::cross_entropy_bwd(const CrossEntropyGradArgs& a) {
-  check_ce("cross_entropy_bwd", a.logits, a.targets, a.mask);
+  check_ce(*this, "cross_entropy_bwd", a.logits, a.targets, a.mask);
   check_shape("cross_entropy_bwd", "dlogits", a.dlogits, a.logits.shape);
   check_same_dtype("cross_entropy_bwd", "dlogits", a.dlogits, a.logits);
   OpTimer timer_(*this, "cross_entropy_bwd");
@@ -410,9 +436,10 @@ OpCost attention_cost(std::int64_t b, std::int64_t t, std::int64_t s, std::int64
 
 namespace {
 void check_2d(const char* op, const char* arg, const TensorView& t) { check_rank(op, arg, t, 2); }
-void check_index_range(const char* op, const TensorView& idx, std::int64_t n) {
+void check_index_range(Backend& be, const char* op, const TensorView& idx, std::int64_t n) {
   check_dtype(op, "idx", idx, DType::i32);
-  const auto* p = idx.ptr<std::int32_t>();
+  const HostView hv(be, idx);
+  const auto* p = (*hv).ptr<std::int32_t>();
   for (std::int64_t i = 0; i < idx.numel(); ++i)
     if (p[i] < 0 || p[i] >= n)
       raise_input_error(detail::cat(op, ": index ", p[i], " at ", i, " outside [0, ", n, ")"));
@@ -436,7 +463,7 @@ void Backend::gather_rows(const GatherRowsArgs& a) {
   check_rank(op, "idx", a.idx, 1);
   check_shape(op, "dst", a.dst, Shape{a.idx.shape[0], a.src.shape[1]});
   check_same_dtype(op, "dst", a.dst, a.src);
-  check_index_range(op, a.idx, a.src.shape[0]);
+  check_index_range(*this, op, a.idx, a.src.shape[0]);
   OpTimer timer_(*this, op);
   gather_rows_impl(a);
 }
@@ -449,7 +476,7 @@ void Backend::scatter_add_rows(const ScatterAddRowsArgs& a) {
   check_rank(op, "idx", a.idx, 1);
   check_shape(op, "src", a.src, Shape{a.idx.shape[0], a.dst.shape[1]});
   check_same_dtype(op, "dst", a.dst, a.src);
-  check_index_range(op, a.idx, a.dst.shape[0]);
+  check_index_range(*this, op, a.idx, a.dst.shape[0]);
   flops_ += scatter_add_rows_cost(a.idx.shape[0], a.dst.shape[1], dtype_size(a.src.dtype)).flops;
   OpTimer timer_(*this, op);
   scatter_add_rows_impl(a);
@@ -486,7 +513,7 @@ void Backend::latent_attention_fwd(const LatentAttentionArgs& a) {
     raise_input_error(detail::cat(op, ": latent ", a.latent.str(), " must be (B=", B, ", >= S=", S, ", dc)"));
   check_shape(op, "k_pos", a.k_pos, Shape{B, Sp});
   check_shape(op, "q_pos", a.q_pos, Shape{B, T});
-  check_positions(op, "q_pos", a.q_pos);
+  check_positions(*this, op, "q_pos", a.q_pos);
   check_dtype(op, "k_pos", a.k_pos, DType::i32);
   check_shape(op, "up", a.up, Shape{NH * HS, dc});
   check_dtype(op, "up", a.up, DType::f32);
@@ -538,8 +565,8 @@ void Backend::attention_mass(const AttentionMassArgs& a) {
   check_shape(op, "k", a.k, Shape{B, S, NH, HS});
   check_shape(op, "q_pos", a.q_pos, Shape{B, T});
   check_shape(op, "k_pos", a.k_pos, Shape{B, S});
-  check_positions(op, "q_pos", a.q_pos);
-  check_positions(op, "k_pos", a.k_pos);
+  check_positions(*this, op, "q_pos", a.q_pos);
+  check_positions(*this, op, "k_pos", a.k_pos);
   check_shape(op, "row_weight", a.row_weight, Shape{T});
   check_dtype(op, "row_weight", a.row_weight, DType::f64);
   check_shape(op, "mass", a.mass, Shape{B, S});
@@ -700,7 +727,19 @@ void Backend::host_tasks(std::int64_t n, const std::function<void(std::int64_t)>
   host_tasks_impl(n, fn);
 }
 
-std::vector<Backend*> available_backends() { return {&cpu_backend()}; }
+#ifdef DSRSQ_HAVE_CUDA
+namespace cuda {
+Backend* backend_if_present();  // backend/cuda/cuda_backend.cpp: nullptr without a GPU
+}
+#endif
+
+std::vector<Backend*> available_backends() {
+  std::vector<Backend*> r{&cpu_backend()};
+#ifdef DSRSQ_HAVE_CUDA
+  if (Backend* g = cuda::backend_if_present()) r.push_back(g);
+#endif
+  return r;
+}
 
 // ---- costs of the methods' ops ---------------------------------------------------
 // flops: floating-point operations (a multiply-add counts 2; exp/log count 1);
