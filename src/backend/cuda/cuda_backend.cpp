@@ -148,7 +148,7 @@ void CudaBackend::rope_impl(const RopeArgs& a, bool inverse) {
   require_device(inverse ? "rope_bwd" : "rope_fwd", {&a.x, &a.pos});
   dispatch_float(a.x.dtype, [&](auto t) {
     using T = decltype(t);
-    kern::rope<T>(P<T>(a.x), P<std::int32_t>(a.pos), a.x.shape[0], a.x.shape[1], a.x.shape[2], a.theta, inverse, stream_);
+    kern::rope<T>(P<T>(a.x), P<std::int32_t>(a.pos), a.x.shape[0], a.x.shape[1], a.x.shape[2], a.theta, a.log_base, inverse, stream_);
   });
 }
 

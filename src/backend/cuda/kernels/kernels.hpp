@@ -21,7 +21,8 @@ template <class T> void embedding_bwd(const std::int32_t* tok, const T* dout, T*
 
 // rope.cu (in place; inverse = the backward)
 template <class T>
-void rope(T* x, const std::int32_t* pos, i64 N, i64 NH, i64 HS, double theta, bool inverse, cudaStream_t s);
+void rope(T* x, const std::int32_t* pos, i64 N, i64 NH, i64 HS, double theta, double log_base, bool inverse,
+          cudaStream_t s);
 
 // layernorm.cu. bwd needs scratch of layernorm_bwd_scratch(C) elements of T.
 template <class T>

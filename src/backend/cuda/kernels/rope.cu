@@ -2,7 +2,8 @@
 // positions. CPU twin: rope_t in src/backend/cpu/cpu_backend.cpp.
 // For i < HS/2: angle = pos[n] * theta^(-2i/HS) (double, as the CPU twin),
 //   (x[i], x[i+HS/2]) -> (x[i] c - x[i+HS/2] s, x[i+HS/2] c + x[i] s),
-// with s negated for the inverse rotation (the backward, applied to the gradient).
+// with s negated for the inverse rotation (the backward, applied to the gradient);
+// log_base > 0 scales both by max(1, ln(pos+1)/ln(log_base)) (RopeArgs::log_base).
 #include "backend/cuda/kernels/common.cuh"
 #include "backend/cuda/kernels/kernels.hpp"
 
@@ -14,7 +15,7 @@ namespace {
 // Consecutive threads take consecutive i of one token: coalesced per head.
 template <class T>
 __global__ void rope_kernel(T* __restrict__ x, const std::int32_t* __restrict__ pos, i64 N, i64 NH, i64 HS,
-                            double theta, T sign) {
+                            double theta, double log_base, T sign) {
   const i64 half = HS / 2;
   for (i64 t = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; t < N * half;
        t += static_cast<i64>(gridDim.x) * blockDim.x) {
@@ -23,7 +24,8 @@ __global__ void rope_kernel(T* __restrict__ x, const std::int32_t* __restrict__ 
     const double ang = static_cast<double>(pos[n]) * inv_freq;
     double sd, cd;
     sincos(ang, &sd, &cd);
-    const T c = static_cast<T>(cd), s = sign * static_cast<T>(sd);
+    const double g = log_base > 0 ? fmax(1.0, log(static_cast<double>(pos[n]) + 1.0) / log(log_base)) : 1.0;
+    const T c = static_cast<T>(cd * g), s = sign * static_cast<T>(sd * g);
     for (i64 h = 0; h < NH; ++h) {
       T* r = x + (n * NH + h) * HS;
       const T x0 = r[i], x1 = r[i + half];
@@ -36,13 +38,14 @@ __global__ void rope_kernel(T* __restrict__ x, const std::int32_t* __restrict__ 
 }  // namespace
 
 template <class T>
-void rope(T* x, const std::int32_t* pos, i64 N, i64 NH, i64 HS, double theta, bool inverse, cudaStream_t s) {
+void rope(T* x, const std::int32_t* pos, i64 N, i64 NH, i64 HS, double theta, double log_base, bool inverse,
+          cudaStream_t s) {
   if (N * (HS / 2) == 0) return;
-  rope_kernel<T><<<grid_for(N * (HS / 2)), kBlock, 0, s>>>(x, pos, N, NH, HS, theta, inverse ? T(-1) : T(1));
+  rope_kernel<T><<<grid_for(N * (HS / 2)), kBlock, 0, s>>>(x, pos, N, NH, HS, theta, log_base, inverse ? T(-1) : T(1));
   DSRSQ_CUDA_LAUNCH_CHECK();
 }
 
-template void rope<float>(float*, const std::int32_t*, i64, i64, i64, double, bool, cudaStream_t);
-template void rope<double>(double*, const std::int32_t*, i64, i64, i64, double, bool, cudaStream_t);
+template void rope<float>(float*, const std::int32_t*, i64, i64, i64, double, double, bool, cudaStream_t);
+template void rope<double>(double*, const std::int32_t*, i64, i64, i64, double, double, bool, cudaStream_t);
 
 }  // namespace dsrsq::cuda
