@@ -2,19 +2,20 @@
 # The long-context study (issue 13) as one command on one machine:
 #   1. configs/long_stage1.ini  the standard model learns retrieval at 64-256 tokens
 #   2. configs/long.ini         continues at 64-1024 tokens (RoPE base 500000,
-#                               log-length scaling beyond 1024), evaluates the
-#                               full cache at 1K-16K (its F1 by context length)
-#   3. the same checkpoint evaluated without the log-length scaling (the
-#      recipe's measure of that choice)
-#   4. DSRSQ fine-tuned from stage 2's checkpoint (configs/dsrsq_debug.ini's
-#      DSRSQ settings, long.ini's data), LONG_DSRSQ_STEPS steps
-#   5. scripts/study_debug.sh with STUDY_CONFIG=configs/long.ini: every method
+#                               log-length scaling beyond 1024)
+#   3. configs/long_stage3.ini  continues at 1K-4K tokens: the long model; each
+#                               stage evaluates the full cache at its sizes
+#   4. the long model evaluated without the log-length scaling (the recipe's
+#      measure of that choice)
+#   5. DSRSQ fine-tuned from the long model (configs/dsrsq_debug.ini's DSRSQ
+#      settings, long.ini's data), LONG_DSRSQ_STEPS steps
+#   6. scripts/study_debug.sh with STUDY_CONFIG=configs/long.ini: every method
 #      of the registry (ATSKV's predictor trained first) at STUDY_SIZES and
 #      STUDY_BUDGETS, under STUDY_PROTOCOLS, and the report (Tables 5 and 6,
 #      Pareto, F1 by length, needle heat-maps)
 # A finished run is skipped when the script is rerun; a killed one resumes.
 #   scripts/long_study.sh [OUT_DIR]      (default results/long_study)
-# Env: LONG_DSRSQ_STEPS (default 600) and those of scripts/study_debug.sh
+# Env: LONG_DSRSQ_STEPS (default 400) and those of scripts/study_debug.sh
 # (this script's defaults: STUDY_SIZES "1024 2048 4096", STUDY_BUDGETS
 # "0.5 0.25 0.125 0.0625 0.03125", STUDY_PER_SIZE 200).
 set -euo pipefail
@@ -33,14 +34,19 @@ stage1="$out/standard_long_stage1/ckpt_1500.h5"
 step "stage 2 (configs/long.ini)"
 "$bin" --config configs/long.ini --init_from "$stage1" --output_dir "$out" --no_report
 steps2=$(sed -n 's/^steps *= *//p' configs/long.ini)
-long_ckpt="$out/standard_long/ckpt_${steps2}.h5"
-[ -f "$long_ckpt" ] || { echo "long_study: stage 2 left no $long_ckpt" >&2; exit 1; }
+stage2="$out/standard_long/ckpt_${steps2}.h5"
+[ -f "$stage2" ] || { echo "long_study: stage 2 left no $stage2" >&2; exit 1; }
+step "stage 3 (configs/long_stage3.ini)"
+"$bin" --config configs/long_stage3.ini --init_from "$stage2" --output_dir "$out" --no_report
+steps3=$(sed -n 's/^steps *= *//p' configs/long_stage3.ini)
+long_ckpt="$out/standard_long_stage3/ckpt_${steps3}.h5"
+[ -f "$long_ckpt" ] || { echo "long_study: stage 3 left no $long_ckpt" >&2; exit 1; }
 
 step "the long model without log-length scaling"
-"$bin" eval --config configs/long.ini --init_from "$long_ckpt" --attn_log_scale 0 --output_dir "$out" \
+"$bin" eval --config configs/long_stage3.ini --init_from "$long_ckpt" --attn_log_scale 0 --output_dir "$out" \
   --run_name standard_long_nolog --no_report
 
-dsteps="${LONG_DSRSQ_STEPS:-600}"
+dsteps="${LONG_DSRSQ_STEPS:-400}"
 step "DSRSQ from the long model ($dsteps steps)"
 "$bin" train --config configs/long.ini --model dsrsq --init_from "$long_ckpt" --steps "$dsteps" \
   --checkpoint_every "$dsteps" --learning_rate 1e-3 --dsr_d_r 32 --dsr_base_budget 0.25 --dsr_alpha 0.5 \
@@ -54,6 +60,6 @@ STUDY_CONFIG=configs/long.ini STUDY_SIZES="${STUDY_SIZES:-1024 2048 4096}" \
   scripts/study_debug.sh "$long_ckpt" "$out/dsrsq_long_train/ckpt_${dsteps}.h5" "$out/study"
 
 step "the long model's F1 by context length, with and without log-length scaling"
-/usr/bin/python3 analysis/report.py "$out/standard_long/run.h5" -o "$out/report_long" --print
+/usr/bin/python3 analysis/report.py "$out/standard_long_stage3/run.h5" -o "$out/report_long" --print
 /usr/bin/python3 analysis/report.py "$out/standard_long_nolog/run.h5" -o "$out/report_long_nolog" --print
 echo "== long study: done in $((SECONDS - t0)) s; study report: $out/study/report/report.md"

@@ -17,12 +17,14 @@
 # "0.5 0.25 0.125 0.0625"), STUDY_CONFIG (the model's config, default
 # configs/debug.ini; configs/long.ini for the long model), STUDY_PER_SIZE (test examples per context size,
 # default 200), STUDY_ATSKV_STEPS (default 300), STUDY_PROTOCOLS (default
-# "query_aware context_only"), DSRSQ_BIN (default build/dsrsq), STUDY_NICE (5).
+# "query_aware context_only"), STUDY_METHODS (the training-free methods, default
+# all of them with standard, the full cache under the paper's name, as a check), DSRSQ_BIN (default build/dsrsq), STUDY_NICE (5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: $0 STANDARD_CKPT DSRSQ_CKPT [OUT_DIR]" >&2; exit 2; }
 std_ckpt="$1" dsrsq_ckpt="$2" out="${3:-results/study_debug}"
-for f in "$std_ckpt" "$dsrsq_ckpt"; do [ -f "$f" ] || { echo "$0: no checkpoint '$f'" >&2; exit 2; }; done
+# The DSRSQ checkpoint is checked when its evaluation comes (it may still be training).
+[ -f "$std_ckpt" ] || { echo "$0: no checkpoint '$std_ckpt'" >&2; exit 2; }
 bin="${DSRSQ_BIN:-build/dsrsq}"
 [ -x "$bin" ] || { echo "$0: no program at $bin (cmake --build build --target dsrsq)" >&2; exit 2; }
 read -ra sizes <<<"${STUDY_SIZES:-64 128 192 256}"
@@ -45,7 +47,7 @@ dsrsq_knobs=(--dsr_d_r 32 --dsr_base_budget 0.25 --dsr_alpha 0.5 --dsr_span 8 --
              --sqa_top_clusters 4 --rckv_d_c 32 --rckv_buffer 0 --rckv_window 16 --hof_weights 1.0 0.5 0.3 0.2
              --hof_ramp 300)
 # "standard" is the full cache under the paper's name (the same policy): kept as a check.
-training_free=(full standard sliding_window rag attention_rag razor pyramid dynamic_kv rocket_kv)
+read -ra training_free <<<"${STUDY_METHODS:-full standard sliding_window rag attention_rag razor pyramid dynamic_kv rocket_kv}"
 
 # 1. The ATSKV predictor on the frozen standard backbone.
 atskv_ckpt="$out/atskv_train/ckpt_${atskv_steps}.h5"
@@ -67,6 +69,7 @@ for p in "${protocols[@]}"; do
   run eval "${common[@]}" --protocol "$p" --init_from "$std_ckpt" --methods "${methods[@]}" --run_name "std_$p"
   run eval "${common[@]}" --protocol "$p" --model atskv --init_from "$atskv_ckpt" --methods atskv --run_name "atskv_$p"
   if [ "$p" = query_aware ]; then  # DSRSQ's retriever reads the question: no query-agnostic form
+    [ -f "$dsrsq_ckpt" ] || { echo "$0: no checkpoint '$dsrsq_ckpt'" >&2; exit 2; }
     run eval "${common[@]}" --protocol "$p" --model dsrsq --init_from "$dsrsq_ckpt" "${dsrsq_knobs[@]}" \
       --methods dsrsq --run_name "dsrsq_$p"
   fi
