@@ -107,6 +107,7 @@ using dsrsq::ByteTokenizer;
 
 struct Options {
   std::int64_t d_model = 128, n_heads = 4, n_layers = 2, d_ff = 512;
+  double rope_theta = 10000.0, attn_log_scale = 0.0;  // the main model's (as the dsrsq program's options)
   std::int64_t min_context = 1024, max_context = 32768, decode = 32;
   int threads = 2, repeats = 0;  // 0: 5 below 16K, 3 from 16K (both methods)
   std::uint64_t seed = 1;
@@ -203,6 +204,10 @@ dsrsq::ModelConfig model_config(const Options& o, bool streaming = false) {
   c.n_heads = pick(o.n_heads, o.stream_n_heads);
   c.n_layers = pick(o.n_layers, o.stream_n_layers);
   c.d_ff = pick(o.d_ff, o.stream_d_ff);
+  if (!streaming || o.stream_d_model == 0) {  // a checkpoint's settings apply to the main model
+    c.rope_theta = o.rope_theta;
+    c.attn_log_base = o.attn_log_scale;
+  }
   // RoPE has no table: max_pos only bounds the position check.
   c.max_pos = std::max<std::int64_t>({std::int64_t{1} << 21, o.stream_tokens + 64, o.max_context + 4096});
   c.validate();
@@ -913,6 +918,8 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
     ("n_heads", po::value(&o.n_heads)->default_value(o.n_heads), "heads")
     ("n_layers", po::value(&o.n_layers)->default_value(o.n_layers), "layers")
     ("d_ff", po::value(&o.d_ff)->default_value(o.d_ff), "MLP width")
+    ("rope_theta", po::value(&o.rope_theta)->default_value(o.rope_theta), "RoPE base (as the checkpoint was trained: configs/long*.ini use 500000)")
+    ("attn_log_scale", po::value(&o.attn_log_scale)->default_value(o.attn_log_scale), "log-length query scaling base (0: off; configs/long*.ini: 1024)")
     ;
   // Each method's own options (the dsrsq program's), bound to its knobs, which
   // start at the bench's defaults (kPaperDefaults).

@@ -76,6 +76,9 @@ for p in "${protocols[@]}"; do
 done
 
 # 3. The report: one sweep per protocol (the runs of a protocol merge).
-/usr/bin/python3 analysis/report.py "$out"/std_*/run.h5 "$out"/atskv_q*/run.h5 "$out"/atskv_c*/run.h5 \
-  "$out"/dsrsq_*/run.h5 -o "$out/report"
+runs=()
+for r in std_query_aware std_context_only atskv_query_aware atskv_context_only dsrsq_query_aware; do
+  [ -f "$out/$r/run.h5" ] && runs+=("$out/$r/run.h5")
+done
+/usr/bin/python3 analysis/report.py "${runs[@]}" -o "$out/report"
 echo "report: $out/report/report.md"
