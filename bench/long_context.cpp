@@ -1035,7 +1035,7 @@ int main(int argc, char** argv) {
     std::printf("# model %s  params %lld  fp32\n", sh.mc.str().c_str(),
                 static_cast<long long>(sh.mc.num_parameters()));
     std::printf("# weights %s\n", weights.c_str());
-    std::printf("# dsrsq: DSR d_r %lld conv %lld span %lld base_budget %.0f alpha %.2f | SQA clusters %lld top %lld "
+    std::printf("# dsrsq: DSR d_r %lld conv %lld span %lld base_budget %g alpha %.2f | SQA clusters %lld top %lld "
                 "lloyd %d | RCKV d_c %lld buffer %lld window %lld tau %.1f sqa on\n",
                 knob_int(dk, "dsr_d_r"), knob_int(dk, "dsr_conv_width"), knob_int(dk, "dsr_span"),
                 knob_num(dk, "dsr_base_budget"), knob_num(dk, "dsr_alpha"), knob_int(dk, "sqa_clusters"),
