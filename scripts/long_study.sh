@@ -9,7 +9,7 @@
 #      measure of that choice)
 #   5. DSRSQ fine-tuned from the long model (configs/dsrsq_debug.ini's DSRSQ
 #      settings, long.ini's data), LONG_DSRSQ_STEPS steps
-#   6. scripts/study_debug.sh with STUDY_CONFIG=configs/long.ini: every method
+#   6. scripts/study_debug.sh with STUDY_CONFIG=configs/long.ini: every method but GCA
 #      of the registry (ATSKV's predictor trained first) at STUDY_SIZES and
 #      STUDY_BUDGETS, under STUDY_PROTOCOLS, and the report (Tables 5 and 6,
 #      Pareto, F1 by length, needle heat-maps)
