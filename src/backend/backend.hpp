@@ -11,6 +11,8 @@
 //
 // Gradient rule per op (written at each struct): "+=" accumulates into the
 // buffer (the caller zeroes it once), "=" overwrites it.
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -52,6 +54,12 @@ struct RopeArgs {
   double theta = 10000.0;
   double log_base = 0.0;
 };
+// s(pos) above (1 when log_base <= 0). A caller whose queries all stand at one
+// cache position (the sliding window once full) rotates with log_base 0 and
+// passes s(position) / sqrt(HS) as the attention scale instead.
+inline double log_length_scale(double log_base, double pos) {
+  return log_base > 0 ? std::max(1.0, std::log(pos + 1.0) / std::log(log_base)) : 1.0;
+}
 
 // ---- layernorm --------------------------------------------------------------
 // out = (x - mean) * rstd * weight + bias over the last dim.

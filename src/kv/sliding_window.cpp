@@ -1,6 +1,7 @@
 #include "kv/sliding_window.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "model/transformer.hpp"
@@ -23,6 +24,7 @@ void SlidingWindowPolicy::begin(const SequenceInfo& info, const KVBudget& budget
   k_.clear();
   v_.clear();
   orig_.clear();
+  ring_kpos_.clear();
   scratch_.reset();
   scratch_.reset_peak();
   stats_.clear();
@@ -142,8 +144,11 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
                                     TensorView(kpos.data(), Shape{B, cap_}), true, 0.0});
   } else {
     // Full: token tau sees the sinks at cache indices 0..S-1 from query index
-    // cap - 1, and the window tau - W + 1 .. tau. Three disjoint key sets,
-    // merged by log-sum-exp (each query's own softmax over its S + W keys):
+    // cap - 1, and the window tau - W + 1 .. tau. Every query stands at cache
+    // index cap - 1, so its log-length factor (ModelConfig::attn_log_base) is
+    // s(cap - 1) over all its keys: the queries are rotated without it and the
+    // factor goes into the attention scale. Key sets, merged by log-sum-exp
+    // (each query's own softmax over its S + W keys):
     //   A  the ring as it is before this chunk: token u (stream index tau_u)
     //      is visible to tau iff tau_u >= tau - W + 1, written for the causal
     //      rule k_pos <= q_pos as k_pos = base - (tau_u + W - 1), q_pos = base - tau;
@@ -151,25 +156,45 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
     //   C  the sinks, the query rotated by cache index cap - 1 instead of tau.
     // A and B use keys and queries rotated by stream index: q_tau . k_u
     // depends on tau - u only, which is the distance of their cache indices.
-    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta, cfg_.attn_log_base});
-    const std::int64_t base = tau0 + c + W;
-    std::vector<std::int32_t> kpos(idx(B * cap_)), qpos(idx(B * c));
-    for (std::int64_t s = 0; s < cap_; ++s) {
-      // Window slot s holds stream index seen - cap + logical(s) (the oldest, at S, is seen - W).
-      const std::int64_t tu = tau0 - cap_ + logical(st, s);
-      const std::int32_t kp = s < S ? KVCache::kEmptyPos : static_cast<std::int32_t>(base - (tu + W - 1));
-      for (std::int64_t b = 0; b < B; ++b) kpos[idx(b * cap_ + s)] = kp;
-    }
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t i = 0; i < c; ++i) qpos[idx(b * c + i)] = static_cast<std::int32_t>(base - (tau0 + i));
-    be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse,
-                                    TensorView(qpos.data(), Shape{B, c}), TensorView(kpos.data(), Shape{B, cap_}), true,
-                                    0.0});
+    // One token (decode): it is stored first, over the oldest window token
+    // (tau - W, which it does not see), and A and B become one call in which
+    // every window slot is visible.
+    const double scale =
+        log_length_scale(cfg_.attn_log_base, static_cast<double>(cap_ - 1)) / std::sqrt(static_cast<double>(HS));
+    be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta});
     TensorView ob = scratch_.allocate(rows, DType::f32);
     TensorView lb = scratch_.allocate(Shape{B, NH, c}, DType::f32);
-    be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), kr.reshaped(bshape), vr.reshaped(bshape), ob.reshaped(bshape), lb,
-                                    tau_v.reshaped(Shape{B, c}), tau_v.reshaped(Shape{B, c}), true, 0.0});
-    be_.attention_merge(AttentionMergeArgs{oc.reshaped(bshape), lse, ob.reshaped(bshape), lb});
+    if (c == 1) {
+      store(0, st.head, 1);
+      st.head = S + (st.head - S + 1) % W;
+      if (static_cast<std::int64_t>(ring_kpos_.size()) != B * cap_) {
+        ring_kpos_.assign(idx(B * cap_), 0);  // window slots: visible from q_pos 0
+        for (std::int64_t b = 0; b < B; ++b)
+          std::fill_n(ring_kpos_.begin() + b * cap_, S, KVCache::kEmptyPos);
+      }
+      std::vector<std::int32_t> qpos(idx(B), 0);
+      be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse,
+                                      TensorView(qpos.data(), Shape{B, 1}), TensorView(ring_kpos_.data(), Shape{B, cap_}),
+                                      true, scale});
+    } else {
+      const std::int64_t base = tau0 + c + W;
+      std::vector<std::int32_t> kpos(idx(B * cap_)), qpos(idx(B * c));
+      for (std::int64_t s = 0; s < cap_; ++s) {
+        // Window slot s holds stream index seen - cap + logical(s) (the oldest, at S, is seen - W).
+        const std::int64_t tu = tau0 - cap_ + logical(st, s);
+        const std::int32_t kp = s < S ? KVCache::kEmptyPos : static_cast<std::int32_t>(base - (tu + W - 1));
+        for (std::int64_t b = 0; b < B; ++b) kpos[idx(b * cap_ + s)] = kp;
+      }
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t i = 0; i < c; ++i) qpos[idx(b * c + i)] = static_cast<std::int32_t>(base - (tau0 + i));
+      be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse,
+                                      TensorView(qpos.data(), Shape{B, c}), TensorView(kpos.data(), Shape{B, cap_}),
+                                      true, scale});
+      be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), kr.reshaped(bshape), vr.reshaped(bshape),
+                                      ob.reshaped(bshape), lb, tau_v.reshaped(Shape{B, c}), tau_v.reshaped(Shape{B, c}),
+                                      true, scale});
+      be_.attention_merge(AttentionMergeArgs{oc.reshaped(bshape), lse, ob.reshaped(bshape), lb});
+    }
     if (S > 0) {
       TensorView qs = scratch_.allocate(rows, DType::f32);
       TensorView ks = scratch_.allocate(Shape{B * S, NH, HS}, DType::f32), vs = scratch_.allocate(Shape{B * S, NH, HS}, DType::f32);
@@ -181,18 +206,21 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
       std::vector<std::int32_t> qsp(idx(B * c), static_cast<std::int32_t>(cap_ - 1)), ksp(idx(B * S));
       for (std::int64_t b = 0; b < B; ++b)
         for (std::int64_t s = 0; s < S; ++s) ksp[idx(b * S + s)] = static_cast<std::int32_t>(s);
-      be_.rope_fwd(RopeArgs{qs, TensorView(qsp.data(), Shape{B * c}), cfg_.rope_theta, cfg_.attn_log_base});
+      be_.rope_fwd(RopeArgs{qs, TensorView(qsp.data(), Shape{B * c}), cfg_.rope_theta});
       const Shape sshape{B, S, NH, HS};
       be_.attention_fwd(AttentionArgs{qs.reshaped(bshape), ks.reshaped(sshape), vs.reshaped(sshape), ob.reshaped(bshape), lb,
-                                      TensorView(qsp.data(), Shape{B, c}), TensorView(ksp.data(), Shape{B, S}), true, 0.0});
+                                      TensorView(qsp.data(), Shape{B, c}), TensorView(ksp.data(), Shape{B, S}), true,
+                                      scale});
       be_.attention_merge(AttentionMergeArgs{oc.reshaped(bshape), lse, ob.reshaped(bshape), lb});
     }
-    // Evict: the chunk overwrites the c oldest window slots (ring order, at
-    // most two contiguous runs).
-    const std::int64_t first = std::min(c, cap_ - st.head);
-    store(0, st.head, first);
-    if (first < c) store(first, S, c - first);
-    st.head = S + (st.head - S + c) % W;
+    if (c > 1) {
+      // Evict: the chunk overwrites the c oldest window slots (ring order, at
+      // most two contiguous runs).
+      const std::int64_t first = std::min(c, cap_ - st.head);
+      store(0, st.head, first);
+      if (first < c) store(first, S, c - first);
+      st.head = S + (st.head - S + c) % W;
+    }
   }
   st.seen += c;
   for (std::int64_t b = 0; b < B; ++b) be_.copy(oc.rows(b * c, c), on.rows(b * Tn + t0, c));

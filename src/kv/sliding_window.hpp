@@ -16,7 +16,11 @@
 // query rotated by t. A sink s is at distance cap - 1 - s from a token that has
 // filled the cache, so the sinks are attended in a separate call with the query
 // rotated by cap - 1; the two partial results are merged by log-sum-exp
-// (backend attention_merge). ALGORITHMS.md section 8's pre-RoPE cache gives
+// (backend attention_merge). A decode step stores its token first (over the
+// oldest window token, which it does not see), so ring and new key are one
+// call. Log-length scaling (attn_log_base) follows the same positions: a query
+// at cache index i is scaled by s(i), i.e. s(cap - 1) once the cache is full,
+// whatever its stream index. ALGORITHMS.md section 8's pre-RoPE cache gives
 // these scores up to rounding (tests/kv/test_kv.cpp compares with a
 // brute-force reference that re-rotates every key at every step).
 //
@@ -116,6 +120,7 @@ class SlidingWindowPolicy final : public KVPolicy {
   std::vector<TensorView> k_, v_;                 // per layer (B, cap, NH, HS), keys rotated by stream index
   std::vector<std::vector<std::int32_t>> orig_;  // per layer (B, cap) original positions
   std::vector<LayerState> state_;
+  std::vector<std::int32_t> ring_kpos_;  // (B, cap) key positions of a decode step once full (begin() clears)
   std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;
   kvdetail::DecodeStats stats_;
 };

@@ -162,7 +162,7 @@ void rope_ref(double* x, std::int64_t HS, std::int64_t p, double theta) {
 // rotated by their index in the kept set, the query by its own index.
 std::vector<double> streaming_ref(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                                   std::int64_t B, std::int64_t total, std::int64_t NH, std::int64_t HS, std::int64_t K,
-                                  std::int64_t S, double theta) {
+                                  std::int64_t S, double theta, double log_base = 0.0) {
   const std::int64_t W = K - S;
   std::vector<double> out(static_cast<std::size_t>(B * total * NH * HS), 0.0);
   auto at = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return ((b * total + t) * NH + h) * HS; };
@@ -179,6 +179,8 @@ std::vector<double> streaming_ref(const std::vector<float>& q, const std::vector
       for (std::int64_t h = 0; h < NH; ++h) {
         std::vector<double> qq(q.begin() + at(b, t, h), q.begin() + at(b, t, h) + HS);
         rope_ref(qq.data(), HS, n - 1, theta);
+        // Log-length scaling at the query's cache index n - 1 (RopeArgs::log_base).
+        for (auto& e : qq) e *= log_length_scale(log_base, static_cast<double>(n - 1));
         std::vector<double> sc(static_cast<std::size_t>(n));
         double mx = -1e300;
         for (std::int64_t i = 0; i < n; ++i) {
@@ -313,8 +315,13 @@ BOOST_AUTO_TEST_CASE(sliding_window_matches_streaming_reference) {
       {1, 8, 3, 1, 1, 4, 1, 0},    // one token: each query sees only itself
       {2, 6, 4, 20, 2, 4, 1, 4},   // everything fits (K capped at N+T=10)
   };
+  // log_base 4: the log-length factor s(i) = ln(i + 1) / ln 4 is 1.16-1.66
+  // over these caches' last indices (3..9), so a query scaled at its stream
+  // index instead of its cache index would be off by up to 2x in its logits.
+  for (const double log_base : {0.0, 4.0})
   for (const Case& cs : cases) {
-    BOOST_TEST_CONTEXT("B=" << cs.B << " N=" << cs.N << " K=" << cs.K << " q=" << cs.query_len) {
+    cfg.attn_log_base = log_base;
+    BOOST_TEST_CONTEXT("log_base=" << log_base << " B=" << cs.B << " N=" << cs.N << " K=" << cs.K << " q=" << cs.query_len) {
       const std::int64_t total = cs.N + cs.T;
       SlidingWindowPolicy pol(cfg, cpu_backend(), cs.default_sinks);
       // Budget between K and K+1 tokens: floor gives K.
@@ -379,11 +386,13 @@ BOOST_AUTO_TEST_CASE(sliding_window_matches_streaming_reference) {
         BOOST_TEST(pol.memory().total == want_bytes);
         BOOST_TEST(pol.kv_bytes_allocated() == want_bytes);
       }
-      const auto want = streaming_ref(q, k, v, cs.B, total, NH, HS, K, pol.sinks(), cfg.rope_theta);
+      const auto want = streaming_ref(q, k, v, cs.B, total, NH, HS, K, pol.sinks(), cfg.rope_theta, log_base);
       // f32 attend() vs the double reference, one layer: RoPE (2 roundings),
       // scores (HS = 8), expf (<= 2 ulp), softmax sum and P V (<= K = 10 keys
       // each), the output's rounding: 33 u = 2.0e-6 (kappa = 1), no room under
       // the old 2e-6 -> 5e-6 (2.5x). A wrong kept set moves it by O(0.1).
+      // With log_base 4 the logits, and the absolute error of their exp, grow
+      // by s <= 1.66: 55 u = 3.3e-6, inside the same bound.
       BOOST_TEST(rel_err(out, std::vector<float>(want.begin(), want.end())) <= 5e-6);
       // attended tokens: decode query at index N+s sees min(K, N+s+1) keys.
       double mean = 0;

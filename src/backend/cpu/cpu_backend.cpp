@@ -119,7 +119,7 @@ void rope_t(const RopeArgs& a, bool inverse) {
     std::vector<T> cs(static_cast<std::size_t>(half)), sn(static_cast<std::size_t>(half));
 #pragma omp for schedule(static)
     for (std::int64_t n = 0; n < N; ++n) {
-      const double scale = a.log_base > 0 ? std::max(1.0, std::log(static_cast<double>(pos[n]) + 1.0) / std::log(a.log_base)) : 1.0;
+      const double scale = log_length_scale(a.log_base, static_cast<double>(pos[n]));
       for (std::int64_t i = 0; i < half; ++i) {
         double c, s_;
         if (tab) {
