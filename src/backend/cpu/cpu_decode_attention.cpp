@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -56,11 +57,63 @@ inline T dot(const T* q, const T* k, std::int64_t n) {
   return acc[0] + tail;
 }
 
+// The same dot product with the head size known at compile time (HSF a
+// multiple of kLanes): q and the lane sums stay in registers and the loops
+// unroll. Same summation order as dot() (lane partial sums, then the tree).
+template <int HSF>
+inline float dot_fixed(const float* q, const float* k) {
+  float acc[kLanes] = {};
+  for (int e = 0; e < HSF; e += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] += q[e + l] * k[e + l];
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+#pragma omp simd
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// P V for one block with the head size known at compile time: row by row
+// (r = qi * NH + h), the row's output accumulator stays in registers over the
+// block's keys instead of being loaded and stored once per key. The same
+// additions in the same order (key by key) as the generic loop.
+template <int HSF>
+inline void pv_block_fixed(const float* sc, const float* v, std::int64_t ld, std::int64_t rows, std::int64_t NH,
+                           std::int64_t nj, float* A) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float acc[HSF];
+    float* ar = A + r * HSF;
+#pragma omp simd
+    for (int e = 0; e < HSF; ++e) acc[e] = ar[e];
+    const float* w = sc + r * kDB;
+    const float* vr = v + (r % NH) * HSF;
+    for (std::int64_t jj = 0; jj < nj; ++jj) {
+      const float wj = w[jj];
+      if (wj == 0.0f) continue;
+      const float* vj = vr + jj * ld;
+#pragma omp simd
+      for (int e = 0; e < HSF; ++e) acc[e] += wj * vj[e];
+    }
+#pragma omp simd
+    for (int e = 0; e < HSF; ++e) ar[e] = acc[e];
+  }
+}
+
 // One thread's partial result over its key range, for every (b, query, head).
 template <class T>
 struct Partial {
   std::vector<T> m, l, acc;  // m, l: (B, Tq, NH); acc: (B, Tq, NH, HS)
 };
+
+// dot() with the common head sizes unrolled (f32).
+template <class T>
+inline T dot_head(const T* q, const T* k, std::int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == 32) return dot_fixed<32>(q, k);
+    if (n == 64) return dot_fixed<64>(q, k);
+    if (n == 128) return dot_fixed<128>(q, k);
+  }
+  return dot(q, k, n);
+}
 
 template <class T>
 void decode_range(const AttentionArgs& a, T scale, std::int64_t s0, std::int64_t s1, Partial<T>& part) {
@@ -99,7 +152,7 @@ void decode_range(const AttentionArgs& a, T scale, std::int64_t s0, std::int64_t
           for (std::int64_t h = 0; h < NH; ++h) {
             T s = neg_inf;
             if (vis) {
-              s = dot(Q + qi * ld + h * HS, Kr + h * HS, HS) * scale;
+              s = dot_head(Q + qi * ld + h * HS, Kr + h * HS, HS) * scale;
               any = true;
             }
             sc[static_cast<std::size_t>((qi * NH + h) * kDB + jj)] = s;
@@ -134,6 +187,11 @@ void decode_range(const AttentionArgs& a, T scale, std::int64_t s0, std::int64_t
         M[r] = mnew;
       }
       // P V: one pass over the block's V rows.
+      if constexpr (std::is_same_v<T, float>) {
+        if (HS == 32) { pv_block_fixed<32>(sc.data(), v + (b * S + j0) * ld, ld, rows, NH, nj, A); continue; }
+        if (HS == 64) { pv_block_fixed<64>(sc.data(), v + (b * S + j0) * ld, ld, rows, NH, nj, A); continue; }
+        if (HS == 128) { pv_block_fixed<128>(sc.data(), v + (b * S + j0) * ld, ld, rows, NH, nj, A); continue; }
+      }
       for (std::int64_t jj = 0; jj < nj; ++jj) {
         const T* Vr = v + (b * S + j0 + jj) * ld;
         for (std::int64_t r = 0; r < rows; ++r) {
