@@ -17,6 +17,9 @@ def _parser():
     p.add_argument("--compare", nargs=2, metavar=("A.h5", "B.h5"), help="print the ratio B/A of every figure")
     p.add_argument("--force", action="store_true", help="--compare even across hardware or task splits")
     p.add_argument("--check", action="store_true", help="validate the files against the schema; list what is missing")
+    p.add_argument("--tables-context", dest="tables_context", type=int, metavar="N",
+                   help="Tables 1-4 (and their figures) from the cells of context size N only (e.g. 4096: the "
+                        "paper's tables at one length of a sweep); Tables 5-6 and the sweep figures keep every cell")
     p.add_argument("--one-sweep", dest="one_sweep", action="store_true",
                    help="the runs are the cells of one sweep (e.g. a Slurm array): refuse them unless they merge")
     return p
@@ -59,13 +62,14 @@ def main(argv=None):
         if args.output:
             from .report import write_report
             write_report(runs, args.output, print_tables=args.print_tables, figures=args.figures,
-                         one_sweep=args.one_sweep)
+                         one_sweep=args.one_sweep, tables_context=args.tables_context)
             print(f"report: wrote {args.output}/report.md")
         else:
             from . import aggregate as A
             from . import sweep as SW
             SW.build_sweeps(runs, one_sweep=args.one_sweep)  # the same refusals as with -o
-            tables, _ = A.build_tables(SW.expand_budgets(runs))
+            at = SW.restrict_context(runs, args.tables_context) if args.tables_context else runs
+            tables, _ = A.build_tables(SW.expand_budgets(at))
             for t in A.printed_tables(tables):
                 print(A.to_markdown(t))
         return 0

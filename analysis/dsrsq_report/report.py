@@ -123,15 +123,18 @@ def sweeps_md(sweeps, outdir, figures):
     return "\n".join(out), figs, "\n".join(shown)
 
 
-def write_report(runs, outdir, print_tables=False, figures=True, one_sweep=False):
+def write_report(runs, outdir, print_tables=False, figures=True, one_sweep=False, tables_context=None):
     os.makedirs(outdir, exist_ok=True)
     sweeps = SW.build_sweeps(runs, one_sweep=one_sweep)  # refuses conflicting cells before anything is written
     # The per-method tables and figures read a run with several budgets as one run per budget.
-    table_runs = SW.expand_budgets(runs)
+    table_runs = SW.expand_budgets(SW.restrict_context(runs, tables_context) if tables_context else runs)
     tables, groups = A.build_tables(table_runs)
     md = ["# dsrsq report", "",
           f"Runs: {', '.join('`' + r.name + '`' for r in runs)} ({len(runs)} file(s), "
           f"{len(groups)} group(s) after merging seeds).", ""]
+    if tables_context:
+        md += [f"Tables 1-4 and their figures: the cells of context size {tables_context} only "
+               "(`--tables-context`); Tables 5-6 and the sweep figures: every cell.", ""]
     md.append(provenance_md(runs))
     fail = failures_md(runs)
     if fail:

@@ -408,6 +408,36 @@ def _subset(ex, mask):
     return out
 
 
+def _cells_run(r, ks, **config):
+    """A pseudo-run of run r holding only cells ks: their rows, their cells' efficiency merged exactly, their
+    cells' states; config keys given here replace the run's (e.g. kv_budget)."""
+    p = copy.copy(r)
+    p.cells = [c for c in r.cells if c.index in ks]
+    p.config = {k: (config[_bare(k)] if _bare(k) in config else v) for k, v in r.config.items()}
+    p.status = {k: dict(v) for k, v in r.status.items()}
+    p.eval, p.efficiency, p.ablation = {}, {}, {}
+    for m, ex in r.eval.items():
+        mask = np.isin(np.asarray(ex.cols["cell"]), ks)
+        p.eval[m] = _subset(ex, mask)
+        p.eval[m].summary = _budget_summary(p.eval[m], [r.cell_summary.get(m, {}).get(k) for k in ks])
+        states = [r.cell_status.get(m, {}).get(k) for k in ks if k in r.cell_status.get(m, {})]
+        failed = [s for s in states if s[0] == "failed"]
+        if failed:
+            p.status["eval"][m] = ("failed", failed[0][1])
+        elif states and all(s[0] == "done" for s in states):
+            p.status["eval"][m] = ("done", "")
+        elif states:
+            p.status["eval"][m] = next(s for s in states if s[0] != "done")
+        effs = [r.cell_efficiency[m][k] for k in ks if k in r.cell_efficiency.get(m, {})]
+        ns = [int(np.sum(np.asarray(ex.cols["cell"]) == k)) for k in ks if k in r.cell_efficiency.get(m, {})]
+        p.efficiency[m] = _merge_efficiency(effs, ns) if effs else dict(r.efficiency.get(m, {}))
+    for v, ex in r.ablation.items():
+        q = _subset(ex, np.isin(np.asarray(ex.cols["cell"]), ks))
+        q.efficiency = ex.efficiency  # pooled over every cell (no per-cell ablation efficiency)
+        p.ablation[v] = q
+    return p
+
+
 def expand_budgets(runs):
     """Runs holding several budgets become one pseudo-run per budget (its cells' rows, its cells' efficiency merged
     exactly, config kv_budget = that budget), so the per-method tables and figures read them as a budget sweep of
@@ -422,31 +452,23 @@ def expand_budgets(runs):
             out.append(r)
             continue
         for b in budgets:
-            ks = [c.index for c in r.cells if c.kv_budget == b]
-            p = copy.copy(r)
-            p.config = {k: (b if _bare(k) == "kv_budget" else v) for k, v in r.config.items()}
-            p.status = {k: dict(v) for k, v in r.status.items()}
-            p.eval, p.efficiency, p.ablation = {}, {}, {}
-            for m, ex in r.eval.items():
-                mask = np.isin(np.asarray(ex.cols["cell"]), ks)
-                p.eval[m] = _subset(ex, mask)
-                p.eval[m].summary = _budget_summary(p.eval[m], [r.cell_summary.get(m, {}).get(k) for k in ks])
-                states = [r.cell_status.get(m, {}).get(k) for k in ks if k in r.cell_status.get(m, {})]
-                failed = [s for s in states if s[0] == "failed"]
-                if failed:
-                    p.status["eval"][m] = ("failed", failed[0][1])
-                elif states and all(s[0] == "done" for s in states):
-                    p.status["eval"][m] = ("done", "")
-                elif states:
-                    p.status["eval"][m] = next(s for s in states if s[0] != "done")
-                effs = [r.cell_efficiency[m][k] for k in ks if k in r.cell_efficiency.get(m, {})]
-                ns = [int(np.sum(np.asarray(ex.cols["cell"]) == k)) for k in ks if k in r.cell_efficiency.get(m, {})]
-                p.efficiency[m] = _merge_efficiency(effs, ns) if effs else dict(r.efficiency.get(m, {}))
-            for v, ex in r.ablation.items():
-                q = _subset(ex, np.isin(np.asarray(ex.cols["cell"]), ks))
-                q.efficiency = ex.efficiency  # pooled over every cell (no per-cell ablation efficiency)
-                p.ablation[v] = q
-            out.append(p)
+            out.append(_cells_run(r, [c.index for c in r.cells if c.kv_budget == b], kv_budget=b))
+    return out
+
+
+def restrict_context(runs, size):
+    """Tables 1-4 at one context size (report --tables-context N): each run keeps only its cells of that size
+    and their rows; a run with none is left out. Refuses when no run has the size."""
+    out = []
+    for r in runs:
+        ks = [c.index for c in r.cells if c.context_size == size]
+        if not ks:
+            continue
+        out.append(r if len(ks) == len(r.cells) else _cells_run(r, ks))
+    if not out:
+        sizes = sorted({c.context_size for r in runs for c in r.cells})
+        raise ReportError(", ".join(r.path for r in runs), "/cells",
+                          f"--tables-context {size}: no run has cells of that context size (they have {sizes})")
     return out
 
 

@@ -295,3 +295,24 @@ def test_f1_vs_context_figure(one_file, tmp_path):
     fig = fig_f1_vs_context(sw, str(tmp_path))
     assert fig.path == str(tmp_path / "f1_vs_context.png") and (tmp_path / "f1_vs_context.png").stat().st_size > 10000
     assert "F1 against context length" in fig.caption
+
+
+def test_tables_at_one_context_size(one_file, tmp_path):
+    """--tables-context: Table 1 from that size's cells only (full: 0.8 at 64, 0.5 at 128, 0.65 pooled);
+    Table 5 still has both sizes; a size no run has is refused with the sizes there are."""
+    for size, want in ((64, 0.8), (128, 0.5)):
+        out = tmp_path / f"o{size}"
+        res = run_report(one_file, "-o", out, "--no-figures", "--tables-context", size)
+        assert res.returncode == 0, res.stderr
+        rows = [r for r in read_csv(os.path.join(out, "table1_task_performance.csv")) if r["method"] == "full"]
+        assert len(rows) == 3, rows                      # one row per budget
+        for r in rows:
+            assert math.isclose(float(r["f1"]), want), (size, r)
+            assert int(float(r["n_examples"])) == N      # one cell of N examples per budget
+        assert {k[1] for k in _table5(out)} == {64, 128}
+    pooled = tmp_path / "pooled"
+    assert run_report(one_file, "-o", pooled, "--no-figures").returncode == 0
+    rows = [r for r in read_csv(os.path.join(pooled, "table1_task_performance.csv")) if r["method"] == "full"]
+    assert all(math.isclose(float(r["f1"]), 0.65) for r in rows), rows
+    res = run_report(one_file, "-o", tmp_path / "none", "--no-figures", "--tables-context", 256)
+    assert res.returncode == 2 and "--tables-context 256" in res.stderr and "[64, 128]" in res.stderr, res.stderr
