@@ -217,11 +217,11 @@ void validate(const Options& o) {
   // policies and methods still read tensors on the host (README "GPU").
   DSRSQ_INPUT_CHECK(o.device == "cpu", "option --device: the CUDA backend's ops are built, but training and evaluation "
                     "still read tensors on the host (not yet moved to backend ops); use --device cpu");
-  static const std::set<std::string> datasets{"needle", "kv_recall", "fact_stream", "var_track", "multi_hop", "nq",
-                                              "eli5", "cnn_dm", "github", "codesearchnet", "s2orc", "longbench"};
+  static const std::set<std::string> datasets{"needle", "kv_recall", "fact_stream", "var_track", "multi_hop", "mq_recall",
+                                              "nq", "eli5", "cnn_dm", "github", "codesearchnet", "s2orc", "longbench"};
   DSRSQ_INPUT_CHECK(datasets.count(o.dataset), "option --dataset: unknown value '", o.dataset,
-                    "' (valid: needle, kv_recall, fact_stream, var_track, multi_hop, nq, eli5, cnn_dm, github, "
-                    "codesearchnet, s2orc, longbench)");
+                    "' (valid: needle, kv_recall, fact_stream, var_track, multi_hop, mq_recall, nq, eli5, cnn_dm, "
+                    "github, codesearchnet, s2orc, longbench)");
   static const std::set<std::string> real{"nq", "eli5", "cnn_dm", "github", "codesearchnet", "s2orc", "longbench"};
   DSRSQ_INPUT_CHECK(!real.count(o.dataset) || !o.data_dir.empty(), "option --dataset ", o.dataset,
                     " reads real files: pass --data_dir FOLDER (see datasets/README.md)");
