@@ -117,7 +117,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     if (hooks_.after_backward) {
       // Per sequence: mean answer-token loss over all sp shards of it.
       std::vector<double> sums(static_cast<std::size_t>(2 * hb.B), 0.0);
-      const float* rl = model_.row_losses().ptr<float>();
+      const std::vector<float> rl = model_.host_row_losses();
       for (std::int64_t b = 0; b < hb.B; ++b)
         for (std::int64_t t = 0; t < hb.T; ++t)
           if (hb.is_answer[static_cast<std::size_t>(b * hb.T + t)]) {
@@ -139,7 +139,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
     st.step = s;
     st.epoch = s / std::max<std::int64_t>(1, steps_per_epoch());
     {
-      const float* rl = model_.row_losses().ptr<float>();
+      const std::vector<float> rl = model_.host_row_losses();
       double local[4] = {loss, 0.0, static_cast<double>(hb.answer_tokens), static_cast<double>(hb.B * hb.T)};
       for (std::size_t i = 0; i < hb.is_answer.size(); ++i)
         if (hb.is_answer[i]) local[1] += rl[i];
