@@ -7,6 +7,7 @@ Why bit-identical: sim runs the CPU backend's own kernels, in the same order, on
 host inputs (tokens, positions) into its memory and reads small results back (per-row losses, one logits row per
 decode step) with copies. So every recorded number that is not a wall time must match to the bit.
 """
+import json
 import os
 import re
 import subprocess
@@ -77,18 +78,22 @@ EVAL_COLS = ["f1", "em", "rouge_l", "bleu", "context_tokens", "attended_tokens",
 EFF_COLS = ["peak_mem_bytes", "flops", "token_efficiency", "tokens_run", "context_tokens_served", "decode_examples"]
 
 
-def same_results(a, b, methods):
+def same_results(a, b, methods, train=True):
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
-        for c in TRAIN_COLS:
+        for c in TRAIN_COLS if train else []:
             assert fa["train/" + c][()].tobytes() == fb["train/" + c][()].tobytes(), "train/" + c
-        assert fa["val/loss"][()].tobytes() == fb["val/loss"][()].tobytes()
+        if train:
+            assert fa["val/loss"][()].tobytes() == fb["val/loss"][()].tobytes()
         for m in methods:
             ea, eb = fa["eval/" + m], fb["eval/" + m]
             assert ea["f1"].shape[0] > 0, m
             for c in EVAL_COLS:
                 assert ea[c][()].tobytes() == eb[c][()].tobytes(), f"{m}: eval column {c}"
-            for c in ("prediction", "id", "meta"):
+            for c in ("prediction", "id"):
                 assert strings(ea, c) == strings(eb, c), f"{m}: {c}"
+            # meta: everything but wall times (shared_prefill_s under reuse).
+            untimed = lambda g: [{k: v for k, v in json.loads(x).items() if not k.endswith("_s")} for x in strings(g, "meta")]
+            assert untimed(ea) == untimed(eb), f"{m}: meta"
             for c in EFF_COLS:
                 assert fa[f"efficiency/{m}/{c}"][()] == fb[f"efficiency/{m}/{c}"][()], f"{m}: efficiency {c}"
 
@@ -109,6 +114,22 @@ def test_device_ready_methods_match_cpu_bitwise(tmp_path, tables):
             assert r.returncode == 0, f"--device {dev} --model {model}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
             out[dev] = tmp_path / "out" / f"{model}_{dev}" / "run.h5"
         same_results(out["cpu"], out["sim"], methods)
+        if model != "standard":
+            continue
+        # The reuse protocol (snapshot and restore of every policy's state) on the CPU run's weights, for the
+        # ready methods that have a query-agnostic form without a selector.
+        ckpt = tmp_path / "out" / "standard_cpu" / "ckpt_6.h5"
+        reuse = [m for m in methods
+                 if run(tmp_path, "--device", "sim", "--protocol", "reuse", "--methods", m, "--dry_run").returncode == 0]
+        assert "full" in reuse and "sliding_window" in reuse, reuse
+        out = {}
+        for dev in ("cpu", "sim"):
+            name = f"reuse_{dev}"
+            r = run(tmp_path, "--command", "eval", "--init_from", ckpt, "--device", dev, "--protocol", "reuse",
+                    "--methods", *reuse, *SHORT, name=name)
+            assert r.returncode == 0, f"reuse --device {dev}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+            out[dev] = tmp_path / "out" / name / "run.h5"
+        same_results(out["cpu"], out["sim"], reuse, train=False)
 
 
 def test_not_ready_method_is_refused_by_name(tmp_path, tables):
