@@ -106,11 +106,13 @@ def test_device_ready_methods_match_cpu_bitwise(tmp_path, tables):
     # The training-free ready methods on a standard model trained on each device; then each trainable ready
     # method (other than standard) trains and evaluates itself.
     free = [m for m in ready if m not in trainable]
-    runs = [("standard", free)] + [(m, [m]) for m in ready if m in trainable and m != "standard"]
-    for model, methods in runs:
+    # (Two layers for the trained methods: GCA needs a lower and an upper one.)
+    runs = [("standard", free, [])] + [(m, [m], ["--n_layers", "2"]) for m in ready if m in trainable and m != "standard"]
+    for model, methods, extra in runs:
         out = {}
         for dev in ("cpu", "sim"):
-            r = run(tmp_path, "--device", dev, "--model", model, "--methods", *methods, *SHORT, name=f"{model}_{dev}")
+            r = run(tmp_path, "--device", dev, "--model", model, "--methods", *methods, *SHORT, *extra,
+                    name=f"{model}_{dev}")
             assert r.returncode == 0, f"--device {dev} --model {model}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
             out[dev] = tmp_path / "out" / f"{model}_{dev}" / "run.h5"
         same_results(out["cpu"], out["sim"], methods)
