@@ -221,13 +221,18 @@ void validate(const Options& o) {
     DSRSQ_INPUT_CHECK(o.dp == 1 && o.sp == 1, "option --device ", o.device, ": --dp ", o.dp, " --sp ", o.sp,
                       ": the device communicator is not wired (gradients and ring attention exchange host buffers "
                       "over MPI); use --dp 1 --sp 1, or --device cpu");
+    auto note = [](const methods::MethodInfo& m) {
+      return m.device_note.empty() ? std::string() : std::string(m.device_note) + "; ";
+    };
     DSRSQ_INPUT_CHECK(trained.device_ready, "option --device ", o.device, ": --model '", o.model,
-                      "' still reads device tensors on the host (device-ready methods: ", methods::device_ready_names(),
-                      "); use --device cpu");
-    for (const auto& m : o.methods)
-      DSRSQ_INPUT_CHECK(methods::find_method(m, "--methods").device_ready, "option --device ", o.device,
-                        ": method '", m, "' still reads device tensors on the host (device-ready methods: ",
+                      "' still reads device tensors on the host (", note(trained), "device-ready methods: ",
+                      methods::device_ready_names(), "); use --device cpu");
+    for (const auto& m : o.methods) {
+      const methods::MethodInfo& info = methods::find_method(m, "--methods");
+      DSRSQ_INPUT_CHECK(info.device_ready, "option --device ", o.device, ": method '", m,
+                        "' still reads device tensors on the host (", note(info), "device-ready methods: ",
                         methods::device_ready_names(), "); use --device cpu or leave it out of --methods");
+    }
   }
   static const std::set<std::string> datasets{"needle", "kv_recall", "fact_stream", "var_track", "multi_hop", "nq",
                                               "eli5", "cnn_dm", "github", "codesearchnet", "s2orc", "longbench"};

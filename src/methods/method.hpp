@@ -180,6 +180,9 @@ struct MethodInfo {
   // --device cuda and --device sim accept it (single rank). False: still
   // refused there, by name.
   bool device_ready = false;
+  // Not device-ready: what stands in the way, beyond host reads (for the
+  // refusal message). Empty: nothing more to say.
+  std::string_view device_note;
 };
 
 // The table, in report order.

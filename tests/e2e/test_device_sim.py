@@ -55,7 +55,7 @@ def tables(tmp_path_factory):
         r = run(tmp, "--device", "sim", "--methods", m, "--dry_run")
         if r.returncode == 2 and "still reads device tensors on the host" in r.stderr:
             not_ready = m
-            ready = listed(r.stderr, "(device-ready methods: ")
+            ready = listed(r.stderr, "device-ready methods: ")
             break
     if not_ready is None:  # every method is device-ready
         ready = list(table)
