@@ -4,6 +4,10 @@
 #define BOOST_TEST_MODULE dsrsq_sim_device
 #include <boost/test/unit_test.hpp>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -52,8 +56,21 @@ BOOST_AUTO_TEST_CASE(sim_memory_is_not_host_readable) {
   BOOST_TEST((t.device == dsrsq::Device::sim));
   BOOST_TEST(contains(error_of([&] { (void)t.ptr<float>(); }), "host access to a tensor on device sim"));
   BOOST_TEST(contains(error_of([&] { (void)arena.zeros(Shape{2}, DType::f32); }), "Arena::zeros on a device arena"));
-  // The pointer is not the host address: a raw host access would fault.
+  // The pointer is not the host address: a raw host access (memcpy on .data,
+  // bypassing ptr()) faults, as a device pointer read on the host would.
   BOOST_TEST(t.data != dsrsq::sim::host_address(t.data));
+  const pid_t child = fork();
+  if (child == 0) {
+    std::signal(SIGSEGV, SIG_DFL);  // the fault must end the child, not reach Boost.Test's handler
+    std::signal(SIGBUS, SIG_DFL);
+    float sink[15];
+    std::memcpy(sink, t.data, sizeof sink);
+    _exit(sink[0] == 12345.0f ? 3 : 0);  // reached only if the read did not fault
+  }
+  int status = 0;
+  BOOST_REQUIRE(child > 0 && waitpid(child, &status, 0) == child);
+  BOOST_TEST((WIFSIGNALED(status) && (WTERMSIG(status) == SIGSEGV || WTERMSIG(status) == SIGBUS)),
+             "a raw host read of sim memory did not fault (wait status " << status << ")");
   // A sim tag on host memory is caught where the backend takes it.
   std::vector<float> h(4);
   const TensorView forged(h.data(), Shape{4}, dsrsq::Device::sim);
