@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
+#include "dsrsq/build_info.hpp"
 #include "core/rng.hpp"
 #include "core/timer.hpp"
 #include "data/readers.hpp"
@@ -467,6 +468,15 @@ MethodEval merged(const std::string& name, const std::vector<const MethodEval*>&
 // evaluated in every cell (eval context size x KV budget) on the same test
 // examples of that size; a failing cell is recorded and the others go on.
 // Returns false when a stop signal cut it short (finished methods are kept).
+// The backend of --device (options.cpp has checked the methods and the grid).
+Backend& run_backend(const std::string& device) {
+  const Device d = device == "cuda" ? Device::cuda : device == "sim" ? Device::sim : Device::cpu;
+  Backend* be = device_backend(d);
+  DSRSQ_INPUT_CHECK(be != nullptr, "option --device ", device, ": ",
+                    build::cuda ? "no GPU answers on this machine" : "this build has no CUDA backend");
+  return *be;
+}
+
 bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model, methods::Method& trained_method,
                   Transformer* standard_backbone, const std::map<std::string, std::string>& backbones,
                   const Tokenizer& tok, const std::vector<data::Example>& test, ResultsSink& sink,
@@ -632,6 +642,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     dist::comm_self_test(grid->world());
   }
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
+  Backend& be = run_backend(opt.device);  // before anything is written: a missing GPU is an input error
 
   auto tok = make_tokenizer(opt.tokenizer, opt.tokenizer_model);
   ModelConfig mc;
@@ -712,13 +723,13 @@ int run_experiment(const Options& opt, int rank, int world) {
                 data.val.size(), data.test.size(), total.seconds());
 
     // ---- model: the backbone and the trained method (its extension, if any) ----
-    Transformer model(mc, cpu_backend());
+    Transformer model(mc, be);
     model.init_weights(opt.seed);
     AdamWConfig ac;
     ac.lr = opt.learning_rate;
     ac.weight_decay = opt.weight_decay;
     ac.clip_norm = opt.clip_norm;
-    methods::MethodContext ctx{model, cpu_backend(), nullptr, ac, opt.seed};
+    methods::MethodContext ctx{model, be, nullptr, ac, opt.seed};
     if (auto it = opt.knobs.find(opt.model); it != opt.knobs.end()) ctx.knobs = it->second.get();
     std::unique_ptr<methods::Method> method = trained.make(ctx);
     methods::TrainingExtension* ext = method->training();
@@ -726,7 +737,7 @@ int run_experiment(const Options& opt, int rank, int world) {
     // evaluates that model; the Transformer then only serves the other methods.
     TrainableModel& tm = method->own_model() ? *method->own_model() : static_cast<TrainableModel&>(model);
     DSRSQ_INPUT_CHECK(!method->own_model() || !grid, "--model ", opt.model, ": its own model trains in one process (--dp 1 --sp 1)");
-    AdamW adam(tm.params(), tm.flat_params(), ac, cpu_backend());
+    AdamW adam(tm.params(), tm.flat_params(), ac, be);
     DSRSQ_INPUT_CHECK(!init || static_cast<std::int64_t>(init->params.size()) == mc.num_parameters() ||
                           static_cast<std::int64_t>(init->params.size()) == tm.flat_params().numel(),
                       "option --init_from: '", opt.init_from, "' holds ", init->params.size(), " parameters, neither a ",
@@ -751,13 +762,13 @@ int run_experiment(const Options& opt, int rank, int world) {
     // method with its own weights from a standard checkpoint.
     std::unique_ptr<Transformer> standard;
     if (init && init_is_standard && trained.backbone == methods::Backbone::own && rank == 0 && opt.command != "train") {
-      standard = std::make_unique<Transformer>(mc, cpu_backend());
-      std::memcpy(standard->flat_params().data, init->params.data(), init->params.size() * sizeof(float));
+      standard = std::make_unique<Transformer>(mc, be);
+      from_host<float>(be, init->params, standard->flat_params());
     }
     // An own-architecture method started from a standard checkpoint keeps its
     // own initialisation (the checkpoint is the other methods' backbone).
     if (init && start == 0 && static_cast<std::int64_t>(init->params.size()) == tm.flat_params().numel()) {
-      std::memcpy(tm.flat_params().data, init->params.data(), init->params.size() * sizeof(float));
+      from_host<float>(tm.backend(), init->params, tm.flat_params());
       std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
     }
     // A checkpoint of the trained method also carries its own parameters (e.g.

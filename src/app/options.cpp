@@ -62,7 +62,7 @@ po::options_description describe(Options& o) {
     ("output_dir", po::value(&o.output_dir)->default_value(o.output_dir), "where run directories are created")
     ("run_name", po::value(&o.run_name), "run directory name (default <model>_<dataset>)")
     ("seed", po::value<std::string>()->default_value(std::to_string(o.seed)), "seed of data, initialisation and sampling (an integer in [0, 2^64))")
-    ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda")
+    ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda | sim. cuda: the CUDA backend, one GPU, single rank (--dp 1 --sp 1), for the device-ready methods only (README 'GPU'). sim: the CPU backend behind the device boundary: every host read of a device tensor raises; for checking the device paths on machines without a GPU (same rules as cuda)")
     ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads (0: OMP_NUM_THREADS or all cores)");
   po::options_description model("Model");
   model.add_options()
@@ -211,12 +211,29 @@ void validate(const Options& o) {
   const methods::MethodInfo& trained = methods::find_method(o.model, "--model");
   DSRSQ_INPUT_CHECK(trained.trainable, "option --model: '", o.model, "' is training-free (it runs on the standard checkpoint); trainable methods: ",
                     methods::method_names(true));
-  DSRSQ_INPUT_CHECK(o.device == "cpu" || o.device == "cuda", "option --device: unknown value '", o.device,
-                    "' (valid: cpu, cuda)");
-  // The CUDA backend's ops exist (src/backend/cuda), but the model, trainer, KV
-  // policies and methods still read tensors on the host (README "GPU").
-  DSRSQ_INPUT_CHECK(o.device == "cpu", "option --device: the CUDA backend's ops are built, but training and evaluation "
-                    "still read tensors on the host (not yet moved to backend ops); use --device cpu");
+  DSRSQ_INPUT_CHECK(o.device == "cpu" || o.device == "cuda" || o.device == "sim", "option --device: unknown value '",
+                    o.device, "' (valid: cpu, cuda, sim)");
+  if (o.device != "cpu") {
+    // A device run (cuda, or sim that stands in for it) takes the methods whose
+    // training and evaluation were checked on sim to read no device tensor on
+    // the host (MethodInfo::device_ready), in one process: the gradient and
+    // ring exchanges still go through MPI on host buffers.
+    DSRSQ_INPUT_CHECK(o.dp == 1 && o.sp == 1, "option --device ", o.device, ": --dp ", o.dp, " --sp ", o.sp,
+                      ": the device communicator is not wired (gradients and ring attention exchange host buffers "
+                      "over MPI); use --dp 1 --sp 1, or --device cpu");
+    auto note = [](const methods::MethodInfo& m) {
+      return m.device_note.empty() ? std::string() : std::string(m.device_note) + "; ";
+    };
+    DSRSQ_INPUT_CHECK(trained.device_ready, "option --device ", o.device, ": --model '", o.model,
+                      "' still reads device tensors on the host (", note(trained), "device-ready methods: ",
+                      methods::device_ready_names(), "); use --device cpu");
+    for (const auto& m : o.methods) {
+      const methods::MethodInfo& info = methods::find_method(m, "--methods");
+      DSRSQ_INPUT_CHECK(info.device_ready, "option --device ", o.device, ": method '", m,
+                        "' still reads device tensors on the host (", note(info), "device-ready methods: ",
+                        methods::device_ready_names(), "); use --device cpu or leave it out of --methods");
+    }
+  }
   static const std::set<std::string> datasets{"needle", "kv_recall", "fact_stream", "var_track", "multi_hop", "mq_recall",
                                               "nq", "eli5", "cnn_dm", "github", "codesearchnet", "s2orc", "longbench"};
   DSRSQ_INPUT_CHECK(datasets.count(o.dataset), "option --dataset: unknown value '", o.dataset,
@@ -348,7 +365,7 @@ std::string version_text() {
      << "  MPI      " << mpis << "\n"
      << "  HDF5     " << maj << "." << min << "." << rel << " (" << build::hdf5_kind << ")\n"
      << "  BLAS     " << build::blas << "\n"
-     << "  CUDA     " << (build::cuda ? "built, backend ops only (--device cuda is refused)" : "not built")
+     << "  CUDA     " << (build::cuda ? "built (--device cuda: the device-ready methods, never yet run on a GPU)" : "not built")
      << ", NCCL " << (build::nccl ? "built" : "not built")
      << "\n";
   return os.str();

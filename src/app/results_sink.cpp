@@ -260,10 +260,10 @@ std::int64_t ResultsSink::restore(TrainableModel& model, AdamW& opt, std::map<st
   const io::CheckpointState& ck = *I.pending;
   DSRSQ_INPUT_CHECK(static_cast<std::int64_t>(ck.params.size()) == model.flat_params().numel(),
                     "checkpoint holds ", ck.params.size(), " parameters, the model has ", model.flat_params().numel());
-  std::memcpy(model.flat_params().data, ck.params.data(), ck.params.size() * sizeof(float));
+  from_host<float>(model.backend(), ck.params, model.flat_params());
   if (!ck.adam_m.empty()) {
-    std::memcpy(opt.m().data, ck.adam_m.data(), ck.adam_m.size() * sizeof(float));
-    std::memcpy(opt.v().data, ck.adam_v.data(), ck.adam_v.size() * sizeof(float));
+    from_host<float>(opt.backend(), ck.adam_m, opt.m());
+    from_host<float>(opt.backend(), ck.adam_v, opt.v());
   }
   opt.set_steps(ck.adam_steps);
   if (extra) *extra = ck.extra;
@@ -318,10 +318,9 @@ void ResultsSink::checkpoint(std::int64_t step, TrainableModel& model, AdamW& op
   ck.model_config = {{"model", model.config_str()}};
   ck.step = step;
   ck.data_cursor = {step};
-  const float* p = model.flat_params().ptr<float>();
-  ck.params.assign(p, p + model.flat_params().numel());
-  ck.adam_m.assign(opt.m().ptr<float>(), opt.m().ptr<float>() + opt.m().numel());
-  ck.adam_v.assign(opt.v().ptr<float>(), opt.v().ptr<float>() + opt.v().numel());
+  ck.params = to_host<float>(model.backend(), model.flat_params());
+  ck.adam_m = to_host<float>(opt.backend(), opt.m());
+  ck.adam_v = to_host<float>(opt.backend(), opt.v());
   ck.adam_steps = opt.steps();
   ck.extra = extra;
   const std::string path = io::checkpoint_path(I.run_path, step);

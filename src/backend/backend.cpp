@@ -2,6 +2,8 @@
 // of other ops (linear and matmul backward are matmuls).
 #include "backend/backend.hpp"
 
+#include "backend/sim/sim_backend.hpp"
+
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -732,6 +734,20 @@ namespace cuda {
 Backend* backend_if_present();  // backend/cuda/cuda_backend.cpp: nullptr without a GPU
 }
 #endif
+
+Backend* device_backend(Device d) {
+  switch (d) {
+    case Device::cpu: return &cpu_backend();
+    case Device::sim: return &sim::sim_backend();
+    case Device::cuda:
+#ifdef DSRSQ_HAVE_CUDA
+      return cuda::backend_if_present();
+#else
+      return nullptr;
+#endif
+  }
+  return nullptr;
+}
 
 std::vector<Backend*> available_backends() {
   std::vector<Backend*> r{&cpu_backend()};

@@ -457,6 +457,36 @@ class Backend {
 // The process's CPU backend (OpenBLAS + OpenMP).
 Backend& cpu_backend();
 
+// Host copies for host code (small arrays: positions, token ids, one logits
+// row, per-row losses): the one way it reads or writes a tensor that may live
+// on a device. A host tensor is read or written directly; a device tensor
+// goes through be.copy_to_host / copy_from_host (a synchronisation on a GPU).
+template <class T>
+std::vector<T> to_host(Backend& be, const TensorView& t) {
+  std::vector<T> out(static_cast<std::size_t>(t.numel()));
+  if (t.device == Device::cpu) {
+    const T* p = t.ptr<T>();
+    std::copy(p, p + t.numel(), out.begin());
+  } else {
+    DSRSQ_REQUIRE(t.dtype == dtype_of<T>(), "to_host: tensor dtype is ", dtype_name(t.dtype), ", asked for ",
+                  dtype_name(dtype_of<T>()));
+    be.copy_to_host(t, std::as_writable_bytes(std::span<T>(out)));
+  }
+  return out;
+}
+template <class T>
+void from_host(Backend& be, std::span<const T> src, const TensorView& dst) {
+  DSRSQ_REQUIRE(static_cast<std::int64_t>(src.size()) == dst.numel(), "from_host: ", src.size(), " values for ",
+                dst.str());
+  if (dst.device == Device::cpu) {
+    std::copy(src.begin(), src.end(), dst.ptr<T>());
+  } else {
+    DSRSQ_REQUIRE(dst.dtype == dtype_of<T>(), "from_host: tensor dtype is ", dtype_name(dst.dtype), ", given ",
+                  dtype_name(dtype_of<T>()));
+    be.copy_from_host(std::as_bytes(src), dst);
+  }
+}
+
 // Cost model: the only place FLOPs of the ops are defined.
 struct OpCost {
   double flops = 0;
@@ -482,6 +512,11 @@ OpCost gram_cost(std::int64_t n, std::int64_t c);
 OpCost lowrank_recon_cost(std::int64_t n, std::int64_t c, std::int64_t dc, bool backward);
 OpCost conv_project_cost(std::int64_t n, std::int64_t c, std::int64_t w, std::int64_t r, bool backward);
 OpCost host_copy_cost(std::size_t bytes);
+
+// The process's backend for a device: cpu, sim (backend/sim, the CPU backend
+// behind the device boundary), or cuda (nullptr when the build has no CUDA or
+// no GPU answers).
+Backend* device_backend(Device d);
 
 // Every backend this build can run on this machine (CPU first). Op tests loop
 // over it (ggml's test-backend-ops habit).

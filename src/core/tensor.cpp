@@ -17,6 +17,7 @@ const char* device_name(Device d) {
   switch (d) {
     case Device::cpu: return "cpu";
     case Device::cuda: return "cuda";
+    case Device::sim: return "sim";
   }
   return "?";
 }

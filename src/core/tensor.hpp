@@ -14,7 +14,10 @@
 namespace dsrsq {
 
 enum class DType : std::uint8_t { f32, f64, i32 };
-enum class Device : std::uint8_t { cpu, cuda };
+// sim: host memory behind the device boundary (backend/sim): every host read
+// of a sim tensor fails as it would on a GPU, for checking device paths on a
+// machine without one.
+enum class Device : std::uint8_t { cpu, cuda, sim };
 
 constexpr std::size_t dtype_size(DType t) {
   switch (t) {

@@ -16,10 +16,12 @@ namespace dsrsq {
 
 namespace {
 
-std::int32_t argmax_last_row(const TensorView& logits) {
-  const std::int64_t N = logits.shape[0], V = logits.shape[1];
-  const float* row = logits.ptr<float>() + (N - 1) * V;
-  return static_cast<std::int32_t>(std::max_element(row, row + V) - row);
+// Greedy decoding: the last row of the logits, copied to the host (one row
+// per step on a device backend).
+std::int32_t argmax_last_row(Backend& be, const TensorView& logits) {
+  const std::int64_t N = logits.shape[0];
+  const std::vector<float> row = to_host<float>(be, logits.rows(N - 1, 1));
+  return static_cast<std::int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
 }
 
 // The tokens' logits: the method's own model when it has one, else the backbone through the policy.
@@ -58,7 +60,7 @@ void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, c
     Timer ts;
     act.reset();
     act.reset_peak();
-    next = argmax_last_row(run_model(model, policy, cfg, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1})));
+    next = argmax_last_row(model.backend(), run_model(model, policy, cfg, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1})));
     const double dt = ts.seconds();
     itl_sum += dt;
     full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
@@ -146,7 +148,7 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
     logits = run_model(model, policy, cfg, TensorView(prompt.data() + n_ctx, Shape{1, n_in - n_ctx}),
                        TensorView(pos.data() + n_ctx, Shape{1, n_in - n_ctx}));
   policy.end_prefill();
-  std::int32_t next = argmax_last_row(logits);
+  std::int32_t next = argmax_last_row(model.backend(), logits);
   r.ttft_s = t.seconds();
   std::size_t peak_act = act.peak_bytes();
   double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
@@ -251,7 +253,7 @@ std::vector<ExampleEval> evaluate_reuse(Transformer& model, KVPolicy& policy, co
       act.reset_peak();
       model.extend(policy, TensorView(q.data(), Shape{1, nq}), TensorView(qpos.data(), Shape{1, nq}));
       policy.end_prefill();
-      const std::int32_t next = argmax_last_row(model.logits());
+      const std::int32_t next = argmax_last_row(model.backend(), model.logits());
       r.ttft_s = t.seconds();
       r.shared_serve_s = shared_s / size;
       r.flops = shared_flops / size + (model.backend().flops_counted() - ask_flops0);

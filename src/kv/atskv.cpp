@@ -229,11 +229,17 @@ Sample record(Transformer& model, const Encoded& enc, std::int64_t window) {
   for (std::int64_t l = 0; l < cfg.n_layers; ++l) {
     auto& L = rec.layers()[static_cast<std::size_t>(l)];
     // Features of the prompt as the policy sees its compression call.
-    out.x.push_back(features(be, scratch, cfg, TensorView(L.q.data(), Shape{1, N, NH, HS}),
-                             TensorView(L.k.data(), Shape{1, N, NH, HS}), TensorView(L.v.data(), Shape{1, N, NH, HS}),
-                             TensorView(pos.data(), Shape{1, N}), out.w));
+    // (q, k, v back on the backend for its ops; positions stay on the host, as features() reads them.)
+    {
+      ArenaScope s(scratch);
+      out.x.push_back(features(be, scratch, cfg, kvdetail::op_arg(be, scratch, L.q.data(), Shape{1, N, NH, HS}),
+                               kvdetail::op_arg(be, scratch, L.k.data(), Shape{1, N, NH, HS}),
+                               kvdetail::op_arg(be, scratch, L.v.data(), Shape{1, N, NH, HS}),
+                               TensorView(pos.data(), Shape{1, N}), out.w));
+    }
     // |Wo_h v_hj| per head and prefix token; |Wo o_i| per answer query.
-    const float* wo = model.param("h." + std::to_string(l) + ".attn.wo").value.ptr<float>();  // (C, C): out = x Wo^T
+    const std::vector<float> wo_host = to_host<float>(be, model.param("h." + std::to_string(l) + ".attn.wo").value);
+    const float* wo = wo_host.data();  // (C, C): out = x Wo^T
     auto proj_norm = [&](const float* x, std::int64_t h0, std::int64_t h1) {
       double s = 0;
       for (std::int64_t c = 0; c < C; ++c) {
@@ -519,7 +525,7 @@ void AtskvPolicy::attend_row(std::int64_t layer, std::int64_t r, TensorView q, T
     TensorView o2 = scratch().allocate(Shape{1, Tn, 1, HS}, DType::f32), l2 = scratch().allocate(Shape{1, 1, Tn}, DType::f32);
     backend().attention_fwd(AttentionArgs{q.reshaped(Shape{1, Tn, 1, HS}), ks.reshaped(Shape{1, n, 1, HS}),
                                           vs.reshaped(Shape{1, n, 1, HS}), o2, l2, qpos.reshaped(Shape{1, Tn}),
-                                          TensorView(spos.data(), Shape{1, n}), true, 0.0});
+                                          kvdetail::op_arg(backend(), scratch(), spos.data(), Shape{1, n}), true, 0.0});
     backend().attention_merge(AttentionMergeArgs{o.reshaped(Shape{1, Tn, 1, HS}), lse.reshaped(Shape{1, 1, Tn}), o2, l2});
   }
   if (!decoding_ || Tn != 1 || ps.pos.empty()) return;

@@ -17,7 +17,30 @@ struct EvictingPolicy::Layer {
   std::vector<std::int64_t> off, cap, len;
   std::vector<std::int32_t> pos;  // (slots) original positions (host)
   std::vector<TensorView> extra;  // layer_alloc() blocks, in allocation order
+  // pos on the backend, for attention (an arena of its own: positions are not
+  // KV bytes); on the CPU backend the host vector itself.
+  std::unique_ptr<Arena> pos_arena;
+  TensorView dpos;
   std::int64_t slots() const { return off.empty() ? 0 : off.back() + cap.back(); }
+  // After pos[from, from + n) changed (n < 0: all of it, or pos was replaced).
+  void upload_pos(Backend& be, std::int64_t from = 0, std::int64_t n = -1) {
+    const auto size = static_cast<std::int64_t>(pos.size());
+    if (be.device() == Device::cpu) {
+      dpos = TensorView(pos.data(), Shape{size});
+      return;
+    }
+    if (dpos.empty() || dpos.numel() != size) {
+      pos_arena = std::make_unique<Arena>("kv_positions", std::max<std::size_t>(pos.size() * 4, 64), be.allocator());
+      dpos = pos_arena->allocate(Shape{size}, DType::i32);
+      n = -1;
+    }
+    if (n < 0) {
+      from = 0;
+      n = size;
+    }
+    be.copy_from_host(std::as_bytes(std::span<const std::int32_t>(pos.data() + from, static_cast<std::size_t>(n))),
+                      dpos.rows(from, n));
+  }
 };
 
 namespace {
@@ -152,7 +175,7 @@ void EvictingPolicy::fill_layer(std::int64_t layer, const LayerPrefill& p,
   L.pos.assign(static_cast<std::size_t>(std::max<std::int64_t>(slots, 1)), KVCache::kEmptyPos);
 
   ArenaScope scope(scratch_);
-  const auto* pp = p.pos.ptr<std::int32_t>();
+  const auto* pp = p.pos.ptr<std::int32_t>();  // host (LayerPrefill)
   const TensorView ksrc = p.k.reshaped(Shape{B * Tn * NH, HS}), vsrc = p.v.reshaped(Shape{B * Tn * NH, HS});
   for (std::int64_t r = 0; r < R; ++r) {
     const auto& kr = keep[static_cast<std::size_t>(r)];
@@ -167,6 +190,7 @@ void EvictingPolicy::fill_layer(std::int64_t layer, const LayerPrefill& p,
     be_.gather_rows(GatherRowsArgs{ksrc, idx, L.k.rows(o, n)});
     be_.gather_rows(GatherRowsArgs{vsrc, idx, L.v.rows(o, n)});
   }
+  L.upload_pos(be_);
   L.ready = true;
 }
 
@@ -174,7 +198,8 @@ void EvictingPolicy::append(std::int64_t layer, const TensorView& k, const Tenso
   const std::int64_t B = info_.batch, NH = cfg_.n_heads, HS = cfg_.head_size(), Tn = k.shape[1], R = rows();
   Layer& L = *layers_[static_cast<std::size_t>(layer)];
   ArenaScope scope(scratch_);
-  const auto* pp = pos.ptr<std::int32_t>();
+  const std::vector<std::int32_t> pos_host = to_host<std::int32_t>(be_, pos);
+  const std::int32_t* pp = pos_host.data();
   const TensorView ksrc = k.reshaped(Shape{B * Tn * NH, HS}), vsrc = v.reshaped(Shape{B * Tn * NH, HS});
   for (std::int64_t r = 0; r < R; ++r) {
     const std::int64_t b = r / NH, h = r % NH;
@@ -191,6 +216,7 @@ void EvictingPolicy::append(std::int64_t layer, const TensorView& k, const Tenso
     const TensorView idx = device_index(be_, scratch_, src);
     be_.gather_rows(GatherRowsArgs{ksrc, idx, L.k.rows(o, Tn)});
     be_.gather_rows(GatherRowsArgs{vsrc, idx, L.v.rows(o, Tn)});
+    L.upload_pos(be_, o, Tn);
     len += Tn;
   }
 }
@@ -200,7 +226,7 @@ void EvictingPolicy::attend_row(std::int64_t layer, std::int64_t r, TensorView q
   const Layer& L = *layers_[static_cast<std::size_t>(layer)];
   const std::int64_t HS = cfg_.head_size(), n = L.len[static_cast<std::size_t>(r)], Tn = q.shape[0];
   const TensorView k = row_k(layer, r).reshaped(Shape{1, n, 1, HS}), v = row_v(layer, r).reshaped(Shape{1, n, 1, HS});
-  TensorView kpos(const_cast<std::int32_t*>(L.pos.data()) + L.off[static_cast<std::size_t>(r)], Shape{1, n});
+  const TensorView kpos = L.dpos.rows(L.off[static_cast<std::size_t>(r)], n).reshaped(Shape{1, n});
   be_.attention_fwd(AttentionArgs{q.reshaped(Shape{1, Tn, 1, HS}), k, v, o.reshaped(Shape{1, Tn, 1, HS}),
                                   lse.reshaped(Shape{1, 1, Tn}), qpos.reshaped(Shape{1, Tn}), kpos, true, 0.0});
 }
@@ -224,7 +250,8 @@ void EvictingPolicy::attend(std::int64_t layer, TensorView q, TensorView k, Tens
     ArenaScope scope(scratch_);
     TensorView lse = scratch_.allocate(Shape{B, NH, Tn}, DType::f32);
     be_.attention_fwd(AttentionArgs{q, kt, vt, out, lse, pos, pos, true, 0.0});
-    LayerPrefill p{layer, Tn, q, kt, vt, pos, out, lse};
+    std::vector<std::int32_t> pos_host = to_host<std::int32_t>(be_, pos);  // select() reads positions on the host
+    LayerPrefill p{layer, Tn, q, kt, vt, TensorView(pos_host.data(), pos.shape), out, lse};
     const auto keep = select(p);
     fill_layer(layer, p, keep);
     after_select(p, keep);
@@ -240,11 +267,12 @@ void EvictingPolicy::attend(std::int64_t layer, TensorView q, TensorView k, Tens
   const TensorView lse = scratch_.allocate(Shape{R, Tn}, DType::f32);
   be_.gather_rows(GatherRowsArgs{q.reshaped(Shape{B * Tn * NH, HS}), device_index(be_, scratch_, to_heads_major(B, Tn, NH)), qt});
   std::vector<std::int32_t> qp(static_cast<std::size_t>(R * Tn));
-  const auto* pp = pos.ptr<std::int32_t>();
+  const std::vector<std::int32_t> pos_host = to_host<std::int32_t>(be_, pos);
   for (std::int64_t r = 0; r < R; ++r)
-    for (std::int64_t t = 0; t < Tn; ++t) qp[static_cast<std::size_t>(r * Tn + t)] = pp[(r / NH) * Tn + t];
+    for (std::int64_t t = 0; t < Tn; ++t) qp[static_cast<std::size_t>(r * Tn + t)] = pos_host[static_cast<std::size_t>((r / NH) * Tn + t)];
+  const TensorView qpv = be_.device() == Device::cpu ? TensorView(qp.data(), Shape{R * Tn}) : device_index(be_, scratch_, qp);
   for (std::int64_t r = 0; r < R; ++r)
-    attend_row(layer, r, qt.rows(r * Tn, Tn).reshaped(Shape{Tn, 1, HS}), TensorView(qp.data() + r * Tn, Shape{Tn}),
+    attend_row(layer, r, qt.rows(r * Tn, Tn).reshaped(Shape{Tn, 1, HS}), qpv.rows(r * Tn, Tn),
                ot.rows(r * Tn, Tn).reshaped(Shape{Tn, 1, HS}), lse.rows(r, 1).reshaped(Shape{1, Tn}));
   be_.gather_rows(GatherRowsArgs{ot, device_index(be_, scratch_, from_heads_major(B, Tn, NH)),
                                  out.reshaped(Shape{B * Tn * NH, HS})});
@@ -328,6 +356,7 @@ void EvictingPolicy::reselect(std::int64_t layer, const std::vector<std::vector<
     be_.gather_rows(GatherRowsArgs{L.k, idx, next->k.rows(next->off[ri], n)});
     be_.gather_rows(GatherRowsArgs{L.v, idx, next->v.rows(next->off[ri], n)});
   }
+  next->upload_pos(be_);
   next->ready = true;
   // Both blocks exist while the rows move: that moment counts in the peak.
   peak_ = std::max(peak_, held_bytes() + next->arena->used_bytes());
@@ -420,6 +449,7 @@ void EvictingPolicy::restore(const KVSnapshot& snap) {
     L.len = ls.len;
     L.pos = ls.pos;
     if (!ls.ready) continue;
+    L.upload_pos(be_);
     s.blocks[bi++].load(be_, TensorView(L.k.data, Shape{2 * L.k.shape[0] * L.k.shape[1]}, DType::f32, L.k.device));
     for (TensorView& e : L.extra) s.blocks[bi++].load(be_, e);
   }

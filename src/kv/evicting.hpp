@@ -29,8 +29,8 @@
 // Bytes: the K/V of every row (f32 K and V) in one block per layer, plus any
 // per-row state a subclass allocates in the layer's arena with
 // layer_alloc() (compensation slots, page bounds, importances): all of it is
-// resident and counted. Positions are host-side and counted by no policy
-// (the one byte rule, results/README.md).
+// resident and counted. Positions (host vectors, mirrored on the backend for
+// attention) are counted by no policy (the one byte rule, results/README.md).
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -84,7 +84,7 @@ class EvictingPolicy : public KVPolicy {
     std::int64_t layer = 0;
     std::int64_t tokens = 0;   // Tn, the call's tokens
     TensorView q, k, v;        // (B, Tn, NH, HS) f32; q, k post-RoPE (k, v: the transient block)
-    TensorView pos;            // i32 (B, Tn) original positions (host)
+    TensorView pos;            // i32 (B, Tn) original positions (a host copy, whatever the backend)
     TensorView out, lse;       // the call's exact attention output (B, Tn, NH, HS) and lse (B, NH, Tn)
   };
   // Called from begin() after the base's state is reset: a subclass plans its

@@ -7,7 +7,8 @@
 namespace dsrsq {
 
 FullPolicy::FullPolicy(const ModelConfig& cfg, Backend& backend)
-    : cfg_(cfg), be_(backend), scratch_("kv_scratch", std::size_t{1} << 20, backend.allocator()) {}
+    : cfg_(cfg), be_(backend), scratch_("kv_scratch", std::size_t{1} << 20, backend.allocator()),
+      pos_arena_("kv_positions", std::size_t{1} << 16, backend.allocator()) {}
 
 void FullPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   kvdetail::check_sequence(cfg_, info);
@@ -21,6 +22,8 @@ void FullPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   k_.clear();
   v_.clear();
   pos_.clear();
+  kpos_.clear();
+  pos_arena_.reset();
   scratch_.reset();
   stats_.clear();
   info_ = info;
@@ -37,14 +40,19 @@ void FullPolicy::begin(const SequenceInfo& info, const KVBudget& budget) {
   kv_arena_ = std::make_unique<Arena>("kv_cache_full", block, be_.allocator());
   TensorView all = kv_arena_->allocate(Shape{2 * L * per}, DType::f32);
   be_.fill(all, 0.0);  // unused slots are masked, but must not hold NaN (0 * NaN in P V)
-  float* base = all.ptr<float>();
   const Shape s{B, cap_, NH, HS};
   for (std::int64_t l = 0; l < L; ++l) {
-    k_.emplace_back(base + (2 * l) * per, s);
-    v_.emplace_back(base + (2 * l + 1) * per, s);
+    k_.push_back(all.rows((2 * l) * per, per).reshaped(s));
+    v_.push_back(all.rows((2 * l + 1) * per, per).reshaped(s));
   }
   pos_.assign(static_cast<std::size_t>(L), std::vector<std::int32_t>(static_cast<std::size_t>(B * cap_),
                                                                      KVCache::kEmptyPos));
+  // The positions attention reads, on the backend (uncounted, as in full_bytes);
+  // pos_ is their host copy (snapshots).
+  for (std::int64_t l = 0; l < L; ++l) {
+    kpos_.push_back(pos_arena_.allocate(Shape{B, cap_}, DType::i32));
+    from_host<std::int32_t>(be_, pos_[static_cast<std::size_t>(l)], kpos_.back());
+  }
   len_.assign(static_cast<std::size_t>(L), 0);
   resident_ = peak_ = 0;
   begun_ = true;
@@ -67,15 +75,17 @@ void FullPolicy::attend(std::int64_t layer, TensorView q, TensorView k, TensorVi
   // Append post-RoPE keys and values and the positions.
   const TensorView kc = k_[l].reshaped(Shape{B * cap_, NH, HS}), vc = v_[l].reshaped(Shape{B * cap_, NH, HS});
   const TensorView kn = k.reshaped(Shape{B * Tn, NH, HS}), vn = v.reshaped(Shape{B * Tn, NH, HS});
-  const auto* pp = pos.ptr<std::int32_t>();
+  const std::vector<std::int32_t> pp = to_host<std::int32_t>(be_, pos);  // B * Tn positions
+  const TensorView kp = kpos_[l].reshaped(Shape{B * cap_});
   for (std::int64_t b = 0; b < B; ++b) {
     be_.copy(kn.rows(b * Tn, Tn), kc.rows(b * cap_ + len, Tn));
     be_.copy(vn.rows(b * Tn, Tn), vc.rows(b * cap_ + len, Tn));
-    std::copy(pp + b * Tn, pp + (b + 1) * Tn, pos_[l].begin() + b * cap_ + len);
+    be_.copy(pos_flat.rows(b * Tn, Tn), kp.rows(b * cap_ + len, Tn));
+    std::copy(pp.begin() + b * Tn, pp.begin() + (b + 1) * Tn, pos_[l].begin() + b * cap_ + len);
   }
   len += Tn;
 
-  TensorView kpos(pos_[l].data(), Shape{B, cap_});
+  const TensorView kpos = kpos_[l];
   TensorView lse = scratch_.allocate(Shape{B, NH, Tn}, DType::f32);
   be_.attention_fwd(AttentionArgs{q, k_[l], v_[l], out, lse, pos, kpos, true, 0.0});
 
@@ -137,6 +147,7 @@ void FullPolicy::restore(const KVSnapshot& snap) {
   s.blocks[0].load(be_, block());
   decoding_ = st.decoding;
   pos_ = st.pos;
+  for (std::size_t l = 0; l < pos_.size(); ++l) from_host<std::int32_t>(be_, pos_[l], kpos_[l]);
   len_ = st.len;
   requested_ = st.requested;
   achieved_ = st.achieved;

@@ -8,8 +8,9 @@
 //
 // Bytes counted: the K/V arena only (f32 K and V, every layer), which is
 // exactly B * KVBudget::full_bytes(cfg, N+T) when d_model * 4 is a multiple of
-// 64. Position ids (i32, one per cached token and layer) live in host vectors
-// and are NOT counted, as in KVBudget::full_bytes.
+// 64. Position ids (i32, one per cached token and layer) live in an arena of
+// their own on the backend (with a host copy for snapshots) and are NOT
+// counted, as in KVBudget::full_bytes.
 // memory() figures are for the whole batch (B sequences); the budget_*
 // figures are per sequence (one example), like KVBudget.
 #include <memory>
@@ -53,7 +54,9 @@ class FullPolicy final : public KVPolicy {
   std::unique_ptr<Arena> kv_arena_;
   Arena scratch_;
   std::vector<TensorView> k_, v_;                // per layer (B, cap, NH, HS), post-RoPE
-  std::vector<std::vector<std::int32_t>> pos_;  // per layer (B, cap) original positions
+  std::vector<std::vector<std::int32_t>> pos_;  // per layer (B, cap) original positions (host copy)
+  Arena pos_arena_;                             // kpos_: not KV bytes (positions are counted by no policy)
+  std::vector<TensorView> kpos_;                // per layer (B, cap) the same, on the backend
   std::vector<std::int64_t> len_;               // per layer cached tokens
   std::size_t requested_ = 0, achieved_ = 0, resident_ = 0, peak_ = 0;
   kvdetail::DecodeStats stats_;

@@ -15,6 +15,41 @@ void check_attend(const char* policy, bool begun, const ModelConfig& cfg, std::i
                   const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& pos,
                   const TensorView& out);
 
+// Small host index arrays (positions, stream indices) a policy builds for a
+// backend op: on the CPU backend the host vector itself; on a device a copy
+// in an arena of their own (not the policy's KV or scratch arena: index
+// arrays are not KV bytes, and the figures stay the same on every backend).
+// reset() at the start of each attend(): earlier copies are dead by then.
+class DeviceIndices {
+ public:
+  explicit DeviceIndices(Backend& be) : be_(&be), arena_("kv_indices", std::size_t{1} << 16, be.allocator()) {}
+  void reset() { arena_.reset(); }
+  // v's first s.numel() values as an i32 tensor of shape s on the backend.
+  TensorView operator()(std::vector<std::int32_t>& v, Shape s) {
+    DSRSQ_REQUIRE(static_cast<std::size_t>(s.numel()) <= v.size(), "DeviceIndices: ", v.size(), " values for ", s.str());
+    if (be_->device() == Device::cpu) return TensorView(v.data(), s);
+    TensorView d = arena_.allocate(s, DType::i32);
+    be_->copy_from_host(std::as_bytes(std::span<const std::int32_t>(v.data(), static_cast<std::size_t>(s.numel()))), d);
+    return d;
+  }
+
+ private:
+  Backend* be_;
+  Arena arena_;
+};
+
+// A host-built argument of one op call (positions, row weights): on the CPU
+// backend a view of the host data itself, on a device a copy in `scratch`
+// (the caller's ArenaScope releases it).
+template <class T>
+TensorView op_arg(Backend& be, Arena& scratch, T* data, Shape s) {
+  const TensorView h(data, s);
+  if (be.device() == Device::cpu) return h;
+  TensorView d = scratch.allocate(s, dtype_of<T>());
+  be.copy_from_host(std::as_bytes(std::span<const T>(data, static_cast<std::size_t>(s.numel()))), d);
+  return d;
+}
+
 // Decode-time traffic: per decode token (counted once, at layer 0) the K/V
 // bytes its attention reads in every layer and every batch row, and the keys
 // one query attends to (averaged over layers and rows).

@@ -65,8 +65,9 @@ class CalibrationPolicy final : public KVPolicy {
     const std::int64_t len = len_[l];
     ArenaScope scope(scratch_);
     const TensorView pf = pos.reshaped(Shape{Tn});
+    const std::vector<std::int32_t> ph = to_host<std::int32_t>(be_, pf);
     for (std::int64_t i = 0; i < Tn; ++i)
-      DSRSQ_REQUIRE(pf.ptr<std::int32_t>()[i] == len + i, "razor calibration: positions must run 0, 1, ...");
+      DSRSQ_REQUIRE(ph[static_cast<std::size_t>(i)] == len + i, "razor calibration: positions must run 0, 1, ...");
     be_.rope_fwd(RopeArgs{q.reshaped(Shape{Tn, NH, HS}), pf, cfg_.rope_theta, cfg_.attn_log_base});
     be_.rope_fwd(RopeArgs{k.reshaped(Shape{Tn, NH, HS}), pf, cfg_.rope_theta});
     const std::int64_t S = len + Tn;
@@ -75,7 +76,8 @@ class CalibrationPolicy final : public KVPolicy {
     be_.copy(v.reshaped(Shape{Tn, NH, HS}), vc.rows(len, Tn));
     const TensorView ks = kc.rows(0, S).reshaped(Shape{1, S, NH, HS}), vs = vc.rows(0, S).reshaped(Shape{1, S, NH, HS});
     TensorView lse = scratch_.allocate(Shape{1, NH, Tn}, DType::f32);
-    be_.attention_fwd(AttentionArgs{q, ks, vs, out, lse, pos, TensorView(pos_.data(), Shape{1, S}), true, 0.0});
+    be_.attention_fwd(AttentionArgs{q, ks, vs, out, lse, pos, kvdetail::op_arg(be_, scratch_, pos_.data(), Shape{1, S}),
+                                    true, 0.0});
     std::vector<std::int32_t> seen(tokens_.begin(), tokens_.begin() + S);
     accumulate_layer_scores(be_, scratch_, q, ks, len, seen, echo_sum_[l], ind_sum_[l], echo_n_[l], ind_n_[l]);
     len_[l] = S;
@@ -145,6 +147,8 @@ void accumulate_layer_scores(Backend& be, Arena& scratch, const TensorView& q, c
   std::vector<double> mass_h(static_cast<std::size_t>(NH * S));
   std::vector<std::int32_t> qidx(static_cast<std::size_t>(NH)), qpos(static_cast<std::size_t>(NH));
   double one = 1.0;
+  const TensorView kpos_v = kvdetail::op_arg(be, scratch, kpos.data(), Shape{NH, S});
+  const TensorView one_v = kvdetail::op_arg(be, scratch, &one, Shape{1});
   // Earlier copies of each token, in position order.
   std::unordered_map<std::int32_t, std::vector<std::int32_t>> where;
   for (std::int64_t j = 0; j < q0; ++j) where[tokens[static_cast<std::size_t>(j)]].push_back(static_cast<std::int32_t>(j));
@@ -160,8 +164,9 @@ void accumulate_layer_scores(Backend& be, Arena& scratch, const TensorView& q, c
         ArenaScope s(scratch);
         be.gather_rows({q.reshaped(Shape{Tq * NH, HS}), device_index(be, scratch, qidx), qh.reshaped(Shape{NH, HS})});
       }
-      be.attention_mass(AttentionMassArgs{qh, kh, TensorView(qpos.data(), Shape{NH, 1}),
-                                          TensorView(kpos.data(), Shape{NH, S}), TensorView(&one, Shape{1}), mass, 1.0});
+      ArenaScope s(scratch);
+      be.attention_mass(AttentionMassArgs{qh, kh, kvdetail::op_arg(be, scratch, qpos.data(), Shape{NH, 1}), kpos_v,
+                                          one_v, mass, 1.0});
       be.copy_to_host(mass, std::as_writable_bytes(std::span<double>(mass_h)));
       // Induction targets: the token right after each earlier copy, before the query.
       bool any_ind = false;

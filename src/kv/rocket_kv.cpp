@@ -254,7 +254,7 @@ void RocketKVPolicy::attend_row(std::int64_t layer, std::int64_t r, TensorView q
   backend().attention_fwd(AttentionArgs{q.reshaped(Shape{1, 1, 1, hs}), ks.reshaped(Shape{1, k, 1, hs}),
                                         vs.reshaped(Shape{1, k, 1, hs}), o.reshaped(Shape{1, 1, 1, hs}),
                                         lse.reshaped(Shape{1, 1, 1}), qpos.reshaped(Shape{1, 1}),
-                                        TensorView(kpos.data(), Shape{1, k}), true, 0.0});
+                                        kvdetail::op_arg(backend(), scratch(), kpos.data(), Shape{1, k}), true, 0.0});
 }
 
 double RocketKVPolicy::row_keys_read(std::int64_t layer, std::int64_t r) const {

@@ -10,7 +10,7 @@ namespace dsrsq {
 
 SlidingWindowPolicy::SlidingWindowPolicy(const ModelConfig& cfg, Backend& backend, std::int64_t default_sinks)
     : cfg_(cfg), be_(backend), default_sinks_(default_sinks),
-      scratch_("kv_scratch", std::size_t{1} << 20, backend.allocator()) {
+      scratch_("kv_scratch", std::size_t{1} << 20, backend.allocator()), idx_(backend) {
   DSRSQ_INPUT_CHECK(default_sinks >= 0, "KV policy window: sink count must be >= 0, got ", default_sinks);
 }
 
@@ -50,11 +50,10 @@ void SlidingWindowPolicy::begin(const SequenceInfo& info, const KVBudget& budget
   kv_arena_ = std::make_unique<Arena>("kv_cache_window", block, be_.allocator());
   TensorView all = kv_arena_->allocate(Shape{2 * L * per}, DType::f32);
   be_.fill(all, 0.0);  // empty slots are masked but must not hold NaN
-  float* base = all.ptr<float>();
   const Shape s{B, cap_, NH, HS};
   for (std::int64_t l = 0; l < L; ++l) {
-    k_.emplace_back(base + (2 * l) * per, s);
-    v_.emplace_back(base + (2 * l + 1) * per, s);
+    k_.push_back(all.rows((2 * l) * per, per).reshaped(s));
+    v_.push_back(all.rows((2 * l + 1) * per, per).reshaped(s));
   }
   orig_.assign(static_cast<std::size_t>(L), std::vector<std::int32_t>(static_cast<std::size_t>(B * cap_), -1));
   state_.assign(static_cast<std::size_t>(L), LayerState{});
@@ -98,7 +97,9 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
   const TensorView kc = k_[l].reshaped(Shape{B * cap_, NH, HS}), vc = v_[l].reshaped(Shape{B * cap_, NH, HS});
   const TensorView kn = k.reshaped(Shape{B * Tn, NH, HS}), vn = v.reshaped(Shape{B * Tn, NH, HS});
   const TensorView qn = q.reshaped(Shape{B * Tn, NH, HS}), on = out.reshaped(Shape{B * Tn, NH, HS});
-  const auto* pp = pos.ptr<std::int32_t>();
+  const std::vector<std::int32_t> pos_host = to_host<std::int32_t>(be_, pos);
+  const std::int32_t* pp = pos_host.data();
+  idx_.reset();
   const Shape rows{B * c, NH, HS}, bshape{B, c, NH, HS};
 
   // The chunk's tokens have stream indices tau = seen .. seen + c - 1; keys
@@ -107,7 +108,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
   std::vector<std::int32_t> tau(idx(B * c));
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t i = 0; i < c; ++i) tau[idx(b * c + i)] = static_cast<std::int32_t>(tau0 + i);
-  const TensorView tau_v(tau.data(), Shape{B * c});
+  const TensorView tau_v = idx_(tau, Shape{B * c});
   TensorView kr = scratch_.allocate(rows, DType::f32), vr = scratch_.allocate(rows, DType::f32);
   TensorView qw = scratch_.allocate(rows, DType::f32);
   for (std::int64_t b = 0; b < B; ++b) {
@@ -141,7 +142,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
         kpos[idx(b * cap_ + s)] = s < st.len ? static_cast<std::int32_t>(s) : KVCache::kEmptyPos;
     be_.rope_fwd(RopeArgs{qw, tau_v, cfg_.rope_theta, cfg_.attn_log_base});
     be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse, tau_v.reshaped(Shape{B, c}),
-                                    TensorView(kpos.data(), Shape{B, cap_}), true, 0.0});
+                                    idx_(kpos, Shape{B, cap_}), true, 0.0});
   } else {
     // Full: token tau sees the sinks at cache indices 0..S-1 from query index
     // cap - 1, and the window tau - W + 1 .. tau. Every query stands at cache
@@ -174,8 +175,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
       }
       std::vector<std::int32_t> qpos(idx(B), 0);
       be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse,
-                                      TensorView(qpos.data(), Shape{B, 1}), TensorView(ring_kpos_.data(), Shape{B, cap_}),
-                                      true, scale});
+                                      idx_(qpos, Shape{B, 1}), idx_(ring_kpos_, Shape{B, cap_}), true, scale});
     } else {
       const std::int64_t base = tau0 + c + W;
       std::vector<std::int32_t> kpos(idx(B * cap_)), qpos(idx(B * c));
@@ -188,8 +188,7 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
       for (std::int64_t b = 0; b < B; ++b)
         for (std::int64_t i = 0; i < c; ++i) qpos[idx(b * c + i)] = static_cast<std::int32_t>(base - (tau0 + i));
       be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), k_[l], v_[l], oc.reshaped(bshape), lse,
-                                      TensorView(qpos.data(), Shape{B, c}), TensorView(kpos.data(), Shape{B, cap_}),
-                                      true, scale});
+                                      idx_(qpos, Shape{B, c}), idx_(kpos, Shape{B, cap_}), true, scale});
       be_.attention_fwd(AttentionArgs{qw.reshaped(bshape), kr.reshaped(bshape), vr.reshaped(bshape),
                                       ob.reshaped(bshape), lb, tau_v.reshaped(Shape{B, c}), tau_v.reshaped(Shape{B, c}),
                                       true, scale});
@@ -206,11 +205,11 @@ void SlidingWindowPolicy::process(std::int64_t layer, std::int64_t t0, std::int6
       std::vector<std::int32_t> qsp(idx(B * c), static_cast<std::int32_t>(cap_ - 1)), ksp(idx(B * S));
       for (std::int64_t b = 0; b < B; ++b)
         for (std::int64_t s = 0; s < S; ++s) ksp[idx(b * S + s)] = static_cast<std::int32_t>(s);
-      be_.rope_fwd(RopeArgs{qs, TensorView(qsp.data(), Shape{B * c}), cfg_.rope_theta});
+      const TensorView qsp_v = idx_(qsp, Shape{B * c});
+      be_.rope_fwd(RopeArgs{qs, qsp_v, cfg_.rope_theta});
       const Shape sshape{B, S, NH, HS};
       be_.attention_fwd(AttentionArgs{qs.reshaped(bshape), ks.reshaped(sshape), vs.reshaped(sshape), ob.reshaped(bshape), lb,
-                                      TensorView(qsp.data(), Shape{B, c}), TensorView(ksp.data(), Shape{B, S}), true,
-                                      scale});
+                                      qsp_v.reshaped(Shape{B, c}), idx_(ksp, Shape{B, S}), true, scale});
       be_.attention_merge(AttentionMergeArgs{oc.reshaped(bshape), lse, ob.reshaped(bshape), lb});
     }
     if (c > 1) {

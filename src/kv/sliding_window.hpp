@@ -117,6 +117,7 @@ class SlidingWindowPolicy final : public KVPolicy {
   std::int64_t cap_ = 0, sinks_ = 0;
   std::unique_ptr<Arena> kv_arena_;
   Arena scratch_;
+  kvdetail::DeviceIndices idx_;  // index arrays handed to ops (on the backend)
   std::vector<TensorView> k_, v_;                 // per layer (B, cap, NH, HS), keys rotated by stream index
   std::vector<std::vector<std::int32_t>> orig_;  // per layer (B, cap) original positions
   std::vector<LayerState> state_;

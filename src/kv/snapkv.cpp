@@ -7,6 +7,7 @@
 #include <span>
 
 #include "core/error.hpp"
+#include "kv/kv_detail.hpp"
 
 namespace dsrsq::snapkv {
 
@@ -33,7 +34,7 @@ std::vector<double> window_scores(Backend& be, Arena& scratch, const TensorView&
   // Heads as batch rows: transpose the window queries and every key to (R, *, 1, HS).
   std::vector<std::int32_t> qi(static_cast<std::size_t>(R * w)), ki(static_cast<std::size_t>(R * Tn));
   std::vector<std::int32_t> qp(qi.size()), kp(ki.size());
-  const auto* pp = pos.ptr<std::int32_t>();
+  const auto* pp = pos.ptr<std::int32_t>();  // host positions (EvictingPolicy::LayerPrefill)
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t h = 0; h < NH; ++h) {
       const std::int64_t r = b * NH + h;
@@ -56,8 +57,9 @@ std::vector<double> window_scores(Backend& be, Arena& scratch, const TensorView&
   std::vector<double> rw(static_cast<std::size_t>(w), 1.0);
   TensorView mass = scratch.allocate(Shape{R, Tn}, DType::f64);
   be.attention_mass(AttentionMassArgs{qt.reshaped(Shape{R, w, 1, HS}), kt.reshaped(Shape{R, Tn, 1, HS}),
-                                      TensorView(qp.data(), Shape{R, w}), TensorView(kp.data(), Shape{R, Tn}),
-                                      TensorView(rw.data(), Shape{w}), mass, 1.0, 0.0});
+                                      kvdetail::op_arg(be, scratch, qp.data(), Shape{R, w}),
+                                      kvdetail::op_arg(be, scratch, kp.data(), Shape{R, Tn}),
+                                      kvdetail::op_arg(be, scratch, rw.data(), Shape{w}), mass, 1.0, 0.0});
   std::vector<double> all(static_cast<std::size_t>(R * Tn));
   be.copy_to_host(mass, std::as_writable_bytes(std::span(all)));
   const std::int64_t P = Tn - w;

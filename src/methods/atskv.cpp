@@ -102,7 +102,7 @@ class Atskv final : public Method, public TrainingExtension {
     // The backbone stays as it started: no loss of its own, and its
     // parameters are put back after each optimizer step (weight decay moves them).
     const TensorView flat = model_.flat_params();
-    frozen_.assign(flat.ptr<float>(), flat.ptr<float>() + flat.numel());
+    frozen_ = to_host<float>(model_.backend(), flat);
     hooks.task_weight = 0.0;
     const std::int32_t pad = env.pad_id;
     hooks.make_batch = [this, pad](const std::vector<const Encoded*>& seqs, std::int64_t step, float lm,
@@ -140,7 +140,7 @@ class Atskv final : public Method, public TrainingExtension {
     };
     hooks.extra_step = [this](double) {
       const TensorView flat = model_.flat_params();
-      std::memcpy(flat.data, frozen_.data(), frozen_.size() * sizeof(float));
+      from_host<float>(model_.backend(), frozen_, flat);
     };
   }
   void detach() override {
@@ -172,7 +172,8 @@ const MethodInfo& atskv_method() {
   static const MethodInfo info{"atskv",
                                "ATSKV: learned token relevance, quantile threshold under a byte cap, passive tier (predictor trained on a frozen standard backbone)",
                                "ATSKV study (chchenhui/mlrbench proposal, fixed as in ALGORITHMS.md 11)",
-                               Backbone::own, true, {}, true, {}, &knobs, &make};
+                               Backbone::own, true, {}, true, {}, &knobs, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

@@ -163,7 +163,9 @@ const MethodInfo& attention_rag_method() {
                                false,
                                "its focal token attends from the question's [ANS]",
                                &knobs,
-                               &make};
+                               &make,
+                               /*own_architecture=*/false,
+                               /*device_ready=*/true};
   return info;
 }
 

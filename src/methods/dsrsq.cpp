@@ -281,7 +281,11 @@ const MethodInfo& dsrsq_method() {
                                false,
                                "its retriever scores every context token against the question",
                                &knobs,
-                               &make};
+                               &make,
+                               /*own_architecture=*/false,
+                               /*device_ready=*/false,
+                               "its DSR scorer, RCKV cache and SQA clustering run on the CPU backend and need ops the "
+                               "CUDA backend does not implement: conv_project, sym_eigen, lowrank_recon, host_tasks"};
   return info;
 }
 

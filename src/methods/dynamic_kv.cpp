@@ -53,7 +53,8 @@ const MethodInfo& dynamic_kv_method() {
   static const MethodInfo info{"dynamic_kv",
                                "DynamicKV: SnapKV scores, per-layer shares reallocated by a cross-layer top-k, sized from --kv_budget",
                                "ATSKV study (Zhou et al. 2024, DreamMr/DynamicKV)",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make};
+                               Backbone::standard, false, {}, true, {}, &knobs, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

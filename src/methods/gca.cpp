@@ -211,7 +211,8 @@ const MethodInfo& gca_method() {
                                {},
                                &knobs,
                                &make,
-                               true};
+                               /*own_architecture=*/true,
+                               /*device_ready=*/true};
   return info;
 }
 

@@ -14,17 +14,32 @@ namespace {
 
 constexpr std::int32_t kEmpty = KVCache::kEmptyPos;
 
-double getd(const TensorView& t, std::int64_t i) {
-  return t.dtype == DType::f64 ? t.ptr<double>()[i] : static_cast<double>(t.ptr<float>()[i]);
+// Host copies of small float tensors (scores, weights, the loss mask) of the
+// model's dtype, as doubles: the model's tensors live on its backend.
+std::vector<double> host_doubles(Backend& be, const TensorView& t) {
+  if (t.dtype == DType::f64) return to_host<double>(be, t);
+  const std::vector<float> f = to_host<float>(be, t);
+  return std::vector<double>(f.begin(), f.end());
 }
-void setd(const TensorView& t, std::int64_t i, double v) {
-  if (t.dtype == DType::f64) t.ptr<double>()[i] = v;
-  else t.ptr<float>()[i] = static_cast<float>(v);
+void upload_doubles(Backend& be, const std::vector<double>& v, const TensorView& t) {
+  if (t.dtype == DType::f64) {
+    from_host<double>(be, v, t);
+    return;
+  }
+  std::vector<float> f(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) f[i] = static_cast<float>(v[i]);
+  from_host<float>(be, f, t);
 }
-TensorView ints(Arena& ar, const std::vector<std::int32_t>& v) {
+TensorView ints(Backend& be, Arena& ar, const std::vector<std::int32_t>& v) {
   TensorView t = ar.allocate(Shape{static_cast<std::int64_t>(v.size())}, DType::i32);
-  if (!v.empty()) std::memcpy(t.data, v.data(), v.size() * sizeof(std::int32_t));
+  if (!v.empty()) from_host<std::int32_t>(be, v, t);
   return t;
+}
+// Arena::zeros is for host arenas: zeroed by the backend.
+TensorView zeros(Backend& be, Arena& ar, Shape s, DType t) {
+  TensorView z = ar.allocate(s, t);
+  be.fill(z, 0.0);
+  return z;
 }
 std::int64_t block_params(std::int64_t C, std::int64_t F) { return 2 * C + 4 * (C * C + C) + 2 * C + F * C + F + C * F + C; }
 
@@ -70,13 +85,12 @@ GcaModel::GcaModel(const GcaConfig& cfg, Backend& backend, DType dtype)
 void GcaModel::build() {
   const std::int64_t C = cfg_.base.d_model, F = cfg_.base.d_ff, V = cfg_.base.vocab, Fe = cfg_.enc_d_ff;
   const std::int64_t total = cfg_.num_parameters();
-  flat_params_ = param_arena_.zeros(Shape{total}, dt_);
-  flat_grads_ = grad_arena_.zeros(Shape{total}, dt_);
-  const std::size_t es = dtype_size(dt_);
+  flat_params_ = zeros(be_, param_arena_, Shape{total}, dt_);
+  flat_grads_ = zeros(be_, grad_arena_, Shape{total}, dt_);
   std::int64_t off = 0;
   auto take = [&](const std::string& name, Shape s, bool decay, TensorView& value, TensorView& grad) {
-    value = TensorView(static_cast<char*>(flat_params_.data) + off * es, s, dt_);
-    grad = TensorView(static_cast<char*>(flat_grads_.data) + off * es, s, dt_);
+    value = flat_params_.rows(off, s.numel()).reshaped(s);
+    grad = flat_grads_.rows(off, s.numel()).reshaped(s);
     params_.push_back(Param{name, value, grad, decay});
     off += s.numel();
   };
@@ -149,8 +163,10 @@ void GcaModel::init_weights(std::uint64_t seed) {
     const bool norm_weight = ends("ln1.weight") || ends("ln2.weight") || ends("ln.weight") || ends("ln_in.weight") ||
                              ends("ln_out.weight") || ends("lmk_norm.weight") || ends("lnf.weight");
     const bool resid = ends("attn.wo") || ends("mlp.wproj") || ends("gca.wo");
+    std::vector<double> v(static_cast<std::size_t>(n));  // drawn on the host, then copied to the backend
     for (std::int64_t i = 0; i < n; ++i)
-      setd(p.value, i, norm_weight ? 1.0 : !p.decay ? 0.0 : rng.normal() * (resid ? resid_std : 0.02));
+      v[static_cast<std::size_t>(i)] = norm_weight ? 1.0 : !p.decay ? 0.0 : rng.normal() * (resid ? resid_std : 0.02);
+    upload_doubles(be_, v, p.value);
   }
 }
 
@@ -162,7 +178,7 @@ std::int32_t GcaModel::selected(std::int64_t b, std::int64_t c, std::int64_t i) 
 }
 double GcaModel::score(std::int64_t b, std::int64_t c, std::int64_t j) const {
   DSRSQ_REQUIRE(b >= 0 && b < B_ && c >= 0 && c < NC_ && j >= 0 && j < NC_, "gca: score() out of range");
-  return getd(scores_, (b * NC_ + c) * NC_ + j);
+  return host_doubles(be_, scores_.reshaped(Shape{B_ * NC_ * NC_}).rows((b * NC_ + c) * NC_ + j, 1))[0];
 }
 double GcaModel::weight(std::int64_t b, std::int64_t c, std::int64_t i) const {
   DSRSQ_REQUIRE(b >= 0 && b < B_ && c >= 0 && c < NC_ && i >= 0 && i < cfg_.topk, "gca: weight() out of range");
@@ -194,8 +210,8 @@ void GcaModel::self_attn_fwd(Arena& ar, Acts& A, Kind kind) {
   A.lse = ar.allocate(Shape{nb, NH, P}, dt_);
   be_.attention_fwd(AttentionArgs{A.q.reshaped(s), A.k.reshaped(s), A.v.reshaped(s), A.att.reshaped(s), A.lse,
                                   spos_.reshaped(ps), spos_.reshaped(ps), true, 0.0});
-  A.kprev = ar.zeros(Shape{N, C}, dt_);
-  A.vprev = ar.zeros(Shape{N, C}, dt_);
+  A.kprev = zeros(be_, ar, Shape{N, C}, dt_);
+  A.vprev = zeros(be_, ar, Shape{N, C}, dt_);
   for (std::int64_t b = 0; b < B_; ++b)
     if (Tp_ > P) {
       be_.copy(A.k.rows(b * Tp_, Tp_ - P), A.kprev.rows(b * Tp_ + P, Tp_ - P));
@@ -224,7 +240,7 @@ void GcaModel::self_attn_bwd(Arena& ar, const Acts& A, TensorView datt, TensorVi
   be_.attention_bwd(AttentionGradArgs{datt.reshaped(s), A.q.reshaped(s), A.k.reshaped(s), A.v.reshaped(s),
                                       A.att.reshaped(s), A.lse, spos_.reshaped(ps), spos_.reshaped(ps), dq.reshaped(s),
                                       dk.reshaped(s), dv.reshaped(s), true, 0.0});
-  TensorView dkp = ar.zeros(Shape{N, C}, dt_), dvp = ar.zeros(Shape{N, C}, dt_);
+  TensorView dkp = zeros(be_, ar, Shape{N, C}, dt_), dvp = zeros(be_, ar, Shape{N, C}, dt_);
   be_.attention_bwd(AttentionGradArgs{datt.reshaped(s), A.q.reshaped(s), A.kprev.reshaped(s), A.vprev.reshaped(s),
                                       A.att.reshaped(s), A.lse, qposB_.reshaped(ps), kposB_.reshaped(ps),
                                       dq.reshaped(s), dkp.reshaped(s), dvp.reshaped(s), true, 0.0});
@@ -247,9 +263,9 @@ void GcaModel::gca_fwd(Arena& ar, const Block& p, Acts& A) {
   A.mg = ar.allocate(Shape{N}, dt_);
   A.rg = ar.allocate(Shape{N}, dt_);
   be_.layernorm_fwd(LayerNormArgs{A.x1, p.lng_w, p.lng_b, A.lng, A.mg, A.rg, cfg_.base.ln_eps});
-  A.qg = ar.zeros(Shape{N + 1, C}, dt_);
+  A.qg = zeros(be_, ar, Shape{N + 1, C}, dt_);
   be_.linear_fwd(LinearArgs{A.lng, p.gwq, {}, A.qg.rows(0, N)});
-  A.gatt = ar.zeros(Shape{N + 1, C}, dt_);
+  A.gatt = zeros(be_, ar, Shape{N + 1, C}, dt_);
   if (G_ > 0) {
     A.qrep = ar.allocate(Shape{M * R, C}, dt_);
     be_.gather_rows(GatherRowsArgs{A.qg, qidx_rep_, A.qrep});
@@ -271,21 +287,21 @@ void GcaModel::gca_fwd(Arena& ar, const Block& p, Acts& A) {
 void GcaModel::gca_bwd(Arena& ar, const Block& p, const Block& g, const Acts& A, TensorView dy, TensorView dx1) {
   const std::int64_t C = cfg_.base.d_model, NH = cfg_.base.n_heads, HS = cfg_.base.head_size();
   const std::int64_t N = B_ * Tp_, R = cfg_.chunk + 1, K = cfg_.topk, M = G_ * K;
-  TensorView dgatt = ar.zeros(Shape{N + 1, C}, dt_);
+  TensorView dgatt = zeros(be_, ar, Shape{N + 1, C}, dt_);
   be_.linear_bwd(LinearGradArgs{dy, A.gatt.rows(0, N), p.gwo, dgatt.rows(0, N), g.gwo, {}, false});
   if (G_ == 0) return;  // nothing was retrieved: no gradient reaches q
   TensorView dgcomb = ar.allocate(Shape{G_ * R, C}, dt_);
   be_.gather_rows(GatherRowsArgs{dgatt, qidx_, dgcomb});
-  TensorView dgo = ar.zeros(Shape{M * R, C}, dt_);
+  TensorView dgo = zeros(be_, ar, Shape{M * R, C}, dt_);
   be_.matmul_bwd(MatmulGradArgs{dgcomb.reshaped(Shape{G_, 1, R * C}), wts_, A.go.reshaped(Shape{G_, K, R * C}),
                                 dwts_, dgo.reshaped(Shape{G_, K, R * C}), {}});
-  TensorView dqrep = ar.zeros(Shape{M * R, C}, dt_);
+  TensorView dqrep = zeros(be_, ar, Shape{M * R, C}, dt_);
   const Shape s{M, R, NH, HS};
   TensorView zp = zpos_.reshaped(Shape{M, R});
   be_.attention_bwd(AttentionGradArgs{dgo.reshaped(s), A.qrep.reshaped(s), krep_.reshaped(s), vrep_.reshaped(s),
                                       A.go.reshaped(s), A.glse, zp, zp, dqrep.reshaped(s), dkrep_.reshaped(s),
                                       dvrep_.reshaped(s), false, 0.0});
-  TensorView dqg = ar.zeros(Shape{N + 1, C}, dt_);
+  TensorView dqg = zeros(be_, ar, Shape{N + 1, C}, dt_);
   be_.scatter_add_rows(ScatterAddRowsArgs{dqrep, qidx_rep_, dqg});
   TensorView dlng = ar.allocate(Shape{N, C}, dt_);
   be_.linear_bwd(LinearGradArgs{dqg.rows(0, N), A.lng, p.gwq, dlng, g.gwq, {}, false});
@@ -343,7 +359,7 @@ void GcaModel::block_bwd(Arena& ar, const Block& p, const Block& g, const Acts& 
   TensorView dln2 = ar.allocate(Shape{n, C}, dt_);
   be_.linear_bwd(LinearGradArgs{dfc, A.ln2, p.wfc, dln2, g.wfc, g.bfc, false});
   if (upper) {
-    TensorView dy = ar.zeros(Shape{n, C}, dt_);
+    TensorView dy = zeros(be_, ar, Shape{n, C}, dt_);
     be_.layernorm_bwd(LayerNormGradArgs{dln2, A.y, p.ln2_w, A.m2, A.r2, dy, g.ln2_w, g.ln2_b});
     be_.axpy(AxpyArgs{dy, dx, 1.0});
     gca_bwd(ar, p, g, A, dy, dx);
@@ -353,7 +369,7 @@ void GcaModel::block_bwd(Arena& ar, const Block& p, const Block& g, const Acts& 
   // dx is now d(x1).
   TensorView datt = ar.allocate(Shape{n, C}, dt_);
   be_.linear_bwd(LinearGradArgs{dx, A.att, p.wo, datt, g.wo, g.bo, false});
-  TensorView dq = ar.zeros(Shape{n, C}, dt_), dk = ar.zeros(Shape{n, C}, dt_), dv = ar.zeros(Shape{n, C}, dt_);
+  TensorView dq = zeros(be_, ar, Shape{n, C}, dt_), dk = zeros(be_, ar, Shape{n, C}, dt_), dv = zeros(be_, ar, Shape{n, C}, dt_);
   self_attn_bwd(ar, A, datt, dq, dk, dv, kind);
   TensorView pos = kind == Kind::chunk ? epos_ : spos_;
   be_.rope_bwd(RopeArgs{dq.reshaped(Shape{n, NH, HS}), pos, cfg_.base.rope_theta, cfg_.base.attn_log_base});
@@ -377,8 +393,8 @@ void GcaModel::retrieve(Arena& ar) {
       li.push_back(static_cast<std::int32_t>(b * Tp_ + c * R + S));
       ei.push_back(static_cast<std::int32_t>((b * NC + c) * R + S));
     }
-  lmk_idx_ = ints(ar, li);
-  eidx_ = ints(ar, ei);
+  lmk_idx_ = ints(be_, ar, li);
+  eidx_ = ints(be_, ar, ei);
   hq_ = ar.allocate(Shape{B_ * NC, C}, dt_);
   be_.gather_rows(GatherRowsArgs{h_, lmk_idx_, hq_});
   hqn_ = ar.allocate(Shape{B_ * NC, C}, dt_);
@@ -396,22 +412,26 @@ void GcaModel::retrieve(Arena& ar) {
   std::optional<Rng> rng;
   if (noise_) rng.emplace(*noise_, 0x6CA);
   const double ninf = -std::numeric_limits<double>::infinity();
+  const std::vector<double> sc = host_doubles(be_, scores_);  // the choice runs on the host
+  std::vector<double> nv(sc.size());
   for (std::int64_t b = 0; b < B_; ++b)
     for (std::int64_t c = 0; c < NC; ++c)
       for (std::int64_t j = 0; j < NC; ++j) {
         const std::int64_t i = (b * NC + c) * NC + j;
-        double v = j < c ? getd(scores_, i) : ninf;
+        double v = j < c ? sc[static_cast<std::size_t>(i)] : ninf;
         if (rng && j < c) {
           double u = rng->uniform();
           while (u <= 0.0) u = rng->uniform();
           v += -std::log(-std::log(u));
         }
-        setd(noisy, i, v);
+        nv[static_cast<std::size_t>(i)] = v;
       }
+  upload_doubles(be_, nv, noisy);
   const std::int64_t kk = std::min(K, NC);
   TensorView idx = ar.allocate(Shape{B_ * NC, kk}, DType::i32);
   be_.topk(TopKArgs{noisy, idx});
-  const auto* ip = idx.ptr<std::int32_t>();
+  const std::vector<std::int32_t> ipv = to_host<std::int32_t>(be_, idx);
+  const std::int32_t* ip = ipv.data();
   std::vector<double> s, w;
   for (std::int64_t b = 0; b < B_; ++b)
     for (std::int64_t c = 0; c < NC; ++c) {
@@ -419,7 +439,7 @@ void GcaModel::retrieve(Arena& ar) {
       if (count == 0) continue;
       s.clear();
       for (std::int64_t i = 0; i < count; ++i)
-        s.push_back(getd(scores_, (b * NC + c) * NC + ip[(b * NC + c) * kk + i]));
+        s.push_back(sc[static_cast<std::size_t>((b * NC + c) * NC + ip[(b * NC + c) * kk + i])]);
       softmax_into(s, w);
       for (std::int64_t i = 0; i < count; ++i) {
         sel_[static_cast<std::size_t>((b * NC + c) * K + i)] = ip[(b * NC + c) * kk + i];
@@ -464,15 +484,15 @@ double GcaModel::forward(const Batch& batch, double inv_norm) {
     }
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t t = 0; t < T; ++t) tr.push_back(static_cast<std::int32_t>(b * Tp_ + cfg_.stream_index(t)));
-  ids_ = ints(ar, ids);
-  spos_ = ints(ar, sp);
-  qposB_ = ints(ar, qb);
-  kposB_ = ints(ar, kb);
-  tok_rows_ = ints(ar, tr);
+  ids_ = ints(be_, ar, ids);
+  spos_ = ints(be_, ar, sp);
+  qposB_ = ints(be_, ar, qb);
+  kposB_ = ints(be_, ar, kb);
+  tok_rows_ = ints(be_, ar, tr);
   {
     std::vector<std::int32_t> ep(static_cast<std::size_t>(B * NC_ * R));
     for (std::size_t i = 0; i < ep.size(); ++i) ep[i] = static_cast<std::int32_t>(i % static_cast<std::size_t>(R));
-    epos_ = ints(ar, ep);
+    epos_ = ints(be_, ar, ep);
   }
   have_targets_ = !batch.targets.empty();
 
@@ -492,7 +512,7 @@ double GcaModel::forward(const Batch& batch, double inv_norm) {
     std::vector<std::int32_t> ei(static_cast<std::size_t>(NE));
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t r = 0; r < NC_ * R; ++r) ei[static_cast<std::size_t>(b * NC_ * R + r)] = static_cast<std::int32_t>(b * Tp_ + r);
-    enc_idx_ = ints(ar, ei);
+    enc_idx_ = ints(be_, ar, ei);
     enc_x_ = ar.allocate(Shape{NE, C}, dt_);
     be_.gather_rows(GatherRowsArgs{h_, enc_idx_, enc_x_});
     enc_ln_ = ar.allocate(Shape{NE, C}, dt_);
@@ -542,12 +562,12 @@ double GcaModel::forward(const Batch& batch, double inv_norm) {
           }
         }
       }
-    qidx_ = ints(ar, qi);
-    qidx_rep_ = ints(ar, qir);
-    kidx_rep_ = ints(ar, kir);
+    qidx_ = ints(be_, ar, qi);
+    qidx_rep_ = ints(be_, ar, qir);
+    kidx_rep_ = ints(be_, ar, kir);
     wts_ = ar.allocate(Shape{G_, 1, K}, dt_);
-    for (std::size_t i = 0; i < w.size(); ++i) setd(wts_, static_cast<std::int64_t>(i), w[i]);
-    zpos_ = ar.zeros(Shape{G_ * K * R}, DType::i32);
+    upload_doubles(be_, w, wts_);
+    zpos_ = zeros(be_, ar, Shape{G_ * K * R}, DType::i32);
     krep_ = ar.allocate(Shape{G_ * K * R, C}, dt_);
     vrep_ = ar.allocate(Shape{G_ * K * R, C}, dt_);
     be_.gather_rows(GatherRowsArgs{memK_, kidx_rep_, krep_});
@@ -574,14 +594,17 @@ double GcaModel::forward(const Batch& batch, double inv_norm) {
   DSRSQ_INPUT_CHECK(batch.mask.shape == batch.tokens.shape && batch.mask.dtype == DType::f32, "gca input: loss mask ",
                     batch.mask.str(), " must be f32 with shape ", batch.tokens.shape.str());
   targets_ = ar.allocate(Shape{B * T}, DType::i32);
-  std::memcpy(targets_.data, batch.targets.data, targets_.bytes());
+  from_host<std::int32_t>(be_, std::span<const std::int32_t>(batch.targets.ptr<std::int32_t>(), static_cast<std::size_t>(B * T)),
+                          targets_);  // the batch is on the host
   mask_ = ar.allocate(Shape{B * T}, dt_);
   double msum = 0;
+  std::vector<double> mv(static_cast<std::size_t>(B * T));
   for (std::int64_t i = 0; i < B * T; ++i) {
     const double m = batch.mask.ptr<float>()[i];
-    setd(mask_, i, m);
+    mv[static_cast<std::size_t>(i)] = m;
     msum += m;
   }
+  upload_doubles(be_, mv, mask_);
   if (inv_norm <= 0) inv_norm = msum > 0 ? 1.0 / msum : 0.0;
   inv_norm_ = inv_norm;
   losses_ = ar.allocate(Shape{B * T}, dt_);
@@ -599,21 +622,24 @@ void GcaModel::backward(double dloss) {
   be_.cross_entropy_bwd(CrossEntropyGradArgs{logits_, targets_, mask_, dlogits, inv_norm_, dloss});
   TensorView dlnf = ar.allocate(Shape{B * T, C}, dt_);
   be_.linear_bwd(LinearGradArgs{dlogits, lnf_, wte_.rows(0, V), dlnf, dwte_.rows(0, V), {}, false});
-  TensorView dxt = ar.zeros(Shape{B * T, C}, dt_);
+  TensorView dxt = zeros(be_, ar, Shape{B * T, C}, dt_);
   be_.layernorm_bwd(LayerNormGradArgs{dlnf, xf_tok_, lnf_w_, lnf_m_, lnf_r_, dxt, dlnf_w_, dlnf_b_});
-  TensorView dx = ar.zeros(Shape{N, C}, dt_);
+  TensorView dx = zeros(be_, ar, Shape{N, C}, dt_);
   be_.scatter_add_rows(ScatterAddRowsArgs{dxt, tok_rows_, dx});
   if (G_ > 0) {
-    dwts_ = ar.zeros(Shape{G_, 1, K}, dt_);
-    dkrep_ = ar.zeros(Shape{G_ * K * R, C}, dt_);
-    dvrep_ = ar.zeros(Shape{G_ * K * R, C}, dt_);
+    dwts_ = zeros(be_, ar, Shape{G_, 1, K}, dt_);
+    dkrep_ = zeros(be_, ar, Shape{G_ * K * R, C}, dt_);
+    dvrep_ = zeros(be_, ar, Shape{G_ * K * R, C}, dt_);
   }
   for (std::size_t l = upper_.size(); l-- > 0;)
     block_bwd(ar, upper_[l], dupper_[l], uacts_[l], dx, Kind::window, true, N, mc.d_ff);
   // dx = d(h) from the upper stack; add the retrieval and encoder paths.
   if (NC > 0) {
     const std::int64_t NE = B * NC * R;
-    TensorView dscores = ar.zeros(Shape{B, NC, NC}, dt_);
+    // The softmax backward of the choice weights, on the host (each score
+    // gets at most one term: the chosen chunks of a landmark are distinct).
+    std::vector<double> ds(static_cast<std::size_t>(B * NC * NC), 0.0);
+    const std::vector<double> dw = host_doubles(be_, dwts_);
     const std::int64_t nt = (Te_ + R - 1) / R;
     std::int64_t g = 0;
     for (std::int64_t b = 0; b < B; ++b)
@@ -622,22 +648,24 @@ void GcaModel::backward(double dloss) {
         double dot = 0;
         for (std::int64_t i = 0; i < K; ++i)
           if (sel_[static_cast<std::size_t>((b * NC + c) * K + i)] >= 0)
-            dot += selw_[static_cast<std::size_t>((b * NC + c) * K + i)] * getd(dwts_, g * K + i);
+            dot += selw_[static_cast<std::size_t>((b * NC + c) * K + i)] * dw[static_cast<std::size_t>(g * K + i)];
         for (std::int64_t i = 0; i < K; ++i) {
           const auto at = static_cast<std::size_t>((b * NC + c) * K + i);
           if (sel_[at] < 0) continue;
           const std::int64_t j = (b * NC + c) * NC + sel_[at];
-          setd(dscores, j, getd(dscores, j) + selw_[at] * (getd(dwts_, g * K + i) - dot));  // softmax backward
+          ds[static_cast<std::size_t>(j)] += selw_[at] * (dw[static_cast<std::size_t>(g * K + i)] - dot);  // softmax backward
         }
       }
-    TensorView dhqn = ar.zeros(Shape{B * NC, C}, dt_), dek = ar.zeros(Shape{B * NC, C}, dt_);
+    TensorView dscores = ar.allocate(Shape{B, NC, NC}, dt_);
+    upload_doubles(be_, ds, dscores);
+    TensorView dhqn = zeros(be_, ar, Shape{B * NC, C}, dt_), dek = zeros(be_, ar, Shape{B * NC, C}, dt_);
     be_.matmul_bwd(MatmulGradArgs{dscores, hqn_.reshaped(Shape{B, NC, C}), ekeys_.reshaped(Shape{B, NC, C}),
                                   dhqn.reshaped(Shape{B, NC, C}), dek.reshaped(Shape{B, NC, C}), {}, false, true,
                                   1.0 / std::sqrt(static_cast<double>(C))});
-    TensorView dhq = ar.zeros(Shape{B * NC, C}, dt_);
+    TensorView dhq = zeros(be_, ar, Shape{B * NC, C}, dt_);
     be_.layernorm_bwd(LayerNormGradArgs{dhqn, hq_, lmk_w_, hq_m_, hq_r_, dhq, dlmk_w_, dlmk_b_});
     be_.scatter_add_rows(ScatterAddRowsArgs{dhq, lmk_idx_, dx});
-    TensorView dmK = ar.zeros(Shape{NE, C}, dt_), dmV = ar.zeros(Shape{NE, C}, dt_);
+    TensorView dmK = zeros(be_, ar, Shape{NE, C}, dt_), dmV = zeros(be_, ar, Shape{NE, C}, dt_);
     if (G_ > 0) {
       be_.scatter_add_rows(ScatterAddRowsArgs{dkrep_, kidx_rep_, dmK});
       be_.scatter_add_rows(ScatterAddRowsArgs{dvrep_, kidx_rep_, dmV});
@@ -650,11 +678,11 @@ void GcaModel::backward(double dloss) {
     be_.linear_bwd(LinearGradArgs{dmK, E_, memk_, dE, dmemk_, {}, false});
     be_.linear_bwd(LinearGradArgs{dmV, E_, memv_, dE, dmemv_, {}, true});
     be_.scatter_add_rows(ScatterAddRowsArgs{dek, eidx_, dE});
-    TensorView de = ar.zeros(Shape{NE, C}, dt_);
+    TensorView de = zeros(be_, ar, Shape{NE, C}, dt_);
     be_.layernorm_bwd(LayerNormGradArgs{dE, enc_last_, enc_out_w_, Em_, Er_, de, denc_out_w_, denc_out_b_});
     for (std::size_t l = enc_.size(); l-- > 0;)
       block_bwd(ar, enc_[l], denc_[l], eacts_[l], de, Kind::chunk, false, NE, cfg_.enc_d_ff);
-    TensorView dex = ar.zeros(Shape{NE, C}, dt_);
+    TensorView dex = zeros(be_, ar, Shape{NE, C}, dt_);
     be_.layernorm_bwd(LayerNormGradArgs{de, enc_x_, enc_in_w_, enc_m_, enc_r_, dex, denc_in_w_, denc_in_b_});
     be_.scatter_add_rows(ScatterAddRowsArgs{dex, enc_idx_, dx});
   }
@@ -710,30 +738,31 @@ void GcaDecoder::reset() {
   rk_.clear();
   rv_.clear();
   rpos_.clear();
+  Backend& be = m_.backend();
+  const std::vector<std::int32_t> empty(static_cast<std::size_t>(P), kEmpty);
   for (std::int64_t l = 0; l < c.n_lower + c.n_upper; ++l) {
-    rk_.push_back(state_.zeros(Shape{1, P, NH, HS}, dt));
-    rv_.push_back(state_.zeros(Shape{1, P, NH, HS}, dt));
+    rk_.push_back(zeros(be, state_, Shape{1, P, NH, HS}, dt));
+    rv_.push_back(zeros(be, state_, Shape{1, P, NH, HS}, dt));
     rpos_.push_back(state_.allocate(Shape{1, P}, DType::i32));
-    std::fill_n(rpos_.back().ptr<std::int32_t>(), P, kEmpty);
+    from_host<std::int32_t>(be, empty, rpos_.back());
   }
-  chunk_buf_ = state_.zeros(Shape{c.chunk + 1, C}, dt);
-  lmk_h_ = state_.zeros(Shape{1, C}, dt);
+  chunk_buf_ = zeros(be, state_, Shape{c.chunk + 1, C}, dt);
+  lmk_h_ = zeros(be, state_, Shape{1, C}, dt);
   // Chunk memory: S rows per chunk, then one shared zero row (the landmark slot).
-  memk_ = state_.zeros(Shape{cap_chunks_ * c.chunk + 1, C}, dt);
-  memv_ = state_.zeros(Shape{cap_chunks_ * c.chunk + 1, C}, dt);
-  lmk_ = state_.zeros(Shape{cap_chunks_, C}, dt);
-  cur_sel_ = state_.zeros(Shape{c.topk}, DType::i32);
-  cur_w_ = state_.zeros(Shape{1, c.topk}, dt);
+  memk_ = zeros(be, state_, Shape{cap_chunks_ * c.chunk + 1, C}, dt);
+  memv_ = zeros(be, state_, Shape{cap_chunks_ * c.chunk + 1, C}, dt);
+  lmk_ = zeros(be, state_, Shape{cap_chunks_, C}, dt);
+  cur_sel_ = zeros(be, state_, Shape{c.topk}, DType::i32);
+  cur_w_ = zeros(be, state_, Shape{1, c.topk}, dt);
   cur_count_ = seen_ = nchunks_ = 0;
 }
 
 std::vector<std::int32_t> GcaDecoder::current_chunks() const {
-  const auto* p = cur_sel_.ptr<std::int32_t>();
-  return std::vector<std::int32_t>(p, p + cur_count_);
+  return to_host<std::int32_t>(m_.backend(), cur_sel_.rows(0, cur_count_));
 }
 std::vector<double> GcaDecoder::current_weights() const {
   std::vector<double> w;
-  for (std::int64_t i = 0; i < cur_count_; ++i) w.push_back(getd(cur_w_, i));
+  if (cur_count_ > 0) w = host_doubles(m_.backend(), cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, cur_count_));
   return w;
 }
 
@@ -776,25 +805,24 @@ TensorView GcaDecoder::step(std::int32_t id, std::int64_t e, bool landmark) {
   const double eps = c.base.ln_eps;
   Arena& ar = scratch_;
   std::int32_t epos = static_cast<std::int32_t>(e);
-  TensorView pos1(&epos, Shape{1, 1});
-  TensorView idt = ar.allocate(Shape{1}, DType::i32);
-  idt.ptr<std::int32_t>()[0] = id;
+  const TensorView pos1 = ints(be, ar, {epos}).reshaped(Shape{1, 1});
+  const TensorView idt = ints(be, ar, {id});
   TensorView x = ar.allocate(Shape{1, C}, dt);
   be.embedding_fwd(EmbeddingArgs{idt, m_.wte_, x});
   // The retrieved chunks' memory, gathered once for every upper layer.
   TensorView krep, vrep, zp;
   if (K > 0) {
     std::vector<std::int32_t> ki;
-    const auto* sel = cur_sel_.ptr<std::int32_t>();
+    const std::vector<std::int32_t> sel = to_host<std::int32_t>(be, cur_sel_);
     for (std::int64_t i = 0; i < K; ++i)
       for (std::int64_t r = 0; r < R; ++r)
         ki.push_back(static_cast<std::int32_t>(r < S ? sel[i] * S + r : cap_chunks_ * S));
-    TensorView kidx = ints(ar, ki);
+    TensorView kidx = ints(be, ar, ki);
     krep = ar.allocate(Shape{K * R, C}, dt);
     vrep = ar.allocate(Shape{K * R, C}, dt);
     be.gather_rows(GatherRowsArgs{memk_, kidx, krep});
     be.gather_rows(GatherRowsArgs{memv_, kidx, vrep});
-    zp = ar.zeros(Shape{K, R}, DType::i32);
+    zp = zeros(be, ar, Shape{K, R}, DType::i32);
   }
   const std::int64_t L = c.n_lower + c.n_upper;
   for (std::int64_t l = 0; l < L; ++l) {
@@ -813,7 +841,7 @@ TensorView GcaDecoder::step(std::int32_t id, std::int64_t e, bool landmark) {
     const auto li = static_cast<std::size_t>(l);
     be.copy(k, rk_[li].reshaped(Shape{P, C}).rows(slot, 1));
     be.copy(v, rv_[li].reshaped(Shape{P, C}).rows(slot, 1));
-    rpos_[li].ptr<std::int32_t>()[slot] = epos;
+    from_host<std::int32_t>(be, std::span<const std::int32_t>(&epos, 1), rpos_[li].reshaped(Shape{P}).rows(slot, 1));
     TensorView att = ar.allocate(Shape{1, C}, dt), lse = ar.allocate(Shape{1, NH, 1}, dt);
     be.attention_fwd(AttentionArgs{q.reshaped(Shape{1, 1, NH, HS}), rk_[li], rv_[li], att.reshaped(Shape{1, 1, NH, HS}),
                                    lse, pos1, rpos_[li], true, 0.0});
@@ -822,20 +850,20 @@ TensorView GcaDecoder::step(std::int32_t id, std::int64_t e, bool landmark) {
     be.axpy(AxpyArgs{x, x1, 1.0});
     TensorView pre = x1;
     if (upper) {
-      TensorView y = ar.zeros(Shape{1, C}, dt);
+      TensorView y = zeros(be, ar, Shape{1, C}, dt);
       if (K > 0) {
         TensorView lng = ar.allocate(Shape{1, C}, dt), mg = ar.allocate(Shape{1}, dt), rg = ar.allocate(Shape{1}, dt);
         be.layernorm_fwd(LayerNormArgs{x1, p.lng_w, p.lng_b, lng, mg, rg, eps});
         TensorView qg = ar.allocate(Shape{1, C}, dt);
         be.linear_fwd(LinearArgs{lng, p.gwq, {}, qg});
         TensorView qrep = ar.allocate(Shape{K, C}, dt);
-        be.gather_rows(GatherRowsArgs{qg, ar.zeros(Shape{K}, DType::i32), qrep});
+        be.gather_rows(GatherRowsArgs{qg, zeros(be, ar, Shape{K}, DType::i32), qrep});
         TensorView o = ar.allocate(Shape{K, C}, dt), ol = ar.allocate(Shape{K, NH, 1}, dt);
         be.attention_fwd(AttentionArgs{qrep.reshaped(Shape{K, 1, NH, HS}), krep.reshaped(Shape{K, R, NH, HS}),
                                        vrep.reshaped(Shape{K, R, NH, HS}), o.reshaped(Shape{K, 1, NH, HS}), ol,
-                                       ar.zeros(Shape{K, 1}, DType::i32), zp, false, 0.0});
+                                       zeros(be, ar, Shape{K, 1}, DType::i32), zp, false, 0.0});
         TensorView comb = ar.allocate(Shape{1, C}, dt);
-        be.matmul_fwd(MatmulArgs{TensorView(cur_w_.data, Shape{1, K}, dt), o, comb, {}});
+        be.matmul_fwd(MatmulArgs{cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, K).reshaped(Shape{1, K}), o, comb, {}});
         be.linear_fwd(LinearArgs{comb, p.gwo, {}, y});
       }
       be.axpy(AxpyArgs{x1, y, 1.0});
@@ -875,7 +903,7 @@ void GcaDecoder::close_chunk() {
   ArenaScope scope(ar);
   std::vector<std::int32_t> ep(static_cast<std::size_t>(R));
   for (std::int64_t r = 0; r < R; ++r) ep[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(r);
-  TensorView epos = ints(ar, ep);
+  TensorView epos = ints(be, ar, ep);
   TensorView x = ar.allocate(Shape{R, C}, dt), mu = ar.allocate(Shape{R}, dt), rs = ar.allocate(Shape{R}, dt);
   be.layernorm_fwd(LayerNormArgs{chunk_buf_, m_.enc_in_w_, m_.enc_in_b_, x, mu, rs, eps});
   const std::int64_t F = c.enc_d_ff;
@@ -921,12 +949,12 @@ void GcaDecoder::close_chunk() {
   TensorView idx = ar.allocate(Shape{1, cur_count_}, DType::i32);
   be.topk(TopKArgs{sc, idx});
   std::vector<double> sv, w;
-  for (std::int64_t i = 0; i < cur_count_; ++i) sv.push_back(getd(sc, idx.ptr<std::int32_t>()[i]));
+  const std::vector<double> sch = host_doubles(be, sc);
+  const std::vector<std::int32_t> ih = to_host<std::int32_t>(be, idx);
+  for (std::int64_t i = 0; i < cur_count_; ++i) sv.push_back(sch[static_cast<std::size_t>(ih[static_cast<std::size_t>(i)])]);
   softmax_into(sv, w);
-  for (std::int64_t i = 0; i < cur_count_; ++i) {
-    cur_sel_.ptr<std::int32_t>()[i] = idx.ptr<std::int32_t>()[i];
-    setd(cur_w_, i, w[static_cast<std::size_t>(i)]);
-  }
+  from_host<std::int32_t>(be, ih, cur_sel_.rows(0, cur_count_));
+  upload_doubles(be, w, cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, cur_count_));
 }
 
 TensorView GcaDecoder::extend(std::span<const std::int32_t> tokens, std::span<const std::int32_t> pos) {

@@ -62,7 +62,7 @@ class GcaModel final : public TrainableModel {
   GcaModel& operator=(const GcaModel&) = delete;
 
   const GcaConfig& config() const { return cfg_; }
-  Backend& backend() { return be_; }
+  Backend& backend() override { return be_; }
   DType dtype() const { return dt_; }
   // GPT-2 style: N(0, 0.02) matrices, residual projections / sqrt(2 L), unit norms.
   void init_weights(std::uint64_t seed);

@@ -175,6 +175,14 @@ struct MethodInfo {
   // through EvalPlan::extend, and at a full budget it is NOT the full cache
   // of the standard model (the registry's identity check exempts it).
   bool own_architecture = false;
+  // Its training and evaluation read no device tensor on the host: checked on
+  // the simulated device (--device sim, tests/e2e/test_device_sim.py), so
+  // --device cuda and --device sim accept it (single rank). False: still
+  // refused there, by name.
+  bool device_ready = false;
+  // Not device-ready: what stands in the way, beyond host reads (for the
+  // refusal message). Empty: nothing more to say.
+  std::string_view device_note;
 };
 
 // The table, in report order.
@@ -184,5 +192,7 @@ const std::vector<const MethodInfo*>& all_methods();
 const MethodInfo& find_method(std::string_view name, std::string_view option = "--methods");
 // The table's names, comma-separated (for messages and --help).
 std::string method_names(bool trainable_only = false);
+// The device-ready methods' names, comma-separated.
+std::string device_ready_names();
 
 }  // namespace dsrsq::methods

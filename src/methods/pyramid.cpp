@@ -57,7 +57,8 @@ const MethodInfo& pyramid_method() {
                                "PyramidKV: SnapKV window scores, per-layer budgets falling linearly bottom to top, "
                                "sized from --kv_budget",
                                "Cai et al. 2024, arXiv 2406.02069 (budgets as kvpress)",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make};
+                               Backbone::standard, false, {}, true, {}, &knobs, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

@@ -104,7 +104,9 @@ const MethodInfo& rag_method() {
                                false,
                                "its retriever scores the context's chunks against the question",
                                &knobs,
-                               &make};
+                               &make,
+                               /*own_architecture=*/false,
+                               /*device_ready=*/true};
   return info;
 }
 

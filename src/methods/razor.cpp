@@ -106,7 +106,8 @@ const MethodInfo& razor_method() {
                                "RazorAttention: retrieval heads (echo/induction, calibrated on random tokens) keep all; "
                                "others keep sinks + recent + a compensation slot, sized from --kv_budget",
                                "Tang et al. 2024, arXiv 2407.15891",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make};
+                               Backbone::standard, false, {}, true, {}, &knobs, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

@@ -60,6 +60,13 @@ std::string method_names(bool trainable_only) {
   return out;
 }
 
+std::string device_ready_names() {
+  std::string out;
+  for (const MethodInfo* m : all_methods())
+    if (m->device_ready) out += (out.empty() ? "" : ", ") + std::string(m->name);
+  return out;
+}
+
 const MethodInfo& find_method(std::string_view name, std::string_view option) {
   for (const MethodInfo* m : all_methods())
     if (m->name == name) return *m;

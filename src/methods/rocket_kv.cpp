@@ -40,7 +40,8 @@ const MethodInfo& rocket_kv_method() {
   static const MethodInfo info{"rocket_kv",
                                "RocketKV: SnapKV++ prompt eviction + page-bound top-k sparse decode attention, sized from --kv_budget",
                                "ATSKV study (Behnam et al. 2025, NVlabs/RocketKV)",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make};
+                               Backbone::standard, false, {}, true, {}, &knobs, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

@@ -13,7 +13,8 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<K
 
 const MethodInfo& sliding_window_method() {
   static const MethodInfo info{"sliding_window", "attention sinks + recent window (StreamingLLM), sized from --kv_budget",
-                               "ATSKV study", Backbone::standard, false, {}, true, {}, nullptr, &make};
+                               "ATSKV study", Backbone::standard, false, {}, true, {}, nullptr, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

@@ -15,13 +15,15 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<K
 
 const MethodInfo& standard_method() {
   static const MethodInfo info{"standard", "the standard transformer, full KV cache (trains the standard backbone)",
-                               "DSRSQ paper", Backbone::standard, true, {}, true, {}, nullptr, &make};
+                               "DSRSQ paper", Backbone::standard, true, {}, true, {}, nullptr, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 
 const MethodInfo& full_method() {
   static const MethodInfo info{"full", "full KV cache on the standard checkpoint", "ATSKV study",
-                               Backbone::standard, false, {}, true, {}, nullptr, &make};
+                               Backbone::standard, false, {}, true, {}, nullptr, &make,
+                               /*own_architecture=*/false, /*device_ready=*/true};
   return info;
 }
 

@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
+#include "backend/backend.hpp"
 #include "core/tensor.hpp"
 
 namespace dsrsq {
@@ -29,6 +31,8 @@ struct Batch {
 class TrainableModel {
  public:
   virtual ~TrainableModel() = default;
+  // The backend its parameters, gradients and activations live on.
+  virtual Backend& backend() = 0;
   virtual std::span<Param> params() = 0;
   virtual TensorView flat_params() = 0;
   virtual TensorView flat_grads() = 0;
@@ -38,8 +42,10 @@ class TrainableModel {
   virtual double forward(const Batch& batch, double inv_norm = 0.0) = 0;
   // Gradients += d(loss)/d(params) * dloss of the last forward.
   virtual void backward(double dloss = 1.0) = 0;
-  // Unweighted per-row losses (B*T) of the last training forward.
+  // Unweighted per-row losses (B*T) of the last training forward (on the
+  // model's backend); host_row_losses() copies them to the host.
   virtual TensorView row_losses() const = 0;
+  std::vector<float> host_row_losses() { return to_host<float>(backend(), row_losses()); }
   // Training FLOPs of one forward+backward over (B, T) (cost functions only).
   virtual double train_flops(std::int64_t B, std::int64_t T) const = 0;
   // "vocab=256 d_model=128 ..." (checkpoints record it).

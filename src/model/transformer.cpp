@@ -17,7 +17,8 @@ std::size_t KVCache::bytes() const {
 
 Transformer::Transformer(const ModelConfig& cfg, Backend& backend)
     : cfg_(cfg), be_(backend), param_arena_("parameters", 1 << 20, backend.allocator()),
-      grad_arena_("gradients", 1 << 20, backend.allocator()), act_arena_("activations", 64 << 20, backend.allocator()) {
+      grad_arena_("gradients", 1 << 20, backend.allocator()), act_arena_("activations", 64 << 20, backend.allocator()),
+      input_arena_("inputs", 1 << 16, backend.allocator()) {
   cfg_.validate();
   build_params();
   init_weights(0);
@@ -28,12 +29,13 @@ void Transformer::build_params() {
   const std::int64_t total = cfg_.num_parameters();
   flat_params_ = param_arena_.allocate(Shape{total}, DType::f32);
   flat_grads_ = grad_arena_.allocate(Shape{total}, DType::f32);
-  std::memset(flat_params_.data, 0, flat_params_.bytes());
-  std::memset(flat_grads_.data, 0, flat_grads_.bytes());
+  be_.fill(flat_params_, 0.0);
+  be_.fill(flat_grads_, 0.0);
   std::int64_t off = 0;
+  // Views into the flat buffers (on the backend's device: no host access).
   auto take = [&](const std::string& name, Shape s, bool decay, TensorView& value, TensorView& grad) {
-    value = TensorView(flat_params_.ptr<float>() + off, s);
-    grad = TensorView(flat_grads_.ptr<float>() + off, s);
+    value = flat_params_.rows(off, s.numel()).reshaped(s);
+    grad = flat_grads_.rows(off, s.numel()).reshaped(s);
     params_.push_back(Param{name, value, grad, decay});
     off += s.numel();
   };
@@ -81,10 +83,12 @@ const Param& Transformer::param(const std::string& name) const {
 void Transformer::init_weights(std::uint64_t seed) {
   const double resid_std = 0.02 / std::sqrt(2.0 * static_cast<double>(cfg_.n_layers));
   std::uint64_t stream = 0;
+  std::vector<float> host;  // drawn on the host, then copied to the backend
   for (auto& p : params_) {
     Rng rng(seed, stream++);
-    float* v = p.value.ptr<float>();
     const std::int64_t n = p.value.numel();
+    host.resize(static_cast<std::size_t>(n));
+    float* v = host.data();
     const bool is_norm_weight = p.name.find("ln") != std::string::npos && p.name.find("weight") != std::string::npos;
     if (is_norm_weight) {
       std::fill(v, v + n, 1.0f);
@@ -95,6 +99,7 @@ void Transformer::init_weights(std::uint64_t seed) {
       const double sd = resid ? resid_std : 0.02;
       for (std::int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(rng.normal() * sd);
     }
+    from_host<float>(be_, host, p.value);
   }
 }
 
@@ -115,9 +120,13 @@ void Transformer::check_batch(const TensorView& tokens, const TensorView& pos) c
   }
 }
 
-static TensorView copy_into(Arena& arena, const TensorView& src) {
+// A copy of src in `arena` (on the backend's device): from the host when src
+// is a host tensor (the model's inputs), else a device copy.
+TensorView Transformer::copy_into(Arena& arena, const TensorView& src) {
   TensorView t = arena.allocate(src.shape, src.dtype);
-  std::memcpy(t.data, src.data, src.bytes());
+  if (src.device == t.device && t.device == Device::cpu) std::memcpy(t.data, src.data, src.bytes());
+  else if (src.device == Device::cpu) be_.copy_from_host(std::span<const std::byte>(static_cast<const std::byte*>(src.data), src.bytes()), t);
+  else be_.copy(src, t);
   return t;
 }
 
@@ -146,10 +155,8 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
     DSRSQ_INPUT_CHECK(cache->batch == B, "decode: cache holds batch ", cache->batch, ", input has batch ", B);
     DSRSQ_INPUT_CHECK(cache->len + T <= cache->capacity, "decode: cache capacity ", cache->capacity, " exceeded (",
                       cache->len, " cached + ", T, " new tokens)");
-    auto* cp = cache->pos.ptr<std::int32_t>();
-    const auto* pp = pos.ptr<std::int32_t>();
-    for (std::int64_t b = 0; b < B; ++b)
-      std::memcpy(cp + b * cache->capacity + cache->len, pp + b * T, sizeof(std::int32_t) * static_cast<std::size_t>(T));
+    const TensorView cp = cache->pos.reshaped(Shape{B * cache->capacity});
+    for (std::int64_t b = 0; b < B; ++b) be_.copy(pos_flat.rows(b * T, T), cp.rows(b * cache->capacity + cache->len, T));
   }
 
   TensorView x = arena.allocate(Shape{N, C}, f);
@@ -185,12 +192,11 @@ void Transformer::run_forward(Arena& arena, std::int64_t B, std::int64_t T, Tens
     A.lse = arena.allocate(Shape{B, NH, T}, f);
     if (cache) {
       const std::int64_t cap = cache->capacity;
-      float* kc = cache->k[static_cast<std::size_t>(l)].ptr<float>();
-      float* vc = cache->v[static_cast<std::size_t>(l)].ptr<float>();
+      const TensorView kc = cache->k[static_cast<std::size_t>(l)].reshaped(Shape{B * cap, C});
+      const TensorView vc = cache->v[static_cast<std::size_t>(l)].reshaped(Shape{B * cap, C});
       for (std::int64_t b = 0; b < B; ++b) {
-        const std::size_t bytes = sizeof(float) * static_cast<std::size_t>(T * C);
-        std::memcpy(kc + (b * cap + cache->len) * C, A.k.ptr<float>() + b * T * C, bytes);
-        std::memcpy(vc + (b * cap + cache->len) * C, A.v.ptr<float>() + b * T * C, bytes);
+        be_.copy(A.k.rows(b * T, T), kc.rows(b * cap + cache->len, T));
+        be_.copy(A.v.rows(b * T, T), vc.rows(b * cap + cache->len, T));
       }
       be_.attention_fwd(AttentionArgs{A.q.reshaped(qs), cache->k[static_cast<std::size_t>(l)],
                                       cache->v[static_cast<std::size_t>(l)], A.att.reshaped(qs), A.lse, pos, cache->pos,
@@ -249,13 +255,20 @@ double Transformer::forward(const Batch& batch, double inv_norm) {
   if (!have_targets_) return 0.0;
   if (inv_norm <= 0) {
     double msum = 0;
-    const float* m = mask_.ptr<float>();
+    const float* m = batch.mask.ptr<float>();  // the host input (the model's copy may be on a device)
     for (std::int64_t i = 0; i < N; ++i) msum += m[i];
     inv_norm = msum > 0 ? 1.0 / msum : 0.0;
   }
   inv_norm_ = inv_norm;
   losses_ = act_arena_.allocate(Shape{N}, DType::f32);
   return be_.cross_entropy_fwd(CrossEntropyArgs{logits_, targets_, mask_, losses_, inv_norm_});
+}
+
+// Zeroed f32 scratch on the backend (Arena::zeros is for host arenas).
+TensorView Transformer::zeros(Arena& ar, Shape s) {
+  TensorView t = ar.allocate(s, DType::f32);
+  be_.fill(t, 0.0);
+  return t;
 }
 
 void Transformer::backward(double dloss) {
@@ -270,7 +283,7 @@ void Transformer::backward(double dloss) {
   be_.cross_entropy_bwd(CrossEntropyGradArgs{logits_, targets_, mask_, dlogits, inv_norm_, dloss});
   TensorView dlnf = ar.allocate(Shape{N, C}, f);
   be_.linear_bwd(LinearGradArgs{dlogits, lnf_, head_, dlnf, dhead_, {}, false});
-  TensorView dx = ar.zeros(Shape{N, C}, f);  // gradient of the residual stream
+  TensorView dx = zeros(ar, Shape{N, C});  // gradient of the residual stream
   be_.layernorm_bwd(LayerNormGradArgs{dlnf, x_final_, lnf_w_, lnf_mean_, lnf_rstd_, dx, dlnf_w_, dlnf_b_});
 
   const Shape qs{B, T, NH, HS};
@@ -291,9 +304,9 @@ void Transformer::backward(double dloss) {
     // Attention: x_mid = x_in + wo attn(...)
     TensorView datt = ar.allocate(Shape{N, C}, f);
     be_.linear_bwd(LinearGradArgs{dx, A.att, p.wo, datt, g.wo, g.bo, false});
-    TensorView dq = ar.zeros(Shape{N, C}, f);
-    TensorView dk = ar.zeros(Shape{N, C}, f);
-    TensorView dv = ar.zeros(Shape{N, C}, f);
+    TensorView dq = zeros(ar, Shape{N, C});
+    TensorView dk = zeros(ar, Shape{N, C});
+    TensorView dv = zeros(ar, Shape{N, C});
     const AttentionGradArgs ga{datt.reshaped(qs), A.q.reshaped(qs), A.k.reshaped(qs), A.v.reshaped(qs),
                                A.att.reshaped(qs), A.lse, pos_, pos_, dq.reshaped(qs), dk.reshaped(qs),
                                dv.reshaped(qs), true, 0.0};
@@ -325,8 +338,18 @@ KVCache Transformer::new_cache(std::int64_t batch, std::int64_t capacity, Arena&
     c.v.push_back(arena.allocate(s, DType::f32));
   }
   c.pos = arena.allocate(Shape{batch, capacity}, DType::i32);
-  std::fill_n(c.pos.ptr<std::int32_t>(), batch * capacity, KVCache::kEmptyPos);
+  const std::vector<std::int32_t> empty(static_cast<std::size_t>(batch * capacity), KVCache::kEmptyPos);
+  from_host<std::int32_t>(be_, empty, c.pos);
   return c;
+}
+
+// Host inputs on a device backend are copied into the input arena (apart
+// from the activations, so the activation figures do not depend on the device).
+void Transformer::device_inputs(TensorView& tokens, TensorView& pos) {
+  input_arena_.reset();
+  if (be_.device() == Device::cpu) return;
+  if (tokens.device == Device::cpu) tokens = copy_into(input_arena_, tokens);
+  if (pos.device == Device::cpu) pos = copy_into(input_arena_, pos);
 }
 
 void Transformer::extend(KVCache& cache, TensorView tokens, TensorView pos) {
@@ -334,6 +357,7 @@ void Transformer::extend(KVCache& cache, TensorView tokens, TensorView pos) {
   act_arena_.reset();
   have_targets_ = false;
   B_ = 0;  // a decode call invalidates saved training activations
+  device_inputs(tokens, pos);
   run_forward(act_arena_, tokens.shape[0], tokens.shape[1], tokens, pos, &cache);
 }
 
@@ -342,6 +366,7 @@ void Transformer::extend(KVPolicy& policy, TensorView tokens, TensorView pos) {
   act_arena_.reset();
   have_targets_ = false;
   B_ = 0;
+  device_inputs(tokens, pos);
   run_forward(act_arena_, tokens.shape[0], tokens.shape[1], tokens, pos, nullptr, &policy);
 }
 

@@ -66,7 +66,7 @@ class Transformer : public TrainableModel {
   Transformer& operator=(const Transformer&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
-  Backend& backend() { return be_; }
+  Backend& backend() override { return be_; }
 
   // GPT-2 style init: N(0, 0.02) matrices, residual projections / sqrt(2 L),
   // zero biases, unit LayerNorm weights. Deterministic given the seed.
@@ -107,8 +107,10 @@ class Transformer : public TrainableModel {
   // Unweighted per-row losses (B*T) of the last training forward (0 where mask is 0).
   TensorView row_losses() const override { return losses_; }
 
-  // Incremental decoding. new_cache allocates a cache in `arena`. extend()
-  // runs the model on new tokens (B, Tn) at positions pos (B, Tn), appends
+  // Incremental decoding. new_cache allocates a cache in `arena` (from the
+  // backend's allocator). extend() runs the model on new tokens (B, Tn) at
+  // positions pos (B, Tn) (host tensors; the model copies them to its
+  // device and a KV policy receives the device copy of pos), appends
   // their keys/values to the cache and attends to everything cached; logits()
   // then holds (B*Tn, V).
   KVCache new_cache(std::int64_t batch, std::int64_t capacity, Arena& arena) const;
@@ -135,6 +137,9 @@ class Transformer : public TrainableModel {
     TensorView x_in, ln1, ln1_mean, ln1_rstd, q, k, k_pre, v, v_pre, att, lse, x_mid, ln2, ln2_mean, ln2_rstd, fc, fc_act;
   };
   void build_params();
+  TensorView copy_into(Arena& arena, const TensorView& src);
+  TensorView zeros(Arena& ar, Shape s);
+  void device_inputs(TensorView& tokens, TensorView& pos);
   void check_batch(const TensorView& tokens, const TensorView& pos) const;
   // Runs all layers on (B, T). With a cache, keys/values are appended to it and
   // attention reads the cache; otherwise attention is over the batch itself.
@@ -143,7 +148,7 @@ class Transformer : public TrainableModel {
 
   ModelConfig cfg_;
   Backend& be_;
-  Arena param_arena_, grad_arena_, act_arena_;
+  Arena param_arena_, grad_arena_, act_arena_, input_arena_;
   TensorView flat_params_, flat_grads_;
   std::vector<Param> params_;
   TensorView wte_, dwte_, lnf_w_, lnf_b_, dlnf_w_, dlnf_b_, head_, dhead_;

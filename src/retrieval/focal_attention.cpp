@@ -34,7 +34,12 @@ void FocalAttentionScorer::attend(std::int64_t layer, TensorView q, TensorView k
   const TensorView pos_last = pos.reshaped(Shape{Tn}).rows(Tn - 1, 1).reshaped(Shape{1, 1});
   double one = 1.0;
   TensorView m = scratch_.allocate(Shape{1, Tn}, DType::f64);
-  be_.attention_mass(AttentionMassArgs{q_last, k, pos_last, pos, TensorView(&one, Shape{1}), m,
+  TensorView row_weight(&one, Shape{1});
+  if (be_.device() != Device::cpu) {  // the op takes its weights on the backend
+    row_weight = scratch_.allocate(Shape{1}, DType::f64);
+    from_host<double>(be_, std::span<const double>(&one, 1), row_weight);
+  }
+  be_.attention_mass(AttentionMassArgs{q_last, k, pos_last, pos, row_weight, m,
                                        static_cast<double>(cfg_.n_layers * NH)});
   std::vector<double> host(static_cast<std::size_t>(Tn));
   be_.copy_to_host(m, std::as_writable_bytes(std::span<double>(host)));

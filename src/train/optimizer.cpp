@@ -16,7 +16,7 @@ AdamW::AdamW(std::span<Param> params, TensorView flat_params, AdamWConfig cfg, B
   v_ = arena_.allocate(flat_params.shape, DType::f32);
   be_.fill(m_, 0.0);
   be_.fill(v_, 0.0);
-  base_ = flat_params.ptr<float>();
+  base_ = static_cast<const float*>(flat_params.data);  // offsets only: never read on the host
 }
 
 double AdamW::grad_norm() {
@@ -35,13 +35,13 @@ void AdamW::step_with_norm(double lr, double norm) {
   ++t_;
   const double scale = (cfg_.clip_norm > 0 && norm > cfg_.clip_norm) ? cfg_.clip_norm / (norm + 1e-6) : 1.0;
   for (auto& p : params_) {
-    const std::int64_t off = p.value.ptr<float>() - base_;
+    const std::int64_t off = static_cast<const float*>(p.value.data) - base_;
     const std::int64_t n = p.value.numel();
     AdamWArgs a;
     a.params = p.value.reshaped(Shape{n});
     a.grads = p.grad.reshaped(Shape{n});
-    a.m = TensorView(m_.ptr<float>() + off, Shape{n});
-    a.v = TensorView(v_.ptr<float>() + off, Shape{n});
+    a.m = m_.rows(off, n);
+    a.v = v_.rows(off, n);
     a.lr = lr;
     a.beta1 = cfg_.beta1;
     a.beta2 = cfg_.beta2;

@@ -29,6 +29,7 @@ class AdamW {
 
   std::int64_t steps() const { return t_; }
   void set_steps(std::int64_t t) { t_ = t; }
+  Backend& backend() { return be_; }
   TensorView m() { return m_; }
   TensorView v() { return v_; }
   const AdamWConfig& config() const { return cfg_; }

@@ -1,0 +1,152 @@
+"""End-to-end: the simulated device (--device sim, src/backend/sim). Every device-ready method trains (when it is
+trainable) and evaluates on sim with the same results as on the CPU, and a method that is not device-ready is
+refused by name. The device-ready list comes from the binary itself (its refusal message), so a method marked
+device_ready in its MethodInfo is covered here without editing this file.
+
+Why bit-identical: sim runs the CPU backend's own kernels, in the same order, on the same values; it only moves
+host inputs (tokens, positions) into its memory and reads small results back (per-row losses, one logits row per
+decode step) with copies. So every recorded number that is not a wall time must match to the bit.
+"""
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+SRC = Path(os.environ.get("DSRSQ_SOURCE_DIR", Path(__file__).resolve().parents[2]))
+BIN = Path(os.environ.get("DSRSQ_BIN", SRC / "build" / "dsrsq"))
+TINY = SRC / "configs" / "tiny.ini"
+ENV = dict(os.environ, DSRSQ_DATASETS=str(SRC / "datasets"), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+           OMP_WAIT_POLICY="PASSIVE")
+# Short: a few steps (two validations) and a short evaluation.
+SHORT = ["--steps", "6", "--val_every", "3", "--log_every", "3", "--checkpoint_every", "6", "--num_test", "4",
+         "--max_new_tokens", "4", "--no_report"]
+
+
+def run(tmp_path, *extra, name="r"):
+    argv = [str(BIN), "--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--run_name", name] + \
+        [str(x) for x in extra]
+    return subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+
+
+def listed(text, after):
+    """The comma-separated names after `after` up to the closing parenthesis."""
+    m = re.search(re.escape(after) + r"([^)]*)\)", text)
+    assert m, text
+    return [x.strip() for x in m.group(1).split(",") if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """(every method of the table, the device-ready ones, the trainable ones), read from the binary's messages."""
+    tmp = tmp_path_factory.mktemp("lists")
+    r = run(tmp, "--methods", "no_such_method")
+    assert r.returncode == 2, r.stderr
+    table = listed(r.stderr, "the method table holds: ")
+    r = run(tmp, "--model", "full")
+    assert r.returncode == 2, r.stderr
+    trainable = [x.rstrip(")") for x in re.search(r"trainable methods: (.*)$", r.stderr.strip(), re.M).group(1).split(", ")]
+    not_ready = None
+    for m in table:
+        r = run(tmp, "--device", "sim", "--methods", m, "--dry_run")
+        if r.returncode == 2 and "still reads device tensors on the host" in r.stderr:
+            not_ready = m
+            ready = listed(r.stderr, "device-ready methods: ")
+            break
+    if not_ready is None:  # every method is device-ready
+        ready = list(table)
+    return table, ready, trainable, not_ready
+
+
+def strings(g, name):
+    end = g[name + "_end"][:]
+    data = g[name + "_bytes"][: int(end[-1])] if end.size else np.zeros(0, np.uint8)
+    start = np.concatenate([[0], end[:-1]]).astype(np.int64)
+    return [bytes(data[s:e]).decode() for s, e in zip(start, end)]
+
+
+# Every recorded number that is not a wall time (or derived from one).
+TRAIN_COLS = ["step", "loss_total", "loss_task", "loss_retrieval", "loss_compression", "loss_compute",
+              "selected_fraction", "grad_norm", "lr"]
+EVAL_COLS = ["f1", "em", "rouge_l", "bleu", "context_tokens", "attended_tokens", "kv_budget_achieved_bytes",
+             "kv_budget_requested_bytes", "kv_peak_prefill_bytes", "kv_read_per_step_bytes", "kv_resident_bytes",
+             "kv_total_bytes"]
+EFF_COLS = ["peak_mem_bytes", "flops", "token_efficiency", "tokens_run", "context_tokens_served", "decode_examples"]
+
+
+def same_results(a, b, methods, train=True):
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        for c in TRAIN_COLS if train else []:
+            assert fa["train/" + c][()].tobytes() == fb["train/" + c][()].tobytes(), "train/" + c
+        if train:
+            assert fa["val/loss"][()].tobytes() == fb["val/loss"][()].tobytes()
+        for m in methods:
+            ea, eb = fa["eval/" + m], fb["eval/" + m]
+            assert ea["f1"].shape[0] > 0, m
+            for c in EVAL_COLS:
+                assert ea[c][()].tobytes() == eb[c][()].tobytes(), f"{m}: eval column {c}"
+            for c in ("prediction", "id"):
+                assert strings(ea, c) == strings(eb, c), f"{m}: {c}"
+            # meta: everything but wall times (shared_prefill_s under reuse).
+            untimed = lambda g: [{k: v for k, v in json.loads(x).items() if not k.endswith("_s")} for x in strings(g, "meta")]
+            assert untimed(ea) == untimed(eb), f"{m}: meta"
+            for c in EFF_COLS:
+                assert fa[f"efficiency/{m}/{c}"][()] == fb[f"efficiency/{m}/{c}"][()], f"{m}: efficiency {c}"
+
+
+def test_device_ready_methods_match_cpu_bitwise(tmp_path, tables):
+    table, ready, trainable, _ = tables
+    assert "standard" in ready and "full" in ready, ready
+    for m in ready:
+        assert m in table, m
+    # The training-free ready methods on a standard model trained on each device; then each trainable ready
+    # method (other than standard) trains and evaluates itself.
+    free = [m for m in ready if m not in trainable]
+    # (Two layers for the trained methods: GCA needs a lower and an upper one.)
+    runs = [("standard", free, [])] + [(m, [m], ["--n_layers", "2"]) for m in ready if m in trainable and m != "standard"]
+    for model, methods, extra in runs:
+        out = {}
+        for dev in ("cpu", "sim"):
+            r = run(tmp_path, "--device", dev, "--model", model, "--methods", *methods, *SHORT, *extra,
+                    name=f"{model}_{dev}")
+            assert r.returncode == 0, f"--device {dev} --model {model}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+            out[dev] = tmp_path / "out" / f"{model}_{dev}" / "run.h5"
+        same_results(out["cpu"], out["sim"], methods)
+        if model != "standard":
+            continue
+        # The reuse protocol (snapshot and restore of every policy's state) on the CPU run's weights, for the
+        # ready methods that have a query-agnostic form without a selector.
+        ckpt = tmp_path / "out" / "standard_cpu" / "ckpt_6.h5"
+        reuse = [m for m in methods
+                 if run(tmp_path, "--device", "sim", "--protocol", "reuse", "--methods", m, "--dry_run").returncode == 0]
+        assert "full" in reuse and "sliding_window" in reuse, reuse
+        out = {}
+        for dev in ("cpu", "sim"):
+            name = f"reuse_{dev}"
+            r = run(tmp_path, "--command", "eval", "--init_from", ckpt, "--device", dev, "--protocol", "reuse",
+                    "--methods", *reuse, *SHORT, name=name)
+            assert r.returncode == 0, f"reuse --device {dev}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+            out[dev] = tmp_path / "out" / name / "run.h5"
+        same_results(out["cpu"], out["sim"], reuse, train=False)
+
+
+def test_not_ready_method_is_refused_by_name(tmp_path, tables):
+    _, ready, _, not_ready = tables
+    if not_ready is None:
+        pytest.skip("every method of the table is device-ready")
+    for dev in ("sim", "cuda"):
+        r = run(tmp_path, "--device", dev, "--methods", "full", not_ready)
+        assert r.returncode == 2, r.stderr
+        assert f"method '{not_ready}' still reads device tensors on the host" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_device_run_needs_one_rank(tmp_path):
+    for opt in (["--dp", "2"], ["--sp", "2"]):
+        r = run(tmp_path, "--device", "sim", "--methods", "full", *opt)
+        assert r.returncode == 2, r.stderr
+        assert "the device communicator is not wired" in r.stderr and opt[0] in r.stderr, r.stderr
