@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check: configure and build with CUDA for the present GPU's
 # architecture, run the gpu-labelled tests and the ops tests (test_ops and
-# test_decode_attention: every CUDA op against the f64 reference), run the GPU
-# attention benchmark, print one summary line. Needs no network and nothing outside the repository (the build
+# test_decode_attention: every CUDA op against the f64 reference), run the
+# program itself with --device cuda against --device cpu (every device-ready
+# method trains and evaluates on both: tests/e2e/test_device_sim.py with
+# DSRSQ_DEVICE_UNDER_TEST=cuda), run the GPU attention benchmark, print one
+# summary line. Needs no network and nothing outside the repository (the build
 # goes to build-gpu/, logs to build-gpu/gpu_check/). Exit 0 when everything
 # passed, 77 when no GPU answered (built, GPU tests skipped), 1 otherwise.
 #
@@ -16,8 +19,10 @@
 # minute (test_ops and test_gpu_ops are small odd-size cases; the f64 CPU
 # references dominate); benchmark well under a minute (attention at T = 1K..16K,
 # 16 heads of 64, 2 warm-up + 5 timed runs each; the largest forward is ~0.55
-# TFLOP). Each stage runs under `timeout` so a hang cannot exceed the budget:
-# build 330 s, tests 90 s, benchmark 60 s (7.5 minutes in all, at most).
+# TFLOP); the device run: a few tiny training steps and evaluations per method on
+# each device (about 20 s on 2 CPU cores for the sim device). Each stage runs
+# under `timeout` so a hang cannot exceed the budget: build 290 s (the program
+# too), tests 75 s, device run 55 s, benchmark 55 s (under 8 minutes in all).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,8 +52,8 @@ stamp "GPU '${gpu:-none}', building for sm_$cc into $BUILD with -j$JOBS"
 
 # ---- configure and build ----
 build_ok=1
-targets=(test_ops test_decode_attention test_gpu_axpy test_gpu_ops bench_gpu_attention)
-if ! timeout 330 bash -c "
+targets=(test_ops test_decode_attention test_gpu_axpy test_gpu_ops bench_gpu_attention dsrsq)
+if ! timeout 290 bash -c "
   cmake -S '$ROOT' -B '$BUILD' -DCMAKE_BUILD_TYPE=Release -DDSRSQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES='$cc' \
     > '$LOGS/configure.log' 2>&1 || exit 1
   extra=''
@@ -71,7 +76,7 @@ if [ "$build_ok" = 1 ]; then
   regex='^(test_ops|test_decode_attention|test_gpu_axpy|test_gpu_ops'
   [ -x "$BUILD/tests/gpu/test_nccl" ] && regex+='|test_nccl'
   regex+=')$'
-  (cd "$BUILD" && timeout 90 ctest -R "$regex" --output-on-failure --timeout 80) > "$LOGS/ctest.log" 2>&1
+  (cd "$BUILD" && timeout 75 ctest -R "$regex" --output-on-failure --timeout 70) > "$LOGS/ctest.log" 2>&1
   rc=$?
   [ $rc = 0 ] && tests_ok=1
   tests_summary="$(grep -E 'tests passed|tests failed' "$LOGS/ctest.log" | tail -n1)"
@@ -82,11 +87,30 @@ if [ "$build_ok" = 1 ]; then
 fi
 stamp "tests: $tests_summary"
 
+# ---- the program on the device: every device-ready method, --device cuda against --device cpu ----
+device_ok=0
+device_summary="not run"
+if [ "$build_ok" = 1 ]; then
+  DSRSQ_BIN="$BUILD/dsrsq" DSRSQ_SOURCE_DIR="$ROOT" DSRSQ_DEVICE_UNDER_TEST=cuda \
+    timeout 55 /usr/bin/python3 -m pytest -q -rs -p no:cacheprovider "$ROOT/tests/e2e/test_device_sim.py" \
+    > "$LOGS/device_run.log" 2>&1
+  rc=$?
+  device_summary="$(tail -n1 "$LOGS/device_run.log")"
+  # -rs lists the skip reasons: the device comparison skips when no GPU answers.
+  if [ $rc = 0 ] && grep -q "^SKIPPED.*--device cuda" "$LOGS/device_run.log"; then
+    device_ok=77
+  elif [ $rc = 0 ]; then
+    device_ok=1
+  fi
+  grep -E "passed|failed|skipped|SKIPPED|Error|assert" "$LOGS/device_run.log" | tail -n 12 | sed 's/^/gpu_check:   /'
+fi
+stamp "device run: $device_summary"
+
 # ---- benchmark ----
 bench_ok=0
 bench_line="bench not run"
 if [ "$build_ok" = 1 ]; then
-  timeout 60 "$BUILD/bench/bench_gpu_attention" --max-t "$MAX_T" > "$LOGS/bench_gpu_attention.txt" 2>&1
+  timeout 55 "$BUILD/bench/bench_gpu_attention" --max-t "$MAX_T" > "$LOGS/bench_gpu_attention.txt" 2>&1
   rc=$?
   [ $rc = 0 ] && bench_ok=1
   [ $rc = 77 ] && bench_ok=77  # no GPU answered
@@ -97,7 +121,7 @@ fi
 
 total=$(( $(date +%s) - t0 ))
 result=FAIL
-[ "$build_ok$tests_ok$bench_ok" = 111 ] && result=PASS
-[ "$build_ok$tests_ok$bench_ok" = 1177 ] && result="SKIPPED(no GPU answered: built, GPU tests skipped)"
-echo "gpu_check: gpu='${gpu:-none}' sm_$cc build=${tb}s tests='${tests_summary}' ${bench_line} total=${total}s result=$result (logs: $LOGS)"
+[ "$build_ok$tests_ok$device_ok$bench_ok" = 1111 ] && result=PASS
+[ "$build_ok$tests_ok$device_ok$bench_ok" = 117777 ] && result="SKIPPED(no GPU answered: built, GPU tests skipped)"
+echo "gpu_check: gpu='${gpu:-none}' sm_$cc build=${tb}s tests='${tests_summary}' device_run='${device_summary}' ${bench_line} total=${total}s result=$result (logs: $LOGS)"
 case "$result" in PASS) exit 0 ;; SKIPPED*) exit 77 ;; *) exit 1 ;; esac

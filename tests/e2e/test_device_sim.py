@@ -1,4 +1,5 @@
-"""End-to-end: the simulated device (--device sim, src/backend/sim). Every device-ready method trains (when it is
+"""End-to-end: the simulated device (--device sim, src/backend/sim), and the same check on a GPU
+(DSRSQ_DEVICE_UNDER_TEST=cuda, run by scripts/gpu_check.sh; skipped when no GPU answers). Every device-ready method trains (when it is
 trainable) and evaluates on sim with the same results as on the CPU, and a method that is not device-ready is
 refused by name. The device-ready list comes from the binary itself (its refusal message), so a method marked
 device_ready in its MethodInfo is covered here without editing this file.
@@ -6,6 +7,12 @@ device_ready in its MethodInfo is covered here without editing this file.
 Why bit-identical: sim runs the CPU backend's own kernels, in the same order, on the same values; it only moves
 host inputs (tokens, positions) into its memory and reads small results back (per-row losses, one logits row per
 decode step) with copies. So every recorded number that is not a wall time must match to the bit.
+
+On CUDA the kernels sum in other orders, so the check has tolerances (close_results): step 1's loss (a forward
+before any update) within 1e-4 relative, its gradient norm within 1e-3, later steps within 2e-2 (AdamW's first
+updates are about lr * sign(g), so a gradient entry near 0 whose sign rounding flips moves by 2 lr: a guard
+against gross errors, not a rounding bound), greedy predictions equal on most examples, and the byte accounting
+(budgets, KV bytes, FLOPs) equal wherever the predictions are.
 """
 import json
 import os
@@ -20,6 +27,8 @@ import pytest
 SRC = Path(os.environ.get("DSRSQ_SOURCE_DIR", Path(__file__).resolve().parents[2]))
 BIN = Path(os.environ.get("DSRSQ_BIN", SRC / "build" / "dsrsq"))
 TINY = SRC / "configs" / "tiny.ini"
+DEVICE = os.environ.get("DSRSQ_DEVICE_UNDER_TEST", "sim")
+assert DEVICE in ("sim", "cuda"), DEVICE
 ENV = dict(os.environ, DSRSQ_DATASETS=str(SRC / "datasets"), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
            OMP_WAIT_POLICY="PASSIVE")
 # Short: a few steps (two validations) and a short evaluation.
@@ -98,7 +107,51 @@ def same_results(a, b, methods, train=True):
                 assert fa[f"efficiency/{m}/{c}"][()] == fb[f"efficiency/{m}/{c}"][()], f"{m}: efficiency {c}"
 
 
-def test_device_ready_methods_match_cpu_bitwise(tmp_path, tables):
+def rel(a, b):
+    return abs(float(a) - float(b)) / max(abs(float(a)), abs(float(b)), 1e-30)
+
+
+def close_results(a, b, methods, train=True):
+    """CUDA against the CPU: tolerances (module docstring), not bits."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        if train:
+            la, lb = fa["train/loss_total"][()], fb["train/loss_total"][()]
+            ga, gb = fa["train/grad_norm"][()], fb["train/grad_norm"][()]
+            assert la.shape == lb.shape and la.size > 0
+            assert fa["train/step"][0] == 1, "the first row must be step 1 (--log_every 1)"
+            assert rel(la[0], lb[0]) <= 1e-4, ("step 1 loss", la[0], lb[0])
+            assert rel(ga[0], gb[0]) <= 1e-3, ("step 1 grad norm", ga[0], gb[0])
+            for i in range(1, la.size):
+                assert rel(la[i], lb[i]) <= 2e-2, ("loss", i, la[i], lb[i])
+        for m in methods:
+            ea, eb = fa["eval/" + m], fb["eval/" + m]
+            pa, pb = strings(ea, "prediction"), strings(eb, "prediction")
+            assert strings(ea, "id") == strings(eb, "id"), m
+            same = [x == y for x, y in zip(pa, pb)]
+            assert sum(same) >= 0.75 * len(same), (m, pa, pb)
+            for c in ("kv_budget_requested_bytes", "kv_budget_achieved_bytes"):
+                assert ea[c][()].tobytes() == eb[c][()].tobytes(), f"{m}: eval column {c}"
+            for c in ("kv_peak_prefill_bytes", "kv_resident_bytes", "kv_total_bytes", "context_tokens",
+                      "attended_tokens", "kv_read_per_step_bytes"):
+                x, y = ea[c][()], eb[c][()]
+                for i, ok in enumerate(same):
+                    if ok:
+                        assert x[i] == y[i], f"{m}: eval column {c}, example {i}"
+
+
+@pytest.fixture(scope="module")
+def device_present(tmp_path_factory):
+    """Skips the CUDA check when no GPU answers (or the build has no CUDA backend)."""
+    if DEVICE == "sim":
+        return
+    tmp = tmp_path_factory.mktemp("probe")
+    r = run(tmp, "--device", DEVICE, "--methods", "full", *SHORT)
+    if r.returncode == 2 and ("no GPU answers" in r.stderr or "no CUDA backend" in r.stderr):
+        pytest.skip(f"--device {DEVICE}: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_device_ready_methods_match_cpu(tmp_path, tables, device_present):
     table, ready, trainable, _ = tables
     assert "standard" in ready and "full" in ready, ready
     for m in ready:
@@ -110,12 +163,12 @@ def test_device_ready_methods_match_cpu_bitwise(tmp_path, tables):
     runs = [("standard", free, [])] + [(m, [m], ["--n_layers", "2"]) for m in ready if m in trainable and m != "standard"]
     for model, methods, extra in runs:
         out = {}
-        for dev in ("cpu", "sim"):
-            r = run(tmp_path, "--device", dev, "--model", model, "--methods", *methods, *SHORT, *extra,
+        for dev in ("cpu", DEVICE):
+            r = run(tmp_path, "--device", dev, "--model", model, "--methods", *methods, *TRAIN_SHORT, *extra,
                     name=f"{model}_{dev}")
             assert r.returncode == 0, f"--device {dev} --model {model}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
             out[dev] = tmp_path / "out" / f"{model}_{dev}" / "run.h5"
-        same_results(out["cpu"], out["sim"], methods)
+        compare(out["cpu"], out[DEVICE], methods)
         if model != "standard":
             continue
         # The reuse protocol (snapshot and restore of every policy's state) on the CPU run's weights, for the
@@ -125,13 +178,18 @@ def test_device_ready_methods_match_cpu_bitwise(tmp_path, tables):
                  if run(tmp_path, "--device", "sim", "--protocol", "reuse", "--methods", m, "--dry_run").returncode == 0]
         assert "full" in reuse and "sliding_window" in reuse, reuse
         out = {}
-        for dev in ("cpu", "sim"):
+        for dev in ("cpu", DEVICE):
             name = f"reuse_{dev}"
             r = run(tmp_path, "--command", "eval", "--init_from", ckpt, "--device", dev, "--protocol", "reuse",
                     "--methods", *reuse, *SHORT, name=name)
             assert r.returncode == 0, f"reuse --device {dev}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
             out[dev] = tmp_path / "out" / name / "run.h5"
-        same_results(out["cpu"], out["sim"], reuse, train=False)
+        compare(out["cpu"], out[DEVICE], reuse, train=False)
+
+
+compare = same_results if DEVICE == "sim" else close_results
+# On CUDA every step is logged, so step 1 (before any update) is compared tightly.
+TRAIN_SHORT = SHORT if DEVICE == "sim" else [("1" if k and SHORT[k - 1] == "--log_every" else x) for k, x in enumerate(SHORT)]
 
 
 def test_not_ready_method_is_refused_by_name(tmp_path, tables):
