@@ -10,6 +10,7 @@
 
 #include "backend/cuda/cuda_device.hpp"
 #include "backend/cuda/kernels/kernels.hpp"
+#include "backend/cuda_ops.hpp"
 
 #define DSRSQ_CUBLAS_CHECK(expr)                                                                  \
   do {                                                                                            \
@@ -65,17 +66,7 @@ CudaBackend::~CudaBackend() {
 
 void CudaBackend::synchronize() { DSRSQ_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
-bool CudaBackend::supports(OpId op) const {
-  switch (op) {
-    case OpId::sym_eigen:
-    case OpId::lowrank_recon:
-    case OpId::conv_project:
-    case OpId::host_tasks:
-      return false;
-    default:
-      return true;
-  }
-}
+bool CudaBackend::supports(OpId op) const { return cuda_implements(op); }
 
 void CudaBackend::unsupported(OpId op) const {
   raise_input_error(detail::cat("backend ", name_, " does not implement op '", op_name(op),

@@ -5,6 +5,8 @@
 #include <initializer_list>
 #include <string>
 
+#include "backend/cuda_ops.hpp"
+
 namespace dsrsq::sim {
 namespace {
 
@@ -36,18 +38,8 @@ class SimBackend final : public Backend {
   std::string_view name() const override { return "sim"; }
   Device device() const override { return Device::sim; }
   Allocator& allocator() override { return alloc_; }
-  // CudaBackend::supports(), mirrored.
-  bool supports(OpId op) const override {
-    switch (op) {
-      case OpId::sym_eigen:
-      case OpId::lowrank_recon:
-      case OpId::conv_project:
-      case OpId::host_tasks:
-        return false;
-      default:
-        return true;
-    }
-  }
+  // CudaBackend::supports(): the same list.
+  bool supports(OpId op) const override { return cuda_implements(op); }
 
  private:
   SimAllocator alloc_;
