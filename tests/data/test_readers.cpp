@@ -5,6 +5,7 @@
 
 #include "core/error.hpp"
 #include "data/readers.hpp"
+#include "../common/errors.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -13,14 +14,7 @@ using namespace dsrsq::data;
 
 static const fs::path kFix = fs::path(DSRSQ_DATASETS_DIR) / "fixtures";
 
-static std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dsrsq::Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using ref::error_of;
 
 // Writes `file` with its line `line` (1-based) replaced by broken JSON.
 static fs::path corrupt_copy(const fs::path& src, std::size_t line) {

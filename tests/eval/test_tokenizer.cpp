@@ -8,20 +8,12 @@
 
 #include "core/error.hpp"
 #include "data/tokenizer.hpp"
+#include "../common/errors.hpp"
 
 using dsrsq::ByteTokenizer;
 using Ids = std::vector<std::int32_t>;
 
-namespace {
-std::string error_of(auto&& fn) {
-  try {
-    fn();
-  } catch (const dsrsq::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-}  // namespace
+using ref::error_of;
 
 BOOST_AUTO_TEST_CASE(byte_round_trip) {
   ByteTokenizer t;

@@ -20,26 +20,14 @@
 #include "core/tensor.hpp"
 #include "model/config.hpp"
 #include "model/transformer.hpp"
+#include "../common/errors.hpp"
 
 using dsrsq::Shape;
 using dsrsq::TensorView;
 
 namespace {
 
-// The message of the dsrsq::Error that f throws ("" and a test failure if none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const dsrsq::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    BOOST_ERROR("threw a non-dsrsq exception: " << e.what());
-    return e.what();
-  }
-  BOOST_ERROR("expected a dsrsq::Error, nothing was thrown");
-  return {};
-}
+using ref::error_of;
 
 // Every needle occurs in the message.
 void expect_mentions(const std::string& msg, std::initializer_list<const char*> needles) {

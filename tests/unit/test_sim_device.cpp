@@ -18,6 +18,7 @@
 #include "core/arena.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
+#include "../common/errors.hpp"
 
 using dsrsq::DType;
 using dsrsq::Shape;
@@ -25,16 +26,7 @@ using dsrsq::TensorView;
 
 namespace {
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const dsrsq::Error& e) {
-    return e.what();
-  }
-  BOOST_ERROR("expected a dsrsq::Error, nothing was thrown");
-  return "";
-}
+using ref::error_of;
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
