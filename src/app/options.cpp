@@ -122,8 +122,8 @@ po::options_description describe(Options& o) {
     ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default: all of the trained method's)");
   po::options_description par("Parallel");
   par.add_options()
-    ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks")
-    ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks")
+    ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks (mpirun -np N; also with --device cuda|sim)")
+    ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks (ring attention; --device cpu only)")
     ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout, shortest(o.comm_timeout)), "seconds a collective may wait before the job aborts");
   po::options_description all("dsrsq options");
   all.add(general).add(model).add(data).add(train).add(eval).add(par);
