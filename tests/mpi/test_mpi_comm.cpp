@@ -310,6 +310,15 @@ BOOST_AUTO_TEST_CASE(check_launcher_fake_env) {
   BOOST_CHECK_NO_THROW(dd::check_launcher(world().size()));
 }
 
+// One GPU per rank: the node-local rank. Under mpirun on this one host the
+// launcher's local rank is the world rank, and counting by host names agrees.
+BOOST_AUTO_TEST_CASE(node_local_rank_one_host) {
+  BOOST_TEST(dd::node_local_rank(world()) == world().rank());
+  BOOST_TEST(dd::text_key("host-a") == dd::text_key("host-a"));
+  BOOST_TEST(dd::text_key("host-a") != dd::text_key("host-b"));
+  BOOST_TEST(dd::text_key(dd::host_name()) >= 0);
+}
+
 namespace {
 dsrsq::ModelConfig tiny_config() {
   dsrsq::ModelConfig c;
