@@ -474,11 +474,6 @@ MethodEval merged(const std::string& name, const std::vector<const MethodEval*>&
   return all;
 }
 
-// Evaluation on rank 0: every method of --methods on its backbone, then the
-// trained method's ablation variants on the same weights. Each method is
-// evaluated in every cell (eval context size x KV budget) on the same test
-// examples of that size; a failing cell is recorded and the others go on.
-// Returns false when a stop signal cut it short (finished methods are kept).
 // One GPU per rank (--device cuda with more than one rank): the node-local
 // rank modulo the visible devices becomes the current device before the CUDA
 // backend is made (it takes the current device). A collective over `world`.
@@ -520,6 +515,11 @@ Backend& run_backend(const std::string& device) {
   return *be;
 }
 
+// Evaluation on rank 0: every method of --methods on its backbone, then the
+// trained method's ablation variants on the same weights. Each method is
+// evaluated in every cell (eval context size x KV budget) on the same test
+// examples of that size; a failing cell is recorded and the others go on.
+// Returns false when a stop signal cut it short (finished methods are kept).
 bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model, methods::Method& trained_method,
                   Transformer* standard_backbone, const std::map<std::string, std::string>& backbones,
                   const Tokenizer& tok, const std::vector<data::Example>& test, ResultsSink& sink,

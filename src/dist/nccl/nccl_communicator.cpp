@@ -277,9 +277,11 @@ class NcclRequest final : public Request::Impl {
   bool done_ = false;
 };
 
+void stream_waits(State& s, cudaStream_t waiter, cudaStream_t producer, const std::string& what);
+
 // Runs `enqueue` (one NCCL call or group, returning its ncclResult_t), waits
 // until NCCL has accepted it, and returns a Request on an event recorded after it.
-void stream_waits(State& s, cudaStream_t waiter, cudaStream_t producer, const std::string& what);
+// With a producer stream set, stream() first waits for the work enqueued on it.
 
 template <class F>
 Request issue(const std::shared_ptr<State>& s, const std::string& what, const char* call, F&& enqueue) {
@@ -333,9 +335,9 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, double timeo
                               " (see their messages); world rank ", s.world_rank, " gives up too"));
   };
 
-  // Node-local rank among the ranks of `comm`: how many lower ranks share this
-  // host (hostname keys through the deadline-guarded all-gather, so no rank can
-  // hang here on a dead peer). Always computed, so every rank takes part.
+  // Node-local rank (node_local_rank: the launcher's, else how many lower
+  // ranks of `comm` share this host, through the deadline-guarded all-gather,
+  // so no rank can hang here on a dead peer). Every rank takes part.
   const std::string host = host_name();
   const int node_rank = node_local_rank(boot);
 
