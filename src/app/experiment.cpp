@@ -22,6 +22,14 @@
 #include "dist/dp_reducer.hpp"
 #include "dist/grid.hpp"
 #include "dist/ring_attention.hpp"
+#include "dist/staged_communicator.hpp"
+#ifdef DSRSQ_HAVE_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/cuda_device.hpp"
+#endif
+#ifdef DSRSQ_HAVE_NCCL
+#include "dist/nccl/nccl_communicator.hpp"
+#endif
 #include "methods/method.hpp"
 #include "io/checkpoint.hpp"
 #include "io/results.hpp"
@@ -321,8 +329,8 @@ std::map<std::string, std::string> backbone_texts(const Options& opt, bool init_
 // Training: the trainer with the trained method's extension attached, checkpoints,
 // per-rank timings and stop requests. Returns the last completed step + 1.
 std::int64_t train(const Options& opt, Transformer& model, TrainableModel& tm, AdamW& adam, methods::TrainingExtension* ext,
-                   const Splits& data, const Tokenizer& tok, dist::ProcessGrid* grid, ResultsSink& sink,
-                   std::int64_t start, std::int64_t& total_steps) {
+                   const Splits& data, const Tokenizer& tok, dist::ProcessGrid* grid, dist::Communicator* tensors,
+                   ResultsSink& sink, std::int64_t start, std::int64_t& total_steps) {
   const int world = grid ? grid->world().size() : 1;
   TrainConfig tc;
   std::int64_t per_epoch = 0;
@@ -349,8 +357,11 @@ std::int64_t train(const Options& opt, Transformer& model, TrainableModel& tm, A
   std::unique_ptr<dist::RingAttention> ring;
   if (grid) {
     // Every rank's gradient is a partial sum of the global one (its dp shard
-    // of sequences, its sp shard of their tokens): sum over the whole world.
-    reducer = std::make_unique<dist::GradReducer>(grid->world(), model);
+    // of sequences, its sp shard of their tokens): sum over the whole world,
+    // on the communicator that takes the model's buffers (`tensors`: the host
+    // world on the CPU, a device communicator on a device). The loss
+    // normaliser, losses and counters stay host scalars on the host world.
+    reducer = std::make_unique<dist::GradReducer>(*tensors, model);
     reducer->attach(model);
     dp.comm = &grid->dp_comm();
     dp.world = &grid->world();
@@ -463,11 +474,38 @@ MethodEval merged(const std::string& name, const std::vector<const MethodEval*>&
   return all;
 }
 
-// Evaluation on rank 0: every method of --methods on its backbone, then the
-// trained method's ablation variants on the same weights. Each method is
-// evaluated in every cell (eval context size x KV budget) on the same test
-// examples of that size; a failing cell is recorded and the others go on.
-// Returns false when a stop signal cut it short (finished methods are kept).
+// One GPU per rank (--device cuda with more than one rank): the node-local
+// rank modulo the visible devices becomes the current device before the CUDA
+// backend is made (it takes the current device). A collective over `world`.
+void choose_rank_gpu(dist::MpiCommunicator& world) {
+  const int local = dist::node_local_rank(world);
+#ifdef DSRSQ_HAVE_CUDA
+  // No GPU: nothing to choose; run_backend then says so.
+  if (const int count = cuda::device_count(); count > 0) DSRSQ_CUDA_CHECK(cudaSetDevice(dist::select_device(local, count)));
+#else
+  (void)local;
+#endif
+}
+
+// The world communicator on the backend's device buffers, or nullptr on the
+// CPU (the host world takes host buffers as they are). CUDA with NCCL:
+// NcclCommunicator on the backend's GPU, ordered after the backend's stream,
+// checked by its launch self-test. sim, and CUDA without NCCL:
+// StagedCommunicator (host copies through the backend, MPI on the host world).
+std::unique_ptr<dist::Communicator> device_communicator(Backend& be, dist::MpiCommunicator& world) {
+  if (be.device() == Device::cpu) return nullptr;
+#ifdef DSRSQ_HAVE_NCCL
+  if (be.device() == Device::cuda) {
+    auto& gpu = static_cast<cuda::CudaBackend&>(be);
+    auto nccl = std::make_unique<dist::NcclCommunicator>(world, gpu.device_index());
+    nccl->set_producer_stream(gpu.stream());
+    dist::nccl_self_test(*nccl);
+    return nccl;
+  }
+#endif
+  return std::make_unique<dist::StagedCommunicator>(be, world);
+}
+
 // The backend of --device (options.cpp has checked the methods and the grid).
 Backend& run_backend(const std::string& device) {
   const Device d = device == "cuda" ? Device::cuda : device == "sim" ? Device::sim : Device::cpu;
@@ -477,6 +515,11 @@ Backend& run_backend(const std::string& device) {
   return *be;
 }
 
+// Evaluation on rank 0: every method of --methods on its backbone, then the
+// trained method's ablation variants on the same weights. Each method is
+// evaluated in every cell (eval context size x KV budget) on the same test
+// examples of that size; a failing cell is recorded and the others go on.
+// Returns false when a stop signal cut it short (finished methods are kept).
 bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model, methods::Method& trained_method,
                   Transformer* standard_backbone, const std::map<std::string, std::string>& backbones,
                   const Tokenizer& tok, const std::vector<data::Example>& test, ResultsSink& sink,
@@ -642,7 +685,12 @@ int run_experiment(const Options& opt, int rank, int world) {
     dist::comm_self_test(grid->world());
   }
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
+  if (grid && opt.device == "cuda") choose_rank_gpu(grid->world());
   Backend& be = run_backend(opt.device);  // before anything is written: a missing GPU is an input error
+  // The world communicator on the backend's buffers (gradients, parameter
+  // broadcasts): the host world itself on the CPU.
+  std::unique_ptr<dist::Communicator> device_world = grid ? device_communicator(be, grid->world()) : nullptr;
+  dist::Communicator* tensors = device_world ? device_world.get() : grid ? &grid->world() : nullptr;
 
   auto tok = make_tokenizer(opt.tokenizer, opt.tokenizer_model);
   ModelConfig mc;
@@ -754,8 +802,12 @@ int run_experiment(const Options& opt, int rank, int world) {
       grid->world().broadcast(std::span<std::int64_t>(st, 2), 0);
       start = st[0];
       adam.set_steps(st[1]);
+      // Parameters and AdamW moments live where the backend keeps them: the
+      // communicator of the model's buffers (device pointers on a device).
       for (TensorView t : {model.flat_params(), adam.m(), adam.v()})
-        grid->world().broadcast(std::span<float>(t.ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
+        tensors->broadcast(std::span<float>(t.device_ptr<float>(), static_cast<std::size_t>(t.numel())), 0);
+      // A method's extra state is host state (the methods that keep device
+      // state train in one process: they refuse a world of more than one).
       if (ext) ext->broadcast(grid->world(), 0);
     }
     // The standard backbone of training-free methods when this run trains a
@@ -787,7 +839,7 @@ int run_experiment(const Options& opt, int rank, int world) {
 
     if (opt.command != "eval") {
       std::int64_t steps = 0;
-      const std::int64_t done = train(opt, model, tm, adam, ext, data, *tok, grid.get(), sink, start, steps);
+      const std::int64_t done = train(opt, model, tm, adam, ext, data, *tok, grid.get(), tensors, sink, start, steps);
       if (done < steps) {
         std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                     static_cast<long long>(done), static_cast<long long>(steps));

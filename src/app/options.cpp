@@ -62,7 +62,7 @@ po::options_description describe(Options& o) {
     ("output_dir", po::value(&o.output_dir)->default_value(o.output_dir), "where run directories are created")
     ("run_name", po::value(&o.run_name), "run directory name (default <model>_<dataset>)")
     ("seed", po::value<std::string>()->default_value(std::to_string(o.seed)), "seed of data, initialisation and sampling (an integer in [0, 2^64))")
-    ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda | sim. cuda: the CUDA backend, one GPU, single rank (--dp 1 --sp 1), for the device-ready methods only (README 'GPU'). sim: the CPU backend behind the device boundary: every host read of a device tensor raises; for checking the device paths on machines without a GPU (same rules as cuda)")
+    ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda | sim. cuda: the CUDA backend (compiled, never yet run on a GPU), for the device-ready methods only (README 'GPU'); with --dp N under mpirun -np N, one GPU per rank (the node-local rank picks it) and the gradients all-reduced on the GPUs by NCCL (host-staged over MPI when the build has no NCCL); --sp 1 only. sim: the CPU backend behind the device boundary: every host read of a device tensor raises; for checking the device paths on machines without a GPU (same rules as cuda; --dp stages the device buffers through host copies over MPI)")
     ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads (0: OMP_NUM_THREADS or all cores)");
   po::options_description model("Model");
   model.add_options()
@@ -122,8 +122,8 @@ po::options_description describe(Options& o) {
     ("ablation_variants", po::value(&o.ablation_variants)->multitoken(), "with --ablation: the variants to run (default: all of the trained method's)");
   po::options_description par("Parallel");
   par.add_options()
-    ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks")
-    ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks")
+    ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks (mpirun -np N; also with --device cuda|sim)")
+    ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks (ring attention; --device cpu only)")
     ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout, shortest(o.comm_timeout)), "seconds a collective may wait before the job aborts");
   po::options_description all("dsrsq options");
   all.add(general).add(model).add(data).add(train).add(eval).add(par);
@@ -216,11 +216,14 @@ void validate(const Options& o) {
   if (o.device != "cpu") {
     // A device run (cuda, or sim that stands in for it) takes the methods whose
     // training and evaluation were checked on sim to read no device tensor on
-    // the host (MethodInfo::device_ready), in one process: the gradient and
-    // ring exchanges still go through MPI on host buffers.
-    DSRSQ_INPUT_CHECK(o.dp == 1 && o.sp == 1, "option --device ", o.device, ": --dp ", o.dp, " --sp ", o.sp,
-                      ": the device communicator is not wired (gradients and ring attention exchange host buffers "
-                      "over MPI); use --dp 1 --sp 1, or --device cpu");
+    // the host (MethodInfo::device_ready). Data parallelism (--dp) reduces the
+    // device gradients through a device communicator (NCCL on CUDA builds
+    // with NCCL, else host staging: experiment.cpp device_communicator);
+    // sequence parallelism's ring attention exchanges K/V blocks through
+    // MPI on host buffers, which device tensors cannot be handed to.
+    DSRSQ_INPUT_CHECK(o.sp == 1, "option --sp ", o.sp, " with --device ", o.device,
+                      ": ring attention on device buffers is not wired (its K/V exchange takes host buffers over "
+                      "MPI); use --sp 1 (--dp works on a device), or --device cpu");
     auto note = [](const methods::MethodInfo& m) {
       return m.device_note.empty() ? std::string() : std::string(m.device_note) + "; ";
     };

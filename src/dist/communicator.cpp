@@ -28,9 +28,7 @@ Environment::Environment(int& argc, char**& argv, int required) {
   }
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &size_);
-  char host[256] = {0};
-  gethostname(host, sizeof host - 1);
-  host_ = host;
+  host_ = dist::host_name();
   set_error_context(rank_, host_);
 }
 
@@ -330,6 +328,50 @@ void check_launcher(int world_size, const EnvLookup& getenv) {
                                   ", so every process believes it is rank 0. The program was probably built against "
                                   "a different MPI than the launcher's, or srun ran without PMIx (use srun "
                                   "--mpi=pmix, or mpirun from the same MPI)."));
+}
+
+std::optional<int> local_rank_from_env(const EnvLookup& getenv) {
+  auto lookup = [&](const char* name) -> const char* { return getenv ? getenv(name) : std::getenv(name); };
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
+    const char* v = lookup(var);
+    if (!v || !*v) continue;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (end == v || *end != '\0' || n < 0 || n > 1'000'000) return std::nullopt;
+    return static_cast<int>(n);
+  }
+  return std::nullopt;
+}
+
+int select_device(int local_rank, int device_count) {
+  DSRSQ_REQUIRE(device_count > 0, "select_device: no CUDA device");
+  DSRSQ_REQUIRE(local_rank >= 0, "select_device: negative local rank ", local_rank);
+  return local_rank % device_count;
+}
+
+std::string host_name() {
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  return host;
+}
+
+std::int64_t text_key(const std::string& text) {
+  std::uint64_t h = 1469598103934665603ULL;  // FNV-1a
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return static_cast<std::int64_t>(h & 0x7fffffffffffffffULL);
+}
+
+int node_local_rank(Communicator& comm) {
+  // Always gathered, so every rank takes part whichever way it decides.
+  const std::int64_t mine = text_key(host_name());
+  std::vector<std::int64_t> hosts(static_cast<std::size_t>(comm.size()));
+  comm.all_gather(std::span<const std::int64_t>(&mine, 1), std::span<std::int64_t>(hosts));
+  int same_host_below = 0;
+  for (int q = 0; q < comm.rank(); ++q) same_host_below += hosts[static_cast<std::size_t>(q)] == mine;
+  return local_rank_from_env().value_or(same_host_below);
 }
 
 }  // namespace dist

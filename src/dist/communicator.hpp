@@ -1,7 +1,11 @@
 #pragma once
 // One communication interface for the distributed code (DESIGN.md section 5).
-// MpiCommunicator works on host buffers; an NcclCommunicator (device buffers)
-// will implement the same interface later.
+// Where the buffers of a communicator live is buffer_device(): MpiCommunicator
+// works on host buffers (Device::cpu); NcclCommunicator (dist/nccl/, CUDA
+// builds with NCCL) on GPU memory; StagedCommunicator (dist/staged_communicator.hpp)
+// on any backend's device memory, staged through host copies onto a host
+// communicator. Spans handed to a device communicator hold device pointers
+// (TensorView::device_ptr): never dereferenced on the host.
 //
 // Every collective takes std::span, so an element count can never be mistaken
 // for a byte count (STYLE.md habit 7). Every blocking collective is the
@@ -14,10 +18,13 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
 #include <mpi.h>
+
+#include "core/tensor.hpp"
 
 namespace dsrsq::dist {
 
@@ -60,6 +67,8 @@ class Communicator {
   virtual int size() const = 0;
   virtual const std::string& name() const = 0;  // "world", "dp", "sp": appears in error messages
   virtual double timeout_seconds() const = 0;
+  // Where the buffers handed to the collectives must live (cpu: host memory).
+  virtual Device buffer_device() const { return Device::cpu; }
 
   // In-place sum over all ranks.
   Request iall_reduce_sum(std::span<float> x) { return iall_reduce_sum_impl(x.data(), x.size(), Scalar::f32); }
@@ -139,5 +148,22 @@ void comm_self_test(Communicator& comm);
 // or srun without PMIx). `getenv` is injectable for tests.
 using EnvLookup = std::function<const char*(const char*)>;
 void check_launcher(int world_size, const EnvLookup& getenv = {});
+
+// One GPU per rank. The node-local rank the launcher reports:
+// OMPI_COMM_WORLD_LOCAL_RANK when set (mpirun, also inside a Slurm allocation),
+// else MPI_LOCALRANKID (MPICH/Hydra), else SLURM_LOCALID (srun). The first
+// variable that is set decides; nullopt when none is set or its value is not a
+// non-negative integer.
+std::optional<int> local_rank_from_env(const EnvLookup& getenv = {});
+// The node-local rank of this rank of `comm`: local_rank_from_env, else the
+// number of lower ranks of `comm` on this host (host names compared through a
+// deadline-guarded all-gather). A collective: every rank of `comm` calls it.
+int node_local_rank(Communicator& comm);
+// The device a rank uses: local_rank modulo device_count (device_count > 0).
+int select_device(int local_rank, int device_count);
+// This machine's host name, and a 64-bit key of a text (FNV-1a: host names,
+// "host/PCI bus id") for comparing such texts across ranks as integers.
+std::string host_name();
+std::int64_t text_key(const std::string& text);
 
 }  // namespace dsrsq::dist

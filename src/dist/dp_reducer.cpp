@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "core/error.hpp"
+#include "backend/backend.hpp"
 #include "model/transformer.hpp"
 
 namespace dsrsq::dist {
@@ -21,9 +22,10 @@ std::int64_t layer_of(const std::string& name) {
 
 std::vector<GradSlot> model_slots(Transformer& model) {
   std::vector<GradSlot> slots;
-  const float* base = model.flat_grads().ptr<float>();
+  // Offsets only: device_ptr, since the gradients may live on a device.
+  const float* base = model.flat_grads().device_ptr<float>();
   for (const Param& p : model.params())
-    slots.push_back(GradSlot{p.name, p.grad.ptr<float>() - base, p.grad.numel(), layer_of(p.name)});
+    slots.push_back(GradSlot{p.name, p.grad.device_ptr<float>() - base, p.grad.numel(), layer_of(p.name)});
   return slots;
 }
 
@@ -32,6 +34,14 @@ std::vector<std::int64_t> model_ready_order(const Transformer& model) {
   for (std::int64_t l = model.config().n_layers - 1; l >= 0; --l) order.push_back(l);
   order.push_back(-1);
   return order;
+}
+
+std::span<float> grads_on(const Communicator& comm, Transformer& model) {
+  const TensorView g = model.flat_grads();
+  DSRSQ_REQUIRE(comm.buffer_device() == g.device, "gradient reducer: the model's gradients live on ",
+                device_name(g.device), " but communicator '", comm.name(), "' takes buffers on ",
+                device_name(comm.buffer_device()), " (a device run needs a device communicator)");
+  return std::span<float>(g.device_ptr<float>(), static_cast<std::size_t>(g.numel()));
 }
 
 }  // namespace
@@ -46,9 +56,9 @@ GradReducer::GradReducer(Communicator& comm, std::span<float> flat_grads, std::v
 }
 
 GradReducer::GradReducer(Communicator& comm, Transformer& model, ReducerConfig cfg)
-    : GradReducer(comm,
-                  std::span<float>(model.flat_grads().ptr<float>(), static_cast<std::size_t>(model.flat_grads().numel())),
-                  model_slots(model), model_ready_order(model), cfg) {}
+    : GradReducer(comm, grads_on(comm, model), model_slots(model), model_ready_order(model), cfg) {
+  scale_on_ = &model.backend();
+}
 
 GradReducer::~GradReducer() { detach(); }
 
@@ -114,7 +124,7 @@ void GradReducer::build_buckets(const std::vector<std::int64_t>& ready_order) {
 
 void GradReducer::attach(Transformer& model) {
   detach();
-  DSRSQ_REQUIRE(model.flat_grads().ptr<float>() == grads_.data(), "attach: the model's gradient buffer is not the one this reducer was built for");
+  DSRSQ_REQUIRE(model.flat_grads().device_ptr<float>() == grads_.data(), "attach: the model's gradient buffer is not the one this reducer was built for");
   model.on_layer_grads_ready = [this](std::int64_t layer) { mark_ready(layer); };
   attached_ = &model;
 }
@@ -129,7 +139,14 @@ void GradReducer::launch(std::size_t b) {
   std::span<float> x = grads_.subspan(static_cast<std::size_t>(bk.begin), static_cast<std::size_t>(bk.end - bk.begin));
   if (cfg_.reduction == Reduction::average) {
     const float s = 1.0f / static_cast<float>(comm_.size());
-    for (float& v : x) v *= s;
+    if (comm_.buffer_device() == Device::cpu) {
+      for (float& v : x) v *= s;
+    } else {  // device memory: the model's backend scales it (stream-ordered before the collective)
+      DSRSQ_REQUIRE(scale_on_ != nullptr, "gradient reducer: Reduction::average on device buffers needs the model's "
+                    "backend (use the Transformer constructor)");
+      scale_on_->scale(TensorView(x.data(), Shape{static_cast<std::int64_t>(x.size())}, DType::f32,
+                                  comm_.buffer_device()), s);
+    }
   }
   requests_[b] = comm_.iall_reduce_sum(x);
   stats_.buckets_launched += 1;

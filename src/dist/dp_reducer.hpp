@@ -29,6 +29,14 @@
 // loss by the GLOBAL answer-token count and the gradients are SUMMED, so the
 // reduced gradient is exactly the one-process gradient of the whole batch up
 // to float reassociation (no 1/dp factor to round, for any dp).
+//
+// Device buffers. The flat gradient buffer may live on a device (--device cuda
+// or sim): the reducer then needs a communicator whose buffer_device() is that
+// device (NcclCommunicator, or StagedCommunicator: dist/staged_communicator.hpp)
+// and hands it spans of device pointers, which it never dereferences itself;
+// Reduction::average scales the bucket with the model's backend instead of on
+// the host. The Transformer constructor checks that the communicator takes
+// buffers where the gradients live.
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -39,6 +47,7 @@
 #include "dist/communicator.hpp"
 
 namespace dsrsq {
+class Backend;
 class Transformer;
 }
 
@@ -83,6 +92,8 @@ class GradReducer {
   // Buckets follow the readiness order of `ready_order` (the hook's layer
   // values in the order they will arrive); within one event, slots are taken
   // in reverse layout order.
+  // The span may hold device pointers (comm.buffer_device() != cpu): only
+  // Reduction::sum then (average needs a backend to scale with).
   GradReducer(Communicator& comm, std::span<float> flat_grads, std::vector<GradSlot> slots,
               std::vector<std::int64_t> ready_order, ReducerConfig cfg = {});
   // The transformer's layout: layers L-1 .. 0, then the end-of-backward tensors.
@@ -121,7 +132,8 @@ class GradReducer {
   void launch(std::size_t b);
 
   Communicator& comm_;
-  std::span<float> grads_;
+  std::span<float> grads_;  // device pointers when comm_.buffer_device() != cpu
+  Backend* scale_on_ = nullptr;  // the model's backend (Reduction::average on device buffers)
   std::vector<GradSlot> slots_;
   ReducerConfig cfg_;
   std::vector<GradBucket> buckets_;

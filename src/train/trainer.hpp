@@ -78,6 +78,10 @@ struct MethodHooks {
 // to a multiple of 2 sp), attention runs as ring attention (the model's
 // attention_override), the loss is normalised by the mask sum over the whole
 // world, and gradients are summed over the whole world (dp x sp).
+// The communicators here carry host values only (the loss normaliser, losses,
+// counters, validation sums); the device-resident gradients go through
+// reduce_gradients (a GradReducer on a device communicator when the model
+// lives on a device: app/experiment.cpp).
 struct DataParallel {
   dist::Communicator* comm = nullptr;       // the dp communicator; null: one rank
   dist::Communicator* sp_comm = nullptr;    // the sp communicator; null: sp = 1

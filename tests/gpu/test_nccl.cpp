@@ -10,7 +10,8 @@
 // Checks, against values computed on the host: all-reduce sum (f32, f64, i64;
 // a small and a multi-chunk size), all-reduce average (f32, f64), all-gather
 // (f32, f64, i64), broadcast (f32, i64, byte; two roots), a full ring of
-// send/recv steps (f32), overlapping non-blocking requests, rejection of a
+// send/recv steps (f32), overlapping non-blocking requests, the producer-stream
+// order (set_producer_stream, as the data-parallel trainer uses it), rejection of a
 // host buffer, nccl_self_test, the timeout path (rank 0 waits for an
 // all-reduce its peer never joins: dsrsq::Error naming the rank and the
 // operation, communicator aborted) and abort().
@@ -191,6 +192,31 @@ void test_nonblocking(NcclCommunicator& c) {
   check(ok, "two overlapping non-blocking all_reduce_sum, test() then wait()");
 }
 
+// set_producer_stream: the buffer is filled by a device-to-device copy still
+// queued on another stream (the CudaBackend's, in a training run) when the
+// all-reduce is issued; the standing order must make NCCL wait for it.
+void test_producer_stream(NcclCommunicator& c) {
+  const int n = c.size(), r = c.rank();
+  const std::size_t len = std::size_t{1} << 24;  // 64 MB: the copy is still running when the all-reduce is issued
+  Dev<float> src(c, std::vector<float>(len, static_cast<float>(r + 1)));
+  Dev<float> dst(c, std::vector<float>(len, -1000.0f));
+  cudaStream_t producer = nullptr;
+  DSRSQ_CUDA_CHECK(cudaStreamCreateWithFlags(&producer, cudaStreamNonBlocking));
+  DSRSQ_CUDA_CHECK(cudaMemcpyAsync(dst.span().data(), src.span().data(), len * sizeof(float), cudaMemcpyDeviceToDevice,
+                                   producer));
+  c.set_producer_stream(producer);
+  c.all_reduce_sum(dst.span());
+  c.set_producer_stream(nullptr);
+  DSRSQ_CUDA_CHECK(cudaStreamSynchronize(producer));
+  DSRSQ_CUDA_CHECK(cudaStreamDestroy(producer));
+  const auto got = dst.host();
+  const float want = static_cast<float>(n * (n + 1) / 2);
+  std::size_t bad = 0;
+  for (float v : got) bad += v != want;
+  check(bad == 0 && c.buffer_device() == dsrsq::Device::cuda,
+        dsrsq::detail::cat("set_producer_stream orders the all-reduce after the producer's copy (", bad, " wrong)"));
+}
+
 void test_host_buffer_rejected(NcclCommunicator& c) {
   std::vector<float> host(16, 1.0f);
   std::string msg;
@@ -326,6 +352,7 @@ int run(int world_rank, int world_size) {
     }
     test_ring(c);
     test_nonblocking(c);
+    test_producer_stream(c);
     test_host_buffer_rejected(c);
     dsrsq::dist::nccl_self_test(c);
     check(true, "nccl_self_test");

@@ -463,9 +463,17 @@ void CudaBackend::conv_project_bwd_impl(const ConvProjectGradArgs&) { unsupporte
 
 // ---- the process's backend ----------------------------------------------------------
 Backend* backend_if_present() {
-  // Built once, on first use, only when a GPU answers; never destroyed (the
-  // CUDA runtime may already be torn down when static destructors run).
-  static Backend* be = device_count() > 0 ? new CudaBackend(0) : nullptr;
+  // Built once, on first use, only when a GPU answers, on the calling thread's
+  // current device (0 unless cudaSetDevice chose another first: a data-parallel
+  // run picks each rank's GPU from its node-local rank before asking for the
+  // backend); never destroyed (the CUDA runtime may already be torn down when
+  // static destructors run).
+  static Backend* be = [] () -> Backend* {
+    if (device_count() == 0) return nullptr;
+    int current = 0;
+    DSRSQ_CUDA_CHECK(cudaGetDevice(&current));
+    return new CudaBackend(current);
+  }();
   return be;
 }
 

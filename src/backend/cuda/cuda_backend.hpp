@@ -116,7 +116,8 @@ class CudaBackend final : public Backend {
   double* result_ = nullptr;  // one double of device memory for scalar results
 };
 
-// The process's backend for `device` when a GPU is present (0: device 0), else nullptr.
+// The process's backend when a GPU is present (on the current device when it is
+// first asked for: cudaSetDevice before that picks the GPU), else nullptr.
 Backend* backend_if_present();
 
 }  // namespace dsrsq::cuda

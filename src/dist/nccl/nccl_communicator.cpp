@@ -23,25 +23,6 @@ namespace dsrsq::dist {
 
 // ---- helpers without a communicator -----------------------------------------
 
-std::optional<int> local_rank_from_env(const EnvLookup& getenv) {
-  auto lookup = [&](const char* name) -> const char* { return getenv ? getenv(name) : std::getenv(name); };
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"}) {
-    const char* v = lookup(var);
-    if (!v || !*v) continue;
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    if (end == v || *end != '\0' || n < 0 || n > 1'000'000) return std::nullopt;
-    return static_cast<int>(n);
-  }
-  return std::nullopt;
-}
-
-int select_device(int local_rank, int device_count) {
-  DSRSQ_REQUIRE(device_count > 0, "select_device: no CUDA device");
-  DSRSQ_REQUIRE(local_rank >= 0, "select_device: negative local rank ", local_rank);
-  return local_rank % device_count;
-}
-
 ncclDataType_t nccl_type(Scalar s) {
   switch (s) {
     case Scalar::f32: return ncclFloat32;
@@ -89,22 +70,6 @@ std::string nccl_text(ncclResult_t r, ncclComm_t comm) {
   return s;
 }
 
-std::string host_name() {
-  char host[256] = {0};
-  gethostname(host, sizeof host - 1);
-  return host;
-}
-
-// FNV-1a: a 64-bit key for "host + PCI bus id", compared across ranks.
-std::int64_t key_of(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ULL;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ULL;
-  }
-  return static_cast<std::int64_t>(h & 0x7fffffffffffffffULL);
-}
-
 }  // namespace
 
 // ---- shared state -------------------------------------------------------------
@@ -113,6 +78,7 @@ struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
   std::int64_t* scratch = nullptr;  // one device element for barrier()
+  cudaStream_t producer = nullptr;  // set_producer_stream: every operation waits for it first
   ncclRedOp_t avg_f32{}, avg_f64{};
   bool have_avg_ops = false;
   bool aborted = false;
@@ -311,11 +277,16 @@ class NcclRequest final : public Request::Impl {
   bool done_ = false;
 };
 
+void stream_waits(State& s, cudaStream_t waiter, cudaStream_t producer, const std::string& what);
+
 // Runs `enqueue` (one NCCL call or group, returning its ncclResult_t), waits
 // until NCCL has accepted it, and returns a Request on an event recorded after it.
+// With a producer stream set, stream() first waits for the work enqueued on it.
+
 template <class F>
 Request issue(const std::shared_ptr<State>& s, const std::string& what, const char* call, F&& enqueue) {
   s->cuda(cudaSetDevice(s->device), what, "cudaSetDevice");
+  if (s->producer) stream_waits(*s, s->stream, s->producer, what);
   s->settle(enqueue(), what, call);
   cudaEvent_t ev = nullptr;
   s->cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), what, "cudaEventCreateWithFlags");
@@ -364,17 +335,11 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, double timeo
                               " (see their messages); world rank ", s.world_rank, " gives up too"));
   };
 
-  // Node-local rank among the ranks of `comm`: how many lower ranks share this
-  // host (hostname keys through the deadline-guarded all-gather, so no rank can
-  // hang here on a dead peer). Always computed, so every rank takes part.
+  // Node-local rank (node_local_rank: the launcher's, else how many lower
+  // ranks of `comm` share this host, through the deadline-guarded all-gather,
+  // so no rank can hang here on a dead peer). Every rank takes part.
   const std::string host = host_name();
-  int node_rank = 0;
-  {
-    const std::int64_t mine = key_of(host);
-    std::vector<std::int64_t> hosts(static_cast<std::size_t>(s.size));
-    boot.all_gather(std::span<const std::int64_t>(&mine, 1), std::span<std::int64_t>(hosts));
-    for (int q = 0; q < s.rank; ++q) node_rank += hosts[static_cast<std::size_t>(q)] == mine;
-  }
+  const int node_rank = node_local_rank(boot);
 
   std::string problem;
   int count = 0;
@@ -385,7 +350,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, double timeo
     problem = "no CUDA device (cudaGetDeviceCount gave 0)";
   }
   if (problem.empty()) {
-    if (device < 0) device = select_device(local_rank_from_env().value_or(node_rank), count);
+    if (device < 0) device = select_device(node_rank, count);
     if (device >= count) {
       problem = detail::cat("device ", device, " requested but only ", count, " visible");
     } else if (const cudaError_t e = cudaSetDevice(device); e != cudaSuccess) {
@@ -405,7 +370,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, double timeo
       cudaGetLastError();
       std::snprintf(bus.data(), bus.size(), "device-%d", s.device);
     }
-    const std::int64_t mine = key_of(host + "/" + bus.data());
+    const std::int64_t mine = text_key(host + "/" + bus.data());
     std::vector<std::int64_t> keys(static_cast<std::size_t>(s.size));
     boot.all_gather(std::span<const std::int64_t>(&mine, 1), std::span<std::int64_t>(keys));
     for (int a = 0; a < s.size; ++a)
@@ -486,26 +451,31 @@ void NcclCommunicator::set_timeout(double seconds) {
 }
 
 void NcclCommunicator::wait_for(cudaStream_t producer) {
-  State& s = *s_;
-  s.cuda(cudaSetDevice(s.device), "wait_for", "cudaSetDevice");
-  cudaEvent_t ev = nullptr;
-  s.cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "wait_for", "cudaEventCreateWithFlags");
-  const cudaError_t e1 = cudaEventRecord(ev, producer);
-  const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(s.stream, ev, 0) : e1;
-  cudaEventDestroy(ev);  // released once the wait is satisfied
-  s.cuda(e2, "wait_for", "cudaEventRecord/cudaStreamWaitEvent");
+  s_->cuda(cudaSetDevice(s_->device), "wait_for", "cudaSetDevice");
+  stream_waits(*s_, s_->stream, producer, "wait_for");
 }
 
 void NcclCommunicator::consumers_wait(cudaStream_t consumer) {
-  State& s = *s_;
-  s.cuda(cudaSetDevice(s.device), "consumers_wait", "cudaSetDevice");
-  cudaEvent_t ev = nullptr;
-  s.cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "consumers_wait", "cudaEventCreateWithFlags");
-  const cudaError_t e1 = cudaEventRecord(ev, s.stream);
-  const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(consumer, ev, 0) : e1;
-  cudaEventDestroy(ev);
-  s.cuda(e2, "consumers_wait", "cudaEventRecord/cudaStreamWaitEvent");
+  s_->cuda(cudaSetDevice(s_->device), "consumers_wait", "cudaSetDevice");
+  stream_waits(*s_, consumer, s_->stream, "consumers_wait");
 }
+
+void NcclCommunicator::set_producer_stream(cudaStream_t producer) { s_->producer = producer; }
+
+namespace {
+
+// `waiter` waits for the work enqueued on `producer` so far (an event recorded
+// on producer; destroying it right away is fine, the wait still holds).
+void stream_waits(State& s, cudaStream_t waiter, cudaStream_t producer, const std::string& what) {
+  cudaEvent_t ev = nullptr;
+  s.cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), what, "cudaEventCreateWithFlags");
+  const cudaError_t e1 = cudaEventRecord(ev, producer);
+  const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(waiter, ev, 0) : e1;
+  cudaEventDestroy(ev);
+  s.cuda(e2, what, "cudaEventRecord/cudaStreamWaitEvent");
+}
+
+}  // namespace
 
 // ---- operations ---------------------------------------------------------------
 

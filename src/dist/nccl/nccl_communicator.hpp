@@ -68,14 +68,8 @@
 
 namespace dsrsq::dist {
 
-// The node-local rank the launcher reports: OMPI_COMM_WORLD_LOCAL_RANK when set
-// (mpirun, also inside a Slurm allocation), else MPI_LOCALRANKID (MPICH/Hydra),
-// else SLURM_LOCALID (srun). The first variable that is set decides; nullopt
-// when none is set or its value is not a non-negative integer.
-std::optional<int> local_rank_from_env(const EnvLookup& getenv = {});
-
-// The device a rank uses: local_rank modulo device_count (device_count > 0).
-int select_device(int local_rank, int device_count);
+// local_rank_from_env, node_local_rank and select_device (one GPU per rank)
+// are in dist/communicator.hpp.
 
 // ncclDataType_t for a Scalar (byte -> ncclUint8).
 ncclDataType_t nccl_type(Scalar s);
@@ -102,6 +96,7 @@ class NcclCommunicator final : public Communicator {
   double timeout_seconds() const override;
   void set_timeout(double seconds);
 
+  Device buffer_device() const override { return Device::cuda; }
   int device() const;
   cudaStream_t stream() const;
   ncclComm_t nccl_comm() const;
@@ -114,6 +109,12 @@ class NcclCommunicator final : public Communicator {
   // `producer`, or make `consumer` wait for the work already enqueued on stream().
   void wait_for(cudaStream_t producer);
   void consumers_wait(cudaStream_t consumer);
+  // Standing order (nullptr: none): every operation issued from now on first
+  // makes stream() wait for the work enqueued on `producer` at that moment
+  // (wait_for). The data-parallel trainer sets the CudaBackend's stream, whose
+  // kernels write the gradients and parameters the operations read; results
+  // reach that stream's later kernels through Request::wait (a host wait).
+  void set_producer_stream(cudaStream_t producer);
 
   // Device-side average (see the header comment); hides the host-side base versions.
   Request iall_reduce_avg(std::span<float> x);
