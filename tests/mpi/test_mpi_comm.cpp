@@ -22,6 +22,8 @@
 //    GradReducer on a sim model's gradients equals GradReducer on a CPU
 //    model's with the host world, bit for bit (sum and average), and a device
 //    model with a host communicator is refused by name.
+//  - send_recv (point to point, the ring step) on host buffers and staged sim
+//    buffers, one-sided steps, and out-of-range peers refused.
 #define BOOST_TEST_MODULE dsrsq_mpi_comm
 #include <boost/test/unit_test.hpp>
 
@@ -584,4 +586,46 @@ BOOST_AUTO_TEST_CASE(reducer_on_sim_equals_reducer_on_cpu) {
   // The sim model's gradients cannot go to a host communicator.
   BOOST_TEST(has(ref::error_of([&] { dd::GradReducer wrong(world(), sim_model); }),
                  "a device run needs a device communicator"));
+}
+
+// Point to point (ring attention's exchanges): one ring step on host buffers
+// (f32, i32) and on sim buffers through StagedCommunicator (f32, bytes; two
+// in flight completed in the other order), with values known in advance; a
+// chain whose ends omit one side; out-of-range peers refused on every rank
+// before anything is posted.
+BOOST_AUTO_TEST_CASE(send_recv_ring_step_host_and_staged) {
+  const int n = world().size(), r = world().rank();
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  const auto fr = static_cast<float>(r), fp = static_cast<float>(prev);
+  std::vector<float> out{fr + 0.5f, -(fr + 1.0f)}, in(2, -7.0f);
+  world().send_recv(std::span<const float>(out), next, std::span<float>(in), prev);
+  BOOST_TEST((in == std::vector<float>{fp + 0.5f, -(fp + 1.0f)}));
+  const std::int32_t iout = 3 * r + 1;
+  std::int32_t iin = -1;
+  world().isend_recv(std::span<const std::int32_t>(&iout, 1), next, std::span<std::int32_t>(&iin, 1), prev).wait();
+  BOOST_TEST(iin == 3 * prev + 1);
+  // Chain 0 -> 1 -> ... -> n-1: rank 0 only sends, rank n-1 only receives.
+  const std::int64_t cv = 100 + r;
+  std::int64_t got = -1;
+  const bool sends = r + 1 < n, receives = r > 0;
+  world().send_recv(std::span<const std::int64_t>(&cv, sends ? 1 : 0), sends ? r + 1 : -1,
+                    std::span<std::int64_t>(&got, receives ? 1 : 0), receives ? r - 1 : -1);
+  BOOST_TEST(got == (receives ? 100 + r - 1 : -1));
+
+  dd::StagedCommunicator staged(sim(), world());
+  Dev dev;
+  const TensorView sa = dev.put(std::vector<float>{fr + 0.25f, fr * 2}), ra = dev.put(2, DType::f32);
+  const TensorView sb = dev.put(std::vector<std::int32_t>{r, -r, 0x01020304}), rb = dev.put(3, DType::i32);
+  auto bytes = [](const TensorView& t) { return std::span<std::byte>(static_cast<std::byte*>(t.data), t.bytes()); };
+  dd::Request qa = staged.isend_recv(std::span<const float>(dspan<float>(sa)), next, dspan<float>(ra), prev);
+  dd::Request qb = staged.isend_recv(std::span<const std::byte>(bytes(sb)), next, bytes(rb), prev);
+  qb.wait();
+  qa.wait();
+  BOOST_TEST((dsrsq::to_host<float>(sim(), ra) == std::vector<float>{fp + 0.25f, fp * 2}));
+  BOOST_TEST((dsrsq::to_host<std::int32_t>(sim(), rb) == std::vector<std::int32_t>{prev, -prev, 0x01020304}));
+
+  BOOST_TEST(has(ref::error_of([&] { world().send_recv(std::span<const float>(out), n, std::span<float>(in), prev); }),
+                 "outside [-1, "));
+  BOOST_TEST(has(ref::error_of([&] { staged.send_recv(std::span<const float>(dspan<float>(sa)), -1, dspan<float>(ra), prev); }),
+                 "no destination but 2 elements to send"));
 }

@@ -16,6 +16,10 @@
 //    compute the same function and differ only in the order of additions
 //    (blockwise softmax merges, dk/dv summed in ring order).
 //    B = 1, 2; NH = 2; HS = 8; T = 16, 32; causal, plus one non-causal run.
+//  - the same ring on device buffers: the simulated device's (poisoned
+//    pointers: a host read faults) with StagedCommunicator on the sp ring
+//    equals the CPU ring bit for bit (o, lse, dq, dk, dv; f32, as CUDA); a
+//    communicator on another device than the tensors is refused by name.
 #define BOOST_TEST_MODULE dsrsq_mpi_ring
 #include <boost/test/unit_test.hpp>
 
@@ -24,14 +28,19 @@
 #include <limits>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "backend/sim/sim_backend.hpp"
+#include "common/errors.hpp"
+#include "core/arena.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "dist/communicator.hpp"
 #include "dist/grid.hpp"
 #include "dist/ring_attention.hpp"
+#include "dist/staged_communicator.hpp"
 
 namespace dd = dsrsq::dist;
 using dsrsq::Shape;
@@ -111,11 +120,77 @@ std::vector<F> gather_lse(dd::Communicator& comm, const std::vector<F>& mine, in
   return full;
 }
 
+// One rank's zigzag shard of a (B, T, NH, HS) problem, on the host.
+template <class F>
+struct Shard {
+  int B = 0, Tl = 0, NH = 0, HS = 0;
+  bool causal = true;
+  std::vector<F> q, k, v, dout;
+  std::vector<std::int32_t> pos;  // (B, Tl) global positions
+};
+
+template <class F>
+Shard<F> shard_of(const std::vector<F>& q, const std::vector<F>& k, const std::vector<F>& v,
+                  const std::vector<F>& dout, int B, int T, int NH, int HS, int P, int r, bool causal) {
+  const int row = NH * HS;
+  const auto pos = dd::zigzag_shard(T, P, r);
+  Shard<F> s{B, T / P, NH, HS, causal, take_rows(q, B, T, row, pos), take_rows(k, B, T, row, pos),
+             take_rows(v, B, T, row, pos), take_rows(dout, B, T, row, pos), {}};
+  s.pos.resize(static_cast<std::size_t>(B) * s.Tl);
+  for (int b = 0; b < B; ++b) std::copy(pos.begin(), pos.end(), s.pos.begin() + static_cast<std::ptrdiff_t>(b) * s.Tl);
+  return s;
+}
+
+// The ring's results on this rank, read back to the host: o, lse, dq, dk, dv.
+template <class F>
+using RingOut = std::tuple<std::vector<F>, std::vector<F>, std::vector<F>, std::vector<F>, std::vector<F>>;
+
+// ring_attention_fwd then _bwd on `be`'s device with `comm` (which must take
+// buffers there): the shard goes into backend memory through from_host, the
+// results come back through to_host (on sim a host read of the device
+// tensors would fault). o and lse start as 7 (the forward must overwrite
+// them), dq, dk, dv as 0.
+template <class F>
+RingOut<F> run_ring(dsrsq::Backend& be, dd::Communicator& comm, const Shard<F>& in) {
+  const Shape ls{in.B, in.Tl, in.NH, in.HS}, lse_shape{in.B, in.NH, in.Tl};
+  const auto dt = dsrsq::dtype_of<F>();
+  dsrsq::Arena arena("ring-test", 1 << 20, be.allocator());
+  auto put = [&](const std::vector<F>& h) {
+    TensorView t = arena.allocate(ls, dt);
+    dsrsq::from_host<F>(be, h, t);
+    return t;
+  };
+  auto filled = [&](const Shape& s, double value) {
+    TensorView t = arena.allocate(s, dt);
+    be.fill(t, value);
+    return t;
+  };
+  const TensorView lp = arena.allocate(Shape{in.B, in.Tl}, dsrsq::DType::i32);
+  dsrsq::from_host<std::int32_t>(be, in.pos, lp);
+  dsrsq::AttentionArgs a{put(in.q), put(in.k), put(in.v), filled(ls, 7), filled(lse_shape, 7), lp, lp, in.causal};
+  dd::ring_attention_fwd(be, comm, a);
+  dsrsq::AttentionGradArgs g;
+  g.dout = put(in.dout);
+  g.q = a.q;
+  g.k = a.k;
+  g.v = a.v;
+  g.o = a.o;
+  g.lse = a.lse;
+  g.q_pos = g.k_pos = lp;
+  g.dq = filled(ls, 0);
+  g.dk = filled(ls, 0);
+  g.dv = filled(ls, 0);
+  g.causal = in.causal;
+  dd::ring_attention_bwd(be, comm, g);
+  return {dsrsq::to_host<F>(be, a.o), dsrsq::to_host<F>(be, a.lse), dsrsq::to_host<F>(be, g.dq),
+          dsrsq::to_host<F>(be, g.dk), dsrsq::to_host<F>(be, g.dv)};
+}
+
 template <class F>
 void check_ring(dd::MpiCommunicator& sp, int B, int T, bool causal) {
   auto& be = dsrsq::cpu_backend();
   const int P = sp.size(), r = sp.rank();
-  const int NH = 2, HS = 8, row = NH * HS, Tl = T / P;
+  const int NH = 2, HS = 8, row = NH * HS;
   // Tolerance. Both paths compute the same attention; they differ only in the
   // order of additions, so each is within first-order forward error of the
   // exact result (u = 2^-24 in f32, 2^-53 in f64; kappa = 1 for the L2 error
@@ -162,32 +237,9 @@ void check_ring(dd::MpiCommunicator& sp, int B, int T, bool causal) {
     be.attention_bwd(g);
 
     // Ring on the zigzag shard.
-    const auto pos = dd::zigzag_shard(T, P, r);
-    std::vector<std::int32_t> lpos(static_cast<std::size_t>(B) * Tl);
-    for (int b = 0; b < B; ++b) std::copy(pos.begin(), pos.end(), lpos.begin() + static_cast<std::ptrdiff_t>(b) * Tl);
-    const auto lq = take_rows(q, B, T, row, pos), lk = take_rows(k, B, T, row, pos), lv = take_rows(v, B, T, row, pos),
-               ldout = take_rows(dout, B, T, row, pos);
-    const std::size_t nl = lq.size();
-    std::vector<F> lo(nl, F(7)), llse(static_cast<std::size_t>(B) * NH * Tl, F(7)), ldq(nl, 0), ldk(nl, 0),
-        ldv(nl, 0);
-    const Shape ls{B, Tl, NH, HS};
-    const TensorView lp(lpos.data(), Shape{B, Tl});
-    dsrsq::AttentionArgs a{TensorView(lq.data(), ls), TensorView(lk.data(), ls), TensorView(lv.data(), ls),
-                           TensorView(lo.data(), ls), TensorView(llse.data(), Shape{B, NH, Tl}), lp, lp, causal};
-    dd::ring_attention_fwd(be, sp, a);
-    dsrsq::AttentionGradArgs lg;
-    lg.dout = TensorView(ldout.data(), ls);
-    lg.q = a.q;
-    lg.k = a.k;
-    lg.v = a.v;
-    lg.o = a.o;
-    lg.lse = a.lse;
-    lg.q_pos = lg.k_pos = lp;
-    lg.dq = TensorView(ldq.data(), ls);
-    lg.dk = TensorView(ldk.data(), ls);
-    lg.dv = TensorView(ldv.data(), ls);
-    lg.causal = causal;
-    dd::ring_attention_bwd(be, sp, lg);
+    const Shard<F> in = shard_of(q, k, v, dout, B, T, NH, HS, P, r, causal);
+    const RingOut<F> out = run_ring(be, sp, in);
+    const auto& [lo, llse, ldq, ldk, ldv] = out;
 
     const auto o = gather_rows(sp, lo, B, T, row);
     const auto lse = gather_lse(sp, llse, B, NH, T);
@@ -299,4 +351,58 @@ BOOST_AUTO_TEST_CASE(ring_equals_full_attention_f32) {
   for (int B : {1, 2})
     for (int T : {16, 32}) check_ring<float>(grid.sp_comm(), B, T, true);
   check_ring<float>(grid.sp_comm(), 2, 16, false);
+}
+
+// Ring attention on device buffers: the simulated device (poisoned pointers,
+// so a host read of a travelling block, a position or a partial would fault)
+// with StagedCommunicator on the sp ring gives the CPU ring's results bit for
+// bit, forward and backward (the same ops in the same order on the same
+// values; only the buffers' home differs). f32: sim keeps CUDA's limits, and
+// CUDA's attention kernels take f32 only.
+void check_ring_sim_equals_cpu(dd::MpiCommunicator& sp, int B, int T, bool causal) {
+  using F = float;
+  const int NH = 2, HS = 8, P = sp.size();
+  BOOST_TEST_CONTEXT("B=" << B << " T=" << T << " P=" << P << " causal=" << causal) {
+    dsrsq::Rng rng(2000 + 10 * B + T + (causal ? 0 : 7));
+    const std::size_t n = static_cast<std::size_t>(B) * T * NH * HS;
+    const auto q = randn<F>(rng, n), k = randn<F>(rng, n), v = randn<F>(rng, n), dout = randn<F>(rng, n);
+    const Shard<F> in = shard_of(q, k, v, dout, B, T, NH, HS, P, sp.rank(), causal);
+    dsrsq::Backend& sim = dsrsq::sim::sim_backend();
+    dd::StagedCommunicator staged(sim, sp);
+    const RingOut<F> on_cpu = run_ring(dsrsq::cpu_backend(), sp, in);
+    const RingOut<F> on_sim = run_ring(sim, staged, in);
+    auto bits = [](const std::vector<F>& x) {
+      return std::vector<unsigned char>(reinterpret_cast<const unsigned char*>(x.data()),
+                                        reinterpret_cast<const unsigned char*>(x.data() + x.size()));
+    };
+    BOOST_TEST(bits(std::get<0>(on_sim)) == bits(std::get<0>(on_cpu)), "o");
+    BOOST_TEST(bits(std::get<1>(on_sim)) == bits(std::get<1>(on_cpu)), "lse");
+    BOOST_TEST(bits(std::get<2>(on_sim)) == bits(std::get<2>(on_cpu)), "dq");
+    BOOST_TEST(bits(std::get<3>(on_sim)) == bits(std::get<3>(on_cpu)), "dk");
+    BOOST_TEST(bits(std::get<4>(on_sim)) == bits(std::get<4>(on_cpu)), "dv");
+  }
+}
+
+BOOST_AUTO_TEST_CASE(ring_on_sim_equals_ring_on_cpu) {
+  dd::ProcessGrid grid(MPI_COMM_WORLD, 1, world_size(), 60.0);
+  for (int B : {1, 2})
+    for (int T : {16, 32}) check_ring_sim_equals_cpu(grid.sp_comm(), B, T, true);
+  check_ring_sim_equals_cpu(grid.sp_comm(), 2, 16, false);
+}
+
+// Device tensors with a host communicator (or host tensors with a device
+// one) are refused by name before any exchange starts.
+BOOST_AUTO_TEST_CASE(ring_refuses_a_communicator_on_another_device) {
+  dd::ProcessGrid grid(MPI_COMM_WORLD, 1, world_size(), 60.0);
+  const int P = grid.sp(), B = 1, T = 4 * P, NH = 1, HS = 2;
+  dsrsq::Rng rng(5);
+  const std::size_t n = static_cast<std::size_t>(B) * T * NH * HS;
+  const auto x = randn<float>(rng, n);
+  const Shard<float> in = shard_of(x, x, x, x, B, T, NH, HS, P, grid.sp_rank(), true);
+  dsrsq::Backend& sim = dsrsq::sim::sim_backend();
+  dd::StagedCommunicator staged(sim, grid.sp_comm());
+  const std::string m1 = ref::error_of([&] { run_ring(sim, grid.sp_comm(), in); });
+  BOOST_TEST(m1.find("communicator 'sp' takes cpu buffers but the tensors live on sim") != std::string::npos, m1);
+  const std::string m2 = ref::error_of([&] { run_ring(dsrsq::cpu_backend(), staged, in); });
+  BOOST_TEST(m2.find("communicator 'sp' takes sim buffers but the tensors live on cpu") != std::string::npos, m2);
 }
