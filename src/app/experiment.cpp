@@ -846,7 +846,8 @@ int run_experiment(const Options& opt, int rank, int world) {
 
     if (opt.command != "eval") {
       std::int64_t steps = 0;
-      const std::int64_t done = train(opt, model, tm, adam, ext, data, *tok, grid.get(), tensors, sp_tensors, sink, start, steps);
+      const std::int64_t done =
+          train(opt, model, tm, adam, ext, data, *tok, grid.get(), tensors, sp_tensors, sink, start, steps);
       if (done < steps) {
         std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                     static_cast<long long>(done), static_cast<long long>(steps));

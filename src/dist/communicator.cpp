@@ -312,12 +312,13 @@ Request MpiCommunicator::isend_recv_impl(const void* send, std::size_t send_coun
   // non-overtaking rule), which the interface asks of its callers.
   constexpr int kTag = 0x7A11;
   std::vector<MPI_Request> reqs(2, MPI_REQUEST_NULL);  // [receive, send]
-  if (src >= 0)
-    DSRSQ_MPI_CHECK(MPI_Irecv(recv, checked_count(recv_count, "send_recv"), mpi_type(type), src, kTag, comm_, &reqs[0]));
+  const MPI_Datatype t = mpi_type(type);
+  if (src >= 0) DSRSQ_MPI_CHECK(MPI_Irecv(recv, checked_count(recv_count, "send_recv"), t, src, kTag, comm_, &reqs[0]));
   if (dest >= 0)
-    DSRSQ_MPI_CHECK(
-        MPI_Isend(send, checked_count(send_count, "send_recv"), mpi_type(type), dest, kTag, comm_, &reqs[1]));
-  auto who = [&](int r) { return r < 0 ? std::string("nobody") : detail::cat("rank ", r, " (world rank ", world_rank_of(r), ")"); };
+    DSRSQ_MPI_CHECK(MPI_Isend(send, checked_count(send_count, "send_recv"), t, dest, kTag, comm_, &reqs[1]));
+  auto who = [&](int r) {
+    return r < 0 ? std::string("nobody") : detail::cat("rank ", r, " (world rank ", world_rank_of(r), ")");
+  };
   MpiRequest::Ring ring{who(src), who(dest)};
   return Request(std::make_unique<MpiRequest>(
       std::move(reqs),

@@ -31,10 +31,11 @@ std::vector<std::int32_t> zigzag_shard(std::int64_t T, int P, int r) {
 namespace {
 
 // Every tensor on the backend's device, and a communicator that takes buffers there.
-void require_device(const char* op, Backend& be, const Communicator* comm, std::initializer_list<const TensorView*> ts) {
+void require_device(const char* op, Backend& be, const Communicator* comm,
+                    std::initializer_list<const TensorView*> ts) {
   for (const TensorView* t : ts)
-    DSRSQ_REQUIRE(t->empty() || t->device == be.device(), op, ": tensor ", t->str(), " is not on the backend's device (",
-                  device_name(be.device()), ")");
+    DSRSQ_REQUIRE(t->empty() || t->device == be.device(), op, ": tensor ", t->str(),
+                  " is not on the backend's device (", device_name(be.device()), ")");
   if (comm)
     DSRSQ_REQUIRE(comm->buffer_device() == be.device(), op, ": communicator '", comm->name(), "' takes ",
                   device_name(comm->buffer_device()), " buffers but the tensors live on ", device_name(be.device()),
@@ -62,11 +63,13 @@ Block make_block(Backend& be, Arena& arena, const TensorView& k, const TensorVie
   return b;
 }
 
-// Scratch for two blocks (and the forward's partial o_b, lse_b) in one chunk.
+// Scratch for two blocks (and `extra` bytes: the forward's partial o_b, lse_b)
+// in one chunk of the backend's memory: at most 12 tensors, each rounded up
+// to the arena's 64-byte alignment.
 Arena block_arena(Backend& be, const TensorView& k, const TensorView& v, const TensorView& k_pos, bool with_grads,
                   std::size_t extra) {
   const std::size_t per_block = (with_grads ? 2 : 1) * (k.bytes() + v.bytes()) + k_pos.bytes();
-  return Arena("ring attention blocks", 2 * per_block + extra + 8 * 256, be.allocator());
+  return Arena("ring attention blocks", 2 * per_block + extra + 12 * 64, be.allocator());
 }
 
 // send -> rank `to`, recv <- rank `from`: the tensor's bytes (device pointers
@@ -99,7 +102,8 @@ void wait_all(std::vector<Request>& reqs, const std::string& what) {
 
 }  // namespace
 
-void merge_attention_partial(TensorView o, TensorView lse, const TensorView& o_b, const TensorView& lse_b, Backend& be) {
+void merge_attention_partial(TensorView o, TensorView lse, const TensorView& o_b, const TensorView& lse_b,
+                             Backend& be) {
   const char* op = "merge_attention_partial";
   DSRSQ_REQUIRE(o.shape.rank == 4, op, ": o must be (B, T, NH, HS), got ", o.str());
   const std::int64_t B = o.shape[0], T = o.shape[1], NH = o.shape[2];
