@@ -64,6 +64,17 @@ dd::MpiCommunicator& world() {
 bool message_has_text(const std::string& m, const std::string& s) { return m.find(s) != std::string::npos; }
 bool message_has(const std::exception& e, const std::string& s) { return message_has_text(e.what(), s); }
 
+// The timeout tests' communicator: a duplicate of the world, 0.2 s timeout.
+MPI_Comm dup_world() {
+  MPI_Comm dup = MPI_COMM_NULL;
+  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  return dup;
+}
+struct LateComm {
+  dsrsq::mpi::Comm owned{dup_world()};
+  dd::MpiCommunicator c{owned.get(), "late", 0.2};
+};
+
 // The timeout tests' hand-over on MPI_COMM_WORLD: rank 1 waits (at most 30 s)
 // until rank 0 says "timed out" (send_go), then joins the operation rank 0
 // timed out on.
@@ -185,10 +196,8 @@ BOOST_AUTO_TEST_CASE(all_gather_and_broadcast) {
 // and the test fails instead of hanging.
 BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
   if (world().size() < 2) return;
-  MPI_Comm dup = MPI_COMM_NULL;
-  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
-  dsrsq::mpi::Comm owned(dup);
-  dd::MpiCommunicator c(owned.get(), "late", 0.2);
+  LateComm late;
+  dd::MpiCommunicator& c = late.c;
   std::vector<float> x(10, 1.0f);
   if (c.rank() == 1) wait_for_go();  // at most 30 s for rank 0's "timed out" before joining
   dd::Request req = c.iall_reduce_sum(std::span<float>(x));
@@ -223,10 +232,8 @@ BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
 // names the peer (ranks >= 2 take no part).
 BOOST_AUTO_TEST_CASE(send_recv_timeout_names_the_silent_peer) {
   if (world().size() < 2) return;
-  MPI_Comm dup = MPI_COMM_NULL;
-  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
-  dsrsq::mpi::Comm owned(dup);
-  dd::MpiCommunicator c(owned.get(), "late", 0.2);
+  LateComm late;
+  dd::MpiCommunicator& c = late.c;
   std::vector<float> x{1.5f, 2.5f, 3.5f}, y(3, 0.0f);
   if (c.rank() == 1) {
     wait_for_go();
