@@ -330,7 +330,7 @@ std::map<std::string, std::string> backbone_texts(const Options& opt, bool init_
 // per-rank timings and stop requests. Returns the last completed step + 1.
 std::int64_t train(const Options& opt, Transformer& model, TrainableModel& tm, AdamW& adam, methods::TrainingExtension* ext,
                    const Splits& data, const Tokenizer& tok, dist::ProcessGrid* grid, dist::Communicator* tensors,
-                   ResultsSink& sink, std::int64_t start, std::int64_t& total_steps) {
+                   dist::Communicator* sp_tensors, ResultsSink& sink, std::int64_t start, std::int64_t& total_steps) {
   const int world = grid ? grid->world().size() : 1;
   TrainConfig tc;
   std::int64_t per_epoch = 0;
@@ -367,7 +367,9 @@ std::int64_t train(const Options& opt, Transformer& model, TrainableModel& tm, A
     dp.world = &grid->world();
     if (opt.sp > 1) {
       dp.sp_comm = &grid->sp_comm();
-      ring = std::make_unique<dist::RingAttention>(model.backend(), grid->sp_comm());
+      // K/V blocks travel on the communicator that takes the model's buffers
+      // (`sp_tensors`: the host sp communicator on the CPU, a device one on a device).
+      ring = std::make_unique<dist::RingAttention>(model.backend(), *sp_tensors);
       model.attention_override = ring.get();
     }
     dp.reduce_gradients = [&] { reducer->finish(); };
@@ -487,23 +489,24 @@ void choose_rank_gpu(dist::MpiCommunicator& world) {
 #endif
 }
 
-// The world communicator on the backend's device buffers, or nullptr on the
-// CPU (the host world takes host buffers as they are). CUDA with NCCL:
+// The host communicator `host` (the world, or the sp ring) on the backend's
+// device buffers, or nullptr on the CPU (a host communicator takes host
+// buffers as they are). A collective over `host`. CUDA with NCCL:
 // NcclCommunicator on the backend's GPU, ordered after the backend's stream,
 // checked by its launch self-test. sim, and CUDA without NCCL:
-// StagedCommunicator (host copies through the backend, MPI on the host world).
-std::unique_ptr<dist::Communicator> device_communicator(Backend& be, dist::MpiCommunicator& world) {
+// StagedCommunicator (host copies through the backend, MPI on `host`).
+std::unique_ptr<dist::Communicator> device_communicator(Backend& be, dist::MpiCommunicator& host) {
   if (be.device() == Device::cpu) return nullptr;
 #ifdef DSRSQ_HAVE_NCCL
   if (be.device() == Device::cuda) {
     auto& gpu = static_cast<cuda::CudaBackend&>(be);
-    auto nccl = std::make_unique<dist::NcclCommunicator>(world, gpu.device_index());
+    auto nccl = std::make_unique<dist::NcclCommunicator>(host, gpu.device_index());
     nccl->set_producer_stream(gpu.stream());
     dist::nccl_self_test(*nccl);
     return nccl;
   }
 #endif
-  return std::make_unique<dist::StagedCommunicator>(be, world);
+  return std::make_unique<dist::StagedCommunicator>(be, host);
 }
 
 // The backend of --device (options.cpp has checked the methods and the grid).
@@ -691,6 +694,10 @@ int run_experiment(const Options& opt, int rank, int world) {
   // broadcasts): the host world itself on the CPU.
   std::unique_ptr<dist::Communicator> device_world = grid ? device_communicator(be, grid->world()) : nullptr;
   dist::Communicator* tensors = device_world ? device_world.get() : grid ? &grid->world() : nullptr;
+  // The sp communicator on the backend's buffers (ring attention's exchanges), likewise.
+  std::unique_ptr<dist::Communicator> device_sp =
+      grid && opt.sp > 1 ? device_communicator(be, grid->sp_comm()) : nullptr;
+  dist::Communicator* sp_tensors = device_sp ? device_sp.get() : grid && opt.sp > 1 ? &grid->sp_comm() : nullptr;
 
   auto tok = make_tokenizer(opt.tokenizer, opt.tokenizer_model);
   ModelConfig mc;
@@ -839,7 +846,8 @@ int run_experiment(const Options& opt, int rank, int world) {
 
     if (opt.command != "eval") {
       std::int64_t steps = 0;
-      const std::int64_t done = train(opt, model, tm, adam, ext, data, *tok, grid.get(), tensors, sink, start, steps);
+      const std::int64_t done =
+          train(opt, model, tm, adam, ext, data, *tok, grid.get(), tensors, sp_tensors, sink, start, steps);
       if (done < steps) {
         std::printf("dsrsq: stopped at step %lld of %lld; rerun the same command to resume\n",
                     static_cast<long long>(done), static_cast<long long>(steps));

@@ -62,7 +62,7 @@ po::options_description describe(Options& o) {
     ("output_dir", po::value(&o.output_dir)->default_value(o.output_dir), "where run directories are created")
     ("run_name", po::value(&o.run_name), "run directory name (default <model>_<dataset>)")
     ("seed", po::value<std::string>()->default_value(std::to_string(o.seed)), "seed of data, initialisation and sampling (an integer in [0, 2^64))")
-    ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda | sim. cuda: the CUDA backend (compiled, never yet run on a GPU), for the device-ready methods only (README 'GPU'); with --dp N under mpirun -np N, one GPU per rank (the node-local rank picks it) and the gradients all-reduced on the GPUs by NCCL (host-staged over MPI when the build has no NCCL); --sp 1 only. sim: the CPU backend behind the device boundary: every host read of a device tensor raises; for checking the device paths on machines without a GPU (same rules as cuda; --dp stages the device buffers through host copies over MPI)")
+    ("device", po::value(&o.device)->default_value(o.device), "cpu | cuda | sim. cuda: the CUDA backend (compiled, never yet run on a GPU), for the device-ready methods only (README 'GPU'); with --dp/--sp under mpirun, one GPU per rank (the node-local rank picks it), the gradients all-reduced and ring attention's K/V blocks exchanged on the GPUs by NCCL (host-staged over MPI when the build has no NCCL; both compiled, never yet run on a GPU). sim: the CPU backend behind the device boundary: every host read of a device tensor raises; for checking the device paths on machines without a GPU (same rules as cuda; --dp and --sp stage the device buffers through host copies over MPI and equal --device cpu bit for bit)")
     ("threads", po::value(&o.threads)->default_value(o.threads), "OpenMP threads (0: OMP_NUM_THREADS or all cores)");
   po::options_description model("Model");
   model.add_options()
@@ -123,7 +123,7 @@ po::options_description describe(Options& o) {
   po::options_description par("Parallel");
   par.add_options()
     ("dp", po::value(&o.dp)->default_value(o.dp), "data-parallel ranks (mpirun -np N; also with --device cuda|sim)")
-    ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks (ring attention; --device cpu only)")
+    ("sp", po::value(&o.sp)->default_value(o.sp), "sequence-parallel ranks (ring attention; also with --device sim, and cuda: compiled, never yet run on a GPU)")
     ("comm_timeout", po::value(&o.comm_timeout)->default_value(o.comm_timeout, shortest(o.comm_timeout)), "seconds a collective may wait before the job aborts");
   po::options_description all("dsrsq options");
   all.add(general).add(model).add(data).add(train).add(eval).add(par);
@@ -218,12 +218,9 @@ void validate(const Options& o) {
     // training and evaluation were checked on sim to read no device tensor on
     // the host (MethodInfo::device_ready). Data parallelism (--dp) reduces the
     // device gradients through a device communicator (NCCL on CUDA builds
-    // with NCCL, else host staging: experiment.cpp device_communicator);
-    // sequence parallelism's ring attention exchanges K/V blocks through
-    // MPI on host buffers, which device tensors cannot be handed to.
-    DSRSQ_INPUT_CHECK(o.sp == 1, "option --sp ", o.sp, " with --device ", o.device,
-                      ": ring attention on device buffers is not wired (its K/V exchange takes host buffers over "
-                      "MPI); use --sp 1 (--dp works on a device), or --device cpu");
+    // with NCCL, else host staging: experiment.cpp device_communicator), and
+    // sequence parallelism (--sp) exchanges ring attention's K/V blocks
+    // through a device communicator on the sp ring the same way.
     auto note = [](const methods::MethodInfo& m) {
       return m.device_note.empty() ? std::string() : std::string(m.device_note) + "; ";
     };

@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -82,27 +84,36 @@ int checked_count(std::size_t n, const char* op) {
   return static_cast<int>(n);
 }
 
-// A pending MPI request. wait() polls MPI_Test until a deadline: a plain
-// MPI_Wait would block forever on a peer that died without taking the job down.
+// A pending MPI operation: one request (a collective), or a receive and a
+// send (send_recv: reqs[0] receives from rank `from`, reqs[1] sends to rank
+// `to`; an omitted side is MPI_REQUEST_NULL). wait() polls MPI_Test until a
+// deadline: a plain MPI_Wait would block forever on a peer that died without
+// taking the job down.
 class MpiRequest final : public Request::Impl {
  public:
-  MpiRequest(MPI_Request req, std::string what, double timeout, int world_rank, int rank, int size, std::string comm,
-             const std::string& peers)
-      : req_(req), what_(std::move(what)), timeout_(timeout), world_rank_(world_rank), rank_(rank), size_(size),
-        comm_(std::move(comm)), peers_(peers) {}
+  struct Ring {  // send_recv's peers, for the timeout message
+    std::string from, to;  // "rank 1 (world rank 3)"
+  };
+  MpiRequest(std::vector<MPI_Request> reqs, std::string what, double timeout, int world_rank, int rank, int size,
+             std::string comm, const std::string& peers, std::optional<Ring> ring = std::nullopt)
+      : reqs_(std::move(reqs)), what_(std::move(what)), timeout_(timeout), world_rank_(world_rank), rank_(rank),
+        size_(size), comm_(std::move(comm)), peers_(peers), ring_(std::move(ring)) {}
   ~MpiRequest() override {
-    if (req_ == MPI_REQUEST_NULL) return;
-    int flag = 0;
-    MPI_Test(&req_, &flag, MPI_STATUS_IGNORE);
+    bool pending = false;
+    for (MPI_Request& r : reqs_) {
+      if (r == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
+      pending = pending || !flag;
+    }
     // Still pending: MPI may write into the buffer later, so the request is
     // left alone (leaked) rather than freed; this only happens on error paths
     // that end in MPI_Abort.
-    if (!flag) std::fprintf(stderr, "dsrsq: world rank %d dropped a pending %s\n", world_rank_, what_.c_str());
+    if (pending) std::fprintf(stderr, "dsrsq: world rank %d dropped a pending %s\n", world_rank_, what_.c_str());
   }
   bool test() override {
-    if (req_ == MPI_REQUEST_NULL) return true;
     int flag = 0;
-    DSRSQ_MPI_CHECK(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE));
+    DSRSQ_MPI_CHECK(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &flag, MPI_STATUSES_IGNORE));
     return flag != 0;
   }
   void wait() override {
@@ -122,7 +133,7 @@ class MpiRequest final : public Request::Impl {
         throw Error(detail::cat(error_context(), "communication timeout: world rank ", world_rank_, " (rank ", rank_,
                                 " of ", size_, " in communicator '", comm_, "') waited ", waited, " s (limit ",
                                 timeout_, " s, --comm_timeout) for ", what_,
-                                " to complete; a peer rank has probably died or stalled: ", peers_));
+                                " to complete; a peer rank has probably died or stalled: ", peers_text()));
       }
       if (clock::now() < spin_until) {
         sched_yield();
@@ -134,11 +145,25 @@ class MpiRequest final : public Request::Impl {
   }
 
  private:
-  MPI_Request req_;
+  // Collectives: the communicator's text. send_recv: which side is still pending.
+  std::string peers_text() {
+    if (!ring_) return peers_;
+    std::string text;
+    for (std::size_t i = 0; i < reqs_.size(); ++i) {
+      int done = 1;
+      if (reqs_[i] != MPI_REQUEST_NULL) DSRSQ_MPI_CHECK(MPI_Test(&reqs_[i], &done, MPI_STATUS_IGNORE));
+      if (done) continue;
+      text += i == 0 ? detail::cat(text.empty() ? "" : "; ", "nothing arrived from ", ring_->from)
+                     : detail::cat(text.empty() ? "" : "; ", ring_->to, " did not take what this rank sent");
+    }
+    return text.empty() ? "every transfer completed at the deadline" : text;
+  }
+  std::vector<MPI_Request> reqs_;
   std::string what_;
   double timeout_;
   int world_rank_, rank_, size_;
   std::string comm_, peers_;
+  std::optional<Ring> ring_;
 };
 
 }  // namespace
@@ -194,6 +219,18 @@ void Communicator::broadcast(std::span<std::int64_t> x, int root) {
 }
 void Communicator::broadcast(std::span<std::byte> x, int root) { ibroadcast_impl(x.data(), x.size(), Scalar::byte, root).wait(); }
 
+Request Communicator::send_recv_checked(const void* send, std::size_t send_count, int dest, void* recv,
+                                        std::size_t recv_count, int src, Scalar type) {
+  DSRSQ_REQUIRE(dest >= -1 && dest < size() && src >= -1 && src < size(), "send_recv on '", name(), "': dest ", dest,
+                " / src ", src, " outside [-1, ", size(), ")");
+  DSRSQ_REQUIRE(dest >= 0 || send_count == 0, "send_recv on '", name(), "': no destination but ", send_count,
+                " elements to send");
+  DSRSQ_REQUIRE(src >= 0 || recv_count == 0, "send_recv on '", name(), "': no source but room for ", recv_count,
+                " elements");
+  if (dest < 0 && src < 0) return Request();
+  return isend_recv_impl(send, send_count, dest, recv, recv_count, src, type);
+}
+
 // ---- MpiCommunicator --------------------------------------------------------
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds)
@@ -237,7 +274,8 @@ void MpiCommunicator::set_timeout(double seconds) {
 }
 
 Request MpiCommunicator::make_request(MPI_Request req, std::string what) {
-  return Request(std::make_unique<MpiRequest>(req, std::move(what), timeout_, world_rank_, rank_, size_, name_, peers_text_));
+  return Request(std::make_unique<MpiRequest>(std::vector<MPI_Request>{req}, std::move(what), timeout_, world_rank_,
+                                              rank_, size_, name_, peers_text_));
 }
 
 Request MpiCommunicator::iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) {
@@ -266,6 +304,27 @@ Request MpiCommunicator::ibarrier() {
   MPI_Request req = MPI_REQUEST_NULL;
   DSRSQ_MPI_CHECK(MPI_Ibarrier(comm_, &req));
   return make_request(req, "barrier");
+}
+
+Request MpiCommunicator::isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv,
+                                         std::size_t recv_count, int src, Scalar type) {
+  // One tag: messages between two ranks match in posting order (MPI's
+  // non-overtaking rule), which the interface asks of its callers.
+  constexpr int kTag = 0x7A11;
+  std::vector<MPI_Request> reqs(2, MPI_REQUEST_NULL);  // [receive, send]
+  const MPI_Datatype t = mpi_type(type);
+  if (src >= 0) DSRSQ_MPI_CHECK(MPI_Irecv(recv, checked_count(recv_count, "send_recv"), t, src, kTag, comm_, &reqs[0]));
+  if (dest >= 0)
+    DSRSQ_MPI_CHECK(MPI_Isend(send, checked_count(send_count, "send_recv"), t, dest, kTag, comm_, &reqs[1]));
+  auto who = [&](int r) {
+    return r < 0 ? std::string("nobody") : detail::cat("rank ", r, " (world rank ", world_rank_of(r), ")");
+  };
+  MpiRequest::Ring ring{who(src), who(dest)};
+  return Request(std::make_unique<MpiRequest>(
+      std::move(reqs),
+      detail::cat("send_recv(", scalar_name(type), ": ", send_count, " to rank ", dest, ", ", recv_count,
+                  " from rank ", src, ")"),
+      timeout_, world_rank_, rank_, size_, name_, peers_text_, std::move(ring)));
 }
 
 // ---- launch checks ----------------------------------------------------------

@@ -93,11 +93,46 @@ class Communicator {
   void broadcast(std::span<std::byte> x, int root);
   void barrier() { ibarrier().wait(); }
 
+  // Point to point, one ring step: send `send` to rank `dest` and receive
+  // `recv` from rank `src`, both posted at once so that neither side can block
+  // the other (sending to and receiving from oneself works). dest < 0 (send
+  // must then be empty) or src < 0 (recv empty) omits that side. The Request
+  // completes when both sides have; `send` must stay unchanged and `recv`
+  // unread until then. Messages between two ranks are matched in the order
+  // they are posted, so every rank posts its exchanges in the same order.
+  Request isend_recv(std::span<const float> send, int dest, std::span<float> recv, int src) {
+    return send_recv_checked(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::f32);
+  }
+  Request isend_recv(std::span<const double> send, int dest, std::span<double> recv, int src) {
+    return send_recv_checked(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::f64);
+  }
+  Request isend_recv(std::span<const std::int32_t> send, int dest, std::span<std::int32_t> recv, int src) {
+    return send_recv_checked(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::i32);
+  }
+  Request isend_recv(std::span<const std::int64_t> send, int dest, std::span<std::int64_t> recv, int src) {
+    return send_recv_checked(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::i64);
+  }
+  Request isend_recv(std::span<const std::byte> send, int dest, std::span<std::byte> recv, int src) {
+    return send_recv_checked(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::byte);
+  }
+  template <class T>
+  void send_recv(std::span<const T> send, int dest, std::span<T> recv, int src) {
+    isend_recv(send, dest, recv, src).wait();
+  }
+
  protected:
   virtual Request iall_reduce_sum_impl(void* buf, std::size_t count, Scalar type) = 0;
   virtual Request iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) = 0;
   virtual Request ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) = 0;
   virtual Request ibarrier() = 0;
+  // dest, src in [-1, size()), an omitted side empty, not both omitted
+  // (checked by the caller).
+  virtual Request isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv,
+                                  std::size_t recv_count, int src, Scalar type) = 0;
+
+ private:
+  Request send_recv_checked(const void* send, std::size_t send_count, int dest, void* recv, std::size_t recv_count,
+                            int src, Scalar type);
 };
 
 // Communicator over an MPI communicator (host buffers). Does not own `comm`
@@ -125,6 +160,8 @@ class MpiCommunicator final : public Communicator {
   Request iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) override;
   Request ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) override;
   Request ibarrier() override;
+  Request isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv, std::size_t recv_count,
+                          int src, Scalar type) override;
 
  private:
   Request make_request(MPI_Request req, std::string what);

@@ -21,9 +21,19 @@
 // steps, where it is added to the rank's dk/dv.
 //
 // Every rank of `comm` must call these with the same shapes (B, T/P, NH, HS),
-// dtype, causal and scale. CPU tensors only (MPI on host buffers). Waits on
-// the ring exchanges have the communicator's timeout and throw dsrsq::Error
-// naming the rank and the step.
+// dtype, causal and scale.
+//
+// Devices: the tensors live on the backend's device and `comm` must take
+// buffers there (comm.buffer_device() == be.device()): MpiCommunicator for
+// the CPU, NcclCommunicator on CUDA with NCCL, StagedCommunicator for sim and
+// CUDA without NCCL. The travelling blocks and the partial (o_b, lse_b) are
+// allocated on the backend, exchanged with Communicator::isend_recv, copied
+// and merged with the backend's ops (copy, attention_merge, axpy): no host
+// read of device data. On the CPU the arithmetic is the same op sequence as
+// on any other backend, so a sim run equals a CPU run bit for bit.
+//
+// Waits on the ring exchanges have the communicator's timeout and throw
+// dsrsq::Error naming the rank, the peer and the step.
 #include <cstdint>
 #include <vector>
 
@@ -45,27 +55,30 @@ std::vector<std::int32_t> zigzag_shard(std::int64_t T, int P, int r);
 //   else w_a = exp(lse - m), w_b = exp(lse_b - m) (0 for a -inf side; the o of
 //   an empty side is never read), lse = m + log(w_a + w_b),
 //   o = (w_a o + w_b o_b) / (w_a + w_b).
-// o, o_b: (B, T, NH, HS); lse, lse_b: (B, NH, T).
-void merge_attention_partial(TensorView o, TensorView lse, const TensorView& o_b, const TensorView& lse_b);
+// o, o_b: (B, T, NH, HS); lse, lse_b: (B, NH, T). The merge is
+// be.attention_merge; all four tensors live on be's device.
+void merge_attention_partial(TensorView o, TensorView lse, const TensorView& o_b, const TensorView& lse_b,
+                             Backend& be = cpu_backend());
 
 // local: the rank's zigzag q, k, v (B, T/P, NH, HS) with their global
 // positions q_pos, k_pos (B, T/P); writes local.o and local.lse (the merged
 // result over the whole sequence). local.causal and local.scale are honoured.
-void ring_attention_fwd(Backend& be, MpiCommunicator& comm, const AttentionArgs& local);
+void ring_attention_fwd(Backend& be, Communicator& comm, const AttentionArgs& local);
 
 // local: as the forward, plus dout, and o, lse from ring_attention_fwd.
 // dq, dk, dv ACCUMULATE (+=) like attention_bwd: dq gets the gradient of the
 // local queries over all keys, dk/dv the gradient of the local keys/values
 // from all queries of the sequence.
-void ring_attention_bwd(Backend& be, MpiCommunicator& comm, const AttentionGradArgs& local);
+void ring_attention_bwd(Backend& be, Communicator& comm, const AttentionGradArgs& local);
 
 // The model's training attention as ring attention over `comm` (sequence
 // parallelism): each rank's batch holds its zigzag shard of every sequence.
+// `comm` takes buffers on the model's device (see the header comment).
 // bytes_sent() counts what this rank sends: per forward (P-1) K/V blocks with
 // their positions, per backward the same plus P dK/dV accumulators.
 class RingAttention : public AttentionOverride {
  public:
-  RingAttention(Backend& be, MpiCommunicator& comm) : be_(be), comm_(comm) {}
+  RingAttention(Backend& be, Communicator& comm) : be_(be), comm_(comm) {}
   void forward(std::int64_t, const AttentionArgs& a) override {
     ring_attention_fwd(be_, comm_, a);
     bytes_ += (comm_.size() - 1) * block_bytes(a.k, a.v, a.k_pos);
@@ -82,7 +95,7 @@ class RingAttention : public AttentionOverride {
     return static_cast<std::int64_t>(k.bytes() + v.bytes() + pos.bytes());
   }
   Backend& be_;
-  MpiCommunicator& comm_;
+  Communicator& comm_;
   std::int64_t bytes_ = 0;
 };
 

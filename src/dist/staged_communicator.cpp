@@ -34,8 +34,10 @@ std::span<T> typed(std::vector<std::byte>& host, std::size_t count) {
   return std::span<T>(reinterpret_cast<T*>(host.data()), count);
 }
 
-// A staged all-reduce in flight: the host collective on `host_`, then (once it
-// completes) the copy back into the device buffer.
+// A staged operation in flight: the host operation on `host_`, then (once it
+// completes) the copy of the staging buffer's first dev_.bytes() bytes back
+// into the device buffer (an all-reduce's whole buffer, a send_recv's receive
+// part; nothing when dev_ is empty).
 class StagedRequest final : public Request::Impl {
  public:
   StagedRequest(Backend& be, TensorView dev, std::unique_ptr<std::vector<std::byte>> host, Request inner)
@@ -59,7 +61,7 @@ class StagedRequest final : public Request::Impl {
  private:
   void copy_back() {
     if (done_) return;
-    be_.copy_from_host(*host_, dev_);
+    if (dev_.numel() > 0) be_.copy_from_host(std::span<const std::byte>(*host_).first(dev_.bytes()), dev_);
     done_ = true;
   }
   Backend& be_;
@@ -134,6 +136,21 @@ Request StagedCommunicator::ibroadcast_impl(void* buf, std::size_t count, Scalar
   }
   be_.copy_from_host(host, dev);
   return Request();
+}
+
+Request StagedCommunicator::isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv,
+                                            std::size_t recv_count, int src, Scalar type) {
+  // Staging buffer: [receive | send]. The send part is copied out now and the
+  // host send_recv posted at once; the receive part goes back to the device
+  // when the Request completes. Bytes on the host: MPI moves them unread.
+  const TensorView dsend = device_view(be_, send, send_count, type, "send_recv");
+  const TensorView drecv = device_view(be_, recv, recv_count, type, "send_recv");
+  auto host = std::make_unique<std::vector<std::byte>>(drecv.bytes() + dsend.bytes());
+  const std::span<std::byte> hrecv = std::span<std::byte>(*host).first(drecv.bytes());
+  const std::span<std::byte> hsend = std::span<std::byte>(*host).subspan(drecv.bytes());
+  if (send_count > 0) be_.copy_to_host(dsend, hsend);
+  Request inner = host_.isend_recv(std::span<const std::byte>(hsend), dest, hrecv, src);
+  return Request(std::make_unique<StagedRequest>(be_, drecv, std::move(host), std::move(inner)));
 }
 
 Request StagedCommunicator::ibarrier() {

@@ -14,16 +14,20 @@
 // Overlap: iall_reduce_sum copies the buffer out and starts the host
 // all-reduce at once; the copy back happens when the Request completes
 // (test() or wait()), so the gradient buckets still travel while backward
-// goes on. Each Request owns its staging buffer. all_gather and broadcast are
-// blocking (the data-parallel code calls only the blocking forms).
+// goes on. Each Request owns its staging buffer. isend_recv (ring attention's
+// exchanges) likewise copies the send buffer out and posts the host send_recv
+// at once; the received bytes go back to the device when the Request
+// completes. all_gather and broadcast are blocking (the data-parallel code
+// calls only the blocking forms).
 //
 // all_reduce_avg (hiding the base version, which would scale device memory on
 // the host) scales the staged copy on the host exactly as
 // Communicator::all_reduce_avg does, then sums.
 //
 // Element types: f32, f64, i64 (copied as 8-byte elements) and i32; byte
-// buffers only in whole multiples of 4 bytes (the backend's copies take whole
-// f32/i32 elements); anything else raises dsrsq::Error naming the operation.
+// buffers (broadcast, send_recv) only in whole multiples of 4 bytes (the
+// backend's copies take whole f32/i32 elements); anything else raises
+// dsrsq::Error naming the operation.
 #include <cstddef>
 #include <span>
 #include <string>
@@ -55,6 +59,8 @@ class StagedCommunicator final : public Communicator {
   Request iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) override;
   Request ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) override;
   Request ibarrier() override;
+  Request isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv, std::size_t recv_count,
+                          int src, Scalar type) override;
 
  private:
   Backend& be_;

@@ -1,9 +1,10 @@
 """End-to-end: the simulated device (--device sim, src/backend/sim), and the same check on a GPU
 (DSRSQ_DEVICE_UNDER_TEST=cuda, run by scripts/gpu_check.sh; skipped when no GPU answers). Every device-ready method trains (when it is
 trainable) and evaluates on sim with the same results as on the CPU, and a method that is not device-ready is
-refused by name; mpirun -np 2 --dp 2 on the device equals --device cpu --dp 2 (the device communicator: staged over
-MPI on sim, NCCL on CUDA). The device-ready list comes from the binary itself (its refusal message), so a method marked
-device_ready in its MethodInfo is covered here without editing this file.
+refused by name; mpirun --dp 2, --sp 2 and --dp 2 --sp 2 on the device equal the same on --device cpu (the
+device communicator: staged over MPI on sim, NCCL on CUDA; under --sp it carries ring attention's K/V exchanges).
+The device-ready list comes from the binary itself (its refusal message), so a method marked device_ready in its
+MethodInfo is covered here without editing this file.
 
 Why bit-identical: sim runs the CPU backend's own kernels, in the same order, on the same values; it only moves
 host inputs (tokens, positions) into its memory and reads small results back (per-row losses, one logits row per
@@ -210,34 +211,27 @@ def test_not_ready_method_is_refused_by_name(tmp_path, tables):
         assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_device_sequence_parallel_refused(tmp_path):
-    r = run(tmp_path, "--device", "sim", "--methods", "full", "--sp", "2")
-    assert r.returncode == 2, r.stderr
-    assert "option --sp 2 with --device sim: ring attention on device buffers is not wired" in r.stderr, r.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_data_parallel_on_device_matches_cpu(tmp_path, device_present):
-    """mpirun -np 2 --dp 2 on the device equals --device cpu --dp 2: the train and validation losses, the
-    evaluation (predictions included) and the final checkpoint's parameters and AdamW moments. On sim bit for bit:
-    the gradient buckets, the parameter broadcasts and every other device buffer go through StagedCommunicator,
-    whose host all-reduce sums the same values in the same order as the CPU run's (and a host read of a sim tensor
-    would fault, so this also shows that nothing in the dp path reads device memory on the host). On CUDA (two
-    GPUs, NCCL) within close_results' tolerances."""
+def parallel_on_device_matches_cpu(tmp_path, layout, what):
+    """mpirun -np (dp sp) with `layout` (--dp/--sp) on the device against the same on --device cpu: the train and
+    validation losses, the evaluation (predictions included) and the final checkpoint's parameters and AdamW moments
+    (sim: bit for bit; CUDA: close_results' tolerances). Returns the two run directories (cpu, device)."""
     mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
+    np_ = layout.get("dp", 1) * layout.get("sp", 1)
+    flags = [x for k, n in layout.items() for x in (f"--{k}", n)]
     out = {}
     for dev in ("cpu", DEVICE):
-        name = f"dp2_{dev}"
-        argv = [mpiexec, "-np", "2", "--oversubscribe"] + argv_of(tmp_path, "--device", dev, "--dp", 2, "--methods",
-                                                                   "full", *TRAIN_SHORT, name=name)
+        name = f"{what}_{dev}"
+        argv = [mpiexec, "-np", str(np_), "--oversubscribe"] + argv_of(tmp_path, "--device", dev, *flags, "--methods",
+                                                                       "full", *TRAIN_SHORT, name=name)
         r = subprocess.run(argv, cwd=tmp_path, env=_mpi_env(), capture_output=True, text=True, timeout=240)
         # (Not "--device cuda" in the reason: scripts/gpu_check.sh reads that as "no GPU answered".)
         if dev == "cuda" and r.returncode != 0 and "would share one GPU" in r.stderr:
-            pytest.skip("the data-parallel GPU run needs two GPUs, one per rank: " + r.stderr.strip()[-500:])
-        assert r.returncode == 0, f"--device {dev} --dp 2:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+            pytest.skip(f"the {what} GPU run needs {np_} GPUs, one per rank: " + r.stderr.strip()[-500:])
+        assert r.returncode == 0, f"--device {dev} {' '.join(map(str, flags))}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
         out[dev] = tmp_path / "out" / name
         with h5py.File(out[dev] / "run.h5", "r") as f:
-            assert int(f.attrs["dp"]) == 2
+            for k, n in layout.items():
+                assert int(f.attrs[k]) == n, k
     compare(out["cpu"] / "run.h5", out[DEVICE] / "run.h5", ["full"])
     (a, ma), (b, mb) = ckpt_arrays(out["cpu"] / "ckpt_6.h5"), ckpt_arrays(out[DEVICE] / "ckpt_6.h5")
     assert ma == mb
@@ -246,8 +240,34 @@ def test_data_parallel_on_device_matches_cpu(tmp_path, device_present):
             assert a[k].tobytes() == b[k].tobytes(), k
         else:
             assert np.linalg.norm(a[k] - b[k]) <= 2e-2 * np.linalg.norm(a[k]), k
+    return out["cpu"], out[DEVICE]
+
+
+def test_sequence_parallel_on_device_matches_cpu(tmp_path, device_present):
+    """mpirun -np 2 --sp 2 on the device equals --device cpu --sp 2 (parallel_on_device_matches_cpu). Ring attention's
+    K/V blocks, positions and dK/dV accumulators travel on the backend's buffers through the device communicator
+    of the sp ring (StagedCommunicator on sim, NCCL on CUDA) and merge with the backend's op; on sim a host read of
+    any of them would fault, and the CPU run's ring does the same ops in the same order, hence bit for bit."""
+    parallel_on_device_matches_cpu(tmp_path, {"sp": 2}, "sp2")
+
+
+def test_data_by_sequence_parallel_on_device_matches_cpu(tmp_path, device_present):
+    """mpirun -np 4 --dp 2 --sp 2 on the device equals the same on --device cpu: the gradients on the world's
+    device communicator and ring attention on each replica's sp ring's, side by side."""
+    parallel_on_device_matches_cpu(tmp_path, {"dp": 2, "sp": 2}, "dp2sp2")
+
+
+def test_data_parallel_on_device_matches_cpu(tmp_path, device_present):
+    """mpirun -np 2 --dp 2 on the device equals --device cpu --dp 2 (parallel_on_device_matches_cpu). On sim bit for
+    bit: the gradient buckets, the parameter broadcasts and every other device buffer go through StagedCommunicator,
+    whose host all-reduce sums the same values in the same order as the CPU run's (and a host read of a sim tensor
+    would fault, so this also shows that nothing in the dp path reads device memory on the host). On CUDA (two
+    GPUs, NCCL) within close_results' tolerances."""
+    _, dev_out = parallel_on_device_matches_cpu(tmp_path, {"dp": 2}, "dp2")
     if DEVICE != "sim":
         return
+    mpiexec = os.environ.get("DSRSQ_MPIEXEC", "mpirun")
+    b, mb = ckpt_arrays(dev_out / "ckpt_6.h5")
     # Stopped at step 3 and resumed: rank 0 reads the checkpoint into its device buffers and broadcasts them
     # (and the AdamW moments) to rank 1 through the device communicator; the end equals the uninterrupted run.
     base = argv_of(tmp_path, "--device", "sim", "--dp", 2, "--methods", "full", *TRAIN_SHORT, name="dp2_resumed")

@@ -15,6 +15,11 @@
 // host buffer, nccl_self_test, the timeout path (rank 0 waits for an
 // all-reduce its peer never joins: dsrsq::Error naming the rank and the
 // operation, communicator aborted) and abort().
+// Ring attention (dist/ring_attention.hpp) on CUDA buffers against the CPU
+// ring on the same ranks (f32, relative L2 <= 1e-4 per tensor: o, lse, dq,
+// dk, dv): through the NcclCommunicator (its ranks; with one GPU the ring has
+// one rank and no block travels) and, on every world rank (ranks may share a
+// GPU: no NCCL), through StagedCommunicator on the CUDA backend.
 #include <cuda_runtime.h>
 #include <mpi.h>
 
@@ -29,10 +34,14 @@
 #include <utility>
 #include <vector>
 
+#include "backend/backend.hpp"
+#include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_device.hpp"
+#include "common/ring_case.hpp"
 #include "core/error.hpp"
 #include "dist/mpi.hpp"
 #include "dist/nccl/nccl_communicator.hpp"
+#include "dist/staged_communicator.hpp"
 
 namespace {
 
@@ -172,6 +181,58 @@ void test_ring(NcclCommunicator& c) {
     for (std::size_t i = 0; i < len; ++i) bad += got[i] != want[i];
   }
   check(bad == 0, dsrsq::detail::cat("send_recv ring of ", n, " steps (", bad, " wrong)"));
+}
+
+// The ring on `gpu` with `dev_comm` against the ring on the CPU with `host`
+// (the same members), on the same shard of the same data.
+void ring_attention_case(dsrsq::Backend& gpu, dsrsq::dist::Communicator& dev_comm, dsrsq::dist::MpiCommunicator& host,
+                         const std::string& what) {
+  const int P = host.size(), NH = 2, HS = 16;
+  for (const auto& [B, T] : {std::pair{1, 32}, std::pair{2, 64}}) {
+    dsrsq::Rng rng(3000 + B + T);
+    const std::size_t n = static_cast<std::size_t>(B) * (T * P) * NH * HS;  // T per rank: T * P in all
+    const auto q = ring_case::randn<float>(rng, n), k = ring_case::randn<float>(rng, n),
+               v = ring_case::randn<float>(rng, n), dout = ring_case::randn<float>(rng, n);
+    const auto in = ring_case::shard_of(q, k, v, dout, B, T * P, NH, HS, P, host.rank(), true);
+    const auto want = ring_case::run_ring(dsrsq::cpu_backend(), host, in);
+    const auto got = ring_case::run_ring(gpu, dev_comm, in);
+    const double errs[5] = {ring_case::rel_l2(std::get<0>(got), std::get<0>(want)),
+                            ring_case::rel_l2(std::get<1>(got), std::get<1>(want)),
+                            ring_case::rel_l2(std::get<2>(got), std::get<2>(want)),
+                            ring_case::rel_l2(std::get<3>(got), std::get<3>(want)),
+                            ring_case::rel_l2(std::get<4>(got), std::get<4>(want))};
+    check(*std::max_element(std::begin(errs), std::end(errs)) <= 1e-4,
+          dsrsq::detail::cat("ring attention ", what, " P=", P, " B=", B, " T=", T * P,
+                             ": relative L2 to the CPU ring (o, lse, dq, dk, dv) ", errs[0], " ", errs[1], " ", errs[2],
+                             " ", errs[3], " ", errs[4], " <= 1e-4"));
+  }
+}
+
+// Through the NcclCommunicator, ordered after the CUDA backend's stream as
+// the trainer orders it (experiment.cpp device_communicator).
+void test_ring_attention_nccl(NcclCommunicator& c, MPI_Comm sub) {
+  auto* gpu = static_cast<dsrsq::cuda::CudaBackend*>(dsrsq::device_backend(dsrsq::Device::cuda));
+  if (!gpu || gpu->device_index() != c.device()) {
+    check(false, dsrsq::detail::cat("ring attention over NCCL: the CUDA backend is on GPU ",
+                                    gpu ? gpu->device_index() : -1, ", the communicator on GPU ", c.device()));
+    return;
+  }
+  dsrsq::dist::MpiCommunicator host(sub, "ring-host", 60.0);
+  c.set_producer_stream(gpu->stream());
+  ring_attention_case(*gpu, c, host, "over NCCL");
+  c.set_producer_stream(nullptr);
+}
+
+// Through StagedCommunicator on the CUDA backend, over the whole world.
+void test_ring_attention_staged() {
+  dsrsq::Backend* gpu = dsrsq::device_backend(dsrsq::Device::cuda);
+  if (!gpu) {
+    check(false, "ring attention staged: no CUDA backend");
+    return;
+  }
+  dsrsq::dist::MpiCommunicator world(MPI_COMM_WORLD, "world", 60.0);
+  dsrsq::dist::StagedCommunicator staged(*gpu, world);
+  ring_attention_case(*gpu, staged, world, "staged on CUDA");
 }
 
 void test_nonblocking(NcclCommunicator& c) {
@@ -322,9 +383,7 @@ int run(int world_rank, int world_size) {
   if (!in) {
     std::printf("[world %d] sits out: local rank %d but only %d GPU(s) on this node (NCCL needs one GPU per rank)\n",
                 world_rank, local, ndev);
-    return 0;
-  }
-  {
+  } else {
     // Device chosen by the communicator (OMPI_COMM_WORLD_LOCAL_RANK modulo the
     // device count); on one node that is the local rank used for the split.
     NcclCommunicator c(sub, "nccl-test", 60.0);
@@ -354,6 +413,7 @@ int run(int world_rank, int world_size) {
     test_nonblocking(c);
     test_producer_stream(c);
     test_host_buffer_rejected(c);
+    test_ring_attention_nccl(c, sub);
     dsrsq::dist::nccl_self_test(c);
     check(true, "nccl_self_test");
     c.barrier();
@@ -371,8 +431,12 @@ int run(int world_rank, int world_size) {
       }
       check(c.aborted() && contains(msg, "aborted earlier"), "abort(), then an operation throws: " + msg);
     }
+    MPI_Comm_free(&sub);
   }
-  MPI_Comm_free(&sub);
+  // Every rank, once the NCCL ranks are done (so no rank waits on a peer that
+  // is still in the NCCL tests).
+  MPI_Barrier(MPI_COMM_WORLD);
+  test_ring_attention_staged();
   return 0;
 }
 

@@ -22,6 +22,9 @@
 //    GradReducer on a sim model's gradients equals GradReducer on a CPU
 //    model's with the host world, bit for bit (sum and average), and a device
 //    model with a host communicator is refused by name.
+//  - send_recv (point to point, the ring step) on host buffers and staged sim
+//    buffers, one-sided steps, and out-of-range peers refused; its timeout
+//    names the pending side and the silent peer.
 #define BOOST_TEST_MODULE dsrsq_mpi_comm
 #include <boost/test/unit_test.hpp>
 
@@ -58,7 +61,48 @@ dd::MpiCommunicator& world() {
   return w;
 }
 
-bool message_has(const std::exception& e, const std::string& s) { return std::string(e.what()).find(s) != std::string::npos; }
+bool message_has_text(const std::string& m, const std::string& s) { return m.find(s) != std::string::npos; }
+bool message_has(const std::exception& e, const std::string& s) { return message_has_text(e.what(), s); }
+
+// The timeout tests' communicator: a duplicate of the world, 0.2 s timeout.
+MPI_Comm dup_world() {
+  MPI_Comm dup = MPI_COMM_NULL;
+  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  return dup;
+}
+struct LateComm {
+  dsrsq::mpi::Comm owned{dup_world()};
+  dd::MpiCommunicator c{owned.get(), "late", 0.2};
+};
+
+// The timeout tests' hand-over on MPI_COMM_WORLD: rank 1 waits (at most 30 s)
+// until rank 0 says "timed out" (send_go), then joins the operation rank 0
+// timed out on.
+constexpr int kGoTag = 4711;
+void wait_for_go() {
+  int go = 0, done = 0;
+  MPI_Request r = MPI_REQUEST_NULL;
+  DSRSQ_MPI_CHECK(MPI_Irecv(&go, 1, MPI_INT, 0, kGoTag, MPI_COMM_WORLD, &r));
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!done && std::chrono::steady_clock::now() < give_up) {
+    DSRSQ_MPI_CHECK(MPI_Test(&r, &done, MPI_STATUS_IGNORE));
+    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  BOOST_TEST(done, "rank 0 never reported its timeout");
+  if (!done) {
+    DSRSQ_MPI_CHECK(MPI_Cancel(&r));
+    DSRSQ_MPI_CHECK(MPI_Wait(&r, MPI_STATUS_IGNORE));
+  }
+}
+void send_go() {
+  const int go = 1;
+  DSRSQ_MPI_CHECK(MPI_Send(&go, 1, MPI_INT, 1, kGoTag, MPI_COMM_WORLD));
+}
+// Polls a request by hand (at most 30 s) after its own wait has timed out.
+void poll(dd::Request& req) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!req.test() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
 
 }  // namespace
 
@@ -152,27 +196,10 @@ BOOST_AUTO_TEST_CASE(all_gather_and_broadcast) {
 // and the test fails instead of hanging.
 BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
   if (world().size() < 2) return;
-  MPI_Comm dup = MPI_COMM_NULL;
-  DSRSQ_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
-  dsrsq::mpi::Comm owned(dup);
-  dd::MpiCommunicator c(owned.get(), "late", 0.2);
+  LateComm late;
+  dd::MpiCommunicator& c = late.c;
   std::vector<float> x(10, 1.0f);
-  constexpr int kTag = 4711;
-  if (c.rank() == 1) {  // wait (at most 30 s) for rank 0's "timed out" before joining
-    int go = 0, done = 0;
-    MPI_Request r = MPI_REQUEST_NULL;
-    DSRSQ_MPI_CHECK(MPI_Irecv(&go, 1, MPI_INT, 0, kTag, MPI_COMM_WORLD, &r));
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!done && std::chrono::steady_clock::now() < give_up) {
-      DSRSQ_MPI_CHECK(MPI_Test(&r, &done, MPI_STATUS_IGNORE));
-      if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    BOOST_TEST(done, "rank 0 never reported its timeout");
-    if (!done) {
-      DSRSQ_MPI_CHECK(MPI_Cancel(&r));
-      DSRSQ_MPI_CHECK(MPI_Wait(&r, MPI_STATUS_IGNORE));
-    }
-  }
+  if (c.rank() == 1) wait_for_go();  // at most 30 s for rank 0's "timed out" before joining
   dd::Request req = c.iall_reduce_sum(std::span<float>(x));
   if (c.rank() == 0) {
     bool threw = false;
@@ -193,14 +220,36 @@ BOOST_AUTO_TEST_CASE(wait_timeout_names_rank_and_operation) {
     BOOST_TEST(threw);
     BOOST_TEST(req.pending());
     c.set_timeout(30.0);
-    const int go = 1;  // now let the late rank arrive: the same request then completes
-    DSRSQ_MPI_CHECK(MPI_Send(&go, 1, MPI_INT, 1, kTag, MPI_COMM_WORLD));
+    send_go();  // now let the late rank arrive: the same request then completes
   }
-  // The request carries the timeout it was made with; poll it by hand.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!req.test() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  poll(req);  // the request carries the timeout it was made with
   BOOST_TEST(!req.pending());
   BOOST_TEST(x[0] == static_cast<float>(c.size()));
+}
+
+// The same for send_recv: rank 0 receives from rank 1, which sends only after
+// rank 0's wait has timed out; the message says which side is pending and
+// names the peer (ranks >= 2 take no part).
+BOOST_AUTO_TEST_CASE(send_recv_timeout_names_the_silent_peer) {
+  if (world().size() < 2) return;
+  LateComm late;
+  dd::MpiCommunicator& c = late.c;
+  std::vector<float> x{1.5f, 2.5f, 3.5f}, y(3, 0.0f);
+  if (c.rank() == 1) {
+    wait_for_go();
+    c.send_recv(std::span<const float>(x), 0, std::span<float>(), -1);
+  } else if (c.rank() == 0) {
+    dd::Request req = c.isend_recv(std::span<const float>(), -1, std::span<float>(y), 1);
+    const std::string m = ref::error_of([&] { req.wait(); });
+    BOOST_TEST(message_has_text(m, "communication timeout"), m);
+    BOOST_TEST(message_has_text(m, "send_recv(f32: 0 to rank -1, 3 from rank 1)"), m);
+    BOOST_TEST(message_has_text(m, "nothing arrived from rank 1 (world rank 1)"), m);
+    BOOST_TEST(!message_has_text(m, "did not take"), m);
+    send_go();
+    poll(req);
+    BOOST_TEST(!req.pending());
+    BOOST_TEST((y == x));
+  }
 }
 
 // Timeout messages name peers by communicator rank AND world rank: a
@@ -584,4 +633,47 @@ BOOST_AUTO_TEST_CASE(reducer_on_sim_equals_reducer_on_cpu) {
   // The sim model's gradients cannot go to a host communicator.
   BOOST_TEST(has(ref::error_of([&] { dd::GradReducer wrong(world(), sim_model); }),
                  "a device run needs a device communicator"));
+}
+
+// Point to point (ring attention's exchanges): one ring step on host buffers
+// (f32, i32) and on sim buffers through StagedCommunicator (f32, bytes; two
+// in flight completed in the other order), with values known in advance; a
+// chain whose ends omit one side; out-of-range peers refused on every rank
+// before anything is posted.
+BOOST_AUTO_TEST_CASE(send_recv_ring_step_host_and_staged) {
+  const int n = world().size(), r = world().rank();
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  const auto fr = static_cast<float>(r), fp = static_cast<float>(prev);
+  std::vector<float> out{fr + 0.5f, -(fr + 1.0f)}, in(2, -7.0f);
+  world().send_recv(std::span<const float>(out), next, std::span<float>(in), prev);
+  BOOST_TEST((in == std::vector<float>{fp + 0.5f, -(fp + 1.0f)}));
+  const std::int32_t iout = 3 * r + 1;
+  std::int32_t iin = -1;
+  world().isend_recv(std::span<const std::int32_t>(&iout, 1), next, std::span<std::int32_t>(&iin, 1), prev).wait();
+  BOOST_TEST(iin == 3 * prev + 1);
+  // Chain 0 -> 1 -> ... -> n-1: rank 0 only sends, rank n-1 only receives.
+  const std::int64_t cv = 100 + r;
+  std::int64_t got = -1;
+  const bool sends = r + 1 < n, receives = r > 0;
+  world().send_recv(std::span<const std::int64_t>(&cv, sends ? 1 : 0), sends ? r + 1 : -1,
+                    std::span<std::int64_t>(&got, receives ? 1 : 0), receives ? r - 1 : -1);
+  BOOST_TEST(got == (receives ? 100 + r - 1 : -1));
+
+  dd::StagedCommunicator staged(sim(), world());
+  Dev dev;
+  const TensorView sa = dev.put(std::vector<float>{fr + 0.25f, fr * 2}), ra = dev.put(2, DType::f32);
+  const TensorView sb = dev.put(std::vector<std::int32_t>{r, -r, 0x01020304}), rb = dev.put(3, DType::i32);
+  auto bytes = [](const TensorView& t) { return std::span<std::byte>(static_cast<std::byte*>(t.data), t.bytes()); };
+  dd::Request qa = staged.isend_recv(std::span<const float>(dspan<float>(sa)), next, dspan<float>(ra), prev);
+  dd::Request qb = staged.isend_recv(std::span<const std::byte>(bytes(sb)), next, bytes(rb), prev);
+  qb.wait();
+  qa.wait();
+  BOOST_TEST((dsrsq::to_host<float>(sim(), ra) == std::vector<float>{fp + 0.25f, fp * 2}));
+  BOOST_TEST((dsrsq::to_host<std::int32_t>(sim(), rb) == std::vector<std::int32_t>{prev, -prev, 0x01020304}));
+
+  BOOST_TEST(has(ref::error_of([&] { world().send_recv(std::span<const float>(out), n, std::span<float>(in), prev); }),
+                 "outside [-1, "));
+  const std::span<const float> send_a = dspan<float>(sa);
+  BOOST_TEST(has(ref::error_of([&] { staged.send_recv(send_a, -1, dspan<float>(ra), prev); }),
+                 "no destination but 2 elements to send"));
 }

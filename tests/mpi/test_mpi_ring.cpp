@@ -16,6 +16,10 @@
 //    compute the same function and differ only in the order of additions
 //    (blockwise softmax merges, dk/dv summed in ring order).
 //    B = 1, 2; NH = 2; HS = 8; T = 16, 32; causal, plus one non-causal run.
+//  - the same ring on device buffers: the simulated device's (poisoned
+//    pointers: a host read faults) with StagedCommunicator on the sp ring
+//    equals the CPU ring bit for bit (o, lse, dq, dk, dv; f32, as CUDA); a
+//    communicator on another device than the tensors is refused by name.
 #define BOOST_TEST_MODULE dsrsq_mpi_ring
 #include <boost/test/unit_test.hpp>
 
@@ -24,14 +28,20 @@
 #include <limits>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "backend/sim/sim_backend.hpp"
+#include "common/errors.hpp"
+#include "common/ring_case.hpp"
+#include "core/arena.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "dist/communicator.hpp"
 #include "dist/grid.hpp"
 #include "dist/ring_attention.hpp"
+#include "dist/staged_communicator.hpp"
 
 namespace dd = dsrsq::dist;
 using dsrsq::Shape;
@@ -39,42 +49,19 @@ using dsrsq::TensorView;
 
 namespace {
 
+using ring_case::randn;
+using ring_case::rel_l2;
+using ring_case::RingOut;
+using ring_case::run_ring;
+using ring_case::Shard;
+using ring_case::shard_of;
+
 // The sp ring is the whole world (dp = 1). Built per test case and destroyed
 // before MPI_Finalize (a static grid would free its communicators too late).
 int world_size() {
   int n = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   return n;
-}
-
-template <class F>
-double rel_l2(const std::vector<F>& a, const std::vector<F>& ref) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - static_cast<double>(ref[i]);
-    num += d * d;
-    den += static_cast<double>(ref[i]) * static_cast<double>(ref[i]);
-  }
-  return std::sqrt(num) / std::sqrt(std::max(den, 1e-300));
-}
-
-template <class F>
-std::vector<F> randn(dsrsq::Rng& rng, std::size_t n) {
-  std::vector<F> x(n);
-  for (auto& e : x) e = static_cast<F>(rng.normal());
-  return x;
-}
-
-// Rows of a (B, T, NH*HS) tensor at the given positions -> (B, Tl, NH*HS).
-template <class F>
-std::vector<F> take_rows(const std::vector<F>& full, int B, int T, int row, const std::vector<std::int32_t>& pos) {
-  const int Tl = static_cast<int>(pos.size());
-  std::vector<F> out(static_cast<std::size_t>(B) * Tl * row);
-  for (int b = 0; b < B; ++b)
-    for (int i = 0; i < Tl; ++i)
-      std::copy_n(&full[(static_cast<std::size_t>(b) * T + pos[i]) * row], row,
-                  &out[(static_cast<std::size_t>(b) * Tl + i) * row]);
-  return out;
 }
 
 // all-gathers each rank's (B, Tl, row) shard and puts it back in sequence order.
@@ -115,7 +102,7 @@ template <class F>
 void check_ring(dd::MpiCommunicator& sp, int B, int T, bool causal) {
   auto& be = dsrsq::cpu_backend();
   const int P = sp.size(), r = sp.rank();
-  const int NH = 2, HS = 8, row = NH * HS, Tl = T / P;
+  const int NH = 2, HS = 8, row = NH * HS;
   // Tolerance. Both paths compute the same attention; they differ only in the
   // order of additions, so each is within first-order forward error of the
   // exact result (u = 2^-24 in f32, 2^-53 in f64; kappa = 1 for the L2 error
@@ -162,32 +149,9 @@ void check_ring(dd::MpiCommunicator& sp, int B, int T, bool causal) {
     be.attention_bwd(g);
 
     // Ring on the zigzag shard.
-    const auto pos = dd::zigzag_shard(T, P, r);
-    std::vector<std::int32_t> lpos(static_cast<std::size_t>(B) * Tl);
-    for (int b = 0; b < B; ++b) std::copy(pos.begin(), pos.end(), lpos.begin() + static_cast<std::ptrdiff_t>(b) * Tl);
-    const auto lq = take_rows(q, B, T, row, pos), lk = take_rows(k, B, T, row, pos), lv = take_rows(v, B, T, row, pos),
-               ldout = take_rows(dout, B, T, row, pos);
-    const std::size_t nl = lq.size();
-    std::vector<F> lo(nl, F(7)), llse(static_cast<std::size_t>(B) * NH * Tl, F(7)), ldq(nl, 0), ldk(nl, 0),
-        ldv(nl, 0);
-    const Shape ls{B, Tl, NH, HS};
-    const TensorView lp(lpos.data(), Shape{B, Tl});
-    dsrsq::AttentionArgs a{TensorView(lq.data(), ls), TensorView(lk.data(), ls), TensorView(lv.data(), ls),
-                           TensorView(lo.data(), ls), TensorView(llse.data(), Shape{B, NH, Tl}), lp, lp, causal};
-    dd::ring_attention_fwd(be, sp, a);
-    dsrsq::AttentionGradArgs lg;
-    lg.dout = TensorView(ldout.data(), ls);
-    lg.q = a.q;
-    lg.k = a.k;
-    lg.v = a.v;
-    lg.o = a.o;
-    lg.lse = a.lse;
-    lg.q_pos = lg.k_pos = lp;
-    lg.dq = TensorView(ldq.data(), ls);
-    lg.dk = TensorView(ldk.data(), ls);
-    lg.dv = TensorView(ldv.data(), ls);
-    lg.causal = causal;
-    dd::ring_attention_bwd(be, sp, lg);
+    const Shard<F> in = shard_of(q, k, v, dout, B, T, NH, HS, P, r, causal);
+    const RingOut<F> out = run_ring(be, sp, in);
+    const auto& [lo, llse, ldq, ldk, ldv] = out;
 
     const auto o = gather_rows(sp, lo, B, T, row);
     const auto lse = gather_lse(sp, llse, B, NH, T);
@@ -299,4 +263,58 @@ BOOST_AUTO_TEST_CASE(ring_equals_full_attention_f32) {
   for (int B : {1, 2})
     for (int T : {16, 32}) check_ring<float>(grid.sp_comm(), B, T, true);
   check_ring<float>(grid.sp_comm(), 2, 16, false);
+}
+
+// Ring attention on device buffers: the simulated device (poisoned pointers,
+// so a host read of a travelling block, a position or a partial would fault)
+// with StagedCommunicator on the sp ring gives the CPU ring's results bit for
+// bit, forward and backward (the same ops in the same order on the same
+// values; only the buffers' home differs). f32: sim keeps CUDA's limits, and
+// CUDA's attention kernels take f32 only.
+void check_ring_sim_equals_cpu(dd::MpiCommunicator& sp, int B, int T, bool causal) {
+  using F = float;
+  const int NH = 2, HS = 8, P = sp.size();
+  BOOST_TEST_CONTEXT("B=" << B << " T=" << T << " P=" << P << " causal=" << causal) {
+    dsrsq::Rng rng(2000 + 10 * B + T + (causal ? 0 : 7));
+    const std::size_t n = static_cast<std::size_t>(B) * T * NH * HS;
+    const auto q = randn<F>(rng, n), k = randn<F>(rng, n), v = randn<F>(rng, n), dout = randn<F>(rng, n);
+    const Shard<F> in = shard_of(q, k, v, dout, B, T, NH, HS, P, sp.rank(), causal);
+    dsrsq::Backend& sim = dsrsq::sim::sim_backend();
+    dd::StagedCommunicator staged(sim, sp);
+    const RingOut<F> on_cpu = run_ring(dsrsq::cpu_backend(), sp, in);
+    const RingOut<F> on_sim = run_ring(sim, staged, in);
+    auto bits = [](const std::vector<F>& x) {
+      return std::vector<unsigned char>(reinterpret_cast<const unsigned char*>(x.data()),
+                                        reinterpret_cast<const unsigned char*>(x.data() + x.size()));
+    };
+    BOOST_TEST(bits(std::get<0>(on_sim)) == bits(std::get<0>(on_cpu)), "o");
+    BOOST_TEST(bits(std::get<1>(on_sim)) == bits(std::get<1>(on_cpu)), "lse");
+    BOOST_TEST(bits(std::get<2>(on_sim)) == bits(std::get<2>(on_cpu)), "dq");
+    BOOST_TEST(bits(std::get<3>(on_sim)) == bits(std::get<3>(on_cpu)), "dk");
+    BOOST_TEST(bits(std::get<4>(on_sim)) == bits(std::get<4>(on_cpu)), "dv");
+  }
+}
+
+BOOST_AUTO_TEST_CASE(ring_on_sim_equals_ring_on_cpu) {
+  dd::ProcessGrid grid(MPI_COMM_WORLD, 1, world_size(), 60.0);
+  for (int B : {1, 2})
+    for (int T : {16, 32}) check_ring_sim_equals_cpu(grid.sp_comm(), B, T, true);
+  check_ring_sim_equals_cpu(grid.sp_comm(), 2, 16, false);
+}
+
+// Device tensors with a host communicator (or host tensors with a device
+// one) are refused by name before any exchange starts.
+BOOST_AUTO_TEST_CASE(ring_refuses_a_communicator_on_another_device) {
+  dd::ProcessGrid grid(MPI_COMM_WORLD, 1, world_size(), 60.0);
+  const int P = grid.sp(), B = 1, T = 4 * P, NH = 1, HS = 2;
+  dsrsq::Rng rng(5);
+  const std::size_t n = static_cast<std::size_t>(B) * T * NH * HS;
+  const auto x = randn<float>(rng, n);
+  const Shard<float> in = shard_of(x, x, x, x, B, T, NH, HS, P, grid.sp_rank(), true);
+  dsrsq::Backend& sim = dsrsq::sim::sim_backend();
+  dd::StagedCommunicator staged(sim, grid.sp_comm());
+  const std::string m1 = ref::error_of([&] { run_ring(sim, grid.sp_comm(), in); });
+  BOOST_TEST(m1.find("communicator 'sp' takes cpu buffers but the tensors live on sim") != std::string::npos, m1);
+  const std::string m2 = ref::error_of([&] { run_ring(dsrsq::cpu_backend(), staged, in); });
+  BOOST_TEST(m2.find("communicator 'sp' takes sim buffers but the tensors live on cpu") != std::string::npos, m2);
 }

@@ -535,13 +535,7 @@ Request NcclCommunicator::ibarrier() {
 
 Request NcclCommunicator::isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv,
                                           std::size_t recv_count, int src, Scalar type) {
-  DSRSQ_REQUIRE(dest >= -1 && dest < s_->size && src >= -1 && src < s_->size, "send_recv on '", s_->name, "': dest ",
-                dest, " / src ", src, " outside [-1, ", s_->size, ")");
-  DSRSQ_REQUIRE(dest >= 0 || send_count == 0, "send_recv on '", s_->name, "': no destination but ", send_count,
-                " elements to send");
-  DSRSQ_REQUIRE(src >= 0 || recv_count == 0, "send_recv on '", s_->name, "': no source but room for ", recv_count,
-                " elements");
-  if (dest < 0 && src < 0) return Request();
+  // dest, src, the counts: checked by Communicator::send_recv_checked.
   const std::string what = detail::cat("send_recv(", scalar_name(type), ": ", send_count, " to rank ", dest, ", ",
                                        recv_count, " from rank ", src, ")");
   s_->require_usable(what);
@@ -559,20 +553,6 @@ Request NcclCommunicator::isend_recv_impl(const void* send, std::size_t send_cou
     const ncclResult_t end = ncclGroupEnd();  // always close the group, even after an error inside it
     return first != ncclSuccess && first != ncclInProgress ? first : end;
   });
-}
-
-Request NcclCommunicator::isend_recv(std::span<const float> send, int dest, std::span<float> recv, int src) {
-  return isend_recv_impl(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::f32);
-}
-Request NcclCommunicator::isend_recv(std::span<const double> send, int dest, std::span<double> recv, int src) {
-  return isend_recv_impl(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::f64);
-}
-Request NcclCommunicator::isend_recv(std::span<const std::int64_t> send, int dest, std::span<std::int64_t> recv,
-                                     int src) {
-  return isend_recv_impl(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::i64);
-}
-Request NcclCommunicator::isend_recv(std::span<const std::byte> send, int dest, std::span<std::byte> recv, int src) {
-  return isend_recv_impl(send.data(), send.size(), dest, recv.data(), recv.size(), src, Scalar::byte);
 }
 
 // ---- launch self-test -----------------------------------------------------------

@@ -44,9 +44,10 @@
 //                    rank's slot of all, as in NCCL)
 //   broadcast        f32, f64, i64, byte (in place)
 //   barrier          a one-element all-reduce on the device, then a host wait
-//   send_recv        f32, f64, i64, byte: one send and one receive fused in an
-//                    ncclGroupStart/End (the ring step; sending to and receiving
-//                    from oneself works); either side may be omitted (peer -1)
+//   send_recv        f32, f64, i32, i64, byte: one send and one receive fused
+//                    in an ncclGroupStart/End (the ring step; sending to and
+//                    receiving from oneself works); either side may be omitted
+//                    (peer -1). Ring attention's K/V/position exchanges.
 // Not supported: all-gather-v (unequal counts), reduce-scatter, reductions
 // other than sum/avg, i32 reductions (no interface overload), host buffers,
 // CUDA-graph capture of the operations, use from several threads at once (one
@@ -122,17 +123,8 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_avg(std::span<float> x) { iall_reduce_avg(x).wait(); }
   void all_reduce_avg(std::span<double> x) { iall_reduce_avg(x).wait(); }
 
-  // One ring step: send `send` to rank `dest` and receive `recv` from rank
-  // `src`, fused in one NCCL group so neither side can deadlock the other.
-  // dest < 0 (send must then be empty) or src < 0 (recv empty) omits that side.
-  Request isend_recv(std::span<const float> send, int dest, std::span<float> recv, int src);
-  Request isend_recv(std::span<const double> send, int dest, std::span<double> recv, int src);
-  Request isend_recv(std::span<const std::int64_t> send, int dest, std::span<std::int64_t> recv, int src);
-  Request isend_recv(std::span<const std::byte> send, int dest, std::span<std::byte> recv, int src);
-  template <class T>
-  void send_recv(std::span<const T> send, int dest, std::span<T> recv, int src) {
-    isend_recv(send, dest, recv, src).wait();
-  }
+  // send_recv (one ring step, fused in one NCCL group so neither side can
+  // deadlock the other) is the interface's isend_recv / send_recv.
 
   struct State;  // shared with pending Requests (defined in the .cpp)
 
@@ -141,10 +133,10 @@ class NcclCommunicator final : public Communicator {
   Request iall_gather_impl(const void* mine, std::size_t count, void* all, Scalar type) override;
   Request ibroadcast_impl(void* buf, std::size_t count, Scalar type, int root) override;
   Request ibarrier() override;
+  Request isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv, std::size_t recv_count,
+                          int src, Scalar type) override;
 
  private:
-  Request isend_recv_impl(const void* send, std::size_t send_count, int dest, void* recv, std::size_t recv_count,
-                          int src, Scalar type);
   std::shared_ptr<State> s_;
 };
 
