@@ -30,7 +30,10 @@ step() { echo "== long study [$(date -u +%H:%M:%S)]: $1"; }
 
 step "stage 1 (configs/long_stage1.ini)"
 "$bin" --config configs/long_stage1.ini --output_dir "$out" --no_report
-stage1="$out/standard_long_stage1/ckpt_1500.h5"
+steps1=$(sed -n 's/^steps *= *//p' configs/long_stage1.ini)
+stage1="$out/standard_long_stage1/ckpt_${steps1}.h5"
+# Stop before stage 2 when stage 1 did not learn retrieval (a transition whose step depends on the numerics).
+/usr/bin/python3 scripts/check_stage1.py "$out/standard_long_stage1/run.h5"
 step "stage 2 (configs/long.ini)"
 "$bin" --config configs/long.ini --init_from "$stage1" --output_dir "$out" --no_report
 steps2=$(sed -n 's/^steps *= *//p' configs/long.ini)
