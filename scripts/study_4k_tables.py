@@ -1,5 +1,6 @@
 """Issue 13, the 4K study of docs/RESULTS.md: per-cell F1 with bootstrap intervals and paired tests against the
-full cache, and the trained methods over 3 training seeds, as markdown on stdout. Reads the runs through the report
+full cache (both protocols when STUDY_DIR also holds e_std_ctx, a --protocol context_only run, with each of its
+cells paired against the same cell of e_std), and the trained methods over 3 training seeds, as markdown on stdout. Reads the runs through the report
 tool's reader and statistics. Usage: /usr/bin/python3 scripts/study_4k_tables.py STUDY_DIR (run names in
 docs/RESULTS.md)."""
 import os
@@ -47,25 +48,52 @@ def row(name, b, c, ref):
 hdr = ("| method | budget | F1 [95% bootstrap] | n | ΔF1 vs reference [95% paired] | McNemar on EM: only this / only ref, p | "
        "infeasible | KV MB asked | KV MB held |\n|---|---|---|---|---|---|---|---|---|")
 
+# The training-free runs: e_std (query-aware) and, when present, e_std_ctx (the same evaluation under
+# --protocol context_only). Each is paired against its own full cache; then each cell of e_std_ctx is
+# paired with the same method and budget of e_std.
 std = read_run(f"{D}/e_std/run.h5")
-full = cells(std, "full")
-ref = next(iter(full.values()))
-print("## Training-free methods on the long model, 4K, 200 examples; reference: the full cache\n")
-print(hdr)
-for m in std.eval:
-    cs = cells(std, m)
-    for b, c in cs.items():
-        if m == "full" and b != "0.5":
+ref = next(iter(cells(std, "full").values()))
+tf_runs = [("e_std", std)]
+if os.path.exists(f"{D}/e_std_ctx/run.h5"):
+    tf_runs.append(("e_std_ctx", read_run(f"{D}/e_std_ctx/run.h5")))
+for name, run in tf_runs:
+    rref = next(iter(cells(run, "full").values()))
+    print(f"## Training-free methods on the long model, 4K, protocol {run.protocol or '?'} ({name}), "
+          f"{len(rref['f1'])} examples; reference: the full cache\n")
+    print(hdr)
+    for m in run.eval:
+        for b, c in cells(run, m).items():
+            if m == "full" and b != next(iter(cells(run, "full"))):
+                continue
+            print(row(m, b if m != "full" else "1 (all)", c, rref))
+    if name == "e_std":
+        for extra, m in (("e_rag_original", "rag"),):
+            try:
+                r = read_run(f"{D}/{extra}/run.h5")
+                for b, c in cells(r, m).items():
+                    print(row(f"{m} (original positions)", b, c, ref))
+            except Exception as e:  # noqa
+                print(f"<!-- {extra}: {e} -->")
+    print()
+if len(tf_runs) == 2:
+    qa, co = tf_runs[0][1], tf_runs[1][1]
+    print(f"## Query-agnostic against query-aware: same method, budget and examples ({co.protocol} - {qa.protocol})\n")
+    print("| method | budget | F1 query-aware | F1 query-agnostic | ΔF1 [95% paired] | McNemar on EM: only agnostic / "
+          "only aware, p |\n|---|---|---|---|---|---|")
+    for m in co.eval:
+        if m == "full" or m not in qa.eval:
             continue
-        print(row(m, b if m != "full" else "1 (all)", c, ref))
-for extra, m in (("e_rag_original", "rag"),):
-    try:
-        r = read_run(f"{D}/{extra}/run.h5")
-        for b, c in cells(r, m).items():
-            print(row(f"{m} (original positions)", b, c, ref))
-    except Exception as e:  # noqa
-        print(f"<!-- {extra}: {e} -->")
-print()
+        a_cells = cells(qa, m)
+        for b, c in cells(co, m).items():
+            if b not in a_cells:
+                continue
+            a = a_cells[b]
+            assert a["ids"] == c["ids"], "not the same examples"
+            d, lo, hi, _ = ST.paired_bootstrap(c["f1"], a["f1"])
+            n01, n10, p = ST.mcnemar_exact(c["em"], a["em"])
+            print(f"| {m} | {b} | {fmt(float(np.mean(a['f1'])))} | {fmt(float(np.mean(c['f1'])))} | "
+                  f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {n10} / {n01}, p = {p:.2g} |")
+    print()
 
 print("## Trained methods, 3 training seeds (fine-tuned from the long model), 4K, same 200 examples\n")
 print(hdr.replace("vs reference", "vs the same seed's control (full cache)").replace("only ref", "only control"))
