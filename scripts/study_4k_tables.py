@@ -1,4 +1,4 @@
-"""Issue 13, the 4K study of docs/RESULTS.md: per-cell F1 with bootstrap intervals and paired tests against the
+"""Issue 13, the 4K study of docs/RESULTS.md (scripts/study_4k.sh; any context size): per-cell F1 with bootstrap intervals and paired tests against the
 full cache (both protocols when STUDY_DIR also holds e_std_ctx, a --protocol context_only run, with each of its
 cells paired against the same cell of e_std), and the trained methods over 3 training seeds, as markdown on stdout. Reads the runs through the report
 tool's reader and statistics. Usage: /usr/bin/python3 scripts/study_4k_tables.py STUDY_DIR (run names in
@@ -52,13 +52,15 @@ hdr = ("| method | budget | F1 [95% bootstrap] | n | ΔF1 vs reference [95% pair
 # --protocol context_only). Each is paired against its own full cache; then each cell of e_std_ctx is
 # paired with the same method and budget of e_std.
 std = read_run(f"{D}/e_std/run.h5")
+ctx = std.cells[0].context_size if std.cells else -1
+K = f"{ctx // 1024}K" if ctx > 0 and ctx % 1024 == 0 else f"{ctx} tokens"
 ref = next(iter(cells(std, "full").values()))
 tf_runs = [("e_std", std)]
 if os.path.exists(f"{D}/e_std_ctx/run.h5"):
     tf_runs.append(("e_std_ctx", read_run(f"{D}/e_std_ctx/run.h5")))
 for name, run in tf_runs:
     rref = next(iter(cells(run, "full").values()))
-    print(f"## Training-free methods on the long model, 4K, protocol {run.protocol or '?'} ({name}), "
+    print(f"## Training-free methods on the long model, {K}, protocol {run.protocol or '?'} ({name}), "
           f"{len(rref['f1'])} examples; reference: the full cache\n")
     print(hdr)
     for m in run.eval:
@@ -95,7 +97,8 @@ if len(tf_runs) == 2:
                   f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {n10} / {n01}, p = {p:.2g} |")
     print()
 
-print("## Trained methods, 3 training seeds (fine-tuned from the long model), 4K, same 200 examples\n")
+print(f"## Trained methods, training seeds 1234, 2, 3 where present (fine-tuned from the long model), {K}, "
+      f"the same {len(ref['f1'])} examples\n")
 print(hdr.replace("vs reference", "vs the same seed's control (full cache)").replace("only ref", "only control"))
 per = {}
 for s in ("1234", "2", "3"):
