@@ -349,7 +349,7 @@ std::int64_t train(const Options& opt, Transformer& model, TrainableModel& tm, A
   tc.log_every = opt.log_every;
   tc.seed = opt.seed;
   tc.peak_gflops = measure_sgemm_peak();
-  std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm peak now %.0f GFLOP/s\n",
+  std::printf("dsrsq: training %s (%lld parameters) for %lld steps from step %lld; sgemm now %.0f GFLOP/s (the progress line's yardstick)\n",
               tm.config_str().c_str(), static_cast<long long>(tm.flat_params().numel()), static_cast<long long>(tc.steps),
               static_cast<long long>(start), tc.peak_gflops);
   DataParallel dp;

@@ -169,11 +169,14 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<A
 }  // namespace
 
 const MethodInfo& atskv_method() {
-  static const MethodInfo info{"atskv",
-                               "ATSKV: learned token relevance, quantile threshold under a byte cap, passive tier (predictor trained on a frozen standard backbone)",
-                               "ATSKV study (chchenhui/mlrbench proposal, fixed as in ALGORITHMS.md 11)",
-                               Backbone::own, true, {}, true, {}, &knobs, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "atskv",
+                               .summary = "ATSKV: learned token relevance, quantile threshold under a byte cap, passive tier (predictor trained on a frozen standard backbone)",
+                               .source = "ATSKV study (chchenhui/mlrbench proposal, fixed as in ALGORITHMS.md 11)",
+                               .backbone = Backbone::own,
+                               .trainable = true,
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -154,18 +154,14 @@ std::unique_ptr<Method> make(const MethodContext& c) {
 }  // namespace
 
 const MethodInfo& attention_rag_method() {
-  static const MethodInfo info{"attention_rag",
-                               "AttentionRAG: [ANS]-row attention of per-chunk scoring passes keeps whole sentences up to --kv_budget",
-                               "DSRSQ paper (AttentionRAG, arXiv 2503.10720)",
-                               Backbone::standard,
-                               false,
-                               {},
-                               false,
-                               "its focal token attends from the question's [ANS]",
-                               &knobs,
-                               &make,
-                               /*own_architecture=*/false,
-                               /*device_ready=*/true};
+  static const MethodInfo info{.name = "attention_rag",
+                               .summary = "AttentionRAG: [ANS]-row attention of per-chunk scoring passes keeps whole sentences up to --kv_budget",
+                               .source = "DSRSQ paper (AttentionRAG, arXiv 2503.10720)",
+                               .query_agnostic = false,
+                               .needs_question = "its focal token attends from the question's [ANS]",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -272,20 +272,18 @@ DsrsqModel* dsrsq_model_of(Method& m) {
 }
 
 const MethodInfo& dsrsq_method() {
-  static const MethodInfo info{"dsrsq",
-                               "DSR retriever + SQA cluster attention + RCKV cache, HOF loss (trains from a standard checkpoint)",
-                               "DSRSQ paper",
-                               Backbone::own,
-                               true,
-                               {"full_model", "no_dsr", "no_sqa", "no_rckv"},
-                               false,
-                               "its retriever scores every context token against the question",
-                               &knobs,
-                               &make,
-                               /*own_architecture=*/false,
-                               /*device_ready=*/false,
-                               "its DSR scorer, RCKV cache and SQA clustering run on the CPU backend and need ops the "
-                               "CUDA backend does not implement: conv_project, sym_eigen, lowrank_recon, host_tasks"};
+  static const MethodInfo info{.name = "dsrsq",
+                               .summary = "DSR retriever + SQA cluster attention + RCKV cache, HOF loss (trains from a standard checkpoint)",
+                               .source = "DSRSQ paper",
+                               .backbone = Backbone::own,
+                               .trainable = true,
+                               .variants = {"full_model", "no_dsr", "no_sqa", "no_rckv"},
+                               .query_agnostic = false,
+                               .needs_question = "its retriever scores every context token against the question",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_note = "its DSR scorer, RCKV cache and SQA clustering run on the CPU backend and need ops the "
+                                              "CUDA backend does not implement: conv_project, sym_eigen, lowrank_recon, host_tasks"};
   return info;
 }
 

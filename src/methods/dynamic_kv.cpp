@@ -50,11 +50,12 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<S
 }  // namespace
 
 const MethodInfo& dynamic_kv_method() {
-  static const MethodInfo info{"dynamic_kv",
-                               "DynamicKV: SnapKV scores, per-layer shares reallocated by a cross-layer top-k, sized from --kv_budget",
-                               "ATSKV study (Zhou et al. 2024, DreamMr/DynamicKV)",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "dynamic_kv",
+                               .summary = "DynamicKV: SnapKV scores, per-layer shares reallocated by a cross-layer top-k, sized from --kv_budget",
+                               .source = "ATSKV study (Zhou et al. 2024, DreamMr/DynamicKV)",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -200,19 +200,16 @@ std::unique_ptr<Method> make(const MethodContext& c) {
 }  // namespace
 
 const MethodInfo& gca_method() {
-  static const MethodInfo info{"gca",
-                               "grouped cross attention (DRT): landmark per chunk, windowed self-attention, top-k chunk "
-                               "retrieval read by cross attention (trains its own model)",
-                               "Hu et al. 2024, arXiv 2410.01651",
-                               Backbone::own,
-                               true,
-                               {},
-                               true,
-                               {},
-                               &knobs,
-                               &make,
-                               /*own_architecture=*/true,
-                               /*device_ready=*/true};
+  static const MethodInfo info{.name = "gca",
+                               .summary = "grouped cross attention (DRT): landmark per chunk, windowed self-attention, top-k chunk "
+                                          "retrieval read by cross attention (trains its own model)",
+                               .source = "Hu et al. 2024, arXiv 2410.01651",
+                               .backbone = Backbone::own,
+                               .trainable = true,
+                               .knobs = &knobs,
+                               .make = &make,
+                               .own_architecture = true,
+                               .device_ready = true};
   return info;
 }
 

@@ -165,10 +165,10 @@ struct MethodInfo {
   std::string_view source;     // where it comes from (paper, study), for --help
   Backbone backbone = Backbone::standard;
   bool trainable = false;      // --model accepts it: the run trains it
-  std::vector<std::string> variants;  // ablation variants (--ablation)
+  std::vector<std::string> variants{};  // ablation variants (--ablation)
   // Runs under the query-agnostic protocol (--protocol context_only); if not, why.
   bool query_agnostic = true;
-  std::string_view needs_question;
+  std::string_view needs_question{};
   std::shared_ptr<MethodKnobs> (*knobs)() = nullptr;  // its settings; null: none
   std::unique_ptr<Method> (*make)(const MethodContext&) = nullptr;
   // Its own architecture, not the standard Transformer (GCA): it decodes
@@ -182,7 +182,7 @@ struct MethodInfo {
   bool device_ready = false;
   // Not device-ready: what stands in the way, beyond host reads (for the
   // refusal message). Empty: nothing more to say.
-  std::string_view device_note;
+  std::string_view device_note{};
 };
 
 // The table, in report order.

@@ -53,12 +53,13 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<S
 }  // namespace
 
 const MethodInfo& pyramid_method() {
-  static const MethodInfo info{"pyramid",
-                               "PyramidKV: SnapKV window scores, per-layer budgets falling linearly bottom to top, "
-                               "sized from --kv_budget",
-                               "Cai et al. 2024, arXiv 2406.02069 (budgets as kvpress)",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "pyramid",
+                               .summary = "PyramidKV: SnapKV window scores, per-layer budgets falling linearly bottom to top, "
+                                          "sized from --kv_budget",
+                               .source = "Cai et al. 2024, arXiv 2406.02069 (budgets as kvpress)",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -95,18 +95,14 @@ std::unique_ptr<Method> make(const MethodContext& c) {
 }  // namespace
 
 const MethodInfo& rag_method() {
-  static const MethodInfo info{"rag",
-                               "BM25-retrieved sentence-aligned chunks up to --kv_budget, in document order, full cache over them",
-                               "DSRSQ paper (traditional RAG baseline)",
-                               Backbone::standard,
-                               false,
-                               {},
-                               false,
-                               "its retriever scores the context's chunks against the question",
-                               &knobs,
-                               &make,
-                               /*own_architecture=*/false,
-                               /*device_ready=*/true};
+  static const MethodInfo info{.name = "rag",
+                               .summary = "BM25-retrieved sentence-aligned chunks up to --kv_budget, in document order, full cache over them",
+                               .source = "DSRSQ paper (traditional RAG baseline)",
+                               .query_agnostic = false,
+                               .needs_question = "its retriever scores the context's chunks against the question",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

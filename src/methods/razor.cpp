@@ -102,12 +102,13 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<R
 }  // namespace
 
 const MethodInfo& razor_method() {
-  static const MethodInfo info{"razor",
-                               "RazorAttention: retrieval heads (echo/induction, calibrated on random tokens) keep all; "
-                               "others keep sinks + recent + a compensation slot, sized from --kv_budget",
-                               "Tang et al. 2024, arXiv 2407.15891",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "razor",
+                               .summary = "RazorAttention: retrieval heads (echo/induction, calibrated on random tokens) keep all; "
+                                          "others keep sinks + recent + a compensation slot, sized from --kv_budget",
+                               .source = "Tang et al. 2024, arXiv 2407.15891",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -37,11 +37,12 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<S
 }  // namespace
 
 const MethodInfo& rocket_kv_method() {
-  static const MethodInfo info{"rocket_kv",
-                               "RocketKV: SnapKV++ prompt eviction + page-bound top-k sparse decode attention, sized from --kv_budget",
-                               "ATSKV study (Behnam et al. 2025, NVlabs/RocketKV)",
-                               Backbone::standard, false, {}, true, {}, &knobs, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "rocket_kv",
+                               .summary = "RocketKV: SnapKV++ prompt eviction + page-bound top-k sparse decode attention, sized from --kv_budget",
+                               .source = "ATSKV study (Behnam et al. 2025, NVlabs/RocketKV)",
+                               .knobs = &knobs,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -12,9 +12,11 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<K
 }  // namespace
 
 const MethodInfo& sliding_window_method() {
-  static const MethodInfo info{"sliding_window", "attention sinks + recent window (StreamingLLM), sized from --kv_budget",
-                               "ATSKV study", Backbone::standard, false, {}, true, {}, nullptr, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "sliding_window",
+                               .summary = "attention sinks + recent window (StreamingLLM), sized from --kv_budget",
+                               .source = "ATSKV study",
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

@@ -14,16 +14,21 @@ std::unique_ptr<Method> make(const MethodContext& c) { return std::make_unique<K
 }  // namespace
 
 const MethodInfo& standard_method() {
-  static const MethodInfo info{"standard", "the standard transformer, full KV cache (trains the standard backbone)",
-                               "DSRSQ paper", Backbone::standard, true, {}, true, {}, nullptr, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "standard",
+                               .summary = "the standard transformer, full KV cache (trains the standard backbone)",
+                               .source = "DSRSQ paper",
+                               .trainable = true,
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 
 const MethodInfo& full_method() {
-  static const MethodInfo info{"full", "full KV cache on the standard checkpoint", "ATSKV study",
-                               Backbone::standard, false, {}, true, {}, nullptr, &make,
-                               /*own_architecture=*/false, /*device_ready=*/true};
+  static const MethodInfo info{.name = "full",
+                               .summary = "full KV cache on the standard checkpoint",
+                               .source = "ATSKV study",
+                               .make = &make,
+                               .device_ready = true};
   return info;
 }
 

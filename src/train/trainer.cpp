@@ -170,7 +170,7 @@ std::int64_t Trainer::run(std::int64_t start_step, const TrainCallbacks& cb) {
       const double eta = ema_dt * static_cast<double>(cfg_.steps - s - 1);
       char comm[48] = "";
       if (dp_.all()) std::snprintf(comm, sizeof comm, " (compute %.1f + comm %.1f)", (dt - st.comm_seconds) * 1e3, st.comm_seconds * 1e3);
-      std::printf("step %5lld/%lld | loss %.4f (answer %.4f) | lr %.2e | norm %.3f | %6.1f ms%s | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of sgemm peak %.0f) | ETA %.0f s\n",
+      std::printf("step %5lld/%lld | loss %.4f (answer %.4f) | lr %.2e | norm %.3f | %6.1f ms%s | %7.0f tok/s | %5.1f GFLOP/s (%4.1f%% of the start's sgemm %.0f) | ETA %.0f s\n",
                   static_cast<long long>(s + 1), static_cast<long long>(cfg_.steps), loss, st.task_loss, lr, norm, dt * 1e3,
                   comm, st.tokens_per_s, st.gflops, cfg_.peak_gflops > 0 ? 100.0 * st.gflops / cfg_.peak_gflops : 0.0,
                   cfg_.peak_gflops, eta);

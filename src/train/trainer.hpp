@@ -33,7 +33,9 @@ struct TrainConfig {
   std::int64_t position_range = 0;
   std::int64_t val_every = 50, log_every = 10;
   std::uint64_t seed = 0;
-  double peak_gflops = 0;  // sgemm peak measured at start (progress line)
+  // The sgemm rate measured once at start (progress line). On a shared machine
+  // the start may be loaded and a step faster: the share can pass 100%.
+  double peak_gflops = 0;
 };
 
 // loss: the optimised objective (answer tokens weigh 1, context/query tokens
