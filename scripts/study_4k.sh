@@ -11,7 +11,8 @@
 # Env: STUDY_SEEDS ("1234 2 3"), STUDY_N (200), STUDY_CONTEXT (4096), STUDY_BUDGETS ("0.5 0.25 0.125 0.0625
 # 0.03125"), STUDY_TRAINED_BUDGET (0.125: the trained methods' budget; ATSKV is evaluated at every budget),
 # LONG_FT_STEPS (400), STUDY_ATSKV_STEPS (150), STUDY_JOBS (2: runs at a time, each on
-# OMP_NUM_THREADS=STUDY_THREADS, default 1), DSRSQ_BIN (build/dsrsq), STUDY_METHODS (the training-free methods:
+# OMP_NUM_THREADS=STUDY_THREADS, default 1), DSRSQ_BIN (build/dsrsq), STUDY_CONFIG (configs/long.ini: the data,
+# model and schedule every run reads), STUDY_DSRSQ_KNOBS (configs/dsrsq_debug.ini's DSRSQ settings), STUDY_METHODS (the training-free methods:
 # "full sliding_window rag attention_rag razor pyramid dynamic_kv rocket_kv"), STUDY_PROTOCOLS ("query_aware
 # context_only"), STUDY_EVAL_DIR (OUT_DIR: where the evaluations go; the trainings stay in OUT_DIR, so another
 # context size reuses them: STUDY_CONTEXT=8192 STUDY_EVAL_DIR=OUT_DIR/ctx8192 scripts/study_4k.sh LONG OUT_DIR).
@@ -37,12 +38,15 @@ as="${STUDY_ATSKV_STEPS:-150}"
 jobs="${STUDY_JOBS:-2}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" OMP_NUM_THREADS="${STUDY_THREADS:-1}"
 mkdir -p "$out" "$edir"
+config="${STUDY_CONFIG:-configs/long.ini}"
+[ -f "$config" ] || { echo "$0: no config '$config' (STUDY_CONFIG)" >&2; exit 2; }
 # DSRSQ's settings: configs/dsrsq_debug.ini's [dsrsq] section, as options.
-dsrsq_knobs=(--dsr_d_r 32 --dsr_base_budget 0.25 --dsr_alpha 0.5 --dsr_span 8 --dsr_lambda 0.1 --sqa_clusters 8
-  --sqa_top_clusters 4 --rckv_d_c 32 --rckv_buffer 0 --rckv_window 16 --hof_weights 1.0 0.5 0.3 0.2 --hof_ramp 300)
-ev=(eval --config configs/long.ini --seed 1234 --eval_context_sizes "${STUDY_CONTEXT:-4096}" --num_test "${STUDY_N:-200}"
+read -r -a dsrsq_knobs <<< "${STUDY_DSRSQ_KNOBS:---dsr_d_r 32 --dsr_base_budget 0.25 --dsr_alpha 0.5 --dsr_span 8 \
+--dsr_lambda 0.1 --sqa_clusters 8 --sqa_top_clusters 4 --rckv_d_c 32 --rckv_buffer 0 --rckv_window 16 \
+--hof_weights 1.0 0.5 0.3 0.2 --hof_ramp 300}"
+ev=(eval --config "$config" --seed 1234 --eval_context_sizes "${STUDY_CONTEXT:-4096}" --num_test "${STUDY_N:-200}"
   --output_dir "$edir" --no_report)
-tr=(train --config configs/long.ini --init_from "$long" --steps "$ft" --checkpoint_every "$ft" --learning_rate 1e-3
+tr=(train --config "$config" --init_from "$long" --steps "$ft" --checkpoint_every "$ft" --learning_rate 1e-3
   --output_dir "$out" --no_report)
 t0=$SECONDS
 failed=0
@@ -72,7 +76,7 @@ fi
 for s in "${seeds[@]}"; do
   run "control_s$s" "$out" "${tr[@]}" --seed "$s"
   run "dsrsq_s$s" "$out" "${tr[@]}" --seed "$s" --model dsrsq "${dsrsq_knobs[@]}"
-  run "atskv_s$s" "$out" train --config configs/long.ini --model atskv --init_from "$long" --steps "$as" \
+  run "atskv_s$s" "$out" train --config "$config" --model atskv --init_from "$long" --steps "$as" \
     --checkpoint_every "$as" --seed "$s" --output_dir "$out" --no_report
 done
 run dsrsq_compact "$out" "${tr[@]}" --seed "${seeds[0]}" --model dsrsq "${dsrsq_knobs[@]}" --dsr_positions compact

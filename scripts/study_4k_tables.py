@@ -101,9 +101,10 @@ print(f"## Trained methods, training seeds 1234, 2, 3 where present (fine-tuned 
       f"the same {len(ref['f1'])} examples\n")
 print(hdr.replace("vs reference", "vs the same seed's control (full cache)").replace("only ref", "only control"))
 per = {}
+tb = None  # the trained methods' budget: the one the control was evaluated at (scripts/study_4k.sh: 0.125)
 for s in ("1234", "2", "3"):
     try:
-        ctrl = cells(read_run(f"{D}/e_control_s{s}/run.h5"), "full")["0.125"]
+        tb, ctrl = next(iter(cells(read_run(f"{D}/e_control_s{s}/run.h5"), "full").items()))
     except Exception as e:  # noqa
         print(f"<!-- control {s}: {e} -->"); continue
     per.setdefault("control", []).append(ctrl)
@@ -113,7 +114,7 @@ for s in ("1234", "2", "3"):
         except Exception as e:  # noqa
             print(f"<!-- {run}: {e} -->"); continue
         for b, c in cs.items():
-            if m == "atskv" and b != "0.125":
+            if m == "atskv" and b != tb:
                 continue
             per.setdefault((name, b), []).append(c)
             # DSRSQ's backbone was fine-tuned: its reference is the control of the same seed; ATSKV's predictor
@@ -122,10 +123,10 @@ for s in ("1234", "2", "3"):
                       ref if m == "atskv" else ctrl))
     print(row(f"control seed {s} vs the long model's full cache", "1 (all)", ctrl, ref))
 try:
-    c = cells(read_run(f"{D}/e_dsrsq_compact/run.h5"), "dsrsq")["0.125"]
-    ctrl = cells(read_run(f"{D}/e_control_s1234/run.h5"), "full")["0.125"]
-    print(row("dsrsq, compact positions, seed 1234", "0.125", c, ctrl))
-    o = cells(read_run(f"{D}/e_dsrsq_s1234/run.h5"), "dsrsq")["0.125"]
+    c = cells(read_run(f"{D}/e_dsrsq_compact/run.h5"), "dsrsq")[tb]
+    ctrl = cells(read_run(f"{D}/e_control_s1234/run.h5"), "full")[tb]
+    print(row("dsrsq, compact positions, seed 1234", tb, c, ctrl))
+    o = cells(read_run(f"{D}/e_dsrsq_s1234/run.h5"), "dsrsq")[tb]
     d, lo, hi, _ = ST.paired_bootstrap(c["f1"], o["f1"]); n01, n10, p = ST.mcnemar_exact(c["em"], o["em"])
     print(f"\ncompact - original positions (seed 1234): ΔF1 {d:+.3f} [{lo:+.3f}, {hi:+.3f}], McNemar {n10} / {n01}, p = {p:.2g}")
 except Exception as e:  # noqa
