@@ -91,6 +91,18 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
             assert list(f["eval"]), name
     assert "96 tokens" in (out / "ctx96" / "tables.md").read_text()
 
+    # The table across sizes (scripts/study_sizes_table.py): one column per size, each method's row in both where
+    # it ran in both, and only the asked budget.
+    t = subprocess.run(["/usr/bin/python3", str(SRC / "scripts" / "study_sizes_table.py"), "--budget", "0.125",
+                        str(out), str(out / "ctx96")], capture_output=True, text=True, timeout=120)
+    assert t.returncode == 0, t.stderr
+    lines = t.stdout.splitlines()
+    assert f"| method | budget | 64 tokens (n = {N}) | 96 tokens (n = {N}) |" in lines
+    by = {tuple(x.strip() for x in ln.split("|")[1:3]): ln.count("[") for ln in lines if ln.startswith("| ")}
+    assert by[("full", "1 (all)")] == 2 and by[("rag", "0.125")] == 2 and by[("dsrsq seed 2", "0.125")] == 2
+    assert by[("sliding_window", "0.125")] == 1  # not run at 96 tokens
+    assert ("rag", "0.5") not in by
+
 
 def test_study_4k_refuses_a_missing_checkpoint(tmp_path):
     r = study(tmp_path, tmp_path / "none.h5", tmp_path / "study")
