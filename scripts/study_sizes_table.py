@@ -2,8 +2,9 @@
 size), as markdown on stdout. Each cell: F1 [95% bootstrap] and the paired test against the reference of the same
 size and examples: the long model's full cache for training-free methods and ATSKV, the same seed's control for
 DSRSQ. Reads the runs through the report tool's reader and statistics.
-Usage: /usr/bin/python3 scripts/study_sizes_table.py [--budget B] DIR [DIR ...]   (e.g. STUDY STUDY/ctx8192
-STUDY/ctx16384; --budget: only that budget's cells, e.g. 0.125)"""
+Usage: /usr/bin/python3 scripts/study_sizes_table.py [--budget B] [--plot PNG] DIR [DIR ...]   (e.g. STUDY
+STUDY/ctx8192 STUDY/ctx16384; --budget: only that budget's cells, e.g. 0.125; --plot: also F1 against context
+size per method, with the intervals, for the first seed of each trained method)"""
 import os
 import sys
 
@@ -14,11 +15,15 @@ from dsrsq_report.reader import read_run
 from dsrsq_report import stats as ST
 
 args = sys.argv[1:]
-only = None
-if len(args) >= 2 and args[0] == "--budget":
-    only, args = args[1], args[2:]
+only = plot = None
+while len(args) >= 2 and args[0] in ("--budget", "--plot"):
+    if args[0] == "--budget":
+        only = args[1]
+    else:
+        plot = args[1]
+    args = args[2:]
 if not args:
-    sys.exit("usage: study_sizes_table.py [--budget B] DIR [DIR ...]")
+    sys.exit("usage: study_sizes_table.py [--budget B] [--plot PNG] DIR [DIR ...]")
 
 
 def cells(path, method):
@@ -40,6 +45,7 @@ def cells(path, method):
 
 def cell_text(c, ref):
     m, lo, hi = ST.bootstrap_mean_ci(c["f1"])
+    curve.setdefault(current, {})[c["ctx"]] = (m, lo, hi)
     if ref is None:
         return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
     assert c["ids"] == ref["ids"], "not the same examples"
@@ -50,6 +56,7 @@ def cell_text(c, ref):
 
 dirs = args
 rows, heads = {}, []
+curve, current = {}, None  # (method, budget) -> {context: (F1, lo, hi)}: the plot's points
 for d in dirs:
     full = cells(f"{d}/e_std/run.h5", "full")
     ref = next(iter(full.values())) if full else None
@@ -68,6 +75,7 @@ for d in dirs:
             if only is not None and m != "full" and b != only:
                 continue
             key = (name, "1 (all)" if m == "full" else b)
+            current = key
             rows.setdefault(key, {})[d] = cell_text(c, None if name == "full" else r)
 
 print("Each cell: F1 [95% bootstrap]; ΔF1 against its reference (the full cache; for DSRSQ the same seed's "
@@ -76,3 +84,30 @@ print("| method | budget | " + " | ".join(heads) + " |")
 print("|---|---|" + "---|" * len(dirs))
 for (name, b), per in rows.items():
     print(f"| {name} | {b} | " + " | ".join(per.get(d, "") for d in dirs) + " |")
+
+if plot:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.6, 4.0))
+    colors = iter(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
+    for (name, b), pts in curve.items():
+        if (" seed " in name and not name.endswith("seed 1234")) or "compact" in name or len(pts) < 2:
+            continue
+        xs = sorted(pts)
+        ys = np.array([pts[x][0] for x in xs])
+        err = np.array([[pts[x][0] - pts[x][1] for x in xs], [pts[x][2] - pts[x][0] for x in xs]])
+        style = dict(lw=2.2, color="black") if name == "full" else dict(lw=1.2, color=next(colors))
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=name.replace(" seed 1234", ""), **style)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x for pts in curve.values() for x in pts})
+    ax.set_xticks(ticks, [f"{x // 1024}K" if x % 1024 == 0 else str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("F1 (95% bootstrap)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"F1 against context length" + (f", budget {only}" if only else ""), fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(plot, dpi=90)
+    print(f"\n(plot: {plot})")

@@ -94,8 +94,10 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
     # The table across sizes (scripts/study_sizes_table.py): one column per size, each method's row in both where
     # it ran in both, and only the asked budget.
     t = subprocess.run(["/usr/bin/python3", str(SRC / "scripts" / "study_sizes_table.py"), "--budget", "0.125",
-                        str(out), str(out / "ctx96")], capture_output=True, text=True, timeout=120)
+                        "--plot", str(tmp_path / "sizes.png"), str(out), str(out / "ctx96")],
+                       capture_output=True, text=True, timeout=120)
     assert t.returncode == 0, t.stderr
+    assert (tmp_path / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = t.stdout.splitlines()
     assert f"| method | budget | 64 tokens (n = {N}) | 96 tokens (n = {N}) |" in lines
     by = {tuple(x.strip() for x in ln.split("|")[1:3]): ln.count("[") for ln in lines if ln.startswith("| ")}
