@@ -2,8 +2,9 @@
 # The 4K study of docs/RESULTS.md (issue 13) on one long model, as one command (any context size: STUDY_CONTEXT):
 #   training-free methods (five budgets, both protocols; RAG at original positions too), and, for each training
 #   seed, the trained methods: a control (the standard model fine-tuned LONG_FT_STEPS more steps), DSRSQ
-#   fine-tuned the same steps (configs/dsrsq_debug.ini's DSRSQ settings) and ATSKV's predictor on the frozen
-#   long model; DSRSQ with compact positions at the first seed. Every evaluation scores the same examples
+#   fine-tuned the same steps (configs/dsrsq_debug.ini's DSRSQ settings), GCA started from the long model
+#   (--gca_init standard) and trained the same steps, and ATSKV's predictor on the frozen long model; DSRSQ with
+#   compact positions at the first seed. Every evaluation scores the same examples
 #   (--seed 1234, --num_test STUDY_N) at STUDY_CONTEXT tokens, so every cell pairs with every other.
 # Then scripts/study_4k_tables.py prints the tables (bootstrap intervals, paired tests against the full cache
 # and against the same seed's control).
@@ -12,7 +13,8 @@
 # 0.03125"), STUDY_TRAINED_BUDGET (0.125: the trained methods' budget; ATSKV is evaluated at every budget),
 # LONG_FT_STEPS (400), STUDY_ATSKV_STEPS (150), STUDY_JOBS (2: runs at a time, each on
 # OMP_NUM_THREADS=STUDY_THREADS, default 1), DSRSQ_BIN (build/dsrsq), STUDY_CONFIG (configs/long.ini: the data,
-# model and schedule every run reads), STUDY_DSRSQ_KNOBS (configs/dsrsq_debug.ini's DSRSQ settings), STUDY_METHODS (the training-free methods:
+# model and schedule every run reads), STUDY_DSRSQ_KNOBS (configs/dsrsq_debug.ini's DSRSQ settings), STUDY_GCA_KNOBS
+# ("--gca_init standard": GCA's settings; the chunk, top-k and window are the registry's), STUDY_METHODS (the training-free methods:
 # "full sliding_window rag attention_rag razor pyramid dynamic_kv rocket_kv"), STUDY_PROTOCOLS ("query_aware
 # context_only"), STUDY_EVAL_DIR (OUT_DIR: where the evaluations go; the trainings stay in OUT_DIR, so another
 # context size reuses them: STUDY_CONTEXT=8192 STUDY_EVAL_DIR=OUT_DIR/ctx8192 scripts/study_4k.sh LONG OUT_DIR).
@@ -44,6 +46,7 @@ config="${STUDY_CONFIG:-configs/long.ini}"
 read -r -a dsrsq_knobs <<< "${STUDY_DSRSQ_KNOBS:---dsr_d_r 32 --dsr_base_budget 0.25 --dsr_alpha 0.5 --dsr_span 8 \
 --dsr_lambda 0.1 --sqa_clusters 8 --sqa_top_clusters 4 --rckv_d_c 32 --rckv_buffer 0 --rckv_window 16 \
 --hof_weights 1.0 0.5 0.3 0.2 --hof_ramp 300}"
+read -r -a gca_knobs <<< "${STUDY_GCA_KNOBS:---gca_init standard}"
 ev=(eval --config "$config" --seed 1234 --eval_context_sizes "${STUDY_CONTEXT:-4096}" --num_test "${STUDY_N:-200}"
   --output_dir "$edir" --no_report)
 tr=(train --config "$config" --init_from "$long" --steps "$ft" --checkpoint_every "$ft" --learning_rate 1e-3
@@ -76,6 +79,7 @@ fi
 for s in "${seeds[@]}"; do
   run "control_s$s" "$out" "${tr[@]}" --seed "$s"
   run "dsrsq_s$s" "$out" "${tr[@]}" --seed "$s" --model dsrsq "${dsrsq_knobs[@]}"
+  run "gca_s$s" "$out" "${tr[@]}" --seed "$s" --model gca "${gca_knobs[@]}"
   run "atskv_s$s" "$out" train --config "$config" --model atskv --init_from "$long" --steps "$as" \
     --checkpoint_every "$as" --seed "$s" --output_dir "$out" --no_report
 done
@@ -88,6 +92,8 @@ for s in "${seeds[@]}"; do
   run "e_control_s$s" "$edir" "${ev[@]}" --init_from "$out/control_s$s/ckpt_$ft.h5" --kv_budget "$tb" --methods full
   run "e_dsrsq_s$s" "$edir" "${ev[@]}" --model dsrsq --init_from "$out/dsrsq_s$s/ckpt_$ft.h5" "${dsrsq_knobs[@]}" \
     --kv_budget "$tb" --methods dsrsq
+  run "e_gca_s$s" "$edir" "${ev[@]}" --model gca --init_from "$out/gca_s$s/ckpt_$ft.h5" "${gca_knobs[@]}" \
+    --kv_budget "$tb" --methods gca
   run "e_atskv_s$s" "$edir" "${ev[@]}" --model atskv --init_from "$out/atskv_s$s/ckpt_$as.h5" --kv_budget "${budgets[@]}" \
     --methods atskv
 done

@@ -108,7 +108,8 @@ for s in ("1234", "2", "3"):
     except Exception as e:  # noqa
         print(f"<!-- control {s}: {e} -->"); continue
     per.setdefault("control", []).append(ctrl)
-    for name, run, m in (("dsrsq", f"e_dsrsq_s{s}", "dsrsq"), ("atskv", f"e_atskv_s{s}", "atskv")):
+    for name, run, m in (("dsrsq", f"e_dsrsq_s{s}", "dsrsq"), ("gca", f"e_gca_s{s}", "gca"),
+                         ("atskv", f"e_atskv_s{s}", "atskv")):
         try:
             cs = cells(read_run(f"{D}/{run}/run.h5"), m)
         except Exception as e:  # noqa
@@ -117,7 +118,8 @@ for s in ("1234", "2", "3"):
             if m == "atskv" and b != tb:
                 continue
             per.setdefault((name, b), []).append(c)
-            # DSRSQ's backbone was fine-tuned: its reference is the control of the same seed; ATSKV's predictor
+            # DSRSQ's backbone and GCA (started from the long model) were fine-tuned: their reference is the
+            # control of the same seed; ATSKV's predictor
             # sits on the frozen long model: its reference is the long model's full cache.
             print(row(f"{name} seed {s}" + (" (vs the long model's full cache)" if m == "atskv" else ""), b, c,
                       ref if m == "atskv" else ctrl))

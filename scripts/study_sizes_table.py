@@ -67,6 +67,7 @@ for d in dirs:
     for s in ("1234", "2", "3"):
         entries += [(f"control seed {s}", f"{d}/e_control_s{s}/run.h5", "full", "full"),
                     (f"dsrsq seed {s}", f"{d}/e_dsrsq_s{s}/run.h5", "dsrsq", s),
+                    (f"gca seed {s}", f"{d}/e_gca_s{s}/run.h5", "gca", s),
                     (f"atskv seed {s}", f"{d}/e_atskv_s{s}/run.h5", "atskv", "full")]
     entries.append(("dsrsq compact positions, seed 1234", f"{d}/e_dsrsq_compact/run.h5", "dsrsq", "1234"))
     for name, path, m, against in entries:
@@ -78,8 +79,8 @@ for d in dirs:
             current = key
             rows.setdefault(key, {})[d] = cell_text(c, None if name == "full" else r)
 
-print("Each cell: F1 [95% bootstrap]; ΔF1 against its reference (the full cache; for DSRSQ the same seed's "
-      "control), McNemar on EM (only this / only the reference), p.\n")
+print("Each cell: F1 [95% bootstrap]; ΔF1 against its reference (the full cache; for DSRSQ and GCA the same "
+      "seed's control), McNemar on EM (only this / only the reference), p.\n")
 print("| method | budget | " + " | ".join(heads) + " |")
 print("|---|---|" + "---|" * len(dirs))
 for (name, b), per in rows.items():

@@ -825,10 +825,23 @@ int run_experiment(const Options& opt, int rank, int world) {
       from_host<float>(be, init->params, standard->flat_params());
     }
     // An own-architecture method started from a standard checkpoint keeps its
-    // own initialisation (the checkpoint is the other methods' backbone).
-    if (init && start == 0 && static_cast<std::int64_t>(init->params.size()) == tm.flat_params().numel()) {
+    // own initialisation (the checkpoint is the other methods' backbone),
+    // unless its setting says it starts what it shares with the standard model from it.
+    const bool own_init =
+        init && start == 0 && static_cast<std::int64_t>(init->params.size()) == tm.flat_params().numel();
+    if (own_init) {
       from_host<float>(tm.backend(), init->params, tm.flat_params());
       std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
+    }
+    if (ext && method->own_model() && start == 0 && !own_init) {
+      std::unique_ptr<Transformer> from;
+      if (init_is_standard) {
+        from = std::make_unique<Transformer>(mc, be);
+        from_host<float>(be, init->params, from->flat_params());
+      }
+      if (ext->start_from_standard(from.get()))
+        std::printf("dsrsq: %s starts from the standard model %s (step %lld): the parameters they share\n",
+                    opt.model.c_str(), opt.init_from.c_str(), static_cast<long long>(init->step));
     }
     // A checkpoint of the trained method also carries its own parameters (e.g.
     // evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).

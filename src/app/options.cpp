@@ -280,7 +280,7 @@ void validate(const Options& o) {
                       valid.empty() ? std::string("it has none") : "valid: " + valid, ")");
   }
   // Each used method's own settings.
-  methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_seq_len};
+  methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_seq_len, !o.init_from.empty()};
   for (const auto& [name, k] : o.knobs)
     if (name == o.model || std::find(o.methods.begin(), o.methods.end(), name) != o.methods.end()) k->validate(shape);
   DSRSQ_INPUT_CHECK(o.milestone_every >= 0, "option --milestone_every: must be >= 0, got ", o.milestone_every);

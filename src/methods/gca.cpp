@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <memory>
 #include <sstream>
+#include <string>
 
 #include "core/error.hpp"
 #include "methods/gca_model.hpp"
@@ -18,6 +19,7 @@ namespace {
 // Defaults are the debug size (S 15, k 4, W 32); the paper's are S 63, k 8, W 512.
 struct GcaKnobs final : MethodKnobs {
   std::int64_t chunk = 15, topk = 4, window = 32, encoder_layers = 2, encoder_d_ff = 0, lower_layers = 0;
+  std::string init = "own";
 
   void describe(po::options_description& d) override {
     d.add_options()
@@ -26,7 +28,10 @@ struct GcaKnobs final : MethodKnobs {
       ("gca_window", po::value(&window)->default_value(window), "W: self-attention sees the W previous stream entries and itself (paper 512)")
       ("gca_encoder_layers", po::value(&encoder_layers)->default_value(encoder_layers), "bidirectional layers of the chunk encoder (paper 2)")
       ("gca_encoder_d_ff", po::value(&encoder_d_ff)->default_value(encoder_d_ff), "MLP width of the chunk encoder (0: d_ff / 4, keeping the parameter count near the standard model's)")
-      ("gca_lower_layers", po::value(&lower_layers)->default_value(lower_layers), "of --n_layers, the layers below retrieval (0: n_layers / 2); the rest are upper layers with GCA");
+      ("gca_lower_layers", po::value(&lower_layers)->default_value(lower_layers), "of --n_layers, the layers below retrieval (0: n_layers / 2); the rest are upper layers with GCA")
+      ("gca_init", po::value(&init)->default_value(init), "how a fresh GCA model starts: own (its own random initialisation, "
+       "as DRT trains from scratch) or standard (the --init_from standard checkpoint's embedding, layers and final norm; "
+       "GCA's own parts fresh, its output projections zero: GCA trained from a standard model)");
   }
 
   void validate(const RunShape& shape) const override {
@@ -35,6 +40,9 @@ struct GcaKnobs final : MethodKnobs {
     DSRSQ_INPUT_CHECK(window >= 1, "option --gca_window: must be >= 1, got ", window);
     DSRSQ_INPUT_CHECK(encoder_layers >= 1, "option --gca_encoder_layers: must be >= 1, got ", encoder_layers);
     DSRSQ_INPUT_CHECK(encoder_d_ff >= 0, "option --gca_encoder_d_ff: must be >= 0 (0: d_ff / 4), got ", encoder_d_ff);
+    DSRSQ_INPUT_CHECK(init == "own" || init == "standard", "option --gca_init: 'own' or 'standard', got '", init, "'");
+    DSRSQ_INPUT_CHECK(init == "own" || shape.init_from, "option --gca_init standard: needs --init_from a standard "
+                      "checkpoint (the model GCA starts from)");
     DSRSQ_INPUT_CHECK(shape.n_layers >= 2, "option --n_layers: GCA needs >= 2 layers (lower and upper), got ", shape.n_layers);
     DSRSQ_INPUT_CHECK(lower_layers >= 0 && lower_layers < shape.n_layers, "option --gca_lower_layers: must lie in [0, n_layers=",
                       shape.n_layers, "), got ", lower_layers);
@@ -47,6 +55,7 @@ struct GcaKnobs final : MethodKnobs {
     kv["gca_encoder_layers"] = std::to_string(encoder_layers);
     kv["gca_encoder_d_ff"] = std::to_string(encoder_d_ff);
     kv["gca_lower_layers"] = std::to_string(lower_layers);
+    kv["gca_init"] = init;
   }
 
   GcaConfig config(const ModelConfig& mc) const {
@@ -135,6 +144,7 @@ class Gca final : public Method, public TrainingExtension {
  public:
   explicit Gca(const MethodContext& c)
       : cfg_(static_cast<const GcaKnobs*>(c.knobs)->config(c.model.config())),
+        from_standard_(static_cast<const GcaKnobs*>(c.knobs)->init == "standard"),
         model_(std::make_unique<GcaModel>(cfg_, c.backend)) {
     model_->init_weights(c.seed);
   }
@@ -157,6 +167,13 @@ class Gca final : public Method, public TrainingExtension {
   void save(std::map<std::string, std::vector<float>>& extra) const override { extra["gca.config"] = shape(); }
   bool restore(const std::map<std::string, std::vector<float>>& extra) override { return check(extra); }
   bool load_params(const std::map<std::string, std::vector<float>>& extra) override { return check(extra); }
+  bool start_from_standard(Transformer* standard) override {
+    if (!from_standard_) return false;
+    DSRSQ_INPUT_CHECK(standard != nullptr, "option --gca_init standard: needs --init_from a standard checkpoint "
+                                           "(the model GCA starts from)");
+    model_->init_from_standard(*standard);
+    return true;
+  }
   void broadcast(dist::Communicator&, int) override {
     raise_input_error("method gca trains in one process (--dp 1 --sp 1)");
   }
@@ -188,6 +205,7 @@ class Gca final : public Method, public TrainingExtension {
     return true;
   }
   GcaConfig cfg_;
+  bool from_standard_;
   std::unique_ptr<GcaModel> model_;
 };
 

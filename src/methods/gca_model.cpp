@@ -170,6 +170,44 @@ void GcaModel::init_weights(std::uint64_t seed) {
   }
 }
 
+void GcaModel::init_from_standard(Transformer& standard) {
+  const ModelConfig& sc = standard.config();
+  const ModelConfig& gc = cfg_.base;
+  const auto same = [](const char* what, auto a, auto b) {
+    DSRSQ_INPUT_CHECK(a == b, "gca: the standard model's ", what, " is ", a, ", this GCA model's ", b,
+                      " (GCA starts from a standard model of its own shape)");
+  };
+  same("vocab", sc.vocab, gc.vocab);
+  same("d_model", sc.d_model, gc.d_model);
+  same("n_heads", sc.n_heads, gc.n_heads);
+  same("d_ff", sc.d_ff, gc.d_ff);
+  same("n_layers", sc.n_layers, cfg_.n_lower + cfg_.n_upper);
+  same("rope_theta", sc.rope_theta, gc.rope_theta);
+  same("attn_log_base", sc.attn_log_base, gc.attn_log_base);
+  same("ln_eps", sc.ln_eps, gc.ln_eps);
+  DSRSQ_INPUT_CHECK(sc.tied_embedding, "gca: the standard model has an untied output head; GCA's logits are tied to "
+                                       "its token embedding");
+  Backend& sbe = standard.backend();
+  const auto copy = [&](const std::string& from, const TensorView& to) {
+    const TensorView src = standard.param(from).value;
+    DSRSQ_REQUIRE(src.numel() == to.numel(), "gca: ", from, " has ", src.numel(), " values, its GCA place ", to.numel());
+    upload_doubles(be_, host_doubles(sbe, src), to);
+  };
+  const std::int64_t V = gc.vocab, C = gc.d_model;
+  copy("wte", wte_.reshaped(Shape{(V + 1) * C}).rows(0, V * C));
+  static const char* const kBlock[] = {"ln1.weight", "ln1.bias", "attn.wq", "attn.bq",  "attn.wk",  "attn.bk",
+                                       "attn.wv",    "attn.bv",  "attn.wo", "attn.bo",  "ln2.weight", "ln2.bias",
+                                       "mlp.wfc",    "mlp.bfc",  "mlp.wproj", "mlp.bproj"};
+  for (std::int64_t l = 0; l < sc.n_layers; ++l) {
+    const bool lower = l < cfg_.n_lower;
+    const std::string to = lower ? "lower." + std::to_string(l) + "." : "upper." + std::to_string(l - cfg_.n_lower) + ".";
+    for (const char* n : kBlock) copy("h." + std::to_string(l) + "." + n, param(to + n).value);
+  }
+  copy("lnf.weight", lnf_w_);
+  copy("lnf.bias", lnf_b_);
+  for (const Block& u : upper_) be_.fill(u.gwo, 0.0);
+}
+
 void GcaModel::zero_grad() { be_.fill(flat_grads_, 0.0); }
 
 std::int32_t GcaModel::selected(std::int64_t b, std::int64_t c, std::int64_t i) const {

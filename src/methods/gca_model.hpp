@@ -39,6 +39,7 @@
 #include "kv/kv_policy.hpp"
 #include "model/config.hpp"
 #include "model/trainable.hpp"
+#include "model/transformer.hpp"
 
 namespace dsrsq {
 
@@ -66,6 +67,18 @@ class GcaModel final : public TrainableModel {
   DType dtype() const { return dt_; }
   // GPT-2 style: N(0, 0.02) matrices, residual projections / sqrt(2 L), unit norms.
   void init_weights(std::uint64_t seed);
+  // Starts what GCA shares with a standard Transformer of the same shape
+  // (ModelConfig equal but for max_pos; n_layers = n_lower + n_upper) from
+  // its weights: the token embedding (the landmark row keeps its own), layer
+  // l's norms, self-attention and MLP as lower layer l, then upper layer
+  // l - n_lower, and the final norm. GCA's own parts (landmark row, chunk
+  // encoder, memory projections, landmark norm, each upper layer's GCA norm
+  // and Wq) keep their initialisation; each GCA output projection Wo is set
+  // to zero, so the upper layers start as the standard layers (a zero-gated
+  // new branch: it adds nothing until training moves Wo). What still differs
+  // at the start: self-attention sees W + 1 stream entries, and landmarks
+  // enter the stream. Input errors name the mismatching field.
+  void init_from_standard(Transformer& standard);
 
   std::span<Param> params() override { return params_; }
   const Param& param(const std::string& name) const;

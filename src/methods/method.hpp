@@ -36,6 +36,7 @@ namespace po = boost::program_options;
 // What a method's knobs are checked against (the run's shape; no Options).
 struct RunShape {
   std::int64_t d_model = 0, n_heads = 0, n_layers = 0, max_seq_len = 0;
+  bool init_from = false;  // --init_from names a checkpoint
 };
 
 // A method's own settings: bound to options under the method's heading in
@@ -87,6 +88,11 @@ class TrainingExtension {
   virtual bool load_params(const std::map<std::string, std::vector<float>>& extra) = 0;
   // A fresh start with no state of this method: data-dependent initialisation.
   virtual void init_from_data(const std::vector<const Encoded*>& calib, std::int32_t pad_id) {}
+  // A fresh start (no state of this method loaded) of a method with an
+  // architecture of its own: `standard` is the --init_from standard model
+  // (null: the run has none). True when the method started the parameters it
+  // shares with it from it (a setting of the method says whether it does).
+  virtual bool start_from_standard(Transformer* standard) { return false; }
   // Every rank takes rank 0's state.
   virtual void broadcast(dist::Communicator& world, int root) = 0;
   // Installs hooks and model overrides for training; detach() removes them.

@@ -1,6 +1,6 @@
 """End-to-end: scripts/study_4k.sh, the study of docs/RESULTS.md as one command, on configs/tiny.ini (run by CTest,
 see CMakeLists.txt here). A tiny standard checkpoint stands in for the long model; the script trains the control,
-DSRSQ and ATSKV for two seeds, evaluates everything on the same examples and prints the tables
+DSRSQ, GCA and ATSKV for two seeds, evaluates everything on the same examples and prints the tables
 (scripts/study_4k_tables.py). Checked: every run finishes on the same examples, a rerun changes no result and keeps
 the first logs, and a second context size reuses the trainings."""
 import hashlib
@@ -14,22 +14,32 @@ import numpy as np
 SRC = Path(os.environ.get("DSRSQ_SOURCE_DIR", Path(__file__).resolve().parents[2]))
 BIN = Path(os.environ.get("DSRSQ_BIN", SRC / "build" / "dsrsq"))
 TINY = SRC / "configs" / "tiny.ini"
+# tiny.ini with 2 layers: GCA needs a lower and an upper one (written into each test's tmp_path)
+TINY2 = "tiny_2layers.ini"
 SEEDS = ["1234", "2"]
 N = 4
-STUDY_ENV = {"STUDY_CONFIG": str(TINY), "STUDY_SEEDS": " ".join(SEEDS), "STUDY_N": str(N), "STUDY_CONTEXT": "64",
+STUDY_ENV = {"STUDY_SEEDS": " ".join(SEEDS), "STUDY_N": str(N), "STUDY_CONTEXT": "64",
              "STUDY_BUDGETS": "0.5 0.125", "LONG_FT_STEPS": "3", "STUDY_ATSKV_STEPS": "3", "STUDY_JOBS": "2",
              # tests/e2e/test_e2e.py's DSRSQ_SMALL: the debug settings do not fit a 32-wide model
              "STUDY_DSRSQ_KNOBS": "--rckv_d_c 16 --sqa_clusters 4 --sqa_top_clusters 2 --hof_ramp 5",
              "DSRSQ_BIN": str(BIN)}
 ENV = dict(os.environ, DSRSQ_DATASETS=str(SRC / "datasets"), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
            OMP_WAIT_POLICY="PASSIVE")
-TRAININGS = [f"{m}_s{s}" for s in SEEDS for m in ("control", "dsrsq", "atskv")] + ["dsrsq_compact"]
+TRAININGS = [f"{m}_s{s}" for s in SEEDS for m in ("control", "dsrsq", "gca", "atskv")] + ["dsrsq_compact"]
 EVALS = (["e_std", "e_std_ctx", "e_rag_original", "e_dsrsq_compact"] +
-         [f"e_{m}_s{s}" for s in SEEDS for m in ("control", "dsrsq", "atskv")])
+         [f"e_{m}_s{s}" for s in SEEDS for m in ("control", "dsrsq", "gca", "atskv")])
+
+
+def config(tmp_path):
+    p = tmp_path / TINY2
+    text = TINY.read_text()
+    assert "n_layers = 1\n" in text
+    p.write_text(text.replace("n_layers = 1\n", "n_layers = 2\n"))
+    return p
 
 
 def study(tmp_path, ckpt, out, **extra):
-    env = {**ENV, **STUDY_ENV, **extra}
+    env = {**ENV, **STUDY_ENV, "STUDY_CONFIG": str(config(tmp_path)), **extra}
     return subprocess.run(["bash", str(SRC / "scripts" / "study_4k.sh"), str(ckpt), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=280)
 
@@ -44,7 +54,7 @@ def digest(p):
 
 
 def test_study_4k_one_command_rerun_and_second_size(tmp_path):
-    std = subprocess.run([str(BIN), "train", "--config", str(TINY), "--steps", "4", "--checkpoint_every", "4",
+    std = subprocess.run([str(BIN), "train", "--config", str(config(tmp_path)), "--steps", "4", "--checkpoint_every", "4",
                           "--output_dir", str(tmp_path / "std"), "--run_name", "long", "--no_report"],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     ok(std)
@@ -71,6 +81,9 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
     assert "protocol query_aware (e_std)" in tables and "protocol context_only (e_std_ctx)" in tables
     assert "rag (original positions)" in tables
     assert "- control: 2 seeds" in tables and "('dsrsq', '0.125'): 2 seeds" in tables, tables[-2000:]
+    assert "('gca', '0.125'): 2 seeds" in tables and "| gca seed 2 | 0.125 |" in tables, tables[-2000:]
+    # GCA started from the standard checkpoint (--gca_init standard), not from its own random weights
+    assert "gca starts from the standard model" in (out / "gca_s2.log").read_text()
     assert "dsrsq, compact positions, seed 1234" in tables
 
     # A rerun: every run is finished, nothing changes, the first logs stay.
@@ -86,7 +99,7 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
                  STUDY_PROTOCOLS="query_aware", STUDY_METHODS="full rag"))
     assert {n: digest(out / n / "run.h5") for n in TRAININGS} == {n: before[n] for n in TRAININGS}
     assert not (out / "ctx96" / "e_std_ctx").exists()
-    for name in ["e_std", "e_rag_original", "e_control_s2", "e_dsrsq_s1234", "e_atskv_s2"]:
+    for name in ["e_std", "e_rag_original", "e_control_s2", "e_dsrsq_s1234", "e_gca_s2", "e_atskv_s2"]:
         with h5py.File(out / "ctx96" / name / "run.h5", "r") as f:
             assert list(f["eval"]), name
     assert "96 tokens" in (out / "ctx96" / "tables.md").read_text()
@@ -102,6 +115,7 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
     assert f"| method | budget | 64 tokens (n = {N}) | 96 tokens (n = {N}) |" in lines
     by = {tuple(x.strip() for x in ln.split("|")[1:3]): ln.count("[") for ln in lines if ln.startswith("| ")}
     assert by[("full", "1 (all)")] == 2 and by[("rag", "0.125")] == 2 and by[("dsrsq seed 2", "0.125")] == 2
+    assert by[("gca seed 1234", "0.125")] == 2
     assert by[("sliding_window", "0.125")] == 1  # not run at 96 tokens
     assert ("rag", "0.5") not in by
 

@@ -10,7 +10,10 @@
 //  (e) self-attention sees W + 1 stream entries: changing an older token
 //      leaves the logits unchanged;
 //  (f) a training run resumed from its checkpoint ends with the same
-//      parameters as the uninterrupted run.
+//      parameters as the uninterrupted run;
+//  (g) started from a standard model (--gca_init standard), GCA computes that
+//      model's logits wherever the two models can agree (no landmark yet, the
+//      window covers the sequence), keeps its own parts and zeroes Wo.
 #define BOOST_TEST_MODULE dsrsq_gca
 #include <boost/test/unit_test.hpp>
 
@@ -448,4 +451,78 @@ BOOST_AUTO_TEST_CASE(resumed_training_gives_the_same_parameters) {
   const std::vector<float> resumed = run(3, &mid, nullptr);
   BOOST_TEST(std::memcmp(straight.data(), resumed.data(), straight.size() * sizeof(float)) == 0,
              "resumed run differs from the uninterrupted one");
+}
+
+// ---- (g) starting from a standard model ----------------------------------------------------
+// Before the first landmark (T < S) and with the window covering the sequence
+// (W + 1 >= T), the stream is the token sequence, every self-attention sees
+// what the standard model's causal attention sees, and GCA reads no chunk
+// (its output is 0 whatever Wo is): the logits must be the standard model's.
+// Both run in f32 with the same ops in another blocking (windowed attention in
+// blocks of W + 1, merged by log-sum-exp), so they differ by f32 rounding:
+// ~1e-7 relative per op, a few hundred ops deep, on logits of size ~1 with
+// weights of sd 0.3: 1e-4 absolute is ~10x that; a wrongly mapped tensor
+// (a swapped layer, bias or norm) moves logits by >= 1e-2.
+BOOST_AUTO_TEST_CASE(started_from_a_standard_model_gives_its_logits_before_the_first_landmark) {
+  GcaConfig cfg = tiny();
+  cfg.chunk = 8;
+  cfg.window = 8;
+  cfg.base.tied_embedding = true;
+  dsrsq::ModelConfig mc = cfg.base;
+  mc.n_layers = cfg.n_lower + cfg.n_upper;
+  dsrsq::Transformer std_model(mc, be());
+  dsrsq::Rng rng(21);
+  for (auto& p : std_model.params())
+    for (std::int64_t i = 0; i < p.value.numel(); ++i)
+      set(p.value, i, is_norm_weight(p.name) ? 1.0 + 0.2 * rng.normal() : 0.3 * rng.normal());
+  GcaModel m(cfg, be(), DType::f32);
+  randomize(m, 4, 0.3);
+  std::vector<float> before(static_cast<std::size_t>(m.flat_params().numel()));
+  for (std::size_t i = 0; i < before.size(); ++i) before[i] = m.flat_params().ptr<float>()[i];
+  m.init_from_standard(std_model);
+
+  // What GCA keeps of its own, and what it took.
+  const std::int64_t C = cfg.base.d_model, V = cfg.base.vocab;
+  std::int64_t off = 0;
+  for (auto& p : m.params()) {
+    const std::int64_t n = p.value.numel();
+    const bool own = p.name.rfind("enc.", 0) == 0 || p.name.rfind("mem.", 0) == 0 || p.name.rfind("lmk_norm.", 0) == 0 ||
+                     p.name.find(".gca.ln.") != std::string::npos || p.name.find(".gca.wq") != std::string::npos;
+    if (p.name.find(".gca.wo") != std::string::npos) {
+      for (std::int64_t i = 0; i < n; ++i) BOOST_TEST_REQUIRE(get(p.value, i) == 0.0, p.name << " is not zero");
+    } else if (own) {
+      for (std::int64_t i = 0; i < n; ++i)
+        BOOST_TEST_REQUIRE(get(p.value, i) == before[static_cast<std::size_t>(off + i)], p.name << " changed");
+    } else if (p.name == "wte") {
+      for (std::int64_t i = 0; i < V * C; ++i)
+        BOOST_TEST_REQUIRE(get(p.value, i) == get(std_model.param("wte").value, i), "wte[" << i << "]");
+      for (std::int64_t i = V * C; i < n; ++i)
+        BOOST_TEST_REQUIRE(get(p.value, i) == before[static_cast<std::size_t>(off + i)], "the landmark row changed");
+    }
+    off += n;
+  }
+  const std::string l1 = "h." + std::to_string(cfg.n_lower) + ".mlp.wfc";
+  for (std::int64_t i = 0; i < m.param("upper.0.mlp.wfc").value.numel(); ++i)
+    BOOST_TEST_REQUIRE(get(m.param("upper.0.mlp.wfc").value, i) == get(std_model.param(l1).value, i));
+
+  // The same function before the first landmark.
+  const std::int64_t T = cfg.chunk - 1;
+  HostBatch hb = random_batch(2, T, V, 13);
+  m.forward(hb.logits_only());
+  std_model.forward(hb.logits_only());
+  double maxdiff = 0, maxabs = 0;
+  for (std::int64_t i = 0; i < hb.B * T * V; ++i) {
+    maxdiff = std::max(maxdiff, std::abs(get(m.logits(), i) - get(std_model.logits(), i)));
+    maxabs = std::max(maxabs, std::abs(get(std_model.logits(), i)));
+  }
+  BOOST_TEST(maxabs > 0.1, "logits too small for the comparison to mean anything");
+  BOOST_TEST(maxdiff <= 1e-4, "GCA started from the standard model differs from it by " << maxdiff);
+
+  // Another shape is refused with the field named.
+  GcaConfig wide = cfg;
+  wide.base.d_ff = cfg.base.d_ff + 4;
+  GcaModel other(wide, be(), DType::f32);
+  BOOST_CHECK_EXCEPTION(other.init_from_standard(std_model), dsrsq::Error, [](const dsrsq::Error& e) {
+    return std::string(e.what()).find("d_ff") != std::string::npos;
+  });
 }
