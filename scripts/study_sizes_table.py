@@ -2,9 +2,11 @@
 size), as markdown on stdout. Each cell: F1 [95% bootstrap] and the paired test against the reference of the same
 size and examples: the long model's full cache for training-free methods and ATSKV, the same seed's control for
 DSRSQ. Reads the runs through the report tool's reader and statistics.
-Usage: /usr/bin/python3 scripts/study_sizes_table.py [--budget B] [--plot PNG] DIR [DIR ...]   (e.g. STUDY
-STUDY/ctx8192 STUDY/ctx16384; --budget: only that budget's cells, e.g. 0.125; --plot: also F1 against context
-size per method, with the intervals, for the first seed of each trained method)"""
+Usage: /usr/bin/python3 scripts/study_sizes_table.py [--budget B] [--plot PNG] [--protocol P] DIR [DIR ...]
+(e.g. STUDY STUDY/ctx8192 STUDY/ctx16384; --budget: only that budget's cells, e.g. 0.125; --plot: also F1 against
+context size per method, with the intervals, for the first seed of each trained method; --protocol context_only:
+the training-free methods of the query-agnostic runs (e_std_ctx), each against that run's full cache, and no
+trained method: they were evaluated query-aware)"""
 import os
 import sys
 
@@ -16,14 +18,18 @@ from dsrsq_report import stats as ST
 
 args = sys.argv[1:]
 only = plot = None
-while len(args) >= 2 and args[0] in ("--budget", "--plot"):
+protocol = "query_aware"
+while len(args) >= 2 and args[0] in ("--budget", "--plot", "--protocol"):
     if args[0] == "--budget":
         only = args[1]
-    else:
+    elif args[0] == "--plot":
         plot = args[1]
+    else:
+        protocol = args[1]
     args = args[2:]
-if not args:
-    sys.exit("usage: study_sizes_table.py [--budget B] [--plot PNG] DIR [DIR ...]")
+if not args or protocol not in ("query_aware", "context_only"):
+    sys.exit("usage: study_sizes_table.py [--budget B] [--plot PNG] [--protocol query_aware|context_only] DIR [DIR ...]")
+tf_run = "e_std" if protocol == "query_aware" else "e_std_ctx"  # the training-free methods' run (scripts/study_4k.sh)
 
 
 def cells(path, method):
@@ -58,18 +64,19 @@ dirs = args
 rows, heads = {}, []
 curve, current = {}, None  # (method, budget) -> {context: (F1, lo, hi)}: the plot's points
 for d in dirs:
-    full = cells(f"{d}/e_std/run.h5", "full")
+    full = cells(f"{d}/{tf_run}/run.h5", "full")
     ref = next(iter(full.values())) if full else None
     heads.append(f"{ref['ctx']} tokens (n = {len(ref['f1'])})" if ref else d)
-    std_methods = list(read_run(f"{d}/e_std/run.h5").eval) if ref else []
-    entries = [(m, f"{d}/e_std/run.h5", m, "full") for m in std_methods]
-    entries.append(("rag (original positions)", f"{d}/e_rag_original/run.h5", "rag", "full"))
-    for s in ("1234", "2", "3"):
-        entries += [(f"control seed {s}", f"{d}/e_control_s{s}/run.h5", "full", "full"),
-                    (f"dsrsq seed {s}", f"{d}/e_dsrsq_s{s}/run.h5", "dsrsq", s),
-                    (f"gca seed {s}", f"{d}/e_gca_s{s}/run.h5", "gca", s),
-                    (f"atskv seed {s}", f"{d}/e_atskv_s{s}/run.h5", "atskv", "full")]
-    entries.append(("dsrsq compact positions, seed 1234", f"{d}/e_dsrsq_compact/run.h5", "dsrsq", "1234"))
+    std_methods = list(read_run(f"{d}/{tf_run}/run.h5").eval) if ref else []
+    entries = [(m, f"{d}/{tf_run}/run.h5", m, "full") for m in std_methods]
+    if protocol == "query_aware":  # the trained methods and RAG at original positions ran query-aware only
+        entries.append(("rag (original positions)", f"{d}/e_rag_original/run.h5", "rag", "full"))
+        for s in ("1234", "2", "3"):
+            entries += [(f"control seed {s}", f"{d}/e_control_s{s}/run.h5", "full", "full"),
+                        (f"dsrsq seed {s}", f"{d}/e_dsrsq_s{s}/run.h5", "dsrsq", s),
+                        (f"gca seed {s}", f"{d}/e_gca_s{s}/run.h5", "gca", s),
+                        (f"atskv seed {s}", f"{d}/e_atskv_s{s}/run.h5", "atskv", "full")]
+        entries.append(("dsrsq compact positions, seed 1234", f"{d}/e_dsrsq_compact/run.h5", "dsrsq", "1234"))
     for name, path, m, against in entries:
         r = ref if against == "full" else next(iter(cells(f"{d}/e_control_s{against}/run.h5", "full").values()), None)
         for b, c in cells(path, m).items():

@@ -118,6 +118,13 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
     assert by[("gca seed 1234", "0.125")] == 2
     assert by[("sliding_window", "0.125")] == 1  # not run at 96 tokens
     assert ("rag", "0.5") not in by
+    # The query-agnostic runs: only the training-free methods that have that form, each against its own full cache.
+    t = subprocess.run(["/usr/bin/python3", str(SRC / "scripts" / "study_sizes_table.py"), "--protocol", "context_only",
+                        str(out)], capture_output=True, text=True, timeout=120)
+    assert t.returncode == 0, t.stderr
+    by = {tuple(x.strip() for x in ln.split("|")[1:3]) for ln in t.stdout.splitlines() if ln.startswith("| ")}
+    assert ("full", "1 (all)") in by and ("sliding_window", "0.5") in by
+    assert not any(m.startswith(("rag", "dsrsq", "gca", "control")) for m, _ in by), by
 
 
 def test_study_4k_refuses_a_missing_checkpoint(tmp_path):
