@@ -2,7 +2,7 @@
 size), as markdown on stdout. Each cell: F1 [95% bootstrap] and the paired test against the reference of the same
 size and examples: the long model's full cache for training-free methods and ATSKV, the same seed's control for
 DSRSQ. Reads the runs through the report tool's reader and statistics.
-Usage: /usr/bin/python3 scripts/study_sizes_table.py [--budget B] [--plot PNG] [--protocol P] DIR [DIR ...]
+Usage: /usr/bin/python3 scripts/study_sizes_table.py [--budget B] [--plot PNG] [--title T] [--protocol P] DIR [DIR ...]
 (e.g. STUDY STUDY/ctx8192 STUDY/ctx16384; --budget: only that budget's cells, e.g. 0.125; --plot: also F1 against
 context size per method, with the intervals, for the first seed of each trained method; --protocol context_only:
 the training-free methods of the query-agnostic runs (e_std_ctx), each against that run's full cache, and no
@@ -17,18 +17,21 @@ from dsrsq_report.reader import read_run
 from dsrsq_report import stats as ST
 
 args = sys.argv[1:]
-only = plot = None
+only = plot = title = None
 protocol = "query_aware"
-while len(args) >= 2 and args[0] in ("--budget", "--plot", "--protocol"):
+while len(args) >= 2 and args[0] in ("--budget", "--plot", "--protocol", "--title"):
     if args[0] == "--budget":
         only = args[1]
     elif args[0] == "--plot":
         plot = args[1]
+    elif args[0] == "--title":
+        title = args[1]
     else:
         protocol = args[1]
     args = args[2:]
 if not args or protocol not in ("query_aware", "context_only"):
-    sys.exit("usage: study_sizes_table.py [--budget B] [--plot PNG] [--protocol query_aware|context_only] DIR [DIR ...]")
+    sys.exit("usage: study_sizes_table.py [--budget B] [--plot PNG] [--title T] [--protocol query_aware|context_only] "
+             "DIR [DIR ...]")
 tf_run = "e_std" if protocol == "query_aware" else "e_std_ctx"  # the training-free methods' run (scripts/study_4k.sh)
 
 
@@ -114,7 +117,7 @@ if plot:
     ax.set_xlabel("context tokens")
     ax.set_ylabel("F1 (95% bootstrap)")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"F1 against context length" + (f", budget {only}" if only else ""), fontsize=10)
+    ax.set_title(title or f"F1 against context length" + (f", budget {only}" if only else ""), fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(plot, dpi=90)

@@ -55,7 +55,7 @@ struct GcaKnobs final : MethodKnobs {
     kv["gca_encoder_layers"] = std::to_string(encoder_layers);
     kv["gca_encoder_d_ff"] = std::to_string(encoder_d_ff);
     kv["gca_lower_layers"] = std::to_string(lower_layers);
-    if (init != "own") kv["gca_init"] = init;  // the default leaves earlier runs' identity (config hash) as it was
+    kv["gca_init"] = init;
   }
 
   GcaConfig config(const ModelConfig& mc) const {
