@@ -833,15 +833,18 @@ int run_experiment(const Options& opt, int rank, int world) {
       from_host<float>(tm.backend(), init->params, tm.flat_params());
       std::printf("dsrsq: initialised from %s (step %lld)\n", opt.init_from.c_str(), static_cast<long long>(init->step));
     }
-    if (ext && method->own_model() && start == 0 && !own_init) {
-      std::unique_ptr<Transformer> from;
-      if (init_is_standard) {
+    if (ext && method->own_model() && start == 0 && !own_init && ext->starts_from_standard()) {
+      // (options.cpp's check made sure --init_from is given)
+      DSRSQ_INPUT_CHECK(init_is_standard, "option --init_from: '", opt.init_from, "' is not a standard checkpoint, and ",
+                        opt.model, " is set to start from one");
+      std::unique_ptr<Transformer> from;  // the evaluation's copy when there is one
+      if (!standard) {
         from = std::make_unique<Transformer>(mc, be);
         from_host<float>(be, init->params, from->flat_params());
       }
-      if (ext->start_from_standard(from.get()))
-        std::printf("dsrsq: %s starts from the standard model %s (step %lld): the parameters they share\n",
-                    opt.model.c_str(), opt.init_from.c_str(), static_cast<long long>(init->step));
+      ext->start_from_standard(standard ? *standard : *from);
+      std::printf("dsrsq: %s starts from the standard model %s (step %lld): the parameters they share\n",
+                  opt.model.c_str(), opt.init_from.c_str(), static_cast<long long>(init->step));
     }
     // A checkpoint of the trained method also carries its own parameters (e.g.
     // evaluating a trained DSRSQ model: dsrsq eval --model dsrsq --init_from ...).

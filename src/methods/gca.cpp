@@ -167,13 +167,8 @@ class Gca final : public Method, public TrainingExtension {
   void save(std::map<std::string, std::vector<float>>& extra) const override { extra["gca.config"] = shape(); }
   bool restore(const std::map<std::string, std::vector<float>>& extra) override { return check(extra); }
   bool load_params(const std::map<std::string, std::vector<float>>& extra) override { return check(extra); }
-  bool start_from_standard(Transformer* standard) override {
-    if (!from_standard_) return false;
-    DSRSQ_INPUT_CHECK(standard != nullptr, "option --gca_init standard: needs --init_from a standard checkpoint "
-                                           "(the model GCA starts from)");
-    model_->init_from_standard(*standard);
-    return true;
-  }
+  bool starts_from_standard() const override { return from_standard_; }
+  void start_from_standard(Transformer& standard) override { model_->init_from_standard(standard); }
   void broadcast(dist::Communicator&, int) override {
     raise_input_error("method gca trains in one process (--dp 1 --sp 1)");
   }

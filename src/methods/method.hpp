@@ -88,11 +88,12 @@ class TrainingExtension {
   virtual bool load_params(const std::map<std::string, std::vector<float>>& extra) = 0;
   // A fresh start with no state of this method: data-dependent initialisation.
   virtual void init_from_data(const std::vector<const Encoded*>& calib, std::int32_t pad_id) {}
-  // A fresh start (no state of this method loaded) of a method with an
-  // architecture of its own: `standard` is the --init_from standard model
-  // (null: the run has none). True when the method started the parameters it
-  // shares with it from it (a setting of the method says whether it does).
-  virtual bool start_from_standard(Transformer* standard) { return false; }
+  // A method with an architecture of its own whose setting asks it to start
+  // what it shares with the standard model from the --init_from standard
+  // checkpoint: true, and at a fresh start (no state of this method loaded)
+  // the run calls start_from_standard with that model.
+  virtual bool starts_from_standard() const { return false; }
+  virtual void start_from_standard(Transformer& standard) {}
   // Every rank takes rank 0's state.
   virtual void broadcast(dist::Communicator& world, int root) = 0;
   // Installs hooks and model overrides for training; detach() removes them.
