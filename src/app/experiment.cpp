@@ -570,6 +570,8 @@ bool evaluate_all(const Options& opt, const ModelConfig& mc, Transformer& model,
       methods::EvalPlan p = plan();
       e.select = p.select;
       e.extend = p.extend;
+      e.reset_activation_peak = p.reset_activation_peak;
+      e.activation_peak_bytes = p.activation_peak_bytes;
       for (std::size_t k = 0; k < cells.size() && !stopped; ++k) {
         if (sink.should_stop()) {
           stopped = true;

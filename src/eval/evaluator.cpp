@@ -31,6 +31,15 @@ TensorView run_model(Transformer& model, KVPolicy& policy, const EvalConfig& cfg
   return model.logits();
 }
 
+// Activation memory: the backbone's arena, plus the method's own model's (EvalConfig::extend).
+void reset_activation_peaks(Arena& act, const EvalConfig& cfg) {
+  act.reset_peak();
+  if (cfg.reset_activation_peak) cfg.reset_activation_peak();
+}
+std::size_t activation_peak(const Arena& act, const EvalConfig& cfg) {
+  return act.peak_bytes() + (cfg.activation_peak_bytes ? cfg.activation_peak_bytes() : 0);
+}
+
 // What serving an example cost up to its first token.
 struct DecodeCost {
   std::size_t peak_act = 0;  // activation high-water mark so far
@@ -59,14 +68,15 @@ void decode_answer(Transformer& model, KVPolicy& policy, const Tokenizer& tok, c
     std::int32_t tk = next, ps = static_cast<std::int32_t>(p++ - pos_shift);
     Timer ts;
     act.reset();
-    act.reset_peak();
+    reset_activation_peaks(act, cfg);
     next = argmax_last_row(model.backend(), run_model(model, policy, cfg, TensorView(&tk, Shape{1, 1}), TensorView(&ps, Shape{1, 1})));
     const double dt = ts.seconds();
     itl_sum += dt;
     full_keys_sum += static_cast<double>(p);  // a full cache holds every token up to this one
     ++decode_steps;
-    peak_act = std::max(peak_act, act.peak_bytes());
-    bytes_time += static_cast<double>(act.peak_bytes() + policy.memory().resident_after_prefill + c.held_bytes) * dt;
+    const std::size_t step_act = activation_peak(act, cfg);
+    peak_act = std::max(peak_act, step_act);
+    bytes_time += static_cast<double>(step_act + policy.memory().resident_after_prefill + c.held_bytes) * dt;
     time_total += dt;
   }
   r.flops += model.backend().flops_counted() - flops0;  // decoding, from the Backend's meter
@@ -134,7 +144,7 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   info.budget_tokens = enc.prompt_len + cfg.max_new_tokens;
   policy.begin(info, cfg.budget);
   act.reset();  // activations of earlier work are dead: measure this example alone
-  act.reset_peak();
+  reset_activation_peaks(act, cfg);
   // Query-agnostic: the context part first (indices before the question),
   // then the question; query-aware: one call.
   const std::int64_t question_at = enc.prompt_len - enc.query_len;
@@ -150,8 +160,8 @@ ExampleEval serve_example(Transformer& model, KVPolicy& policy, const Tokenizer&
   policy.end_prefill();
   std::int32_t next = argmax_last_row(model.backend(), logits);
   r.ttft_s = t.seconds();
-  std::size_t peak_act = act.peak_bytes();
-  double bytes_time = static_cast<double>(act.peak_bytes() + policy.memory().peak_prefill) * r.ttft_s;
+  std::size_t peak_act = activation_peak(act, cfg);
+  double bytes_time = static_cast<double>(peak_act + policy.memory().peak_prefill) * r.ttft_s;
   double time_total = r.ttft_s;
   r.flops = model.backend().flops_counted() - flops0;
 

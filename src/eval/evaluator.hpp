@@ -81,6 +81,10 @@ struct EvalConfig {
   // A method with its own model (GCA): tokens (1, n), positions (1, n) ->
   // logits (n, V), run instead of the backbone; the policy reports its memory.
   std::function<TensorView(TensorView tokens, TensorView pos)> extend;
+  // With extend: that model's activation memory beside the backbone's arena
+  // (a new high-water mark; its bytes), counted in peak_bytes and avg_bytes.
+  std::function<void()> reset_activation_peak;
+  std::function<std::size_t()> activation_peak_bytes;
   std::string name;  // the method's name in the results (empty: the policy's)
   KVBudget budget;
   std::int64_t max_new_tokens = 16;

@@ -1,7 +1,8 @@
 // "gca": grouped cross attention (Hu et al. 2024, arXiv 2410.01651; the DRT
 // model). A model of its own (methods/gca_model.hpp), trained end to end by
 // the standard Trainer with the run's data, steps and AdamW schedule, and
-// evaluated by its own token-by-token decoder. This file is its registry
+// evaluated by its own decoder (the prompt through the batched forward, then
+// token by token; methods/gca_model.hpp). This file is its registry
 // entry: knobs, the training hooks (the Gumbel draw of each step), the
 // checkpoint marker and the evaluation plan with GCA's memory figures.
 #include <algorithm>
@@ -120,6 +121,12 @@ class GcaPolicy final : public KVPolicy {
     mem_.total = dec_->resident_bytes();
     return lg;
   }
+  // GCA's own activation memory (its decoder's scratch and, for the batched
+  // prefill, the model's forward): the evaluator adds it to the backbone's.
+  void reset_activation_peak() {
+    if (dec_) dec_->reset_activation_peak();
+  }
+  std::size_t activation_peak_bytes() const { return dec_ ? dec_->activation_peak_bytes() : 0; }
   KVMemory memory() const override {
     KVMemory m = mem_;
     m.read_per_step = steps_ ? static_cast<std::size_t>(read_sum_ / static_cast<double>(steps_)) : 0;
@@ -157,6 +164,8 @@ class Gca final : public Method, public TrainingExtension {
     model_->set_noise(std::nullopt);
     EvalPlan plan;
     plan.extend = [p](TensorView tokens, TensorView pos) { return p->extend(tokens, pos); };
+    plan.reset_activation_peak = [p] { p->reset_activation_peak(); };
+    plan.activation_peak_bytes = [p] { return p->activation_peak_bytes(); };
     plan.policy = std::move(policy);
     return plan;
   }

@@ -759,8 +759,8 @@ double GcaModel::train_flops(std::int64_t B, std::int64_t T) const {
 
 
 // ---- decoding --------------------------------------------------------------
-GcaDecoder::GcaDecoder(GcaModel& model, std::int64_t max_tokens)
-    : m_(model), cap_chunks_(std::max<std::int64_t>(1, max_tokens / model.config().chunk)),
+GcaDecoder::GcaDecoder(GcaModel& model, std::int64_t max_tokens, Prefill prefill)
+    : m_(model), prefill_mode_(prefill), cap_chunks_(std::max<std::int64_t>(1, max_tokens / model.config().chunk)),
       state_("gca decode state", 1 << 20, model.backend().allocator()),
       scratch_("gca decode scratch", 1 << 20, model.backend().allocator()) {
   DSRSQ_INPUT_CHECK(max_tokens >= 1, "gca decoding: max_tokens must be >= 1, got ", max_tokens);
@@ -978,8 +978,21 @@ void GcaDecoder::close_chunk() {
   be.linear_fwd(LinearArgs{E.rows(0, S), m_.memv_, {}, memv_.rows(ch * S, S)});
   be.copy(E.rows(S, 1), lmk_.rows(ch, 1));
   ++nchunks_;
+  choose(ch);
+}
+
+// The new landmark's lower state (lmk_h_) through the landmark norm against the
+// keys of the strictly earlier chunks: the top k and the softmax of their scores.
+void GcaDecoder::choose(std::int64_t ch) {
+  const GcaConfig& c = m_.config();
+  Backend& be = m_.backend();
+  const DType dt = m_.dtype();
+  const std::int64_t C = c.base.d_model;
+  const double eps = c.base.ln_eps;
   cur_count_ = std::min(c.topk, ch);
   if (cur_count_ == 0) return;
+  Arena& ar = scratch_;
+  ArenaScope scope(ar);
   TensorView qn = ar.allocate(Shape{1, C}, dt), m1 = ar.allocate(Shape{1}, dt), r1 = ar.allocate(Shape{1}, dt);
   be.layernorm_fwd(LayerNormArgs{lmk_h_, m_.lmk_w_, m_.lmk_b_, qn, m1, r1, eps});
   TensorView sc = ar.allocate(Shape{1, ch}, dt);
@@ -995,18 +1008,98 @@ void GcaDecoder::close_chunk() {
   upload_doubles(be, w, cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, cur_count_));
 }
 
+std::size_t GcaDecoder::activation_peak_bytes() const {
+  return scratch_.peak_bytes() + m_.act_arena_.peak_bytes();
+}
+void GcaDecoder::reset_activation_peak() {
+  scratch_.reset_peak();
+  m_.act_arena_.reset();  // what an earlier forward left there (a training batch) is dead to decoding
+  m_.act_arena_.reset_peak();
+}
+
+// The prompt (positions 0..n-1, checked by extend) through the batched forward,
+// then the decoder's state from its activations: what step() and close_chunk()
+// would have left after the same n tokens (the tests compare the two paths).
+TensorView GcaDecoder::prefill(std::span<const std::int32_t> tokens) {
+  const GcaConfig& c = m_.config();
+  Backend& be = m_.backend();
+  const std::int64_t n = static_cast<std::int64_t>(tokens.size()), C = c.base.d_model;
+  const std::int64_t S = c.chunk, R = S + 1, P = c.window + 1, K = c.topk;
+  DSRSQ_INPUT_CHECK(n / S <= cap_chunks_, "gca decoding: more than the ", cap_chunks_ * S,
+                    " tokens this decoder was sized for");
+  std::vector<std::int32_t> ids(tokens.begin(), tokens.end()), pos(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  m_.forward(Batch{TensorView(ids.data(), Shape{1, n}), TensorView(pos.data(), Shape{1, n}), {}, {}});
+  const std::int64_t Te = m_.Te_, NC = m_.NC_;
+  // Every layer's ring: stream entry e sits in slot e % P; the last P entries (at most 2 runs of slots).
+  const std::int64_t e0 = std::max<std::int64_t>(0, Te - P);
+  std::vector<std::int32_t> rp(static_cast<std::size_t>(P), kEmpty);
+  for (std::int64_t e = e0; e < Te; ++e) rp[static_cast<std::size_t>(e % P)] = static_cast<std::int32_t>(e);
+  for (std::int64_t l = 0; l < c.n_lower + c.n_upper; ++l) {
+    const GcaModel::Acts& A = l < c.n_lower ? m_.lacts_[static_cast<std::size_t>(l)]
+                                            : m_.uacts_[static_cast<std::size_t>(l - c.n_lower)];
+    const auto li = static_cast<std::size_t>(l);
+    for (std::int64_t e = e0; e < Te;) {
+      const std::int64_t slot = e % P, len = std::min(Te - e, P - slot);
+      be.copy(A.k.rows(e, len), rk_[li].reshaped(Shape{P, C}).rows(slot, len));
+      be.copy(A.v.rows(e, len), rv_[li].reshaped(Shape{P, C}).rows(slot, len));
+      e += len;
+    }
+    from_host<std::int32_t>(be, rp, rpos_[li].reshaped(Shape{P}));
+  }
+  ArenaScope scope(scratch_);
+  if (NC > 0) {  // chunk memory (S rows per chunk, the landmark slot dropped) and landmark keys
+    std::vector<std::int32_t> mi, li;
+    for (std::int64_t ch = 0; ch < NC; ++ch) {
+      for (std::int64_t r = 0; r < S; ++r) mi.push_back(static_cast<std::int32_t>(ch * R + r));
+      li.push_back(static_cast<std::int32_t>(ch * R + S));
+    }
+    const TensorView midx = ints(be, scratch_, mi), lidx = ints(be, scratch_, li);
+    be.gather_rows(GatherRowsArgs{m_.memK_, midx, memk_.rows(0, NC * S)});
+    be.gather_rows(GatherRowsArgs{m_.memV_, midx, memv_.rows(0, NC * S)});
+    be.gather_rows(GatherRowsArgs{m_.E_, lidx, lmk_.rows(0, NC)});
+    be.copy(m_.h_.rows((NC - 1) * R + S, 1), lmk_h_);
+  }
+  if (Te > NC * R) be.copy(m_.h_.rows(NC * R, Te - NC * R), chunk_buf_.rows(0, Te - NC * R));  // the open chunk
+  nchunks_ = NC;
+  seen_ = n;
+  cur_count_ = NC > 0 ? std::min(K, NC - 1) : 0;  // the last landmark's choice, as the forward made it
+  if (cur_count_ > 0) {
+    std::vector<std::int32_t> sel;
+    std::vector<double> w;
+    for (std::int64_t i = 0; i < cur_count_; ++i) {
+      const auto at = static_cast<std::size_t>((NC - 1) * K + i);
+      DSRSQ_REQUIRE(m_.sel_[at] >= 0, "gca prefill: landmark ", NC - 1, " chose ", i, " of ", cur_count_, " chunks");
+      sel.push_back(m_.sel_[at]);
+      w.push_back(m_.selw_[at]);
+    }
+    from_host<std::int32_t>(be, sel, cur_sel_.rows(0, cur_count_));
+    upload_doubles(be, w, cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, cur_count_));
+  }
+  return m_.logits_;
+}
+
 TensorView GcaDecoder::extend(std::span<const std::int32_t> tokens, std::span<const std::int32_t> pos) {
   const GcaConfig& c = m_.config();
   Backend& be = m_.backend();
   const std::int64_t n = static_cast<std::int64_t>(tokens.size()), C = c.base.d_model, V = c.base.vocab;
   DSRSQ_INPUT_CHECK(pos.size() == tokens.size(), "gca decoding: ", tokens.size(), " tokens but ", pos.size(), " positions");
-  scratch_.reset();
-  logits_ = scratch_.allocate(Shape{n, V}, m_.dtype());
   for (std::int64_t i = 0; i < n; ++i) {
     const auto id = tokens[static_cast<std::size_t>(i)];
     DSRSQ_INPUT_CHECK(id >= 0 && id < V, "gca decoding: token id ", id, " outside the vocabulary [0, ", V, ")");
-    DSRSQ_INPUT_CHECK(pos[static_cast<std::size_t>(i)] == seen_, "gca decoding: position ", pos[static_cast<std::size_t>(i)],
-                      " given, the next is ", seen_, " (GCA reads its tokens in order from position 0)");
+    DSRSQ_INPUT_CHECK(pos[static_cast<std::size_t>(i)] == seen_ + i, "gca decoding: position ",
+                      pos[static_cast<std::size_t>(i)], " given, the next is ", seen_ + i,
+                      " (GCA reads its tokens in order from position 0)");
+  }
+  scratch_.reset();
+  logits_ = scratch_.allocate(Shape{n, V}, m_.dtype());
+  if (prefill_mode_ == Prefill::batched && seen_ == 0 && n > 1) {
+    be.copy(prefill(tokens), logits_);
+    m_.act_arena_.reset();  // the forward's activations are dead (its peak stays recorded)
+    return logits_;
+  }
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto id = tokens[static_cast<std::size_t>(i)];
     {
       ArenaScope scope(scratch_);
       TensorView x = step(id, c.stream_index(seen_), false);

@@ -108,6 +108,8 @@ class GcaModel final : public TrainableModel {
   TensorView encoder_output() const { return E_; }
   TensorView gca_attention(std::int64_t l) const { return uacts_.at(static_cast<std::size_t>(l)).gatt; }
   std::int64_t stream_rows() const { return Tp_; }
+  // Where forward() keeps its activations (reset at every forward).
+  Arena& activation_arena() { return act_arena_; }
 
  private:
   friend class GcaDecoder;
@@ -159,18 +161,33 @@ class GcaModel final : public TrainableModel {
   bool have_targets_ = false;
 };
 
-// Token-by-token decoding with GCA's own memory: per layer a ring of the
-// last W + 1 stream entries' keys and values, the current chunk's lower-stack
-// states (the encoder's input), the chunk memory (S keys and values per
-// complete chunk, the zero landmark slot not stored) and the landmark keys.
-// A landmark is run as soon as a chunk's S-th token is in.
+// Decoding with GCA's own memory: per layer a ring of the last W + 1 stream
+// entries' keys and values, the current chunk's lower-stack states (the
+// encoder's input), the chunk memory (S keys and values per complete chunk,
+// the zero landmark slot not stored) and the landmark keys. A landmark is run
+// as soon as a chunk's S-th token is in.
+//
+// Prefill: the first extend() of a sequence (from position 0, more than one
+// token) runs the whole prompt through the model's batched forward (the
+// training forward without targets: the same windows, landmarks, encoder and
+// retrieval) and copies its state in: every layer's last W + 1 keys and
+// values, the chunk memory and landmark keys, the open chunk's lower states
+// and the last landmark's choice. Everything after it runs token by token
+// (step()). Prefill::stepwise runs the prompt token by token too (the tests
+// compare both paths). The forward's activations live in the model's
+// activation arena (GcaModel::activation_arena()): the evaluator counts them.
 class GcaDecoder {
  public:
-  GcaDecoder(GcaModel& model, std::int64_t max_tokens);
+  enum class Prefill { batched, stepwise };
+  GcaDecoder(GcaModel& model, std::int64_t max_tokens, Prefill prefill = Prefill::batched);
   void reset();
   // Tokens at positions pos (both length n; pos continues 0, 1, ...).
   // Returns the logits (n, V) (valid until the next call).
   TensorView extend(std::span<const std::int32_t> tokens, std::span<const std::int32_t> pos);
+  // High-water mark of the decoder's step scratch plus the model's activation
+  // arena (the batched prefill's forward) since the last reset_activation_peak().
+  std::size_t activation_peak_bytes() const;
+  void reset_activation_peak();
   std::int64_t tokens_seen() const { return seen_; }
   std::int64_t chunks() const { return nchunks_; }
   // The retrieval the current chunk's tokens read (chunk ids, weights).
@@ -190,7 +207,10 @@ class GcaDecoder {
  private:
   TensorView step(std::int32_t id, std::int64_t e, bool landmark);
   void close_chunk();
+  void choose(std::int64_t ch);  // the chunks the tokens after landmark ch read (lmk_h_: its lower state)
+  TensorView prefill(std::span<const std::int32_t> tokens);
   GcaModel& m_;
+  Prefill prefill_mode_;
   std::int64_t cap_chunks_;
   Arena state_, scratch_;
   std::vector<TensorView> rk_, rv_, rpos_;

@@ -63,6 +63,11 @@ struct EvalPlan {
   // (1, n) at positions (1, n) -> their logits (n, V), after policy->begin();
   // the policy then only reports its memory. Null: the backbone runs through the policy.
   std::function<TensorView(TensorView tokens, TensorView pos)> extend;
+  // With extend: that model's activation memory, counted as the backbone's
+  // activation arena is (reset_activation_peak starts a new high-water mark,
+  // activation_peak_bytes reads it). Null: none beside the backbone's.
+  std::function<void()> reset_activation_peak;
+  std::function<std::size_t()> activation_peak_bytes;
 };
 
 // Where a trained method plugs into the trainer and the checkpoints.

@@ -1062,7 +1062,10 @@ def test_sigterm_multi_rank(tmp_path):
     proc = subprocess.Popen(argv, cwd=tmp_path, env=_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        assert wait_for_rows(d / "run.h5", proc, 1, timeout=90), f"no rows (exit {proc.poll()})"
+        if not wait_for_rows(d / "run.h5", proc, 1, timeout=90):
+            kill(proc)
+            so, se = proc.communicate()
+            raise AssertionError(f"no rows (exit {proc.returncode})\n{so[-3000:]}\n{se[-3000:]}")
         pids = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), str(BIN)], stdout=subprocess.PIPE, text=True).stdout.split()
         assert pids, "no dsrsq ranks found under mpirun"
         os.kill(int(pids[-1]), signal.SIGTERM)  # one rank only

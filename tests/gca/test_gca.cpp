@@ -165,9 +165,11 @@ BOOST_AUTO_TEST_CASE(every_parameter_gradient_matches_finite_differences_f64) {
 // ---- (b) decode == forward --------------------------------------------------------------------
 namespace {
 
-// Logits of the full forward and of token-by-token decoding (in two extend
-// calls, the split inside a chunk), with the choices each made.
-void decode_vs_forward(DType dt, double tol) {
+// Logits of the full forward and of decoding in two extend calls (the first
+// from position 0, of `split` tokens: the batched prefill unless `mode` is
+// stepwise or split is 1; the rest token by token), with the choices each made.
+void decode_vs_forward(DType dt, double tol, GcaDecoder::Prefill mode = GcaDecoder::Prefill::stepwise,
+                       std::int64_t split = 10) {
   GcaConfig cfg = tiny();
   cfg.base.vocab = 13;
   cfg.base.d_model = 16;
@@ -182,21 +184,31 @@ void decode_vs_forward(DType dt, double tol) {
   const std::int64_t V = cfg.base.vocab;
   std::vector<double> full(static_cast<std::size_t>(T * V));
   for (std::size_t i = 0; i < full.size(); ++i) full[i] = get(m.logits(), static_cast<std::int64_t>(i));
-  GcaDecoder dec(m, T);
+  // The forward's choices per landmark (read now: a batched prefill runs a forward of its own).
+  std::vector<std::vector<std::int32_t>> chose(static_cast<std::size_t>(m.landmarks()));
+  std::vector<std::vector<double>> weights(chose.size());
+  for (std::int64_t c = 0; c < m.landmarks(); ++c)
+    for (std::int64_t i = 0; i < cfg.topk; ++i)
+      if (m.selected(0, c, i) >= 0) {
+        chose[static_cast<std::size_t>(c)].push_back(m.selected(0, c, i));
+        weights[static_cast<std::size_t>(c)].push_back(m.weight(0, c, i));
+      }
+  GcaDecoder dec(m, T, mode);
   std::vector<double> step(full.size());
-  const std::int64_t split = 10;
   for (auto [a, n] : {std::pair<std::int64_t, std::int64_t>{0, split}, {split, T - split}}) {
+    if (n == 0) continue;
     TensorView lg = dec.extend(std::span<const std::int32_t>(hb.tokens.data() + a, static_cast<std::size_t>(n)),
                                std::span<const std::int32_t>(hb.pos.data() + a, static_cast<std::size_t>(n)));
     for (std::int64_t i = 0; i < n * V; ++i) step[static_cast<std::size_t>(a * V + i)] = get(lg, i);
     // After the last landmark so far: the decoder reads what the forward chose for it.
+    BOOST_TEST(dec.tokens_seen() == a + n);
+    BOOST_TEST(dec.chunks() == (a + n) / cfg.chunk);
     const std::int64_t c = dec.chunks() - 1;
-    std::vector<std::int32_t> want;
-    for (std::int64_t i = 0; i < cfg.topk; ++i)
-      if (m.selected(0, c, i) >= 0) want.push_back(m.selected(0, c, i));
+    if (c < 0) continue;
+    const auto& want = chose[static_cast<std::size_t>(c)];
     BOOST_TEST(dec.current_chunks() == want, "landmark " << c << ": decoding chose other chunks than the forward");
     for (std::size_t i = 0; i < want.size(); ++i)
-      BOOST_TEST(std::abs(dec.current_weights()[i] - m.weight(0, c, static_cast<std::int64_t>(i))) <= tol);
+      BOOST_TEST(std::abs(dec.current_weights()[i] - weights[static_cast<std::size_t>(c)][i]) <= tol);
   }
   BOOST_TEST(dec.chunks() == T / cfg.chunk);
   double maxabs = 0, maxdiff = 0;
@@ -220,6 +232,23 @@ BOOST_AUTO_TEST_CASE(decode_equals_forward_f64) { decode_vs_forward(DType::f64, 
 // ~64 u relative in the worst case: 40 * 64 * 6e-8 ~ 1.5e-4. 5e-4 relative
 // to the largest logit covers the worst case; a real mismatch is >= 1e-2.
 BOOST_AUTO_TEST_CASE(decode_equals_forward_f32) { decode_vs_forward(DType::f32, 5e-4); }
+
+// The batched prefill (the prompt through the forward, the decoder's state
+// copied from it) followed by token-by-token decoding gives the forward's
+// logits and choices, wherever the prompt ends: one token (the stepwise path),
+// inside the first chunk, at a landmark (S = 4), inside the first window
+// (W = 6), inside a chunk past the window, at a later landmark, and the whole
+// sequence. A wrong ring slot, stale chunk state or an off-by-one landmark
+// choice moves the logits after the split by >= 1e-3. Tolerances as above:
+// the prefill is the forward itself, the steps after it are the decoder's.
+BOOST_AUTO_TEST_CASE(batched_prefill_equals_forward) {
+  for (const std::int64_t split : {1, 3, 4, 6, 10, 20, 37}) {
+    BOOST_TEST_CONTEXT("prompt of " << split << " tokens") {
+      decode_vs_forward(DType::f64, 1e-10, GcaDecoder::Prefill::batched, split);
+      decode_vs_forward(DType::f32, 5e-4, GcaDecoder::Prefill::batched, split);
+    }
+  }
+}
 
 // ---- (c) retrieval on a hand-built case -------------------------------------------------------
 // Every block is the identity except the encoder's attention, which averages

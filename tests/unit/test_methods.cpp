@@ -16,6 +16,7 @@
 
 #include "app/options.hpp"
 #include "core/error.hpp"
+#include "eval/evaluator.hpp"
 #include "methods/method.hpp"
 
 using namespace dsrsq;
@@ -177,6 +178,54 @@ BOOST_AUTO_TEST_CASE(every_method_and_variant_plans_and_decodes) {
       }
     }
   }
+}
+
+// A method that runs its own model (EvalPlan::extend: GCA) reports that
+// model's activation memory, and the evaluator counts it in the example's peak
+// memory as it counts the backbone's arena for every other method. GCA prefills
+// through its batched forward, which holds at least the prompt's logits
+// (prompt tokens x vocab f32) while its decoder holds a copy of them: two
+// logits tables. Without the hooks the peak would be its KV bytes alone (the
+// backbone's arena is never touched); counting the decoder's scratch but not
+// the forward's arena gives one table plus a step's scratch, less than two.
+BOOST_AUTO_TEST_CASE(own_model_activations_count_in_peak_memory) {
+  ModelConfig mc = tiny();
+  mc.vocab = static_cast<std::int64_t>(ByteTokenizer::kVocabSize);
+  mc.max_pos = 256;
+  mc.validate();
+  Transformer model(mc, cpu_backend());
+  model.init_weights(5);
+  const ByteTokenizer tok;
+  data::Example ex;
+  ex.id = "own";
+  ex.context = "The quick brown fox jumps over the lazy dog near 42 river banks, twice, then rests for a while.";
+  ex.query = "Which dog?";
+  ex.answers = {"lazy"};
+  int own = 0;
+  for (const m::MethodInfo* info : m::all_methods()) {
+    if (!info->own_architecture) continue;
+    BOOST_TEST_CONTEXT(info->name) {
+      ++own;
+      std::shared_ptr<m::MethodKnobs> knobs = info->knobs ? info->knobs() : nullptr;
+      m::MethodContext ctx{model, cpu_backend(), knobs.get(), AdamWConfig{}, 1};
+      auto method = info->make(ctx);
+      m::EvalPlan plan = method->plan("");
+      BOOST_REQUIRE(plan.extend != nullptr);
+      BOOST_REQUIRE(plan.reset_activation_peak != nullptr);
+      BOOST_REQUIRE(plan.activation_peak_bytes != nullptr);
+      EvalConfig cfg;
+      cfg.extend = plan.extend;
+      cfg.reset_activation_peak = plan.reset_activation_peak;
+      cfg.activation_peak_bytes = plan.activation_peak_bytes;
+      cfg.max_new_tokens = 4;
+      cfg.max_seq_len = 200;
+      const ExampleEval r = serve_example(model, *plan.policy, tok, ex, cfg);
+      const std::size_t logits = static_cast<std::size_t>(r.prompt_tokens) * static_cast<std::size_t>(mc.vocab) * sizeof(float);
+      BOOST_TEST(r.peak_bytes >= r.kv.peak_prefill + 2 * logits,
+                 "peak " << r.peak_bytes << " B, KV " << r.kv.peak_prefill << " B, prompt logits " << logits << " B");
+    }
+  }
+  BOOST_TEST(own >= 1);
 }
 
 // The Backend's FLOP meter over one prefill equals what the model's shape
