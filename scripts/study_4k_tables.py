@@ -30,7 +30,8 @@ def cells(run, m):
                                 inf=float(np.asarray(ex.cols["kv_infeasible"])[idx].mean()),
                                 ach=float(np.asarray(ex.cols["kv_budget_achieved_bytes"])[idx].mean()),
                                 req=float(np.asarray(ex.cols["kv_budget_requested_bytes"])[idx].mean()),
-                                tot=float(np.asarray(ex.cols["kv_total_bytes"])[idx].mean()))
+                                tot=float(np.asarray(ex.cols["kv_total_bytes"])[idx].mean()),
+                                read=float(np.asarray(ex.cols["kv_read_per_step_bytes"])[idx].mean()))
     return out
 
 def fmt(x):
@@ -46,10 +47,12 @@ def row(name, b, c, ref):
     if b == "1 (all)":  # the full cache keeps everything: the budget of the cell it was run in does not apply
         inf = asked = "-"
     return (f"| {name} | {b} | {fmt(m)} [{fmt(lo)}, {fmt(hi)}] | {len(c['f1'])} | {d:+.3f} [{dlo:+.3f}, {dhi:+.3f}] | "
-            f"{n10} / {n01}, p = {p:.2g} | {inf} | {asked} | {c['tot']/1e6:.3f} |")
+            f"{n10} / {n01}, p = {p:.2g} | {inf} | {asked} | {c['tot']/1e6:.3f} | {c['read']/1e6:.3f} |")
 
+# KV MB read/step: the KV bytes one decode step reads (mean over steps and examples): the budget rule bounds what
+# a method holds; this is what each generated token costs in memory traffic (GCA holds much, reads little).
 hdr = ("| method | budget | F1 [95% bootstrap] | n | ΔF1 vs reference [95% paired] | McNemar on EM: only this / only ref, p | "
-       "infeasible | KV MB asked | KV MB held |\n|---|---|---|---|---|---|---|---|---|")
+       "infeasible | KV MB asked | KV MB held | KV MB read/step |\n|---|---|---|---|---|---|---|---|---|---|")
 
 # The training-free runs: e_std (query-aware) and, when present, e_std_ctx (the same evaluation under
 # --protocol context_only). Each is paired against its own full cache; then each cell of e_std_ctx is

@@ -125,6 +125,24 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
     by = {tuple(x.strip() for x in ln.split("|")[1:3]) for ln in t.stdout.splitlines() if ln.startswith("| ")}
     assert ("full", "1 (all)") in by and ("sliding_window", "0.5") in by
     assert not any(m.startswith(("rag", "dsrsq", "gca", "control")) for m, _ in by), by
+    # KV bytes read per decode step beside the bytes held: GCA holds its whole memory but reads its rings and k chunks.
+    assert "| KV MB held | KV MB read/step |" in tables
+
+    # Where answers go wrong (scripts/answer_positions.py): one row per cell of the method, a column per answer
+    # position, each share in [0, 1]; EM 1 implies every position right. A method the run lacks is refused by name.
+    a = subprocess.run(["/usr/bin/python3", str(SRC / "scripts" / "answer_positions.py"), str(out / "e_std" / "run.h5"),
+                        "rag"], capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    rows = [ln.split("|")[1:-1] for ln in a.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| context")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("64", "0.5"), ("64", "0.125")], a.stdout
+    for r in rows:
+        assert int(r[2]) == N and len(r) >= 5
+        shares = [float(x) for x in r[4:] if x.strip() != "-"]
+        assert all(0.0 <= x <= 1.0 for x in shares)
+        assert float(r[3]) <= min(shares) + 1e-9, r  # an exact match has every position right
+    a = subprocess.run(["/usr/bin/python3", str(SRC / "scripts" / "answer_positions.py"), str(out / "e_std" / "run.h5"),
+                        "no_such"], capture_output=True, text=True, timeout=120)
+    assert a.returncode != 0 and "no_such" in a.stderr and "rag" in a.stderr
 
 
 def test_study_4k_refuses_a_missing_checkpoint(tmp_path):
