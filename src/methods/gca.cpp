@@ -1,8 +1,8 @@
 // "gca": grouped cross attention (Hu et al. 2024, arXiv 2410.01651; the DRT
 // model). A model of its own (methods/gca_model.hpp), trained end to end by
 // the standard Trainer with the run's data, steps and AdamW schedule, and
-// evaluated by its own decoder (the prompt through the batched forward, then
-// token by token; methods/gca_model.hpp). This file is its registry
+// evaluated by its own decoder (the prompt a block of up to W tokens at a
+// time, then token by token; methods/gca_model.hpp). This file is its registry
 // entry: knobs, the training hooks (the Gumbel draw of each step), the
 // checkpoint marker and the evaluation plan with GCA's memory figures.
 #include <algorithm>
@@ -121,8 +121,8 @@ class GcaPolicy final : public KVPolicy {
     mem_.total = dec_->resident_bytes();
     return lg;
   }
-  // GCA's own activation memory (its decoder's scratch and, for the batched
-  // prefill, the model's forward): the evaluator adds it to the backbone's.
+  // GCA's own activation memory (its decoder's scratch: the call's logits and
+  // one block's activations): the evaluator adds it to the backbone's.
   void reset_activation_peak() {
     if (dec_) dec_->reset_activation_peak();
   }

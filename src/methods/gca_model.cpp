@@ -831,97 +831,128 @@ double GcaDecoder::attended_keys() const {
   return (L * ring + static_cast<double>(c.n_upper * cur_count_ * c.chunk)) / L;
 }
 
-// One stream entry through the lower and upper stacks; returns the final
-// hidden state (1, C) in scratch. The self-attention ring holds the last
-// W + 1 entries, this one included: exactly the training window.
-TensorView GcaDecoder::step(std::int32_t id, std::int64_t e, bool landmark) {
+// Stream entries e0 .. e0+m-1 (one chunk's next tokens, its landmark last
+// when `landmark`; m <= W + 1) through the lower and upper stacks; returns
+// their final hidden states (m, C) in scratch. Self-attention: each entry sees
+// itself and the W entries before it, exactly the training window, in two
+// parts merged by their log-normalisers: the block's own entries (causal) and
+// the ring of the W + 1 entries before the block, whose keys are masked by
+// made-up positions (as the training forward's previous block): ring entry
+// e_s gets e0 - e_s, block entry j gets W - j, so e_s is visible to j iff
+// e_s >= e0 + j - W. Then the ring takes the block's keys and values. The
+// upper layers' cross attention reads the chunks the current chunk retrieved.
+TensorView GcaDecoder::run_block(std::span<const std::int32_t> ids, std::int64_t e0, bool landmark) {
   const GcaConfig& c = m_.config();
   Backend& be = m_.backend();
   const DType dt = m_.dtype();
   const std::int64_t C = c.base.d_model, NH = c.base.n_heads, HS = c.base.head_size(), P = c.window + 1;
-  const std::int64_t S = c.chunk, R = S + 1, K = cur_count_;
+  const std::int64_t S = c.chunk, R = S + 1, K = cur_count_, m = static_cast<std::int64_t>(ids.size());
+  DSRSQ_REQUIRE(m >= 1 && m <= P && e0 % R + m <= R, "gca block of ", m, " entries from stream entry ", e0,
+                " (at most W + 1 = ", P, ", inside one chunk)");
   const double eps = c.base.ln_eps;
   Arena& ar = scratch_;
-  std::int32_t epos = static_cast<std::int32_t>(e);
-  const TensorView pos1 = ints(be, ar, {epos}).reshaped(Shape{1, 1});
-  const TensorView idt = ints(be, ar, {id});
-  TensorView x = ar.allocate(Shape{1, C}, dt);
-  be.embedding_fwd(EmbeddingArgs{idt, m_.wte_, x});
-  // The retrieved chunks' memory, gathered once for every upper layer.
-  TensorView krep, vrep, zp;
+  std::vector<std::int32_t> ep(static_cast<std::size_t>(m)), qb(ep.size());
+  for (std::int64_t j = 0; j < m; ++j) {
+    ep[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(e0 + j);
+    qb[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(P - 1 - j);
+  }
+  const TensorView epos = ints(be, ar, ep).reshaped(Shape{1, m}), qpos = ints(be, ar, qb).reshaped(Shape{1, m});
+  TensorView x = ar.allocate(Shape{m, C}, dt);
+  be.embedding_fwd(EmbeddingArgs{ints(be, ar, std::vector<std::int32_t>(ids.begin(), ids.end())), m_.wte_, x});
+  // The retrieved chunks' memory, gathered once for every upper layer; each query row repeated per chunk.
+  TensorView krep, vrep, zk, zq, qsel;
   if (K > 0) {
-    std::vector<std::int32_t> ki;
+    std::vector<std::int32_t> ki, qi;
     const std::vector<std::int32_t> sel = to_host<std::int32_t>(be, cur_sel_);
-    for (std::int64_t i = 0; i < K; ++i)
+    for (std::int64_t i = 0; i < K; ++i) {
       for (std::int64_t r = 0; r < R; ++r)
-        ki.push_back(static_cast<std::int32_t>(r < S ? sel[i] * S + r : cap_chunks_ * S));
+        ki.push_back(static_cast<std::int32_t>(r < S ? sel[static_cast<std::size_t>(i)] * S + r : cap_chunks_ * S));
+      for (std::int64_t j = 0; j < m; ++j) qi.push_back(static_cast<std::int32_t>(j));
+    }
     TensorView kidx = ints(be, ar, ki);
     krep = ar.allocate(Shape{K * R, C}, dt);
     vrep = ar.allocate(Shape{K * R, C}, dt);
     be.gather_rows(GatherRowsArgs{memk_, kidx, krep});
     be.gather_rows(GatherRowsArgs{memv_, kidx, vrep});
-    zp = zeros(be, ar, Shape{K, R}, DType::i32);
+    zk = zeros(be, ar, Shape{K, R}, DType::i32);
+    zq = zeros(be, ar, Shape{K, m}, DType::i32);
+    qsel = ints(be, ar, qi);
   }
+  // The ring's made-up key positions (the same for every layer: the rings move together).
+  std::vector<std::int32_t> kb(static_cast<std::size_t>(P), kEmpty);
+  std::vector<std::int32_t> rp = to_host<std::int32_t>(be, rpos_[0].reshaped(Shape{P}));
+  for (std::int64_t sl = 0; sl < P; ++sl)
+    if (rp[static_cast<std::size_t>(sl)] != kEmpty)
+      kb[static_cast<std::size_t>(sl)] = static_cast<std::int32_t>(e0 - rp[static_cast<std::size_t>(sl)]);
+  const TensorView kpos = ints(be, ar, kb).reshaped(Shape{1, P});
   const std::int64_t L = c.n_lower + c.n_upper;
   for (std::int64_t l = 0; l < L; ++l) {
     const bool upper = l >= c.n_lower;
     const GcaModel::Block& p = upper ? m_.upper_[static_cast<std::size_t>(l - c.n_lower)] : m_.lower_[static_cast<std::size_t>(l)];
-    TensorView ln1 = ar.allocate(Shape{1, C}, dt), mu = ar.allocate(Shape{1}, dt), rs = ar.allocate(Shape{1}, dt);
+    TensorView ln1 = ar.allocate(Shape{m, C}, dt), mu = ar.allocate(Shape{m}, dt), rs = ar.allocate(Shape{m}, dt);
     be.layernorm_fwd(LayerNormArgs{x, p.ln1_w, p.ln1_b, ln1, mu, rs, eps});
-    TensorView q = ar.allocate(Shape{1, C}, dt), k = ar.allocate(Shape{1, C}, dt), v = ar.allocate(Shape{1, C}, dt);
+    TensorView q = ar.allocate(Shape{m, C}, dt), k = ar.allocate(Shape{m, C}, dt), v = ar.allocate(Shape{m, C}, dt);
     be.linear_fwd(LinearArgs{ln1, p.wq, p.bq, q});
     be.linear_fwd(LinearArgs{ln1, p.wk, p.bk, k});
     be.linear_fwd(LinearArgs{ln1, p.wv, p.bv, v});
-    TensorView pf = pos1.reshaped(Shape{1});
-    be.rope_fwd(RopeArgs{q.reshaped(Shape{1, NH, HS}), pf, c.base.rope_theta, c.base.attn_log_base});
-    be.rope_fwd(RopeArgs{k.reshaped(Shape{1, NH, HS}), pf, c.base.rope_theta});
-    const std::int64_t slot = e % P;
+    const TensorView pf = epos.reshaped(Shape{m});
+    be.rope_fwd(RopeArgs{q.reshaped(Shape{m, NH, HS}), pf, c.base.rope_theta, c.base.attn_log_base});
+    be.rope_fwd(RopeArgs{k.reshaped(Shape{m, NH, HS}), pf, c.base.rope_theta});
+    const Shape bs{1, m, NH, HS};
     const auto li = static_cast<std::size_t>(l);
-    be.copy(k, rk_[li].reshaped(Shape{P, C}).rows(slot, 1));
-    be.copy(v, rv_[li].reshaped(Shape{P, C}).rows(slot, 1));
-    from_host<std::int32_t>(be, std::span<const std::int32_t>(&epos, 1), rpos_[li].reshaped(Shape{P}).rows(slot, 1));
-    TensorView att = ar.allocate(Shape{1, C}, dt), lse = ar.allocate(Shape{1, NH, 1}, dt);
-    be.attention_fwd(AttentionArgs{q.reshaped(Shape{1, 1, NH, HS}), rk_[li], rv_[li], att.reshaped(Shape{1, 1, NH, HS}),
-                                   lse, pos1, rpos_[li], true, 0.0});
-    TensorView x1 = ar.allocate(Shape{1, C}, dt);
+    TensorView att = ar.allocate(Shape{m, C}, dt), lse = ar.allocate(Shape{1, NH, m}, dt);
+    be.attention_fwd(AttentionArgs{q.reshaped(bs), k.reshaped(bs), v.reshaped(bs), att.reshaped(bs), lse, epos, epos, true, 0.0});
+    TensorView ob = ar.allocate(Shape{m, C}, dt), lseb = ar.allocate(Shape{1, NH, m}, dt);
+    be.attention_fwd(AttentionArgs{q.reshaped(bs), rk_[li], rv_[li], ob.reshaped(bs), lseb, qpos, kpos, true, 0.0});
+    be.attention_merge(AttentionMergeArgs{att.reshaped(bs), lse, ob.reshaped(bs), lseb});
+    for (std::int64_t j = 0; j < m;) {  // the ring takes the block (m <= W + 1: distinct slots, at most 2 runs)
+      const std::int64_t slot = (e0 + j) % P, len = std::min(m - j, P - slot);
+      be.copy(k.rows(j, len), rk_[li].reshaped(Shape{P, C}).rows(slot, len));
+      be.copy(v.rows(j, len), rv_[li].reshaped(Shape{P, C}).rows(slot, len));
+      j += len;
+    }
+    TensorView x1 = ar.allocate(Shape{m, C}, dt);
     be.linear_fwd(LinearArgs{att, p.wo, p.bo, x1});
     be.axpy(AxpyArgs{x, x1, 1.0});
     TensorView pre = x1;
     if (upper) {
-      TensorView y = zeros(be, ar, Shape{1, C}, dt);
+      TensorView y = zeros(be, ar, Shape{m, C}, dt);
       if (K > 0) {
-        TensorView lng = ar.allocate(Shape{1, C}, dt), mg = ar.allocate(Shape{1}, dt), rg = ar.allocate(Shape{1}, dt);
+        TensorView lng = ar.allocate(Shape{m, C}, dt), mg = ar.allocate(Shape{m}, dt), rg = ar.allocate(Shape{m}, dt);
         be.layernorm_fwd(LayerNormArgs{x1, p.lng_w, p.lng_b, lng, mg, rg, eps});
-        TensorView qg = ar.allocate(Shape{1, C}, dt);
+        TensorView qg = ar.allocate(Shape{m, C}, dt);
         be.linear_fwd(LinearArgs{lng, p.gwq, {}, qg});
-        TensorView qrep = ar.allocate(Shape{K, C}, dt);
-        be.gather_rows(GatherRowsArgs{qg, zeros(be, ar, Shape{K}, DType::i32), qrep});
-        TensorView o = ar.allocate(Shape{K, C}, dt), ol = ar.allocate(Shape{K, NH, 1}, dt);
-        be.attention_fwd(AttentionArgs{qrep.reshaped(Shape{K, 1, NH, HS}), krep.reshaped(Shape{K, R, NH, HS}),
-                                       vrep.reshaped(Shape{K, R, NH, HS}), o.reshaped(Shape{K, 1, NH, HS}), ol,
-                                       zeros(be, ar, Shape{K, 1}, DType::i32), zp, false, 0.0});
-        TensorView comb = ar.allocate(Shape{1, C}, dt);
-        be.matmul_fwd(MatmulArgs{cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, K).reshaped(Shape{1, K}), o, comb, {}});
+        TensorView qrep = ar.allocate(Shape{K * m, C}, dt);
+        be.gather_rows(GatherRowsArgs{qg, qsel, qrep});
+        TensorView o = ar.allocate(Shape{K * m, C}, dt), ol = ar.allocate(Shape{K, NH, m}, dt);
+        be.attention_fwd(AttentionArgs{qrep.reshaped(Shape{K, m, NH, HS}), krep.reshaped(Shape{K, R, NH, HS}),
+                                       vrep.reshaped(Shape{K, R, NH, HS}), o.reshaped(Shape{K, m, NH, HS}), ol, zq, zk,
+                                       false, 0.0});
+        TensorView comb = ar.allocate(Shape{m, C}, dt);
+        be.matmul_fwd(MatmulArgs{cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, K).reshaped(Shape{1, K}),
+                                 o.reshaped(Shape{K, m * C}), comb.reshaped(Shape{1, m * C}), {}});
         be.linear_fwd(LinearArgs{comb, p.gwo, {}, y});
       }
       be.axpy(AxpyArgs{x1, y, 1.0});
       pre = y;
     }
-    TensorView ln2 = ar.allocate(Shape{1, C}, dt), m2 = ar.allocate(Shape{1}, dt), r2 = ar.allocate(Shape{1}, dt);
+    TensorView ln2 = ar.allocate(Shape{m, C}, dt), m2 = ar.allocate(Shape{m}, dt), r2 = ar.allocate(Shape{m}, dt);
     be.layernorm_fwd(LayerNormArgs{pre, p.ln2_w, p.ln2_b, ln2, m2, r2, eps});
     const std::int64_t F = c.base.d_ff;
-    TensorView fc = ar.allocate(Shape{1, F}, dt), fca = ar.allocate(Shape{1, F}, dt);
+    TensorView fc = ar.allocate(Shape{m, F}, dt), fca = ar.allocate(Shape{m, F}, dt);
     be.linear_fwd(LinearArgs{ln2, p.wfc, p.bfc, fc});
     be.gelu_fwd(GeluArgs{fc, fca});
-    TensorView out = ar.allocate(Shape{1, C}, dt);
+    TensorView out = ar.allocate(Shape{m, C}, dt);
     be.linear_fwd(LinearArgs{fca, p.wproj, p.bproj, out});
     be.axpy(AxpyArgs{x1, out, 1.0});
     x = out;
     if (l + 1 == c.n_lower) {  // the lower stack's output: the encoder's input, the landmark's query
-      be.copy(x, chunk_buf_.rows(e % R, 1));
-      if (landmark) be.copy(x, lmk_h_);
+      be.copy(x, chunk_buf_.rows(e0 % R, m));
+      if (landmark) be.copy(x.rows(m - 1, 1), lmk_h_);
     }
   }
+  for (std::int64_t j = 0; j < m; ++j) rp[static_cast<std::size_t>((e0 + j) % P)] = static_cast<std::int32_t>(e0 + j);
+  for (std::int64_t l = 0; l < L; ++l) from_host<std::int32_t>(be, rp, rpos_[static_cast<std::size_t>(l)].reshaped(Shape{P}));
   return x;
 }
 
@@ -1008,81 +1039,16 @@ void GcaDecoder::choose(std::int64_t ch) {
   upload_doubles(be, w, cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, cur_count_));
 }
 
-std::size_t GcaDecoder::activation_peak_bytes() const {
-  return scratch_.peak_bytes() + m_.act_arena_.peak_bytes();
-}
-void GcaDecoder::reset_activation_peak() {
-  scratch_.reset_peak();
-  m_.act_arena_.reset();  // what an earlier forward left there (a training batch) is dead to decoding
-  m_.act_arena_.reset_peak();
-}
+std::size_t GcaDecoder::activation_peak_bytes() const { return scratch_.peak_bytes(); }
+void GcaDecoder::reset_activation_peak() { scratch_.reset_peak(); }
 
-// The prompt (positions 0..n-1, checked by extend) through the batched forward,
-// then the decoder's state from its activations: what step() and close_chunk()
-// would have left after the same n tokens (the tests compare the two paths).
-TensorView GcaDecoder::prefill(std::span<const std::int32_t> tokens) {
-  const GcaConfig& c = m_.config();
-  Backend& be = m_.backend();
-  const std::int64_t n = static_cast<std::int64_t>(tokens.size()), C = c.base.d_model;
-  const std::int64_t S = c.chunk, R = S + 1, P = c.window + 1, K = c.topk;
-  DSRSQ_INPUT_CHECK(n / S <= cap_chunks_, "gca decoding: more than the ", cap_chunks_ * S,
-                    " tokens this decoder was sized for");
-  std::vector<std::int32_t> ids(tokens.begin(), tokens.end()), pos(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
-  m_.forward(Batch{TensorView(ids.data(), Shape{1, n}), TensorView(pos.data(), Shape{1, n}), {}, {}});
-  const std::int64_t Te = m_.Te_, NC = m_.NC_;
-  // Every layer's ring: stream entry e sits in slot e % P; the last P entries (at most 2 runs of slots).
-  const std::int64_t e0 = std::max<std::int64_t>(0, Te - P);
-  std::vector<std::int32_t> rp(static_cast<std::size_t>(P), kEmpty);
-  for (std::int64_t e = e0; e < Te; ++e) rp[static_cast<std::size_t>(e % P)] = static_cast<std::int32_t>(e);
-  for (std::int64_t l = 0; l < c.n_lower + c.n_upper; ++l) {
-    const GcaModel::Acts& A = l < c.n_lower ? m_.lacts_[static_cast<std::size_t>(l)]
-                                            : m_.uacts_[static_cast<std::size_t>(l - c.n_lower)];
-    const auto li = static_cast<std::size_t>(l);
-    for (std::int64_t e = e0; e < Te;) {
-      const std::int64_t slot = e % P, len = std::min(Te - e, P - slot);
-      be.copy(A.k.rows(e, len), rk_[li].reshaped(Shape{P, C}).rows(slot, len));
-      be.copy(A.v.rows(e, len), rv_[li].reshaped(Shape{P, C}).rows(slot, len));
-      e += len;
-    }
-    from_host<std::int32_t>(be, rp, rpos_[li].reshaped(Shape{P}));
-  }
-  ArenaScope scope(scratch_);
-  if (NC > 0) {  // chunk memory (S rows per chunk, the landmark slot dropped) and landmark keys
-    std::vector<std::int32_t> mi, li;
-    for (std::int64_t ch = 0; ch < NC; ++ch) {
-      for (std::int64_t r = 0; r < S; ++r) mi.push_back(static_cast<std::int32_t>(ch * R + r));
-      li.push_back(static_cast<std::int32_t>(ch * R + S));
-    }
-    const TensorView midx = ints(be, scratch_, mi), lidx = ints(be, scratch_, li);
-    be.gather_rows(GatherRowsArgs{m_.memK_, midx, memk_.rows(0, NC * S)});
-    be.gather_rows(GatherRowsArgs{m_.memV_, midx, memv_.rows(0, NC * S)});
-    be.gather_rows(GatherRowsArgs{m_.E_, lidx, lmk_.rows(0, NC)});
-    be.copy(m_.h_.rows((NC - 1) * R + S, 1), lmk_h_);
-  }
-  if (Te > NC * R) be.copy(m_.h_.rows(NC * R, Te - NC * R), chunk_buf_.rows(0, Te - NC * R));  // the open chunk
-  nchunks_ = NC;
-  seen_ = n;
-  cur_count_ = NC > 0 ? std::min(K, NC - 1) : 0;  // the last landmark's choice, as the forward made it
-  if (cur_count_ > 0) {
-    std::vector<std::int32_t> sel;
-    std::vector<double> w;
-    for (std::int64_t i = 0; i < cur_count_; ++i) {
-      const auto at = static_cast<std::size_t>((NC - 1) * K + i);
-      DSRSQ_REQUIRE(m_.sel_[at] >= 0, "gca prefill: landmark ", NC - 1, " chose ", i, " of ", cur_count_, " chunks");
-      sel.push_back(m_.sel_[at]);
-      w.push_back(m_.selw_[at]);
-    }
-    from_host<std::int32_t>(be, sel, cur_sel_.rows(0, cur_count_));
-    upload_doubles(be, w, cur_w_.reshaped(Shape{cur_w_.numel()}).rows(0, cur_count_));
-  }
-  return m_.logits_;
-}
-
+// The tokens in blocks that stay inside one chunk (a chunk's landmark joins the
+// block of its S-th token and closes the chunk after it), at most W tokens per
+// block (Prefill::stepwise: one), so a block with its landmark fits the ring.
 TensorView GcaDecoder::extend(std::span<const std::int32_t> tokens, std::span<const std::int32_t> pos) {
   const GcaConfig& c = m_.config();
   Backend& be = m_.backend();
-  const std::int64_t n = static_cast<std::int64_t>(tokens.size()), C = c.base.d_model, V = c.base.vocab;
+  const std::int64_t n = static_cast<std::int64_t>(tokens.size()), C = c.base.d_model, V = c.base.vocab, S = c.chunk;
   DSRSQ_INPUT_CHECK(pos.size() == tokens.size(), "gca decoding: ", tokens.size(), " tokens but ", pos.size(), " positions");
   for (std::int64_t i = 0; i < n; ++i) {
     const auto id = tokens[static_cast<std::size_t>(i)];
@@ -1093,29 +1059,23 @@ TensorView GcaDecoder::extend(std::span<const std::int32_t> tokens, std::span<co
   }
   scratch_.reset();
   logits_ = scratch_.allocate(Shape{n, V}, m_.dtype());
-  if (prefill_mode_ == Prefill::batched && seen_ == 0 && n > 1) {
-    be.copy(prefill(tokens), logits_);
-    m_.act_arena_.reset();  // the forward's activations are dead (its peak stays recorded)
-    return logits_;
-  }
-  for (std::int64_t i = 0; i < n; ++i) {
-    const auto id = tokens[static_cast<std::size_t>(i)];
+  const std::int64_t most = prefill_mode_ == Prefill::stepwise ? 1 : c.window;
+  for (std::int64_t i = 0; i < n;) {
+    const std::int64_t open = seen_ % S, len = std::min({n - i, S - open, most});
+    const bool closes = open + len == S;
     {
       ArenaScope scope(scratch_);
-      TensorView x = step(id, c.stream_index(seen_), false);
-      TensorView ln = scratch_.allocate(Shape{1, C}, m_.dtype()), mu = scratch_.allocate(Shape{1}, m_.dtype()),
-                 rs = scratch_.allocate(Shape{1}, m_.dtype());
-      be.layernorm_fwd(LayerNormArgs{x, m_.lnf_w_, m_.lnf_b_, ln, mu, rs, c.base.ln_eps});
-      be.linear_fwd(LinearArgs{ln, m_.wte_.rows(0, V), {}, logits_.rows(i, 1)});
+      std::vector<std::int32_t> ids(tokens.begin() + i, tokens.begin() + i + len);
+      if (closes) ids.push_back(static_cast<std::int32_t>(V));  // the chunk's landmark
+      const TensorView x = run_block(ids, c.stream_index(seen_), closes);
+      TensorView ln = scratch_.allocate(Shape{len, C}, m_.dtype()), mu = scratch_.allocate(Shape{len}, m_.dtype()),
+                 rs = scratch_.allocate(Shape{len}, m_.dtype());
+      be.layernorm_fwd(LayerNormArgs{x.rows(0, len), m_.lnf_w_, m_.lnf_b_, ln, mu, rs, c.base.ln_eps});
+      be.linear_fwd(LinearArgs{ln, m_.wte_.rows(0, V), {}, logits_.rows(i, len)});
     }
-    ++seen_;
-    if (seen_ % c.chunk == 0) {  // the chunk's landmark, then its memory and the next retrieval
-      {
-        ArenaScope scope(scratch_);
-        step(static_cast<std::int32_t>(V), c.stream_index(seen_ - 1) + 1, true);
-      }
-      close_chunk();
-    }
+    seen_ += len;
+    i += len;
+    if (closes) close_chunk();  // its memory and landmark key, then the next chunk's retrieval
   }
   return logits_;
 }

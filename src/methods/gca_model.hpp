@@ -108,8 +108,6 @@ class GcaModel final : public TrainableModel {
   TensorView encoder_output() const { return E_; }
   TensorView gca_attention(std::int64_t l) const { return uacts_.at(static_cast<std::size_t>(l)).gatt; }
   std::int64_t stream_rows() const { return Tp_; }
-  // Where forward() keeps its activations (reset at every forward).
-  Arena& activation_arena() { return act_arena_; }
 
  private:
   friend class GcaDecoder;
@@ -165,17 +163,17 @@ class GcaModel final : public TrainableModel {
 // entries' keys and values, the current chunk's lower-stack states (the
 // encoder's input), the chunk memory (S keys and values per complete chunk,
 // the zero landmark slot not stored) and the landmark keys. A landmark is run
-// as soon as a chunk's S-th token is in.
+// with its chunk's S-th token, and the chunk is closed (encoded, stored, the
+// next retrieval chosen) right after.
 //
-// Prefill: the first extend() of a sequence (from position 0, more than one
-// token) runs the whole prompt through the model's batched forward (the
-// training forward without targets: the same windows, landmarks, encoder and
-// retrieval) and copies its state in: every layer's last W + 1 keys and
-// values, the chunk memory and landmark keys, the open chunk's lower states
-// and the last landmark's choice. Everything after it runs token by token
-// (step()). Prefill::stepwise runs the prompt token by token too (the tests
-// compare both paths). The forward's activations live in the model's
-// activation arena (GcaModel::activation_arena()): the evaluator counts them.
+// extend() runs its tokens in blocks inside one chunk (at most W tokens and
+// the landmark): a prompt is prefilled a block at a time (every op on up to
+// W + 1 rows), a decode step is a block of one. The block's self-attention is
+// the training window exactly (see run_block), so the result equals the
+// training forward's (tests/gca). Prefill::stepwise runs blocks of one token
+// (the tests compare both). Its memory beside the KV: the step scratch (the
+// call's logits and one block's activations), reported by
+// activation_peak_bytes() and counted by the evaluator.
 class GcaDecoder {
  public:
   enum class Prefill { batched, stepwise };
@@ -184,8 +182,7 @@ class GcaDecoder {
   // Tokens at positions pos (both length n; pos continues 0, 1, ...).
   // Returns the logits (n, V) (valid until the next call).
   TensorView extend(std::span<const std::int32_t> tokens, std::span<const std::int32_t> pos);
-  // High-water mark of the decoder's step scratch plus the model's activation
-  // arena (the batched prefill's forward) since the last reset_activation_peak().
+  // High-water mark of the decoder's scratch since the last reset_activation_peak().
   std::size_t activation_peak_bytes() const;
   void reset_activation_peak();
   std::int64_t tokens_seen() const { return seen_; }
@@ -205,10 +202,9 @@ class GcaDecoder {
   double attended_keys() const;  // keys one token's query read, mean over layers
 
  private:
-  TensorView step(std::int32_t id, std::int64_t e, bool landmark);
+  TensorView run_block(std::span<const std::int32_t> ids, std::int64_t e0, bool landmark);
   void close_chunk();
   void choose(std::int64_t ch);  // the chunks the tokens after landmark ch read (lmk_h_: its lower state)
-  TensorView prefill(std::span<const std::int32_t> tokens);
   GcaModel& m_;
   Prefill prefill_mode_;
   std::int64_t cap_chunks_;

@@ -169,16 +169,16 @@ namespace {
 // from position 0, of `split` tokens: the batched prefill unless `mode` is
 // stepwise or split is 1; the rest token by token), with the choices each made.
 void decode_vs_forward(DType dt, double tol, GcaDecoder::Prefill mode = GcaDecoder::Prefill::stepwise,
-                       std::int64_t split = 10) {
+                       std::int64_t split = 10, std::int64_t chunk = 4, std::int64_t window = 6) {
   GcaConfig cfg = tiny();
   cfg.base.vocab = 13;
   cfg.base.d_model = 16;
-  cfg.chunk = 4;
+  cfg.chunk = chunk;
   cfg.topk = 2;
-  cfg.window = 6;
+  cfg.window = window;
   GcaModel m(cfg, be(), dt);
   randomize(m, 8, 0.3);
-  const std::int64_t T = 37;  // 9 landmarks, a partial last chunk, T > window
+  const std::int64_t T = 37;  // S 4: 9 landmarks, a partial last chunk; T > window
   HostBatch hb = random_batch(1, T, cfg.base.vocab, 9);
   m.forward(hb.logits_only());
   const std::int64_t V = cfg.base.vocab;
@@ -246,6 +246,14 @@ BOOST_AUTO_TEST_CASE(batched_prefill_equals_forward) {
     BOOST_TEST_CONTEXT("prompt of " << split << " tokens") {
       decode_vs_forward(DType::f64, 1e-10, GcaDecoder::Prefill::batched, split);
       decode_vs_forward(DType::f32, 5e-4, GcaDecoder::Prefill::batched, split);
+    }
+  }
+  // Chunks longer than the window (S = 8, W = 3): a chunk's tokens go in blocks of at most W, its landmark with
+  // the last (blocks 3, 3, 2 + landmark: W + 1 entries at most, what the ring holds); 4 chunks of the 37 tokens.
+  for (const std::int64_t split : {2, 3, 7, 8, 20, 37}) {
+    BOOST_TEST_CONTEXT("S 8, W 3, prompt of " << split << " tokens") {
+      decode_vs_forward(DType::f64, 1e-10, GcaDecoder::Prefill::batched, split, 8, 3);
+      decode_vs_forward(DType::f64, 1e-10, GcaDecoder::Prefill::stepwise, split, 8, 3);
     }
   }
 }
