@@ -233,14 +233,15 @@ BOOST_AUTO_TEST_CASE(decode_equals_forward_f64) { decode_vs_forward(DType::f64, 
 // to the largest logit covers the worst case; a real mismatch is >= 1e-2.
 BOOST_AUTO_TEST_CASE(decode_equals_forward_f32) { decode_vs_forward(DType::f32, 5e-4); }
 
-// The batched prefill (the prompt through the forward, the decoder's state
-// copied from it) followed by token-by-token decoding gives the forward's
-// logits and choices, wherever the prompt ends: one token (the stepwise path),
-// inside the first chunk, at a landmark (S = 4), inside the first window
-// (W = 6), inside a chunk past the window, at a later landmark, and the whole
-// sequence. A wrong ring slot, stale chunk state or an off-by-one landmark
-// choice moves the logits after the split by >= 1e-3. Tolerances as above:
-// the prefill is the forward itself, the steps after it are the decoder's.
+// The prefill in blocks (up to W tokens inside one chunk, the landmark with
+// the chunk's last token) followed by token-by-token decoding gives the
+// forward's logits and choices, wherever the prompt ends: one token (a block
+// of one), inside the first chunk, at a landmark (S = 4), inside the first
+// window (W = 6), inside a chunk past the window, at a later landmark, and the
+// whole sequence. A wrong ring slot or mask, stale chunk state or an
+// off-by-one landmark choice moves the logits after the split by >= 1e-3.
+// Tolerances as above: blocks and single steps are the same algorithm as the
+// forward in other orders of summation.
 BOOST_AUTO_TEST_CASE(batched_prefill_equals_forward) {
   for (const std::int64_t split : {1, 3, 4, 6, 10, 20, 37}) {
     BOOST_TEST_CONTEXT("prompt of " << split << " tokens") {
