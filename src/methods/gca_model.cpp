@@ -775,14 +775,11 @@ void GcaDecoder::reset() {
   state_.reset_peak();
   rk_.clear();
   rv_.clear();
-  rpos_.clear();
+  ring_pos_.assign(static_cast<std::size_t>(P), kEmpty);
   Backend& be = m_.backend();
-  const std::vector<std::int32_t> empty(static_cast<std::size_t>(P), kEmpty);
   for (std::int64_t l = 0; l < c.n_lower + c.n_upper; ++l) {
     rk_.push_back(zeros(be, state_, Shape{1, P, NH, HS}, dt));
     rv_.push_back(zeros(be, state_, Shape{1, P, NH, HS}, dt));
-    rpos_.push_back(state_.allocate(Shape{1, P}, DType::i32));
-    from_host<std::int32_t>(be, empty, rpos_.back());
   }
   chunk_buf_ = zeros(be, state_, Shape{c.chunk + 1, C}, dt);
   lmk_h_ = zeros(be, state_, Shape{1, C}, dt);
@@ -880,7 +877,7 @@ TensorView GcaDecoder::run_block(std::span<const std::int32_t> ids, std::int64_t
   }
   // The ring's made-up key positions (the same for every layer: the rings move together).
   std::vector<std::int32_t> kb(static_cast<std::size_t>(P), kEmpty);
-  std::vector<std::int32_t> rp = to_host<std::int32_t>(be, rpos_[0].reshaped(Shape{P}));
+  const std::vector<std::int32_t>& rp = ring_pos_;
   for (std::int64_t sl = 0; sl < P; ++sl)
     if (rp[static_cast<std::size_t>(sl)] != kEmpty)
       kb[static_cast<std::size_t>(sl)] = static_cast<std::int32_t>(e0 - rp[static_cast<std::size_t>(sl)]);
@@ -951,8 +948,7 @@ TensorView GcaDecoder::run_block(std::span<const std::int32_t> ids, std::int64_t
       if (landmark) be.copy(x.rows(m - 1, 1), lmk_h_);
     }
   }
-  for (std::int64_t j = 0; j < m; ++j) rp[static_cast<std::size_t>((e0 + j) % P)] = static_cast<std::int32_t>(e0 + j);
-  for (std::int64_t l = 0; l < L; ++l) from_host<std::int32_t>(be, rp, rpos_[static_cast<std::size_t>(l)].reshaped(Shape{P}));
+  for (std::int64_t j = 0; j < m; ++j) ring_pos_[static_cast<std::size_t>((e0 + j) % P)] = static_cast<std::int32_t>(e0 + j);
   return x;
 }
 

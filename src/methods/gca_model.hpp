@@ -209,7 +209,10 @@ class GcaDecoder {
   Prefill prefill_mode_;
   std::int64_t cap_chunks_;
   Arena state_, scratch_;
-  std::vector<TensorView> rk_, rv_, rpos_;
+  std::vector<TensorView> rk_, rv_;
+  // The stream entry in each ring slot (kEmpty: none), the same for every layer (the rings move together);
+  // host-side: run_block masks the ring by made-up positions computed from it.
+  std::vector<std::int32_t> ring_pos_;
   TensorView chunk_buf_, memk_, memv_, lmk_, lmk_h_, cur_sel_, cur_w_, logits_;
   std::int64_t cur_count_ = 0, seen_ = 0, nchunks_ = 0;
 };
