@@ -1,5 +1,6 @@
 // bench_long_context: inference cost of the standard transformer and of DSRSQ
-// on the same weights as the context grows, plus RCKV's memory while streaming.
+// on the same weights as the context grows, plus RCKV's memory while streaming,
+// plus (--acc_examples) every method's accuracy beside its time and bytes.
 //
 // The two methods are entries of the method table (methods/registry.cpp),
 // found by name and made through MethodInfo::make with their own knobs: the
@@ -57,6 +58,17 @@
 // Decode bandwidth (DecodeBwResult below): the contiguous caches' decode
 // steps (full, window) in GB/s against a STREAM-like yardstick measured in the
 // same process, and each policy's time to first token.
+// Accuracy beside cost (--acc_examples N > 0; --only-accuracy runs it alone):
+// every method of --acc_methods (default: every training-free method of the
+// table, then each method given --method_init NAME=CKPT, its own trained
+// weights) scores the dsrsq program's test split of run seed --data_seed
+// (data::make_split: the same examples and prompts as `dsrsq eval`), N per
+// context size, at KV budget --acc_budget under --protocol, through the
+// program's evaluator (evaluate_method). Per (N, method): F1 with a bootstrap
+// interval, the paired difference against the full cache with its interval
+// and an exact sign test, and the same run's first-token and serving times,
+// KV bytes held and read per step, and peak memory, with time and KV ratios
+// to the full cache: a speed ratio beside the accuracy it costs.
 // Output: nccl-tests style tables; last lines
 //   dsrsq_vs_standard_time_32k=<x> kv_32k=<y> exponent=<z>
 //   decode_of_bandwidth=<w> decode_of_read_bandwidth=<r>
@@ -91,6 +103,9 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "kv/rckv.hpp"
 #include "core/omp_wait.hpp"
+#include "core/rng.hpp"
+#include "data/tasks.hpp"
+#include "eval/evaluator.hpp"
 #include "core/timer.hpp"
 #include "data/tokenizer.hpp"
 #include "dsrsq/build_info.hpp"
@@ -123,6 +138,14 @@ struct Options {
   double window_budget = 0.5;
   std::int64_t bw_mb = 64;
   bool decode_bw = true, only_decode_bw = false;
+  // Accuracy part (acc_examples > 0): the program's needle test split scored
+  // by every method of acc_methods at KV budget acc_budget.
+  std::int64_t acc_examples = 0, max_new_tokens = 12;
+  std::vector<std::string> acc_methods, method_init;
+  std::vector<std::string> task_params{"digits=4"};  // the program's default for the needle task
+  std::string acc_budget = "0.125", protocol = "query_aware", acc_json, datasets;
+  std::uint64_t data_seed = 1234;
+  bool only_accuracy = false;
 };
 
 namespace methods = dsrsq::methods;
@@ -145,6 +168,11 @@ const std::map<std::string_view, std::vector<std::string>> kPaperDefaults{
 struct Compared {
   const methods::MethodInfo* info = nullptr;
   std::shared_ptr<methods::MethodKnobs> knobs;
+  // Accuracy part, a method on its own trained weights (--method_init NAME=CKPT): that
+  // checkpoint's parameters (the backbone's, or the method's own model's) and method state.
+  std::string ckpt;
+  std::vector<float> ckpt_params;
+  std::map<std::string, std::vector<float>> ckpt_extra;
   const char* name() const { return info->name.data(); }  // the table's names are literals
 };
 
@@ -226,6 +254,8 @@ struct Shared {
   std::vector<std::int32_t> question;  // byte tokens of the question
   std::vector<float> ckpt_params;                        // empty: random init
   std::map<std::string, std::vector<float>> ckpt_extra;  // the checkpoint's method state (load_params)
+  std::vector<Compared> acc;                 // accuracy part: the methods scored, in table order
+  std::vector<dsrsq::data::Example> acc_test;  // accuracy part: the test split (meta context_size)
 };
 
 dsrsq::Encoded make_prompt(const Shared& sh, std::int64_t n) {
@@ -900,20 +930,268 @@ std::vector<std::int32_t> read_haystack(const std::string& dir) {
   return ByteTokenizer().encode(text);
 }
 
+// ---- accuracy beside cost (runs in a forked child) -----------------------------------------
+//
+// Per context N and method of --acc_methods: the dsrsq program's evaluation
+// (eval/evaluator.hpp, evaluate_method through the method's EvalPlan) of the
+// test split the program makes for run seed --data_seed (data::make_split with
+// data::test_split_seed: the same examples, the same prompts), --acc_examples
+// examples per size over the needle depth grid, at KV budget --acc_budget under
+// --protocol. Training-free methods run on the --init_from checkpoint (the
+// standard backbone); a method on its own weights (Backbone::own: DSRSQ, GCA,
+// the ATSKV predictor) runs on its --method_init checkpoint, never on random
+// weights. Per example: F1, the prediction, serve and first-token time, KV bytes
+// after prefill and read per decode step, peak memory (activations + KV).
+constexpr int kMaxAccExamples = 1000;
+struct AccExample {
+  double f1 = 0, serve_s = 0, ttft_s = 0;
+  std::int64_t kv = 0, read = 0, peak = 0, tokens_in = 0;
+  std::int32_t infeasible = 0;
+  char prediction[44] = {};  // its first 43 bytes
+  char id[44] = {};
+};
+struct AccResult {  // plain data: sent through a pipe
+  std::int32_t done = 0, n = 0;
+  char error[480] = {};
+  AccExample ex[kMaxAccExamples];
+};
+
+// The test examples of context size n (meta context_size), in split order.
+std::vector<dsrsq::data::Example> acc_examples_of(const Shared& sh, std::int64_t n) {
+  std::vector<dsrsq::data::Example> out;
+  for (const auto& e : sh.acc_test)
+    if (e.meta.at("context_size") == std::to_string(n)) out.push_back(e);
+  return out;
+}
+
+AccResult acc_measure(const Shared& sh, std::size_t ai, std::int64_t n_ctx) {
+  AccResult res;
+  omp_set_num_threads(sh.o.threads);
+  const Compared& c = sh.acc.at(ai);
+  const bool own = c.info->backbone == methods::Backbone::own;
+  dsrsq::Transformer model(sh.mc, dsrsq::cpu_backend());
+  model.init_weights(sh.o.seed);
+  const std::vector<float>& params = own ? c.ckpt_params : sh.ckpt_params;
+  auto load_into = [&](dsrsq::TensorView flat, const char* what) {
+    if (static_cast<std::int64_t>(params.size()) != flat.numel())
+      throw std::runtime_error(std::string(c.name()) + ": the checkpoint holds " + std::to_string(params.size()) +
+                               " parameters, " + what + " has " + std::to_string(flat.numel()) +
+                               " (its settings or the model's shape differ from the training's)");
+    std::memcpy(flat.data, params.data(), params.size() * sizeof(float));
+  };
+  if (!c.info->own_architecture && !params.empty()) load_into(model.flat_params(), "the model");
+  const methods::MethodContext ctx{model, dsrsq::cpu_backend(), c.knobs.get(), dsrsq::AdamWConfig{}, sh.o.seed};
+  const auto method = c.info->make(ctx);
+  if (c.info->own_architecture) load_into(method->own_model()->flat_params(), "its own model");
+  if (own) {
+    methods::TrainingExtension* t = method->training();
+    if (t == nullptr || !t->load_params(c.ckpt_extra))
+      throw std::runtime_error(std::string(c.name()) + ": '" + c.ckpt + "' holds no " + c.name() + " state");
+  }
+  methods::EvalPlan plan = method->plan("");
+  dsrsq::EvalConfig ec;
+  ec.name = c.name();
+  ec.select = plan.select;
+  ec.extend = plan.extend;
+  ec.reset_activation_peak = plan.reset_activation_peak;
+  ec.activation_peak_bytes = plan.activation_peak_bytes;
+  ec.budget = dsrsq::KVBudget::parse(sh.o.acc_budget);
+  ec.max_new_tokens = sh.o.max_new_tokens;
+  ec.max_seq_len = sh.mc.max_pos;
+  ec.query_agnostic = sh.o.protocol == "context_only";
+  const auto test = acc_examples_of(sh, n_ctx);
+  if (test.size() > static_cast<std::size_t>(kMaxAccExamples))
+    throw std::runtime_error("more than " + std::to_string(kMaxAccExamples) + " examples per size");
+  const dsrsq::MethodEval me = dsrsq::evaluate_method(model, *plan.policy, ByteTokenizer(), test, ec);
+  for (const auto& e : me.examples) {
+    AccExample& x = res.ex[res.n++];
+    x.f1 = e.f1;
+    x.serve_s = e.serve_s;
+    x.ttft_s = e.ttft_s;
+    x.kv = static_cast<std::int64_t>(e.kv.resident_after_prefill);
+    x.read = static_cast<std::int64_t>(e.kv.read_per_step);
+    x.peak = static_cast<std::int64_t>(e.peak_bytes);
+    x.tokens_in = e.prompt_tokens_in;
+    x.infeasible = e.infeasible;
+    std::snprintf(x.prediction, sizeof x.prediction, "%s", e.prediction.c_str());
+    std::snprintf(x.id, sizeof x.id, "%s", e.id.c_str());
+  }
+  res.done = 1;
+  return res;
+}
+
+// Mean of x and a 95% percentile-bootstrap interval (2,000 resamples, fixed seed).
+struct Interval {
+  double mean = 0, lo = 0, hi = 0;
+};
+Interval bootstrap_mean(const std::vector<double>& x, std::uint64_t seed) {
+  Interval r;
+  if (x.empty()) return r;
+  const std::size_t n = x.size();
+  r.mean = std::accumulate(x.begin(), x.end(), 0.0) / static_cast<double>(n);
+  dsrsq::Rng rng(seed, 13);
+  std::vector<double> means(2000);
+  for (double& m : means) {
+    double sum = 0;
+    for (std::size_t i = 0; i < n; ++i) sum += x[rng.below(n)];
+    m = sum / static_cast<double>(n);
+  }
+  std::sort(means.begin(), means.end());
+  r.lo = means[49];    // the 2.5th percentile of 2,000
+  r.hi = means[1950];  // the 97.5th
+  return r;
+}
+
+// Two-sided exact sign test on the paired differences d (ties dropped): for
+// 0/1 scores, the exact McNemar test. 1 when every pair ties.
+double sign_test_p(const std::vector<double>& d) {
+  std::int64_t plus = 0, minus = 0;
+  for (const double v : d) {
+    if (v > 0) ++plus;
+    if (v < 0) ++minus;
+  }
+  const std::int64_t m = plus + minus, k = std::min(plus, minus);
+  if (m == 0) return 1.0;
+  double tail = 0;  // P(X <= k), X ~ Binomial(m, 1/2), summed in logs
+  for (std::int64_t i = 0; i <= k; ++i)
+    tail += std::exp(std::lgamma(m + 1.0) - std::lgamma(i + 1.0) - std::lgamma(m - i + 1.0) - m * std::log(2.0));
+  return std::min(1.0, 2 * tail);
+}
+
+// The accuracy part: one table (every size x method), rows and failures counted.
+void accuracy_part(const Shared& sh, const std::vector<std::int64_t>& sizes, int& rows, int& failed) {
+  const Options& o = sh.o;
+  std::size_t ref = sh.acc.size();  // the full cache on the standard backbone: the reference
+  for (std::size_t i = 0; i < sh.acc.size() && ref == sh.acc.size(); ++i)
+    if (sh.acc[i].info->name == "full") ref = i;
+  for (std::size_t i = 0; i < sh.acc.size() && ref == sh.acc.size(); ++i)
+    if (sh.acc[i].info->name == kBaseline) ref = i;
+  std::printf("#\n# accuracy beside cost: the dsrsq program's evaluation of its test split (task needle, run seed %llu,"
+              " %lld examples per context size over the depths 0.1-0.9%s),\n# KV budget %s, %s protocol, greedy, up to "
+              "%lld new tokens. Every method scores the same examples. Training-free methods: the --init_from weights;\n"
+              "# a method on its own weights: its --method_init checkpoint.\n",
+              static_cast<unsigned long long>(o.data_seed), static_cast<long long>(o.acc_examples),
+              o.task_params.empty() ? "" : (", " + [&] {
+                std::string t;
+                for (const auto& x : o.task_params) t += (t.empty() ? "" : " ") + x;
+                return t;
+              }()).c_str(),
+              o.acc_budget.c_str(), o.protocol == "context_only" ? "query-agnostic (context_only)" : "query-aware",
+              static_cast<long long>(o.max_new_tokens));
+  for (const Compared& c : sh.acc)
+    std::printf("#   %-14s %s\n", c.name(), c.ckpt.empty() ? (sh.o.init_from.empty() ? "random weights" : sh.o.init_from.c_str())
+                                                             : c.ckpt.c_str());
+  std::printf("# %7s %-14s %4s %7s %15s %8s %17s %8s %8s %9s %9s %8s %8s %8s %8s %6s %6s\n", "context", "method", "n",
+              "F1", "95% CI", "dF1", "95% CI", "p", "ttft", "serve", "time/ref", "kv", "kv/ref", "read", "peak",
+              "infeas", "check");
+  std::printf("# %7s %-14s %4s %7s %15s %8s %17s %8s %8s %9s %9s %8s %8s %8s %8s %6s %6s\n", "(tok)", "", "", "", "",
+              "vs ref", "", "(sign)", "(ms)", "(ms)", "(median)", "(MB)", "(mean)", "(MB)", "(MB)", "", "");
+  nlohmann::json js = nlohmann::json::array();
+  for (const std::int64_t n : sizes) {
+    std::vector<AccResult> res;
+    res.reserve(sh.acc.size());
+    for (std::size_t m = 0; m < sh.acc.size(); ++m) {
+      res.push_back(in_child<AccResult>([&] { return acc_measure(sh, m, n); }));
+    }
+    const AccResult* r0 = ref < res.size() && res[ref].done ? &res[ref] : nullptr;
+    auto median_of_field = [](const AccResult& r, double AccExample::*f) {
+      std::vector<double> v;
+      for (int i = 0; i < r.n; ++i) v.push_back(r.ex[i].*f);
+      return v.empty() ? 0.0 : median(v);
+    };
+    auto mean_of = [](const AccResult& r, std::int64_t AccExample::*f) {
+      double s = 0;
+      for (int i = 0; i < r.n; ++i) s += static_cast<double>(r.ex[i].*f);
+      return r.n ? s / r.n : 0.0;
+    };
+    for (std::size_t m = 0; m < sh.acc.size(); ++m) {
+      const AccResult& r = res[m];
+      ++rows;
+      if (!r.done) {
+        std::printf("  %7lld %-14s ERROR %s\n", static_cast<long long>(n), sh.acc[m].name(), r.error);
+        ++failed;
+        continue;
+      }
+      std::vector<double> f1(static_cast<std::size_t>(r.n));
+      for (int i = 0; i < r.n; ++i) f1[static_cast<std::size_t>(i)] = r.ex[i].f1;
+      const Interval ci = bootstrap_mean(f1, 1000 + static_cast<std::uint64_t>(n));
+      char dcol[64] = "-", dci[64] = "-", pcol[32] = "-", tcol[32] = "-", kcol[32] = "-";
+      const bool same_examples = r0 != nullptr && r0->n == r.n;
+      if (same_examples) {
+        std::vector<double> d(f1.size());
+        for (int i = 0; i < r.n; ++i) d[static_cast<std::size_t>(i)] = r.ex[i].f1 - r0->ex[i].f1;
+        const Interval di = bootstrap_mean(d, 2000 + static_cast<std::uint64_t>(n));
+        std::snprintf(dcol, sizeof dcol, "%+.3f", di.mean);
+        std::snprintf(dci, sizeof dci, "[%+.3f,%+.3f]", di.lo, di.hi);
+        std::snprintf(pcol, sizeof pcol, "%.3g", sign_test_p(d));
+        std::snprintf(tcol, sizeof tcol, "%.3f",
+                      median_of_field(r, &AccExample::serve_s) / median_of_field(*r0, &AccExample::serve_s));
+        std::snprintf(kcol, sizeof kcol, "%.4f", mean_of(r, &AccExample::kv) / mean_of(*r0, &AccExample::kv));
+      }
+      std::int64_t infeasible = 0, peak = 0;
+      bool finite = true;
+      for (int i = 0; i < r.n; ++i) {
+        infeasible += r.ex[i].infeasible;
+        peak = std::max(peak, r.ex[i].peak);
+        finite = finite && std::isfinite(r.ex[i].f1) && r.ex[i].serve_s > 0;
+      }
+      const std::int64_t want = static_cast<std::int64_t>(acc_examples_of(sh, n).size());
+      const bool ok = finite && r.n == want;
+      char ci_col[48];
+      std::snprintf(ci_col, sizeof ci_col, "[%.3f,%.3f]", ci.lo, ci.hi);
+      std::printf("  %7lld %-14s %4d %7.3f %15s %8s %17s %8s %8.1f %9.1f %9s %8.3f %8s %8.3f %8.2f %6lld %6s\n",
+                  static_cast<long long>(n), sh.acc[m].name(), r.n, ci.mean, ci_col, dcol, dci, pcol,
+                  median_of_field(r, &AccExample::ttft_s) * 1e3, median_of_field(r, &AccExample::serve_s) * 1e3, tcol,
+                  mean_of(r, &AccExample::kv) / 1e6, kcol, mean_of(r, &AccExample::read) / 1e6, mb(peak),
+                  static_cast<long long>(infeasible), ok ? "ok" : "FAIL");
+      if (!ok) ++failed;
+      nlohmann::json row{{"context", n}, {"method", sh.acc[m].name()}, {"f1", ci.mean}, {"f1_ci", {ci.lo, ci.hi}},
+                         {"examples", nlohmann::json::array()}};
+      for (int i = 0; i < r.n; ++i)
+        row["examples"].push_back({{"id", r.ex[i].id}, {"f1", r.ex[i].f1}, {"prediction", r.ex[i].prediction},
+                                   {"serve_s", r.ex[i].serve_s}, {"ttft_s", r.ex[i].ttft_s}, {"kv_bytes", r.ex[i].kv},
+                                   {"read_bytes", r.ex[i].read}, {"peak_bytes", r.ex[i].peak},
+                                   {"prompt_tokens_in", r.ex[i].tokens_in}, {"infeasible", r.ex[i].infeasible != 0}});
+      js.push_back(std::move(row));
+    }
+    std::fflush(stdout);
+  }
+  std::printf("# ref = %s (dF1, time/ref, kv/ref are against it, on the same examples); F1: mean, 95%% bootstrap\n"
+              "# interval; dF1: paired mean difference, its paired bootstrap interval, and the exact two-sided sign\n"
+              "# test (McNemar's for 0/1 scores); ttft, serve: medians over examples (serve = selection + prefill +\n"
+              "# decode); kv: mean K/V bytes after prefill; read: K/V bytes one decode step reads; peak: the largest\n"
+              "# activations + KV (+ a selector's or own model's memory); infeas: examples whose budget the method\n"
+              "# could not meet. Times are on this machine under its load: compare rows of one run.\n",
+              ref < sh.acc.size() ? sh.acc[ref].name() : "none (no full or standard method listed)");
+  if (!o.acc_json.empty()) {
+    std::ofstream f(o.acc_json);
+    f << js.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    if (!f) throw std::runtime_error("--acc_json '" + o.acc_json + "': could not be written");
+  }
+}
+
 // Options via Boost.Program_options (as the dsrsq program). Returns 0 to go on,
 // 1 when --help was printed, 2 on a bad option (message printed).
-int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<Compared>& cmp) {
+int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<Compared>& cmp,
+               std::vector<Compared>& acc) {
   namespace po = boost::program_options;
   bool no_stream = false, same_model = false, no_bw = false;
-  for (const std::string_view name : {kBaseline, kCompared}) {
-    Compared c;
-    c.info = &methods::find_method(name, "bench_long_context");
-    if (c.info->knobs != nullptr) {
-      c.knobs = c.info->knobs();
-      if (const auto it = kPaperDefaults.find(name); it != kPaperDefaults.end()) set_knobs(*c.knobs, it->second);
-    }
-    cmp.push_back(std::move(c));
+  // One knobs object per method of the table (the program's options), at the
+  // bench's defaults; the timing part's two methods and the accuracy part share them.
+  std::map<std::string_view, std::shared_ptr<methods::MethodKnobs>> knobs;
+  for (const methods::MethodInfo* m : methods::all_methods()) {
+    if (m->knobs == nullptr) continue;
+    auto k = m->knobs();
+    if (const auto it = kPaperDefaults.find(m->name); it != kPaperDefaults.end()) set_knobs(*k, it->second);
+    knobs[m->name] = std::move(k);
   }
+  auto compared = [&](std::string_view name, std::string_view option) {
+    Compared c;
+    c.info = &methods::find_method(name, option);
+    if (const auto it = knobs.find(c.info->name); it != knobs.end()) c.knobs = it->second;
+    return c;
+  };
+  for (const std::string_view name : {kBaseline, kCompared}) cmp.push_back(compared(name, "bench_long_context"));
   po::options_description d("usage: bench_long_context [options]");
   d.add_options()
     ("help,h", "print this help")
@@ -944,13 +1222,34 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
     ("d_ff", po::value(&o.d_ff)->default_value(o.d_ff), "MLP width")
     ("rope_theta", po::value(&o.rope_theta)->default_value(o.rope_theta), "RoPE base (as the checkpoint was trained: configs/long*.ini use 500000)")
     ("attn_log_scale", po::value(&o.attn_log_scale)->default_value(o.attn_log_scale), "log-length query scaling base (0: off; configs/long*.ini: 1024)")
+    ("acc_examples", po::value(&o.acc_examples)->default_value(o.acc_examples),
+     "accuracy part: test examples per context size (0: no accuracy part; at most 1000)")
+    ("acc_methods", po::value(&o.acc_methods)->multitoken(),
+     "accuracy part: methods, in the table's names (default: every training-free method, then each method given --method_init)")
+    ("method_init", po::value(&o.method_init)->multitoken(),
+     "accuracy part: NAME=CKPT, the checkpoint of a method on its own trained weights (dsrsq, gca, atskv); repeatable")
+    ("acc_budget", po::value(&o.acc_budget)->default_value(o.acc_budget),
+     "accuracy part: KV budget (the program's --kv_budget: a fraction of the full cache, or bytes with a unit)")
+    ("protocol", po::value(&o.protocol)->default_value(o.protocol),
+     "accuracy part: query_aware | context_only (the program's --protocol; reuse is the program's alone)")
+    ("data_seed", po::value(&o.data_seed)->default_value(o.data_seed),
+     "accuracy part: the program's run seed whose test split is scored (its --seed)")
+    ("task_param", po::value(&o.task_params)->multitoken()->default_value(o.task_params, "digits=4"),
+     "accuracy part: needle task parameters key=value, as the program's --task_param (its default: digits=4)")
+    ("max_new_tokens", po::value(&o.max_new_tokens)->default_value(o.max_new_tokens),
+     "accuracy part: longest generated answer (the program's --max_new_tokens)")
+    ("acc_json", po::value(&o.acc_json), "accuracy part: also write every row and example to this JSON file")
+    ("only-accuracy", po::bool_switch(&o.only_accuracy), "only the accuracy part")
+    ("datasets_dir", po::value(&o.datasets),
+     "accuracy part: committed haystack text (default: $DSRSQ_DATASETS, else the source tree's datasets)")
     ;
   // Each method's own options (the dsrsq program's), bound to its knobs, which
   // start at the bench's defaults (kPaperDefaults).
-  for (Compared& c : cmp) {
-    if (!c.knobs) continue;
-    po::options_description md(std::string(c.name()) + " options (the dsrsq program's; defaults: the bench's)");
-    c.knobs->describe(md);
+  for (const methods::MethodInfo* m : methods::all_methods()) {
+    const auto it = knobs.find(m->name);
+    if (it == knobs.end()) continue;
+    po::options_description md(std::string(m->name) + " options (the dsrsq program's; defaults: the bench's)");
+    it->second->describe(md);
     d.add(md);
   }
   try {
@@ -970,15 +1269,60 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
     // The methods' own checks (the program's), against this bench's model.
     if (!(o.window_budget > 0 && o.window_budget <= 1)) throw po::error("option --window_budget must be in (0, 1]");
     const methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_context};
-    for (const Compared& c : cmp)
+    if (!o.only_accuracy)  // the timing and streaming parts' methods
+      for (const Compared& c : cmp)
+        if (c.knobs) c.knobs->validate(shape);
+    // The accuracy part's methods and checkpoints.
+    if (o.acc_examples < 0 || o.acc_examples > 1000) throw po::error("option --acc_examples must be in [0, 1000]");
+    if (o.max_new_tokens <= 0) throw po::error("option --max_new_tokens is out of range");
+    if (o.protocol != "query_aware" && o.protocol != "context_only")
+      throw po::error("option --protocol: unknown value '" + o.protocol + "' (valid: query_aware, context_only)");
+    dsrsq::KVBudget::parse(o.acc_budget);  // its message names --kv_budget, the program's option
+    if (o.only_accuracy && o.acc_examples == 0) throw po::error("option --only-accuracy needs --acc_examples > 0");
+    std::map<std::string, std::string> inits;  // method -> checkpoint
+    for (const std::string& mi : o.method_init) {
+      const auto eq = mi.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == mi.size())
+        throw po::error("option --method_init: '" + mi + "' is not NAME=CHECKPOINT");
+      const std::string name = mi.substr(0, eq);
+      const methods::MethodInfo& info = methods::find_method(name, "--method_init");
+      if (info.backbone != methods::Backbone::own)
+        throw po::error("option --method_init: '" + name + "' is training-free: it runs on the --init_from weights");
+      if (!inits.emplace(name, mi.substr(eq + 1)).second) throw po::error("option --method_init: '" + name + "' is given twice");
+    }
+    std::vector<std::string> names = o.acc_methods;
+    if (names.empty()) {
+      for (const methods::MethodInfo* m : methods::all_methods())
+        if ((m->backbone == methods::Backbone::standard && !m->trainable) || inits.count(std::string(m->name)))
+          if (o.protocol == "query_aware" || m->query_agnostic) names.emplace_back(m->name);
+    }
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      Compared c = compared(names[i], "--acc_methods");
+      for (std::size_t j = 0; j < i; ++j)
+        if (names[j] == names[i]) throw po::error("option --acc_methods: '" + names[i] + "' is given twice");
+      if (c.info->backbone == methods::Backbone::own) {
+        const auto it = inits.find(names[i]);
+        if (it == inits.end())
+          throw po::error("option --acc_methods: '" + names[i] + "' runs on its own trained weights: give --method_init " +
+                          names[i] + "=CHECKPOINT");
+        c.ckpt = it->second;
+      }
+      if (o.protocol == "context_only" && !c.info->query_agnostic)
+        throw po::error("option --protocol context_only: method '" + names[i] + "' has no query-agnostic form (" +
+                        std::string(c.info->needs_question) + ")");
       if (c.knobs) c.knobs->validate(shape);
+      acc.push_back(std::move(c));
+    }
+    for (const auto& [name, path] : inits)
+      if (std::none_of(acc.begin(), acc.end(), [&](const Compared& c) { return c.info->name == name; }))
+        throw po::error("option --method_init: '" + name + "' is not among --acc_methods");
   } catch (const std::exception& e) {  // po::error, or a method's input error (its message starts "error: ")
     const std::string w = e.what();
     std::fprintf(stderr, "%s%s\n", w.rfind("error: ", 0) == 0 ? "" : "error: ", w.c_str());
     return 2;
   }
-  do_stream = !no_stream && !o.only_decode_bw;
-  o.decode_bw = !no_bw;
+  do_stream = !no_stream && !o.only_decode_bw && !o.only_accuracy;
+  o.decode_bw = !no_bw && !o.only_accuracy;
   if (same_model) o.stream_d_model = o.stream_n_heads = o.stream_n_layers = o.stream_d_ff = 0;
   return 0;
 }
@@ -989,8 +1333,8 @@ int main(int argc, char** argv) {
   dsrsq::ensure_passive_omp_wait(argv);  // the engine's wait policy (core/omp_wait.hpp), before any OpenMP
   Options o;
   bool do_stream = true;
-  std::vector<Compared> cmp;
-  if (const int rc = parse_args(argc, argv, o, do_stream, cmp); rc != 0) return rc == 1 ? 0 : 2;
+  std::vector<Compared> cmp, acc;
+  if (const int rc = parse_args(argc, argv, o, do_stream, cmp, acc); rc != 0) return rc == 1 ? 0 : 2;
   try {
     if (o.min_context > o.max_context) throw std::runtime_error("--min_context exceeds --max_context");
     Shared sh;
@@ -1018,27 +1362,56 @@ int main(int argc, char** argv) {
       sh.ckpt_params = std::move(ck.params);
       weights = o.init_from + " (step " + std::to_string(ck.step) + ")";
       sh.ckpt_extra = std::move(ck.extra);
-      // Whether the compared method's TrainingExtension::load_params takes them (in a child: no thread pool here).
-      struct Probe {
-        std::int32_t done = 0, loaded = 0;
-        char error[480] = {};
-      };
-      const Probe p = in_child<Probe>([&] {
-        Probe r;
-        dsrsq::Transformer model(sh.mc, dsrsq::cpu_backend());
-        bool loaded = false;
-        make_method(sh, sh.methods.back(), sh.methods.back().knobs.get(), model, true, &loaded);
-        r.loaded = loaded;
-        r.done = 1;
-        return r;
-      });
-      if (!p.done) throw std::runtime_error(std::string("--init_from: ") + p.error);
-      weights += p.loaded ? ", retriever and RCKV projections from it"
-                          : ", retriever and RCKV projections random (no DSRSQ state in the checkpoint)";
+      // Whether the compared method's TrainingExtension::load_params takes them (in a child: no thread pool
+      // here). Not for the accuracy part alone: it loads each method's state itself.
+      if (!o.only_accuracy) {
+        struct Probe {
+          std::int32_t done = 0, loaded = 0;
+          char error[480] = {};
+        };
+        const Probe p = in_child<Probe>([&] {
+          Probe r;
+          dsrsq::Transformer model(sh.mc, dsrsq::cpu_backend());
+          bool loaded = false;
+          make_method(sh, sh.methods.back(), sh.methods.back().knobs.get(), model, true, &loaded);
+          r.loaded = loaded;
+          r.done = 1;
+          return r;
+        });
+        if (!p.done) throw std::runtime_error(std::string("--init_from: ") + p.error);
+        weights += p.loaded ? ", retriever and RCKV projections from it"
+                            : ", retriever and RCKV projections random (no DSRSQ state in the checkpoint)";
+      }
     }
 
     std::vector<std::int64_t> sizes;
     for (std::int64_t n = o.min_context; n <= o.max_context; n *= 2) sizes.push_back(n);
+    if (o.acc_examples > 0) {
+      // The accuracy part: each own-weights method's checkpoint, and the program's test split.
+      sh.acc = acc;
+      for (Compared& c : sh.acc) {
+        if (c.ckpt.empty()) continue;
+        dsrsq::io::CheckpointState ck;
+        try {
+          ck = dsrsq::io::load_checkpoint(c.ckpt);
+        } catch (const std::exception& e) {
+          throw std::runtime_error("--method_init " + std::string(c.name()) + "=" + c.ckpt + ": " + e.what());
+        }
+        c.ckpt_params = std::move(ck.params);
+        c.ckpt_extra = std::move(ck.extra);
+      }
+      dsrsq::data::TaskParams tp;
+      std::string dir = o.datasets;
+      if (dir.empty()) dir = std::getenv("DSRSQ_DATASETS") ? std::getenv("DSRSQ_DATASETS") : DSRSQ_SOURCE_DIR "/datasets";
+      tp["datasets_dir"] = dir;
+      for (const auto& kv : o.task_params) {
+        const auto eq = kv.find('=');
+        if (eq == std::string::npos || eq == 0) throw std::runtime_error("--task_param '" + kv + "' is not key=value");
+        tp[kv.substr(0, eq)] = kv.substr(eq + 1);
+      }
+      sh.acc_test = dsrsq::data::make_split("needle", tp, sizes, o.acc_examples * static_cast<std::int64_t>(sizes.size()),
+                                            dsrsq::data::test_split_seed(o.data_seed), true, dsrsq::data::byte_counter());
+    }
     std::vector<std::int64_t> milestones;
     for (std::int64_t m = 10000; m <= o.stream_tokens; m *= 10) {  // 10^4, 3*10^4, 10^5, ...
       milestones.push_back(m);
@@ -1066,20 +1439,24 @@ int main(int argc, char** argv) {
                 knob_int(dk, "sqa_top_clusters"), static_cast<int>(knob_int(dk, "sqa_lloyd_steps")),
                 knob_int(dk, "rckv_d_c"), knob_int(dk, "rckv_buffer"), knob_int(dk, "rckv_window"),
                 knob_num(dk, "rckv_tau"));
-    std::printf("# prompt [BOS] context(N haystack byte tokens, %s, %zu tokens one pass) [SEP] question(%zu) [ANS]; "
-                "prefill + %lld greedy decode steps\n",
-                o.haystack.c_str(), sh.hay.size(), sh.question.size(), static_cast<long long>(o.decode));
-    std::printf("# repeats %s; each (method, N) in its own process after an untimed 1K warm-up\n",
-                o.repeats > 0 ? std::to_string(o.repeats).c_str() : "5 below 16K, 3 from 16K, both methods (time = median, min shown)");
-    std::printf("#\n");
-    std::printf("# %7s %-9s %7s %9s %9s %8s %9s %8s %7s %8s %8s %8s %8s %8s %6s\n", "context", "method", "in_tok",
-                "total", "min", "select", "prefill", "decode", "keys/q", "kv", "peak", "rss", "dsr_rec", "vs_full",
-                "check");
-    std::printf("# %7s %-9s %7s %9s %9s %8s %9s %8s %7s %8s %8s %8s %8s %8s %6s\n", "(tok)", "", "(tok)", "(ms)",
-                "(ms)", "(ms)", "(ms)", "(ms)", "", "(MB)", "(MB)", "(MB)", "(MB)", "", "");
+    // The timing part (not with --only-decode-bw or --only-accuracy).
+    const bool timing = !o.only_decode_bw && !o.only_accuracy;
+    if (timing) {
+      std::printf("# prompt [BOS] context(N haystack byte tokens, %s, %zu tokens one pass) [SEP] question(%zu) [ANS]; "
+                  "prefill + %lld greedy decode steps\n",
+                  o.haystack.c_str(), sh.hay.size(), sh.question.size(), static_cast<long long>(o.decode));
+      std::printf("# repeats %s; each (method, N) in its own process after an untimed 1K warm-up\n",
+                  o.repeats > 0 ? std::to_string(o.repeats).c_str() : "5 below 16K, 3 from 16K, both methods (time = median, min shown)");
+      std::printf("#\n");
+      std::printf("# %7s %-9s %7s %9s %9s %8s %9s %8s %7s %8s %8s %8s %8s %8s %6s\n", "context", "method", "in_tok",
+                  "total", "min", "select", "prefill", "decode", "keys/q", "kv", "peak", "rss", "dsr_rec", "vs_full",
+                  "check");
+      std::printf("# %7s %-9s %7s %9s %9s %8s %9s %8s %7s %8s %8s %8s %8s %8s %6s\n", "(tok)", "", "(tok)", "(ms)",
+                  "(ms)", "(ms)", "(ms)", "(ms)", "", "(MB)", "(MB)", "(MB)", "(MB)", "", "");
+    }
     int failed = 0, rows = 0;
     std::vector<RunResult> stdr, dsr;
-    for (const std::int64_t n : o.only_decode_bw ? std::vector<std::int64_t>{} : sizes) {
+    for (const std::int64_t n : timing ? sizes : std::vector<std::int64_t>{}) {
       const int rep = o.repeats > 0 ? o.repeats : (n >= 16384 ? 3 : 5);
       for (std::size_t m = 0; m < sh.methods.size(); ++m) {
         RunResult r = in_child<RunResult>([&] { return measure(sh, m, n, rep); });
@@ -1103,44 +1480,47 @@ int main(int argc, char** argv) {
         (m == 0 ? stdr : dsr).push_back(r);
       }
     }
-    std::printf("# total: median over repeats (select/prefill/decode: the run closest to it); in_tok: tokens through\n"
-                "# the model at prefill; keys/q: mean keys one decode query attends to;\n"
-                "# kv: K/V bytes held after prefill; peak: tracked (activations + KV + RCKV scratch, or the DSR\n"
-                "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR selector memory\n"
-                "# (inference path: block buffers + seed heap + selection);\n"
-                "# vs_full: DSRSQ prefill logits vs the full cache on the same selected tokens (max rel. difference).\n");
-    std::printf("#\n# %7s %11s %9s %11s %10s %15s %15s\n", "context", "time_ratio", "kv_ratio", "peak_ratio",
-                "rss_ratio", "dsrsq_total_ms", "of_it_select_%");
-    std::printf("# %7s %11s %9s %11s %10s %15s %15s\n", "(tok)", "dsrsq/std", "dsrsq/std", "dsrsq/std", "dsrsq/std",
-                "", "");
-    double time32 = std::nan(""), kv32 = std::nan("");
-    std::vector<double> xs, ts_std, ts_dsr;
-    for (std::size_t i = 0; i < std::min(stdr.size(), dsr.size()); ++i) {
-      const RunResult &s = stdr[i], &d = dsr[i];
-      if (!s.done || !d.done) continue;
-      const double tr = d.total_s / s.total_s, kr = static_cast<double>(d.kv_bytes) / static_cast<double>(s.kv_bytes);
-      const double pr = static_cast<double>(d.peak_bytes) / static_cast<double>(s.peak_bytes);
-      const double rr = static_cast<double>(d.rss_delta) / static_cast<double>(std::max<std::int64_t>(1, s.rss_delta));
-      std::printf("  %7lld %11.4f %9.4f %11.4f %10.4f %15.1f %15.1f\n", static_cast<long long>(sizes[i]), tr, kr, pr, rr,
-                  d.total_s * 1e3, 100.0 * d.select_s / d.total_s);
-      xs.push_back(static_cast<double>(sizes[i]));
-      ts_std.push_back(s.total_s);
-      ts_dsr.push_back(d.total_s);
-      if (sizes[i] == 32768) {
-        time32 = tr;
-        kv32 = kr;
+    double time32 = std::nan(""), kv32 = std::nan(""), e_dsr = std::nan("");
+    if (timing) {
+      std::printf("# total: median over repeats (select/prefill/decode: the run closest to it); in_tok: tokens through\n"
+                  "# the model at prefill; keys/q: mean keys one decode query attends to;\n"
+                  "# kv: K/V bytes held after prefill; peak: tracked (activations + KV + RCKV scratch, or the DSR\n"
+                  "# record if larger); rss: peak RSS growth of the measuring process; dsr_rec: DSR selector memory\n"
+                  "# (inference path: block buffers + seed heap + selection);\n"
+                  "# vs_full: DSRSQ prefill logits vs the full cache on the same selected tokens (max rel. difference).\n");
+      std::printf("#\n# %7s %11s %9s %11s %10s %15s %15s\n", "context", "time_ratio", "kv_ratio", "peak_ratio",
+                  "rss_ratio", "dsrsq_total_ms", "of_it_select_%");
+      std::printf("# %7s %11s %9s %11s %10s %15s %15s\n", "(tok)", "dsrsq/std", "dsrsq/std", "dsrsq/std", "dsrsq/std",
+                  "", "");
+      std::vector<double> xs, ts_std, ts_dsr;
+      for (std::size_t i = 0; i < std::min(stdr.size(), dsr.size()); ++i) {
+        const RunResult &s = stdr[i], &d = dsr[i];
+        if (!s.done || !d.done) continue;
+        const double tr = d.total_s / s.total_s, kr = static_cast<double>(d.kv_bytes) / static_cast<double>(s.kv_bytes);
+        const double pr = static_cast<double>(d.peak_bytes) / static_cast<double>(s.peak_bytes);
+        const double rr = static_cast<double>(d.rss_delta) / static_cast<double>(std::max<std::int64_t>(1, s.rss_delta));
+        std::printf("  %7lld %11.4f %9.4f %11.4f %10.4f %15.1f %15.1f\n", static_cast<long long>(sizes[i]), tr, kr, pr, rr,
+                    d.total_s * 1e3, 100.0 * d.select_s / d.total_s);
+        xs.push_back(static_cast<double>(sizes[i]));
+        ts_std.push_back(s.total_s);
+        ts_dsr.push_back(d.total_s);
+        if (sizes[i] == 32768) {
+          time32 = tr;
+          kv32 = kr;
+        }
       }
-    }
-    const double e_std = slope_loglog(xs, ts_std), e_dsr = slope_loglog(xs, ts_dsr);
-    std::printf("#\n# time-growth exponent (least-squares slope of log time on log N over %zu sizes %lld..%lld):\n",
-                xs.size(), static_cast<long long>(sizes.front()), static_cast<long long>(sizes.back()));
-    std::printf("#   standard %.3f   dsrsq %.3f\n", e_std, e_dsr);
-    if (xs.size() >= 3) {
-      // Local slopes between the two largest sizes: where the growth is heading.
-      const std::size_t k = xs.size();
-      const std::vector<double> xl{xs[k - 2], xs[k - 1]};
-      std::printf("#   between the two largest sizes: standard %.3f   dsrsq %.3f\n",
-                  slope_loglog(xl, {ts_std[k - 2], ts_std[k - 1]}), slope_loglog(xl, {ts_dsr[k - 2], ts_dsr[k - 1]}));
+      const double e_std = slope_loglog(xs, ts_std);
+      e_dsr = slope_loglog(xs, ts_dsr);
+      std::printf("#\n# time-growth exponent (least-squares slope of log time on log N over %zu sizes %lld..%lld):\n",
+                  xs.size(), static_cast<long long>(sizes.front()), static_cast<long long>(sizes.back()));
+      std::printf("#   standard %.3f   dsrsq %.3f\n", e_std, e_dsr);
+      if (xs.size() >= 3) {
+        // Local slopes between the two largest sizes: where the growth is heading.
+        const std::size_t k = xs.size();
+        const std::vector<double> xl{xs[k - 2], xs[k - 1]};
+        std::printf("#   between the two largest sizes: standard %.3f   dsrsq %.3f\n",
+                    slope_loglog(xl, {ts_std[k - 2], ts_std[k - 1]}), slope_loglog(xl, {ts_dsr[k - 2], ts_dsr[k - 1]}));
+      }
     }
 
     // Streaming.
@@ -1272,6 +1652,8 @@ int main(int argc, char** argv) {
                   "# (or kernel call) against the fastest yardstick run: on a loaded machine the medians measure the\n"
                   "# scheduler as much as the memory.\n");
     }
+
+    if (o.acc_examples > 0) accuracy_part(sh, sizes, rows, failed);
 
     // Targets (reported, never tuned toward).
     auto verdict = [](bool measured, bool met) { return !measured ? "not measured" : (met ? "met" : "MISSED"); };

@@ -125,36 +125,7 @@ std::vector<data::Example> make_split(const Options& opt, const std::vector<std:
     return out;
   }
   const data::TokenCounter count = [&tok](std::string_view s) { return tok.encode(s).size(); };
-  std::vector<data::Example> out;
-  const std::size_t nsizes = sizes.size();
-  const std::vector<double> depths{0.1, 0.3, 0.5, 0.7, 0.9};
-  std::uint64_t sub = 0;
-  for (std::size_t si = 0; si < nsizes; ++si) {
-    const std::int64_t per_size = n / static_cast<std::int64_t>(nsizes) + (static_cast<std::int64_t>(si) < n % static_cast<std::int64_t>(nsizes) ? 1 : 0);
-    if (per_size == 0) continue;
-    data::TaskParams p = task_params(opt);
-    p["length"] = std::to_string(sizes[si]);
-    const std::size_t first = out.size();
-    if (opt.dataset == "needle" && grid && !p.count("depth")) {
-      for (std::size_t di = 0; di < depths.size(); ++di) {
-        const std::int64_t k = per_size / static_cast<std::int64_t>(depths.size()) + (static_cast<std::int64_t>(di) < per_size % static_cast<std::int64_t>(depths.size()) ? 1 : 0);
-        if (k == 0) continue;
-        p["n"] = std::to_string(k);
-        std::ostringstream d;
-        d << depths[di];
-        p["depth"] = d.str();
-        auto v = data::make_task(opt.dataset, p, seed * 1000 + sub++, count);
-        out.insert(out.end(), v.begin(), v.end());
-      }
-    } else {
-      if (opt.dataset == "needle" && !p.count("depth")) p["depth"] = "-1";
-      p["n"] = std::to_string(per_size);
-      auto v = data::make_task(opt.dataset, p, seed * 1000 + sub++, count);
-      out.insert(out.end(), v.begin(), v.end());
-    }
-    for (std::size_t i = first; i < out.size(); ++i) out[i].meta["context_size"] = std::to_string(sizes[si]);
-  }
-  return out;
+  return data::make_split(opt.dataset, task_params(opt), sizes, n, seed, grid, count);
 }
 
 void print_tables(const std::vector<MethodEval>& results, const std::string& caption,
@@ -223,7 +194,7 @@ Splits build_data(const Options& opt, const Tokenizer& tok, bool talk) {
   std::vector<data::Example> real_records;
   if (is_real_dataset(opt.dataset)) real_records = load_real(opt, tok, talk);
   const std::vector<data::Example>* real = real_records.empty() ? nullptr : &real_records;
-  d.test = make_split(opt, opt.eval_context_sizes, tok, opt.num_test, opt.seed * 3 + 2, true, real);
+  d.test = make_split(opt, opt.eval_context_sizes, tok, opt.num_test, data::test_split_seed(opt.seed), true, real);
   if (!opt.gpt2_dir.empty()) {
     // Context lengths also in GPT-2 tokens, as the literature reports them.
     const Gpt2Bpe bpe(opt.gpt2_dir);

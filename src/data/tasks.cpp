@@ -999,4 +999,41 @@ std::vector<Example> make_task(const std::string& name, const TaskParams& params
   raise_input_error(detail::cat("unknown task '", name, "'; valid names: ", join(task_names(), ", ")));
 }
 
+std::vector<Example> make_split(const std::string& task, const TaskParams& params,
+                                const std::vector<std::int64_t>& sizes, std::int64_t n, std::uint64_t seed, bool grid,
+                                const TokenCounter& count_tokens) {
+  std::vector<Example> out;
+  const auto nsizes = static_cast<std::int64_t>(sizes.size());
+  const std::vector<double> depths{0.1, 0.3, 0.5, 0.7, 0.9};
+  const auto nd = static_cast<std::int64_t>(depths.size());
+  std::uint64_t sub = 0;
+  for (std::int64_t si = 0; si < nsizes; ++si) {
+    const std::int64_t per_size = n / nsizes + (si < n % nsizes ? 1 : 0);
+    if (per_size == 0) continue;
+    TaskParams p = params;
+    p["length"] = std::to_string(sizes[static_cast<std::size_t>(si)]);
+    const std::size_t first = out.size();
+    if (task == "needle" && grid && !p.count("depth")) {
+      for (std::int64_t di = 0; di < nd; ++di) {
+        const std::int64_t k = per_size / nd + (di < per_size % nd ? 1 : 0);
+        if (k == 0) continue;
+        p["n"] = std::to_string(k);
+        std::ostringstream d;
+        d << depths[static_cast<std::size_t>(di)];
+        p["depth"] = d.str();
+        auto v = make_task(task, p, seed * 1000 + sub++, count_tokens);
+        out.insert(out.end(), v.begin(), v.end());
+      }
+    } else {
+      if (task == "needle" && !p.count("depth")) p["depth"] = "-1";
+      p["n"] = std::to_string(per_size);
+      auto v = make_task(task, p, seed * 1000 + sub++, count_tokens);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+    for (std::size_t i = first; i < out.size(); ++i)
+      out[i].meta["context_size"] = std::to_string(sizes[static_cast<std::size_t>(si)]);
+  }
+  return out;
+}
+
 }  // namespace dsrsq::data

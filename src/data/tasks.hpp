@@ -70,4 +70,18 @@ std::vector<Example> make_task(const std::string& name, const TaskParams& params
                                const TokenCounter& count_tokens);
 const std::vector<std::string>& task_names();
 
+// One split of a synthetic task: `n` examples spread over `sizes` (the first
+// n % sizes sizes get one more); every example's meta context_size is the size
+// it was made for. `grid` and the needle task without a "depth" parameter: each
+// size's examples spread evenly over the depths 0.1, 0.3, 0.5, 0.7, 0.9 (the
+// test split's depth grid); else a needle's depth is random. Sub-seeds:
+// seed * 1000 + 0, 1, ... in generation order. The dsrsq program's test split
+// of run seed S is make_split(dataset, params, eval sizes, num_test,
+// test_split_seed(S), true, ...): bench_long_context uses it to score the same
+// examples.
+std::vector<Example> make_split(const std::string& task, const TaskParams& params,
+                                const std::vector<std::int64_t>& sizes, std::int64_t n, std::uint64_t seed, bool grid,
+                                const TokenCounter& count_tokens);
+constexpr std::uint64_t test_split_seed(std::uint64_t run_seed) { return run_seed * 3 + 2; }
+
 }  // namespace dsrsq::data
