@@ -91,6 +91,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -146,6 +147,7 @@ struct Options {
   std::string acc_budget = "0.125", protocol = "query_aware", acc_json, datasets;
   std::uint64_t data_seed = 1234;
   bool only_accuracy = false;
+  std::set<std::string> given;  // options set on the command line (not defaulted)
 };
 
 namespace methods = dsrsq::methods;
@@ -1170,6 +1172,65 @@ void accuracy_part(const Shared& sh, const std::vector<std::int64_t>& sizes, int
   }
 }
 
+// A checkpoint's model against the bench's: every setting of ModelConfig::str()
+// but max_pos (the bench's bounds every context) must agree, or the weights
+// would run under another model (a RoPE base or log-length scaling the training
+// did not use would go unnoticed: the parameter count is the same).
+void check_model(const dsrsq::io::CheckpointState& ck, const dsrsq::ModelConfig& mc, const std::string& what) {
+  auto fields = [](const std::string& text) {
+    std::map<std::string, std::string> kv;
+    std::istringstream is(text);
+    for (std::string t; is >> t;)
+      if (const auto eq = t.find('='); eq != std::string::npos) kv[t.substr(0, eq)] = t.substr(eq + 1);
+    return kv;
+  };
+  std::string theirs;
+  for (const auto& [k, v] : ck.model_config)
+    if (k == "model") theirs = v;
+  if (theirs.empty()) return;  // an older checkpoint without the record: the parameter count is checked
+  const auto a = fields(theirs), b = fields(mc.str());
+  std::string diff;
+  for (const auto& [k, v] : b) {
+    if (k == "max_pos") continue;
+    const auto it = a.find(k);
+    const std::string t = it == a.end() ? "(none)" : it->second;
+    if (t != v) diff += (diff.empty() ? "" : ", ") + k + " " + t + " (the bench's: " + v + ")";
+  }
+  for (const auto& [k, v] : a)  // a setting the bench's model leaves at its default (attn_log_base)
+    if (!b.count(k) && k.rfind("gca_", 0) != 0) diff += (diff.empty() ? "" : ", ") + k + " " + v + " (the bench's: none)";
+  if (!diff.empty())
+    throw std::runtime_error(what + " was trained with another model: " + diff +
+                             "; pass --d_model, --n_heads, --n_layers, --d_ff, --rope_theta, --attn_log_scale as trained");
+}
+
+// A method on its own weights runs under its training's settings: its run's
+// resolved configuration (config.ini beside the checkpoint) gives every knob of
+// the method; a knob set on the command line must agree with it. Returns the
+// knobs to use (`c.knobs` when there is no config.ini: a note says so).
+std::shared_ptr<methods::MethodKnobs> training_knobs(const Compared& c, const Options& o) {
+  if (!c.knobs) return c.knobs;
+  const auto ini = std::filesystem::path(c.ckpt).parent_path() / "config.ini";
+  std::ifstream f(ini);
+  if (!f) {
+    std::printf("# note: no %s beside --method_init %s: its settings are the bench's, as given\n", ini.c_str(),
+                c.name());
+    return c.knobs;
+  }
+  std::map<std::string, std::string> trained, ours, changes;
+  for (std::string line; std::getline(f, line);)
+    if (const auto eq = line.find(" = "); eq != std::string::npos) trained[line.substr(0, eq)] = line.substr(eq + 3);
+  c.knobs->resolved(ours);
+  for (const auto& [k, v] : ours) {
+    const auto it = trained.find(k);
+    if (it == trained.end() || it->second == v) continue;
+    if (o.given.count(k))
+      throw std::runtime_error("option --" + k + " " + v + ": --method_init " + c.name() + " was trained with " +
+                               it->second + " (" + ini.string() + ")");
+    changes[k] = it->second;
+  }
+  return changes.empty() ? c.knobs : knobs_with(*c.info, *c.knobs, changes);
+}
+
 // Options via Boost.Program_options (as the dsrsq program). Returns 0 to go on,
 // 1 when --help was printed, 2 on a bad option (message printed).
 int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<Compared>& cmp,
@@ -1260,6 +1321,8 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
       return 1;
     }
     po::notify(vm);
+    for (const auto& [name, v] : vm)
+      if (!v.defaulted()) o.given.insert(name);
     for (const auto& [name, v] : std::initializer_list<std::pair<const char*, std::int64_t>>{
              {"max_context", o.max_context}, {"min_context", o.min_context}, {"decode", o.decode},
              {"threads", o.threads}, {"stream_tokens", o.stream_tokens}, {"stream_chunk", o.stream_chunk},
@@ -1268,7 +1331,7 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
       if (v <= 0) throw po::error(std::string("option --") + name + " is out of range");
     // The methods' own checks (the program's), against this bench's model.
     if (!(o.window_budget > 0 && o.window_budget <= 1)) throw po::error("option --window_budget must be in (0, 1]");
-    const methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_context};
+    const methods::RunShape shape{o.d_model, o.n_heads, o.n_layers, o.max_context, !o.init_from.empty()};
     if (!o.only_accuracy)  // the timing and streaming parts' methods
       for (const Compared& c : cmp)
         if (c.knobs) c.knobs->validate(shape);
@@ -1310,7 +1373,9 @@ int parse_args(int argc, char** argv, Options& o, bool& do_stream, std::vector<C
       if (o.protocol == "context_only" && !c.info->query_agnostic)
         throw po::error("option --protocol context_only: method '" + names[i] + "' has no query-agnostic form (" +
                         std::string(c.info->needs_question) + ")");
-      if (c.knobs) c.knobs->validate(shape);
+      methods::RunShape own_shape = shape;  // a method's own checkpoint is its --init_from
+      own_shape.init_from = shape.init_from || !c.ckpt.empty();
+      if (c.knobs) c.knobs->validate(own_shape);
       acc.push_back(std::move(c));
     }
     for (const auto& [name, path] : inits)
@@ -1359,6 +1424,7 @@ int main(int argc, char** argv) {
         throw std::runtime_error("--init_from '" + o.init_from + "' holds " + std::to_string(ck.params.size()) +
                                  " parameters, this model has " + std::to_string(sh.mc.num_parameters()) +
                                  " (pass matching --d_model/--n_heads/--n_layers/--d_ff)");
+      check_model(ck, sh.mc, "--init_from '" + o.init_from + "'");
       sh.ckpt_params = std::move(ck.params);
       weights = o.init_from + " (step " + std::to_string(ck.step) + ")";
       sh.ckpt_extra = std::move(ck.extra);
@@ -1397,8 +1463,10 @@ int main(int argc, char** argv) {
         } catch (const std::exception& e) {
           throw std::runtime_error("--method_init " + std::string(c.name()) + "=" + c.ckpt + ": " + e.what());
         }
+        check_model(ck, sh.mc, "--method_init " + std::string(c.name()) + "=" + c.ckpt);
         c.ckpt_params = std::move(ck.params);
         c.ckpt_extra = std::move(ck.extra);
+        c.knobs = training_knobs(c, o);
       }
       dsrsq::data::TaskParams tp;
       std::string dir = o.datasets;
