@@ -1080,9 +1080,16 @@ void accuracy_part(const Shared& sh, const std::vector<std::int64_t>& sizes, int
               }()).c_str(),
               o.acc_budget.c_str(), o.protocol == "context_only" ? "query-agnostic (context_only)" : "query-aware",
               static_cast<long long>(o.max_new_tokens));
-  for (const Compared& c : sh.acc)
+  for (const Compared& c : sh.acc) {
     std::printf("#   %-14s %s\n", c.name(), c.ckpt.empty() ? (sh.o.init_from.empty() ? "random weights" : sh.o.init_from.c_str())
                                                              : c.ckpt.c_str());
+    if (!c.knobs) continue;
+    std::map<std::string, std::string> kv;  // the settings it runs with (an own-weights method: its training's)
+    c.knobs->resolved(kv);
+    std::string line;
+    for (const auto& [k, v] : kv) line += (line.empty() ? "" : " ") + k + "=" + v;
+    std::printf("#   %-14s   %s\n", "", line.c_str());
+  }
   std::printf("# %7s %-14s %4s %7s %15s %8s %17s %8s %8s %9s %9s %8s %8s %8s %8s %6s %6s\n", "context", "method", "n",
               "F1", "95% CI", "dF1", "95% CI", "p", "ttft", "serve", "time/ref", "kv", "kv/ref", "read", "peak",
               "infeas", "check");
@@ -1500,7 +1507,8 @@ int main(int argc, char** argv) {
     std::printf("# model %s  params %lld  fp32\n", sh.mc.str().c_str(),
                 static_cast<long long>(sh.mc.num_parameters()));
     std::printf("# weights %s\n", weights.c_str());
-    std::printf("# dsrsq: DSR d_r %lld conv %lld span %lld base_budget %g alpha %.2f | SQA clusters %lld top %lld "
+    if (!o.only_accuracy)  // the timing and streaming parts' DSRSQ (the accuracy part prints its methods' own)
+      std::printf("# dsrsq: DSR d_r %lld conv %lld span %lld base_budget %g alpha %.2f | SQA clusters %lld top %lld "
                 "lloyd %d | RCKV d_c %lld buffer %lld window %lld tau %.1f sqa on\n",
                 knob_int(dk, "dsr_d_r"), knob_int(dk, "dsr_conv_width"), knob_int(dk, "dsr_span"),
                 knob_num(dk, "dsr_base_budget"), knob_num(dk, "dsr_alpha"), knob_int(dk, "sqa_clusters"),
