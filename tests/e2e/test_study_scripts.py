@@ -136,10 +136,11 @@ def test_study_4k_one_command_rerun_and_second_size(tmp_path):
     rows = [ln.split("|")[1:-1] for ln in a.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| context")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("64", "0.5"), ("64", "0.125")], a.stdout
     for r in rows:
-        assert int(r[2]) == N and len(r) >= 5
-        shares = [float(x) for x in r[4:] if x.strip() != "-"]
+        assert int(r[2]) == N and len(r) >= 6
+        shares = [float(x) for x in r[5:] if x.strip() != "-"]
         assert all(0.0 <= x <= 1.0 for x in shares)
         assert float(r[3]) <= min(shares) + 1e-9, r  # an exact match has every position right
+        assert 0.0 <= float(r[4]) <= 1.0 - float(r[3]) + 1e-9, r  # reordered excludes the exact matches
     a = subprocess.run(["/usr/bin/python3", str(SRC / "scripts" / "answer_positions.py"), str(out / "e_std" / "run.h5"),
                         "no_such"], capture_output=True, text=True, timeout=120)
     assert a.returncode != 0 and "no_such" in a.stderr and "rag" in a.stderr
